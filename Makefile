@@ -1,0 +1,45 @@
+# Every target does its own set-up: the venv is created once and reused (torch is large),
+# and re-synced only when pyproject.toml changes.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.modstream-installed
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv run test lint typecheck unit bench ablate clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required")'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+run: venv
+	$(VENV)/bin/modstream demo
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+unit: venv
+	$(PY) -m pytest -q tests
+
+test: lint typecheck unit
+
+bench: venv
+	$(PY) bench/forward_throughput.py
+
+ablate: venv
+	$(VENV)/bin/modstream ablate --preset cm-off-meme --out var/ablation
+
+clean:
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache

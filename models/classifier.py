@@ -1,0 +1,127 @@
+"""The jointly trained multimodal classifier (task heads + ITC projections + ITM head).
+
+`MultimodalHead` works on encoder outputs, so training can feed it cached features of
+frozen encoders; `MultimodalModel` adds the encoders for end-to-end use.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.config import ModelConfig
+from models.encoders import EncodedSequence, ImageEncoder, TextEncoder
+from models.fusion import ConcatFusion, CrossAttentionFusion
+
+ITC_INIT_TEMPERATURE = 0.07
+# CLIP clamps the logit scale at 100 (temperature 0.01); the floor keeps it from collapsing.
+ITC_TEMPERATURE_RANGE = (0.01, 1.0)
+
+
+@dataclass
+class ClassifierOutput:
+    """task_logits: task -> [B, C]; text_embed / image_embed: [B, E], L2-normalised;
+    itm_logits: [B], match logit of each actual pair (meaningless where no image);
+    image_present: [B] bool; logit_scale: scalar, 1 / ITC temperature."""
+
+    task_logits: dict[str, Tensor]
+    text_embed: Tensor
+    image_embed: Tensor
+    itm_logits: Tensor
+    image_present: Tensor
+    logit_scale: Tensor
+
+
+class MultimodalHead(nn.Module):
+    def __init__(self, config: ModelConfig, text_dim: int, image_dim: int) -> None:
+        super().__init__()
+        self.config = config
+        d = config.fusion_dim
+        self.text_seq = nn.Linear(text_dim, d)
+        self.image_seq = nn.Linear(image_dim, d)
+        self.text_itc = nn.Linear(text_dim, config.embed_dim)
+        self.image_itc = nn.Linear(image_dim, config.embed_dim)
+        # Stand-ins for a missing image (text-only posts, modality dropout).
+        self.missing_image_token = nn.Parameter(torch.randn(1, 1, d) * 0.02)
+        self.fusion: nn.Module
+        if config.fusion == "cross_attention":
+            self.fusion = CrossAttentionFusion(d, config.fusion_heads, config.fusion_layers, config.dropout)
+        else:
+            self.fusion = ConcatFusion(d, config.dropout)
+        self.heads = nn.ModuleDict(
+            {
+                task: nn.Sequential(nn.Dropout(config.dropout), nn.Linear(d, len(labels)))
+                for task, labels in config.tasks.items()
+            }
+        )
+        self.itm_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / ITC_INIT_TEMPERATURE)))
+
+    def clamped_logit_scale(self) -> Tensor:
+        low, high = ITC_TEMPERATURE_RANGE
+        return self.logit_scale.clamp(math.log(1 / high), math.log(1 / low)).exp()
+
+    def image_sequence(self, image: EncodedSequence, present: Tensor) -> tuple[Tensor, Tensor]:
+        """Project image tokens; rows without an image get the learned missing token only."""
+        seq = self.image_seq(image.tokens)
+        mask = image.mask & present.unsqueeze(1)
+        missing = self.missing_image_token.to(seq.dtype).expand(seq.shape[0], 1, -1)
+        seq = torch.cat([missing, seq], dim=1)
+        mask = torch.cat([~present.unsqueeze(1), mask], dim=1)
+        return seq, mask
+
+    def fuse(self, text: EncodedSequence, image: EncodedSequence, present: Tensor) -> Tensor:
+        image_seq, image_mask = self.image_sequence(image, present)
+        return self.fusion(self.text_seq(text.tokens), text.mask, image_seq, image_mask)
+
+    def itm_logits(self, fused: Tensor) -> Tensor:
+        return self.itm_head(fused).squeeze(-1)
+
+    def pair_itm_logits(
+        self, text: EncodedSequence, image: EncodedSequence, text_idx: Tensor, image_idx: Tensor
+    ) -> Tensor:
+        """ITM logits for arbitrary (text_idx[k], image_idx[k]) pairs, e.g. negatives."""
+        present = torch.ones(len(text_idx), dtype=torch.bool, device=text_idx.device)
+        return self.itm_logits(self.fuse(text.index(text_idx), image.index(image_idx), present))
+
+    def forward(self, text: EncodedSequence, image: EncodedSequence, image_present: Tensor) -> ClassifierOutput:
+        fused = self.fuse(text, image, image_present)
+        return ClassifierOutput(
+            task_logits={task: head(fused) for task, head in self.heads.items()},
+            text_embed=F.normalize(self.text_itc(text.pooled), dim=-1),
+            image_embed=F.normalize(self.image_itc(image.pooled), dim=-1),
+            itm_logits=self.itm_logits(fused),
+            image_present=image_present,
+            logit_scale=self.clamped_logit_scale(),
+        )
+
+
+class MultimodalModel(nn.Module):
+    """Encoders + head. Inputs are tokenised text and preprocessed pixels."""
+
+    def __init__(self, config: ModelConfig, text: TextEncoder, image: ImageEncoder) -> None:
+        super().__init__()
+        self.config = config
+        self.text_encoder = text
+        self.image_encoder = image
+        self.head = MultimodalHead(config, text.dim, image.dim)
+        self.apply_freezing()
+
+    def apply_freezing(self) -> None:
+        self.text_encoder.set_trainable(self.config.text_trainable_layers)
+        self.image_encoder.set_trainable(self.config.image_trainable_blocks)
+
+    def encode(
+        self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor
+    ) -> tuple[EncodedSequence, EncodedSequence]:
+        return self.text_encoder(input_ids, attention_mask), self.image_encoder(pixel_values)
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, image_present: Tensor
+    ) -> ClassifierOutput:
+        text, image = self.encode(input_ids, attention_mask, pixel_values)
+        return self.head(text, image, image_present)

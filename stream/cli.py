@@ -1,0 +1,317 @@
+"""`modstream` — one command, several roles (HMA style): offline training and evaluation
+now; the stream worker and review app join as subcommands of the same entry point."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_HOME = Path(os.environ.get("MODSTREAM_HOME", "var"))
+
+
+def _registry_root(args: argparse.Namespace) -> Path:
+    return Path(args.registry) if args.registry else DEFAULT_HOME / "registry"
+
+
+def _cache_root(args: argparse.Namespace) -> Path:
+    return Path(args.cache) if args.cache else DEFAULT_HOME / "cache"
+
+
+def _load_examples(args: argparse.Namespace) -> list[Any]:
+    from trainer.importers import import_cm_off_meme
+    from trainer.manifest import read_manifest
+    from trainer.synthetic import write_synthetic
+
+    if args.preset == "cm-off-meme":
+        result = import_cm_off_meme(with_text_only=args.with_text_only, on_bad_image=args.on_bad_image)
+        print(result.summary(), file=sys.stderr)
+        return result.examples
+    if args.preset == "synthetic":
+        manifest = write_synthetic(DEFAULT_HOME / "synthetic", n=args.synthetic_n, seed=0)
+        return read_manifest(manifest)
+    if not args.manifest:
+        raise SystemExit("give --manifest FILE.jsonl or --preset")
+    return read_manifest(Path(args.manifest))
+
+
+def _model_config(args: argparse.Namespace) -> Any:
+    from models.config import ModelConfig
+
+    return ModelConfig(
+        text_backbone=args.text_backbone,
+        image_backbone=args.image_backbone,
+        fusion=args.fusion,
+        text_trainable_layers=args.text_trainable_layers,
+        image_trainable_blocks=args.image_trainable_blocks,
+    )
+
+
+def _train_config(args: argparse.Namespace, objective: Any = None) -> Any:
+    from models.objectives import ObjectiveConfig
+    from trainer.train import TrainConfig
+
+    weights = {"task_loss": args.task_weight}
+    if args.itc_weight:
+        weights["itc_loss"] = args.itc_weight
+    if args.itm_weight:
+        weights["itm_loss"] = args.itm_weight
+    return TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        patience=args.patience,
+        select_on=args.select_on,
+        objective=objective or ObjectiveConfig(weights=weights, negatives=args.negatives),
+        progress=not args.quiet,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from models.registry import ModelRegistry
+    from trainer.fit import fit
+
+    examples = _load_examples(args)
+    fitted = fit(
+        examples,
+        _model_config(args),
+        _train_config(args),
+        cache_dir=_cache_root(args),
+        out_dir=Path(args.out) if args.out else None,
+        device=args.device,
+        on_bad_image=args.on_bad_image,
+    )
+    version = ModelRegistry(_registry_root(args)).save(fitted.model, fitted.tokenizer, fitted.card)
+    print(
+        json.dumps(
+            {
+                "version": version,
+                "metrics": fitted.card.metrics["macro_f1"],
+                "itm": fitted.card.itm,
+            },
+            indent=1,
+            default=str,
+        )
+    )
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from trainer.ablation import AblationConfig, markdown, run_ablation
+
+    examples = _load_examples(args)
+    cfg = AblationConfig(
+        folds=args.folds,
+        seeds=tuple(range(args.seeds)),
+        unfreeze_text_layers=args.unfreeze_text_layers,
+        only=tuple(args.only or ()),
+        train=_train_config(args),
+    )
+    summary = run_ablation(
+        examples,
+        _model_config(args),
+        cfg,
+        Path(args.out),
+        cache_dir=_cache_root(args),
+        device=args.device,
+    )
+    print(markdown(summary))
+    print(f"written: {args.out}/results.md, results.json, results.png", file=sys.stderr)
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from trainer.importers import import_csv, import_hateful_memes, write_import
+
+    if args.format == "hateful-memes":
+        result = import_hateful_memes(Path(args.source))
+    else:
+
+        def pairs(items: list[str]) -> dict[str, str]:
+            out = {}
+            for item in items:
+                key, _, value = item.partition("=")
+                if not value:
+                    raise SystemExit(f"expected TASK=COLUMN or TASK:RAW=LABEL, got {item!r}")
+                out[key] = value
+            return out
+
+        value_maps: dict[str, dict[str, str | None]] = {}
+        for item in args.map or []:
+            task_raw, _, label = item.partition("=")
+            task, _, raw = task_raw.partition(":")
+            value_maps.setdefault(task, {})[raw] = label or None
+        result = import_csv(
+            Path(args.source),
+            id_column=args.id_column,
+            text_column=args.text_column,
+            image_column=args.image_column,
+            image_dir=Path(args.image_dir) if args.image_dir else None,
+            label_columns=pairs(args.label or []),
+            value_maps=value_maps,
+            on_bad_image=args.on_bad_image,
+        )
+    count = write_import(result, Path(args.out))
+    print(result.summary())
+    print(f"wrote {count} examples to {args.out}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from models.registry import ModelRegistry
+
+    registry = ModelRegistry(_registry_root(args))
+    current = registry.current()
+    for version in registry.versions():
+        card = registry.card(version)
+        marker = "*" if version == current else " "
+        print(
+            f"{marker} {version}  {card.created_at}  macro-F1 {card.metrics.get('macro_f1')}  "
+            f"itm_auroc {card.metrics.get('itm_auroc')}"
+        )
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from stream.classify import classify_file
+
+    return classify_file(
+        Path(args.input),
+        Path(args.output) if args.output else None,
+        _registry_root(args),
+        args.model,
+        args.device,
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from stream.demo import run_demo
+
+    return run_demo(_registry_root(args), _cache_root(args), DEFAULT_HOME)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--registry", help="model registry folder (default var/registry)")
+    p.add_argument("--cache", help="feature cache folder (default var/cache)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+
+
+def _add_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--manifest", help="JSONL manifest (id, text, image, labels)")
+    p.add_argument("--preset", choices=["cm-off-meme", "synthetic"])
+    p.add_argument(
+        "--with-text-only",
+        action="store_true",
+        help="cm-off-meme: keep rows without an image as text-only posts",
+    )
+    p.add_argument("--on-bad-image", choices=["text-only", "skip"], default="text-only")
+    p.add_argument("--synthetic-n", type=int, default=1200)
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text-backbone", default="default")
+    p.add_argument("--image-backbone", default="efficientnet_lite0")
+    p.add_argument("--fusion", choices=["cross_attention", "concat"], default="cross_attention")
+    p.add_argument("--text-trainable-layers", type=int, default=0)
+    p.add_argument("--image-trainable-blocks", type=int, default=0)
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--patience", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--task-weight", type=float, default=0.8)
+    p.add_argument("--itc-weight", type=float, default=0.1)
+    p.add_argument("--itm-weight", type=float, default=0.1)
+    p.add_argument("--negatives", choices=["hard", "random"], default="hard")
+    p.add_argument("--select-on", choices=["task", "task+itm"], default="task")
+    p.add_argument("--quiet", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modstream", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train, calibrate and register a model")
+    _add_common(p)
+    _add_data(p)
+    _add_model(p)
+    _add_train(p)
+    p.add_argument("--out", help="folder for curves.json / curves.png")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("ablate", help="task vs +ITC vs +ITM vs +ITC+ITM over k folds x seeds")
+    _add_common(p)
+    _add_data(p)
+    _add_model(p)
+    _add_train(p)
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument(
+        "--unfreeze-text-layers",
+        type=int,
+        default=0,
+        help="also run variants with the text encoder's top N layers fine-tuned",
+    )
+    p.add_argument("--only", action="append", help="run only this variant (repeatable)")
+    p.add_argument("--out", default=str(DEFAULT_HOME / "ablation"))
+    p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("import", help="convert a dataset to a JSONL manifest")
+    p.add_argument("format", choices=["csv", "hateful-memes"])
+    p.add_argument("source")
+    p.add_argument("--out", required=True)
+    p.add_argument("--id-column")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--image-column")
+    p.add_argument("--image-dir")
+    p.add_argument("--label", action="append", help="TASK=COLUMN, e.g. hate=Level1")
+    p.add_argument(
+        "--map",
+        action="append",
+        help="TASK:RAW=LABEL, e.g. hate:off=hateful (empty LABEL = unknown)",
+    )
+    p.add_argument("--on-bad-image", choices=["text-only", "skip"], default="text-only")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("models", help="list registered model versions")
+    _add_common(p)
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("classify", help="classify posts from a JSONL file (no Kafka)")
+    _add_common(p)
+    p.add_argument("input")
+    p.add_argument("--output", help="JSONL of labels (default: stdout)")
+    p.add_argument("--model", default="current")
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser(
+        "demo",
+        help="train the default model on synthetic data if needed, then classify the bundled sample",
+    )
+    _add_common(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

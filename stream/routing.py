@@ -1,0 +1,65 @@
+"""Routing: which labelled posts a human should review, and why (pure logic)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from models.card import ModelCard
+from models.inference import Prediction
+
+WEAK_MATCH = "weak_image_text_match"
+
+
+@dataclass
+class RoutingPolicy:
+    """ITM routing is trusted only when the card's validated ITM AUROC and routing lift
+    clear these floors; otherwise posts are routed by task uncertainty alone."""
+
+    itm_threshold: float | None = None  # None: take the card's
+    min_itm_auroc: float = 0.6
+    min_routing_lift: float = 1.0
+    uncertainty_band: float = 0.0  # |score - threshold| below this -> review
+
+    def itm_trusted(self, card: ModelCard) -> tuple[bool, str]:
+        itm = card.itm
+        if not itm.get("trained"):
+            return False, "the model was trained without the ITM loss"
+        auroc = itm.get("auroc")
+        if auroc is None or math.isnan(auroc) or auroc < self.min_itm_auroc:
+            return False, f"validated ITM AUROC {auroc} is below the floor {self.min_itm_auroc}"
+        lifts = [v for v in (itm.get("routing_lift") or {}).values() if v is not None and not math.isnan(v)]
+        if not lifts or max(lifts) < self.min_routing_lift:
+            return (
+                False,
+                f"validated routing lift {lifts} is below the floor {self.min_routing_lift}",
+            )
+        if self.threshold(card) is None:
+            return False, "no ITM threshold in the card or configuration"
+        return True, "ITM routing enabled"
+
+    def threshold(self, card: ModelCard) -> float | None:
+        return self.itm_threshold if self.itm_threshold is not None else card.itm.get("threshold")
+
+
+@dataclass
+class RouteDecision:
+    route: str  # "auto" or "review"
+    reasons: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"route": self.route, "reasons": self.reasons}
+
+
+def route(prediction: Prediction, card: ModelCard, policy: RoutingPolicy, itm_trusted: bool) -> RouteDecision:
+    reasons: list[str] = []
+    threshold = policy.threshold(card)
+    # Text-only posts have no ITM score and are never routed by it.
+    if itm_trusted and prediction.itm_match is not None and threshold is not None and prediction.itm_match < threshold:
+        reasons.append(WEAK_MATCH)
+    if policy.uncertainty_band > 0:
+        for task, p in prediction.tasks.items():
+            if abs(p.score - p.threshold) < policy.uncertainty_band:
+                reasons.append(f"uncertain_{task}")
+    return RouteDecision("review" if reasons else "auto", reasons)

@@ -1,0 +1,241 @@
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+import struct
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from trainer.images import (
+    ALLOWED_FORMATS,
+    MAX_PIXELS,
+    ImageError,
+    content_hash,
+    decode_image,
+    load_image,
+)
+
+
+def _encode(img: Image.Image, fmt: str, **kwargs: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def _noisy(size: int = 64, seed: int = 0) -> Image.Image:
+    # Noise does not compress, so cutting the file really cuts pixel data.
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB")
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png(width: int, height: int, idat: bytes, colour_type: int = 2) -> bytes:
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("fmt", ALLOWED_FORMATS)
+def test_every_allowed_format_decodes_to_rgb(fmt: str) -> None:
+    img = Image.new("RGB", (20, 10), (200, 30, 40))
+    out = decode_image(_encode(img, fmt))
+    assert out.mode == "RGB"
+    assert out.size == (20, 10)
+    r, g, b = out.getpixel((5, 5))  # type: ignore[misc]
+    assert r > 150 and g < 80 and b < 80
+
+
+def test_palette_and_grey_images_become_rgb() -> None:
+    assert decode_image(_encode(Image.new("P", (8, 8), 3), "PNG")).mode == "RGB"
+    grey = decode_image(_encode(Image.new("L", (8, 8), 77), "PNG"))
+    assert grey.mode == "RGB" and grey.getpixel((0, 0)) == (77, 77, 77)
+
+
+def test_transparent_pixels_are_composited_on_white() -> None:
+    img = Image.new("RGBA", (4, 4), (0, 0, 0, 0))  # fully transparent black
+    img.putpixel((0, 0), (255, 0, 0, 255))
+    out = decode_image(_encode(img, "PNG"))
+    assert out.getpixel((3, 3)) == (255, 255, 255)
+    assert out.getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_animated_gif_yields_first_frame() -> None:
+    frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 0, 255), (0, 255, 0))]
+    data = _encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50)
+    assert Image.open(io.BytesIO(data)).n_frames == 3  # type: ignore[attr-defined]
+    out = decode_image(data)
+    assert out.mode == "RGB"
+    r, g, b = out.getpixel((8, 8))  # type: ignore[misc]
+    assert r > 200 and g < 50 and b < 50
+
+
+def test_real_compressed_bomb_is_refused_before_decoding() -> None:
+    # 4000x4000 grey pixels of zeros: ~16 MB of pixels packed into a few KB.
+    side = 4000
+    raw = (b"\x00" + b"\x00" * side) * side
+    data = _png(side, side, zlib.compress(raw, 9), colour_type=0)
+    assert len(data) < 100_000
+    with pytest.raises(ImageError) as info:
+        decode_image(data, max_pixels=1_000_000)
+    assert info.value.reason == "decompression_bomb"
+    assert "4000x4000" in str(info.value)
+    assert "1,000,000" in str(info.value)
+
+
+def test_declared_size_over_our_limit_is_refused() -> None:
+    # 7000x7000 = 49 MP: above MAX_PIXELS (40 MP) but below Pillow's own 89 MP limit,
+    # so only our check stands between this header and a 147 MB allocation.
+    assert MAX_PIXELS < 7000 * 7000
+    with pytest.raises(ImageError) as info:
+        decode_image(_png(7000, 7000, zlib.compress(b"\x00" * 64)))
+    assert info.value.reason == "decompression_bomb"
+
+
+def test_pillow_bomb_warning_is_an_error_not_a_warning() -> None:
+    # 10000x10000 = 100 MP: in Pillow's "warn only" band (89-179 MP). With our own limit
+    # raised out of the way, the promoted warning must still stop it, and no warning leaks.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ImageError) as info:
+            decode_image(_png(10_000, 10_000, zlib.compress(b"\x00" * 64)), max_pixels=10**9)
+    assert info.value.reason == "decompression_bomb"
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_pillow_hard_bomb_limit_is_an_image_error() -> None:
+    with pytest.raises(ImageError) as info:
+        decode_image(_png(20_000, 20_000, zlib.compress(b"\x00" * 64)), max_pixels=10**9)
+    assert info.value.reason == "decompression_bomb"
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP", "GIF"])
+def test_truncated_file(fmt: str) -> None:
+    data = _encode(_noisy(), fmt)
+    with pytest.raises(ImageError) as info:
+        decode_image(data[: len(data) // 2])
+    assert info.value.reason == "truncated"
+    assert "truncated" in str(info.value)
+
+
+def test_damaged_header_is_corrupt_not_unsupported() -> None:
+    # A well-formed PNG start whose IHDR checksum is wrong.
+    ihdr = struct.pack(">IIBBBBB", 8, 8, 8, 2, 0, 0, 0)
+    data = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + b"\0\0\0\0"
+    with pytest.raises(ImageError) as info:
+        decode_image(data)
+    assert info.value.reason == "corrupt"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        _encode(Image.new("RGB", (8, 8)), "TIFF"),
+        _encode(Image.new("RGB", (8, 8)), "PPM"),
+        b"hello, this is plain text and not an image\n",
+        b"<svg xmlns='http://www.w3.org/2000/svg'/>",
+    ],
+    ids=["tiff", "ppm", "text", "svg"],
+)
+def test_unsupported_formats(data: bytes) -> None:
+    with pytest.raises(ImageError) as info:
+        decode_image(data)
+    assert info.value.reason == "unsupported_format"
+    assert "PNG" in str(info.value)  # the message lists what is allowed
+
+
+def test_empty_data() -> None:
+    with pytest.raises(ImageError) as info:
+        decode_image(b"")
+    assert info.value.reason == "empty"
+
+
+def test_mutated_files_only_raise_image_error() -> None:
+    # Random byte corruption must surface as ImageError (or decode), never a raw exception.
+    rng = random.Random(1234)
+    seeds = [_encode(_noisy(24, s), fmt) for s, fmt in enumerate(ALLOWED_FORMATS)]
+    outcomes: set[str] = set()
+    for _ in range(300):
+        data = bytearray(rng.choice(seeds))
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(min(len(data), 64))] = rng.randrange(256)
+        try:
+            assert decode_image(bytes(data)).mode == "RGB"
+            outcomes.add("ok")
+        except ImageError as exc:
+            assert exc.reason in {
+                "unsupported_format",
+                "corrupt",
+                "truncated",
+                "decompression_bomb",
+            }
+            outcomes.add(exc.reason)
+    assert len(outcomes) >= 2  # the corruption actually exercised error paths
+
+
+def test_load_image_reads_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "a.jpg"
+    Image.new("RGB", (12, 7), (0, 128, 0)).save(path)
+    img = load_image(path)
+    assert img.size == (12, 7) and img.mode == "RGB"
+
+
+def test_load_image_sniffs_content_not_extension(tmp_path: Path) -> None:
+    # The CM-Off-Meme sample names JPEG files *.png; the extension must not matter.
+    path = tmp_path / "really_a_jpeg.png"
+    Image.new("RGB", (9, 9), (10, 20, 30)).save(path, format="JPEG")
+    assert load_image(path).size == (9, 9)
+
+
+def test_load_image_missing(tmp_path: Path) -> None:
+    with pytest.raises(ImageError) as info:
+        load_image(tmp_path / "nope.png")
+    assert info.value.reason == "missing"
+    assert "nope.png" in str(info.value)
+
+
+def test_load_image_too_large(tmp_path: Path) -> None:
+    path = tmp_path / "big.png"
+    path.write_bytes(_encode(_noisy(64), "PNG"))
+    with pytest.raises(ImageError) as info:
+        load_image(path, max_bytes=1000)
+    assert info.value.reason == "too_large"
+    assert load_image(path).size == (64, 64)  # the default cap lets it through
+
+
+def test_load_image_directory_is_unreadable(tmp_path: Path) -> None:
+    with pytest.raises(ImageError) as info:
+        load_image(tmp_path)
+    assert info.value.reason == "unreadable"
+
+
+def test_load_image_prefixes_path_and_keeps_reason(tmp_path: Path) -> None:
+    path = tmp_path / "cut.png"
+    data = _encode(_noisy(), "PNG")
+    path.write_bytes(data[: len(data) // 3])
+    with pytest.raises(ImageError) as info:
+        load_image(path)
+    assert info.value.reason == "truncated"
+    assert str(info.value).startswith(str(path))
+
+
+def test_load_image_passes_max_pixels(tmp_path: Path) -> None:
+    path = tmp_path / "p.png"
+    Image.new("RGB", (100, 100)).save(path)
+    with pytest.raises(ImageError) as info:
+        load_image(path, max_pixels=5_000)
+    assert info.value.reason == "decompression_bomb"
+
+
+def test_content_hash_is_sha256_hex() -> None:
+    data = b"\x89PNG some bytes"
+    assert content_hash(data) == hashlib.sha256(data).hexdigest()
+    assert content_hash(data) != content_hash(data + b"!")
+    assert len(content_hash(b"")) == 64

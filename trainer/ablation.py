@@ -1,0 +1,341 @@
+"""`modstream ablate`: which auxiliary losses help, over stratified k folds x seeds.
+
+Every variant trains on the same folds and seeds, so differences to task-only are paired.
+Frozen encoders are encoded once (content-hash cache) and shared by every run; only the
+small head trains per run, which keeps a 5x3 grid within minutes on a CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.model_selection import StratifiedKFold
+
+from models.classifier import MultimodalModel
+from models.config import ModelConfig
+from models.losses import NegativeSampling
+from models.objectives import ObjectiveConfig
+from models.registry import build_model
+from trainer.calibration import calibrate, score
+from trainer.features import FeatureStore, build_features, load_inputs, subset
+from trainer.fit import pick_device, strata, stratified_split
+from trainer.manifest import Example
+from trainer.stats import (
+    corrected_paired_t,
+    format_diff,
+    format_mean_std,
+    mean_std,
+    paired_difference,
+)
+from trainer.train import TrainConfig, evaluate_split, label_tensors, train
+
+log = logging.getLogger(__name__)
+BASELINE = "task"
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    itc: bool
+    itm: bool
+    negatives: NegativeSampling = "hard"
+    text_trainable_layers: int = 0
+
+    def objective(self, task_weight: float, aux_weight: float) -> ObjectiveConfig:
+        weights = {"task_loss": task_weight}
+        if self.itc:
+            weights["itc_loss"] = aux_weight
+        if self.itm:
+            weights["itm_loss"] = aux_weight
+        return ObjectiveConfig(weights=weights, negatives=self.negatives)
+
+
+# +ITM alone mines no hard negatives: without ITC its embedding space is untrained, so
+# "hard" would be random anyway; it is labelled honestly as random.
+CORE_VARIANTS = (
+    Variant("task", itc=False, itm=False),
+    Variant("task+itc", itc=True, itm=False),
+    Variant("task+itm", itc=False, itm=True, negatives="random"),
+    Variant("task+itc+itm", itc=True, itm=True, negatives="hard"),
+    Variant("task+itc+itm (random neg)", itc=True, itm=True, negatives="random"),
+)
+
+
+def variants(unfreeze_text_layers: int = 0) -> list[Variant]:
+    out = list(CORE_VARIANTS)
+    if unfreeze_text_layers:
+        suffix = f" (text top {unfreeze_text_layers} unfrozen)"
+        out += [
+            Variant(BASELINE + suffix, itc=False, itm=False, text_trainable_layers=unfreeze_text_layers),
+            Variant(
+                "task+itc+itm" + suffix,
+                itc=True,
+                itm=True,
+                text_trainable_layers=unfreeze_text_layers,
+            ),
+        ]
+    return out
+
+
+@dataclass
+class AblationConfig:
+    folds: int = 5
+    seeds: Sequence[int] = (0, 1, 2)
+    task_weight: float = 0.8
+    aux_weight: float = 0.1
+    val_fraction: float = 0.15
+    review_fraction: float = 0.1
+    unfreeze_text_layers: int = 0
+    only: Sequence[str] = ()  # restrict to these variant names
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _fold_indices(
+    examples: Sequence[Example], tasks: dict[str, list[str]], k: int
+) -> list[tuple[list[int], list[int]]]:
+    keys = strata(examples, tasks)
+    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=0)
+    return [(tr.tolist(), te.tolist()) for tr, te in splitter.split(np.zeros(len(keys)), keys)]
+
+
+def _run_key(variant: str, fold: int, seed: int) -> str:
+    return f"{variant}|{fold}|{seed}"
+
+
+def run_ablation(
+    examples: Sequence[Example],
+    model_config: ModelConfig,
+    cfg: AblationConfig,
+    out_dir: Path,
+    *,
+    cache_dir: Path | None = None,
+    device: str = "auto",
+    model_and_tokenizer: tuple[MultimodalModel, Any] | None = None,
+) -> dict[str, Any]:
+    """Runs (or resumes, from out_dir/runs.jsonl) the grid and writes results.{json,md,png}."""
+    started = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = pick_device(device)
+    base_model, tokenizer = model_and_tokenizer or build_model(model_config)
+    base_model.to(dev)
+    inputs = load_inputs(examples)
+    features = build_features(base_model, tokenizer, inputs, FeatureStore(cache_dir), dev, cfg.train.progress)
+    encode_seconds = time.perf_counter() - started
+    tasks = model_config.tasks
+    labels = label_tensors(inputs.examples, tasks)
+    folds = _fold_indices(inputs.examples, tasks, cfg.folds)
+    chosen = [v for v in variants(cfg.unfreeze_text_layers) if not cfg.only or v.name in cfg.only]
+
+    runs_path = out_dir / "runs.jsonl"
+    done = {}
+    if runs_path.is_file():
+        for line in runs_path.read_text().splitlines():
+            run = json.loads(line)
+            done[_run_key(run["variant"], run["fold"], run["seed"])] = run
+    with runs_path.open("a") as sink:
+        for fold, (train_pool, test_idx) in enumerate(folds):
+            for seed in cfg.seeds:
+                pool_keys = strata([inputs.examples[i] for i in train_pool], tasks)
+                tr, va = stratified_split(len(train_pool), pool_keys, cfg.val_fraction, seed)
+                train_idx, val_idx = [train_pool[i] for i in tr], [train_pool[i] for i in va]
+                for variant in chosen:
+                    key = _run_key(variant.name, fold, seed)
+                    if key in done:
+                        continue
+                    run = _one_run(
+                        base_model,
+                        features,
+                        labels,
+                        tasks,
+                        variant,
+                        cfg,
+                        seed,
+                        train_idx,
+                        val_idx,
+                        test_idx,
+                    )
+                    run.update({"variant": variant.name, "fold": fold, "seed": seed})
+                    done[key] = run
+                    sink.write(json.dumps(run) + "\n")
+                    sink.flush()
+                    log.info("%s fold %d seed %d: %s", variant.name, fold, seed, run["macro_f1"])
+    runs = [done[_run_key(v.name, f, s)] for v in chosen for f in range(cfg.folds) for s in cfg.seeds]
+    summary = summarise(
+        runs,
+        [v.name for v in chosen],
+        list(tasks),
+        n_train=len(inputs.examples) * (cfg.folds - 1) // cfg.folds,
+        n_test=len(inputs.examples) // cfg.folds,
+    )
+    summary["setup"] = {
+        "n_examples": len(inputs.examples),
+        "with_image": int(inputs.image_present.sum()),
+        "image_errors": dict(inputs.image_errors),
+        "folds": cfg.folds,
+        "seeds": list(cfg.seeds),
+        "loss_weights": {"task": cfg.task_weight, "aux": cfg.aux_weight},
+        "model": model_config.to_dict(),
+        "train": cfg.train.to_dict(),
+        "device": str(dev),
+        "torch_threads": torch.get_num_threads(),
+        "encode_seconds": round(encode_seconds, 1),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    write_outputs(summary, runs, out_dir)
+    return summary
+
+
+def _one_run(
+    base_model: MultimodalModel,
+    features: Any,
+    labels: dict[str, torch.Tensor],
+    tasks: dict[str, list[str]],
+    variant: Variant,
+    cfg: AblationConfig,
+    seed: int,
+    train_idx: list[int],
+    val_idx: list[int],
+    test_idx: list[int],
+) -> dict[str, Any]:
+    torch.manual_seed(seed)
+    config = replace(base_model.config, text_trainable_layers=variant.text_trainable_layers)
+    # Frozen encoders are shared by every run; one being fine-tuned gets a fresh copy.
+    text = copy.deepcopy(base_model.text_encoder) if variant.text_trainable_layers else base_model.text_encoder
+    model = MultimodalModel(config, text, base_model.image_encoder).to(features.device)
+    feats = subset(features, range(len(features)), model)
+    if variant.text_trainable_layers:
+        feats.frozen_text = None
+    train_cfg = replace(cfg.train, seed=seed, objective=variant.objective(cfg.task_weight, cfg.aux_weight))
+
+    def pick(idx: list[int]) -> tuple[Any, dict[str, torch.Tensor]]:
+        return subset(feats, idx), {t: y[idx] for t, y in labels.items()}
+
+    (tr_f, tr_y), (va_f, va_y), (te_f, te_y) = pick(train_idx), pick(val_idx), pick(test_idx)
+    result = train(model, tr_f, tr_y, va_f, va_y, train_cfg)
+    cal = calibrate(result.val, tasks, cfg.review_fraction)
+    test = score(evaluate_split(model, te_f, te_y), tasks, cal, cfg.review_fraction)
+    return {
+        "macro_f1": test["macro_f1"],
+        "itm_auroc": test["itm_auroc"],
+        "routing_lift": test["routing_lift"],
+        "best_epoch": result.best_epoch,
+        "val_itm_auroc": result.val.itm_auroc(),
+        "seconds": round(result.seconds, 2),
+    }
+
+
+def _finite_values(values: Sequence[float]) -> list[float]:
+    return [v for v in values if v is not None and not math.isnan(v)]
+
+
+def summarise(
+    runs: list[dict[str, Any]], names: list[str], tasks: list[str], n_train: int, n_test: int
+) -> dict[str, Any]:
+    by_variant = {name: [r for r in runs if r["variant"] == name] for name in names}
+    base = {(r["fold"], r["seed"]): r for r in by_variant.get(BASELINE, [])}
+    rows: dict[str, Any] = {}
+    for name, vruns in by_variant.items():
+        row: dict[str, Any] = {"runs": len(vruns), "tasks": {}}
+        for task in tasks:
+            f1 = [r["macro_f1"][task] for r in vruns]
+            mean, std = mean_std(f1)
+            entry: dict[str, Any] = {"mean": mean, "std": std}
+            lifts = _finite_values([r["routing_lift"].get(task, math.nan) for r in vruns])
+            entry["routing_lift"] = mean_std(lifts) if lifts else (math.nan, math.nan)
+            paired = [
+                (r["macro_f1"][task], base[(r["fold"], r["seed"])]["macro_f1"][task])
+                for r in vruns
+                if (r["fold"], r["seed"]) in base
+            ]
+            if name != BASELINE and paired:
+                a, b = [p[0] for p in paired], [p[1] for p in paired]
+                entry["diff"] = paired_difference(a, b).to_dict()
+                entry["diff_corrected"] = corrected_paired_t(a, b, n_train, n_test).to_dict()
+            row["tasks"][task] = entry
+        aurocs = _finite_values([r["itm_auroc"] for r in vruns])
+        row["itm_auroc"] = mean_std(aurocs) if aurocs else (math.nan, math.nan)
+        row["seconds_per_run"] = float(np.mean([r["seconds"] for r in vruns])) if vruns else math.nan
+        rows[name] = row
+    return {"variants": rows, "tasks": tasks}
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    tasks = summary["tasks"]
+    head = ["variant"] + [f"{t} macro-F1" for t in tasks] + [f"{t} Δ vs task [95% CI] (wins)" for t in tasks]
+    head += ["ITM AUROC"] + [f"{t} routing lift" for t in tasks]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in summary["variants"].items():
+        cells = [name]
+        cells += [format_mean_std(row["tasks"][t]["mean"], row["tasks"][t]["std"]) for t in tasks]
+        for t in tasks:
+            diff = row["tasks"][t].get("diff")
+            if diff is None:
+                cells.append("—")
+            else:
+                from trainer.stats import PairedDiff
+
+                cells.append(f"{format_diff(PairedDiff(**diff))} ({diff['wins']}/{diff['n']})")
+        cells.append(format_mean_std(*row["itm_auroc"]))
+        for t in tasks:
+            lift_mean, lift_std = row["tasks"][t]["routing_lift"]
+            cells.append(format_mean_std(lift_mean, lift_std, digits=2))
+        lines.append("| " + " | ".join(cells) + " |")
+    setup = summary.get("setup", {})
+    if setup:
+        lines.append("")
+        lines.append(
+            f"{setup['n_examples']} posts ({setup['with_image']} with an image), {setup['folds']} folds x "
+            f"{len(setup['seeds'])} seeds, loss weights task {setup['loss_weights']['task']} / aux "
+            f"{setup['loss_weights']['aux']}, fusion {setup['model']['fusion']}, device {setup['device']} "
+            f"({setup['torch_threads']} threads); wall time {setup['wall_seconds']:.0f} s "
+            f"(of which encoding {setup['encode_seconds']:.0f} s)."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary["variants"])
+    tasks = summary["tasks"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(names)), 4))
+    width = 0.8 / len(tasks)
+    for k, task in enumerate(tasks):
+        means = [summary["variants"][n]["tasks"][task]["mean"] for n in names]
+        stds = [summary["variants"][n]["tasks"][task]["std"] for n in names]
+        ax.bar(np.arange(len(names)) + k * width, means, width, yerr=stds, capsize=3, label=task)
+    ax.set_xticks(
+        np.arange(len(names)) + width * (len(tasks) - 1) / 2,
+        names,
+        rotation=20,
+        ha="right",
+        fontsize=8,
+    )
+    ax.set_ylabel("test macro-F1 (mean ± std over folds x seeds)")
+    ax.set_ylim(0.4, 1.0)
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_outputs(summary: dict[str, Any], runs: list[dict[str, Any]], out_dir: Path) -> None:
+    from models.card import json_safe
+
+    (out_dir / "results.json").write_text(json.dumps(json_safe({"summary": summary, "runs": runs}), indent=1))
+    (out_dir / "results.md").write_text(markdown(summary))
+    plot(summary, out_dir / "results.png")

@@ -1,0 +1,268 @@
+"""Model inputs for training: cached encoder outputs (frozen encoders) or live encoding.
+
+A frozen encoder gives the same output for the same content on every epoch, fold and seed,
+so its outputs are computed once and cached on disk by content hash (sha256 of the text or
+of the image bytes, plus the backbone's identity). An encoder being fine-tuned runs live.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from models.classifier import MultimodalModel
+from models.encoders import EncodedSequence
+from models.preprocess import ImagePreprocessor, TextPreprocessor
+from trainer.images import ImageError, content_hash, decode_image
+from trainer.manifest import Example
+
+log = logging.getLogger(__name__)
+ENCODE_BATCH = 32
+
+
+@dataclass
+class LoadedInputs:
+    """Raw inputs of a dataset, decoded once. `images[i]` is None for text-only posts."""
+
+    examples: list[Example]
+    images: list[Image.Image | None]
+    image_hashes: list[str | None]
+    image_errors: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def image_present(self) -> Tensor:
+        return torch.tensor([im is not None for im in self.images], dtype=torch.bool)
+
+
+def load_inputs(examples: Sequence[Example], on_bad_image: str = "text-only") -> LoadedInputs:
+    """Decode every image; a corrupt or missing one is counted by reason and the post becomes
+    text-only (or is dropped with on_bad_image="skip"), never an exception mid-epoch."""
+    kept: list[Example] = []
+    images: list[Image.Image | None] = []
+    hashes: list[str | None] = []
+    errors: Counter[str] = Counter()
+    for example in examples:
+        image = digest = None
+        if example.image is not None:
+            try:
+                data = example.image.read_bytes()
+                image, digest = decode_image(data), content_hash(data)
+            except FileNotFoundError:
+                errors["missing"] += 1
+            except ImageError as exc:
+                errors[exc.reason] += 1
+            if image is None and on_bad_image == "skip":
+                continue
+        kept.append(example)
+        images.append(image)
+        hashes.append(digest)
+    if errors:
+        log.warning("images that could not be used (%s): %s", on_bad_image, dict(errors))
+    return LoadedInputs(kept, images, hashes, errors)
+
+
+def _text_key(text: str, max_length: int) -> str:
+    return hashlib.sha256(f"{max_length}\0{text}".encode()).hexdigest()
+
+
+class FeatureStore:
+    """Content-addressed on-disk cache of encoder outputs: `root/<encoder key>/<hash>.safetensors`."""
+
+    def __init__(self, root: Path | None) -> None:
+        self.root = root
+
+    def _path(self, encoder_key: str, digest: str) -> Path | None:
+        return None if self.root is None else self.root / encoder_key / digest[:2] / f"{digest}.safetensors"
+
+    def get(self, encoder_key: str, digest: str) -> Tensor | None:
+        path = self._path(encoder_key, digest)
+        if path is None or not path.is_file():
+            return None
+        return load_file(str(path))["tokens"]
+
+    def put(self, encoder_key: str, digest: str, tokens: Tensor) -> None:
+        path = self._path(encoder_key, digest)
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"tokens": tokens.contiguous()}, str(tmp))
+        tmp.replace(path)
+
+
+def encoder_key(model: MultimodalModel, which: str) -> str:
+    """Identifies an encoder's weights, so a cache never serves another model's features."""
+    encoder = model.text_encoder if which == "text" else model.image_encoder
+    h = hashlib.sha256()
+    for name, tensor in sorted(encoder.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().float().flatten()[:64].numpy().tobytes())
+        h.update(str(tuple(tensor.shape)).encode())
+    return f"{which}-{h.hexdigest()[:16]}"
+
+
+class Features:
+    """Yields (text, image, image_present) batches for index lists."""
+
+    def batch(self, idx: Sequence[int]) -> tuple[EncodedSequence, EncodedSequence, Tensor]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+
+def _pad(seqs: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    length = max(int(s.shape[0]) for s in seqs)
+    dim = int(seqs[0].shape[1])
+    out = torch.zeros(len(seqs), length, dim, dtype=torch.float32)
+    mask = torch.zeros(len(seqs), length, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        out[i, : s.shape[0]] = s.float()
+        mask[i, : s.shape[0]] = True
+    return out, mask
+
+
+def _sequence(tokens: Tensor, mask: Tensor) -> EncodedSequence:
+    from models.encoders import masked_mean
+
+    return EncodedSequence(tokens, mask, masked_mean(tokens, mask))
+
+
+class LiveFeatures(Features):
+    """Runs the encoders on every batch (used for any encoder that is being fine-tuned);
+    a frozen side can still come from a cache via `frozen_text` / `frozen_image`."""
+
+    def __init__(
+        self,
+        model: MultimodalModel,
+        tokenizer: object,
+        inputs: LoadedInputs,
+        device: torch.device,
+        frozen_text: list[Tensor] | None = None,
+        frozen_image: list[Tensor] | None = None,
+    ) -> None:
+        self.model = model
+        self.inputs = inputs
+        self.device = device
+        self.text_pre = TextPreprocessor(tokenizer, model.config.max_text_length)
+        enc = model.image_encoder
+        self.image_pre = ImagePreprocessor(enc.image_size, enc.mean, enc.std)
+        self.frozen_text = frozen_text
+        self.frozen_image = frozen_image
+        self.present = inputs.image_present
+
+    def __len__(self) -> int:
+        return len(self.inputs.examples)
+
+    def text(self, idx: Sequence[int]) -> EncodedSequence:
+        if self.frozen_text is not None:
+            tokens, mask = _pad([self.frozen_text[i] for i in idx])
+            return _sequence(tokens.to(self.device), mask.to(self.device))
+        ids, mask = self.text_pre([self.inputs.examples[i].text for i in idx])
+        return self.model.text_encoder(ids.to(self.device), mask.to(self.device))
+
+    def image(self, idx: Sequence[int]) -> EncodedSequence:
+        if self.frozen_image is not None:
+            tokens, mask = _pad([self.frozen_image[i] for i in idx])
+            return _sequence(tokens.to(self.device), mask.to(self.device))
+        pixels, _ = self.image_pre([self.inputs.images[i] for i in idx])
+        return self.model.image_encoder(pixels.to(self.device))
+
+    def batch(self, idx: Sequence[int]) -> tuple[EncodedSequence, EncodedSequence, Tensor]:
+        return self.text(idx), self.image(idx), self.present[list(idx)].to(self.device)
+
+
+@torch.no_grad()
+def encode_frozen(
+    model: MultimodalModel,
+    tokenizer: object,
+    inputs: LoadedInputs,
+    which: str,
+    store: FeatureStore,
+    device: torch.device,
+    progress: bool = False,
+) -> list[Tensor]:
+    """Per-example token sequences of a frozen encoder (float16, unpadded), via the cache."""
+    from tqdm import tqdm
+
+    key = encoder_key(model, which)
+    live = LiveFeatures(model, tokenizer, inputs, device)
+    max_len = model.config.max_text_length
+    digests = [
+        _text_key(ex.text, max_len) if which == "text" else (h or "")
+        for ex, h in zip(inputs.examples, inputs.image_hashes, strict=True)
+    ]
+    out: list[Tensor | None] = [None] * len(digests)
+    todo: list[int] = []
+    for i, digest in enumerate(digests):
+        if not digest:  # no image: a placeholder the present-mask hides
+            out[i] = torch.zeros(1, model.image_encoder.dim, dtype=torch.float16)
+            continue
+        cached = store.get(key, digest)
+        if cached is None:
+            todo.append(i)
+        else:
+            out[i] = cached
+    was_training = model.training
+    model.eval()
+    chunks = range(0, len(todo), ENCODE_BATCH)
+    for start in tqdm(chunks, desc=f"encode {which}", disable=not progress or not todo):
+        idx = todo[start : start + ENCODE_BATCH]
+        seq = live.text(idx) if which == "text" else live.image(idx)
+        for row, i in enumerate(idx):
+            tokens = seq.tokens[row][seq.mask[row]].to("cpu", torch.float16)
+            out[i] = tokens
+            store.put(key, digests[i], tokens)
+    model.train(was_training)
+    return [t for t in out if t is not None]
+
+
+def build_features(
+    model: MultimodalModel,
+    tokenizer: object,
+    inputs: LoadedInputs,
+    store: FeatureStore,
+    device: torch.device,
+    progress: bool = False,
+) -> LiveFeatures:
+    """Cache whichever encoder is frozen; run the other live."""
+    cfg = model.config
+    frozen_text = (
+        encode_frozen(model, tokenizer, inputs, "text", store, device, progress)
+        if cfg.text_trainable_layers == 0
+        else None
+    )
+    frozen_image = (
+        encode_frozen(model, tokenizer, inputs, "image", store, device, progress)
+        if cfg.image_trainable_blocks == 0
+        else None
+    )
+    return LiveFeatures(model, tokenizer, inputs, device, frozen_text, frozen_image)
+
+
+def subset(features: LiveFeatures, idx: Sequence[int], model: MultimodalModel | None = None) -> LiveFeatures:
+    """A view of `features` restricted to `idx` (folds share one cache in memory), bound to
+    `model` for the live side when given (each ablation run trains its own model)."""
+    inputs = features.inputs
+    sub_inputs = LoadedInputs(
+        [inputs.examples[i] for i in idx],
+        [inputs.images[i] for i in idx],
+        [inputs.image_hashes[i] for i in idx],
+    )
+    return LiveFeatures(
+        model or features.model,
+        features.text_pre.tokenizer,
+        sub_inputs,
+        features.device,
+        None if features.frozen_text is None else [features.frozen_text[i] for i in idx],
+        None if features.frozen_image is None else [features.frozen_image[i] for i in idx],
+    )

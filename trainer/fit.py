@@ -1,0 +1,124 @@
+"""Train a model on a manifest, calibrate it on validation, and register it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+
+from models.card import ModelCard
+from models.classifier import MultimodalModel
+from models.config import ModelConfig
+from models.registry import build_model
+from trainer.calibration import Calibration, calibrate, score
+from trainer.curves import write_curves
+from trainer.features import FeatureStore, LoadedInputs, build_features, load_inputs, subset
+from trainer.manifest import Example
+from trainer.train import TrainConfig, TrainResult, evaluate_split, label_tensors, train
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def data_digest(inputs: LoadedInputs) -> str:
+    """Identifies the training data: ids, texts, image content and labels."""
+    h = hashlib.sha256()
+    for ex, image_hash in zip(inputs.examples, inputs.image_hashes, strict=True):
+        h.update(json.dumps([ex.id, ex.text, image_hash, ex.labels], sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def strata(examples: Sequence[Example], tasks: dict[str, list[str]]) -> list[str]:
+    """Stratify on the joint label of every task (and image presence)."""
+    return ["|".join([str(ex.labels.get(t)) for t in tasks] + [str(ex.image is not None)]) for ex in examples]
+
+
+def stratified_split(n: int, keys: Sequence[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    idx = np.arange(n)
+    counts = {k: keys.count(k) for k in set(keys)}
+    # A stratum with one member cannot be split; sklearn would refuse, so merge those.
+    safe = [k if counts[k] > 1 else "rare" for k in keys]
+    if safe.count("rare") == 1:
+        safe = [k if k != "rare" else max(counts, key=lambda c: counts[c]) for k in safe]
+    train_idx, val_idx = train_test_split(idx, test_size=fraction, random_state=seed, stratify=safe)
+    return sorted(train_idx.tolist()), sorted(val_idx.tolist())
+
+
+@dataclass
+class FitResult:
+    model: MultimodalModel
+    tokenizer: Any
+    card: ModelCard
+    result: TrainResult
+    calibration: Calibration
+
+
+def fit(
+    examples: Sequence[Example],
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    *,
+    val_fraction: float = 0.15,
+    cache_dir: Path | None = None,
+    out_dir: Path | None = None,
+    device: str = "auto",
+    on_bad_image: str = "text-only",
+    model_and_tokenizer: tuple[MultimodalModel, Any] | None = None,
+) -> FitResult:
+    dev = pick_device(device)
+    model, tokenizer = model_and_tokenizer or build_model(model_config)
+    model.to(dev)
+    inputs = load_inputs(examples, on_bad_image)
+    if len(inputs.examples) < 4:
+        raise ValueError(f"need at least 4 usable examples to train, got {len(inputs.examples)}")
+    features = build_features(model, tokenizer, inputs, FeatureStore(cache_dir), dev, train_config.progress)
+    tasks = model_config.tasks
+    train_idx, val_idx = stratified_split(
+        len(inputs.examples), strata(inputs.examples, tasks), val_fraction, train_config.seed
+    )
+    labels = label_tensors(inputs.examples, tasks)
+    train_labels = {t: y[train_idx] for t, y in labels.items()}
+    val_labels = {t: y[val_idx] for t, y in labels.items()}
+    val_features = subset(features, val_idx)
+    result = train(model, subset(features, train_idx), train_labels, val_features, val_labels, train_config)
+    cal = calibrate(result.val, tasks)
+    val_eval = evaluate_split(model, val_features, val_labels)
+    metrics = score(val_eval, tasks, cal)
+    metrics["split"] = "validation (thresholds and temperatures were chosen on it)"
+    metrics["best_epoch"] = result.best_epoch
+    card = ModelCard(
+        config=model_config,
+        thresholds=cal.thresholds,
+        temperatures=cal.temperatures,
+        itm={
+            "trained": train_config.objective.uses_itm,
+            "threshold": cal.itm_threshold,
+            "auroc": metrics["itm_auroc"],
+            "routing_lift": metrics["routing_lift"],
+        },
+        training={
+            "data_digest": data_digest(inputs),
+            "n_train": len(train_idx),
+            "n_val": len(val_idx),
+            "image_errors": dict(inputs.image_errors),
+            "config": train_config.to_dict(),
+            "seconds": round(result.seconds, 1),
+        },
+        metrics=metrics,
+    )
+    if out_dir is not None:
+        write_curves(result.history, out_dir)
+    return FitResult(model, tokenizer, card, result, cal)

@@ -1,0 +1,100 @@
+"""The dataset manifest: one JSON object per line.
+
+    {"id": "p1", "text": "...", "image": "images/p1.png" | null,
+     "labels": {"hate": "hateful" | null, "sarcasm": "sarcastic" | null}}
+
+`image` is a path relative to the manifest's folder (or absolute). A task's label is null
+when the source does not label that task; the task loss ignores it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ManifestError(ValueError):
+    """A manifest line that cannot be used; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str
+    text: str
+    image: Path | None
+    labels: dict[str, str | None] = field(default_factory=dict)
+    # Free-form extras a source wants to keep (e.g. synthetic ground truth); not used by training.
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self, root: Path | None = None) -> dict[str, Any]:
+        image: str | None = None
+        if self.image is not None:
+            image = str(self.image.relative_to(root)) if root and self.image.is_relative_to(root) else str(self.image)
+        out: dict[str, Any] = {
+            "id": self.id,
+            "text": self.text,
+            "image": image,
+            "labels": self.labels,
+        }
+        if self.meta:
+            out["meta"] = self.meta
+        return out
+
+
+def _parse(obj: Any, root: Path, where: str) -> Example:
+    if not isinstance(obj, dict):
+        raise ManifestError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for key, kind in (("id", str), ("text", str)):
+        if not isinstance(obj.get(key), kind):
+            raise ManifestError(f"{where}: field {key!r} must be a string")
+    image = obj.get("image")
+    if image is not None and not isinstance(image, str):
+        raise ManifestError(f"{where}: field 'image' must be a path string or null")
+    labels = obj.get("labels", {})
+    if not isinstance(labels, dict) or not all(
+        isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in labels.items()
+    ):
+        raise ManifestError(f"{where}: field 'labels' must map task names to a label string or null")
+    meta = obj.get("meta", {})
+    if not isinstance(meta, dict):
+        raise ManifestError(f"{where}: field 'meta' must be an object")
+    path = None if image is None else (root / image if not Path(image).is_absolute() else Path(image))
+    return Example(id=obj["id"], text=obj["text"], image=path, labels=dict(labels), meta=meta)
+
+
+def read_manifest(path: Path) -> list[Example]:
+    return list(iter_manifest(path))
+
+
+def iter_manifest(path: Path) -> Iterator[Example]:
+    root = path.parent
+    seen: set[str] = set()
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ManifestError(f"{where}: invalid JSON ({exc.msg})") from exc
+            example = _parse(obj, root, where)
+            if example.id in seen:
+                raise ManifestError(f"{where}: duplicate id {example.id!r}")
+            seen.add(example.id)
+            yield example
+
+
+def write_manifest(path: Path, examples: Iterable[Example]) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    count = 0
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for example in examples:
+            fh.write(json.dumps(example.to_json(path.parent), ensure_ascii=False) + "\n")
+            count += 1
+    tmp.replace(path)
+    return count

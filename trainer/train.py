@@ -1,0 +1,311 @@
+"""The training loop: AdamW, early stopping on validation macro-F1, then an ITM finishing
+phase so early stopping on the task never leaves the ITM head untrained."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from models.classifier import MultimodalModel
+from models.losses import IGNORE_INDEX
+from models.objectives import ObjectiveConfig, compute_losses
+from trainer.evaluate import itm_auroc, task_report
+from trainer.features import LiveFeatures
+from trainer.manifest import Example
+
+log = logging.getLogger(__name__)
+Selection = Literal["task", "task+itm"]
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-3  # the new layers (projections, fusion, heads)
+    encoder_lr: float = 2e-5  # encoder layers being fine-tuned
+    weight_decay: float = 0.01
+    patience: int = 5
+    grad_clip: float = 1.0
+    modality_dropout: float = 0.1  # share of image posts shown text-only while training
+    class_weighting: bool = True
+    seed: int = 0
+    # Early stopping on the task can stop before ITM has learned; these epochs train the
+    # ITM head alone (everything else frozen) after the best checkpoint is restored.
+    itm_finish_epochs: int = 5
+    select_on: Selection = "task"
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    amp: bool = True  # bf16 autocast, on CUDA only
+    progress: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+@dataclass
+class EvalOutput:
+    """logits: task -> [N, C]; labels: task -> [N] (IGNORE_INDEX where unknown);
+    itm_match: [N] match probability of the actual pair (NaN without image);
+    itm_swapped: match probability of pairs with a swapped image."""
+
+    logits: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray]
+    itm_match: np.ndarray
+    itm_swapped: np.ndarray
+
+    def macro_f1(self, task: str, labels: Sequence[str]) -> float:
+        y = self.labels[task]
+        keep = y != IGNORE_INDEX
+        return task_report(y[keep], self.logits[task][keep].argmax(1), labels).macro_f1
+
+    def itm_auroc(self) -> float:
+        return itm_auroc(self.itm_match, self.itm_swapped)
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int
+    best_score: float
+    history: list[dict[str, float]]
+    val: EvalOutput
+    seconds: float
+
+
+def label_tensors(examples: Sequence[Example], tasks: Mapping[str, Sequence[str]]) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    for task, labels in tasks.items():
+        index = {label: i for i, label in enumerate(labels)}
+        values = []
+        for ex in examples:
+            value = ex.labels.get(task)
+            if value is not None and value not in index:
+                raise ValueError(f"example {ex.id!r}: label {value!r} is not one of {list(labels)} for task {task!r}")
+            values.append(IGNORE_INDEX if value is None else index[value])
+        out[task] = torch.tensor(values, dtype=torch.long)
+    return out
+
+
+def class_weights(labels: Mapping[str, Tensor], tasks: Mapping[str, Sequence[str]]) -> dict[str, Tensor]:
+    """Inverse class frequency, normalised to mean 1 (a missing class gets weight 1)."""
+    out = {}
+    for task, y in labels.items():
+        counts = torch.bincount(y[y != IGNORE_INDEX], minlength=len(tasks[task])).float()
+        weights = torch.where(counts > 0, counts.sum() / (len(counts) * counts.clamp_min(1)), 1.0)
+        out[task] = weights / weights.mean()
+    return out
+
+
+def _batches(n: int, size: int, generator: torch.Generator | None) -> Iterator[list[int]]:
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    for start in range(0, n, size):
+        yield order[start : start + size].tolist()
+
+
+def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate_split(
+    model: MultimodalModel,
+    features: LiveFeatures,
+    labels: Mapping[str, Tensor],
+    batch_size: int = 64,
+    amp: bool = True,
+) -> EvalOutput:
+    """Task logits and ITM scores on a split. Swapped pairs for ITM AUROC use a fixed
+    derangement of the posts that have an image, so every evaluation sees the same pairs."""
+    model.eval()
+    device = features.device
+    logits: dict[str, list[Tensor]] = defaultdict(list)
+    match: list[Tensor] = []
+    n = len(features)
+    with _autocast(device, amp):
+        for idx in _batches(n, batch_size, None):
+            text, image, present = features.batch(idx)
+            out = model.head(text, image, present)
+            for task, value in out.task_logits.items():
+                logits[task].append(value.float().cpu())
+            prob = torch.sigmoid(out.itm_logits.float()).cpu()
+            match.append(torch.where(present.cpu(), prob, torch.nan))
+        with_image = features.present.nonzero().squeeze(1).tolist()
+        swapped: list[Tensor] = []
+        if len(with_image) >= 2:
+            g = torch.Generator().manual_seed(1234)
+            shift = torch.randint(1, len(with_image), (len(with_image),), generator=g)
+            partner = [with_image[(k + int(s)) % len(with_image)] for k, s in enumerate(shift)]
+            for start in range(0, len(with_image), batch_size):
+                t_idx, i_idx = (
+                    with_image[start : start + batch_size],
+                    partner[start : start + batch_size],
+                )
+                text, image = features.text(t_idx), features.image(i_idx)
+                ar = torch.arange(len(t_idx), device=device)
+                swapped.append(torch.sigmoid(model.head.pair_itm_logits(text, image, ar, ar).float()).cpu())
+    return EvalOutput(
+        logits={task: torch.cat(v).numpy() for task, v in logits.items()},
+        labels={task: y.numpy() for task, y in labels.items()},
+        itm_match=torch.cat(match).numpy() if match else np.zeros(0),
+        itm_swapped=torch.cat(swapped).numpy() if swapped else np.zeros(0),
+    )
+
+
+def selection_score(val: EvalOutput, tasks: Mapping[str, Sequence[str]], select_on: Selection) -> float:
+    scores = [val.macro_f1(task, labels) for task, labels in tasks.items() if (val.labels[task] != IGNORE_INDEX).any()]
+    if select_on == "task+itm":
+        auroc = val.itm_auroc()
+        scores.append(0.5 if math.isnan(auroc) else auroc)
+    return float(np.mean(scores)) if scores else 0.0
+
+
+def _optimizer(model: MultimodalModel, cfg: TrainConfig, params_filter: str | None = None) -> torch.optim.Optimizer:
+    head = [
+        p
+        for n, p in model.head.named_parameters()
+        if p.requires_grad and (params_filter is None or n.startswith(params_filter))
+    ]
+    groups: list[dict[str, Any]] = [{"params": head, "lr": cfg.lr}]
+    if params_filter is None:
+        encoders = [
+            p for module in (model.text_encoder, model.image_encoder) for p in module.parameters() if p.requires_grad
+        ]
+        if encoders:
+            groups.append({"params": encoders, "lr": cfg.encoder_lr})
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+
+
+def _modality_dropout(present: Tensor, rate: float, generator: torch.Generator) -> Tensor:
+    if rate <= 0:
+        return present
+    drop = torch.rand(present.shape, generator=generator) < rate
+    return present & ~drop.to(present.device)
+
+
+def _run_epoch(
+    model: MultimodalModel,
+    features: LiveFeatures,
+    labels: Mapping[str, Tensor],
+    objective: ObjectiveConfig,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    weights: Mapping[str, Tensor] | None,
+    generator: torch.Generator,
+    modality_dropout: float,
+) -> dict[str, float]:
+    model.train()
+    device = features.device
+    sums: dict[str, float] = defaultdict(float)
+    batches = 0
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for idx in _batches(len(features), cfg.batch_size, generator):
+        if len(idx) < 2:  # in-batch contrastive losses need pairs
+            continue
+        text, image, present = features.batch(idx)
+        present = _modality_dropout(present, modality_dropout, generator)
+        batch_labels = {task: y[idx].to(device) for task, y in labels.items()}
+        with _autocast(device, cfg.amp):
+            total, losses, _ = compute_losses(
+                model.head, text, image, present, batch_labels, objective, weights, generator
+            )
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        sums["total_loss"] += total.item()
+        for name, value in losses.items():
+            sums[name] += value.item()
+        batches += 1
+    return {name: value / max(batches, 1) for name, value in sums.items()}
+
+
+def train(
+    model: MultimodalModel,
+    train_features: LiveFeatures,
+    train_labels: Mapping[str, Tensor],
+    val_features: LiveFeatures,
+    val_labels: Mapping[str, Tensor],
+    cfg: TrainConfig,
+) -> TrainResult:
+    """Trains `model` in place and leaves it at the best validation checkpoint."""
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    tasks = model.config.tasks
+    weights = class_weights(train_labels, tasks) if cfg.class_weighting else None
+    optimizer = _optimizer(model, cfg)
+    history: list[dict[str, float]] = []
+    best_score, best_epoch, best_state = -math.inf, 0, copy.deepcopy(model.state_dict())
+    bar = tqdm(range(1, cfg.epochs + 1), desc="train", disable=not cfg.progress)
+    for epoch in bar:
+        row = _run_epoch(
+            model,
+            train_features,
+            train_labels,
+            cfg.objective,
+            optimizer,
+            cfg,
+            weights,
+            generator,
+            cfg.modality_dropout,
+        )
+        val = evaluate_split(model, val_features, val_labels, amp=cfg.amp)
+        score = selection_score(val, tasks, cfg.select_on)
+        row.update({"epoch": epoch, "val_score": score, "val_itm_auroc": val.itm_auroc()})
+        row.update({f"val_{t}_macro_f1": val.macro_f1(t, labels) for t, labels in tasks.items()})
+        history.append(row)
+        bar.set_postfix(loss=f"{row.get('total_loss', 0):.3f}", val=f"{score:.3f}")
+        if score > best_score:
+            best_score, best_epoch, best_state = score, epoch, copy.deepcopy(model.state_dict())
+        elif epoch - best_epoch >= cfg.patience:
+            break
+    model.load_state_dict(best_state)
+    if cfg.objective.uses_itm and cfg.itm_finish_epochs > 0:
+        history.extend(finish_itm(model, train_features, train_labels, val_features, val_labels, cfg, generator))
+    val = evaluate_split(model, val_features, val_labels, amp=cfg.amp)
+    return TrainResult(best_epoch, best_score, history, val, time.perf_counter() - started)
+
+
+def finish_itm(
+    model: MultimodalModel,
+    train_features: LiveFeatures,
+    train_labels: Mapping[str, Tensor],
+    val_features: LiveFeatures,
+    val_labels: Mapping[str, Tensor],
+    cfg: TrainConfig,
+    generator: torch.Generator,
+) -> list[dict[str, float]]:
+    """Train only the ITM head on the (now fixed) fused representation; task outputs are
+    untouched, so task metrics of the selected checkpoint stay as they were."""
+    saved = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.requires_grad_(False)
+    model.head.itm_head.requires_grad_(True)
+    objective = ObjectiveConfig(weights={"itm_loss": 1.0}, negatives=cfg.objective.negatives)
+    optimizer = _optimizer(model, cfg, params_filter="itm_head.")
+    rows: list[dict[str, float]] = []
+    try:
+        for k in range(1, cfg.itm_finish_epochs + 1):
+            row = _run_epoch(model, train_features, train_labels, objective, optimizer, cfg, None, generator, 0.0)
+            val = evaluate_split(model, val_features, val_labels, amp=cfg.amp)
+            row.update({"itm_finish_epoch": k, "val_itm_auroc": val.itm_auroc()})
+            rows.append(row)
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(saved[name])
+    return rows
