@@ -34,6 +34,11 @@ class ClassifierOutput:
     itm_logits: Tensor
     image_present: Tensor
     logit_scale: Tensor
+    # Projected sequences the fusion read, kept so negative pairs reuse them.
+    text_seq: Tensor
+    text_mask: Tensor
+    image_seq: Tensor
+    image_mask: Tensor
 
 
 class MultimodalHead(nn.Module):
@@ -54,7 +59,7 @@ class MultimodalHead(nn.Module):
             self.fusion = ConcatFusion(d, config.dropout)
         self.heads = nn.ModuleDict(
             {
-                task: nn.Sequential(nn.Dropout(config.dropout), nn.Linear(d, len(labels)))
+                task: nn.Sequential(nn.Dropout(config.dropout), nn.Linear(d + 2 * config.embed_dim, len(labels)))
                 for task, labels in config.tasks.items()
             }
         )
@@ -74,29 +79,37 @@ class MultimodalHead(nn.Module):
         mask = torch.cat([~present.unsqueeze(1), mask], dim=1)
         return seq, mask
 
-    def fuse(self, text: EncodedSequence, image: EncodedSequence, present: Tensor) -> Tensor:
-        image_seq, image_mask = self.image_sequence(image, present)
-        return self.fusion(self.text_seq(text.tokens), text.mask, image_seq, image_mask)
-
     def itm_logits(self, fused: Tensor) -> Tensor:
         return self.itm_head(fused).squeeze(-1)
 
-    def pair_itm_logits(
-        self, text: EncodedSequence, image: EncodedSequence, text_idx: Tensor, image_idx: Tensor
-    ) -> Tensor:
-        """ITM logits for arbitrary (text_idx[k], image_idx[k]) pairs, e.g. negatives."""
-        present = torch.ones(len(text_idx), dtype=torch.bool, device=text_idx.device)
-        return self.itm_logits(self.fuse(text.index(text_idx), image.index(image_idx), present))
+    def pair_itm_logits(self, out: ClassifierOutput, text_idx: Tensor, image_idx: Tensor) -> Tensor:
+        """ITM logits for arbitrary (text_idx[k], image_idx[k]) pairs of a batch, e.g.
+        negatives; reuses the batch's projections, so only the fusion runs again."""
+        fused = self.fusion(
+            out.text_seq[text_idx], out.text_mask[text_idx], out.image_seq[image_idx], out.image_mask[image_idx]
+        )
+        return self.itm_logits(fused)
 
     def forward(self, text: EncodedSequence, image: EncodedSequence, image_present: Tensor) -> ClassifierOutput:
-        fused = self.fuse(text, image, image_present)
+        text_seq = self.text_seq(text.tokens)
+        image_seq, image_mask = self.image_sequence(image, image_present)
+        fused = self.fusion(text_seq, text.mask, image_seq, image_mask)
+        text_vec = self.text_itc(text.pooled)
+        image_vec = self.image_itc(image.pooled)
+        # Task heads also read the unimodal ITC projections (zero without an image): a
+        # direct path like a linear probe's, and the place where ITC shapes the task.
+        features = torch.cat([fused, text_vec, image_vec * image_present.unsqueeze(1).to(image_vec.dtype)], dim=-1)
         return ClassifierOutput(
-            task_logits={task: head(fused) for task, head in self.heads.items()},
-            text_embed=F.normalize(self.text_itc(text.pooled), dim=-1),
-            image_embed=F.normalize(self.image_itc(image.pooled), dim=-1),
+            task_logits={task: head(features) for task, head in self.heads.items()},
+            text_embed=F.normalize(text_vec, dim=-1),
+            image_embed=F.normalize(image_vec, dim=-1),
             itm_logits=self.itm_logits(fused),
             image_present=image_present,
             logit_scale=self.clamped_logit_scale(),
+            text_seq=text_seq,
+            text_mask=text.mask,
+            image_seq=image_seq,
+            image_mask=image_mask,
         )
 
 

@@ -27,9 +27,9 @@ class ModelConfig:
     text_backbone: str = "default"
     image_backbone: str = "efficientnet_lite0"
     tasks: dict[str, list[str]] = field(default_factory=_default_tasks)
-    embed_dim: int = 256  # shared ITC space
+    embed_dim: int = 128  # shared ITC space
     fusion: Fusion = "cross_attention"
-    fusion_dim: int = 256
+    fusion_dim: int = 128
     fusion_heads: int = 4
     fusion_layers: int = 1
     dropout: float = 0.1

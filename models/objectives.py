@@ -38,8 +38,6 @@ class ObjectiveConfig:
 
 def itm_objective(
     head: MultimodalHead,
-    text: EncodedSequence,
-    image: EncodedSequence,
     out: ClassifierOutput,
     negatives: NegativeSampling,
     generator: torch.Generator | None = None,
@@ -61,7 +59,7 @@ def itm_objective(
         neg_text = random_negatives(n, generator, idx.device)
     text_idx = torch.cat([idx, idx[neg_text]])
     image_idx = torch.cat([idx[neg_image], idx])
-    negative_logits = head.pair_itm_logits(text, image, text_idx, image_idx)
+    negative_logits = head.pair_itm_logits(out, text_idx, image_idx)
     return itm_loss(out.itm_logits[idx], negative_logits)
 
 
@@ -82,5 +80,5 @@ def compute_losses(
     if objective.uses_itc:
         losses.update(itc_loss(out.text_embed, out.image_embed, out.logit_scale, image_present))
     if objective.uses_itm:
-        losses.update(itm_objective(head, text, image, out, objective.negatives, generator, same_image))
+        losses.update(itm_objective(head, out, objective.negatives, generator, same_image))
     return weighted_total(losses, objective.weights), losses, out

@@ -222,10 +222,10 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=25)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--patience", type=int, default=5)
+    p.add_argument("--patience", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--task-weight", type=float, default=0.8)
     p.add_argument("--itc-weight", type=float, default=0.1)

@@ -28,7 +28,7 @@ from models.objectives import ObjectiveConfig
 from models.registry import build_model
 from trainer.calibration import calibrate, score
 from trainer.features import FeatureStore, build_features, load_inputs, subset
-from trainer.fit import pick_device, strata, stratified_split
+from trainer.fit import merge_rare, pick_device, strata, stratified_split
 from trainer.manifest import Example
 from trainer.stats import (
     corrected_paired_t,
@@ -103,7 +103,7 @@ class AblationConfig:
 def _fold_indices(
     examples: Sequence[Example], tasks: dict[str, list[str]], k: int
 ) -> list[tuple[list[int], list[int]]]:
-    keys = strata(examples, tasks)
+    keys = merge_rare(strata(examples, tasks), k)
     splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=0)
     return [(tr.tolist(), te.tolist()) for tr, te in splitter.split(np.zeros(len(keys)), keys)]
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from models.classifier import MultimodalModel
-from models.encoders import EncodedSequence
+from models.encoders import EncodedSequence, masked_mean
 from models.preprocess import ImagePreprocessor, TextPreprocessor
 from trainer.images import ImageError, content_hash, decode_image
 from trainer.manifest import Example
@@ -120,21 +120,35 @@ class Features:
         raise NotImplementedError
 
 
-def _pad(seqs: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    length = max(int(s.shape[0]) for s in seqs)
-    dim = int(seqs[0].shape[1])
-    out = torch.zeros(len(seqs), length, dim, dtype=torch.float32)
-    mask = torch.zeros(len(seqs), length, dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        out[i, : s.shape[0]] = s.float()
-        mask[i, : s.shape[0]] = True
-    return out, mask
+@dataclass
+class FrozenSequences:
+    """A frozen encoder's outputs for a whole dataset, padded once: tokens [N, L, D]
+    (float16 to halve memory), mask [N, L]. Batches are plain index lookups."""
 
+    tokens: Tensor
+    mask: Tensor
 
-def _sequence(tokens: Tensor, mask: Tensor) -> EncodedSequence:
-    from models.encoders import masked_mean
+    @classmethod
+    def stack(cls, seqs: Sequence[Tensor]) -> FrozenSequences:
+        length = max(int(s.shape[0]) for s in seqs)
+        tokens = torch.zeros(len(seqs), length, int(seqs[0].shape[1]), dtype=torch.float16)
+        mask = torch.zeros(len(seqs), length, dtype=torch.bool)
+        for i, s in enumerate(seqs):
+            tokens[i, : s.shape[0]] = s
+            mask[i, : s.shape[0]] = True
+        return cls(tokens, mask)
 
-    return EncodedSequence(tokens, mask, masked_mean(tokens, mask))
+    def take(self, idx: Sequence[int], device: torch.device) -> EncodedSequence:
+        index = torch.as_tensor(list(idx), dtype=torch.long)
+        mask = self.mask[index]
+        length = int(mask.sum(1).max())  # trim padding no row in this batch needs
+        tokens = self.tokens[index, :length].to(device=device, dtype=torch.float32)
+        mask = mask[:, :length].to(device)
+        return EncodedSequence(tokens, mask, masked_mean(tokens, mask))
+
+    def subset(self, idx: Sequence[int]) -> FrozenSequences:
+        index = torch.as_tensor(list(idx), dtype=torch.long)
+        return FrozenSequences(self.tokens[index], self.mask[index])
 
 
 class LiveFeatures(Features):
@@ -147,8 +161,8 @@ class LiveFeatures(Features):
         tokenizer: object,
         inputs: LoadedInputs,
         device: torch.device,
-        frozen_text: list[Tensor] | None = None,
-        frozen_image: list[Tensor] | None = None,
+        frozen_text: FrozenSequences | None = None,
+        frozen_image: FrozenSequences | None = None,
     ) -> None:
         self.model = model
         self.inputs = inputs
@@ -165,15 +179,13 @@ class LiveFeatures(Features):
 
     def text(self, idx: Sequence[int]) -> EncodedSequence:
         if self.frozen_text is not None:
-            tokens, mask = _pad([self.frozen_text[i] for i in idx])
-            return _sequence(tokens.to(self.device), mask.to(self.device))
+            return self.frozen_text.take(idx, self.device)
         ids, mask = self.text_pre([self.inputs.examples[i].text for i in idx])
         return self.model.text_encoder(ids.to(self.device), mask.to(self.device))
 
     def image(self, idx: Sequence[int]) -> EncodedSequence:
         if self.frozen_image is not None:
-            tokens, mask = _pad([self.frozen_image[i] for i in idx])
-            return _sequence(tokens.to(self.device), mask.to(self.device))
+            return self.frozen_image.take(idx, self.device)
         pixels, _ = self.image_pre([self.inputs.images[i] for i in idx])
         return self.model.image_encoder(pixels.to(self.device))
 
@@ -190,8 +202,8 @@ def encode_frozen(
     store: FeatureStore,
     device: torch.device,
     progress: bool = False,
-) -> list[Tensor]:
-    """Per-example token sequences of a frozen encoder (float16, unpadded), via the cache."""
+) -> FrozenSequences:
+    """Token sequences of a frozen encoder for every example, via the on-disk cache."""
     from tqdm import tqdm
 
     key = encoder_key(model, which)
@@ -223,7 +235,7 @@ def encode_frozen(
             out[i] = tokens
             store.put(key, digests[i], tokens)
     model.train(was_training)
-    return [t for t in out if t is not None]
+    return FrozenSequences.stack([t for t in out if t is not None])
 
 
 def build_features(
@@ -263,6 +275,6 @@ def subset(features: LiveFeatures, idx: Sequence[int], model: MultimodalModel | 
         features.text_pre.tokenizer,
         sub_inputs,
         features.device,
-        None if features.frozen_text is None else [features.frozen_text[i] for i in idx],
-        None if features.frozen_image is None else [features.frozen_image[i] for i in idx],
+        None if features.frozen_text is None else features.frozen_text.subset(idx),
+        None if features.frozen_image is None else features.frozen_image.subset(idx),
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,14 +47,18 @@ def strata(examples: Sequence[Example], tasks: dict[str, list[str]]) -> list[str
     return ["|".join([str(ex.labels.get(t)) for t in tasks] + [str(ex.image is not None)]) for ex in examples]
 
 
+def merge_rare(keys: Sequence[str], min_count: int) -> list[str]:
+    """Strata too small to stratify on (e.g. the few posts missing a task's label) are
+    folded into the largest stratum, which sklearn would otherwise refuse or warn about."""
+    counts = Counter(keys)
+    largest = counts.most_common(1)[0][0]
+    return [k if counts[k] >= min_count else largest for k in keys]
+
+
 def stratified_split(n: int, keys: Sequence[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    idx = np.arange(n)
-    counts = {k: keys.count(k) for k in set(keys)}
-    # A stratum with one member cannot be split; sklearn would refuse, so merge those.
-    safe = [k if counts[k] > 1 else "rare" for k in keys]
-    if safe.count("rare") == 1:
-        safe = [k if k != "rare" else max(counts, key=lambda c: counts[c]) for k in safe]
-    train_idx, val_idx = train_test_split(idx, test_size=fraction, random_state=seed, stratify=safe)
+    train_idx, val_idx = train_test_split(
+        np.arange(n), test_size=fraction, random_state=seed, stratify=merge_rare(keys, 2)
+    )
     return sorted(train_idx.tolist()), sorted(val_idx.tolist())
 
 

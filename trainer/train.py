@@ -30,19 +30,19 @@ Selection = Literal["task", "task+itm"]
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30
+    epochs: int = 25
     batch_size: int = 32
     lr: float = 1e-3  # the new layers (projections, fusion, heads)
     encoder_lr: float = 2e-5  # encoder layers being fine-tuned
     weight_decay: float = 0.01
-    patience: int = 5
+    patience: int = 4
     grad_clip: float = 1.0
     modality_dropout: float = 0.1  # share of image posts shown text-only while training
     class_weighting: bool = True
     seed: int = 0
     # Early stopping on the task can stop before ITM has learned; these epochs train the
     # ITM head alone (everything else frozen) after the best checkpoint is restored.
-    itm_finish_epochs: int = 5
+    itm_finish_epochs: int = 3
     select_on: Selection = "task"
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     amp: bool = True  # bf16 autocast, on CUDA only
@@ -153,9 +153,9 @@ def evaluate_split(
                     with_image[start : start + batch_size],
                     partner[start : start + batch_size],
                 )
-                text, image = features.text(t_idx), features.image(i_idx)
-                ar = torch.arange(len(t_idx), device=device)
-                swapped.append(torch.sigmoid(model.head.pair_itm_logits(text, image, ar, ar).float()).cpu())
+                ones = torch.ones(len(t_idx), dtype=torch.bool, device=device)
+                pair = model.head(features.text(t_idx), features.image(i_idx), ones)
+                swapped.append(torch.sigmoid(pair.itm_logits.float()).cpu())
     return EvalOutput(
         logits={task: torch.cat(v).numpy() for task, v in logits.items()},
         labels={task: y.numpy() for task, y in labels.items()},
