@@ -19,15 +19,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.metrics import f1_score
 from sklearn.model_selection import StratifiedKFold
 
 from models.classifier import MultimodalModel
 from models.config import ModelConfig
-from models.losses import NegativeSampling
+from models.losses import IGNORE_INDEX, NegativeSampling
 from models.objectives import ObjectiveConfig
 from models.registry import build_model
 from trainer.calibration import calibrate, score
-from trainer.features import FeatureStore, build_features, load_inputs, subset
+from trainer.features import FeatureStore, LiveFeatures, build_features, load_inputs, subset
 from trainer.fit import merge_rare, pick_device, strata, stratified_split
 from trainer.manifest import Example
 from trainer.stats import (
@@ -170,6 +171,7 @@ def run_ablation(
                     sink.flush()
                     log.info("%s fold %d seed %d: %s", variant.name, fold, seed, run["macro_f1"])
     runs = [done[_run_key(v.name, f, s)] for v in chosen for f in range(cfg.folds) for s in cfg.seeds]
+    probe = linear_probe(features, labels, tasks, folds)
     summary = summarise(
         runs,
         [v.name for v in chosen],
@@ -177,6 +179,7 @@ def run_ablation(
         n_train=len(inputs.examples) * (cfg.folds - 1) // cfg.folds,
         n_test=len(inputs.examples) // cfg.folds,
     )
+    summary["linear_probe"] = probe
     summary["setup"] = {
         "n_examples": len(inputs.examples),
         "with_image": int(inputs.image_present.sum()),
@@ -234,6 +237,35 @@ def _one_run(
     }
 
 
+def linear_probe(
+    features: LiveFeatures,
+    labels: dict[str, torch.Tensor],
+    tasks: dict[str, list[str]],
+    folds: list[tuple[list[int], list[int]]],
+) -> dict[str, tuple[float, float]]:
+    """The bar to beat, on the same folds: class-balanced logistic regression on the
+    standardised pooled features of the frozen encoders (text mean + image mean)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    everything = list(range(len(features)))
+    text, image = features.text(everything), features.image(everything)
+    x = torch.cat([text.pooled, image.pooled * features.present.unsqueeze(1).to(image.pooled.dtype)], 1).cpu().numpy()
+    out = {}
+    for task in tasks:
+        y = labels[task].numpy()
+        scores = []
+        for train_idx, test_idx in folds:
+            tr = [i for i in train_idx if y[i] != IGNORE_INDEX]
+            te = [i for i in test_idx if y[i] != IGNORE_INDEX]
+            clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=2000, class_weight="balanced"))
+            clf.fit(x[tr], y[tr])
+            scores.append(float(f1_score(y[te], clf.predict(x[te]), average="macro")))
+        out[task] = mean_std(scores)
+    return out
+
+
 def _finite_values(values: Sequence[float]) -> list[float]:
     return [v for v in values if v is not None and not math.isnan(v)]
 
@@ -289,6 +321,12 @@ def markdown(summary: dict[str, Any]) -> str:
         for t in tasks:
             lift_mean, lift_std = row["tasks"][t]["routing_lift"]
             cells.append(format_mean_std(lift_mean, lift_std, digits=2))
+        lines.append("| " + " | ".join(cells) + " |")
+    probe = summary.get("linear_probe")
+    if probe:
+        cells = ["linear probe (frozen pooled features, same folds)"]
+        cells += [format_mean_std(*probe[t]) for t in tasks]
+        cells += ["—"] * (len(head) - len(cells))
         lines.append("| " + " | ".join(cells) + " |")
     setup = summary.get("setup", {})
     if setup:

@@ -126,9 +126,11 @@ def evaluate_split(
     labels: Mapping[str, Tensor],
     batch_size: int = 64,
     amp: bool = True,
+    with_swapped: bool = True,
 ) -> EvalOutput:
     """Task logits and ITM scores on a split. Swapped pairs for ITM AUROC use a fixed
-    derangement of the posts that have an image, so every evaluation sees the same pairs."""
+    derangement of the posts that have an image, so every evaluation sees the same pairs
+    (`with_swapped=False` skips them when no one reads ITM AUROC)."""
     model.eval()
     device = features.device
     logits: dict[str, list[Tensor]] = defaultdict(list)
@@ -144,7 +146,7 @@ def evaluate_split(
             match.append(torch.where(present.cpu(), prob, torch.nan))
         with_image = features.present.nonzero().squeeze(1).tolist()
         swapped: list[Tensor] = []
-        if len(with_image) >= 2:
+        if with_swapped and len(with_image) >= 2:
             g = torch.Generator().manual_seed(1234)
             shift = torch.randint(1, len(with_image), (len(with_image),), generator=g)
             partner = [with_image[(k + int(s)) % len(with_image)] for k, s in enumerate(shift)]
@@ -252,6 +254,8 @@ def train(
     optimizer = _optimizer(model, cfg)
     history: list[dict[str, float]] = []
     best_score, best_epoch, best_state = -math.inf, 0, copy.deepcopy(model.state_dict())
+    # Per-epoch ITM AUROC costs a second pass; only worth it when ITM trains or selects.
+    track_itm = cfg.objective.uses_itm or cfg.select_on == "task+itm"
     bar = tqdm(range(1, cfg.epochs + 1), desc="train", disable=not cfg.progress)
     for epoch in bar:
         row = _run_epoch(
@@ -265,7 +269,7 @@ def train(
             generator,
             cfg.modality_dropout,
         )
-        val = evaluate_split(model, val_features, val_labels, amp=cfg.amp)
+        val = evaluate_split(model, val_features, val_labels, amp=cfg.amp, with_swapped=track_itm)
         score = selection_score(val, tasks, cfg.select_on)
         row.update({"epoch": epoch, "val_score": score, "val_itm_auroc": val.itm_auroc()})
         row.update({f"val_{t}_macro_f1": val.macro_f1(t, labels) for t, labels in tasks.items()})

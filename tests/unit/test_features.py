@@ -1,0 +1,47 @@
+import torch
+
+from tests.tiny import tiny_model
+from trainer.features import FeatureStore, encode_frozen, load_inputs
+from trainer.manifest import Example
+
+
+def test_bad_images_are_counted_and_become_text_only_or_skipped(tmp_path, synthetic_small):
+    good = synthetic_small[0]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(good.image.read_bytes()[:100])
+    examples = [
+        good,
+        Example("missing", "t", tmp_path / "nope.png", {}),
+        Example("broken", "t", broken, {}),
+        Example("text", "t", None, {}),
+    ]
+    kept = load_inputs(examples, "text-only")
+    assert [e.id for e in kept.examples] == [good.id, "missing", "broken", "text"]
+    assert kept.image_present.tolist() == [True, False, False, False]
+    assert kept.image_errors["missing"] == 1 and sum(kept.image_errors.values()) == 2
+    skipped = load_inputs(examples, "skip")
+    assert [e.id for e in skipped.examples] == [good.id, "text"]
+
+
+def test_frozen_features_are_cached_by_content_hash(tmp_path, synthetic_small, monkeypatch):
+    model, tok = tiny_model()
+    inputs = load_inputs(synthetic_small[:10])
+    store = FeatureStore(tmp_path / "cache")
+    first = encode_frozen(model, tok, inputs, "image", store, torch.device("cpu"))
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 10
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the encoder ran although every output was cached")
+
+    monkeypatch.setattr(model.image_encoder, "forward", boom)
+    second = encode_frozen(model, tok, inputs, "image", store, torch.device("cpu"))
+    assert torch.equal(first.tokens, second.tokens) and torch.equal(first.mask, second.mask)
+
+
+def test_cache_key_changes_with_encoder_weights(tmp_path, synthetic_small):
+    from trainer.features import encoder_key
+
+    a, _ = tiny_model(seed=0)
+    b, _ = tiny_model(seed=1)
+    assert encoder_key(a, "text") != encoder_key(b, "text")
+    assert encoder_key(a, "text") == encoder_key(tiny_model(seed=0)[0], "text")

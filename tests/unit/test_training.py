@@ -1,0 +1,56 @@
+import json
+
+import pytest
+
+from models.objectives import ObjectiveConfig
+from tests.tiny import tiny_config, tiny_model
+from trainer.fit import fit
+from trainer.manifest import Example
+from trainer.train import TrainConfig, label_tensors
+
+
+def test_fit_trains_calibrates_and_writes_curves(tmp_path, synthetic_small):
+    cfg = tiny_config()
+    result = fit(
+        synthetic_small,
+        cfg,
+        TrainConfig(epochs=3, itm_finish_epochs=2),
+        cache_dir=tmp_path / "cache",
+        out_dir=tmp_path / "out",
+        model_and_tokenizer=tiny_model(cfg),
+    )
+    card = result.card
+    assert set(card.thresholds) == set(card.temperatures) == {"hate", "sarcasm"}
+    assert card.itm["trained"] and card.itm["threshold"] is not None
+    assert {"itm_auroc", "routing_lift", "macro_f1", "tasks"} <= set(card.metrics)
+    assert len(card.training["data_digest"]) == 64
+    history = json.loads((tmp_path / "out" / "curves.json").read_text())
+    assert any("itc_loss" in row for row in history) and any("itm_finish_epoch" in row for row in history)
+    assert (tmp_path / "out" / "curves.png").stat().st_size > 1000
+
+
+def test_itm_finishing_leaves_task_outputs_unchanged(tmp_path, synthetic_small):
+    """The finishing phase trains only the ITM head: task logits must not move."""
+    import torch
+
+    from trainer.features import FeatureStore, build_features, load_inputs, subset
+    from trainer.train import evaluate_split, finish_itm
+
+    model, tok = tiny_model()
+    inputs = load_inputs(synthetic_small[:64])
+    features = build_features(model, tok, inputs, FeatureStore(None), torch.device("cpu"))
+    labels = label_tensors(inputs.examples, model.config.tasks)
+    before = evaluate_split(model, features, labels)
+    head_before = {k: v.clone() for k, v in model.head.state_dict().items()}
+    cfg = TrainConfig(itm_finish_epochs=2, objective=ObjectiveConfig())
+    finish_itm(model, subset(features, range(64)), labels, features, labels, cfg, torch.Generator().manual_seed(0))
+    after = evaluate_split(model, features, labels)
+    assert all((before.logits[t] == after.logits[t]).all() for t in before.logits)
+    changed = [k for k, v in model.head.state_dict().items() if not torch.equal(v, head_before[k])]
+    assert changed and all(k.startswith("itm_head.") for k in changed)
+    assert all(p.requires_grad for p in model.head.parameters())  # trainability restored
+
+
+def test_unknown_label_value_names_the_example():
+    with pytest.raises(ValueError, match=r"'p7'.*'maybe'"):
+        label_tensors([Example("p7", "t", None, {"hate": "maybe"})], {"hate": ["not_hateful", "hateful"]})
