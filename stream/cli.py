@@ -101,6 +101,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default_jobs(device: str) -> int:
+    from trainer.fit import pick_device
+
+    return 1 if pick_device(device).type != "cpu" else max(1, len(os.sched_getaffinity(0)))
+
+
 def cmd_ablate(args: argparse.Namespace) -> int:
     from trainer.ablation import AblationConfig, markdown, run_ablation
 
@@ -110,6 +116,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         seeds=tuple(range(args.seeds)),
         unfreeze_text_layers=args.unfreeze_text_layers,
         only=tuple(args.only or ()),
+        jobs=args.jobs if args.jobs > 0 else _default_jobs(args.device),
         train=_train_config(args),
     )
     summary = run_ablation(
@@ -262,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also run variants with the text encoder's top N layers fine-tuned",
     )
     p.add_argument("--only", action="append", help="run only this variant (repeatable)")
+    p.add_argument("--jobs", type=int, default=0, help="parallel runs (default: one per CPU core on CPU, 1 on GPU)")
     p.add_argument("--out", default=str(DEFAULT_HOME / "ablation"))
     p.set_defaults(func=cmd_ablate)
 

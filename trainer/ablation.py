@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -98,6 +98,7 @@ class AblationConfig:
     review_fraction: float = 0.1
     unfreeze_text_layers: int = 0
     only: Sequence[str] = ()  # restrict to these variant names
+    jobs: int = 1  # worker processes (CPU: one per core, each single-threaded)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -143,33 +144,31 @@ def run_ablation(
         for line in runs_path.read_text().splitlines():
             run = json.loads(line)
             done[_run_key(run["variant"], run["fold"], run["seed"])] = run
+    jobs: list[RunSpec] = []
+    for fold, (train_pool, test_idx) in enumerate(folds):
+        for seed in cfg.seeds:
+            pool_keys = strata([inputs.examples[i] for i in train_pool], tasks)
+            tr, va = stratified_split(len(train_pool), pool_keys, cfg.val_fraction, seed)
+            train_idx, val_idx = [train_pool[i] for i in tr], [train_pool[i] for i in va]
+            jobs += [
+                RunSpec(variant, fold, seed, train_idx, val_idx, test_idx)
+                for variant in chosen
+                if _run_key(variant.name, fold, seed) not in done
+            ]
+    shared = _Shared(base_model, features, labels, tasks, cfg)
     with runs_path.open("a") as sink:
-        for fold, (train_pool, test_idx) in enumerate(folds):
-            for seed in cfg.seeds:
-                pool_keys = strata([inputs.examples[i] for i in train_pool], tasks)
-                tr, va = stratified_split(len(train_pool), pool_keys, cfg.val_fraction, seed)
-                train_idx, val_idx = [train_pool[i] for i in tr], [train_pool[i] for i in va]
-                for variant in chosen:
-                    key = _run_key(variant.name, fold, seed)
-                    if key in done:
-                        continue
-                    run = _one_run(
-                        base_model,
-                        features,
-                        labels,
-                        tasks,
-                        variant,
-                        cfg,
-                        seed,
-                        train_idx,
-                        val_idx,
-                        test_idx,
-                    )
-                    run.update({"variant": variant.name, "fold": fold, "seed": seed})
-                    done[key] = run
-                    sink.write(json.dumps(run) + "\n")
-                    sink.flush()
-                    log.info("%s fold %d seed %d: %s", variant.name, fold, seed, run["macro_f1"])
+        for run in _execute(jobs, shared, cfg.jobs):
+            done[_run_key(run["variant"], run["fold"], run["seed"])] = run
+            sink.write(json.dumps(run) + "\n")
+            sink.flush()
+            log.info(
+                "%s fold %d seed %d: %s (%.0f s)",
+                run["variant"],
+                run["fold"],
+                run["seed"],
+                run["macro_f1"],
+                run["seconds"],
+            )
     runs = [done[_run_key(v.name, f, s)] for v in chosen for f in range(cfg.folds) for s in cfg.seeds]
     probe = linear_probe(features, labels, tasks, folds)
     summary = summarise(
@@ -191,6 +190,7 @@ def run_ablation(
         "train": cfg.train.to_dict(),
         "device": str(dev),
         "torch_threads": torch.get_num_threads(),
+        "jobs": cfg.jobs,
         "encode_seconds": round(encode_seconds, 1),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
@@ -198,18 +198,72 @@ def run_ablation(
     return summary
 
 
-def _one_run(
-    base_model: MultimodalModel,
-    features: Any,
-    labels: dict[str, torch.Tensor],
-    tasks: dict[str, list[str]],
-    variant: Variant,
-    cfg: AblationConfig,
-    seed: int,
-    train_idx: list[int],
-    val_idx: list[int],
-    test_idx: list[int],
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RunSpec:
+    variant: Variant
+    fold: int
+    seed: int
+    train_idx: list[int]
+    val_idx: list[int]
+    test_idx: list[int]
+
+
+@dataclass
+class _Shared:
+    """What every run reads and none modifies (frozen encoders, cached features)."""
+
+    base_model: MultimodalModel
+    features: LiveFeatures
+    labels: dict[str, torch.Tensor]
+    tasks: dict[str, list[str]]
+    cfg: AblationConfig
+
+
+_WORKER_STATE: _Shared | None = None
+
+
+def _worker_init() -> None:
+    # Two single-threaded processes beat one two-threaded one on these small matrices.
+    torch.set_num_threads(1)
+
+
+def _worker_run(spec: RunSpec) -> dict[str, Any]:
+    assert _WORKER_STATE is not None
+    return _one_run(_WORKER_STATE, spec)
+
+
+def _execute(jobs: list[RunSpec], shared: _Shared, workers: int) -> Iterator[dict[str, Any]]:
+    """Runs in this process, or in `workers` forked processes that inherit the features
+    copy-on-write (fork, not spawn: spawning would pickle hundreds of MB per worker)."""
+    if workers <= 1 or len(jobs) <= 1:
+        for spec in jobs:
+            yield _one_run(shared, spec)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    context = multiprocessing.get_context("fork")
+    global _WORKER_STATE
+    _WORKER_STATE = shared  # inherited by the forked workers
+    try:
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init) as pool:
+            futures = [pool.submit(_worker_run, spec) for spec in jobs]
+            for future in as_completed(futures):
+                yield future.result()
+    finally:
+        _WORKER_STATE = None
+
+
+def _one_run(shared: _Shared, spec: RunSpec) -> dict[str, Any]:
+    base_model, features, labels, tasks, cfg = (
+        shared.base_model,
+        shared.features,
+        shared.labels,
+        shared.tasks,
+        shared.cfg,
+    )
+    variant, seed = spec.variant, spec.seed
+    started = time.perf_counter()
     torch.manual_seed(seed)
     config = replace(base_model.config, text_trainable_layers=variant.text_trainable_layers)
     # Frozen encoders are shared by every run; one being fine-tuned gets a fresh copy.
@@ -223,7 +277,7 @@ def _one_run(
     def pick(idx: list[int]) -> tuple[Any, dict[str, torch.Tensor]]:
         return subset(feats, idx), {t: y[idx] for t, y in labels.items()}
 
-    (tr_f, tr_y), (va_f, va_y), (te_f, te_y) = pick(train_idx), pick(val_idx), pick(test_idx)
+    (tr_f, tr_y), (va_f, va_y), (te_f, te_y) = pick(spec.train_idx), pick(spec.val_idx), pick(spec.test_idx)
     result = train(model, tr_f, tr_y, va_f, va_y, train_cfg)
     cal = calibrate(result.val, tasks, cfg.review_fraction)
     test = score(evaluate_split(model, te_f, te_y), tasks, cal, cfg.review_fraction)
@@ -233,7 +287,10 @@ def _one_run(
         "routing_lift": test["routing_lift"],
         "best_epoch": result.best_epoch,
         "val_itm_auroc": result.val.itm_auroc(),
-        "seconds": round(result.seconds, 2),
+        "seconds": round(time.perf_counter() - started, 2),
+        "variant": variant.name,
+        "fold": spec.fold,
+        "seed": seed,
     }
 
 
@@ -335,7 +392,7 @@ def markdown(summary: dict[str, Any]) -> str:
             f"{setup['n_examples']} posts ({setup['with_image']} with an image), {setup['folds']} folds x "
             f"{len(setup['seeds'])} seeds, loss weights task {setup['loss_weights']['task']} / aux "
             f"{setup['loss_weights']['aux']}, fusion {setup['model']['fusion']}, device {setup['device']} "
-            f"({setup['torch_threads']} threads); wall time {setup['wall_seconds']:.0f} s "
+            f"({setup['jobs']} worker process(es)); wall time {setup['wall_seconds']:.0f} s "
             f"(of which encoding {setup['encode_seconds']:.0f} s)."
         )
     return "\n".join(lines) + "\n"
