@@ -1,0 +1,231 @@
+"""The worker's stages as plain async functions over a micro-batch (no Kafka here).
+
+    raw bytes ─► parse ─► fetch media ─► dedupe ─► classify (device pool) ─► route ─► Outcome
+
+Every input yields exactly one Outcome: a Label (plus a ReviewItem when routed to review)
+or a DeadLetter naming the stage and the reason. Nothing raises out of `process`, so the
+agent always reaches its sends before the offsets are committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from PIL import Image
+
+from models.card import ModelCard
+from models.inference import Prediction
+from stream import metrics
+from stream.records import DeadLetter, Label, MediaInfo, Post, RecordError, ReviewItem
+from stream.routing import RoutingPolicy, route
+
+log = logging.getLogger(__name__)
+
+
+class Classifier(Protocol):
+    """What the pipeline needs from the device pool."""
+
+    @property
+    def version(self) -> str: ...
+
+    async def predict(
+        self, texts: Sequence[str], images: Sequence[Image.Image | None]
+    ) -> list[Prediction | BaseException]: ...
+
+
+class Fetcher(Protocol):
+    async def fetch_many(self, urls: Sequence[str]) -> list[Any]: ...
+
+
+class LabelCache(Protocol):
+    """Dedupe store: label JSON by (model version, content key)."""
+
+    async def get_many(self, keys: Sequence[str]) -> list[dict[str, Any] | None]: ...
+
+    async def put_many(self, items: Sequence[tuple[str, dict[str, Any]]]) -> None: ...
+
+
+@dataclass
+class Outcome:
+    raw: bytes
+    post: Post | None = None
+    label: Label | None = None
+    review: ReviewItem | None = None
+    dead_letter: DeadLetter | None = None
+
+
+@dataclass
+class Pipeline:
+    classifier: Classifier
+    fetcher: Fetcher | None
+    card_of: Any  # () -> ModelCard of the model now serving (changes on a swap)
+    policy: RoutingPolicy = field(default_factory=RoutingPolicy)
+    cache: LabelCache | None = None
+
+    def itm_trusted(self) -> bool:
+        trusted, _ = self.policy.itm_trusted(self.card_of())
+        return trusted
+
+    async def process(self, raws: Sequence[bytes]) -> list[Outcome]:
+        outcomes = [parse(raw) for raw in raws]
+        posts = [o for o in outcomes if o.post is not None]
+        if posts:
+            try:
+                await self._label(posts)
+            except Exception as exc:  # a bug here must not skip the batch: dead-letter it
+                log.exception("labelling failed for a batch of %d posts", len(posts))
+                for o in posts:
+                    if o.label is None and o.dead_letter is None:
+                        o.dead_letter = DeadLetter.from_raw(
+                            o.raw, "classify", f"internal error: {exc!r}", o.post.id if o.post else None
+                        )
+        for o in outcomes:
+            metrics.POSTS.labels("dead_letter" if o.dead_letter else (o.label.route if o.label else "lost")).inc()
+            if o.dead_letter:
+                metrics.DLQ.labels(o.dead_letter.stage, _reason_code(o.dead_letter.reason)).inc()
+        return outcomes
+
+    async def _label(self, outcomes: list[Outcome]) -> None:
+        started = time.perf_counter()
+        posts = [o.post for o in outcomes if o.post is not None]
+        assert len(posts) == len(outcomes), "only parsed posts reach labelling"
+        media = await self._fetch(posts)
+        fetched = time.perf_counter()
+        metrics.STAGE_SECONDS.labels("fetch").observe(fetched - started)
+        card: ModelCard = self.card_of()
+        keys = [dedupe_key(p.text, m.content_hash) for p, m in zip(posts, media, strict=True)]
+        cached = await self._cached(card.version, keys)
+        todo = [i for i, hit in enumerate(cached) if hit is None]
+        predictions: list[Prediction | BaseException] = []
+        if todo:  # everything may come from the dedupe cache
+            predictions = await self.classifier.predict([posts[i].text for i in todo], [media[i].image for i in todo])
+        classified = time.perf_counter()
+        metrics.STAGE_SECONDS.labels("classify").observe(classified - fetched)
+        trusted = self.itm_trusted()
+        fresh: list[tuple[str, dict[str, Any]]] = []
+        by_index = dict(zip(todo, predictions, strict=True))
+        for i, (outcome, post) in enumerate(zip(outcomes, posts, strict=True)):
+            info = media[i].info
+            timings = {"fetch_s": round(fetched - started, 4), "classify_s": round(classified - fetched, 4)}
+            hit = cached[i]
+            if hit is not None:
+                metrics.DEDUPE_HITS.inc()
+                label = Label(
+                    post_id=post.id,
+                    labels=hit["labels"],
+                    itm_match=hit["itm_match"],
+                    route=hit["route"],
+                    reasons=hit["reasons"],
+                    media=info,
+                    model_version=hit["model_version"],
+                    timings=timings,
+                    dedupe_hit=True,
+                )
+            else:
+                prediction = by_index[i]
+                if isinstance(prediction, BaseException):
+                    outcome.dead_letter = DeadLetter.from_raw(outcome.raw, "classify", repr(prediction), post.id)
+                    continue
+                decision = route(prediction, card, self.policy, trusted)
+                label = Label(
+                    post_id=post.id,
+                    labels={
+                        t: {k: v for k, v in p.to_dict().items() if k != "probs"} for t, p in prediction.tasks.items()
+                    },
+                    itm_match=prediction.itm_match,
+                    route=decision.route,
+                    reasons=decision.reasons,
+                    media=info,
+                    model_version=prediction.model_version,
+                    timings=timings,
+                )
+                if prediction.itm_match is not None:
+                    metrics.ITM_SCORE.observe(prediction.itm_match)
+                fresh.append((keys[i], label.to_json()))
+            outcome.label = label
+            if label.route == "review":
+                for reason in label.reasons:
+                    metrics.REVIEW.labels(reason).inc()
+                outcome.review = ReviewItem(post.id, post.text, post.image_url, label.reasons, label.to_json())
+        await self._remember(card.version, fresh)
+
+    async def _fetch(self, posts: list[Post]) -> list[FetchedMedia]:
+        out = [FetchedMedia(MediaInfo("none")) for _ in posts]
+        wanted = [(i, p.image_url) for i, p in enumerate(posts) if p.image_url]
+        if not wanted:
+            return out
+        if self.fetcher is None:
+            for i, url in wanted:
+                out[i] = FetchedMedia(MediaInfo("fetch_disabled", url=url))
+            return out
+        results = await self.fetcher.fetch_many([url for _, url in wanted if url])
+        for (i, url), result in zip(wanted, results, strict=True):
+            metrics.MEDIA.labels(result.status).inc()
+            out[i] = FetchedMedia(
+                MediaInfo(result.status, url=url, content_hash=result.content_hash, reason=result.reason or None),
+                result.image if result.status == "ok" else None,
+            )
+        return out
+
+    async def _cached(self, version: str, keys: list[str]) -> list[dict[str, Any] | None]:
+        if self.cache is None:
+            return [None] * len(keys)
+        try:
+            return await self.cache.get_many([f"{version}:{k}" for k in keys])
+        except Exception as exc:  # dedupe is an optimisation: without Redis, classify everything
+            log.warning("dedupe lookup failed, classifying without it: %r", exc)
+            metrics.DEPENDENCY_ERRORS.labels("redis", "dedupe_get").inc()
+            return [None] * len(keys)
+
+    async def _remember(self, version: str, items: list[tuple[str, dict[str, Any]]]) -> None:
+        if self.cache is None or not items:
+            return
+        try:
+            await self.cache.put_many([(f"{version}:{k}", v) for k, v in items])
+        except Exception as exc:
+            log.warning("dedupe store failed: %r", exc)
+            metrics.DEPENDENCY_ERRORS.labels("redis", "dedupe_put").inc()
+
+
+@dataclass
+class FetchedMedia:
+    info: MediaInfo
+    image: Image.Image | None = None
+
+    @property
+    def content_hash(self) -> str | None:
+        return self.info.content_hash
+
+
+def parse(raw: bytes) -> Outcome:
+    try:
+        return Outcome(raw, post=Post.from_json(raw))
+    except RecordError as exc:
+        post_id = _salvage_id(raw)
+        return Outcome(raw, dead_letter=DeadLetter.from_raw(raw, "parse", str(exc), post_id))
+
+
+def _salvage_id(raw: bytes) -> str | None:
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    value = obj.get("id") if isinstance(obj, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def dedupe_key(text: str, content_hash: str | None) -> str:
+    """Same media bytes and same text -> same label. Text-only posts dedupe on text."""
+    return hashlib.sha256(f"{content_hash or '-'}\0{text}".encode()).hexdigest()
+
+
+def _reason_code(reason: str) -> str:
+    """A bounded metric label from a free-text reason (field name or exception type)."""
+    head = reason.split(":", 1)[0].split("(", 1)[0].strip()
+    return head[:40] or "unknown"

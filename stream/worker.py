@@ -1,0 +1,264 @@
+"""The Faust worker: posts in; labels, review items and dead letters out.
+
+One agent at concurrency 1 (faust-streaming #606: higher concurrency can commit past an
+unfinished message) takes micro-batches. The body never lets an exception escape, because
+faust acks the batch in a `finally` after the body: a crash there would skip posts. Every
+send is forced (not attached to the event) and awaited, so outputs are on the broker before
+the offsets they answer are acked and committed. Sinks are keyed by post id, so a
+redelivered batch (crash, rebalance) rewrites the same keys with the same content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faust
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from models.card import ModelCard
+from models.inference import Predictor
+from models.registry import ModelRegistry
+from stream import metrics
+from stream.device_pool import BatcherConfig, DevicePool, visible_devices
+from stream.pipeline import Outcome, Pipeline
+from stream.records import encode
+from stream.redis_store import RedisStore
+from stream.routing import RoutingPolicy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerSettings:
+    bootstrap: str = "127.0.0.1:19092"
+    redis_url: str | None = "redis://127.0.0.1:16379/0"
+    registry: Path = Path("var/registry")
+    model_version: str = "current"
+    app_id: str = "modstream-worker"
+    web_port: int = 6066
+    max_batch: int = 64
+    max_wait_s: float = 0.05
+    devices: str = "auto"
+    allow_loopback_media: bool = False
+    topic_partitions: int = 4
+    policy: RoutingPolicy = field(default_factory=RoutingPolicy)
+    batcher: BatcherConfig = field(default_factory=BatcherConfig)
+    send_retry_s: float = 1.0
+    topics: dict[str, str] = field(
+        default_factory=lambda: {
+            "posts": "posts",
+            "labels": "labels",
+            "review": "review",
+            "dlq": "posts.dlq",
+            "updates": "model-updates",
+        }
+    )
+
+
+def predictor_factory(registry: ModelRegistry, version: str) -> Any:
+    loaded_version = registry.resolve(version)
+
+    def build(device: Any) -> Predictor:
+        loaded = registry.load(loaded_version)
+        autocast = None
+        if device.type == "cuda":
+            import torch
+
+            autocast = torch.bfloat16
+        return Predictor(loaded.model, loaded.tokenizer, loaded.card, device, autocast)
+
+    return build
+
+
+def _observe_device_batch(size: int, seconds: float) -> None:
+    metrics.BATCH_SIZE.labels("device").observe(size)
+    metrics.INFERENCE_SECONDS.observe(seconds)
+
+
+class Resources:
+    """Everything the agent needs, started once the worker runs (not at import)."""
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.registry = ModelRegistry(settings.registry)
+        self.ready = asyncio.Event()
+        self.pool: DevicePool | None = None
+        self.redis: RedisStore | None = None
+        self.fetcher: Any = None
+        self.pipeline: Pipeline | None = None
+        self.card: ModelCard | None = None
+
+    async def start(self) -> None:
+        from stream.media import FetchConfig, MediaFetcher
+
+        s = self.settings
+        self.card = self.registry.card(s.model_version)
+        self.pool = DevicePool(
+            predictor_factory(self.registry, s.model_version),
+            visible_devices(s.devices),
+            s.batcher,
+            on_batch=_observe_device_batch,
+        )
+        await self.pool.start()
+        self.fetcher = MediaFetcher(FetchConfig(allow_loopback=s.allow_loopback_media))
+        await self.fetcher.__aenter__()
+        if s.redis_url:
+            self.redis = RedisStore(s.redis_url)
+            self.redis.start_retrying()
+        self.pipeline = Pipeline(self.pool, self.fetcher, lambda: self.card, s.policy, self.redis)
+        self._announce()
+        self.ready.set()
+        metrics.READY.set(1)
+
+    def _announce(self) -> None:
+        assert self.card is not None
+        trusted, why = self.settings.policy.itm_trusted(self.card)
+        metrics.MODEL.info({"version": self.card.version})
+        metrics.ITM_ROUTING.set(1 if trusted else 0)
+        log.warning(
+            "serving model %s; %s",
+            self.card.version,
+            why if trusted else f"ITM routing OFF ({why}): task uncertainty only",
+        )
+
+    async def swap(self, version: str) -> None:
+        assert self.pool is not None
+        card = self.registry.card(version)
+        if self.card is not None and card.version == self.card.version:
+            return
+        await self.pool.swap(predictor_factory(self.registry, version))
+        self.card = card
+        self._announce()
+
+    async def close(self) -> None:
+        if self.pool:
+            await self.pool.close()
+        if self.fetcher:
+            await self.fetcher.close()
+        if self.redis:
+            await self.redis.close()
+
+
+async def send_all(topic: Any, records: Sequence[tuple[str | None, bytes]], retry_s: float) -> None:
+    """Send and wait for the broker's ack; on failure resend until it works (the agent stalls,
+    which is the backpressure we want during a broker outage: nothing is acked meanwhile)."""
+    pending = list(records)
+    while pending:
+        futures = []
+        for key, value in pending:
+            futures.append(await topic.send(key=key.encode() if key else None, value=value, force=True))
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        failed = [rec for rec, res in zip(pending, results, strict=True) if isinstance(res, BaseException)]
+        if failed:
+            metrics.DEPENDENCY_ERRORS.labels("kafka", "send").inc(len(failed))
+            log.warning("%d sends failed (%r); retrying in %.1f s", len(failed), results[0], retry_s)
+            await asyncio.sleep(retry_s)
+        pending = failed
+
+
+async def write_outcomes(app_topics: dict[str, Any], outcomes: Sequence[Outcome], resources: Resources) -> None:
+    labels, reviews, dead = [], [], []
+    for o in outcomes:
+        if o.dead_letter is not None:
+            dead.append((o.dead_letter.post_id, encode(o.dead_letter)))
+        elif o.label is not None:
+            labels.append((o.label.post_id, encode(o.label)))
+            if o.review is not None:
+                reviews.append(o.review)
+    retry = resources.settings.send_retry_s
+    await send_all(app_topics["dlq"], dead, retry)
+    await send_all(app_topics["review"], [(r.post_id, encode(r)) for r in reviews], retry)
+    # Labels last: a post with a label has had its review item written too.
+    await send_all(app_topics["labels"], labels, retry)
+    if resources.redis is not None and reviews:
+        await resources.redis.enqueue_reviews(reviews)
+
+
+def create_app(settings: WorkerSettings) -> tuple[faust.App, Resources]:
+    app = faust.App(
+        settings.app_id,
+        broker=f"kafka://{settings.bootstrap}",
+        value_serializer="raw",
+        key_serializer="raw",
+        store="memory://",
+        web_host="127.0.0.1",
+        web_port=settings.web_port,
+        topic_partitions=settings.topic_partitions,
+        topic_allow_declare=False,  # the stack script creates topics with their partition counts
+        producer_acks=-1,
+        broker_commit_every=settings.max_batch,
+        broker_commit_interval=1.0,
+    )
+    resources = Resources(settings)
+    names = settings.topics
+    topics = {key: app.topic(name, value_serializer="raw", key_serializer="raw") for key, name in names.items()}
+
+    @app.task
+    async def start_resources() -> None:
+        await resources.start()
+
+    @app.agent(topics["posts"], concurrency=1)
+    async def label_posts(stream: Any) -> None:
+        async for values in stream.take(settings.max_batch, within=settings.max_wait_s):
+            await resources.ready.wait()
+            assert resources.pipeline is not None
+            started = time.perf_counter()
+            metrics.BATCH_SIZE.labels("agent").observe(len(values))
+            # process() turns every failure into a dead letter; it does not raise.
+            outcomes = await resources.pipeline.process([bytes(v) for v in values])
+            await write_outcomes(topics, outcomes, resources)
+            metrics.STAGE_SECONDS.labels("batch").observe(time.perf_counter() - started)
+
+    @app.task
+    async def follow_model_updates() -> None:
+        await follow_updates(settings, resources)
+
+    @app.page("/metrics")
+    async def metrics_page(web: Any, request: Any) -> Any:
+        return web.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST)
+
+    @app.page("/ready")
+    async def ready_page(web: Any, request: Any) -> Any:
+        ok = resources.ready.is_set()
+        body = {"ready": ok, "model": resources.card.version if resources.card else None}
+        return web.json(body, status=200 if ok else 503)
+
+    return app, resources
+
+
+async def follow_updates(settings: WorkerSettings, resources: Resources) -> None:
+    """Every worker must see every model update, so this reads `model-updates` with no
+    consumer group (a shared group would hand each message to one worker only)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    await resources.ready.wait()
+    topic = settings.topics["updates"]
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap, group_id=None, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        assigned = [TopicPartition(topic, p) for p in partitions]
+        consumer.assign(assigned)
+        await consumer.seek_to_end(*assigned)
+        async for message in consumer:
+            try:
+                update = json.loads(message.value or b"{}")
+                await resources.swap(str(update["version"]))
+            except Exception as exc:  # a bad update must not stop the worker
+                log.error("ignoring model update %r: %r", message.value, exc)
+    finally:
+        await consumer.stop()
+
+
+def run_worker(settings: WorkerSettings, loglevel: str = "warning") -> None:
+    app, _ = create_app(settings)
+    # Resources live as long as the process: a worker ends by exiting (or by SIGKILL, which
+    # the at-least-once design tolerates), so there is nothing to flush at shutdown.
+    faust.Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()

@@ -1,0 +1,385 @@
+"""Media fetcher against a hostile local server; no connection ever leaves 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from aiohttp.abc import AbstractResolver, ResolveResult
+
+from stream.media import FetchConfig, MediaFetcher, address_block_reason, sniff_format
+from tests.unit.hostile_server import PNG, HostileServer
+
+CAP = 64 * 1024
+CONFIG = FetchConfig(
+    connect_timeout=0.5,
+    read_timeout=0.2,
+    total_timeout=3.0,
+    max_bytes=CAP,
+    max_pixels=1_000_000,
+    retries=2,
+    backoff_base=0.01,
+    allow_loopback=True,
+)
+
+DNS = {
+    "good.test": ["127.0.0.1"],
+    "mixed.test": ["10.0.0.5", "127.0.0.1"],  # one blocked answer among allowed ones
+    "evil-private.test": ["10.0.0.5"],
+    "evil-metadata.test": ["169.254.169.254"],
+    "evil-mapped.test": ["::ffff:127.0.0.1"],
+    "evil-nat64.test": ["64:ff9b::a00:1"],
+    "evil-cgnat.test": ["100.64.1.1"],
+    "evil-many.test": ["10.0.0.5", "169.254.169.254", "fd00::1", "::ffff:192.168.1.1"],
+}
+EVIL_HOSTS = [h for h in DNS if h.startswith("evil-")]
+
+
+class FakeResolver(AbstractResolver):
+    def __init__(self, table: dict[str, list[str]]) -> None:
+        self.table = table
+        self.calls: list[str] = []
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[Any]:
+        self.calls.append(host)
+        if host not in self.table:
+            raise OSError(f"unknown host {host}")
+        results: list[ResolveResult] = []
+        for addr in self.table[host]:
+            fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+            results.append(
+                ResolveResult(hostname=host, host=addr, port=port, family=fam, proto=0, flags=socket.AI_NUMERICHOST)
+            )
+        return results
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest_asyncio.fixture
+async def server() -> AsyncIterator[HostileServer]:
+    srv = HostileServer(cap=CAP)
+    await srv.start()
+    yield srv
+    await srv.stop()
+
+
+@pytest_asyncio.fixture
+async def connects(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
+    """Every address a socket is connected to. Anything but 127.0.0.1 is recorded and
+    refused here, so a broken guard fails the test instead of reaching the network."""
+    loop = asyncio.get_running_loop()
+    real = loop.sock_connect
+    seen: list[tuple[Any, ...]] = []
+
+    async def recording(sock: socket.socket, address: Any) -> None:
+        seen.append(tuple(address))
+        if address[0] != "127.0.0.1":
+            raise ConnectionRefusedError(f"test refuses {address}")
+        await real(sock, address)
+
+    monkeypatch.setattr(loop, "sock_connect", recording)
+    return seen
+
+
+@pytest.fixture
+def resolver() -> FakeResolver:
+    return FakeResolver(DNS)
+
+
+async def _fetch(url: str, resolver: FakeResolver, config: FetchConfig = CONFIG):
+    async with MediaFetcher(config, resolver=resolver) as fetcher:
+        return await fetcher.fetch(url)
+
+
+def _only_loopback(connects: list[tuple[Any, ...]]) -> None:
+    assert all(addr[0] == "127.0.0.1" for addr in connects), connects
+
+
+# --- the address classifier ---------------------------------------------------------------
+
+BLOCKED_TABLE = [
+    "10.0.0.1",
+    "172.16.5.4",
+    "192.168.1.1",
+    "169.254.169.254",
+    "100.64.0.1",
+    "100.127.255.254",
+    "0.0.0.0",
+    "224.0.0.1",
+    "240.0.0.1",
+    "255.255.255.255",
+    "192.0.2.1",
+    "198.18.0.1",
+    "::",
+    "fe80::1",
+    "fe80::1%eth0",
+    "fc00::1",
+    "fd12:3456::1",
+    "fec0::1",
+    "ff02::1",
+    "::ffff:127.0.0.1",
+    "::ffff:10.0.0.1",
+    "::ffff:169.254.169.254",
+    "64:ff9b::a00:1",
+    "64:ff9b::7f00:1",
+    "64:ff9b:1::808:808",
+    "2002:a00:1::1",
+    "2002:7f00:1::1",
+    "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+    "::a00:1",
+    "::7f00:1",
+    "2001:db8::1",
+    "localhost",
+    "not-an-ip",
+    "",
+]
+ALLOWED_TABLE = ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "::ffff:8.8.8.8", "64:ff9b::808:808", "2002:808:808::1"]
+
+
+@pytest.mark.parametrize("address", BLOCKED_TABLE)
+def test_classifier_blocks(address: str) -> None:
+    assert address_block_reason(address) is not None
+    if address not in ("127.0.0.1", "::1"):
+        assert address_block_reason(address, allow_loopback=True) is not None
+
+
+@pytest.mark.parametrize("address", ALLOWED_TABLE)
+def test_classifier_allows_public(address: str) -> None:
+    assert address_block_reason(address) is None
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "127.8.9.10", "::1"])
+def test_classifier_loopback_only_when_allowed(address: str) -> None:
+    assert address_block_reason(address) == "loopback"
+    assert address_block_reason(address, allow_loopback=True) is None
+
+
+def test_sniff_format() -> None:
+    assert sniff_format(PNG) == "PNG"
+    assert sniff_format(b"RIFF\0\0\0\0WEBPVP8 ") == "WEBP"
+    assert sniff_format(b"<html>") is None
+
+
+# --- successful fetches -------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("path", ["/ok.png", "/ok.jpg", "/octet.png"])
+async def test_ok(server, resolver, connects, path: str) -> None:
+    res = await _fetch(server.url(path), resolver)
+    assert res.status == "ok", res.reason
+    assert res.image is not None and res.image.mode == "RGB" and res.image.size == (16, 12)
+    assert res.attempts == 1 and res.size > 0 and res.final_url == server.url(path)
+    if path != "/ok.jpg":
+        assert res.content_hash == hashlib.sha256(PNG).hexdigest() and res.size == len(PNG)
+    _only_loopback(connects)
+
+
+@pytest.mark.asyncio
+async def test_ok_through_fake_dns(server, resolver, connects) -> None:
+    res = await _fetch(server.url("/ok.png", host="good.test"), resolver)
+    assert res.status == "ok", res.reason
+    assert resolver.calls == ["good.test"]
+    assert connects == [("127.0.0.1", server.port)]
+
+
+@pytest.mark.asyncio
+async def test_blocked_answer_is_skipped_for_an_allowed_one(server, resolver, connects) -> None:
+    res = await _fetch(server.url("/ok.png", host="mixed.test"), resolver)
+    assert res.status == "ok", res.reason
+    assert connects == [("127.0.0.1", server.port)]
+
+
+# --- HTTP errors and retries --------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("code", "hits"), [(404, 1), (403, 1), (500, 1), (429, 3), (502, 3), (503, 3), (504, 3)])
+async def test_http_errors_retry_only_transient(server, resolver, code: int, hits: int) -> None:
+    res = await _fetch(server.url(f"/status/{code}"), resolver)
+    assert res.status == "http_error"
+    assert res.reason.startswith(f"HTTP {code}")
+    assert server.hits[f"/status/{code}"] == hits == res.attempts
+
+
+@pytest.mark.asyncio
+async def test_transient_503_then_ok(server, resolver) -> None:
+    res = await _fetch(server.url("/flaky"), resolver)
+    assert res.status == "ok", res.reason
+    assert res.attempts == 2 and server.hits["/flaky"] == 2
+
+
+@pytest.mark.asyncio
+async def test_slow_drip_times_out(server, resolver) -> None:
+    res = await _fetch(server.url("/drip"), resolver, replace(CONFIG, retries=1))
+    assert res.status == "timeout"
+    assert res.attempts == 2 and server.hits["/drip"] == 2  # timeouts are transient
+    assert res.elapsed_s < 2
+
+
+@pytest.mark.asyncio
+async def test_total_deadline(server, resolver) -> None:
+    cfg = replace(CONFIG, read_timeout=5.0, total_timeout=0.4)
+    res = await _fetch(server.url("/drip"), resolver, cfg)
+    assert res.status == "timeout"
+    assert res.elapsed_s < 1.5
+
+
+# --- size and content ---------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("path", ["/big-cl", "/big-chunked"])
+async def test_too_large(server, resolver, path: str) -> None:
+    res = await _fetch(server.url(path), resolver)
+    assert res.status == "too_large"
+    assert res.attempts == 1 and res.image is None
+    if path == "/big-cl":
+        assert "Content-Length" in res.reason
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/page.html", "wrong_content_type"),
+        ("/octet.html", "wrong_content_type"),
+        ("/truncated.png", "truncated"),
+        ("/bomb.png", "decompression_bomb"),
+        ("/empty.png", "empty"),
+    ],
+)
+async def test_bad_content(server, resolver, path: str, status: str) -> None:
+    res = await _fetch(server.url(path), resolver)
+    assert res.status == status, res.reason
+    assert res.image is None and res.attempts == 1
+
+
+@pytest.mark.asyncio
+async def test_small_pixel_budget_is_a_bomb(server, resolver) -> None:
+    res = await _fetch(server.url("/ok.png"), resolver, replace(CONFIG, max_pixels=100))
+    assert res.status == "decompression_bomb"
+
+
+# --- redirects ----------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_redirect_chain_within_limit(server, resolver) -> None:
+    res = await _fetch(server.url("/chain/2"), resolver)
+    assert res.status == "ok", res.reason
+    assert res.final_url == server.url("/chain/0")
+
+
+@pytest.mark.asyncio
+async def test_redirect_chain_too_long(server, resolver) -> None:
+    res = await _fetch(server.url("/chain/4"), resolver)
+    assert res.status == "too_many_redirects"
+    assert server.hits["/chain/0"] == 0 and res.attempts == 1
+
+
+@pytest.mark.asyncio
+async def test_redirect_loop(server, resolver) -> None:
+    res = await _fetch(server.url("/loop"), resolver)
+    assert res.status == "too_many_redirects"
+    assert server.hits["/loop"] == CONFIG.max_redirects + 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("host", EVIL_HOSTS)
+async def test_redirect_to_internal_address_is_blocked(server, resolver, connects, host: str) -> None:
+    target = f"http://{host}:{server.port}/ok.png"
+    res = await _fetch(server.url(f"/to?url={target}"), resolver)
+    assert res.status == "blocked_address", res.reason
+    assert res.attempts == 1 and res.final_url == target
+    assert host in resolver.calls
+    assert connects == [("127.0.0.1", server.port)]  # only the redirecting hop connected
+
+
+@pytest.mark.asyncio
+async def test_redirect_to_other_scheme_is_blocked(server, resolver) -> None:
+    res = await _fetch(server.url("/to?url=file:///etc/passwd"), resolver)
+    assert res.status == "blocked_scheme"
+
+
+# --- addresses and URLs -------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://10.0.0.1/x",
+        "http://[::ffff:10.0.0.1]/",
+        "http://[::ffff:127.0.0.1]/x",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[64:ff9b::a9fe:a9fe]/",
+        "http://[fd00::1]:8080/",
+        "http://0.0.0.0/",
+        "http://[::]/",
+        "http://100.64.0.1/",
+    ],
+)
+async def test_ip_literals_blocked_without_connecting(resolver, connects, url: str) -> None:
+    res = await _fetch(url, resolver)
+    assert res.status == "blocked_address", res.reason
+    assert connects == [] and resolver.calls == []  # the resolver is skipped; the socket guard is not
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("host", ["127.0.0.1", "[::1]", "good.test"])
+async def test_loopback_blocked_by_default(server, resolver, connects, host: str) -> None:
+    res = await _fetch(server.url("/ok.png", host=host), resolver, replace(CONFIG, allow_loopback=False))
+    assert res.status == "blocked_address", res.reason
+    assert connects == [] and sum(server.hits.values()) == 0
+    assert res.attempts == 1  # blocked is never retried
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("url", "status"),
+    [
+        ("ftp://example.com/a.png", "blocked_scheme"),
+        ("file:///etc/passwd", "blocked_scheme"),
+        ("gopher://example.com/", "blocked_scheme"),
+        ("data:image/png;base64,iVBORw0KGgo=", "blocked_scheme"),
+        ("not a url", "invalid_url"),
+        ("", "invalid_url"),
+        ("http://", "invalid_url"),
+        ("http://[::1", "invalid_url"),
+        ("//example.com/a.png", "invalid_url"),
+        ("http://2130706433/", "invalid_url"),  # legacy numeric IPv4 forms are refused by aiohttp
+        ("http://nowhere.test/a.png", "dns_error"),
+    ],
+)
+async def test_bad_urls(resolver, connects, url: str, status: str) -> None:
+    res = await _fetch(url, resolver)
+    assert res.status == status, res.reason
+    assert connects == [] and res.image is None
+
+
+# --- many ---------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_fetch_many_bounded_per_host(server, resolver, connects) -> None:
+    urls = [server.url("/slow.png")] * 6 + ["ftp://x/y", server.url("/status/404")]
+    async with MediaFetcher(replace(CONFIG, per_host=2), resolver=resolver) as fetcher:
+        results = await fetcher.fetch_many(urls)
+    assert [r.status for r in results] == ["ok"] * 6 + ["blocked_scheme", "http_error"]
+    assert [r.url for r in results] == urls
+    assert server.max_in_flight == 2
+    _only_loopback(connects)
+
+
+@pytest.mark.asyncio
+async def test_fetch_requires_start() -> None:
+    with pytest.raises(RuntimeError):
+        await MediaFetcher(CONFIG).fetch("http://127.0.0.1/")

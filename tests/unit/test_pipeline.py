@@ -1,0 +1,126 @@
+"""The pipeline's stages with fakes for the model, the media fetcher and the cache."""
+
+import asyncio
+from dataclasses import dataclass
+
+from PIL import Image
+
+from models.card import ModelCard
+from models.inference import Prediction, TaskPrediction
+from stream.pipeline import Pipeline, dedupe_key
+from stream.records import Post, encode
+from stream.routing import RoutingPolicy
+from tests.tiny import tiny_config
+
+CARD = ModelCard(
+    config=tiny_config(),
+    version="v7",
+    itm={"trained": True, "auroc": 0.9, "routing_lift": {"hate": 2}, "threshold": 0.3},
+)
+
+
+class FakeClassifier:
+    version = "v7"
+
+    def __init__(self, fail_on: str | None = None):
+        self.calls: list[list[str]] = []
+        self.fail_on = fail_on
+
+    async def predict(self, texts, images):
+        self.calls.append(list(texts))
+        out = []
+        for text, image in zip(texts, images, strict=True):
+            if text == self.fail_on:
+                out.append(RuntimeError("model exploded"))
+                continue
+            itm = None if image is None else (0.1 if "weak" in text else 0.9)
+            out.append(Prediction({"hate": TaskPrediction("hateful", 0.8, True, 0.5, {})}, itm, "v7"))
+        return out
+
+
+@dataclass
+class FakeResult:
+    status: str
+    image: object = None
+    content_hash: str | None = None
+    reason: str = ""
+
+
+class FakeFetcher:
+    async def fetch_many(self, urls):
+        return [
+            FakeResult("http_error", reason="HTTP 404")
+            if "404" in u
+            else FakeResult("ok", Image.new("RGB", (4, 4)), "h-" + u[-5:])
+            for u in urls
+        ]
+
+
+class DictCache:
+    def __init__(self):
+        self.data = {}
+
+    async def get_many(self, keys):
+        return [self.data.get(k) for k in keys]
+
+    async def put_many(self, items):
+        self.data.update(items)
+
+
+def _raw(pid, text, url=None):
+    return encode(Post(pid, text, (url,) if url else ()))
+
+
+def _pipeline(classifier=None, cache=None):
+    return Pipeline(classifier or FakeClassifier(), FakeFetcher(), lambda: CARD, RoutingPolicy(), cache)
+
+
+def test_every_input_gets_exactly_one_outcome():
+    raws = [
+        _raw("a", "fine", "http://m/a.png"),
+        b"{broken",
+        _raw("b", "weak pair", "http://m/b.png"),
+        _raw("c", "no image"),
+    ]
+    outcomes = asyncio.run(_pipeline().process(raws))
+    assert len(outcomes) == 4
+    a, broken, b, c = outcomes
+    assert a.label.route == "auto" and a.label.media.status == "ok" and a.label.model_version == "v7"
+    assert broken.label is None and broken.dead_letter.stage == "parse" and "invalid JSON" in broken.dead_letter.reason
+    assert b.label.route == "review" and b.review.reasons == ["weak_image_text_match"]
+    assert c.label.itm_match is None and c.label.media.status == "none" and c.label.route == "auto"
+
+
+def test_media_failure_is_labelled_text_only_with_the_error():
+    (out,) = asyncio.run(_pipeline().process([_raw("a", "weak but broken", "http://m/404")]))
+    assert out.label.media.status == "http_error" and out.label.media.reason == "HTTP 404"
+    assert out.label.itm_match is None and out.label.route == "auto"  # never routed by ITM without an image
+
+
+def test_model_failure_dead_letters_only_that_post():
+    outcomes = asyncio.run(_pipeline(FakeClassifier(fail_on="boom")).process([_raw("a", "ok"), _raw("b", "boom")]))
+    assert outcomes[0].label is not None
+    assert outcomes[1].dead_letter.stage == "classify" and "model exploded" in outcomes[1].dead_letter.reason
+    assert outcomes[1].dead_letter.post_id == "b"
+
+
+def test_reposted_media_and_text_reuse_the_cached_label():
+    classifier, cache = FakeClassifier(), DictCache()
+    pipeline = _pipeline(classifier, cache)
+    asyncio.run(pipeline.process([_raw("a", "same", "http://m/x.png")]))
+    (again,) = asyncio.run(pipeline.process([_raw("b", "same", "http://m/x.png")]))
+    assert again.label.dedupe_hit and again.label.post_id == "b"
+    assert classifier.calls == [["same"]]  # the model ran once
+    assert f"v7:{dedupe_key('same', 'h-x.png')}" in cache.data
+
+
+def test_cache_outage_degrades_to_classifying():
+    class DownCache:
+        async def get_many(self, keys):
+            raise ConnectionError("redis down")
+
+        async def put_many(self, items):
+            raise ConnectionError("redis down")
+
+    (out,) = asyncio.run(_pipeline(cache=DownCache()).process([_raw("a", "x")]))
+    assert out.label is not None and not out.label.dedupe_hit
