@@ -202,6 +202,62 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(_registry_root(args), _cache_root(args), DEFAULT_HOME)
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from stream.device_pool import BatcherConfig
+    from stream.routing import RoutingPolicy
+    from stream.worker import WorkerSettings, run_worker
+
+    settings = WorkerSettings(
+        bootstrap=args.bootstrap,
+        redis_url=args.redis or None,
+        registry=_registry_root(args),
+        model_version=args.model,
+        app_id=args.app_id,
+        web_port=args.web_port,
+        max_batch=args.max_batch,
+        max_wait_s=args.max_wait,
+        devices=args.device,
+        allow_loopback_media=args.allow_loopback_media,
+        policy=RoutingPolicy(
+            itm_threshold=args.itm_threshold,
+            min_itm_auroc=args.min_itm_auroc,
+            min_routing_lift=args.min_routing_lift,
+            uncertainty_band=args.uncertainty_band,
+        ),
+        batcher=BatcherConfig(max_batch=args.device_batch, max_delay_s=args.device_delay),
+    )
+    # faust's Worker reads sys.argv; give it only the program name.
+    sys.argv = sys.argv[:1]
+    run_worker(settings, loglevel="info" if args.verbose else "warning")
+    return 0
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from stream.producer import encode_posts, posts_from_jsonl, produce, synthetic_posts
+    from trainer.manifest import read_manifest
+    from trainer.synthetic import write_synthetic
+
+    if args.input:
+        values = posts_from_jsonl(Path(args.input))
+    else:
+        if not args.media_url:
+            raise SystemExit("synthetic posts need --media-url (where their images are served)")
+        examples = read_manifest(write_synthetic(DEFAULT_HOME / "firehose", n=min(args.n, 2000), seed=7))
+        values = encode_posts(synthetic_posts(examples, args.media_url, args.n, repost_rate=args.repost_rate))
+    sent = asyncio.run(produce(args.bootstrap, args.topic, values, rate=args.rate))
+    print(f"produced {sent} posts to {args.topic}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from stream.local_run import RunOptions, run_local
+
+    opts = RunOptions(posts=args.posts, keep_stack=args.keep_stack, repost_rate=args.repost_rate)
+    return run_local(_registry_root(args), _cache_root(args), DEFAULT_HOME, opts)
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--registry", help="model registry folder (default var/registry)")
     p.add_argument("--cache", help="feature cache folder (default var/cache)")
@@ -300,6 +356,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="JSONL of labels (default: stdout)")
     p.add_argument("--model", default="current")
     p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("worker", help="run a stream worker (Faust) on the posts topic")
+    _add_common(p)
+    p.add_argument("--bootstrap", default="127.0.0.1:19092")
+    p.add_argument("--redis", default="redis://127.0.0.1:16379/0", help="Redis URL ('' to run without Redis)")
+    p.add_argument("--model", default="current")
+    p.add_argument("--app-id", default="modstream-worker", help="consumer group / Faust app id")
+    p.add_argument("--web-port", type=int, default=6066, help="port of /metrics and /ready")
+    p.add_argument("--max-batch", type=int, default=64, help="posts per agent micro-batch")
+    p.add_argument("--max-wait", type=float, default=0.05, help="seconds to fill a micro-batch")
+    p.add_argument("--device-batch", type=int, default=64)
+    p.add_argument("--device-delay", type=float, default=0.005)
+    p.add_argument("--allow-loopback-media", action="store_true", help="demo/tests: fetch media from 127.0.0.1")
+    p.add_argument("--itm-threshold", type=float, help="override the card's ITM review threshold")
+    p.add_argument("--min-itm-auroc", type=float, default=0.6)
+    p.add_argument("--min-routing-lift", type=float, default=1.0)
+    p.add_argument("--uncertainty-band", type=float, default=0.0)
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("run", help="the whole pipeline locally: stack, model, media, producer, worker, summary")
+    _add_common(p)
+    p.add_argument("--posts", type=int, default=500)
+    p.add_argument("--repost-rate", type=float, default=0.2)
+    p.add_argument("--keep-stack", action="store_true", help="leave Kafka and Redis running afterwards")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("produce", help="send sample posts to the posts topic")
+    p.add_argument("--bootstrap", default="127.0.0.1:19092")
+    p.add_argument("--topic", default="posts")
+    p.add_argument("--input", help="JSONL of posts to send as they are")
+    p.add_argument("--media-url", help="base URL serving the synthetic images")
+    p.add_argument("-n", type=int, default=1000)
+    p.add_argument("--rate", type=float, default=0.0, help="posts per second (0: unlimited)")
+    p.add_argument("--repost-rate", type=float, default=0.0)
+    p.set_defaults(func=cmd_produce)
 
     p = sub.add_parser(
         "demo",

@@ -222,7 +222,8 @@ def create_app(settings: WorkerSettings) -> tuple[faust.App, Resources]:
 
     @app.page("/metrics")
     async def metrics_page(web: Any, request: Any) -> Any:
-        return web.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST)
+        # aiohttp refuses a charset inside content_type; the exposition format is UTF-8 anyway.
+        return web.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST.split(";")[0] + "; version=0.0.4")
 
     @app.page("/ready")
     async def ready_page(web: Any, request: Any) -> Any:
@@ -236,25 +237,29 @@ def create_app(settings: WorkerSettings) -> tuple[faust.App, Resources]:
 async def follow_updates(settings: WorkerSettings, resources: Resources) -> None:
     """Every worker must see every model update, so this reads `model-updates` with no
     consumer group (a shared group would hand each message to one worker only)."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka import AIOKafkaConsumer
 
     await resources.ready.wait()
-    topic = settings.topics["updates"]
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap, group_id=None, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        partitions = consumer.partitions_for_topic(topic) or set()
-        assigned = [TopicPartition(topic, p) for p in partitions]
-        consumer.assign(assigned)
-        await consumer.seek_to_end(*assigned)
-        async for message in consumer:
-            try:
-                update = json.loads(message.value or b"{}")
-                await resources.swap(str(update["version"]))
-            except Exception as exc:  # a bad update must not stop the worker
-                log.error("ignoring model update %r: %r", message.value, exc)
-    finally:
-        await consumer.stop()
+    while True:  # an app task that raises would crash the whole worker: retry instead
+        # Subscribing without a group assigns every partition; "latest": only new updates.
+        consumer = AIOKafkaConsumer(
+            settings.topics["updates"], bootstrap_servers=settings.bootstrap, group_id=None, auto_offset_reset="latest"
+        )
+        try:
+            await consumer.start()
+            async for message in consumer:
+                try:
+                    update = json.loads(message.value or b"{}")
+                    await resources.swap(str(update["version"]))
+                except Exception as exc:  # a bad update must not stop the worker
+                    log.error("ignoring model update %r: %r", message.value, exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("model-updates consumer failed (%r); reconnecting", exc)
+            await asyncio.sleep(2)
+        finally:
+            await consumer.stop()
 
 
 def run_worker(settings: WorkerSettings, loglevel: str = "warning") -> None:

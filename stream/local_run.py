@@ -1,0 +1,176 @@
+"""`modstream run` (what `make run` does): the whole pipeline on one machine.
+
+Starts the local Kafka + Redis stack (deploy/local-stack.sh), makes sure a default model
+is registered (trained on synthetic posts the first time), serves synthetic media from a
+loopback server, produces sample posts, runs a worker, shows live progress from the
+worker's /metrics and ends with a summary. The worker and the stack are stopped at the end
+(`--keep-stack` leaves Kafka and Redis running).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.registry import ModelRegistry
+from stream.demo import ensure_default_model
+from stream.media_server import MediaServer
+from stream.producer import encode_posts, produce, synthetic_posts
+from trainer.manifest import read_manifest
+from trainer.synthetic import write_synthetic
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+STACK = REPO_ROOT / "deploy" / "local-stack.sh"
+
+
+@dataclass
+class RunOptions:
+    posts: int = 500
+    bootstrap_port: int = 19092
+    redis_port: int = 16379
+    web_port: int = 6066
+    repost_rate: float = 0.2
+    mismatch_share: float = 0.1
+    keep_stack: bool = False
+    timeout_s: float = 600.0
+
+
+def _stack(command: str, opts: RunOptions) -> None:
+    env = {**os.environ, "KAFKA_PORT": str(opts.bootstrap_port), "REDIS_PORT": str(opts.redis_port)}
+    subprocess.run(["bash", str(STACK), command], check=True, env=env)
+
+
+def _counts(text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for outcome, value in re.findall(r'^modstream_posts_total\{outcome="([^"]+)"\} ([0-9.e+]+)$', text, re.M):
+        out[outcome] = float(value)
+    hits = re.search(r"^modstream_dedupe_hits_total ([0-9.e+]+)$", text, re.M)
+    out["dedupe_hits"] = float(hits.group(1)) if hits else 0.0
+    return out
+
+
+def _scrape(port: int) -> dict[str, float] | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+            return _counts(resp.read().decode())
+    except OSError:
+        return None
+
+
+def _serve_media(root: Path) -> tuple[MediaServer, asyncio.AbstractEventLoop]:
+    server = MediaServer(root)
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(server.start())
+        ready.set()
+        loop.run_forever()
+
+    threading.Thread(target=serve, daemon=True, name="media-server").start()
+    if not ready.wait(10):
+        raise RuntimeError("media server did not start")
+    return server, loop
+
+
+def run_local(registry_root: Path, cache: Path, home: Path, opts: RunOptions) -> int:
+    print("starting the local stack (Kafka 4, Redis) ...", file=sys.stderr)
+    _stack("start", opts)
+    worker: subprocess.Popen[bytes] | None = None
+    try:
+        registry = ModelRegistry(registry_root)
+        version = ensure_default_model(registry, cache, home)
+        examples = read_manifest(write_synthetic(home / "firehose", n=400, seed=7, mismatch_rate=opts.mismatch_share))
+        server, _ = _serve_media(home / "firehose" / "images")
+        log_path = home / "worker.log"
+        print(f"starting a worker (model {version}); its log: {log_path}", file=sys.stderr)
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "stream.cli", "worker", "--registry", str(registry_root),
+             "--bootstrap", f"127.0.0.1:{opts.bootstrap_port}", "--redis", f"redis://127.0.0.1:{opts.redis_port}/0",
+             "--web-port", str(opts.web_port), "--allow-loopback-media",
+             "--app-id", f"modstream-run-{int(time.time())}"],
+            cwd=REPO_ROOT, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        before = _wait_for_metrics(opts.web_port, worker)
+        prefix = f"run{int(time.time())}"
+        posts = synthetic_posts(examples, server.url, opts.posts, repost_rate=opts.repost_rate, prefix=prefix)
+        started = time.perf_counter()
+        asyncio.run(produce(f"127.0.0.1:{opts.bootstrap_port}", "posts", encode_posts(posts)))
+        print(f"produced {opts.posts} posts", file=sys.stderr)
+        final = _follow(opts, worker, before, started)
+        _summary(final, before, opts.posts, time.perf_counter() - started)
+        return 0 if _done(final, before) >= opts.posts else 1
+    finally:
+        if worker is not None:
+            worker.terminate()
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+        if not opts.keep_stack:
+            _stack("stop", opts)
+
+
+def _wait_for_metrics(port: int, worker: subprocess.Popen[bytes], timeout: float = 180) -> dict[str, float]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if worker.poll() is not None:
+            raise RuntimeError(f"the worker exited with {worker.returncode}; see var/worker.log")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2) as resp:
+                if resp.status == 200:
+                    return _scrape(port) or {}
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError("the worker did not become ready")
+
+
+def _done(now: dict[str, float], before: dict[str, float]) -> int:
+    keys = ("auto", "review", "dead_letter")
+    return int(sum(now.get(k, 0) - before.get(k, 0) for k in keys))
+
+
+def _follow(
+    opts: RunOptions, worker: subprocess.Popen[bytes], before: dict[str, float], started: float
+) -> dict[str, float]:
+    deadline = time.monotonic() + opts.timeout_s
+    now = before
+    while time.monotonic() < deadline and worker.poll() is None:
+        now = _scrape(opts.web_port) or now
+        done = _done(now, before)
+        elapsed = time.perf_counter() - started
+        review = now.get("review", 0) - before.get("review", 0)
+        dead = now.get("dead_letter", 0) - before.get("dead_letter", 0)
+        print(
+            f"\r{done:>6}/{opts.posts} labelled  {done / max(elapsed, 1e-9):6.1f} posts/s  "
+            f"review {100 * review / max(done, 1):5.1f}%  DLQ {int(dead)}",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
+        if done >= opts.posts:
+            break
+        time.sleep(0.5)
+    print(file=sys.stderr)
+    return now
+
+
+def _summary(now: dict[str, float], before: dict[str, float], total: int, seconds: float) -> None:
+    def delta(key: str) -> int:
+        return int(now.get(key, 0) - before.get(key, 0))
+
+    done = _done(now, before)
+    print(f"\nsummary: {done}/{total} posts labelled in {seconds:.1f} s ({done / seconds:.1f} posts/s)")
+    print(f"  auto: {delta('auto')}   review: {delta('review')}   dead-lettered: {delta('dead_letter')}")
+    print(f"  dedupe hits (reposted media + text): {delta('dedupe_hits')}")
+    print("  labels are on the 'labels' topic; review items on 'review' and in the Redis stream modstream:review")
