@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv run test lint typecheck unit bench ablate clean
+.PHONY: venv run demo test lint typecheck unit bench bench-stream ablate stack-up stack-down clean
 
 venv: $(STAMP)
 
@@ -20,7 +20,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $@
 
+# The whole pipeline on this machine: Kafka + Redis, default model, media server, producer, worker.
 run: venv
+	$(VENV)/bin/modstream run
+
+# Offline only (no Kafka): classify the bundled sample posts.
+demo: venv
 	$(VENV)/bin/modstream demo
 
 lint: venv
@@ -37,6 +42,15 @@ test: lint typecheck unit
 
 bench: venv
 	$(PY) bench/forward_throughput.py
+
+bench-stream: venv
+	$(PY) bench/stream_throughput.py
+
+stack-up:
+	bash deploy/local-stack.sh start
+
+stack-down:
+	bash deploy/local-stack.sh stop
 
 ablate: venv
 	$(VENV)/bin/modstream ablate --preset cm-off-meme --out var/ablation
