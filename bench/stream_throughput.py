@@ -25,7 +25,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from datetime import UTC, datetime
@@ -41,7 +40,7 @@ from models.card import ModelCard  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
 from models.inference import Predictor  # noqa: E402
 from models.registry import ModelRegistry, build_model  # noqa: E402
-from stream.media_server import MediaServer  # noqa: E402
+from stream.media_server import BackgroundMediaServer  # noqa: E402
 from stream.producer import synthetic_posts  # noqa: E402
 from stream.records import Post, encode  # noqa: E402
 from trainer.images import load_image  # noqa: E402
@@ -80,22 +79,6 @@ class Stack:
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.kafka}"
-
-
-def serve_media(root: Path) -> MediaServer:
-    server = MediaServer(root)
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(server.start())
-        ready.set()
-        loop.run_forever()
-
-    threading.Thread(target=run, daemon=True).start()
-    ready.wait(10)
-    return server
 
 
 async def produce_posts(bootstrap: str, posts: list[Post], rate: float = 0.0) -> dict[str, float]:
@@ -253,7 +236,8 @@ def main() -> None:
         predictor = Predictor(model.eval(), tokenizer, registry.card())
         media_dir = tmp / "media"
         examples = read_manifest(write_synthetic(media_dir, n=args.posts * 3, seed=21, image_size=256))
-        server = serve_media(media_dir / "images")
+        media = BackgroundMediaServer(media_dir / "images")
+        server = media.server
 
         def posts(tag: str, n: int, offset: int, repost: float = 0.0) -> list[Post]:
             chunk = examples[offset : offset + n]

@@ -14,7 +14,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from pathlib import Path
 
 from models.registry import ModelRegistry
 from stream.demo import ensure_default_model
-from stream.media_server import MediaServer
+from stream.media_server import BackgroundMediaServer
 from stream.producer import encode_posts, produce, synthetic_posts
 from trainer.manifest import read_manifest
 from trainer.synthetic import write_synthetic
@@ -65,23 +64,6 @@ def _scrape(port: int) -> dict[str, float] | None:
         return None
 
 
-def _serve_media(root: Path) -> tuple[MediaServer, asyncio.AbstractEventLoop]:
-    server = MediaServer(root)
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-
-    def serve() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(server.start())
-        ready.set()
-        loop.run_forever()
-
-    threading.Thread(target=serve, daemon=True, name="media-server").start()
-    if not ready.wait(10):
-        raise RuntimeError("media server did not start")
-    return server, loop
-
-
 def run_local(registry_root: Path, cache: Path, home: Path, opts: RunOptions) -> int:
     print("starting the local stack (Kafka 4, Redis) ...", file=sys.stderr)
     _stack("start", opts)
@@ -90,7 +72,7 @@ def run_local(registry_root: Path, cache: Path, home: Path, opts: RunOptions) ->
         registry = ModelRegistry(registry_root)
         version = ensure_default_model(registry, cache, home)
         examples = read_manifest(write_synthetic(home / "firehose", n=400, seed=7, mismatch_rate=opts.mismatch_share))
-        server, _ = _serve_media(home / "firehose" / "images")
+        server = BackgroundMediaServer(home / "firehose" / "images")
         log_path = home / "worker.log"
         print(f"starting a worker (model {version}); its log: {log_path}", file=sys.stderr)
         worker = subprocess.Popen(

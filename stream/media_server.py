@@ -50,3 +50,35 @@ class MediaServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+
+class BackgroundMediaServer:
+    """A MediaServer on its own event loop in a daemon thread, for synchronous callers
+    (the `run` command, benchmarks, test fixtures). `latency_s` can be changed live."""
+
+    def __init__(self, root: Path, *, latency_s: float = 0.0) -> None:
+        import threading
+
+        self.server = MediaServer(root, latency_s=latency_s)
+        self._loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def serve() -> None:
+            asyncio.set_event_loop(self._loop)
+            self._loop.run_until_complete(self.server.start())
+            ready.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=serve, daemon=True, name="media-server")
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("media server did not start")
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from stream.media_server import MediaServer
+from stream.media_server import BackgroundMediaServer
 from stream.producer import synthetic_posts
 from stream.records import encode
 from tests.integration.stack import LocalStack
@@ -32,29 +32,13 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def media(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, list]]:
     """Synthetic images on a loopback server running in its own thread's event loop."""
-    import threading
-
     root = tmp_path_factory.mktemp("media")
     examples = read_manifest(write_synthetic(root, n=200, seed=3, image_size=48))
-    server = MediaServer(root / "images")
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-
-    def serve() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(server.start())
-        ready.set()
-        loop.run_forever()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    assert ready.wait(10)
+    server = BackgroundMediaServer(root / "images")
     try:
         yield server.url, examples
     finally:
-        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
+        server.stop()
 
 
 @pytest.fixture(scope="module")
