@@ -41,19 +41,24 @@ def itm_objective(
     out: ClassifierOutput,
     negatives: NegativeSampling,
     generator: torch.Generator | None = None,
-    same_image: Tensor | None = None,
+    same_content: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """ITM over the rows with an image: each text gets a negative image and each image a
-    negative text, sampled from ITC similarity (hard) or uniformly (random)."""
+    negative text, sampled from ITC similarity (hard) or uniformly (random). `same_content`
+    ([B, B], symmetric) marks pairs that would be false negatives (a repost's image)."""
     idx = out.image_present.nonzero().squeeze(1)
     n = len(idx)
     if n < 2:
         return {"itm_loss": out.itm_logits.sum() * 0.0}
-    exclude = None if same_image is None else same_image[idx][:, idx]
+    exclude = None if same_content is None else same_content[idx][:, idx]
     if negatives == "hard":
         sim = out.text_embed[idx] @ out.image_embed[idx].t()
         neg_image = hard_negatives(sim, generator, exclude)  # for text i
         neg_text = hard_negatives(sim.t(), generator, exclude)  # for image j
+    elif exclude is not None:
+        # Flat similarity: uniform over the allowed partners.
+        flat = torch.zeros(n, n, device=idx.device)
+        neg_image, neg_text = hard_negatives(flat, generator, exclude), hard_negatives(flat, generator, exclude)
     else:
         neg_image = random_negatives(n, generator, idx.device)
         neg_text = random_negatives(n, generator, idx.device)
@@ -72,7 +77,7 @@ def compute_losses(
     objective: ObjectiveConfig,
     class_weights: Mapping[str, Tensor] | None = None,
     generator: torch.Generator | None = None,
-    same_image: Tensor | None = None,
+    same_content: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor], ClassifierOutput]:
     """Returns (weighted total, every named loss, the head's output)."""
     out = head(text, image, image_present)
@@ -80,5 +85,5 @@ def compute_losses(
     if objective.uses_itc:
         losses.update(itc_loss(out.text_embed, out.image_embed, out.logit_scale, image_present))
     if objective.uses_itm:
-        losses.update(itm_objective(head, out, objective.negatives, generator, same_image))
+        losses.update(itm_objective(head, out, objective.negatives, generator, same_content))
     return weighted_total(losses, objective.weights), losses, out

@@ -192,6 +192,18 @@ class LiveFeatures(Features):
     def batch(self, idx: Sequence[int]) -> tuple[EncodedSequence, EncodedSequence, Tensor]:
         return self.text(idx), self.image(idx), self.present[list(idx)].to(self.device)
 
+    def same_content(self, idx: Sequence[int]) -> Tensor:
+        """[B, B] True where two posts share their image bytes or their text: pairing one's
+        text with the other's image is not a real ITM negative (reposts, duplicates)."""
+        examples, hashes = self.inputs.examples, self.inputs.image_hashes
+        texts = [examples[i].text for i in idx]
+        images = [hashes[i] for i in idx]
+        same = [
+            [a == b or (h is not None and h == g) for b, g in zip(texts, images, strict=True)]
+            for a, h in zip(texts, images, strict=True)
+        ]
+        return torch.tensor(same, dtype=torch.bool, device=self.device)
+
 
 @torch.no_grad()
 def encode_frozen(

@@ -221,7 +221,15 @@ def _run_epoch(
         batch_labels = {task: y[idx].to(device) for task, y in labels.items()}
         with _autocast(device, cfg.amp):
             total, losses, _ = compute_losses(
-                model.head, text, image, present, batch_labels, objective, weights, generator
+                model.head,
+                text,
+                image,
+                present,
+                batch_labels,
+                objective,
+                weights,
+                generator,
+                features.same_content(idx),
             )
         optimizer.zero_grad(set_to_none=True)
         total.backward()

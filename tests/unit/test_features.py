@@ -45,3 +45,21 @@ def test_cache_key_changes_with_encoder_weights(tmp_path, synthetic_small):
     b, _ = tiny_model(seed=1)
     assert encoder_key(a, "text") != encoder_key(b, "text")
     assert encoder_key(a, "text") == encoder_key(tiny_model(seed=0)[0], "text")
+
+
+def test_same_content_marks_reposts_as_false_negatives(synthetic_small):
+    from dataclasses import replace
+
+    from trainer.features import FeatureStore, build_features
+
+    model, tok = tiny_model()
+    a, b, c = synthetic_small[:3]
+    repost = replace(c, id="repost", image=a.image)  # a's image under other text
+    retext = replace(b, id="retext", text=c.text)  # c's text over b's image
+    features = build_features(
+        model, tok, load_inputs([a, b, c, repost, retext]), FeatureStore(None), torch.device("cpu")
+    )
+    same = features.same_content(range(5))
+    assert same.diagonal().all()
+    assert same[0, 3] and same[3, 0] and same[2, 4] and same[4, 2]
+    assert not same[0, 1] and not same[1, 2]
