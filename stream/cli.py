@@ -294,7 +294,12 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--itc-weight", type=float, default=0.1)
     p.add_argument("--itm-weight", type=float, default=0.1)
     p.add_argument("--negatives", choices=["hard", "random"], default="hard")
-    p.add_argument("--select-on", choices=["task", "task+itm"], default="task")
+    p.add_argument(
+        "--select-on",
+        choices=["auto", "task", "task+itm"],
+        default="auto",
+        help="checkpoint selection; auto: task+itm when ITM is trained",
+    )
     p.add_argument("--quiet", action="store_true")
 
 
