@@ -1,80 +1,109 @@
-"""`modstream classify FILE.jsonl`: the labelling pipeline without Kafka, JSONL in and out.
+"""`modstream classify FILE.jsonl`: the worker's pipeline without Kafka, JSONL in and out.
 
-Input lines are posts: {"id", "text", "image": local path (relative to the file) or null}.
-Every line yields exactly one output line: a label record, or an error record naming the
-line and the reason (a bad line never stops the run).
+Input lines are Post records (`{"id", "text", "image_urls": [...]}`). An image URL is
+fetched through the same SSRF-guarded fetcher as the worker's; a URL without a scheme is
+a local file relative to the input file (for datasets and the bundled sample). Every line
+yields exactly one output line: a Label record, or a DeadLetter naming the stage and the
+reason (a bad line never stops the run).
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, TextIO
-
-from PIL import Image
+from typing import TextIO
+from urllib.parse import urlsplit
 
 from models.inference import Predictor
 from models.registry import ModelRegistry
-from stream.routing import RoutingPolicy, route
-from trainer.images import ImageError, load_image
+from stream.device_pool import DevicePool
+from stream.media import FetchConfig, MediaFetcher, MediaResult
+from stream.pipeline import Pipeline
+from stream.records import encode
+from stream.routing import RoutingPolicy
+from trainer.images import ImageError, content_hash, load_image
 
-BATCH = 16
-
-
-@dataclass
-class Post:
-    id: str
-    text: str
-    image: Image.Image | None
-    media_status: str  # ok, none, or the image error reason
+BATCH = 64
 
 
-def read_posts(path: Path) -> Iterator[Post | dict[str, Any]]:
-    """Posts, or an error record for a line that is not a valid post."""
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield {"error": "invalid_json", "detail": f"{where}: {exc.msg}"}
-                continue
-            if not isinstance(obj, dict) or not isinstance(obj.get("id"), str) or not isinstance(obj.get("text"), str):
-                yield {
-                    "error": "invalid_post",
-                    "detail": f"{where}: need string fields 'id' and 'text'",
-                }
-                continue
-            image, status = None, "none"
-            if obj.get("image"):
-                try:
-                    image, status = load_image(path.parent / str(obj["image"])), "ok"
-                except ImageError as exc:
-                    status = exc.reason
-            yield Post(obj["id"], obj["text"], image, status)
+class LocalOrWebFetcher:
+    """http(s) URLs through the guarded MediaFetcher; scheme-less paths from `base_dir`."""
 
+    def __init__(self, web: MediaFetcher, base_dir: Path) -> None:
+        self.web = web
+        self.base_dir = base_dir
 
-def classify_posts(
-    posts: list[Post], predictor: Predictor, policy: RoutingPolicy, itm_trusted: bool
-) -> list[dict[str, Any]]:
-    out = []
-    predictions = predictor.predict([p.text for p in posts], [p.image for p in posts])
-    for post, prediction in zip(posts, predictions, strict=True):
-        decision = route(prediction, predictor.card, policy, itm_trusted)
-        out.append(
-            {
-                "post_id": post.id,
-                "media_status": post.media_status,
-                **prediction.to_dict(),
-                **decision.to_dict(),
-            }
+    def _local(self, ref: str) -> MediaResult:
+        started = time.perf_counter()
+        path = self.base_dir / ref
+        try:
+            image = load_image(path)
+        except ImageError as exc:
+            return MediaResult(ref, exc.reason, reason=str(exc), elapsed_s=time.perf_counter() - started)
+        return MediaResult(
+            ref, "ok", image=image, content_hash=content_hash(path.read_bytes()), final_url=str(path), attempts=1
         )
-    return out
+
+    async def fetch_many(self, urls: Sequence[str]) -> list[MediaResult]:
+        remote = [u for u in urls if urlsplit(u).scheme]
+        fetched = iter(await self.web.fetch_many(remote))
+        local = [asyncio.to_thread(self._local, u) for u in urls if not urlsplit(u).scheme]
+        loaded = iter(await asyncio.gather(*local))
+        return [next(fetched) if urlsplit(u).scheme else next(loaded) for u in urls]
+
+
+def read_lines(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as fh:
+        for line in fh:
+            if line.strip():
+                yield line.rstrip(b"\r\n")
+
+
+def _chunks(lines: Iterator[bytes], size: int) -> Iterator[list[bytes]]:
+    batch: list[bytes] = []
+    for line in lines:
+        batch.append(line)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+async def classify_stream(
+    lines: Iterator[bytes],
+    sink: TextIO,
+    registry_root: Path,
+    version: str,
+    device: str,
+    base_dir: Path,
+    allow_loopback: bool = False,
+) -> dict[str, int]:
+    from trainer.fit import pick_device
+
+    loaded = ModelRegistry(registry_root).load(version)
+    pool = DevicePool(lambda d: Predictor(loaded.model, loaded.tokenizer, loaded.card, d), [pick_device(device)])
+    policy = RoutingPolicy()
+    trusted, why = policy.itm_trusted(loaded.card)
+    print(f"model {loaded.card.version}: {why if trusted else 'ITM routing off: ' + why}", file=sys.stderr)
+    counts = {"labelled": 0, "review": 0, "dead_letter": 0}
+    await pool.start()
+    try:
+        async with MediaFetcher(FetchConfig(allow_loopback=allow_loopback)) as web:
+            pipeline = Pipeline(pool, LocalOrWebFetcher(web, base_dir), lambda: loaded.card, policy)
+            for batch in _chunks(lines, BATCH):
+                for outcome in await pipeline.process(batch):
+                    record = outcome.dead_letter or outcome.label
+                    assert record is not None
+                    sink.write(encode(record).decode() + "\n")
+                    counts["dead_letter" if outcome.dead_letter else "labelled"] += 1
+                    counts["review"] += bool(outcome.review)
+    finally:
+        await pool.close()
+    return counts
 
 
 def classify_file(
@@ -83,32 +112,20 @@ def classify_file(
     registry_root: Path,
     version: str = "current",
     device: str = "auto",
+    allow_loopback: bool = False,
 ) -> int:
-    from trainer.fit import pick_device
-
-    loaded = ModelRegistry(registry_root).load(version)
-    predictor = Predictor(loaded.model, loaded.tokenizer, loaded.card, pick_device(device))
-    policy = RoutingPolicy()
-    trusted, why = policy.itm_trusted(loaded.card)
-    print(f"model {loaded.card.version}: {why}", file=sys.stderr)
     sink: TextIO = output_path.open("w", encoding="utf-8") if output_path else sys.stdout
     try:
-        batch: list[Post] = []
-
-        def flush() -> None:
-            for record in classify_posts(batch, predictor, policy, trusted):
-                sink.write(json.dumps(record) + "\n")
-            batch.clear()
-
-        for item in read_posts(input_path):
-            if isinstance(item, Post):
-                batch.append(item)
-                if len(batch) >= BATCH:
-                    flush()
-            else:
-                sink.write(json.dumps(item) + "\n")
-        flush()
+        counts = asyncio.run(
+            classify_stream(
+                read_lines(input_path), sink, registry_root, version, device, input_path.parent, allow_loopback
+            )
+        )
     finally:
         if output_path:
             sink.close()
+    print(
+        f"{counts['labelled']} labelled ({counts['review']} to review), {counts['dead_letter']} dead-lettered",
+        file=sys.stderr,
+    )
     return 0

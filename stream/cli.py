@@ -187,13 +187,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_classify(args: argparse.Namespace) -> int:
     from stream.classify import classify_file
 
-    return classify_file(
-        Path(args.input),
-        Path(args.output) if args.output else None,
-        _registry_root(args),
-        args.model,
-        args.device,
-    )
+    output = Path(args.output) if args.output else None
+    registry = _registry_root(args)
+    return classify_file(Path(args.input), output, registry, args.model, args.device, args.allow_loopback_media)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -358,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("classify", help="classify posts from a JSONL file (no Kafka)")
     _add_common(p)
     p.add_argument("input")
-    p.add_argument("--output", help="JSONL of labels (default: stdout)")
+    p.add_argument("--output", help="JSONL of labels and dead letters (default: stdout)")
+    p.add_argument("--allow-loopback-media", action="store_true", help="fetch image URLs on 127.0.0.1 too")
     p.add_argument("--model", default="current")
     p.set_defaults(func=cmd_classify)
 

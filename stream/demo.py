@@ -50,20 +50,20 @@ def ensure_default_model(registry: ModelRegistry, cache: Path, home: Path) -> st
 
 
 def print_table(path: Path) -> None:
-    posts = {}
+    texts = {}
     for line in SAMPLE_POSTS.read_text().splitlines():
         try:
             obj = json.loads(line)
-            posts[str(obj.get("id"))] = obj.get("text", "")
-        except json.JSONDecodeError:
+            texts[str(obj.get("id"))] = obj.get("text", "")
+        except (json.JSONDecodeError, AttributeError):
             continue
     print(f"{'post':<16} {'hate':>6} {'sarc.':>6} {'ITM':>5}  {'route':<7} {'media':<10} text")
-    review = errors = 0
+    review = dead = 0
     for line in path.read_text().splitlines():
         rec = json.loads(line)
-        if "error" in rec:
-            errors += 1
-            print(f"{'(rejected)':<16} {rec['error']}: {rec['detail']}")
+        if "stage" in rec:  # a dead letter
+            dead += 1
+            print(f"{'(dead letter)':<16} {rec['stage']}: {rec['reason'][:90]}")
             continue
         labels = rec["labels"]
         itm = "  -  " if rec["itm_match"] is None else f"{rec['itm_match']:.2f}"
@@ -72,9 +72,9 @@ def print_table(path: Path) -> None:
         print(
             f"{rec['post_id']:<16} {labels['hate']['score']:5.2f}{flags['hate']} "
             f"{labels['sarcasm']['score']:5.2f}{flags['sarcasm']} "
-            f"{itm:>5}  {rec['route']:<7} {rec['media_status']:<10} {posts.get(rec['post_id'], '')[:48]}"
+            f"{itm:>5}  {rec['route']:<7} {rec['media']['status']:<10} {texts.get(rec['post_id'], '')[:48]}"
         )
-    print(f"\n* = decision positive. {review} post(s) routed to review, {errors} line(s) rejected.")
+    print(f"\n* = decision positive. {review} post(s) routed to review, {dead} dead-lettered.")
 
 
 def run_demo(registry_root: Path, cache: Path, home: Path) -> int:

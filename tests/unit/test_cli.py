@@ -26,38 +26,34 @@ def test_import_csv_command_writes_a_manifest(tmp_path, capsys):
     assert "wrote 2 examples" in capsys.readouterr().out
 
 
-def test_classify_command_labels_every_line_and_rejects_bad_ones(tmp_path, synthetic_small, capsys):
+def test_classify_command_runs_the_pipeline_on_every_line(tmp_path, synthetic_small, capsys):
     model, tok = tiny_model()
     registry = tmp_path / "registry"
-    card = ModelCard(
-        config=model.config, itm={"trained": True, "auroc": 0.9, "routing_lift": {"hate": 2.0}, "threshold": 0.99}
-    )
-    ModelRegistry(registry).save(model, tok, card)
+    itm = {"trained": True, "auroc": 0.9, "routing_lift": {"hate": 2.0}, "threshold": 0.99}
+    ModelRegistry(registry).save(model, tok, ModelCard(config=model.config, itm=itm))
     image = synthetic_small[0].image
-    broken = tmp_path / "broken.png"
-    broken.write_bytes(image.read_bytes()[:60])
+    (tmp_path / "broken.png").write_bytes(image.read_bytes()[:60])
     posts = tmp_path / "posts.jsonl"
+    lines = [
+        {"id": "a", "text": "lovely day", "image_urls": [str(image)]},
+        {"id": "b", "text": "text only", "image_urls": []},
+        {"id": "c", "text": "broken", "image_urls": ["broken.png"]},
+        {"id": "d", "text": "private address", "image_urls": ["http://10.1.2.3/x.png"]},
+    ]
     posts.write_text(
-        "\n".join(
-            [
-                json.dumps({"id": "a", "text": "lovely day", "image": str(image)}),
-                json.dumps({"id": "b", "text": "text only", "image": None}),
-                json.dumps({"id": "c", "text": "broken", "image": "broken.png"}),
-                "{not json",
-                json.dumps({"id": 5, "text": "bad id"}),
-            ]
-        )
-        + "\n"
+        "\n".join([json.dumps(x) for x in lines] + ["{not json", json.dumps({"id": 5, "text": "bad id"})]) + "\n"
     )
     out = tmp_path / "labels.jsonl"
-    assert main(["classify", str(posts), "--registry", str(registry), "--output", str(out)]) == 0
+    assert main(["classify", str(posts), "--registry", str(registry), "--output", str(out), "--device", "cpu"]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(records) == 5
-    by_id = {r["post_id"]: r for r in records if "post_id" in r}
-    assert by_id["a"]["model_version"] == "v0001" and by_id["a"]["media_status"] == "ok"
+    assert len(records) == 6
+    by_id = {r["post_id"]: r for r in records if "labels" in r}
+    assert by_id["a"]["model_version"] == "v0001" and by_id["a"]["media"]["status"] == "ok"
     assert by_id["a"]["route"] == "review" and by_id["a"]["reasons"] == ["weak_image_text_match"]  # threshold 0.99
     assert by_id["b"]["itm_match"] is None and by_id["b"]["route"] == "auto"
-    assert by_id["c"]["media_status"] in {"truncated", "corrupt"} and by_id["c"]["itm_match"] is None
-    assert sorted(r["error"] for r in records if "error" in r) == ["invalid_json", "invalid_post"]
+    assert by_id["c"]["media"]["status"] in {"truncated", "corrupt"} and by_id["c"]["itm_match"] is None
+    assert by_id["d"]["media"]["status"] == "blocked_address"  # the worker's SSRF guard, no connection
+    dead = [r for r in records if "stage" in r]
+    assert len(dead) == 2 and {d["stage"] for d in dead} == {"parse"}
     assert main(["models", "--registry", str(registry)]) == 0
     assert "* v0001" in capsys.readouterr().out
