@@ -195,7 +195,7 @@ def naive_consumer(stack: Stack, posts: list[Post], predictor: Predictor) -> dic
     return {"posts": len(posts), "seconds": seconds, "posts_per_s": len(posts) / seconds}
 
 
-def bare_model(predictor: Predictor, examples: list[Example], n: int, batch: int = 64) -> dict[str, Any]:
+def bare_model(predictor: Predictor, examples: list[Example], n: int, batch: int = 8) -> dict[str, Any]:
     texts = [e.text for e in examples][:n]
     images = [load_image(e.image) if e.image else None for e in examples][:n]
     predictor.predict(texts[:batch], images[:batch])  # warm-up

@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--web-port", type=int, default=6066, help="port of /metrics and /ready")
     p.add_argument("--max-batch", type=int, default=64, help="posts per agent micro-batch")
     p.add_argument("--max-wait", type=float, default=0.05, help="seconds to fill a micro-batch")
-    p.add_argument("--device-batch", type=int, default=64)
+    p.add_argument("--device-batch", type=int, default=0, help="model batch per device (0: 8 on CPU, 256 on GPU)")
     p.add_argument("--device-delay", type=float, default=0.005)
     p.add_argument("--allow-loopback-media", action="store_true", help="demo/tests: fetch media from 127.0.0.1")
     p.add_argument("--itm-threshold", type=float, help="override the card's ITM review threshold")

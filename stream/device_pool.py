@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from PIL import Image
@@ -27,9 +27,16 @@ log = logging.getLogger(__name__)
 PredictorFactory = Callable[[torch.device], Predictor]
 
 
+# Measured with bench/forward_throughput.py on the 2-core development CPU: default backbones
+# peak at batch 4-16 (~40 posts/s) and fall to ~27 posts/s at 64 (cache pressure), so the
+# CPU batch stays small; GPUs want large batches.
+CPU_MAX_BATCH = 8
+GPU_MAX_BATCH = 256
+
+
 @dataclass
 class BatcherConfig:
-    max_batch: int = 64
+    max_batch: int = 0  # 0: CPU_MAX_BATCH on a CPU, GPU_MAX_BATCH on a GPU
     max_delay_s: float = 0.005
     max_queue: int = 1024
     timeout_s: float = 60.0  # hard limit per post: a hung model must not stall a partition
@@ -58,6 +65,9 @@ def visible_devices(spec: str = "auto") -> list[torch.device]:
 class Replica:
     def __init__(self, predictor: Predictor, config: BatcherConfig, on_batch: Callable[[int, float], None]) -> None:
         self.predictor = predictor
+        if not config.max_batch:
+            gpu = predictor.device.type == "cuda"
+            config = replace(config, max_batch=GPU_MAX_BATCH if gpu else CPU_MAX_BATCH)
         self.config = config
         self.queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=config.max_queue)
         self._next: Predictor | None = None
