@@ -9,6 +9,7 @@ agent always reaches its sends before the offsets are committed.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -92,86 +93,91 @@ class Pipeline:
         return outcomes
 
     async def _label(self, outcomes: list[Outcome]) -> None:
-        started = time.perf_counter()
-        posts = [o.post for o in outcomes if o.post is not None]
-        assert len(posts) == len(outcomes), "only parsed posts reach labelling"
-        media = await self._fetch(posts)
-        fetched = time.perf_counter()
-        metrics.STAGE_SECONDS.labels("fetch").observe(fetched - started)
+        """Each post flows on its own (fetch -> dedupe -> classify), so posts whose media has
+        arrived are classified while others still download; the device pool batches them."""
         card: ModelCard = self.card_of()
-        keys = [dedupe_key(p.text, m.content_hash) for p, m in zip(posts, media, strict=True)]
-        cached = await self._cached(card.version, keys)
-        todo = [i for i, hit in enumerate(cached) if hit is None]
-        predictions: list[Prediction | BaseException] = []
-        if todo:  # everything may come from the dedupe cache
-            predictions = await self.classifier.predict([posts[i].text for i in todo], [media[i].image for i in todo])
-        classified = time.perf_counter()
-        metrics.STAGE_SECONDS.labels("classify").observe(classified - fetched)
         trusted = self.itm_trusted()
+        # Posts of this batch with the same media and text share one computation.
+        inflight: dict[str, asyncio.Future[dict[str, Any] | BaseException]] = {}
         fresh: list[tuple[str, dict[str, Any]]] = []
-        by_index = dict(zip(todo, predictions, strict=True))
-        for i, (outcome, post) in enumerate(zip(outcomes, posts, strict=True)):
-            info = media[i].info
-            timings = {"fetch_s": round(fetched - started, 4), "classify_s": round(classified - fetched, 4)}
-            hit = cached[i]
-            if hit is not None:
-                metrics.DEDUPE_HITS.inc()
-                label = Label(
-                    post_id=post.id,
-                    labels=hit["labels"],
-                    itm_match=hit["itm_match"],
-                    route=hit["route"],
-                    reasons=hit["reasons"],
-                    media=info,
-                    model_version=hit["model_version"],
-                    timings=timings,
-                    dedupe_hit=True,
-                )
+
+        async def one(outcome: Outcome, post: Post) -> None:
+            started = time.perf_counter()
+            media = await self._fetch_one(post)
+            fetched = time.perf_counter()
+            key = dedupe_key(post.text, media.content_hash)
+            computed = False  # True only for the post that ran the model for this content
+            if key not in inflight:
+                inflight[key] = asyncio.get_running_loop().create_future()
+                cached = (await self._cached(card.version, [key]))[0]
+                if cached is None:
+                    computed = True
+                    result = await self._classify(post, media, card, trusted)
+                    if not isinstance(result, BaseException):
+                        fresh.append((key, result))
+                else:
+                    result = cached
+                inflight[key].set_result(result)
             else:
-                prediction = by_index[i]
-                if isinstance(prediction, BaseException):
-                    outcome.dead_letter = DeadLetter.from_raw(outcome.raw, "classify", repr(prediction), post.id)
-                    continue
-                decision = route(prediction, card, self.policy, trusted)
-                label = Label(
-                    post_id=post.id,
-                    labels={
-                        t: {k: v for k, v in p.to_dict().items() if k != "probs"} for t, p in prediction.tasks.items()
-                    },
-                    itm_match=prediction.itm_match,
-                    route=decision.route,
-                    reasons=decision.reasons,
-                    media=info,
-                    model_version=prediction.model_version,
-                    timings=timings,
-                )
-                if prediction.itm_match is not None:
-                    metrics.ITM_SCORE.observe(prediction.itm_match)
-                fresh.append((keys[i], label.to_json()))
+                result = await inflight[key]
+            metrics.STAGE_SECONDS.labels("fetch").observe(fetched - started)
+            metrics.STAGE_SECONDS.labels("classify").observe(time.perf_counter() - fetched)
+            if isinstance(result, BaseException):
+                outcome.dead_letter = DeadLetter.from_raw(outcome.raw, "classify", repr(result), post.id)
+                return
+            hit = not computed
+            timings = {"fetch_s": round(fetched - started, 4), "classify_s": round(time.perf_counter() - fetched, 4)}
+            label = Label(
+                post_id=post.id,
+                labels=result["labels"],
+                itm_match=result["itm_match"],
+                route=result["route"],
+                reasons=result["reasons"],
+                media=media.info,
+                model_version=result["model_version"],
+                timings=timings,
+                dedupe_hit=hit,
+            )
+            if hit:
+                metrics.DEDUPE_HITS.inc()
             outcome.label = label
             if label.route == "review":
                 for reason in label.reasons:
                     metrics.REVIEW.labels(reason).inc()
                 outcome.review = ReviewItem(post.id, post.text, post.image_url, label.reasons, label.to_json())
+
+        pairs = [(o, o.post) for o in outcomes if o.post is not None]
+        await asyncio.gather(*(one(o, p) for o, p in pairs))
         await self._remember(card.version, fresh)
 
-    async def _fetch(self, posts: list[Post]) -> list[FetchedMedia]:
-        out = [FetchedMedia(MediaInfo("none")) for _ in posts]
-        wanted = [(i, p.image_url) for i, p in enumerate(posts) if p.image_url]
-        if not wanted:
-            return out
+    async def _classify(
+        self, post: Post, media: FetchedMedia, card: ModelCard, trusted: bool
+    ) -> dict[str, Any] | BaseException:
+        """The label fields (shared by every post with the same content), or the error."""
+        (prediction,) = await self.classifier.predict([post.text], [media.image])
+        if isinstance(prediction, BaseException):
+            return prediction
+        if prediction.itm_match is not None:
+            metrics.ITM_SCORE.observe(prediction.itm_match)
+        decision = route(prediction, card, self.policy, trusted)
+        return {
+            "labels": {t: {k: v for k, v in p.to_dict().items() if k != "probs"} for t, p in prediction.tasks.items()},
+            "itm_match": prediction.itm_match,
+            "route": decision.route,
+            "reasons": decision.reasons,
+            "model_version": prediction.model_version,
+        }
+
+    async def _fetch_one(self, post: Post) -> FetchedMedia:
+        url = post.image_url
+        if not url:
+            return FetchedMedia(MediaInfo("none"))
         if self.fetcher is None:
-            for i, url in wanted:
-                out[i] = FetchedMedia(MediaInfo("fetch_disabled", url=url))
-            return out
-        results = await self.fetcher.fetch_many([url for _, url in wanted if url])
-        for (i, url), result in zip(wanted, results, strict=True):
-            metrics.MEDIA.labels(result.status).inc()
-            out[i] = FetchedMedia(
-                MediaInfo(result.status, url=url, content_hash=result.content_hash, reason=result.reason or None),
-                result.image if result.status == "ok" else None,
-            )
-        return out
+            return FetchedMedia(MediaInfo("fetch_disabled", url=url))
+        (result,) = await self.fetcher.fetch_many([url])
+        metrics.MEDIA.labels(result.status).inc()
+        info = MediaInfo(result.status, url=url, content_hash=result.content_hash, reason=result.reason or None)
+        return FetchedMedia(info, result.image if result.status == "ok" else None)
 
     async def _cached(self, version: str, keys: list[str]) -> list[dict[str, Any] | None]:
         if self.cache is None:

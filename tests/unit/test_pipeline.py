@@ -124,3 +124,12 @@ def test_cache_outage_degrades_to_classifying():
 
     (out,) = asyncio.run(_pipeline(cache=DownCache()).process([_raw("a", "x")]))
     assert out.label is not None and not out.label.dedupe_hit
+
+
+def test_duplicates_within_one_batch_run_the_model_once():
+    classifier = FakeClassifier()
+    raws = [_raw("a", "same", "http://m/x.png"), _raw("b", "same", "http://m/x.png"), _raw("c", "other")]
+    outcomes = asyncio.run(_pipeline(classifier).process(raws))
+    assert sorted(map(tuple, classifier.calls)) == [("other",), ("same",)]
+    assert [o.label.dedupe_hit for o in outcomes] == [False, True, False]
+    assert outcomes[0].label.labels == outcomes[1].label.labels and outcomes[1].label.post_id == "b"
