@@ -48,6 +48,7 @@ from trainer.manifest import Example, read_manifest  # noqa: E402
 from trainer.synthetic import write_synthetic  # noqa: E402
 
 LATENCY_S = 0.05
+WARM_POSTS = 200
 
 
 def free_ports(n: int) -> list[int]:
@@ -236,7 +237,7 @@ def main() -> None:
         predictor = Predictor(model.eval(), tokenizer, registry.card())
         media_dir = tmp / "media"
         examples = read_manifest(
-            write_synthetic(media_dir, n=4 * args.posts + 64 + args.naive_posts, seed=21, image_size=256)
+            write_synthetic(media_dir, n=4 * args.posts + WARM_POSTS + args.naive_posts, seed=21, image_size=256)
         )
         media = BackgroundMediaServer(media_dir / "images")
         server = media.server
@@ -266,7 +267,7 @@ def main() -> None:
         n = args.posts
         results: dict[str, Any] = {}
         # Every measurement gets posts of its own, so the dedupe cache only helps where meant to.
-        e2e(stack, posts("warm-", 64, 4 * n), "warm-")  # first batches pay lazy initialisation
+        e2e(stack, posts("warm-", WARM_POSTS, 4 * n), "warm-")  # first batches pay lazy initialisation
         results["bare_model"] = bare_model(predictor, examples[:n], n)
         results["worker"] = e2e(stack, posts("w0-", n, 0), "w0-")
         results["worker_repost50"] = e2e(stack, posts("w50-", n, n, repost=0.5), "w50-")
@@ -277,7 +278,9 @@ def main() -> None:
         results["worker_half_rate"] = e2e(stack, posts("wh-", n // 2, 3 * n), "wh-", rate=half)
         results["worker_peak_rss_mib"] = peak_rss_mib(worker.pid)
         server.latency_s = LATENCY_S
-        results["naive_latency50ms"] = naive_consumer(stack, posts("nv-", args.naive_posts, 4 * n + 64), predictor)
+        results["naive_latency50ms"] = naive_consumer(
+            stack, posts("nv-", args.naive_posts, 4 * n + WARM_POSTS), predictor
+        )
         server.latency_s = 0.0
         ratios = {
             "worker_vs_bare_model": results["worker"]["posts_per_s"] / results["bare_model"]["posts_per_s"],
