@@ -79,7 +79,7 @@ def run_local(registry_root: Path, cache: Path, home: Path, opts: RunOptions) ->
             [sys.executable, "-m", "stream.cli", "worker", "--registry", str(registry_root),
              "--bootstrap", f"127.0.0.1:{opts.bootstrap_port}", "--redis", f"redis://127.0.0.1:{opts.redis_port}/0",
              "--web-port", str(opts.web_port), "--allow-loopback-media",
-             "--app-id", f"modstream-run-{int(time.time())}"],
+             "--app-id", "modstream-run"],
             cwd=REPO_ROOT, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
         )  # fmt: skip
         before = _wait_for_metrics(opts.web_port, worker)

@@ -24,7 +24,7 @@ from models.card import ModelCard
 from models.inference import Prediction
 from stream import metrics
 from stream.records import DeadLetter, Label, MediaInfo, Post, RecordError, ReviewItem
-from stream.routing import RoutingPolicy, route
+from stream.routing import RoutingPolicy, route_scores
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class Pipeline:
                 cached = (await self._cached(card.version, [key]))[0]
                 if cached is None:
                     computed = True
-                    result = await self._classify(post, media, card, trusted)
+                    result = await self._classify(post, media)
                     if not isinstance(result, BaseException):
                         fresh.append((key, result))
                 else:
@@ -127,12 +127,14 @@ class Pipeline:
                 return
             hit = not computed
             timings = {"fetch_s": round(fetched - started, 4), "classify_s": round(time.perf_counter() - fetched, 4)}
+            scores = {t: (v["score"], v["threshold"]) for t, v in result["labels"].items()}
+            decision = route_scores(result["itm_match"], scores, card, self.policy, trusted)
             label = Label(
                 post_id=post.id,
                 labels=result["labels"],
                 itm_match=result["itm_match"],
-                route=result["route"],
-                reasons=result["reasons"],
+                route=decision.route,
+                reasons=decision.reasons,
                 media=media.info,
                 model_version=result["model_version"],
                 timings=timings,
@@ -150,21 +152,16 @@ class Pipeline:
         await asyncio.gather(*(one(o, p) for o, p in pairs))
         await self._remember(card.version, fresh)
 
-    async def _classify(
-        self, post: Post, media: FetchedMedia, card: ModelCard, trusted: bool
-    ) -> dict[str, Any] | BaseException:
-        """The label fields (shared by every post with the same content), or the error."""
+    async def _classify(self, post: Post, media: FetchedMedia) -> dict[str, Any] | BaseException:
+        """The model's outputs (what the dedupe cache shares between posts), or the error."""
         (prediction,) = await self.classifier.predict([post.text], [media.image])
         if isinstance(prediction, BaseException):
             return prediction
         if prediction.itm_match is not None:
             metrics.ITM_SCORE.observe(prediction.itm_match)
-        decision = route(prediction, card, self.policy, trusted)
         return {
             "labels": {t: {k: v for k, v in p.to_dict().items() if k != "probs"} for t, p in prediction.tasks.items()},
             "itm_match": prediction.itm_match,
-            "route": decision.route,
-            "reasons": decision.reasons,
             "model_version": prediction.model_version,
         }
 

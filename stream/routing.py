@@ -30,14 +30,14 @@ class RoutingPolicy:
         if auroc is None or math.isnan(auroc) or auroc < self.min_itm_auroc:
             return False, f"validated ITM AUROC {auroc} is below the floor {self.min_itm_auroc}"
         lifts = [v for v in (itm.get("routing_lift") or {}).values() if v is not None and not math.isnan(v)]
-        if not lifts or max(lifts) < self.min_routing_lift:
-            return (
-                False,
-                f"validated routing lift {lifts} is below the floor {self.min_routing_lift}",
-            )
+        # No finite lift means validation had no errors to concentrate (a perfect model):
+        # nothing contradicts the AUROC then, so only a measured lift below the floor blocks.
+        if lifts and max(lifts) < self.min_routing_lift:
+            return False, f"validated routing lift {max(lifts):.2f} is below the floor {self.min_routing_lift}"
         if self.threshold(card) is None:
             return False, "no ITM threshold in the card or configuration"
-        return True, "ITM routing enabled"
+        lift = f"routing lift {max(lifts):.2f}" if lifts else "routing lift undefined (no validation errors)"
+        return True, f"ITM routing enabled (validated ITM AUROC {auroc:.2f}, {lift})"
 
     def threshold(self, card: ModelCard) -> float | None:
         return self.itm_threshold if self.itm_threshold is not None else card.itm.get("threshold")
@@ -53,13 +53,26 @@ class RouteDecision:
 
 
 def route(prediction: Prediction, card: ModelCard, policy: RoutingPolicy, itm_trusted: bool) -> RouteDecision:
+    scores = {task: (p.score, p.threshold) for task, p in prediction.tasks.items()}
+    return route_scores(prediction.itm_match, scores, card, policy, itm_trusted)
+
+
+def route_scores(
+    itm_match: float | None,
+    scores: dict[str, tuple[float, float]],
+    card: ModelCard,
+    policy: RoutingPolicy,
+    itm_trusted: bool,
+) -> RouteDecision:
+    """`scores`: task -> (score, threshold). Works from stored label values too, so a
+    cached label is routed by the policy in force now, not the one it was made under."""
     reasons: list[str] = []
     threshold = policy.threshold(card)
     # Text-only posts have no ITM score and are never routed by it.
-    if itm_trusted and prediction.itm_match is not None and threshold is not None and prediction.itm_match < threshold:
+    if itm_trusted and itm_match is not None and threshold is not None and itm_match < threshold:
         reasons.append(WEAK_MATCH)
     if policy.uncertainty_band > 0:
-        for task, p in prediction.tasks.items():
-            if abs(p.score - p.threshold) < policy.uncertainty_band:
+        for task, (score, task_threshold) in scores.items():
+            if abs(score - task_threshold) < policy.uncertainty_band:
                 reasons.append(f"uncertain_{task}")
     return RouteDecision("review" if reasons else "auto", reasons)

@@ -8,11 +8,11 @@ from sklearn.metrics import f1_score, roc_auc_score
 
 from models.config import ModelConfig
 from models.inference import Predictor
+from stream.demo import synthetic_training
 from trainer.fit import fit
 from trainer.images import load_image
 from trainer.manifest import read_manifest
 from trainer.synthetic import write_synthetic
-from trainer.train import TrainConfig
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 def test_default_model_learns_cross_modal_labels_and_itm(tmp_path):
     train = read_manifest(write_synthetic(tmp_path / "train", n=1000, seed=0))
     test = read_manifest(write_synthetic(tmp_path / "test", n=400, seed=1))
-    fitted = fit(train, ModelConfig(), TrainConfig(), cache_dir=tmp_path / "cache")
+    fitted = fit(train, ModelConfig(), synthetic_training(), cache_dir=tmp_path / "cache")
     predictor = Predictor(fitted.model, fitted.tokenizer, fitted.card)
     preds = []
     for start in range(0, len(test), 64):

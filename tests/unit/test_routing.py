@@ -23,6 +23,8 @@ def test_itm_routing_needs_validated_auroc_and_lift():
     assert "AUROC" in policy.itm_trusted(_card(**{**GOOD, "auroc": 0.55}))[1]
     assert "lift" in policy.itm_trusted(_card(**{**GOOD, "routing_lift": {"hate": 0.9}}))[1]
     assert not policy.itm_trusted(_card(**{**GOOD, "auroc": None}))[0]
+    # A model with no validation errors has no defined lift: the AUROC decides alone.
+    assert policy.itm_trusted(_card(**{**GOOD, "routing_lift": {"hate": float("nan")}}))[0]
 
 
 def test_weak_match_goes_to_review_but_text_only_never_by_itm():
