@@ -151,14 +151,20 @@ async def send_all(topic: Any, records: Sequence[tuple[str | None, bytes]], retr
     which is the backpressure we want during a broker outage: nothing is acked meanwhile)."""
     pending = list(records)
     while pending:
-        futures = []
+        results: list[Any] = []
         for key, value in pending:
-            futures.append(await topic.send(key=key.encode() if key else None, value=value, force=True))
-        results = await asyncio.gather(*futures, return_exceptions=True)
-        failed = [rec for rec, res in zip(pending, results, strict=True) if isinstance(res, BaseException)]
+            try:  # send() itself can raise (buffer full, broker gone), not only its future
+                results.append(await topic.send(key=key.encode() if key else None, value=value, force=True))
+            except Exception as exc:
+                results.append(exc)
+        futures = [r for r in results if not isinstance(r, BaseException)]
+        acked = iter(await asyncio.gather(*futures, return_exceptions=True))
+        outcomes = [r if isinstance(r, BaseException) else next(acked) for r in results]
+        failed = [rec for rec, res in zip(pending, outcomes, strict=True) if isinstance(res, BaseException)]
         if failed:
+            errors = [res for res in outcomes if isinstance(res, BaseException)]
             metrics.DEPENDENCY_ERRORS.labels("kafka", "send").inc(len(failed))
-            log.warning("%d sends failed (%r); retrying in %.1f s", len(failed), results[0], retry_s)
+            log.warning("%d sends failed (%r); retrying in %.1f s", len(failed), errors[0], retry_s)
             await asyncio.sleep(retry_s)
         pending = failed
 
