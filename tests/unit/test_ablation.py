@@ -28,3 +28,20 @@ def test_tiny_ablation_writes_tables_and_resumes(tmp_path, synthetic_small, monk
     monkeypatch.setattr("trainer.ablation.train", no_training)
     again = run_ablation(synthetic_small, cfg, ablation, out, model_and_tokenizer=tiny_model(cfg))
     assert again["variants"]["task"]["tasks"]["hate"]["mean"] == summary["variants"]["task"]["tasks"]["hate"]["mean"]
+
+
+def test_partly_unfrozen_variant_fine_tunes_a_copy_of_the_text_encoder(tmp_path, synthetic_small):
+    import torch
+
+    cfg = tiny_config()
+    model, tok = tiny_model(cfg)
+    before = {k: v.clone() for k, v in model.text_encoder.state_dict().items()}
+    name = "task+itc+itm (text top 1 unfrozen)"
+    ablation = AblationConfig(
+        folds=2, seeds=(0,), unfreeze_text_layers=1, only=(name,), train=TrainConfig(epochs=2, itm_finish_epochs=0)
+    )
+    summary = run_ablation(synthetic_small, cfg, ablation, tmp_path / "abl", model_and_tokenizer=(model, tok))
+    assert summary["variants"][name]["runs"] == 2
+    # The shared base encoder stays frozen and untouched; each run trained its own copy.
+    after = model.text_encoder.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
