@@ -30,16 +30,6 @@ class EncodedSequence:
     mask: Tensor
     pooled: Tensor
 
-    def index(self, idx: Tensor) -> EncodedSequence:
-        return EncodedSequence(self.tokens[idx], self.mask[idx], self.pooled[idx])
-
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> EncodedSequence:
-        return EncodedSequence(
-            self.tokens.to(device=device, dtype=dtype),
-            self.mask.to(device=device),
-            self.pooled.to(device=device, dtype=dtype),
-        )
-
 
 def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
     weights = mask.to(tokens.dtype).unsqueeze(-1)

@@ -84,10 +84,6 @@ class RedisStore:
                 break
         metrics.REVIEW_PENDING.set(len(self._pending))
 
-    @property
-    def pending(self) -> int:
-        return len(self._pending)
-
     async def flush_pending(self) -> int:
         flushed = 0
         while self._pending:

@@ -110,16 +110,6 @@ def encoder_key(model: MultimodalModel, which: str) -> str:
     return f"{which}-{h.hexdigest()[:16]}"
 
 
-class Features:
-    """Yields (text, image, image_present) batches for index lists."""
-
-    def batch(self, idx: Sequence[int]) -> tuple[EncodedSequence, EncodedSequence, Tensor]:
-        raise NotImplementedError
-
-    def __len__(self) -> int:
-        raise NotImplementedError
-
-
 @dataclass
 class FrozenSequences:
     """A frozen encoder's outputs for a whole dataset, padded once: tokens [N, L, D]
@@ -151,7 +141,7 @@ class FrozenSequences:
         return FrozenSequences(self.tokens[index], self.mask[index])
 
 
-class LiveFeatures(Features):
+class LiveFeatures:
     """Runs the encoders on every batch (used for any encoder that is being fine-tuned);
     a frozen side can still come from a cache via `frozen_text` / `frozen_image`."""
 
