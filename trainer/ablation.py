@@ -269,9 +269,11 @@ def _one_run(shared: _Shared, spec: RunSpec) -> dict[str, Any]:
     # Frozen encoders are shared by every run; one being fine-tuned gets a fresh copy.
     text = copy.deepcopy(base_model.text_encoder) if variant.text_trainable_layers else base_model.text_encoder
     model = MultimodalModel(config, text, base_model.image_encoder).to(features.device)
-    feats = subset(features, range(len(features)), model)
+    # A shallow copy bound to this run's model: the cached tensors are shared, not copied.
+    feats = copy.copy(features)
+    feats.model = model
     if variant.text_trainable_layers:
-        feats.frozen_text = None
+        feats.frozen_text = None  # the text encoder trains, so it must run live
     train_cfg = replace(cfg.train, seed=seed, objective=variant.objective(cfg.task_weight, cfg.aux_weight))
 
     def pick(idx: list[int]) -> tuple[Any, dict[str, torch.Tensor]]:

@@ -263,9 +263,8 @@ def build_features(
     return LiveFeatures(model, tokenizer, inputs, device, frozen_text, frozen_image)
 
 
-def subset(features: LiveFeatures, idx: Sequence[int], model: MultimodalModel | None = None) -> LiveFeatures:
-    """A view of `features` restricted to `idx` (folds share one cache in memory), bound to
-    `model` for the live side when given (each ablation run trains its own model)."""
+def subset(features: LiveFeatures, idx: Sequence[int]) -> LiveFeatures:
+    """`features` restricted to `idx` (a split of a fold), with the same model."""
     inputs = features.inputs
     sub_inputs = LoadedInputs(
         [inputs.examples[i] for i in idx],
@@ -273,7 +272,7 @@ def subset(features: LiveFeatures, idx: Sequence[int], model: MultimodalModel | 
         [inputs.image_hashes[i] for i in idx],
     )
     return LiveFeatures(
-        model or features.model,
+        features.model,
         features.text_pre.tokenizer,
         sub_inputs,
         features.device,
