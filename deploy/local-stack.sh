@@ -116,6 +116,9 @@ live_pid() {
 
 kafka_pid() { live_pid "$KAFKA_PID" kafka.Kafka "$SERVER_PROPERTIES"; }
 redis_pid() { live_pid "$REDIS_PID" redis-server; }
+# During start-up only liveness is checked: right after `cmd &` the child may not have exec'd yet, so its
+# command line is still bash's and the marker checks above would wrongly report it dead.
+started_pid_alive() { live_pid "$1" >/dev/null; }
 
 tail_log() {
   local file=$1
@@ -398,7 +401,7 @@ topics_with_java() {
   local deadline=$1 topic
   local -a topic_cmd=(java -cp "$KAFKA_LIBS/*" org.apache.kafka.tools.TopicCommand --bootstrap-server "$HOST:$KAFKA_PORT")
   until "${topic_cmd[@]}" --list >/dev/null 2>&1; do
-    kafka_pid >/dev/null || return 1
+    started_pid_alive "$KAFKA_PID" || return 1
     ((EPOCHSECONDS < deadline)) || return 1
     sleep 1
   done
@@ -416,7 +419,7 @@ topics_with_java() {
 wait_kafka() {
   local deadline=$((EPOCHSECONDS + START_TIMEOUT)) python
   until port_open "$KAFKA_PORT"; do
-    if ! kafka_pid >/dev/null; then
+    if ! started_pid_alive "$KAFKA_PID"; then
       tail_log "$KAFKA_LOG"
       rm -f "$KAFKA_PID"
       die "Kafka exited during start-up (log: $KAFKA_LOG)"
@@ -493,7 +496,7 @@ launch_redis() {
 wait_redis() {
   local deadline=$((EPOCHSECONDS + START_TIMEOUT))
   until redis_ping "$REDIS_PORT"; do
-    if [[ -f $REDIS_PID ]] && ! redis_pid >/dev/null; then
+    if [[ -f $REDIS_PID ]] && ! started_pid_alive "$REDIS_PID"; then
       tail_log "$REDIS_LOG" 20
       rm -f "$REDIS_PID"
       die "redis-server exited during start-up (log: $REDIS_LOG)"
