@@ -87,6 +87,42 @@ class TextEncoder(nn.Module):
         tokens = out.last_hidden_state
         return EncodedSequence(tokens, mask, masked_mean(tokens, mask))
 
+    # A partly unfrozen encoder is split at `start` (= layers - trainable): the frozen bottom
+    # half's output is cached like a frozen encoder's, and training runs only the top layers.
+
+    def hidden_states_at(self, input_ids: Tensor, attention_mask: Tensor, start: int) -> Tensor:
+        """The input of layer `start` (0: the embeddings' output)."""
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        return out.hidden_states[start]
+
+    def forward_from(self, hidden: Tensor, mask: Tensor, start: int) -> EncodedSequence:
+        """Runs layers `start:` on `hidden` (from `hidden_states_at`). Written for BERT-style
+        layers, `layer(hidden, attention_mask)`; `supports_split` checks a model against it."""
+        from transformers.masking_utils import create_bidirectional_mask
+
+        attention = create_bidirectional_mask(config=self.backbone.config, inputs_embeds=hidden, attention_mask=mask)
+        for layer in self.layers()[start:]:
+            out = layer(hidden, attention)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return EncodedSequence(hidden, mask, masked_mean(hidden, mask))
+
+    @torch.no_grad()
+    def supports_split(self, input_ids: Tensor, attention_mask: Tensor, start: int, atol: float = 1e-4) -> bool:
+        """True when `forward_from(hidden_states_at(...))` reproduces `forward` on this batch."""
+        if not 0 < start < len(self.layers()):
+            return False
+        was_training = self.training
+        self.eval()
+        try:
+            whole = self.forward(input_ids, attention_mask)
+            split = self.forward_from(self.hidden_states_at(input_ids, attention_mask, start), attention_mask, start)
+        except (TypeError, ValueError, RuntimeError):
+            return False
+        finally:
+            self.train(was_training)
+        mask = attention_mask.bool()
+        return bool(torch.allclose(whole.tokens[mask], split.tokens[mask], atol=atol))
+
 
 class ImageEncoder(nn.Module):
     """Base for image encoders: `dim`, the expected input size and normalisation."""

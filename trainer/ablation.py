@@ -2,7 +2,8 @@
 
 Every variant trains on the same folds and seeds, so differences to task-only are paired.
 Frozen encoders are encoded once (content-hash cache) and shared by every run; only the
-small head trains per run, which keeps a 5x3 grid within minutes on a CPU.
+small head trains per run, which keeps a 5x3 grid within minutes on a CPU. Variants that
+fine-tune the text encoder's top layers share the cached output of its frozen layers.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from models.losses import IGNORE_INDEX, NegativeSampling
 from models.objectives import ObjectiveConfig
 from models.registry import build_model
 from trainer.calibration import calibrate, score
-from trainer.features import FeatureStore, LiveFeatures, build_features, load_inputs, subset
+from trainer.features import FeatureStore, LiveFeatures, build_features, load_inputs, subset, text_prefix
 from trainer.fit import merge_rare, pick_device, strata, stratified_split
 from trainer.manifest import Example
 from trainer.stats import (
@@ -78,10 +79,12 @@ def variants(unfreeze_text_layers: int = 0) -> list[Variant]:
         suffix = f" (text top {unfreeze_text_layers} unfrozen)"
         out += [
             Variant(BASELINE + suffix, itc=False, itm=False, text_trainable_layers=unfreeze_text_layers),
+            Variant("task+itc+itm" + suffix, itc=True, itm=True, text_trainable_layers=unfreeze_text_layers),
             Variant(
-                "task+itc+itm" + suffix,
+                "task+itc+itm (random neg)" + suffix,
                 itc=True,
                 itm=True,
+                negatives="random",
                 text_trainable_layers=unfreeze_text_layers,
             ),
         ]
@@ -137,6 +140,13 @@ def run_ablation(
     labels = label_tensors(inputs.examples, tasks)
     folds = _fold_indices(inputs.examples, tasks, cfg.folds)
     chosen = [v for v in variants(cfg.unfreeze_text_layers) if not cfg.only or v.name in cfg.only]
+    unfrozen = {v.text_trainable_layers for v in chosen if v.text_trainable_layers}
+    if unfrozen:
+        # Variants that fine-tune the text encoder's top layers share the frozen layers' cached output.
+        (layers,) = unfrozen
+        store = FeatureStore(cache_dir)
+        features.text_prefix = text_prefix(base_model, tokenizer, inputs, layers, store, dev, cfg.train.progress)
+        encode_seconds = time.perf_counter() - started
 
     runs_path = out_dir / "runs.jsonl"
     done = {}
@@ -273,7 +283,9 @@ def _one_run(shared: _Shared, spec: RunSpec) -> dict[str, Any]:
     feats = copy.copy(features)
     feats.model = model
     if variant.text_trainable_layers:
-        feats.frozen_text = None  # the text encoder trains, so it must run live
+        feats.frozen_text = None  # the top layers train: they run live on the cached prefix
+    else:
+        feats.text_prefix = None
     train_cfg = replace(cfg.train, seed=seed, objective=variant.objective(cfg.task_weight, cfg.aux_weight))
 
     def pick(idx: list[int]) -> tuple[Any, dict[str, torch.Tensor]]:

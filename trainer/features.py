@@ -2,7 +2,9 @@
 
 A frozen encoder gives the same output for the same content on every epoch, fold and seed,
 so its outputs are computed once and cached on disk by content hash (sha256 of the text or
-of the image bytes, plus the backbone's identity). An encoder being fine-tuned runs live.
+of the image bytes, plus the backbone's identity). A text encoder with only its top layers
+unfrozen caches the frozen layers' output the same way and runs just the top layers live;
+an encoder fine-tuned from the bottom runs live.
 """
 
 from __future__ import annotations
@@ -111,6 +113,17 @@ def encoder_key(model: MultimodalModel, which: str) -> str:
 
 
 @dataclass
+class TextPrefix:
+    """Cached input of text layer `start`, for a text encoder whose layers `start:` train."""
+
+    states: FrozenSequences
+    start: int
+
+    def subset(self, idx: Sequence[int]) -> TextPrefix:
+        return TextPrefix(self.states.subset(idx), self.start)
+
+
+@dataclass
 class FrozenSequences:
     """A frozen encoder's outputs for a whole dataset, padded once: tokens [N, L, D]
     (float16 to halve memory), mask [N, L]. Batches are plain index lookups."""
@@ -153,6 +166,7 @@ class LiveFeatures:
         device: torch.device,
         frozen_text: FrozenSequences | None = None,
         frozen_image: FrozenSequences | None = None,
+        text_prefix: TextPrefix | None = None,
     ) -> None:
         self.model = model
         self.inputs = inputs
@@ -162,6 +176,7 @@ class LiveFeatures:
         self.image_pre = ImagePreprocessor(enc.image_size, enc.mean, enc.std)
         self.frozen_text = frozen_text
         self.frozen_image = frozen_image
+        self.text_prefix = text_prefix
         self.present = inputs.image_present
 
     def __len__(self) -> int:
@@ -170,6 +185,9 @@ class LiveFeatures:
     def text(self, idx: Sequence[int]) -> EncodedSequence:
         if self.frozen_text is not None:
             return self.frozen_text.take(idx, self.device)
+        if self.text_prefix is not None:
+            cached = self.text_prefix.states.take(idx, self.device)
+            return self.model.text_encoder.forward_from(cached.tokens, cached.mask, self.text_prefix.start)
         ids, mask = self.text_pre([self.inputs.examples[i].text for i in idx])
         return self.model.text_encoder(ids.to(self.device), mask.to(self.device))
 
@@ -204,11 +222,13 @@ def encode_frozen(
     store: FeatureStore,
     device: torch.device,
     progress: bool = False,
+    text_start: int | None = None,
 ) -> FrozenSequences:
-    """Token sequences of a frozen encoder for every example, via the on-disk cache."""
+    """Token sequences of a frozen encoder for every example, via the on-disk cache; with
+    `text_start`, the text encoder's hidden states at the input of that layer instead."""
     from tqdm import tqdm
 
-    key = encoder_key(model, which)
+    key = encoder_key(model, which) + ("" if text_start is None else f"-layer{text_start}")
     live = LiveFeatures(model, tokenizer, inputs, device)
     max_len = model.config.max_text_length
     digests = [
@@ -231,9 +251,15 @@ def encode_frozen(
     chunks = range(0, len(todo), ENCODE_BATCH)
     for start in tqdm(chunks, desc=f"encode {which}", disable=not progress or not todo):
         idx = todo[start : start + ENCODE_BATCH]
-        seq = live.text(idx) if which == "text" else live.image(idx)
+        if text_start is not None:
+            ids, mask = live.text_pre([inputs.examples[i].text for i in idx])
+            states = model.text_encoder.hidden_states_at(ids.to(device), mask.to(device), text_start)
+            keep = mask.bool().to(device)
+        else:
+            seq = live.text(idx) if which == "text" else live.image(idx)
+            states, keep = seq.tokens, seq.mask
         for row, i in enumerate(idx):
-            tokens = seq.tokens[row][seq.mask[row]].to("cpu", torch.float16)
+            tokens = states[row][keep[row]].to("cpu", torch.float16)
             out[i] = tokens
             store.put(key, digests[i], tokens)
     model.train(was_training)
@@ -248,7 +274,8 @@ def build_features(
     device: torch.device,
     progress: bool = False,
 ) -> LiveFeatures:
-    """Cache whichever encoder is frozen; run the other live."""
+    """Cache whichever encoder is frozen, and the frozen layers of a partly unfrozen text
+    encoder; run the rest live."""
     cfg = model.config
     frozen_text = (
         encode_frozen(model, tokenizer, inputs, "text", store, device, progress)
@@ -260,7 +287,35 @@ def build_features(
         if cfg.image_trainable_blocks == 0
         else None
     )
-    return LiveFeatures(model, tokenizer, inputs, device, frozen_text, frozen_image)
+    prefix = (
+        text_prefix(model, tokenizer, inputs, cfg.text_trainable_layers, store, device, progress)
+        if cfg.text_trainable_layers > 0
+        else None
+    )
+    return LiveFeatures(model, tokenizer, inputs, device, frozen_text, frozen_image, prefix)
+
+
+def text_prefix(
+    model: MultimodalModel,
+    tokenizer: object,
+    inputs: LoadedInputs,
+    trainable_layers: int,
+    store: FeatureStore,
+    device: torch.device,
+    progress: bool = False,
+) -> TextPrefix | None:
+    """The cached frozen part of a text encoder whose top `trainable_layers` train, or None
+    (run it all live) when the split does not reproduce the encoder on a probe batch."""
+    encoder = model.text_encoder
+    start = len(encoder.layers()) - trainable_layers
+    probe = [ex.text for ex in inputs.examples[:4]]
+    if not probe:
+        return None
+    ids, mask = TextPreprocessor(tokenizer, model.config.max_text_length)(probe)
+    if not encoder.supports_split(ids.to(device), mask.to(device), start):
+        log.warning("text encoder cannot be split at layer %d; running all of it live", start)
+        return None
+    return TextPrefix(encode_frozen(model, tokenizer, inputs, "text", store, device, progress, start), start)
 
 
 def subset(features: LiveFeatures, idx: Sequence[int]) -> LiveFeatures:
@@ -278,4 +333,5 @@ def subset(features: LiveFeatures, idx: Sequence[int]) -> LiveFeatures:
         features.device,
         None if features.frozen_text is None else features.frozen_text.subset(idx),
         None if features.frozen_image is None else features.frozen_image.subset(idx),
+        None if features.text_prefix is None else features.text_prefix.subset(idx),
     )

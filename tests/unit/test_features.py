@@ -63,3 +63,43 @@ def test_same_content_marks_reposts_as_false_negatives(synthetic_small):
     assert same.diagonal().all()
     assert same[0, 3] and same[3, 0] and same[2, 4] and same[4, 2]
     assert not same[0, 1] and not same[1, 2]
+
+
+def test_partly_unfrozen_text_runs_only_its_top_layers_on_the_cached_prefix(tmp_path, synthetic_small, monkeypatch):
+    from tests.tiny import tiny_config
+    from trainer.features import FeatureStore, LiveFeatures, build_features
+
+    model, tok = tiny_model(tiny_config(text_trainable_layers=1))
+    model.eval()
+    inputs = load_inputs(synthetic_small[:12])
+    cpu = torch.device("cpu")
+    cached = build_features(model, tok, inputs, FeatureStore(tmp_path / "cache"), cpu)
+    assert cached.frozen_text is None and cached.text_prefix is not None and cached.text_prefix.start == 1
+    live = LiveFeatures(model, tok, inputs, cpu)
+    idx = [0, 3, 5, 11]
+    a, b = cached.text(idx), live.text(idx)
+    width = a.mask.shape[1]  # the cache trims padding that no row in the batch needs
+    assert torch.equal(a.mask, b.mask[:, :width])
+    assert torch.allclose(a.tokens[a.mask], b.tokens[:, :width][b.mask[:, :width]], atol=1e-2)  # float16 cache
+
+    # Training touches the unfrozen top layer only, and the bottom layer never runs.
+    bottom = model.text_encoder.layers()[0]
+    monkeypatch.setattr(bottom, "forward", lambda *a, **k: (_ for _ in ()).throw(AssertionError("bottom ran")))
+    cached.text(idx).pooled.sum().backward()
+    top = model.text_encoder.layers()[1]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in top.parameters() if p.requires_grad)
+
+
+def test_an_encoder_that_cannot_be_split_runs_live(tmp_path, synthetic_small, monkeypatch):
+    from tests.tiny import tiny_config
+    from trainer.features import FeatureStore, build_features
+
+    model, tok = tiny_model(tiny_config(text_trainable_layers=1))
+
+    def wrong(hidden, mask, start):  # a layer API forward_from does not know
+        raise TypeError("unexpected keyword argument")
+
+    monkeypatch.setattr(model.text_encoder, "forward_from", wrong)
+    features = build_features(model, tok, load_inputs(synthetic_small[:4]), FeatureStore(tmp_path), torch.device("cpu"))
+    assert features.text_prefix is None and features.frozen_text is None
+    assert features.text([0, 1]).tokens.shape[0] == 2

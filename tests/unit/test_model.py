@@ -128,3 +128,19 @@ def test_registry_versions_and_current_pointer(tmp_path):
     with pytest.raises(RegistryError):
         registry.set_current("v0009")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".staging")]
+
+
+def test_text_encoder_split_reproduces_the_whole_forward():
+    from models.preprocess import TextPreprocessor
+
+    model, tok = tiny_model()
+    encoder = model.text_encoder.eval()
+    ids, mask = TextPreprocessor(tok, 16)(["short", "a somewhat longer caption over the picture", "x y"])
+    whole = encoder(ids, mask)
+    split = encoder.forward_from(encoder.hidden_states_at(ids, mask, 1), mask, 1)
+    real = mask.bool()
+    assert torch.allclose(whole.tokens[real], split.tokens[real], atol=1e-5)
+    assert torch.allclose(whole.pooled, split.pooled, atol=1e-5)
+    assert encoder.supports_split(ids, mask, 1)
+    # Layer 0 leaves nothing to cache; layer 2 (of 2) leaves nothing to train.
+    assert not encoder.supports_split(ids, mask, 0) and not encoder.supports_split(ids, mask, 2)
