@@ -12,6 +12,7 @@ import copy
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -73,10 +74,24 @@ CORE_VARIANTS = (
 )
 
 
+def _unfrozen_suffix(layers: int) -> str:
+    return f" (text top {layers} unfrozen)"
+
+
+def reference_of(name: str) -> str | None:
+    """The run each variant is paired with: task-only with the same encoders, and for that
+    task-only variant, the frozen one (so the table also shows what unfreezing alone does)."""
+    match = re.search(r" \(text top \d+ unfrozen\)$", name)
+    suffix = match.group(0) if match else ""
+    if name == BASELINE:
+        return None
+    return BASELINE if name == BASELINE + suffix else BASELINE + suffix
+
+
 def variants(unfreeze_text_layers: int = 0) -> list[Variant]:
     out = list(CORE_VARIANTS)
     if unfreeze_text_layers:
-        suffix = f" (text top {unfreeze_text_layers} unfrozen)"
+        suffix = _unfrozen_suffix(unfreeze_text_layers)
         out += [
             Variant(BASELINE + suffix, itc=False, itm=False, text_trainable_layers=unfreeze_text_layers),
             Variant("task+itc+itm" + suffix, itc=True, itm=True, text_trainable_layers=unfreeze_text_layers),
@@ -345,10 +360,11 @@ def summarise(
     runs: list[dict[str, Any]], names: list[str], tasks: list[str], n_train: int, n_test: int
 ) -> dict[str, Any]:
     by_variant = {name: [r for r in runs if r["variant"] == name] for name in names}
-    base = {(r["fold"], r["seed"]): r for r in by_variant.get(BASELINE, [])}
     rows: dict[str, Any] = {}
     for name, vruns in by_variant.items():
-        row: dict[str, Any] = {"runs": len(vruns), "tasks": {}}
+        reference = reference_of(name)
+        base = {(r["fold"], r["seed"]): r for r in by_variant.get(reference or "", [])}
+        row: dict[str, Any] = {"runs": len(vruns), "tasks": {}, "reference": reference}
         for task in tasks:
             f1 = [r["macro_f1"][task] for r in vruns]
             mean, std = mean_std(f1)
@@ -360,7 +376,7 @@ def summarise(
                 for r in vruns
                 if (r["fold"], r["seed"]) in base
             ]
-            if name != BASELINE and paired:
+            if paired:
                 a, b = [p[0] for p in paired], [p[1] for p in paired]
                 entry["diff"] = paired_difference(a, b).to_dict()
                 entry["diff_corrected"] = corrected_paired_t(a, b, n_train, n_test).to_dict()
@@ -374,12 +390,14 @@ def summarise(
 
 def markdown(summary: dict[str, Any]) -> str:
     tasks = summary["tasks"]
-    head = ["variant"] + [f"{t} macro-F1" for t in tasks] + [f"{t} Δ vs task [95% CI] (wins)" for t in tasks]
+    head = ["variant"] + [f"{t} macro-F1" for t in tasks] + ["paired with"]
+    head += [f"{t} Δ [95% CI] (wins)" for t in tasks]
     head += ["ITM AUROC"] + [f"{t} routing lift" for t in tasks]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in summary["variants"].items():
         cells = [name]
         cells += [format_mean_std(row["tasks"][t]["mean"], row["tasks"][t]["std"]) for t in tasks]
+        cells.append(row.get("reference") or "—")
         for t in tasks:
             diff = row["tasks"][t].get("diff")
             if diff is None:

@@ -45,3 +45,33 @@ def test_partly_unfrozen_variant_fine_tunes_a_copy_of_the_text_encoder(tmp_path,
     # The shared base encoder stays frozen and untouched; each run trained its own copy.
     after = model.text_encoder.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_each_variant_is_paired_with_task_only_on_the_same_encoders():
+    from trainer.ablation import reference_of, summarise, variants
+
+    assert reference_of("task") is None
+    assert reference_of("task+itc") == "task"
+    assert reference_of("task (text top 2 unfrozen)") == "task"
+    assert reference_of("task+itc+itm (random neg) (text top 2 unfrozen)") == "task (text top 2 unfrozen)"
+    names = [v.name for v in variants(2)]
+    assert all(reference_of(n) in (None, *names) for n in names)
+
+    def run(variant, fold, hate):
+        return {
+            "variant": variant,
+            "fold": fold,
+            "seed": 0,
+            "macro_f1": {"hate": hate},
+            "routing_lift": {},
+            "itm_auroc": float("nan"),
+            "seconds": 1.0,
+        }
+
+    frozen, unfrozen, aux = "task", "task (text top 2 unfrozen)", "task+itc+itm (text top 2 unfrozen)"
+    runs = [run(frozen, f, 0.60) for f in range(3)] + [run(unfrozen, f, 0.70) for f in range(3)]
+    runs += [run(aux, f, 0.70 + 0.01 * f) for f in range(3)]
+    rows = summarise(runs, [frozen, unfrozen, aux], ["hate"], n_train=80, n_test=20)["variants"]
+    assert "diff" not in rows[frozen]["tasks"]["hate"]
+    assert abs(rows[unfrozen]["tasks"]["hate"]["diff"]["mean"] - 0.10) < 1e-9
+    assert abs(rows[aux]["tasks"]["hate"]["diff"]["mean"] - 0.01) < 1e-9  # against unfrozen task-only, not frozen
