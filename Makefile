@@ -42,6 +42,7 @@ test: lint typecheck unit
 
 bench: venv
 	$(PY) bench/forward_throughput.py
+	$(PY) bench/unfrozen_epoch.py
 
 bench-stream: venv
 	$(PY) bench/stream_throughput.py

@@ -313,7 +313,9 @@ def text_prefix(
         return None
     ids, mask = TextPreprocessor(tokenizer, model.config.max_text_length)(probe)
     if not encoder.supports_split(ids.to(device), mask.to(device), start):
-        log.warning("text encoder cannot be split at layer %d; running all of it live", start)
+        log.warning(
+            "text encoder cannot be split at layer %d of %d; running all of it live", start, start + trainable_layers
+        )
         return None
     return TextPrefix(encode_frozen(model, tokenizer, inputs, "text", store, device, progress, start), start)
 
