@@ -116,8 +116,9 @@ live_pid() {
 
 kafka_pid() { live_pid "$KAFKA_PID" kafka.Kafka "$SERVER_PROPERTIES"; }
 redis_pid() { live_pid "$REDIS_PID" redis-server; }
-# During start-up only liveness is checked: right after `cmd &` the child may not have exec'd yet, so its
-# command line is still bash's and the marker checks above would wrongly report it dead.
+# During start-up only liveness is checked: right after `cmd &` the child may not have exec'd yet (its
+# command line is still bash's), and redis-server blanks its argv while it sets its process title, so
+# the marker checks above can report a healthy server dead (a CI failure). Stop and status keep them.
 started_pid_alive() { live_pid "$1" >/dev/null; }
 
 tail_log() {
