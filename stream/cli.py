@@ -1,5 +1,5 @@
-"""`modstream` — one command, several roles (HMA style): offline training and evaluation
-now; the stream worker and review app join as subcommands of the same entry point."""
+"""`modstream` — one command, several roles (HMA style): training and evaluation, the stream
+worker, the review sink and console, the dataset sink and the retraining job."""
 
 from __future__ import annotations
 
@@ -393,6 +393,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=0.0, help="posts per second (0: unlimited)")
     p.add_argument("--repost-rate", type=float, default=0.0)
     p.set_defaults(func=cmd_produce)
+
+    # The other roles register their own subcommands (one module each, argparse only).
+    from review import console_cli, sinks_cli
+    from trainer import retrain_cli
+
+    sinks_cli.add_parsers(sub, _add_common)
+    console_cli.add_parsers(sub, _add_common)
+    retrain_cli.add_parsers(sub, _add_common)
 
     p = sub.add_parser(
         "demo",

@@ -146,7 +146,9 @@ class Pipeline:
             if label.route == "review":
                 for reason in label.reasons:
                     metrics.REVIEW.labels(reason).inc()
-                outcome.review = ReviewItem(post.id, post.text, post.image_url, label.reasons, label.to_json())
+                outcome.review = ReviewItem(
+                    post.id, post.text, post.image_url, label.reasons, label.to_json(), tasks=dict(card.tasks)
+                )
 
         pairs = [(o, o.post) for o in outcomes if o.post is not None]
         await asyncio.gather(*(one(o, p) for o, p in pairs))

@@ -160,15 +160,120 @@ class Label:
 
 @dataclass
 class ReviewItem:
+    """A post a human should look at. `label` is the Label record's JSON (scores, ITM match,
+    media hash, model version); `tasks` maps each task to its label set, negative first,
+    so a console can offer corrections without loading the model card."""
+
     post_id: str
     text: str
     image_url: str | None
     reasons: list[str]
     label: dict[str, Any]
+    tasks: dict[str, list[str]] = field(default_factory=dict)
     queued_at: str = field(default_factory=now_iso)
 
     def to_json(self) -> dict[str, Any]:
         return {"v": SCHEMA_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, raw: bytes | str | dict[str, Any]) -> ReviewItem:
+        obj = dict(raw) if isinstance(raw, dict) else decode_json(raw)
+        _check_version(obj)
+        obj.pop("v", None)
+        try:
+            return cls(**obj)
+        except TypeError as exc:
+            raise RecordError("review_item", str(exc)) from exc
+
+
+# What a reviewer can do with each task of an item. Only confirm, correct and not_violating
+# produce a training label; skip and escalate never do.
+ACTIONS = ("confirm", "correct", "not_violating", "skip", "escalate")
+LABELLING_ACTIONS = ("confirm", "correct", "not_violating")
+
+
+@dataclass
+class TaskDecision:
+    """`label` is the label this decision asserts (None for skip and escalate)."""
+
+    action: str
+    label: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.action not in ACTIONS:
+            raise RecordError("action", f"must be one of {', '.join(ACTIONS)}, not {self.action!r}")
+        if self.action in LABELLING_ACTIONS and not self.label:
+            raise RecordError("label", f"action {self.action!r} needs a label")
+        if self.action not in LABELLING_ACTIONS and self.label is not None:
+            raise RecordError("label", f"action {self.action!r} carries no label")
+
+
+def decide(action: str, labels: list[str], model_label: str | None, chosen: str | None = None) -> TaskDecision:
+    """The label an action asserts for one task. `labels` is the task's label set, negative
+    first. confirm: the model's label; not_violating: the negative label; correct: `chosen`,
+    or for a binary task the label the model did not give."""
+    if action == "confirm":
+        return TaskDecision(action, model_label)
+    if action == "not_violating":
+        return TaskDecision(action, labels[0] if labels else None)
+    if action == "correct":
+        if chosen is None:
+            others = [x for x in labels if x != model_label]
+            if len(others) != 1:
+                raise RecordError("label", "a correction of a task with more than two labels must name the label")
+            chosen = others[0]
+        if labels and chosen not in labels:
+            raise RecordError("label", f"{chosen!r} is not one of {labels}")
+        return TaskDecision(action, chosen)
+    return TaskDecision(action)
+
+
+@dataclass
+class ReviewDecision:
+    """A reviewer's verdict on one review item, written to the `reviewed` topic (keyed by
+    post id) before the item is acknowledged in Redis. `decision_id` identifies this
+    decision, so a replayed record is recognised; `model_labels` is the model's per-task
+    {label, score, decision, threshold} that the decision confirms or corrects."""
+
+    decision_id: str
+    post_id: str
+    reviewer: str
+    decisions: dict[str, TaskDecision]
+    model_version: str
+    model_labels: dict[str, dict[str, Any]]
+    text: str
+    image_url: str | None = None
+    media_hash: str | None = None
+    itm_match: float | None = None
+    reasons: list[str] = field(default_factory=list)
+    queued_at: str | None = None
+    decided_at: str = field(default_factory=now_iso)
+    note: str | None = None
+
+    def training_labels(self) -> dict[str, str | None]:
+        """task -> label for the dataset; None where the reviewer asserted nothing."""
+        return {t: d.label if d.action in LABELLING_ACTIONS else None for t, d in self.decisions.items()}
+
+    @property
+    def escalated(self) -> bool:
+        return any(d.action == "escalate" for d in self.decisions.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"v": SCHEMA_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, raw: bytes | str | dict[str, Any]) -> ReviewDecision:
+        obj = dict(raw) if isinstance(raw, dict) else decode_json(raw)
+        _check_version(obj)
+        obj.pop("v", None)
+        try:
+            decisions = obj.pop("decisions")
+            if not isinstance(decisions, dict):
+                raise RecordError("decisions", "must be an object of task -> {action, label}")
+            parsed = {str(t): TaskDecision(**d) for t, d in decisions.items()}
+            return cls(decisions=parsed, **obj)
+        except (KeyError, TypeError) as exc:
+            raise RecordError("review_decision", str(exc)) from exc
 
 
 @dataclass
@@ -190,5 +295,5 @@ class DeadLetter:
         return {"v": SCHEMA_VERSION, **asdict(self)}
 
 
-def encode(record: Post | Label | ReviewItem | DeadLetter) -> bytes:
+def encode(record: Post | Label | ReviewItem | DeadLetter | ReviewDecision) -> bytes:
     return json.dumps(record.to_json(), ensure_ascii=False, separators=(",", ":")).encode()

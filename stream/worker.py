@@ -111,7 +111,6 @@ class Resources:
         await self.fetcher.__aenter__()
         if s.redis_url:
             self.redis = RedisStore(s.redis_url)
-            self.redis.start_retrying()
         self.pipeline = Pipeline(self.pool, self.fetcher, lambda: self.card, s.policy, self.redis)
         self._announce()
         self.ready.set()
@@ -181,10 +180,9 @@ async def write_outcomes(app_topics: dict[str, Any], outcomes: Sequence[Outcome]
     retry = resources.settings.send_retry_s
     await send_all(app_topics["dlq"], dead, retry)
     await send_all(app_topics["review"], [(r.post_id, encode(r)) for r in reviews], retry)
-    # Labels last: a post with a label has had its review item written too.
+    # Labels last: a post with a label has had its review item written too. The review
+    # topic is the source of truth; the review sink copies it into Redis.
     await send_all(app_topics["labels"], labels, retry)
-    if resources.redis is not None and reviews:
-        await resources.redis.enqueue_reviews(reviews)
 
 
 def create_app(settings: WorkerSettings) -> tuple[faust.App, Resources]:

@@ -1,6 +1,9 @@
 import os
+from collections.abc import Iterator
 
 import pytest
+
+from tests.integration.stack import LocalStack, StackError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -14,3 +17,25 @@ def synthetic_small(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("synthetic")
     return read_manifest(write_synthetic(out, n=160, seed=5, image_size=32))
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """One Kafka (KRaft, one node) and Redis on free loopback ports, for the whole test session.
+
+    Needs Java 17+ and, the first time, Maven and Maven Central (the jars are cached in
+    ~/.cache/modstream); installs Debian's redis-server when missing and running as root.
+    Fails (never skips) when the stack cannot be had: CI must run these tests.
+    """
+    local = LocalStack.with_free_ports(tmp_path_factory.mktemp("stack"))
+    try:
+        error = None
+        try:
+            local.start()
+        except StackError as exc:
+            error = str(exc)
+        if error is not None:  # outside the except block: no chained traceback, just the script's story
+            pytest.fail(f"could not start the local Kafka + Redis stack: {error}", pytrace=False)
+        yield local
+    finally:
+        local.shutdown()
