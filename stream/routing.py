@@ -2,42 +2,33 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from models.card import ModelCard
 from models.inference import Prediction
+from models.routing_gate import MIN_ERRORS, GateFloors, decide_itm_routing
 
 WEAK_MATCH = "weak_image_text_match"
 
 
 @dataclass
 class RoutingPolicy:
-    """ITM routing is trusted only when the card's validated ITM AUROC and routing lift
-    clear these floors; otherwise posts are routed by task uncertainty alone."""
+    """ITM routing is trusted only when the card's validation evidence clears these floors
+    (see models/routing_gate.py); otherwise posts are routed by task uncertainty alone."""
 
     itm_threshold: float | None = None  # None: take the card's
     min_itm_auroc: float = 0.6
     min_routing_lift: float = 1.0
     uncertainty_band: float = 0.0  # |score - threshold| below this -> review
 
+    min_itm_errors: int = MIN_ERRORS  # validation errors before a lift estimate may count against ITM
+
     def itm_trusted(self, card: ModelCard) -> tuple[bool, str]:
-        itm = card.itm
-        if not itm.get("trained"):
-            return False, "the model was trained without the ITM loss"
-        auroc = itm.get("auroc")
-        if auroc is None or math.isnan(auroc) or auroc < self.min_itm_auroc:
-            return False, f"validated ITM AUROC {auroc} is below the floor {self.min_itm_auroc}"
-        lifts = [v for v in (itm.get("routing_lift") or {}).values() if v is not None and not math.isnan(v)]
-        # No finite lift means validation had no errors to concentrate (a perfect model):
-        # nothing contradicts the AUROC then, so only a measured lift below the floor blocks.
-        if lifts and max(lifts) < self.min_routing_lift:
-            return False, f"validated routing lift {max(lifts):.2f} is below the floor {self.min_routing_lift}"
-        if self.threshold(card) is None:
-            return False, "no ITM threshold in the card or configuration"
-        lift = f"routing lift {max(lifts):.2f}" if lifts else "routing lift undefined (no validation errors)"
-        return True, f"ITM routing enabled (validated ITM AUROC {auroc:.2f}, {lift})"
+        """The card's evidence judged with this worker's floors (models/routing_gate.py)."""
+        itm = {**card.itm, "threshold": self.threshold(card)}
+        floors = GateFloors(self.min_itm_auroc, self.min_routing_lift, self.min_itm_errors)
+        return decide_itm_routing(itm, floors)
 
     def threshold(self, card: ModelCard) -> float | None:
         return self.itm_threshold if self.itm_threshold is not None else card.itm.get("threshold")

@@ -18,6 +18,7 @@ from trainer.evaluate import (
     choose_threshold,
     expected_calibration_error,
     fit_temperature,
+    itm_auroc_interval,
     routing_lift,
     softmax,
     task_report,
@@ -70,7 +71,11 @@ def score(
 ) -> dict[str, Any]:
     """Metrics of a split under a calibration: per-task reports, ECE, ITM AUROC and the
     routing lift (error rate among the `review_fraction` lowest-ITM posts / overall)."""
-    out: dict[str, Any] = {"itm_auroc": split.itm_auroc(), "tasks": {}}
+    out: dict[str, Any] = {
+        "itm_auroc": split.itm_auroc(),
+        "itm_auroc_ci": itm_auroc_interval(split.itm_match, split.itm_swapped),
+        "tasks": {},
+    }
     for task, labels in tasks.items():
         y = split.labels[task]
         keep = y != IGNORE_INDEX
@@ -86,4 +91,7 @@ def score(
         }
     out["macro_f1"] = {t: r["macro_f1"] for t, r in out["tasks"].items()}
     out["routing_lift"] = {t: r["routing"]["lift"] for t, r in out["tasks"].items()}
+    out["routing_evidence"] = {
+        t: {k: r["routing"][k] for k in ("lift", "lift_ci", "n_errors", "n")} for t, r in out["tasks"].items()
+    }
     return out

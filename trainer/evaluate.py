@@ -218,8 +218,10 @@ def routing_lift(errors: npt.ArrayLike, itm_scores: npt.ArrayLike, fraction: flo
 
     Tests whether "image and text don't match" is a useful signal for routing posts to human
     review. Posts with a NaN score (text-only) are excluded from both rates and from n.
-    Returns {"low_itm_error_rate", "overall_error_rate", "lift", "n_low", "n"}; lift is NaN when
-    the overall error rate is 0, and the rates are NaN when no post has a score.
+    Returns {"low_itm_error_rate", "overall_error_rate", "lift", "n_low", "n", "n_errors",
+    "lift_ci"}; lift is NaN when the overall error rate is 0, and the rates are NaN when no
+    post has a score. `lift_ci` is a 95% percentile-bootstrap interval over posts (NaN bounds
+    when undefined); `n_errors` says how much evidence stands behind the estimate.
     """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
@@ -238,6 +240,8 @@ def routing_lift(errors: npt.ArrayLike, itm_scores: npt.ArrayLike, fraction: flo
             "lift": nan,
             "n_low": 0.0,
             "n": 0.0,
+            "n_errors": 0.0,
+            "lift_ci": [nan, nan],
         }
     # Round before ceil: 0.7 * 10 == 7.000000000000001 in floating point and would give 8.
     n_low = min(n, math.ceil(round(fraction * n, 9)))
@@ -250,4 +254,45 @@ def routing_lift(errors: npt.ArrayLike, itm_scores: npt.ArrayLike, fraction: flo
         "lift": low_rate / overall if overall > 0 else nan,
         "n_low": float(n_low),
         "n": float(n),
+        "n_errors": float(err.sum()),
+        "lift_ci": _lift_interval(err, s, fraction),
     }
+
+
+def _lift(err: np.ndarray, s: np.ndarray, fraction: float) -> float:
+    n_low = min(len(s), math.ceil(round(fraction * len(s), 9)))
+    overall = err.mean()
+    return float(err[np.argsort(s, kind="stable")[:n_low]].mean() / overall) if overall > 0 else math.nan
+
+
+def _lift_interval(err: np.ndarray, s: np.ndarray, fraction: float, n_boot: int = 1000, seed: int = 0) -> list[float]:
+    """95% percentile bootstrap over posts; resamples without any error are left out."""
+    if not err.any():
+        return [math.nan, math.nan]
+    rng = np.random.default_rng(seed)
+    lifts = np.array([_lift(err[i], s[i], fraction) for i in rng.integers(0, len(s), size=(n_boot, len(s)))])
+    lifts = lifts[np.isfinite(lifts)]
+    if not lifts.size:
+        return [math.nan, math.nan]
+    return [float(np.quantile(lifts, 0.025)), float(np.quantile(lifts, 0.975))]
+
+
+def itm_auroc_interval(
+    match_scores_pos: npt.ArrayLike, match_scores_neg: npt.ArrayLike, n_boot: int = 500, seed: int = 0
+) -> list[float]:
+    """95% percentile bootstrap interval of `itm_auroc`, resampling posts (each post gives
+    one matched and one swapped pair, so the two sides are resampled together)."""
+    pos = np.asarray(match_scores_pos, dtype=np.float64).ravel()
+    neg = np.asarray(match_scores_neg, dtype=np.float64).ravel()
+    if pos.shape != neg.shape or np.isnan(pos).all():
+        return [math.nan, math.nan]
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n_boot):
+        i = rng.integers(0, len(pos), size=len(pos))
+        value = itm_auroc(pos[i], neg[i])
+        if math.isfinite(value):
+            values.append(value)
+    if not values:
+        return [math.nan, math.nan]
+    return [float(np.quantile(values, 0.025)), float(np.quantile(values, 0.975))]

@@ -7,7 +7,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from models.card import ModelCard
 from models.classifier import MultimodalModel
 from models.config import ModelConfig
 from models.registry import build_model
+from models.routing_gate import GateFloors, decide_itm_routing
 from trainer.calibration import Calibration, calibrate, score
 from trainer.curves import write_curves
 from trainer.features import FeatureStore, LoadedInputs, build_features, load_inputs, subset
@@ -60,6 +61,22 @@ def stratified_split(n: int, keys: Sequence[str], fraction: float, seed: int) ->
         np.arange(n), test_size=fraction, random_state=seed, stratify=merge_rare(keys, 2)
     )
     return sorted(train_idx.tolist()), sorted(val_idx.tolist())
+
+
+def itm_block(trained: bool, threshold: float | None, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The card's ITM section: the review threshold, its validation evidence, and whether
+    that evidence lets ITM route posts (with the reason, for operators reading the card)."""
+    itm: dict[str, Any] = {
+        "trained": trained,
+        "threshold": threshold,
+        "auroc": metrics["itm_auroc"],
+        "auroc_ci": metrics["itm_auroc_ci"],
+        "routing_lift": metrics["routing_lift"],
+        "routing_evidence": metrics["routing_evidence"],
+    }
+    enabled, why = decide_itm_routing(itm)
+    itm["routing"] = {"enabled": enabled, "why": why, "floors": asdict(GateFloors())}
+    return itm
 
 
 @dataclass
@@ -108,12 +125,7 @@ def fit(
         config=model_config,
         thresholds=cal.thresholds,
         temperatures=cal.temperatures,
-        itm={
-            "trained": train_config.objective.uses_itm,
-            "threshold": cal.itm_threshold,
-            "auroc": metrics["itm_auroc"],
-            "routing_lift": metrics["routing_lift"],
-        },
+        itm=itm_block(train_config.objective.uses_itm, cal.itm_threshold, metrics),
         training={
             "data_digest": data_digest(inputs),
             "n_train": len(train_idx),

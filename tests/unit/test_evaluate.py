@@ -167,13 +167,16 @@ def test_routing_lift_hand_case() -> None:
     errors = np.zeros(10, dtype=bool)
     errors[1] = True  # the lowest-ITM post is the only error
     r = routing_lift(errors, scores, fraction=0.1)
+    ci = r.pop("lift_ci")
     assert r == {
         "low_itm_error_rate": 1.0,
         "overall_error_rate": 0.1,
         "lift": pytest.approx(10.0),
         "n_low": 1.0,
         "n": 10.0,
+        "n_errors": 1.0,
     }
+    assert ci[0] <= 10.0 <= ci[1]
     # ceil(0.25 * 10) = 3 lowest: indices 1, 6, 3 -> 1 error of 3.
     r = routing_lift(errors, scores, fraction=0.25)
     assert r["n_low"] == 3.0
@@ -203,3 +206,17 @@ def test_routing_lift_stable_ties_and_no_errors() -> None:
     assert math.isnan(r["lift"])
     r = routing_lift(np.array([True]), np.array([np.nan]))
     assert r["n"] == 0.0 and math.isnan(r["low_itm_error_rate"])
+
+
+def test_routing_lift_interval_separates_a_real_lift_from_chance() -> None:
+    rng = np.random.default_rng(3)
+    scores = rng.random(600)
+    # Errors three times as likely in the lowest-ITM tenth: the whole interval is above 1.
+    concentrated = rng.random(600) < np.where(scores < 0.1, 0.45, 0.15)
+    lo, hi = routing_lift(concentrated, scores)["lift_ci"]
+    assert 1.0 < lo < 3.0 < hi
+    # Errors independent of ITM: the interval contains 1.
+    lo, hi = routing_lift(rng.random(600) < 0.15, scores)["lift_ci"]
+    assert lo < 1.0 < hi
+    # No errors: no interval.
+    assert all(math.isnan(v) for v in routing_lift(np.zeros(10, dtype=bool), scores[:10])["lift_ci"])

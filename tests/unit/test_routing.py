@@ -21,7 +21,10 @@ def test_itm_routing_needs_validated_auroc_and_lift():
     assert policy.itm_trusted(_card(**GOOD))[0]
     assert not policy.itm_trusted(_card(**{**GOOD, "trained": False}))[0]
     assert "AUROC" in policy.itm_trusted(_card(**{**GOOD, "auroc": 0.55}))[1]
-    assert "lift" in policy.itm_trusted(_card(**{**GOOD, "routing_lift": {"hate": 0.9}}))[1]
+    # A lift measured on enough errors whose whole interval is below the floor switches it off.
+    against = {"hate": {"lift": 0.6, "lift_ci": [0.3, 0.9], "n_errors": 60}}
+    trusted, why = policy.itm_trusted(_card(**{**GOOD, "routing_evidence": against}))
+    assert not trusted and "does not concentrate errors" in why and "60 errors" in why
     assert not policy.itm_trusted(_card(**{**GOOD, "auroc": None}))[0]
     # A model with no validation errors has no defined lift: the AUROC decides alone.
     assert policy.itm_trusted(_card(**{**GOOD, "routing_lift": {"hate": float("nan")}}))[0]
