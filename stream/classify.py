@@ -93,7 +93,7 @@ async def classify_stream(
     await pool.start()
     try:
         async with MediaFetcher(FetchConfig(allow_loopback=allow_loopback)) as web:
-            pipeline = Pipeline(pool, LocalOrWebFetcher(web, base_dir), lambda: loaded.card, policy)
+            pipeline = Pipeline(pool, LocalOrWebFetcher(web, base_dir), lambda version: loaded.card, policy)
             for batch in _chunks(lines, BATCH):
                 for outcome in await pipeline.process(batch):
                     record = outcome.dead_letter or outcome.label

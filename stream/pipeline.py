@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -63,15 +63,21 @@ class Outcome:
 
 @dataclass
 class Pipeline:
+    """`card_of(version)` returns the card of a model version the classifier has served.
+    A label is routed with the card of the model that produced its scores: replicas swap
+    models between device batches, so one micro-batch can hold posts of both versions."""
+
     classifier: Classifier
     fetcher: Fetcher | None
-    card_of: Any  # () -> ModelCard of the model now serving (changes on a swap)
+    card_of: Callable[[str], ModelCard]
     policy: RoutingPolicy = field(default_factory=RoutingPolicy)
     cache: LabelCache | None = None
+    _trusted: dict[str, bool] = field(default_factory=dict, init=False, repr=False)
 
-    def itm_trusted(self) -> bool:
-        trusted, _ = self.policy.itm_trusted(self.card_of())
-        return trusted
+    def itm_trusted(self, version: str) -> bool:
+        if version not in self._trusted:
+            self._trusted[version], _ = self.policy.itm_trusted(self.card_of(version))
+        return self._trusted[version]
 
     async def process(self, raws: Sequence[bytes]) -> list[Outcome]:
         outcomes = [parse(raw) for raw in raws]
@@ -95,8 +101,9 @@ class Pipeline:
     async def _label(self, outcomes: list[Outcome]) -> None:
         """Each post flows on its own (fetch -> dedupe -> classify), so posts whose media has
         arrived are classified while others still download; the device pool batches them."""
-        card: ModelCard = self.card_of()
-        trusted = self.itm_trusted()
+        # Cached labels are looked up under the version serving now; fresh results are stored
+        # under the version that produced them (a swap may land between lookup and compute).
+        serving = self.classifier.version
         # Posts of this batch with the same media and text share one computation.
         inflight: dict[str, asyncio.Future[dict[str, Any] | BaseException]] = {}
         fresh: list[tuple[str, dict[str, Any]]] = []
@@ -109,12 +116,12 @@ class Pipeline:
             computed = False  # True only for the post that ran the model for this content
             if key not in inflight:
                 inflight[key] = asyncio.get_running_loop().create_future()
-                cached = (await self._cached(card.version, [key]))[0]
+                cached = (await self._cached(serving, [key]))[0]
                 if cached is None:
                     computed = True
                     result = await self._classify(post, media)
                     if not isinstance(result, BaseException):
-                        fresh.append((key, result))
+                        fresh.append((f"{result['model_version']}:{key}", result))
                 else:
                     result = cached
                 inflight[key].set_result(result)
@@ -127,8 +134,10 @@ class Pipeline:
                 return
             hit = not computed
             timings = {"fetch_s": round(fetched - started, 4), "classify_s": round(time.perf_counter() - fetched, 4)}
+            version = result["model_version"]
+            card = self.card_of(version)
             scores = {t: (v["score"], v["threshold"]) for t, v in result["labels"].items()}
-            decision = route_scores(result["itm_match"], scores, card, self.policy, trusted)
+            decision = route_scores(result["itm_match"], scores, card, self.policy, self.itm_trusted(version))
             label = Label(
                 post_id=post.id,
                 labels=result["labels"],
@@ -136,7 +145,7 @@ class Pipeline:
                 route=decision.route,
                 reasons=decision.reasons,
                 media=media.info,
-                model_version=result["model_version"],
+                model_version=version,
                 timings=timings,
                 dedupe_hit=hit,
             )
@@ -152,7 +161,7 @@ class Pipeline:
 
         pairs = [(o, o.post) for o in outcomes if o.post is not None]
         await asyncio.gather(*(one(o, p) for o, p in pairs))
-        await self._remember(card.version, fresh)
+        await self._remember(fresh)
 
     async def _classify(self, post: Post, media: FetchedMedia) -> dict[str, Any] | BaseException:
         """The model's outputs (what the dedupe cache shares between posts), or the error."""
@@ -188,11 +197,12 @@ class Pipeline:
             metrics.DEPENDENCY_ERRORS.labels("redis", "dedupe_get").inc()
             return [None] * len(keys)
 
-    async def _remember(self, version: str, items: list[tuple[str, dict[str, Any]]]) -> None:
+    async def _remember(self, items: list[tuple[str, dict[str, Any]]]) -> None:
+        """`items`: ("<model version>:<dedupe key>", result)."""
         if self.cache is None or not items:
             return
         try:
-            await self.cache.put_many([(f"{version}:{k}", v) for k, v in items])
+            await self.cache.put_many(items)
         except Exception as exc:
             log.warning("dedupe store failed: %r", exc)
             metrics.DEPENDENCY_ERRORS.labels("redis", "dedupe_put").inc()

@@ -93,13 +93,15 @@ class Resources:
         self.redis: RedisStore | None = None
         self.fetcher: Any = None
         self.pipeline: Pipeline | None = None
-        self.card: ModelCard | None = None
+        self.card: ModelCard | None = None  # the card of the version being served now
+        self.cards: dict[str, ModelCard] = {}  # every version served, for routing its labels
 
     async def start(self) -> None:
         from stream.media import FetchConfig, MediaFetcher
 
         s = self.settings
         self.card = self.registry.card(s.model_version)
+        self.cards[self.card.version] = self.card
         self.pool = DevicePool(
             predictor_factory(self.registry, s.model_version),
             visible_devices(s.devices),
@@ -111,10 +113,15 @@ class Resources:
         await self.fetcher.__aenter__()
         if s.redis_url:
             self.redis = RedisStore(s.redis_url)
-        self.pipeline = Pipeline(self.pool, self.fetcher, lambda: self.card, s.policy, self.redis)
+        self.pipeline = Pipeline(self.pool, self.fetcher, self.card_of, s.policy, self.redis)
         self._announce()
         self.ready.set()
         metrics.READY.set(1)
+
+    def card_of(self, version: str) -> ModelCard:
+        if version not in self.cards:
+            self.cards[version] = self.registry.card(version)
+        return self.cards[version]
 
     def _announce(self) -> None:
         assert self.card is not None
@@ -132,7 +139,9 @@ class Resources:
         card = self.registry.card(version)
         if self.card is not None and card.version == self.card.version:
             return
-        await self.pool.swap(predictor_factory(self.registry, version))
+        # Known before the first label of the new version can come back from a replica.
+        self.cards[card.version] = card
+        await self.pool.swap(predictor_factory(self.registry, card.version))
         self.card = card
         self._announce()
 
@@ -238,19 +247,38 @@ def create_app(settings: WorkerSettings) -> tuple[faust.App, Resources]:
     return app, resources
 
 
+async def catch_up_with_registry(settings: WorkerSettings, resources: Resources) -> None:
+    """An update published before this worker subscribed is not delivered to it ("latest"),
+    but the retrain job moves CURRENT before it publishes: re-reading CURRENT once the
+    subscription's positions are fixed closes that gap."""
+    if settings.model_version != "current":
+        return  # pinned to a version by the operator
+    current = resources.registry.current()
+    if current is not None and resources.card is not None and current != resources.card.version:
+        log.warning("registry moved to %s while this worker started; switching", current)
+        await resources.swap(current)
+
+
 async def follow_updates(settings: WorkerSettings, resources: Resources) -> None:
     """Every worker must see every model update, so this reads `model-updates` with no
     consumer group (a shared group would hand each message to one worker only)."""
-    from aiokafka import AIOKafkaConsumer
+    from aiokafka import AIOKafkaConsumer, TopicPartition
 
     await resources.ready.wait()
     while True:  # an app task that raises would crash the whole worker: retry instead
-        # Subscribing without a group assigns every partition; "latest": only new updates.
-        consumer = AIOKafkaConsumer(
-            settings.topics["updates"], bootstrap_servers=settings.bootstrap, group_id=None, auto_offset_reset="latest"
-        )
+        # No group: partitions are assigned by hand; "latest": only updates from now on.
+        consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap, group_id=None, auto_offset_reset="latest")
         try:
             await consumer.start()
+            topic = settings.topics["updates"]
+            await consumer.topics()  # fetches the cluster metadata partitions_for_topic reads
+            partitions = [TopicPartition(topic, p) for p in sorted(await consumer.partitions_for_topic(topic) or [])]
+            if not partitions:
+                raise RuntimeError(f"topic {topic!r} has no partitions (not created yet?)")
+            consumer.assign(partitions)
+            for tp in partitions:  # fix the start positions now, before looking at CURRENT
+                await consumer.position(tp)
+            await catch_up_with_registry(settings, resources)
             async for message in consumer:
                 try:
                     update = json.loads(message.value or b"{}")

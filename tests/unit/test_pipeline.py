@@ -72,7 +72,7 @@ def _raw(pid, text, url=None):
 
 
 def _pipeline(classifier=None, cache=None):
-    return Pipeline(classifier or FakeClassifier(), FakeFetcher(), lambda: CARD, RoutingPolicy(), cache)
+    return Pipeline(classifier or FakeClassifier(), FakeFetcher(), lambda version: CARD, RoutingPolicy(), cache)
 
 
 def test_every_input_gets_exactly_one_outcome():
@@ -133,3 +133,32 @@ def test_duplicates_within_one_batch_run_the_model_once():
     assert sorted(map(tuple, classifier.calls)) == [("other",), ("same",)]
     assert [o.label.dedupe_hit for o in outcomes] == [False, True, False]
     assert outcomes[0].label.labels == outcomes[1].label.labels and outcomes[1].label.post_id == "b"
+
+
+def test_a_label_is_routed_and_cached_with_the_card_of_the_model_that_scored_it():
+    """Replicas swap models between device batches: the pipeline must not route v8's scores
+    with v7's ITM threshold, nor cache them under v7."""
+    v8 = ModelCard(
+        config=tiny_config(),
+        version="v8",
+        itm={"trained": True, "auroc": 0.9, "routing_lift": {"hate": 2}, "threshold": 0.95},
+    )
+    cards = {"v7": CARD, "v8": v8}
+
+    class SwappingClassifier(FakeClassifier):
+        """Looked up as v7 when the batch starts; the swap lands before the post is scored."""
+
+        version = "v7"
+
+        async def predict(self, texts, images):
+            (prediction,) = await super().predict(texts, images)
+            self.version = "v8"
+            return [Prediction(prediction.tasks, prediction.itm_match, "v8")]
+
+    cache = DictCache()
+    pipeline = Pipeline(SwappingClassifier(), FakeFetcher(), cards.__getitem__, RoutingPolicy(), cache)
+    (out,) = asyncio.run(pipeline.process([_raw("a", "fine", "http://m/a.png")]))
+    # ITM 0.9 clears v7's threshold (0.3) but not v8's (0.95): routed by v8's card.
+    assert out.label.model_version == "v8"
+    assert out.label.route == "review" and out.label.reasons == ["weak_image_text_match"]
+    assert list(cache.data) == [f"v8:{dedupe_key('fine', 'h-a.png')}"]
