@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv run demo test lint typecheck unit bench bench-stream ablate stack-up stack-down clean
+.PHONY: venv test-tools run demo test lint typecheck unit bench bench-stream ablate stack-up stack-down clean
 
 venv: $(STAMP)
 
@@ -35,7 +35,11 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy
 
-unit: venv
+# Chromium for the browser tests, redis-server (Debian packages; installed once).
+test-tools:
+	bash deploy/test-tools.sh
+
+unit: venv test-tools
 	$(PY) -m pytest -q tests
 
 test: lint typecheck unit

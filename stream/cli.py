@@ -218,6 +218,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             itm_threshold=args.itm_threshold,
             min_itm_auroc=args.min_itm_auroc,
             min_routing_lift=args.min_routing_lift,
+            min_itm_errors=args.min_itm_errors,
             uncertainty_band=args.uncertainty_band,
         ),
         batcher=BatcherConfig(max_batch=args.device_batch, max_delay_s=args.device_delay),
@@ -374,6 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--itm-threshold", type=float, help="override the card's ITM review threshold")
     p.add_argument("--min-itm-auroc", type=float, default=0.6)
     p.add_argument("--min-routing-lift", type=float, default=1.0)
+    p.add_argument(
+        "--min-itm-errors",
+        type=int,
+        default=20,
+        help="validation errors a routing-lift estimate needs before it may switch ITM routing off",
+    )
     p.add_argument("--uncertainty-band", type=float, default=0.0)
     p.set_defaults(func=cmd_worker)
 

@@ -45,12 +45,15 @@ def ensure_default_model(registry: ModelRegistry, cache: Path, home: Path) -> st
         cache_dir=cache,
         out_dir=home / "demo-training",
     )
+    # What the retraining job trains its candidates on, besides the reviewed posts.
+    fitted.card.training["data_source"] = {"preset": "synthetic", "n": SYNTHETIC_POSTS, "seed": 0}
     version = registry.save(fitted.model, fitted.tokenizer, fitted.card)
     m = fitted.card.metrics
     print(
         f"registered {version} in {time.perf_counter() - started:.0f} s: "
         f"validation macro-F1 {json.dumps(m['macro_f1'])}, "
-        f"ITM AUROC {m['itm_auroc']:.3f}; curves in {home / 'demo-training'}",
+        f"ITM AUROC {m['itm_auroc']:.3f}; curves in {home / 'demo-training'}\n"
+        f"  {fitted.card.itm['routing']['why']}",
         file=sys.stderr,
     )
     return version
