@@ -1,0 +1,481 @@
+"""Gated retraining: turn reviewers' decisions into a candidate model, and promote it only
+when it is not worse than the current one on fixed holdouts.
+
+One run:
+1. count labelled decisions that no retrained version has looked at; fewer than `min_new`
+   means nothing to do (unless forced);
+2. rebuild the current version's recipe (its card's ModelConfig and TrainConfig), load base
+   data (what the current card records, or a manifest / preset given by the operator) and
+   the reviewed data; hold out a fixed hash-chosen share of the base data and the newest
+   reviewed decisions;
+3. score the current model on both holdouts, fine-tune a candidate from the current
+   version's weights on everything else, score it the same way (each model with its own
+   card's temperatures and thresholds);
+4. gate (trainer/gate.py), save the candidate always (current only when promoted) with a
+   card saying why, write gate.json / gate.png next to it; when promoted, point CURRENT at
+   it and only then publish {"version", "parent", "reason"} on `model-updates`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from models.card import ModelCard
+from models.classifier import MultimodalModel
+from models.config import ModelConfig
+from models.losses import IGNORE_INDEX
+from models.objectives import ObjectiveConfig
+from models.registry import CURRENT, ModelRegistry, RegistryError
+from trainer import retrain_metrics as metrics
+from trainer.calibration import Calibration, score
+from trainer.features import FeatureStore, build_features, load_inputs
+from trainer.fit import fit, pick_device
+from trainer.gate import Comparison, GateDecision, decide
+from trainer.holdout import (
+    BASE_FRACTION,
+    REVIEWED_FRACTION,
+    REVIEWED_MINIMUM,
+    decided_at,
+    ids_digest,
+    split_base,
+    split_reviewed,
+)
+from trainer.manifest import Example, read_manifest
+from trainer.retrain_report import summary_table, write_json, write_plot
+from trainer.reviewed import SeenDecisions, decision_key, last_seen, new_decisions, read_reviewed, read_seen, write_seen
+from trainer.train import TrainConfig, evaluate_split, label_tensors
+
+log = logging.getLogger(__name__)
+UPDATES_TOPIC = "model-updates"
+HOLDOUTS = ("base", "reviewed")
+Publisher = Callable[[dict[str, Any]], None]
+Status = Literal["skipped", "promoted", "refused"]
+
+
+class RetrainError(RuntimeError):
+    """A run that cannot start or finish; the message says what to do."""
+
+
+@dataclass
+class RetrainOptions:
+    registry: Path
+    reviewed: Path
+    work_dir: Path  # generated base data (synthetic preset)
+    cache_dir: Path | None = None
+    device: str = "auto"
+    # None: the base data the current card records in training["data_source"].
+    base_source: dict[str, Any] | None = None
+    min_new: int = 50
+    margin: float = 0.02
+    min_holdout: int = 20
+    force: bool = False
+    epochs: int | None = None
+    base_fraction: float = BASE_FRACTION
+    reviewed_fraction: float = REVIEWED_FRACTION
+    reviewed_minimum: int = REVIEWED_MINIMUM
+    progress: bool = False
+    # Called with the update message once CURRENT names the promoted version; None: offline.
+    publisher: Publisher | None = None
+
+
+@dataclass
+class RetrainOutcome:
+    status: Status
+    message: str
+    new_decisions: int
+    parent: str | None = None
+    version: str | None = None
+    decision: GateDecision | None = None
+    report: dict[str, Any] | None = None
+    published: bool = False
+    publish_error: str | None = None
+    report_dir: Path | None = None
+
+    @property
+    def outcome(self) -> str:
+        """The metric label: a promotion whose update could not be published is its own outcome."""
+        return "publish_failed" if self.publish_error else self.status
+
+
+# ---------------------------------------------------------------------------------- inputs
+
+
+def base_source(opts: RetrainOptions, parent: ModelCard) -> dict[str, Any]:
+    source = opts.base_source if opts.base_source is not None else parent.training.get("data_source")
+    if not isinstance(source, dict) or not source:
+        raise RetrainError(
+            f"the current model {parent.version} does not record its base training data (training.data_source "
+            "in its card): give --base-manifest FILE or --base-preset synthetic"
+        )
+    if "manifest" in source:
+        return {"manifest": str(Path(source["manifest"]).resolve())}
+    return dict(source)
+
+
+def load_base(source: dict[str, Any], work_dir: Path) -> list[Example]:
+    if "manifest" in source:
+        path = Path(source["manifest"])
+        if not path.is_file():
+            raise RetrainError(f"base manifest {path} does not exist (recorded as the base data source)")
+        return read_manifest(path)
+    preset = source.get("preset")
+    if preset == "synthetic":
+        from trainer.synthetic import write_synthetic
+
+        n, seed = int(source.get("n", 1200)), int(source.get("seed", 0))
+        image_size, mismatch = int(source.get("image_size", 96)), float(source.get("mismatch_rate", 0.1))
+        # One folder per parameter set: regenerating another size in place would thrash.
+        folder = Path(work_dir) / f"synthetic-n{n}-seed{seed}-{image_size}px-mm{mismatch:g}"
+        return read_manifest(write_synthetic(folder, n, seed, image_size=image_size, mismatch_rate=mismatch))
+    if preset == "cm-off-meme":
+        from trainer.importers import import_cm_off_meme
+
+        return import_cm_off_meme(with_text_only=bool(source.get("with_text_only", False))).examples
+    raise RetrainError(f"unknown base data source {source!r}: expected {{'manifest': PATH}} or a preset")
+
+
+def recipe(card: ModelCard, epochs: int | None, progress: bool) -> tuple[ModelConfig, TrainConfig]:
+    """The current version's ModelConfig and TrainConfig, rebuilt from its card."""
+    raw = card.training.get("config")
+    if not isinstance(raw, dict):
+        raise RetrainError(f"the card of {card.version} has no training.config to retrain with")
+    data = dict(raw)
+    objective = data.pop("objective", None)
+    unknown = set(data) - {f.name for f in fields(TrainConfig)}
+    if unknown:
+        raise RetrainError(f"the card of {card.version} has unknown training config fields {sorted(unknown)}")
+    cfg = TrainConfig(**data, objective=ObjectiveConfig(**objective) if objective else ObjectiveConfig())
+    if epochs is not None:
+        cfg.epochs = epochs
+    cfg.progress = progress
+    return ModelConfig.from_dict(card.config.to_dict()), cfg
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
+def evaluate_model(
+    model: MultimodalModel,
+    tokenizer: Any,
+    card: ModelCard,
+    examples: Sequence[Example],
+    cache_dir: Path | None,
+    device: str = "auto",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """One model on one holdout under its own card's calibration (temperatures, thresholds):
+    {"n": task -> labelled examples, "macro_f1": task -> F1, "itm_auroc", "tasks": reports}."""
+    tasks = card.tasks
+    empty: dict[str, Any] = {"n": {t: 0 for t in tasks}, "macro_f1": {}, "itm_auroc": None, "tasks": {}}
+    if not examples:
+        return empty
+    dev = pick_device(device)
+    model.to(dev)
+    inputs = load_inputs(examples)
+    features = build_features(model, tokenizer, inputs, FeatureStore(cache_dir), dev, progress)
+    labels = label_tensors(inputs.examples, tasks)
+    split = evaluate_split(model, features, labels)
+    cal = Calibration(dict(card.temperatures), dict(card.thresholds), card.itm.get("threshold"))
+    scores = score(split, tasks, cal)
+    return {
+        "n": {t: int((y != IGNORE_INDEX).sum()) for t, y in labels.items()},
+        "macro_f1": scores["macro_f1"],
+        "itm_auroc": scores["itm_auroc"],
+        "tasks": scores["tasks"],
+    }
+
+
+def comparisons(evaluation: dict[str, dict[str, Any]], tasks: Sequence[str]) -> list[Comparison]:
+    out = []
+    for holdout, models in evaluation.items():
+        for task in tasks:
+            out.append(
+                Comparison(
+                    holdout,
+                    task,
+                    int(models["candidate"]["n"].get(task, 0)),
+                    models["current"]["macro_f1"].get(task),
+                    models["candidate"]["macro_f1"].get(task),
+                )
+            )
+    return out
+
+
+def lineage_saw_base_holdout(
+    registry: ModelRegistry, version: str, source: dict[str, Any], fraction: float
+) -> str | None:
+    """The first version in `version`'s ancestry (itself included) trained without this base
+    holdout set aside, or None. Candidates start from the current weights, so such an
+    ancestor's exposure reaches both models."""
+    visited: set[str] = set()
+    current: str | None = version
+    while current and current not in visited:
+        visited.add(current)
+        try:
+            training = registry.card(current).training
+        except (RegistryError, ValueError, OSError):
+            return current  # unknown history: assume it saw the holdout
+        held = training.get("holdouts", {}).get("base", {})
+        if training.get("data_source") != source or held.get("fraction") != fraction:
+            return current
+        current = training.get("parent_version")
+    return None
+
+
+# ------------------------------------------------------------------------------- publishing
+
+
+async def publish_update(
+    bootstrap: str, message: dict[str, Any], topic: str = UPDATES_TOPIC, timeout_s: float = 30
+) -> None:
+    """Send one update with acks=all and wait for the broker to confirm it."""
+    from aiokafka import AIOKafkaProducer
+
+    async with asyncio.timeout(timeout_s):
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", request_timeout_ms=int(timeout_s * 1000))
+        try:
+            await producer.start()
+            await producer.send_and_wait(topic, json.dumps(message).encode(), key=str(message["version"]).encode())
+        finally:
+            await producer.stop()
+
+
+def kafka_publisher(bootstrap: str, topic: str = UPDATES_TOPIC, timeout_s: float = 30) -> Publisher:
+    def publish(message: dict[str, Any]) -> None:
+        asyncio.run(publish_update(bootstrap, message, topic, timeout_s))
+
+    return publish
+
+
+# ------------------------------------------------------------------------------------ a run
+
+
+def _newest(examples: Sequence[Example]) -> str | None:
+    return max(decided_at(ex) for ex in examples).isoformat() if examples else None
+
+
+def run_retrain(opts: RetrainOptions) -> RetrainOutcome:
+    from tqdm import tqdm
+
+    registry = ModelRegistry(opts.registry)
+    try:
+        parent = registry.resolve(CURRENT)
+    except RegistryError as exc:
+        raise RetrainError(
+            f"{exc}: register a first model (modstream train or modstream demo) before retraining"
+        ) from exc
+    parent_card = registry.card(parent)
+    tasks = parent_card.tasks
+    reviewed = read_reviewed(opts.reviewed, tasks)
+    seen = last_seen(registry)
+    new = new_decisions(reviewed, seen)
+    metrics.PENDING.set(len(new))
+    since = f"since {seen.version}" if seen.version else "in total (no retrained version yet)"
+    if len(new) < opts.min_new and not opts.force:
+        message = f"{len(new)} new labelled decision(s) {since}; retraining needs {opts.min_new}: nothing to do"
+        return RetrainOutcome("skipped", message, len(new), parent)
+
+    steps = tqdm(total=4, desc="retrain", disable=not opts.progress)
+    source = base_source(opts, parent_card)
+    model_cfg, train_cfg = recipe(parent_card, opts.epochs, opts.progress)
+    base = load_base(source, opts.work_dir)
+    base_train, base_holdout = split_base(base, opts.base_fraction)
+    rev_train, rev_holdout = (
+        split_reviewed(reviewed, opts.reviewed_fraction, opts.reviewed_minimum) if reviewed else ([], [])
+    )
+    held = {ex.id for ex in base_holdout} | {ex.id for ex in rev_holdout}
+    reviewed_ids = {ex.id for ex in reviewed}
+    # Nothing held out is trained on, whichever source an id also appears in; a post that is
+    # both base data and reviewed trains with the reviewer's (later) label.
+    base_train = [ex for ex in base_train if ex.id not in held and ex.id not in reviewed_ids]
+    rev_train = [ex for ex in rev_train if ex.id not in held]
+    holdouts = {"base": base_holdout, "reviewed": rev_holdout}
+    steps.set_postfix_str(f"{len(base_train)} base + {len(rev_train)} reviewed to train")
+    steps.update()
+
+    evaluation: dict[str, dict[str, Any]] = {h: {} for h in HOLDOUTS}
+    current = registry.load(parent)
+    for h in HOLDOUTS:
+        evaluation[h]["current"] = evaluate_model(
+            current.model, current.tokenizer, current.card, holdouts[h], opts.cache_dir, opts.device, opts.progress
+        )
+    del current
+    steps.update()
+
+    start = registry.load(parent)  # the candidate fine-tunes a fresh copy of the current weights
+    fitted = fit(
+        base_train + rev_train,
+        model_cfg,
+        train_cfg,
+        cache_dir=opts.cache_dir,
+        device=opts.device,
+        model_and_tokenizer=(start.model, start.tokenizer),
+    )
+    steps.update()
+    for h in HOLDOUTS:
+        evaluation[h]["candidate"] = evaluate_model(
+            fitted.model, fitted.tokenizer, fitted.card, holdouts[h], opts.cache_dir, opts.device, opts.progress
+        )
+    decision = decide(comparisons(evaluation, list(tasks)), opts.margin, opts.min_holdout)
+
+    card = fitted.card
+    seen_by = lineage_saw_base_holdout(registry, parent, source, opts.base_fraction)
+    parent_seen = read_seen(registry, parent) or SeenDecisions()
+    holdout_keys = [decision_key(ex) for ex in rev_holdout]
+    card.training.update(
+        {
+            "parent_version": parent,
+            "data_source": source,
+            "n_base_train": len(base_train),
+            "reviewed": {
+                "folder": str(Path(opts.reviewed).resolve()),
+                "n_used": len(rev_train),
+                "n_available": len(reviewed),
+                "new_decisions": len(new),
+                "newest_decided_at": _newest(rev_train),
+                "decisions_digest": ids_digest(decision_key(ex) for ex in rev_train),
+            },
+            "holdouts": {
+                "base": {
+                    "fraction": opts.base_fraction,
+                    "rule": "sha256 of a salt and the example id below the fraction (trainer/holdout.py)",
+                    "n": len(base_holdout),
+                    "digest": ids_digest(ex.id for ex in base_holdout),
+                    "current_may_have_seen": seen_by is not None,
+                    "note": (
+                        f"{seen_by} was trained without this holdout set aside, and the current model "
+                        f"({parent}) and the candidate descend from its weights: both may have seen it, "
+                        "which favours keeping the current model (the safe direction)"
+                        if seen_by
+                        else "no version in the current model's ancestry trained on this holdout"
+                    ),
+                },
+                "reviewed": {
+                    "fraction": opts.reviewed_fraction,
+                    "minimum": opts.reviewed_minimum,
+                    "rule": "the newest decisions by meta.decided_at",
+                    "n": len(rev_holdout),
+                    "ids": sorted(ex.id for ex in rev_holdout),
+                    "digest": ids_digest(ex.id for ex in rev_holdout),
+                    "oldest_decided_at": min(decided_at(ex) for ex in rev_holdout).isoformat() if rev_holdout else None,
+                    # Only with --force and no new decisions can the parent have trained on these.
+                    "current_trained_on": len(set(holdout_keys) & parent_seen.trained_on),
+                },
+            },
+        }
+    )
+    card.metrics["evaluation"] = {h: {"current_version": parent, **evaluation[h]} for h in HOLDOUTS}
+    card.metrics["promotion"] = decision.to_dict()
+
+    version = registry.save(fitted.model, fitted.tokenizer, card, make_current=False)
+    vdir = registry.root / version
+    write_seen(vdir, (decision_key(ex) for ex in rev_train), holdout_keys)
+    report = {
+        "version": version,
+        "parent": parent,
+        "promoted": decision.promoted,
+        "why": decision.why,
+        "margin": decision.margin,
+        "min_holdout": decision.min_examples,
+        "checks": decision.to_dict()["checks"],
+        "evaluation": card.metrics["evaluation"],
+    }
+    write_json(report, vdir / "gate.json")
+    write_plot(decision, parent, version, vdir / "gate.png")
+    steps.update()
+    steps.close()
+
+    outcome = RetrainOutcome(
+        "promoted" if decision.promoted else "refused",
+        decision.why,
+        len(new),
+        parent,
+        version,
+        decision,
+        report,
+        report_dir=vdir,
+    )
+    if decision.promoted:
+        # CURRENT first: a worker starting between the two steps reads CURRENT after subscribing.
+        registry.set_current(version)
+        if opts.publisher is not None:
+            try:
+                opts.publisher({"version": version, "parent": parent, "reason": "retrain"})
+                outcome.published = True
+            except Exception as exc:
+                log.error("%s is CURRENT but its update could not be published on %s: %r", version, UPDATES_TOPIC, exc)
+                outcome.publish_error = repr(exc)
+    return outcome
+
+
+# ------------------------------------------------------------------------- watch and metrics
+
+
+def record(outcome: RetrainOutcome | None) -> None:
+    """Count a run (None: it failed) and export the last candidate's scores."""
+    import time
+
+    metrics.RUNS.labels(outcome.outcome if outcome else "failed").inc()
+    metrics.LAST_RUN.set(time.time())
+    if outcome and outcome.decision:
+        for c in outcome.decision.checks:
+            metrics.CANDIDATE_F1.labels(c.task, c.holdout).set(float("nan") if c.candidate is None else c.candidate)
+            metrics.CURRENT_F1.labels(c.task, c.holdout).set(float("nan") if c.current is None else c.current)
+
+
+def run_once(opts: RetrainOptions) -> RetrainOutcome | None:
+    """One run that never raises: a failure is logged and counted, and None returned."""
+    try:
+        outcome = run_retrain(opts)
+    except Exception:
+        log.exception("retraining run failed")
+        record(None)
+        return None
+    record(outcome)
+    return outcome
+
+
+def watch(
+    opts: RetrainOptions,
+    interval_s: float,
+    stop: threading.Event | None = None,
+    on_outcome: Callable[[RetrainOutcome | None], None] | None = None,
+) -> None:
+    """Check, retrain when due, sleep; until `stop` is set. Failed runs do not end the loop."""
+    stop = stop or threading.Event()
+    while not stop.is_set():
+        outcome = run_once(opts)
+        if on_outcome is not None:
+            on_outcome(outcome)
+        if stop.wait(interval_s):
+            break
+
+
+def describe(outcome: RetrainOutcome) -> str:
+    """The operator's summary of a run."""
+    if outcome.decision is None or outcome.version is None or outcome.parent is None:
+        return outcome.message
+    lines = [summary_table(outcome.decision, outcome.parent, outcome.version)]
+    if outcome.report_dir is not None:
+        lines.append(f"candidate {outcome.version} saved; gate report: {outcome.report_dir}/gate.json, gate.png")
+    if outcome.status == "promoted":
+        lines.append(f"{outcome.version} is now CURRENT (parent {outcome.parent})")
+        if outcome.published:
+            lines.append(f"published on {UPDATES_TOPIC}")
+        elif outcome.publish_error:
+            lines.append(
+                f"NOT published on {UPDATES_TOPIC} ({outcome.publish_error}): running workers keep the old model "
+                "until they restart or the update is re-sent (modstream retrain --publish-current)"
+            )
+        else:
+            lines.append("not published (--no-publish)")
+    else:
+        lines.append(f"{outcome.version} kept for inspection; {outcome.parent} stays CURRENT")
+    return "\n".join(lines)

@@ -1,0 +1,125 @@
+"""The reviewed dataset (written by the dataset sink) as training data, and which decisions are new.
+
+Every version the retraining job writes keeps, next to its card, `reviewed-decisions.json`:
+the decision keys it trained on and those it held out. A decision is new when no such file of
+the newest retrained version lists it, so a refused candidate also counts as "trained" and the
+watch loop does not retrain on the same decisions again and again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from models.registry import ModelRegistry
+from trainer.holdout import decided_at
+from trainer.manifest import Example, read_manifest
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.jsonl"
+DECISIONS_FILE = "reviewed-decisions.json"
+
+
+def decision_key(example: Example) -> str:
+    """A decision's identity: its decision_id, else post id + time (a re-decision is new)."""
+    decision_id = example.meta.get("decision_id")
+    if isinstance(decision_id, str) and decision_id:
+        return decision_id
+    return f"{example.id}@{example.meta.get('decided_at')}"
+
+
+def read_reviewed(folder: Path, tasks: Mapping[str, Sequence[str]]) -> list[Example]:
+    """The labelled reviewed examples for these tasks. Labels for other tasks are dropped;
+    decisions that label none of these tasks (skip, escalate) are left out; a label value the
+    task does not know, or a missing decision time, is an error naming the example."""
+    manifest = Path(folder) / MANIFEST
+    if not manifest.is_file():
+        log.info("no reviewed dataset at %s yet", manifest)
+        return []
+    out = []
+    for ex in complete_lines(manifest):
+        labels: dict[str, str | None] = {}
+        for task, label in ex.labels.items():
+            if task not in tasks:
+                continue
+            if label is not None and label not in tasks[task]:
+                raise ValueError(
+                    f"{manifest}: example {ex.id!r} has label {label!r} for task {task!r}, "
+                    f"which the model does not know (expected one of {list(tasks[task])})"
+                )
+            labels[task] = label
+        if not any(v is not None for v in labels.values()):
+            continue
+        decided_at(ex)  # validated here, before any training starts
+        out.append(Example(ex.id, ex.text, ex.image, labels, ex.meta))
+    return out
+
+
+def complete_lines(manifest: Path) -> list[Example]:
+    """The manifest's examples, leaving out a last line the dataset sink is still appending
+    (everything up to the last newline; images resolved against the manifest's folder)."""
+    data = manifest.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end == len(data):
+        return read_manifest(manifest)
+    with tempfile.TemporaryDirectory() as tmp:
+        snapshot = Path(tmp) / MANIFEST
+        snapshot.write_bytes(data[:end])
+        examples = read_manifest(snapshot)
+    root = Path(tmp)
+    return [
+        dataclasses.replace(ex, image=manifest.parent / ex.image.relative_to(root))
+        if ex.image is not None and ex.image.is_relative_to(root)
+        else ex
+        for ex in examples
+    ]
+
+
+@dataclass
+class SeenDecisions:
+    """The decisions the newest retrained version looked at (`version` None: no retrain yet)."""
+
+    version: str | None = None
+    trained_on: set[str] = field(default_factory=set)
+    holdout: set[str] = field(default_factory=set)
+
+    @property
+    def all(self) -> set[str]:
+        return self.trained_on | self.holdout
+
+
+def write_seen(version_dir: Path, trained_on: Iterable[str], holdout: Iterable[str]) -> Path:
+    path = Path(version_dir) / DECISIONS_FILE
+    data = {"trained_on": sorted(trained_on), "holdout": sorted(holdout)}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def read_seen(registry: ModelRegistry, version: str) -> SeenDecisions | None:
+    path = registry.root / version / DECISIONS_FILE
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return SeenDecisions(version, set(data.get("trained_on", [])), set(data.get("holdout", [])))
+
+
+def last_seen(registry: ModelRegistry) -> SeenDecisions:
+    """What the newest retrained version (promoted or refused) looked at."""
+    for version in reversed(registry.versions()):
+        seen = read_seen(registry, version)
+        if seen is not None:
+            return seen
+    return SeenDecisions()
+
+
+def new_decisions(examples: Iterable[Example], seen: SeenDecisions) -> list[str]:
+    """Keys of the decisions no retrained version has looked at yet."""
+    known = seen.all
+    return [key for key in map(decision_key, examples) if key not in known]
