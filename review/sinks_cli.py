@@ -1,4 +1,5 @@
-"""Subcommands of `modstream` for this role (argparse only here; heavy imports inside handlers)."""
+"""`modstream review-sink` and `modstream dataset-sink` (argparse only here; heavy imports
+inside the handlers, so `modstream --help` stays fast)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,66 @@ import argparse
 from typing import Any
 
 
+def _settings(args: argparse.Namespace) -> Any:
+    from review.kafka_sink import SinkSettings
+
+    return SinkSettings(
+        bootstrap=args.bootstrap,
+        topic=args.topic,
+        group=args.group,
+        dlq_topic=args.dlq_topic,
+        max_records=args.max_records,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+    )
+
+
+def cmd_review_sink(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from review.review_sink import run_review_sink
+
+    return asyncio.run(run_review_sink(_settings(args), args.redis))
+
+
+def cmd_dataset_sink(args: argparse.Namespace) -> int:
+    import asyncio
+    import sys
+    from pathlib import Path
+
+    from review.dataset import DatasetError
+    from review.dataset_sink import run_dataset_sink
+
+    try:
+        return asyncio.run(
+            run_dataset_sink(_settings(args), Path(args.out), allow_loopback_media=args.allow_loopback_media)
+        )
+    except DatasetError as exc:
+        print(f"modstream dataset-sink: {exc}", file=sys.stderr)
+        return 2
+
+
+def _add_sink_options(p: argparse.ArgumentParser, topic: str, group: str, metrics_port: int) -> None:
+    p.add_argument("--bootstrap", default="127.0.0.1:19092", help="Kafka bootstrap servers")
+    p.add_argument("--topic", default=topic, help=f"topic to consume (default {topic})")
+    p.add_argument("--group", default=group, help=f"consumer group (default {group})")
+    p.add_argument("--dlq-topic", default="posts.dlq", help="dead-letter topic for malformed records")
+    p.add_argument("--max-records", type=int, default=500, help="records per batch (one commit each)")
+    p.add_argument("--metrics-port", type=int, default=metrics_port, help="port of /metrics (0: none)")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address /metrics listens on")
+
+
 def add_parsers(sub: Any, add_common: Any) -> None:
-    """Register this role's subcommands on the `modstream` parser."""
-    del sub, add_common
+    """Register this role's subcommands on the `modstream` parser (the sinks need none of the
+    common model options, so `add_common` is not used)."""
+    del add_common
+    p = sub.add_parser("review-sink", help="copy the review topic into the Redis review stream, once per post")
+    _add_sink_options(p, "review", "modstream-review-sink", 6067)
+    p.add_argument("--redis", default="redis://127.0.0.1:16379/0", help="Redis URL of the review stream")
+    p.set_defaults(func=cmd_review_sink)
 
-
-_ = argparse
+    p = sub.add_parser("dataset-sink", help="turn reviewers' decisions (reviewed topic) into a labelled manifest")
+    _add_sink_options(p, "reviewed", "modstream-dataset-sink", 6068)
+    p.add_argument("--out", default="var/reviewed", help="dataset folder (manifest.jsonl + media/)")
+    p.add_argument("--allow-loopback-media", action="store_true", help="tests/demo: fetch images from 127.0.0.1")
+    p.set_defaults(func=cmd_dataset_sink)

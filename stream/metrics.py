@@ -33,5 +33,4 @@ ITM_SCORE = Histogram(
 )
 MODEL = Info("modstream_model", "The model version the worker serves")
 ITM_ROUTING = Gauge("modstream_itm_routing_enabled", "1 when ITM routing is trusted for the serving model")
-REVIEW_PENDING = Gauge("modstream_review_redis_pending", "Review items waiting to be written to Redis")
 READY = Gauge("modstream_worker_ready", "1 once the model is loaded and warmed up")

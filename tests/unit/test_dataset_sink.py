@@ -1,0 +1,259 @@
+"""The reviewed dataset's rules and the dataset sink's stage in a temporary folder, with a
+fake media fetcher and no Kafka."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from review.dataset import (
+    DatasetError,
+    ReviewedDataset,
+    count_decisions,
+    load_reviewed,
+    manifest_line,
+    plan_batch,
+)
+from review.dataset_sink import DatasetSink, parse_decision
+from review.kafka_sink import SinkRecord, TransientError
+from stream.media import MediaResult
+from stream.records import DeadLetter, RecordError, ReviewDecision, TaskDecision, encode
+from trainer.manifest import read_manifest
+
+TASKS = {"hate": ["not_hateful", "hateful"], "sarcasm": ["not_sarcastic", "sarcastic"]}
+
+
+def _png(color: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 6), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decision(
+    decision_id: str,
+    post_id: str,
+    hate: tuple[str, str | None] = ("confirm", "hateful"),
+    sarcasm: tuple[str, str | None] = ("not_violating", "not_sarcastic"),
+    decided_at: str = "2026-11-28T10:00:00+00:00",
+    image_url: str | None = None,
+    media_hash: str | None = None,
+) -> ReviewDecision:
+    return ReviewDecision(
+        decision_id=decision_id,
+        post_id=post_id,
+        reviewer="alice",
+        decisions={"hate": TaskDecision(*hate), "sarcasm": TaskDecision(*sarcasm)},
+        model_version="v0001",
+        model_labels={"hate": {"label": "hateful", "score": 0.7}},
+        text=f"text of {post_id}",
+        image_url=image_url,
+        media_hash=media_hash,
+        reasons=["itm_low"],
+        decided_at=decided_at,
+    )
+
+
+SKIP = ("skip", None)
+ESCALATE = ("escalate", None)
+
+
+class FakeFetcher:
+    def __init__(self, bodies: dict[str, bytes]) -> None:
+        self.bodies = bodies
+        self.calls: list[str] = []
+
+    async def fetch(self, url: str) -> MediaResult:
+        self.calls.append(url)
+        body = self.bodies.get(url)
+        if body is None:
+            return MediaResult(url, "http_error", "HTTP 404")
+        image = Image.open(io.BytesIO(body)).convert("RGB")
+        return MediaResult(url, "ok", image=image, content_hash=hashlib.sha256(body).hexdigest(), size=len(body))
+
+
+class FakeDeadLetters:
+    def __init__(self) -> None:
+        self.sent: list[DeadLetter] = []
+
+    async def send(self, letters: Sequence[DeadLetter], reasons: Sequence[str]) -> None:
+        self.sent.extend(letters)
+
+
+def _records(*decisions: ReviewDecision | bytes) -> list[SinkRecord]:
+    return [
+        SinkRecord("reviewed", 0, i, None, d if isinstance(d, bytes) else encode(d)) for i, d in enumerate(decisions)
+    ]
+
+
+def _manifest(folder: Path) -> dict[str, dict]:
+    lines = [json.loads(x) for x in (folder / "manifest.jsonl").read_text().splitlines()]
+    assert len({x["id"] for x in lines}) == len(lines), "more than one line for a post"
+    return {x["id"]: x for x in lines}
+
+
+# -- rules ---------------------------------------------------------------------------------
+
+
+def test_plan_outcomes_follow_the_rules() -> None:
+    existing = {"p1": manifest_line(decision("d1", "p1"), None, revision=1)}
+    batch = [
+        decision("d1", "p1"),  # replay of the line's own decision
+        decision("d0", "p1", decided_at="2026-11-28T09:00:00+00:00"),  # older than the line
+        decision("d2", "p2", hate=SKIP, sarcasm=ESCALATE),  # labels nothing
+        decision("d3", "p3"),
+        decision("d4", "p3", hate=("correct", "not_hateful"), decided_at="2026-11-28T11:00:00+00:00"),
+        decision("d5", "p1", hate=("correct", "not_hateful"), decided_at="2026-11-28T12:00:00Z"),
+    ]
+    plan = plan_batch(batch, existing)
+    assert plan.outcomes == ["replayed", "superseded", "no_labels", "added", "replaced", "replaced"]
+    assert {p: d.decision_id for p, d in plan.winners.items()} == {"p3": "d4", "p1": "d5"}
+    assert plan.revisions == {"p3": 2, "p1": 2}
+
+
+def test_a_skipped_or_escalated_task_has_a_null_label() -> None:
+    line = manifest_line(decision("d1", "p1", sarcasm=ESCALATE), None, revision=1)
+    assert line["labels"] == {"hate": "hateful", "sarcasm": None}
+    assert line["meta"]["actions"] == {"hate": "confirm", "sarcasm": "escalate"}
+    for key in ("decision_id", "reviewer", "decided_at", "model_version", "model_labels", "reasons"):
+        assert key in line["meta"]
+
+
+# -- the folder ------------------------------------------------------------------------------
+
+
+def test_new_posts_append_changed_posts_rewrite_and_the_trainer_reads_it(tmp_path: Path) -> None:
+    ds = ReviewedDataset(tmp_path)
+    assert ds.commit([manifest_line(decision("d1", "p1"), None, 1)]) == (1, 0)
+    assert ds.commit([manifest_line(decision("d2", "p2"), None, 1)]) == (1, 0)
+    inode = (tmp_path / "manifest.jsonl").stat().st_ino
+    assert ds.commit([manifest_line(decision("d3", "p2"), None, 2)]) == (0, 1)
+    assert (tmp_path / "manifest.jsonl").stat().st_ino != inode, "a change must replace the file, not edit it"
+    ds.close()
+    examples = read_manifest(tmp_path / "manifest.jsonl")
+    assert [e.id for e in examples] == ["p1", "p2"] and examples[1].meta["decision_id"] == "d3"
+    assert count_decisions(tmp_path) == 3
+    assert ReviewedDataset(tmp_path).lines["p2"]["meta"]["decision_id"] == "d3"  # state reloads from disk
+
+
+def test_a_second_writer_is_refused(tmp_path: Path) -> None:
+    first = ReviewedDataset(tmp_path)
+    with pytest.raises(DatasetError, match="another dataset sink"):
+        ReviewedDataset(tmp_path)
+    first.close()
+    ReviewedDataset(tmp_path).close()
+
+
+def test_an_interrupted_append_is_dropped_on_start_and_ignored_by_readers(tmp_path: Path) -> None:
+    ds = ReviewedDataset(tmp_path)
+    ds.commit([manifest_line(decision("d1", "p1"), None, 1)])
+    ds.close()
+    with (tmp_path / "manifest.jsonl").open("ab") as fh:
+        fh.write(b'{"id": "p2", "text": "half a li')  # kill -9 in the middle of an append
+    assert [e.id for e in load_reviewed(tmp_path)] == ["p1"]
+    ds = ReviewedDataset(tmp_path)
+    assert list(ds.lines) == ["p1"]
+    assert (tmp_path / "manifest.jsonl").read_bytes().endswith(b"}\n")
+    ds.close()
+
+
+def test_load_reviewed_keeps_image_paths_in_the_folder_while_a_line_is_half_written(tmp_path: Path) -> None:
+    ds = ReviewedDataset(tmp_path)
+    ds.commit([manifest_line(decision("d1", "p1"), "media/abc.png", 1)])
+    ds.close()
+    with (tmp_path / "manifest.jsonl").open("ab") as fh:
+        fh.write(b'{"id": "p2"')
+    [example] = load_reviewed(tmp_path)
+    assert example.image == tmp_path / "media" / "abc.png"
+    assert load_reviewed(tmp_path / "nothing-yet") == [] and count_decisions(tmp_path / "nothing-yet") == 0
+
+
+def test_a_corrupt_complete_line_is_an_error_not_silently_dropped(tmp_path: Path) -> None:
+    (tmp_path / "manifest.jsonl").write_text('{"id": "p1", "text": "t", "labels": {}}\nnot json\n')
+    with pytest.raises(DatasetError, match="corrupt"):
+        ReviewedDataset(tmp_path)
+
+
+# -- the stage -------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_sink_saves_media_by_hash_keeps_text_only_on_fetch_errors_and_ignores_replays(tmp_path: Path) -> None:
+    red, blue = _png((255, 0, 0)), _png((0, 0, 255))
+    red_hash = hashlib.sha256(red).hexdigest()
+    fetcher = FakeFetcher({"http://m/red.png": red, "http://m/blue.png": blue})
+    dead = FakeDeadLetters()
+    ds = ReviewedDataset(tmp_path)
+    sink = DatasetSink(ds, fetcher, dead)
+    first = decision("d1", "p1", image_url="http://m/red.png", media_hash=red_hash)
+    batch = _records(
+        first,
+        decision("d2", "p2", image_url="http://m/blue.png"),  # no hash in the decision: the fetch's
+        decision("d3", "p3", image_url="http://m/gone.png"),  # 404: kept text-only
+        decision("d4", "p4", hate=SKIP, sarcasm=SKIP),
+        b'{"v": 1, "decision_id": "bad"}',
+    )
+    await sink.apply(batch)
+    lines = _manifest(tmp_path)
+    assert set(lines) == {"p1", "p2", "p3"}
+    assert lines["p1"]["image"] == f"media/{red_hash}.png"
+    assert lines["p2"]["image"] == f"media/{hashlib.sha256(blue).hexdigest()}.png"
+    with Image.open(tmp_path / lines["p1"]["image"]) as img:
+        assert img.format == "PNG" and img.getpixel((0, 0)) == (255, 0, 0)
+    assert lines["p3"]["image"] is None and lines["p3"]["meta"]["media_error"]["status"] == "http_error"
+    assert [d.stage for d in dead.sent] == ["dataset_sink"]
+
+    before = (tmp_path / "manifest.jsonl").read_bytes()
+    calls = len(fetcher.calls)
+    await sink.apply(batch)  # redelivered
+    assert (tmp_path / "manifest.jsonl").read_bytes() == before
+    assert len(fetcher.calls) == calls, "a replay fetched media again"
+
+    redo = decision("d5", "p1", hate=("correct", "not_hateful"), decided_at="2026-11-28T13:00:00+00:00",
+                    image_url="http://m/red.png", media_hash=red_hash)  # fmt: skip
+    await sink.apply(_records(redo, decision("d6", "p1", hate=SKIP, sarcasm=SKIP, decided_at="2026-11-29T00:00:00Z")))
+    lines = _manifest(tmp_path)
+    assert lines["p1"]["labels"] == {"hate": "not_hateful", "sarcasm": "not_sarcastic"}
+    assert lines["p1"]["meta"]["decision_id"] == "d5" and lines["p1"]["image"] == f"media/{red_hash}.png"
+    assert len(fetcher.calls) == calls, "the image already saved under its hash was fetched again"
+    ds.close()
+
+
+@pytest.mark.asyncio
+async def test_a_disk_failure_raises_so_the_batch_is_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ds = ReviewedDataset(tmp_path)
+    sink = DatasetSink(ds, FakeFetcher({}), FakeDeadLetters())
+
+    def full(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ds, "_append", full)
+    with pytest.raises(TransientError) as info:
+        await sink.apply(_records(decision("d1", "p1")))
+    assert info.value.dependency == "disk" and ds.lines == {}
+    ds.close()
+
+
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [
+        ({"decided_at": "yesterday"}, "decided_at"),
+        ({"media_hash": "../../etc/passwd"}, "media_hash"),
+        ({"post_id": ""}, "post_id"),
+        ({"decision_id": 5}, "decision_id"),
+        ({"decisions": {}}, "decisions"),
+        ({"decisions": {"hate": {"action": "confirm"}}}, "label"),
+        ({"decisions": {"hate": {"action": "approve", "label": "x"}}}, "action"),
+    ],
+)
+def test_malformed_decisions_name_the_field(patch: dict, field: str) -> None:
+    obj = decision("d1", "p1").to_json()
+    obj.update(patch)
+    with pytest.raises(RecordError) as info:
+        parse_decision(json.dumps(obj).encode())
+    assert info.value.field == field
