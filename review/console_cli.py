@@ -1,14 +1,212 @@
-"""Subcommands of `modstream` for this role (argparse only here; heavy imports inside handlers)."""
+"""Subcommands of `modstream` for this role (argparse only here; heavy imports inside handlers).
+
+`modstream review serve|add-user|remove-user|set-password|token|export-label-studio|import-label-studio`
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 from typing import Any
+
+DEFAULT_USERS = "var/review-users.json"
+DEFAULT_BOOTSTRAP = "127.0.0.1:19092"
+DEFAULT_REDIS = "redis://127.0.0.1:16379/0"
+
+
+def _read_password(args: argparse.Namespace, *, confirm: bool = True) -> str:
+    import getpass
+
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if confirm and getpass.getpass("Repeat: ") != password:
+            raise SystemExit("the passwords differ; nothing changed")
+    return password
+
+
+def _users(args: argparse.Namespace) -> Any:
+    from review.auth import UserStore
+
+    return UserStore(Path(args.users))
+
+
+def _fail(exc: Exception) -> int:
+    print(f"error: {exc}", file=sys.stderr)
+    return 2
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import contextlib
+
+    from review.auth import UserStore
+    from review.console import ConsoleConfig, serve
+
+    users_path = Path(args.users)
+    if not UserStore(users_path).names():
+        print(
+            f"warning: no users in {users_path}; add one with `modstream review add-user NAME --role admin`",
+            file=sys.stderr,
+        )
+    config = ConsoleConfig(
+        bootstrap=args.bootstrap,
+        redis_url=args.redis,
+        users_path=users_path,
+        claim_timeout_s=args.claim_timeout,
+        max_deliveries=args.max_deliveries,
+        allow_loopback_media=args.allow_loopback_media,
+        secure_cookies=not args.insecure_cookies,
+        topic=args.topic,
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(config, args.host, args.port, args.ops_port or None))
+    return 0
+
+
+def cmd_add_user(args: argparse.Namespace) -> int:
+    from review.auth import AuthError, check_name, check_role
+
+    try:
+        check_name(args.name)
+        check_role(args.role)
+        store = _users(args)
+        store.add(args.name, args.role, _read_password(args))
+    except AuthError as exc:
+        return _fail(exc)
+    print(f"added {args.role} {args.name} to {args.users}")
+    return 0
+
+
+def cmd_remove_user(args: argparse.Namespace) -> int:
+    from review.auth import AuthError
+
+    try:
+        _users(args).remove(args.name)
+    except AuthError as exc:
+        return _fail(exc)
+    print(f"removed {args.name}; their sessions end on their next request")
+    return 0
+
+
+def cmd_set_password(args: argparse.Namespace) -> int:
+    from review.auth import AuthError
+
+    try:
+        store = _users(args)
+        if store.get(args.name) is None:
+            raise AuthError(f"no user {args.name!r}")
+        store.set_password(args.name, _read_password(args))
+    except AuthError as exc:
+        return _fail(exc)
+    print(f"password of {args.name} changed")
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from review.auth import AuthError
+
+    try:
+        store = _users(args)
+        if args.revoke:
+            store.revoke_token(args.name, args.revoke)
+            print(f"token {args.revoke} of {args.name} revoked")
+            return 0
+        token = store.issue_token(args.name, args.label or "")
+    except AuthError as exc:
+        return _fail(exc)
+    print(token)
+    print("(shown once; only its hash is stored)", file=sys.stderr)
+    return 0
+
+
+def cmd_export_label_studio(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from review.label_studio import export_open_items
+
+    count, config_path = asyncio.run(
+        export_open_items(args.redis, Path(args.out), Path(args.config) if args.config else None, limit=args.limit)
+    )
+    print(f"wrote {count} Label Studio tasks to {args.out} and the labeling config to {config_path}")
+    return 0
+
+
+def cmd_import_label_studio(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from review.label_studio import import_export_file
+
+    try:
+        report = asyncio.run(
+            import_export_file(Path(args.source), args.reviewer, bootstrap=args.bootstrap, redis_url=args.redis)
+        )
+    except (OSError, ValueError, RuntimeError) as exc:  # bad file, bad name, Kafka/Redis down
+        return _fail(exc)
+    print(report.summary())
+    return 0 if not report.errors else 1
 
 
 def add_parsers(sub: Any, add_common: Any) -> None:
     """Register this role's subcommands on the `modstream` parser."""
-    del sub, add_common
+    del add_common  # the model/registry options do not apply to the console
+    review = sub.add_parser("review", help="the human review console and its tools")
+    actions = review.add_subparsers(dest="review_action", required=True)
 
+    def users_opt(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--users", default=DEFAULT_USERS, help=f"users file (default {DEFAULT_USERS})")
 
-_ = argparse
+    p = actions.add_parser("serve", help="run the review console (web pages + JSON API)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--ops-port", type=int, default=0, help="also serve /healthz and /metrics without auth here")
+    p.add_argument("--bootstrap", default=DEFAULT_BOOTSTRAP)
+    p.add_argument("--redis", default=DEFAULT_REDIS)
+    p.add_argument("--topic", default="reviewed", help="Kafka topic for decisions")
+    users_opt(p)
+    p.add_argument("--claim-timeout", type=float, default=300.0, help="seconds before an abandoned claim is reclaimed")
+    p.add_argument("--max-deliveries", type=int, default=5, help="deliveries before an item is dead-lettered")
+    p.add_argument("--allow-loopback-media", action="store_true", help="tests/demo: fetch images from 127.0.0.1")
+    p.add_argument("--insecure-cookies", action="store_true", help="drop the Secure cookie flag (plain-http use)")
+    p.set_defaults(func=cmd_serve)
+
+    p = actions.add_parser("add-user", help="add a reviewer or admin")
+    p.add_argument("name")
+    p.add_argument("--role", choices=["reviewer", "admin"], default="reviewer")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
+    users_opt(p)
+    p.set_defaults(func=cmd_add_user)
+
+    p = actions.add_parser("remove-user", help="remove a user (their sessions and tokens stop working)")
+    p.add_argument("name")
+    users_opt(p)
+    p.set_defaults(func=cmd_remove_user)
+
+    p = actions.add_parser("set-password", help="change a user's password")
+    p.add_argument("name")
+    p.add_argument("--password-stdin", action="store_true")
+    users_opt(p)
+    p.set_defaults(func=cmd_set_password)
+
+    p = actions.add_parser("token", help="issue (or revoke) an API bearer token for a user")
+    p.add_argument("name")
+    p.add_argument("--label", help="what the token is for")
+    p.add_argument("--revoke", metavar="TOKEN_ID", help="revoke the token with this id instead")
+    users_opt(p)
+    p.set_defaults(func=cmd_token)
+
+    p = actions.add_parser("export-label-studio", help="write open review items as Label Studio tasks")
+    p.add_argument("--out", required=True, help="tasks JSON file")
+    p.add_argument("--config", help="labeling config XML (default: next to --out)")
+    p.add_argument("--redis", default=DEFAULT_REDIS)
+    p.add_argument("--limit", type=int, default=10_000)
+    p.set_defaults(func=cmd_export_label_studio)
+
+    p = actions.add_parser("import-label-studio", help="read a Label Studio JSON export back as decisions")
+    p.add_argument("source", help="Label Studio JSON export")
+    p.add_argument("--reviewer", required=True, help="who annotated (recorded on the decisions)")
+    p.add_argument("--bootstrap", default=DEFAULT_BOOTSTRAP)
+    p.add_argument("--redis", default=DEFAULT_REDIS)
+    p.set_defaults(func=cmd_import_label_studio)

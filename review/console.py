@@ -1,0 +1,758 @@
+"""The review console: web pages for reviewers, a bearer-token JSON API, /metrics and /healthz.
+
+Security model, in short:
+- Every route but the login page and /static needs a user: pages a session (cookie
+  HttpOnly, SameSite=Strict, Secure unless `secure_cookies=False`; server-side in Redis),
+  the API (/api/v1) a bearer token, /metrics and /healthz either. Anonymous page requests
+  are redirected to the login page, everything else gets 401.
+- Every POST from a page carries the session's synchronizer CSRF token (the login form a
+  double-submit cookie); a missing or wrong token is 403. The API takes no cookies, so it
+  needs no CSRF token.
+- Headers on every response: a CSP with no inline script or style (JS and CSS are static
+  files), frame-ancestors 'none' + X-Frame-Options DENY, Referrer-Policy no-referrer, nosniff.
+- Post text is rendered by jinja2 with autoescape on; images only through /media (see
+  media_proxy.py), and only to the reviewer who holds the item, or an admin.
+- A decision goes to Kafka (acks=all, awaited) before its Redis entry is acknowledged: when
+  Kafka fails the reviewer sees the error and keeps the claim.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import jinja2
+import redis.asyncio as aioredis
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from redis.exceptions import RedisError
+
+from review.auth import User, UserStore, csrf_ok
+from review.decisions import (
+    DecisionProducer,
+    KafkaUnavailable,
+    build_decision,
+    choices_from_form,
+    choices_from_json,
+    item_tasks,
+    model_label,
+)
+from review.media_proxy import MediaError, MediaProxy
+from review.queue import Claim, NotClaimed, QueueError, QueueStats, ReviewQueue
+from review.sessions import LoginLimiter, Session, SessionStore
+from stream.records import RecordError, ReviewDecision
+
+log = logging.getLogger(__name__)
+
+HERE = Path(__file__).resolve().parent
+TEMPLATES = HERE / "templates"
+STATIC = HERE / "static"
+
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Resource-Policy": "same-origin",
+    "Permissions-Policy": "camera=(), microphone=(), geolocation=()",
+}
+LOGIN_CSRF_COOKIE = "modstream_login_csrf"
+
+# What each action key does (shown on the page; console.js binds the same keys).
+SHORTCUTS = (
+    ("j / k", "next / previous task"),
+    ("1-9", "jump to task"),
+    ("c", "confirm the model's label"),
+    ("x", "correct (binary: the other label; otherwise cycles the labels)"),
+    ("n", "not violating"),
+    ("s", "skip"),
+    ("e", "escalate"),
+    ("a", "confirm every task not yet decided"),
+    ("v", "reveal / hide the image"),
+    ("Enter", "submit (when every task is decided)"),
+    ("?", "show / hide this help"),
+)
+ACTION_KEYS = {"confirm": "c", "correct": "x", "not_violating": "n", "skip": "s", "escalate": "e"}
+ACTION_TITLES = {
+    "confirm": "Confirm",
+    "correct": "Correct",
+    "not_violating": "Not violating",
+    "skip": "Skip",
+    "escalate": "Escalate",
+}
+
+
+@dataclass
+class ConsoleConfig:
+    bootstrap: str = "127.0.0.1:19092"
+    redis_url: str = "redis://127.0.0.1:16379/0"
+    users_path: Path = Path("var/review-users.json")
+    claim_timeout_s: float = 300.0
+    max_deliveries: int = 5
+    allow_loopback_media: bool = False
+    secure_cookies: bool = True
+    topic: str = "reviewed"
+    session_idle_s: int = 8 * 3600
+
+    @property
+    def session_cookie(self) -> str:
+        # __Host- binds the cookie to this origin (Secure, Path=/, no Domain); plain name otherwise.
+        return "__Host-modstream_session" if self.secure_cookies else "modstream_session"
+
+
+class Metrics:
+    """The console's own registry, so several apps in one process (tests) do not collide."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.decisions = Counter(
+            "modstream_review_decisions_total", "Task decisions written to Kafka, by action", ["action"], registry=r
+        )
+        self.items_decided = Counter("modstream_review_items_decided_total", "Review items decided", registry=r)
+        self.claims = Counter("modstream_review_claims_total", "New review items handed to a reviewer", registry=r)
+        self.reclaims = Counter(
+            "modstream_review_reclaims_total", "Abandoned claims taken over by another reviewer", registry=r
+        )
+        self.dead = Counter("modstream_review_dead_lettered_total", "Items moved to the dead-letter stream", registry=r)
+        self.kafka_errors = Counter(
+            "modstream_review_kafka_errors_total", "Decisions that could not be written to Kafka", registry=r
+        )
+        self.depth = Gauge("modstream_review_queue_depth", "Review entries not yet acknowledged", registry=r)
+        self.oldest = Gauge("modstream_review_oldest_item_age_seconds", "Age of the oldest open item", registry=r)
+        self.latency = Histogram(
+            "modstream_review_request_seconds",
+            "Console request latency by route",
+            ["route", "method"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self._seen = (0, 0, 0)
+
+    def sync_queue(self, queue: ReviewQueue) -> None:
+        events = queue.events
+        claims, reclaims, dead = events.claims, events.reclaims, events.dead_lettered
+        self.claims.inc(claims - self._seen[0])
+        self.reclaims.inc(reclaims - self._seen[1])
+        self.dead.inc(dead - self._seen[2])
+        self._seen = (claims, reclaims, dead)
+
+    def set_stats(self, stats: QueueStats) -> None:
+        self.depth.set(stats.depth)
+        self.oldest.set(stats.oldest_age_s or 0)
+
+
+@dataclass
+class Identity:
+    user: User
+    session: Session | None  # None for bearer-token requests
+
+
+class Console:
+    """Holds the services one console process shares; the handlers are its methods."""
+
+    def __init__(self, config: ConsoleConfig, *, producer: DecisionProducer | None = None) -> None:
+        self.config = config
+        self.users = UserStore(config.users_path)
+        self.redis = aioredis.Redis.from_url(config.redis_url, socket_timeout=5.0, socket_connect_timeout=3.0)
+        self.queue = ReviewQueue(
+            self.redis, claim_timeout_s=config.claim_timeout_s, max_deliveries=config.max_deliveries
+        )
+        self.sessions = SessionStore(self.redis, idle_s=config.session_idle_s)
+        self.limiter = LoginLimiter(self.redis)
+        self.producer = producer or DecisionProducer(config.bootstrap, topic=config.topic)
+        self.media = MediaProxy(allow_loopback=config.allow_loopback_media)
+        self.metrics = Metrics()
+        self.templates = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(TEMPLATES),
+            autoescape=True,  # every template, whatever its name: post text is hostile
+            undefined=jinja2.StrictUndefined,
+        )
+        self._stats_task: asyncio.Task[None] | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def on_startup(self, app: web.Application) -> None:
+        await self.media.start()
+        try:
+            await self.queue.ensure_group()
+        except (RedisError, OSError) as exc:  # Redis may come later; pages answer 503 meanwhile
+            log.warning("redis unavailable at start-up: %r", exc)
+        self._stats_task = asyncio.create_task(self._refresh_stats(), name="review-stats")
+
+    async def on_cleanup(self, app: web.Application) -> None:
+        if self._stats_task is not None:
+            self._stats_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._stats_task
+        await self.producer.close()
+        await self.media.close()
+        await self.redis.aclose()
+
+    async def _refresh_stats(self) -> None:
+        while True:
+            with contextlib.suppress(RedisError, OSError):
+                await self.stats()
+            await asyncio.sleep(15)
+
+    async def stats(self) -> QueueStats:
+        stats = await self.queue.stats()
+        self.metrics.set_stats(stats)
+        self.metrics.sync_queue(self.queue)
+        return stats
+
+    # -- identity ---------------------------------------------------------------------------
+
+    async def identify(self, request: web.Request) -> Identity | None:
+        header = request.headers.get("Authorization", "")
+        if header:
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token:
+                return None
+            user = self.users.user_for_token(token.strip())
+            return Identity(user, None) if user else None
+        if request.path.startswith("/api/"):
+            return None  # the API takes bearer tokens only, so it needs no CSRF defence
+        session = await self.sessions.get(request.cookies.get(self.config.session_cookie))
+        if session is None:
+            return None
+        user = self.users.get(session.user)
+        if user is None:  # removed since login
+            await self.sessions.delete(session)
+            return None
+        return Identity(user, session)
+
+    # -- rendering --------------------------------------------------------------------------
+
+    def render(self, request: web.Request, template: str, status: int = 200, **context: Any) -> web.Response:
+        ident: Identity | None = request.get("identity")
+        html = self.templates.get_template(template).render(
+            user=ident.user if ident else None,
+            csrf=ident.session.csrf if ident and ident.session else "",
+            **context,
+        )
+        return web.Response(text=html, status=status, content_type="text/html", charset="utf-8")
+
+    def set_session_cookie(self, response: web.StreamResponse, sid: str) -> None:
+        response.set_cookie(
+            self.config.session_cookie,
+            sid,
+            path="/",
+            httponly=True,
+            secure=self.config.secure_cookies,
+            samesite="Strict",
+            max_age=self.config.session_idle_s,
+        )
+
+
+def _is_public(request: web.Request) -> bool:
+    return request.path == "/login" or request.path.startswith("/static/")
+
+
+def _wants_json(request: web.Request) -> bool:
+    return (
+        request.path.startswith("/api/")
+        or request.path in ("/metrics", "/healthz")
+        or request.path.startswith("/media/")
+    )
+
+
+def _safe_next(raw: str | None) -> str:
+    """Only same-origin paths after login (no open redirect)."""
+    if not raw or not raw.startswith("/") or raw.startswith("//") or "\\" in raw:
+        return "/review"
+    parts = urlsplit(raw)
+    if parts.scheme or parts.netloc:
+        return "/review"
+    return raw
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json_error(status: int, message: str, **extra: Any) -> web.Response:
+    return web.json_response({"error": message, **extra}, status=status)
+
+
+def build_middlewares(console: Console) -> list[Any]:
+    @web.middleware
+    async def timing(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        route = "unmatched"
+        resource = request.match_info.route.resource
+        if resource is not None:
+            route = resource.canonical
+        try:
+            return await handler(request)
+        finally:
+            console.metrics.latency.labels(route, request.method).observe(time.perf_counter() - started)
+
+    @web.middleware
+    async def headers(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            response = exc
+        except (RedisError, OSError) as exc:
+            log.warning("redis error on %s: %r", request.path, exc)
+            if _wants_json(request):
+                response = _json_error(503, "the review queue (Redis) is unavailable; try again shortly")
+            else:
+                response = console.render(
+                    request,
+                    "error.html",
+                    status=503,
+                    title="Queue unavailable",
+                    message="The review queue (Redis) is unavailable. Nothing was lost; try again shortly.",
+                )
+        response.headers.update(SECURITY_HEADERS)
+        if not request.path.startswith("/static/"):
+            response.headers["Cache-Control"] = "no-store"
+        if isinstance(response, web.HTTPException):
+            raise response
+        return response
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if _is_public(request):
+            return await handler(request)
+        ident = await console.identify(request)
+        if ident is None:
+            if _wants_json(request) or request.method != "GET":
+                response = _json_error(401, "authentication required")
+                if request.path.startswith("/api/"):
+                    response.headers["WWW-Authenticate"] = 'Bearer realm="modstream-review"'
+                return response
+            raise web.HTTPFound("/login?next=" + quote(request.path_qs, safe="/"))
+        request["identity"] = ident
+        # Synchronizer token: every state-changing request made with a session cookie.
+        if ident.session is not None and request.method not in ("GET", "HEAD", "OPTIONS"):
+            given: Any = request.headers.get("X-CSRF-Token")
+            if given is None and request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
+                given = (await request.post()).get("csrf_token")
+            if not csrf_ok(ident.session.csrf, given):
+                return console.render(
+                    request,
+                    "error.html",
+                    status=403,
+                    title="Form expired",
+                    message="This form's security token is missing or stale. Reload the page and try again.",
+                )
+        return await handler(request)
+
+    return [timing, headers, auth]
+
+
+# -- helpers for handlers ----------------------------------------------------------------------
+
+
+def _ident(request: web.Request) -> Identity:
+    ident: Identity = request["identity"]
+    return ident
+
+
+def _require_admin(request: web.Request) -> User:
+    user = _ident(request).user
+    if not user.is_admin:
+        if _wants_json(request):
+            raise web.HTTPForbidden(text=json.dumps({"error": "admin role required"}), content_type="application/json")
+        raise web.HTTPForbidden(text="admin role required")
+    return user
+
+
+def _task_rows(claim: Claim, chosen: dict[str, tuple[str, str | None]] | None = None) -> list[dict[str, Any]]:
+    item = claim.item
+    rows = []
+    for index, (task, labels) in enumerate(item_tasks(item).items()):
+        value = (item.label.get("labels") or {}).get(task) or {}
+        action, label = (chosen or {}).get(task, ("", None))
+        rows.append(
+            {
+                "index": index + 1,
+                "name": task,
+                "labels": labels,
+                "model_label": model_label(item, task),
+                "score": value.get("score"),
+                "threshold": value.get("threshold"),
+                "decision": value.get("decision"),
+                "action": action,
+                "chosen": label,
+            }
+        )
+    return rows
+
+
+def _fmt_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class Handlers:
+    def __init__(self, console: Console) -> None:
+        self.c = console
+
+    # -- login / logout -----------------------------------------------------------------------
+
+    async def login_page(self, request: web.Request) -> web.StreamResponse:
+        ident = await self.c.identify(request)
+        if ident is not None and ident.session is not None:
+            raise web.HTTPFound(_safe_next(request.query.get("next")))
+        return self._login_form(request, error=None, status=200)
+
+    def _login_form(self, request: web.Request, *, error: str | None, status: int, name: str = "") -> web.Response:
+        token = secrets.token_urlsafe(32)
+        response = self.c.render(
+            request,
+            "login.html",
+            status=status,
+            error=error,
+            login_csrf=token,
+            name=name,
+            next=_safe_next(request.query.get("next")),
+        )
+        response.set_cookie(
+            LOGIN_CSRF_COOKIE,
+            token,
+            path="/login",
+            httponly=True,
+            secure=self.c.config.secure_cookies,
+            samesite="Strict",
+            max_age=3600,
+        )
+        return response
+
+    async def login(self, request: web.Request) -> web.StreamResponse:
+        form = await request.post()
+        if not csrf_ok(request.cookies.get(LOGIN_CSRF_COOKIE), form.get("csrf_token")):
+            response = self._login_form(request, error="The login form expired; please try again.", status=403)
+            return response
+        name = str(form.get("username", ""))[:64]
+        password = str(form.get("password", ""))
+        addr = request.remote or "unknown"
+        if await self.c.limiter.blocked(name, addr):
+            return self._login_form(
+                request, error="Too many failed logins. Wait 15 minutes and try again.", status=429, name=name
+            )
+        user = await asyncio.to_thread(self.c.users.authenticate, name, password)
+        if user is None:
+            await self.c.limiter.failed(name, addr)
+            return self._login_form(request, error="Wrong user name or password.", status=401, name=name)
+        await self.c.limiter.succeeded(name, addr)
+        sid, _ = await self.c.sessions.create(user.name)
+        response = web.HTTPSeeOther(_safe_next(str(form.get("next", "")) or None))
+        self.c.set_session_cookie(response, sid)
+        response.del_cookie(LOGIN_CSRF_COOKIE, path="/login")
+        return response
+
+    async def logout(self, request: web.Request) -> web.StreamResponse:
+        session = _ident(request).session
+        if session is not None:
+            await self.c.sessions.delete(session)
+        response = web.HTTPSeeOther("/login")
+        response.del_cookie(self.c.config.session_cookie, path="/")
+        return response
+
+    # -- pages ------------------------------------------------------------------------------
+
+    async def index(self, request: web.Request) -> web.StreamResponse:
+        raise web.HTTPFound("/review")
+
+    async def review_page(self, request: web.Request) -> web.StreamResponse:
+        user = _ident(request).user
+        claim = await self.c.queue.claim(user.name)
+        stats = await self.c.stats()
+        done = request.query.get("done")
+        if claim is None:
+            return self.c.render(request, "empty.html", stats=stats, fmt_age=_fmt_age, done=done)
+        return self._item_page(request, claim, stats, done=done)
+
+    def _item_page(
+        self,
+        request: web.Request,
+        claim: Claim,
+        stats: QueueStats,
+        *,
+        status: int = 200,
+        error: str | None = None,
+        chosen: dict[str, tuple[str, str | None]] | None = None,
+        note: str | None = None,
+        done: str | None = None,
+    ) -> web.Response:
+        item = claim.item
+        media = item.label.get("media") or {}
+        return self.c.render(
+            request,
+            "item.html",
+            status=status,
+            claim=claim,
+            item=item,
+            tasks=_task_rows(claim, chosen),
+            media=media,
+            has_image=bool(item.image_url),
+            itm_match=item.label.get("itm_match"),
+            model_version=item.label.get("model_version", ""),
+            stats=stats,
+            fmt_age=_fmt_age,
+            error=error,
+            note=note or "",
+            done=done,
+            shortcuts=SHORTCUTS,
+            action_keys=ACTION_KEYS,
+            action_titles=ACTION_TITLES,
+            claim_timeout_s=int(self.c.config.claim_timeout_s),
+        )
+
+    async def submit_page(self, request: web.Request) -> web.StreamResponse:
+        user = _ident(request).user
+        entry_id = request.match_info["entry_id"]
+        try:
+            claim = await self.c.queue.get_claimed(entry_id, user.name)
+        except NotClaimed:
+            return self.c.render(
+                request,
+                "error.html",
+                status=409,
+                title="Claim expired",
+                message="Your claim on this item expired and it went back to the queue (or to another reviewer). "
+                "Nothing was recorded for it.",
+            )
+        form = await request.post()
+        choices, note = choices_from_form(form, list(item_tasks(claim.item)))
+        try:
+            decision = build_decision(claim.item, user.name, choices, note=note)
+        except RecordError as exc:
+            stats = await self.c.stats()
+            return self._item_page(
+                request, claim, stats, status=400, error=f"Not submitted: {exc}", chosen=choices, note=note
+            )
+        try:
+            await self._commit(claim, decision)
+        except KafkaUnavailable as exc:
+            stats = await self.c.stats()
+            return self._item_page(
+                request,
+                claim,
+                stats,
+                status=503,
+                error=f"Not saved: {exc}. The item is still yours; submit again in a moment.",
+                chosen=choices,
+                note=note,
+            )
+        raise web.HTTPSeeOther("/review?done=" + quote(claim.item.post_id, safe=""))
+
+    async def _commit(self, claim: Claim, decision: ReviewDecision) -> None:
+        """Kafka first (acks=all, awaited), then mark decided + XACK in Redis."""
+        try:
+            await self.c.producer.send(decision)
+        except KafkaUnavailable:
+            self.c.metrics.kafka_errors.inc()
+            raise
+        await self.c.queue.complete(claim.entry_id, claim.item.post_id, decision.reviewer, decision.decision_id)
+        for task_decision in decision.decisions.values():
+            self.c.metrics.decisions.labels(task_decision.action).inc()
+        self.c.metrics.items_decided.inc()
+
+    async def media(self, request: web.Request) -> web.StreamResponse:
+        user = _ident(request).user
+        try:
+            claim = await self.c.queue.get_claimed(request.match_info["entry_id"], user.name, admin=user.is_admin)
+        except NotClaimed:
+            return _json_error(404, "no such item claimed by you")
+        if not claim.item.image_url:
+            return _json_error(404, "this post has no image")
+        media = claim.item.label.get("media") or {}
+        try:
+            image = await self.c.media.get(claim.item.image_url, media.get("content_hash"))
+        except MediaError as exc:
+            return _json_error(502, f"image unavailable: {exc.status}", reason=exc.reason)
+        response = web.Response(body=image.body, content_type=image.content_type)
+        response.headers["Content-Disposition"] = "inline"
+        return response
+
+    async def dead_page(self, request: web.Request) -> web.StreamResponse:
+        _require_admin(request)
+        letters = await self.c.queue.dead_letters(200)
+        rows = []
+        for letter in letters:
+            text = ""
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                text = json.loads(letter.get("item", "")).get("text", "")
+            rows.append({**letter, "text": text})
+        return self.c.render(request, "dead.html", letters=rows, stats=await self.c.stats(), fmt_age=_fmt_age)
+
+    async def dead_action_page(self, request: web.Request) -> web.StreamResponse:
+        _require_admin(request)
+        dead_id, action = request.match_info["dead_id"], request.match_info["action"]
+        try:
+            if action == "requeue":
+                await self.c.queue.requeue_dead(dead_id)
+            elif action == "delete":
+                await self.c.queue.delete_dead(dead_id)
+            else:
+                raise web.HTTPNotFound()
+        except QueueError as exc:
+            raise web.HTTPNotFound(text=str(exc)) from exc
+        raise web.HTTPSeeOther("/admin/dead")
+
+    # -- API --------------------------------------------------------------------------------
+
+    async def api_claim(self, request: web.Request) -> web.StreamResponse:
+        claim = await self.c.queue.claim(_ident(request).user.name)
+        self.c.metrics.sync_queue(self.c.queue)
+        if claim is None:
+            return web.json_response({"item": None})
+        return web.json_response(claim.to_json())
+
+    async def api_item(self, request: web.Request) -> web.StreamResponse:
+        user = _ident(request).user
+        try:
+            claim = await self.c.queue.get_claimed(request.match_info["entry_id"], user.name, admin=user.is_admin)
+        except NotClaimed as exc:
+            return _json_error(404, str(exc))
+        return web.json_response(claim.to_json())
+
+    async def api_decision(self, request: web.Request) -> web.StreamResponse:
+        user = _ident(request).user
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _json_error(400, "body must be JSON")
+        try:
+            choices, note = choices_from_json(body)
+        except RecordError as exc:
+            return _json_error(400, str(exc))
+        try:
+            claim = await self.c.queue.get_claimed(request.match_info["entry_id"], user.name)
+        except NotClaimed as exc:
+            return _json_error(409, str(exc))
+        try:
+            decision = build_decision(claim.item, user.name, choices, note=note)
+        except RecordError as exc:
+            return _json_error(400, str(exc))
+        try:
+            await self._commit(claim, decision)
+        except KafkaUnavailable as exc:
+            return _json_error(503, str(exc), retry=True)
+        return web.json_response({"decision": decision.to_json()}, status=201)
+
+    async def api_stats(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response((await self.c.stats()).to_json())
+
+    async def api_dead(self, request: web.Request) -> web.StreamResponse:
+        _require_admin(request)
+        try:
+            count = max(1, min(1000, int(request.query.get("count", "100"))))
+        except ValueError:
+            return _json_error(400, "count must be an integer")
+        return web.json_response({"dead_letters": await self.c.queue.dead_letters(count)})
+
+    async def api_dead_requeue(self, request: web.Request) -> web.StreamResponse:
+        _require_admin(request)
+        try:
+            new_id = await self.c.queue.requeue_dead(request.match_info["dead_id"])
+        except QueueError as exc:
+            return _json_error(404, str(exc))
+        return web.json_response({"entry_id": new_id})
+
+    async def api_dead_delete(self, request: web.Request) -> web.StreamResponse:
+        _require_admin(request)
+        try:
+            deleted = await self.c.queue.delete_dead(request.match_info["dead_id"])
+        except QueueError as exc:
+            return _json_error(404, str(exc))
+        return web.json_response({"deleted": deleted}, status=200 if deleted else 404)
+
+    # -- operations -------------------------------------------------------------------------
+
+    async def healthz(self, request: web.Request) -> web.StreamResponse:
+        try:
+            await self.c.redis.ping()
+        except (RedisError, OSError):
+            return web.json_response({"status": "degraded", "redis": False}, status=503)
+        return web.json_response({"status": "ok", "redis": True})
+
+    async def metrics(self, request: web.Request) -> web.StreamResponse:
+        with contextlib.suppress(RedisError, OSError):
+            await self.c.stats()
+        response = web.Response(body=generate_latest(self.c.metrics.registry))
+        response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+        return response
+
+
+def create_app(config: ConsoleConfig, *, producer: DecisionProducer | None = None) -> web.Application:
+    console = Console(config, producer=producer)
+    h = Handlers(console)
+    app = web.Application(middlewares=build_middlewares(console), client_max_size=1024 * 1024)
+    app["console"] = console
+    r = app.router
+    r.add_get("/login", h.login_page)
+    r.add_post("/login", h.login)
+    r.add_post("/logout", h.logout)
+    r.add_get("/", h.index)
+    r.add_get("/review", h.review_page)
+    r.add_post("/review/{entry_id}/decision", h.submit_page)
+    r.add_get("/media/{entry_id}", h.media)
+    r.add_get("/admin/dead", h.dead_page)
+    r.add_post("/admin/dead/{dead_id}/{action}", h.dead_action_page)
+    r.add_post("/api/v1/claim", h.api_claim)
+    r.add_get("/api/v1/items/{entry_id}", h.api_item)
+    r.add_post("/api/v1/items/{entry_id}/decision", h.api_decision)
+    r.add_get("/api/v1/stats", h.api_stats)
+    r.add_get("/api/v1/admin/dead", h.api_dead)
+    r.add_post("/api/v1/admin/dead/{dead_id}/requeue", h.api_dead_requeue)
+    r.add_delete("/api/v1/admin/dead/{dead_id}", h.api_dead_delete)
+    r.add_get("/healthz", h.healthz)
+    r.add_get("/metrics", h.metrics)
+    r.add_static("/static", STATIC, show_index=False, follow_symlinks=False)
+    app.on_startup.append(console.on_startup)
+    app.on_cleanup.append(console.on_cleanup)
+    return app
+
+
+def create_ops_app(main: web.Application) -> web.Application:
+    """/healthz and /metrics without authentication, for probes and scrapers on an internal port."""
+    console: Console = main["console"]
+    h = Handlers(console)
+    app = web.Application()
+    app.router.add_get("/healthz", h.healthz)
+    app.router.add_get("/metrics", h.metrics)
+    return app
+
+
+async def serve(config: ConsoleConfig, host: str, port: int, ops_port: int | None = None) -> None:
+    app = create_app(config)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    ops_runner: web.AppRunner | None = None
+    if ops_port:
+        ops_runner = web.AppRunner(create_ops_app(app), access_log=None)
+        await ops_runner.setup()
+        await web.TCPSite(ops_runner, host, ops_port).start()
+    print(f"review console on http://{host}:{port}/ (Ctrl-C to stop)", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        if ops_runner is not None:
+            await ops_runner.cleanup()
+        await runner.cleanup()

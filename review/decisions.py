@@ -1,0 +1,173 @@
+"""From a reviewer's choices to a `ReviewDecision`, and onto the `reviewed` topic.
+
+`build_decision` is pure (unit-tested): it checks every task of the item has a valid action
+and turns each into a TaskDecision with `stream.records.decide`, carrying the model's view
+(version, per-task labels, ITM match, reasons, media hash) so the dataset sink and audits
+need nothing else. `DecisionProducer` sends it with acks=all and waits for the broker; the
+caller acknowledges the Redis entry only after that returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from stream.records import ACTIONS, RecordError, ReviewDecision, ReviewItem, TaskDecision, decide, encode
+
+log = logging.getLogger(__name__)
+
+REVIEWED_TOPIC = "reviewed"
+MAX_NOTE = 2000
+
+
+def model_label(item: ReviewItem, task: str) -> str | None:
+    value = (item.label.get("labels") or {}).get(task) or {}
+    label = value.get("label")
+    return str(label) if label is not None else None
+
+
+def item_tasks(item: ReviewItem) -> dict[str, list[str]]:
+    """The item's tasks with their label sets; tasks the model labelled but `tasks` lacks get
+    the model's label alone (confirm / skip / escalate still work)."""
+    tasks = {t: list(labels) for t, labels in item.tasks.items()}
+    for task in item.label.get("labels") or {}:
+        if task not in tasks:
+            label = model_label(item, task)
+            tasks[task] = [label] if label else []
+    return tasks
+
+
+def build_decision(
+    item: ReviewItem,
+    reviewer: str,
+    choices: Mapping[str, tuple[str, str | None]],
+    *,
+    note: str | None = None,
+    decision_id: str | None = None,
+) -> ReviewDecision:
+    """`choices`: task -> (action, chosen label or None). Every task needs an action."""
+    tasks = item_tasks(item)
+    unknown = sorted(set(choices) - set(tasks))
+    if unknown:
+        raise RecordError("decisions", f"unknown task(s) {', '.join(unknown)}; this item has {', '.join(tasks)}")
+    missing = [t for t in tasks if t not in choices]
+    if missing:
+        raise RecordError("decisions", f"no decision for task(s) {', '.join(missing)}")
+    decisions: dict[str, TaskDecision] = {}
+    for task, labels in tasks.items():
+        action, chosen = choices[task]
+        if action not in ACTIONS:
+            raise RecordError(f"decisions.{task}", f"action must be one of {', '.join(ACTIONS)}, not {action!r}")
+        try:
+            decisions[task] = decide(action, labels, model_label(item, task), chosen or None)
+        except RecordError as exc:
+            raise RecordError(f"decisions.{task}", exc.why) from exc
+    if note is not None:
+        note = note.strip()[:MAX_NOTE] or None
+    media = item.label.get("media") or {}
+    return ReviewDecision(
+        decision_id=decision_id or str(uuid.uuid4()),
+        post_id=item.post_id,
+        reviewer=reviewer,
+        decisions=decisions,
+        model_version=str(item.label.get("model_version", "")),
+        model_labels=dict(item.label.get("labels") or {}),
+        text=item.text,
+        image_url=item.image_url,
+        media_hash=media.get("content_hash"),
+        itm_match=item.label.get("itm_match"),
+        reasons=list(item.reasons),
+        queued_at=item.queued_at,
+        note=note,
+    )
+
+
+def choices_from_json(obj: Any) -> tuple[dict[str, tuple[str, str | None]], str | None]:
+    """The API body `{"decisions": {task: {"action", "label"?}}, "note"?}` as choices."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("decisions"), dict):
+        raise RecordError("decisions", 'expected {"decisions": {task: {"action": ..., "label": ...}}}')
+    choices: dict[str, tuple[str, str | None]] = {}
+    for task, value in obj["decisions"].items():
+        if isinstance(value, str):
+            value = {"action": value}
+        if not isinstance(value, dict) or not isinstance(value.get("action"), str):
+            raise RecordError(f"decisions.{task}", 'expected {"action": ..., "label": optional}')
+        label = value.get("label")
+        if label is not None and not isinstance(label, str):
+            raise RecordError(f"decisions.{task}.label", "must be a string")
+        choices[str(task)] = (value["action"], label)
+    note = obj.get("note")
+    if note is not None and not isinstance(note, str):
+        raise RecordError("note", "must be a string")
+    return choices, note
+
+
+Choices = dict[str, tuple[str, str | None]]
+
+
+def choices_from_form(form: Mapping[str, Any], tasks: list[str]) -> tuple[Choices, str | None]:
+    """The item page's form: `action.<task>` and, for a correction, `label.<task>`."""
+    choices: dict[str, tuple[str, str | None]] = {}
+    for task in tasks:
+        action = form.get(f"action.{task}")
+        if isinstance(action, str) and action:
+            label = form.get(f"label.{task}")
+            choices[task] = (action, label if isinstance(label, str) and label else None)
+    note = form.get("note")
+    return choices, note if isinstance(note, str) else None
+
+
+class KafkaUnavailable(RuntimeError):
+    """The decision did not reach Kafka; nothing was acknowledged."""
+
+
+class DecisionProducer:
+    """aiokafka producer (acks=all, idempotent) started on first use and rebuilt after failures."""
+
+    def __init__(self, bootstrap: str, *, topic: str = REVIEWED_TOPIC, timeout_s: float = 15.0) -> None:
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.timeout_s = timeout_s
+        self._producer: Any = None
+        self._lock = asyncio.Lock()
+
+    async def _get(self) -> Any:
+        from aiokafka import AIOKafkaProducer
+
+        async with self._lock:
+            if self._producer is None:
+                producer = AIOKafkaProducer(
+                    bootstrap_servers=self.bootstrap,
+                    acks="all",
+                    enable_idempotence=True,
+                    request_timeout_ms=int(self.timeout_s * 1000),
+                    linger_ms=0,
+                )
+                await producer.start()
+                self._producer = producer
+            return self._producer
+
+    async def send(self, decision: ReviewDecision) -> None:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                producer = await self._get()
+                await producer.send_and_wait(self.topic, encode(decision), key=decision.post_id.encode())
+        except Exception as exc:
+            log.warning("decision %s not produced: %r", decision.decision_id, exc)
+            await self._reset()
+            raise KafkaUnavailable(f"could not write the decision to Kafka ({type(exc).__name__}: {exc})") from exc
+
+    async def _reset(self) -> None:
+        async with self._lock:
+            producer, self._producer = self._producer, None
+        if producer is not None:
+            try:
+                await asyncio.wait_for(producer.stop(), 5)
+            except Exception:  # a broken producer may fail to stop; it is dropped either way
+                log.debug("producer stop failed", exc_info=True)
+
+    async def close(self) -> None:
+        await self._reset()

@@ -1,0 +1,301 @@
+"""Label Studio interop: open review items out as tasks, annotations back in as decisions.
+
+Export (Label Studio's JSON import format): a list of tasks
+`{"id", "data": {"text", "image", "post_id"}, "meta": {...}, "predictions": [...]}`; `meta`
+carries the whole ReviewItem so an import needs nothing else, and `predictions` pre-fill
+the model's labels (Label Studio shows them as a starting point). The labeling config has
+one `<Choices name=TASK toName="text">` per task with the task's labels, a
+`<Choices name="review_flag">` with `escalate`, and a `<TextArea name="note">`.
+
+Import (Label Studio's JSON export): for each task, the newest annotation that was not
+cancelled; each `result[]` entry of type `choices` whose `from_name` is a task gives the
+label chosen. The label becomes an action the way the console would record it: the model's
+label -> confirm, the negative label -> not_violating, another label -> correct; a task
+left unanswered -> skip; `review_flag: escalate` -> escalate for every task. The decision id
+is derived from the Label Studio task and annotation ids, so importing a file twice gives
+the same ids (and the second time the posts are already decided and skipped).
+
+Note: Label Studio's browser loads `data.image` itself; the post URL is exported as is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from review.decisions import build_decision, item_tasks, model_label
+from stream.records import RecordError, ReviewDecision, ReviewItem
+
+FLAG = "review_flag"
+NOTE = "note"
+_NAMESPACE = uuid.UUID("6f1c7a52-1d0e-4a4e-9f43-5d1e4a8b2c11")
+
+
+# -- export ---------------------------------------------------------------------------------
+
+
+def item_to_task(task_id: int, entry_id: str, item: ReviewItem) -> dict[str, Any]:
+    labels = item.label.get("labels") or {}
+    result = []
+    scores = []
+    for task in item_tasks(item):
+        label = model_label(item, task)
+        if label is None:
+            continue
+        result.append({"from_name": task, "to_name": "text", "type": "choices", "value": {"choices": [label]}})
+        score = (labels.get(task) or {}).get("score")
+        if isinstance(score, int | float):
+            scores.append(float(score))
+    ls_task: dict[str, Any] = {
+        "id": task_id,
+        "data": {"text": item.text, "image": item.image_url or "", "post_id": item.post_id},
+        "meta": {
+            "post_id": item.post_id,
+            "entry_id": entry_id,
+            "model_version": item.label.get("model_version"),
+            "itm_match": item.label.get("itm_match"),
+            "reasons": list(item.reasons),
+            "review_item": item.to_json(),
+        },
+    }
+    if result:
+        prediction: dict[str, Any] = {"model_version": str(item.label.get("model_version", "")), "result": result}
+        if scores:
+            prediction["score"] = round(min(scores), 4)
+        ls_task["predictions"] = [prediction]
+    return ls_task
+
+
+def tasks_from_items(items: Sequence[tuple[str, ReviewItem]]) -> list[dict[str, Any]]:
+    return [item_to_task(i + 1, entry_id, item) for i, (entry_id, item) in enumerate(items)]
+
+
+def labeling_config(task_sets: dict[str, list[str]]) -> str:
+    """The project's labeling config: the post, one single-choice block per task, a flag, a note."""
+    view = ET.Element("View")
+    ET.SubElement(view, "Image", name="image", value="$image", zoom="true")
+    ET.SubElement(view, "Header", value="Post text")
+    ET.SubElement(view, "Text", name="text", value="$text")
+    for task, labels in task_sets.items():
+        ET.SubElement(view, "Header", value=task)
+        choices = ET.SubElement(view, "Choices", name=task, toName="text", choice="single", showInline="true")
+        for label in labels:
+            ET.SubElement(choices, "Choice", value=label)
+    ET.SubElement(view, "Header", value="Needs a specialist?")
+    flag = ET.SubElement(view, "Choices", name=FLAG, toName="text", choice="single", showInline="true")
+    ET.SubElement(flag, "Choice", value="escalate")
+    ET.SubElement(view, "TextArea", name=NOTE, toName="text", rows="2", maxSubmissions="1", editable="true")
+    ET.indent(view)
+    return ET.tostring(view, encoding="unicode") + "\n"
+
+
+def task_sets_of(items: Iterable[ReviewItem]) -> dict[str, list[str]]:
+    sets: dict[str, list[str]] = {}
+    for item in items:
+        for task, labels in item_tasks(item).items():
+            known = sets.setdefault(task, [])
+            known.extend(label for label in labels if label not in known)
+    return sets
+
+
+async def export_open_items(
+    redis_url: str, out: Path, config_out: Path | None, *, limit: int = 10_000
+) -> tuple[int, Path]:
+    import redis.asyncio as aioredis
+
+    from review.queue import ReviewQueue
+
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        queue = ReviewQueue(client)
+        await queue.ensure_group()
+        items = await queue.open_items(limit)
+    finally:
+        await client.aclose()
+    tasks = tasks_from_items(items)
+    config_path = config_out or out.with_name(out.stem + ".labeling-config.xml")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(tasks, ensure_ascii=False, indent=1))
+    config_path.write_text(labeling_config(task_sets_of(item for _, item in items) or {}))
+    return len(tasks), config_path
+
+
+# -- import ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Annotated:
+    """One Label Studio task read back: the post, what the annotator chose, the ids."""
+
+    post_id: str
+    ls_task_id: Any
+    annotation_id: Any
+    chosen: dict[str, str]  # task -> label
+    escalate: bool
+    note: str | None
+    item: ReviewItem | None  # from the export's meta, when present
+
+
+@dataclass
+class ImportReport:
+    imported: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"imported {len(self.imported)}, skipped {len(self.skipped)}, errors {len(self.errors)}"]
+        lines += [f"  skipped: {s}" for s in self.skipped]
+        lines += [f"  error: {e}" for e in self.errors]
+        return "\n".join(lines)
+
+
+def _latest_annotation(task: dict[str, Any]) -> dict[str, Any] | None:
+    annotations = [a for a in task.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
+    if not annotations:
+        return None
+    return max(annotations, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), str(a.get("id"))))
+
+
+def parse_export(export: Any) -> tuple[list[Annotated], list[str], list[str]]:
+    """Label Studio's JSON export -> annotated tasks, skipped (why), errors (why)."""
+    if not isinstance(export, list):
+        raise ValueError("a Label Studio JSON export is a list of tasks")
+    out: list[Annotated] = []
+    skipped: list[str] = []
+    errors: list[str] = []
+    for index, task in enumerate(export):
+        where = f"task {task.get('id', index) if isinstance(task, dict) else index}"
+        if not isinstance(task, dict):
+            errors.append(f"{where}: not an object")
+            continue
+        data = task.get("data") or {}
+        meta = task.get("meta") or {}
+        post_id = data.get("post_id") or meta.get("post_id")
+        if not isinstance(post_id, str) or not post_id:
+            errors.append(f"{where}: no data.post_id (was it exported by modstream?)")
+            continue
+        annotation = _latest_annotation(task)
+        if annotation is None:
+            skipped.append(f"{where} (post {post_id}): no annotation that was not cancelled")
+            continue
+        chosen: dict[str, str] = {}
+        escalate = False
+        note = None
+        for region in annotation.get("result") or []:
+            if not isinstance(region, dict):
+                continue
+            name, kind, value = region.get("from_name"), region.get("type"), region.get("value") or {}
+            if kind == "choices":
+                picked = value.get("choices") or []
+                if not picked:
+                    continue
+                if name == FLAG:
+                    escalate = "escalate" in picked
+                elif isinstance(name, str):
+                    chosen[name] = str(picked[0])
+            elif kind == "textarea" and name == NOTE:
+                texts = value.get("text") or []
+                note = "\n".join(str(t) for t in texts) or None
+        item = None
+        if isinstance(meta.get("review_item"), dict):
+            try:
+                item = ReviewItem.from_json(meta["review_item"])
+            except RecordError as exc:
+                errors.append(f"{where}: meta.review_item is not a review item ({exc})")
+                continue
+        out.append(Annotated(post_id, task.get("id"), annotation.get("id"), chosen, escalate, note, item))
+    return out, skipped, errors
+
+
+def annotation_choices(annotated: Annotated, item: ReviewItem) -> dict[str, tuple[str, str | None]]:
+    """The console's choices for an annotation (see the module docstring for the mapping)."""
+    tasks = item_tasks(item)
+    unknown = sorted(set(annotated.chosen) - set(tasks))
+    if unknown:
+        raise RecordError("result", f"unknown task(s) {', '.join(unknown)}; the item has {', '.join(tasks)}")
+    choices: dict[str, tuple[str, str | None]] = {}
+    for task, labels in tasks.items():
+        label = annotated.chosen.get(task)
+        if annotated.escalate:
+            choices[task] = ("escalate", None)
+        elif label is None:
+            choices[task] = ("skip", None)
+        elif label not in labels:
+            raise RecordError(f"result.{task}", f"{label!r} is not one of {labels}")
+        elif label == model_label(item, task):
+            choices[task] = ("confirm", None)
+        elif labels and label == labels[0]:
+            choices[task] = ("not_violating", None)
+        else:
+            choices[task] = ("correct", label)
+    return choices
+
+
+def decision_for(annotated: Annotated, item: ReviewItem, reviewer: str) -> ReviewDecision:
+    decision_id = str(uuid.uuid5(_NAMESPACE, f"{annotated.post_id}:{annotated.ls_task_id}:{annotated.annotation_id}"))
+    return build_decision(
+        item, reviewer, annotation_choices(annotated, item), note=annotated.note, decision_id=decision_id
+    )
+
+
+async def import_export_file(source: Path, reviewer: str, *, bootstrap: str, redis_url: str) -> ImportReport:
+    """Produce one ReviewDecision per annotated task to `reviewed`, then mark the post decided
+    and ack its entry. A failure to produce stops the import (what was done stays done)."""
+    import redis.asyncio as aioredis
+
+    from review.auth import check_name
+    from review.decisions import DecisionProducer
+    from review.queue import ReviewQueue
+
+    check_name(reviewer)
+    try:
+        export = json.loads(source.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{source}: not JSON ({exc.msg} at line {exc.lineno})") from exc
+    annotated, skipped, errors = parse_export(export)
+    report = ImportReport(skipped=skipped, errors=errors)
+    client = aioredis.Redis.from_url(redis_url)
+    producer = DecisionProducer(bootstrap)
+    try:
+        queue = ReviewQueue(client)
+        await queue.ensure_group()
+        live: dict[str, tuple[str, ReviewItem]] = {}
+        start = "-"
+        while True:  # one pass over the stream: the live items by post id
+            rows = await queue._range(queue.stream, start, "+", count=1000)
+            for found_id, fields in rows:
+                with contextlib.suppress(RecordError):
+                    found = ReviewItem.from_json(fields.get("item", ""))
+                    live[found.post_id] = (found_id, found)
+            if len(rows) < 1000:
+                break
+            start = "(" + rows[-1][0]
+        for one in annotated:
+            entry_id: str | None = None
+            item = one.item
+            if one.post_id in live:
+                entry_id, item = live[one.post_id]
+            if item is None:
+                report.errors.append(f"post {one.post_id}: not in the review stream and no meta.review_item")
+                continue
+            if await client.exists(queue.decided_key(one.post_id)):
+                report.skipped.append(f"post {one.post_id}: already decided")
+                continue
+            try:
+                decision = decision_for(one, item, reviewer)
+            except RecordError as exc:
+                report.errors.append(f"post {one.post_id}: {exc}")
+                continue
+            await producer.send(decision)  # KafkaUnavailable ends the import here
+            await queue.mark_decided(one.post_id, decision.decision_id, reviewer, entry_id=entry_id)
+            report.imported.append(one.post_id)
+    finally:
+        await producer.close()
+        await client.aclose()
+    return report

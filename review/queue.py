@@ -1,0 +1,451 @@
+"""Review claims on the Redis stream `modstream:review` through the consumer group `reviewers`.
+
+Each reviewer is a consumer of the group, so XREADGROUP hands an entry to exactly one of
+them. What a claim does, in order:
+
+1. the reviewer's own pending entry comes back first (XPENDING for that consumer; an
+   XCLAIM ... JUSTID to themselves resets its idle clock without counting a delivery), so a
+   page reload never grabs a second item;
+2. else an entry abandoned longer than `claim_timeout_s` is taken over (XAUTOCLAIM, which
+   counts a delivery); one delivered more than `max_deliveries` times goes to the dead-letter
+   stream instead (XADD + XACK in one MULTI), so a poison item cannot cycle forever;
+3. else a new entry (XREADGROUP `>`).
+
+An entry whose post already has a decision (the `decided:` marker written right after the
+decision reached Kafka, before XACK) is acked and passed over: that covers a crash between
+the produce and the XACK, and items decided in Label Studio. Pending entries are never
+trimmed; the dead-letter stream keeps the entry, its delivery count and the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from stream.records import RecordError, ReviewItem
+
+STREAM = "modstream:review"
+GROUP = "reviewers"
+DEAD = "modstream:review:dead"
+DECISIONS_WINDOW_S = 3600
+DECISIONS_KEEP_S = 24 * 3600
+
+
+class QueueError(RuntimeError):
+    """A claim or acknowledgement that cannot be done (the message says why)."""
+
+
+class NotClaimed(QueueError):
+    """The entry is not (or no longer) claimed by this reviewer."""
+
+
+@dataclass
+class Claim:
+    """One review item handed to one reviewer: `entry_id` names it in the stream."""
+
+    entry_id: str
+    item: ReviewItem
+    reviewer: str
+    deliveries: int
+    reclaimed: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "entry_id": self.entry_id,
+            "reviewer": self.reviewer,
+            "deliveries": self.deliveries,
+            "item": self.item.to_json(),
+        }
+
+
+@dataclass
+class QueueStats:
+    depth: int  # entries not yet delivered + delivered but not acked
+    undelivered: int
+    pending: int
+    oldest_age_s: float | None
+    decisions_last_hour: int
+    per_reviewer_last_hour: dict[str, int] = field(default_factory=dict)
+    pending_per_reviewer: dict[str, int] = field(default_factory=dict)
+    dead_letters: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "depth": self.depth,
+            "undelivered": self.undelivered,
+            "pending": self.pending,
+            "oldest_age_s": self.oldest_age_s,
+            "decisions_last_hour": self.decisions_last_hour,
+            "per_reviewer_last_hour": self.per_reviewer_last_hour,
+            "pending_per_reviewer": self.pending_per_reviewer,
+            "dead_letters": self.dead_letters,
+        }
+
+
+@dataclass
+class QueueEvents:
+    """What a claim did, for metrics: fresh claims, takeovers, dead-lettered entries."""
+
+    claims: int = 0
+    reclaims: int = 0
+    dead_lettered: int = 0
+    skipped_decided: int = 0
+
+
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _fields(raw: Any) -> dict[str, str]:
+    if raw is None:
+        return {}
+    return {_str(k): _str(v) for k, v in dict(raw).items()}
+
+
+def entry_ms(entry_id: str) -> int:
+    return int(entry_id.split("-", 1)[0])
+
+
+class ReviewQueue:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        stream: str = STREAM,
+        group: str = GROUP,
+        dead: str = DEAD,
+        prefix: str = "modstream",
+        claim_timeout_s: float = 300.0,
+        max_deliveries: int = 5,
+        decided_ttl_s: int = 30 * 24 * 3600,
+    ) -> None:
+        if claim_timeout_s <= 0:
+            raise ValueError("claim_timeout_s must be positive")
+        if max_deliveries < 1:
+            raise ValueError("max_deliveries must be at least 1")
+        self.client = client
+        self.stream = stream
+        self.group = group
+        self.dead = dead
+        self.prefix = prefix
+        self.claim_timeout_ms = int(claim_timeout_s * 1000)
+        self.max_deliveries = max_deliveries
+        self.decided_ttl_s = decided_ttl_s
+        self.decisions_key = f"{prefix}:review:decisions"
+        self.events = QueueEvents()
+
+    # redis-py's stream replies are loosely typed (bytes or str, optional lists): normalise once.
+    async def _range(self, key: str, start: str, end: str = "+", count: int = 1000) -> list[tuple[str, dict[str, str]]]:
+        rows: Any = await self.client.xrange(key, start, end, count=count)
+        return [(_str(i), _fields(f)) for i, f in rows or []]
+
+    async def _pending_rows(
+        self, start: str, end: str, count: int, consumer: str | None = None
+    ) -> list[dict[str, Any]]:
+        rows: Any = await self.client.xpending_range(self.stream, self.group, start, end, count, consumername=consumer)
+        return [
+            {"id": _str(r["message_id"]), "consumer": _str(r["consumer"]), "deliveries": int(r["times_delivered"])}
+            for r in rows or []
+        ]
+
+    def decided_key(self, post_id: str) -> str:
+        return f"{self.prefix}:review:decided:{post_id}"
+
+    async def ensure_group(self) -> None:
+        """Create the group from the start of the stream (MKSTREAM); an existing one is kept."""
+        try:
+            await self.client.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    # -- claims ---------------------------------------------------------------------------
+
+    async def claim(self, reviewer: str) -> Claim | None:
+        """The reviewer's own pending item, else an abandoned one, else a new one; None when empty."""
+        own = await self.own_pending(reviewer)
+        if own is not None:
+            return own
+        taken = await self._reclaim(reviewer)
+        if taken is not None:
+            return taken
+        return await self._read_new(reviewer)
+
+    async def own_pending(self, reviewer: str) -> Claim | None:
+        for row in await self._pending_rows("-", "+", 10, reviewer):
+            entry_id = row["id"]
+            # JUSTID: reset the idle clock (the reviewer is back) without counting a delivery.
+            await self.client.xclaim(self.stream, self.group, reviewer, 0, [entry_id], justid=True)
+            claim = await self._load(entry_id, reviewer, row["deliveries"])
+            if claim is not None:
+                return claim
+        return None
+
+    async def _reclaim(self, reviewer: str) -> Claim | None:
+        cursor = "0-0"
+        for _ in range(100):  # bounded: each pass either claims, dead-letters or advances
+            result: Any = await self.client.xautoclaim(
+                self.stream, self.group, reviewer, self.claim_timeout_ms, start_id=cursor, count=1
+            )
+            cursor = _str(result[0])
+            entries = result[1]
+            for deleted in result[2] if len(result) > 2 else []:  # entries gone from the stream
+                await self.client.xack(self.stream, self.group, _str(deleted))
+            for entry_id_raw, raw_fields in entries:
+                entry_id = _str(entry_id_raw)
+                deliveries = await self._deliveries(entry_id)
+                if deliveries > self.max_deliveries:
+                    await self._dead_letter(entry_id, _fields(raw_fields), deliveries, "max_deliveries")
+                    continue
+                claim = await self._accept(entry_id, _fields(raw_fields), reviewer, deliveries)
+                if claim is not None:
+                    claim.reclaimed = True
+                    self.events.reclaims += 1
+                    return claim
+            if cursor == "0-0":
+                return None
+        return None
+
+    async def _read_new(self, reviewer: str) -> Claim | None:
+        for _ in range(100):
+            result: Any = await self.client.xreadgroup(self.group, reviewer, {self.stream: ">"}, count=1)
+            if not result:
+                return None
+            for _stream, entries in result:
+                for entry_id_raw, raw_fields in entries:
+                    claim = await self._accept(_str(entry_id_raw), _fields(raw_fields), reviewer, 1)
+                    if claim is not None:
+                        self.events.claims += 1
+                        return claim
+        return None
+
+    async def _accept(self, entry_id: str, fields: dict[str, str], reviewer: str, deliveries: int) -> Claim | None:
+        """A Claim for a delivered entry, or None after acking one that needs no review."""
+        if not fields:  # deleted from the stream while pending
+            await self.client.xack(self.stream, self.group, entry_id)
+            return None
+        try:
+            item = ReviewItem.from_json(fields.get("item", ""))
+        except RecordError as exc:
+            await self._dead_letter(entry_id, fields, deliveries, f"bad_item: {exc}")
+            return None
+        if await self.client.exists(self.decided_key(item.post_id)):
+            await self.client.xack(self.stream, self.group, entry_id)
+            self.events.skipped_decided += 1
+            return None
+        return Claim(entry_id, item, reviewer, deliveries)
+
+    async def _load(self, entry_id: str, reviewer: str, deliveries: int) -> Claim | None:
+        rows = await self._range(self.stream, entry_id, entry_id, count=1)
+        fields = rows[0][1] if rows else {}
+        return await self._accept(entry_id, fields, reviewer, deliveries)
+
+    async def _deliveries(self, entry_id: str) -> int:
+        rows = await self._pending_rows(entry_id, entry_id, 1)
+        return int(rows[0]["deliveries"]) if rows else 0
+
+    async def _dead_letter(self, entry_id: str, fields: dict[str, str], deliveries: int, reason: str) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xadd(
+            self.dead,
+            {
+                "post_id": fields.get("post_id", ""),
+                "item": fields.get("item", ""),
+                "entry_id": entry_id,
+                "deliveries": str(deliveries),
+                "reason": reason,
+                "dead_at": str(int(time.time() * 1000)),
+            },
+        )
+        pipe.xack(self.stream, self.group, entry_id)
+        await pipe.execute()
+        self.events.dead_lettered += 1
+
+    # -- ownership and acknowledgement -------------------------------------------------------
+
+    async def owner(self, entry_id: str) -> str | None:
+        """The consumer holding `entry_id`, or None when it is not pending."""
+        rows = await self._pending_rows(entry_id, entry_id, 1)
+        return str(rows[0]["consumer"]) if rows else None
+
+    async def get_claimed(self, entry_id: str, reviewer: str, *, admin: bool = False) -> Claim:
+        """The claimed item, if `reviewer` holds it (an admin may look at any pending item)."""
+        try:
+            rows = await self._pending_rows(entry_id, entry_id, 1)
+        except ResponseError as exc:  # not a stream id at all
+            raise NotClaimed(f"{entry_id!r} is not a review item id") from exc
+        if not rows or (rows[0]["consumer"] != reviewer and not admin):
+            raise NotClaimed(f"item {entry_id} is not claimed by {reviewer}")
+        entries = await self._range(self.stream, entry_id, entry_id, count=1)
+        if not entries or "item" not in entries[0][1]:
+            raise NotClaimed(f"item {entry_id} is no longer in the review stream")
+        item = ReviewItem.from_json(entries[0][1]["item"])
+        return Claim(entry_id, item, rows[0]["consumer"], rows[0]["deliveries"])
+
+    async def complete(self, entry_id: str, post_id: str, reviewer: str, decision_id: str) -> None:
+        """After the decision is on Kafka: mark the post decided, XACK, count the decision."""
+        now = time.time()
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(self.decided_key(post_id), decision_id, ex=self.decided_ttl_s)
+        pipe.xack(self.stream, self.group, entry_id)
+        pipe.zadd(self.decisions_key, {f"{decision_id}:{reviewer}": now})
+        pipe.zremrangebyscore(self.decisions_key, 0, now - DECISIONS_KEEP_S)
+        await pipe.execute()
+
+    async def mark_decided(
+        self, post_id: str, decision_id: str, reviewer: str, *, entry_id: str | None = None
+    ) -> str | None:
+        """For decisions made outside the console (Label Studio): mark the post decided and ack
+        its entry if it is pending; returns the entry id acked, if any. An undelivered entry is
+        acked by the next claim that meets it (the marker makes `_accept` pass it over)."""
+        now = time.time()
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(self.decided_key(post_id), decision_id, ex=self.decided_ttl_s)
+        pipe.zadd(self.decisions_key, {f"{decision_id}:{reviewer}": now})
+        await pipe.execute()
+        if entry_id is None:
+            entry_id = await self.find_entry(post_id)
+        if entry_id is not None and await self.owner(entry_id) is not None:
+            await self.client.xack(self.stream, self.group, entry_id)
+            return entry_id
+        return None
+
+    async def find_entry(self, post_id: str, *, batch: int = 1000) -> str | None:
+        """The stream entry of a post (scan; used by imports, not on the hot path)."""
+        start = "-"
+        while True:
+            rows = await self._range(self.stream, start, "+", count=batch)
+            for entry_id, fields in rows:
+                if fields.get("post_id") == post_id:
+                    return entry_id
+            if len(rows) < batch:
+                return None
+            start = "(" + rows[-1][0]
+
+    # -- open items (Label Studio export) ----------------------------------------------------
+
+    async def open_items(self, limit: int = 10_000) -> list[tuple[str, ReviewItem]]:
+        """Entries not yet acked (pending or undelivered) whose post has no decision, oldest first."""
+        info = await self._group_info()
+        last = _str(info.get("last-delivered-id", "0-0"))
+        pending_ids: list[str] = []
+        start = "-"
+        while True:
+            rows = await self._pending_rows(start, "+", 1000)
+            pending_ids += [r["id"] for r in rows]
+            if len(rows) < 1000:
+                break
+            start = "(" + pending_ids[-1]
+        out: list[tuple[str, ReviewItem]] = []
+
+        def add(entry_id: str, fields: dict[str, str]) -> None:
+            with contextlib.suppress(RecordError):  # unreadable entries are the dead-letter path's job
+                out.append((entry_id, ReviewItem.from_json(fields.get("item", ""))))
+
+        for entry_id in pending_ids:
+            for found, fields in await self._range(self.stream, entry_id, entry_id, count=1):
+                add(found, fields)
+        start = "(" + last
+        while len(out) < limit:
+            more = await self._range(self.stream, start, "+", count=1000)
+            for entry_id, fields in more:
+                add(entry_id, fields)
+            if len(more) < 1000:
+                break
+            start = "(" + more[-1][0]
+        decided = await self.client.mget([self.decided_key(item.post_id) for _, item in out]) if out else []
+        return [pair for pair, done in zip(out, decided, strict=True) if done is None][:limit]
+
+    # -- dead letters -----------------------------------------------------------------------
+
+    async def dead_letters(self, count: int = 100) -> list[dict[str, Any]]:
+        rows: Any = await self.client.xrevrange(self.dead, "+", "-", count=count)
+        return [{"id": _str(i), **_fields(f)} for i, f in rows or []]
+
+    async def requeue_dead(self, dead_id: str) -> str:
+        """Put a dead-lettered item back on the review stream as a fresh entry."""
+        try:
+            rows = await self._range(self.dead, dead_id, dead_id, count=1)
+        except ResponseError as exc:
+            raise QueueError(f"{dead_id!r} is not a dead-letter id") from exc
+        if not rows:
+            raise QueueError(f"no dead letter {dead_id}")
+        fields = rows[0][1]
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xadd(self.stream, {"post_id": fields.get("post_id", ""), "item": fields.get("item", "")})
+        pipe.xdel(self.dead, dead_id)
+        new_id, _ = await pipe.execute()
+        return _str(new_id)
+
+    async def delete_dead(self, dead_id: str) -> bool:
+        try:
+            return bool(await self.client.xdel(self.dead, dead_id))
+        except ResponseError as exc:
+            raise QueueError(f"{dead_id!r} is not a dead-letter id") from exc
+
+    # -- stats ------------------------------------------------------------------------------
+
+    async def _group_info(self) -> dict[str, Any]:
+        try:
+            groups: Any = await self.client.xinfo_groups(self.stream)
+        except ResponseError:  # no stream yet
+            return {}
+        for group in groups:
+            if _str(group.get("name")) == self.group:
+                return {_str(k): v for k, v in group.items()}
+        return {}
+
+    async def _undelivered(self, info: dict[str, Any]) -> int:
+        lag = info.get("lag")
+        if lag is not None:
+            return int(lag)
+        # Redis cannot tell the lag after deletions in the stream: count what follows the
+        # last delivered entry (bounded; only after XDEL or group resets).
+        last = _str(info.get("last-delivered-id", "0-0"))
+        count, start = 0, "(" + last
+        while count < 1_000_000:
+            rows = await self._range(self.stream, start, "+", count=10_000)
+            count += len(rows)
+            if len(rows) < 10_000:
+                break
+            start = "(" + rows[-1][0]
+        return count
+
+    async def stats(self) -> QueueStats:
+        info = await self._group_info()
+        undelivered = await self._undelivered(info) if info else int(await self.client.xlen(self.stream))
+        summary: Any = await self.client.xpending(self.stream, self.group) if info else {"pending": 0}
+        pending = int(summary.get("pending", 0))
+        oldest_ms: list[int] = []
+        if pending and summary.get("min"):
+            oldest_ms.append(entry_ms(_str(summary["min"])))
+        if undelivered:
+            last = _str(info.get("last-delivered-id", "0-0")) if info else "0-0"
+            nxt = await self._range(self.stream, "(" + last, "+", count=1)
+            if nxt:
+                oldest_ms.append(entry_ms(nxt[0][0]))
+        now = time.time()
+        oldest_age = round(now - min(oldest_ms) / 1000, 3) if oldest_ms else None
+        members: Any = await self.client.zrangebyscore(self.decisions_key, now - DECISIONS_WINDOW_S, "+inf")
+        per_reviewer: dict[str, int] = {}
+        for member in members:
+            reviewer = _str(member).split(":", 1)[1]
+            per_reviewer[reviewer] = per_reviewer.get(reviewer, 0) + 1
+        consumers = summary.get("consumers") or []
+        pending_per = {_str(c["name"]): int(c["pending"]) for c in consumers}
+        dead = int(await self.client.xlen(self.dead))
+        return QueueStats(
+            depth=undelivered + pending,
+            undelivered=undelivered,
+            pending=pending,
+            oldest_age_s=oldest_age,
+            decisions_last_hour=len(members),
+            per_reviewer_last_hour=dict(sorted(per_reviewer.items())),
+            pending_per_reviewer=dict(sorted(pending_per.items())),
+            dead_letters=dead,
+        )

@@ -1,0 +1,122 @@
+"""Server-side console sessions in Redis, and login rate limiting.
+
+The cookie holds a random session id; Redis holds `sha256(id) -> {user, csrf, created}` with
+an idle expiry (refreshed on use) under an absolute lifetime. Storing the hash means a read
+of Redis does not hand out live sessions. Logout deletes the key, so a stolen cookie dies too.
+
+Login attempts are counted per user name and per client address in fixed windows; past the
+limit the login answers 429 until the window ends, whether or not the password is right.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from review.auth import new_csrf_token
+
+
+@dataclass
+class Session:
+    sid_hash: str
+    user: str
+    csrf: str
+    created: float
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _hash(sid: str) -> str:
+    return hashlib.sha256(sid.encode()).hexdigest()
+
+
+class SessionStore:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        prefix: str = "modstream:review",
+        idle_s: int = 8 * 3600,
+        absolute_s: int = 12 * 3600,
+    ) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.idle_s = idle_s
+        self.absolute_s = absolute_s
+
+    def _key(self, sid_hash: str) -> str:
+        return f"{self.prefix}:session:{sid_hash}"
+
+    async def create(self, user: str) -> tuple[str, Session]:
+        sid = secrets.token_urlsafe(32)
+        session = Session(_hash(sid), user, new_csrf_token(), time.time())
+        await self.client.hset(
+            self._key(session.sid_hash),
+            mapping={"user": user, "csrf": session.csrf, "created": str(session.created)},
+        )
+        await self.client.expire(self._key(session.sid_hash), self.idle_s)
+        return sid, session
+
+    async def get(self, sid: str | None) -> Session | None:
+        if not sid or len(sid) > 128:
+            return None
+        sid_hash = _hash(sid)
+        raw = await self.client.hgetall(self._key(sid_hash))
+        if not raw:
+            return None
+        data = {_text(k): _text(v) for k, v in raw.items()}
+        created = float(data.get("created", 0))
+        if time.time() - created > self.absolute_s:
+            await self.client.delete(self._key(sid_hash))
+            return None
+        await self.client.expire(self._key(sid_hash), self.idle_s)
+        return Session(sid_hash, data["user"], data["csrf"], created)
+
+    async def delete(self, session: Session) -> None:
+        await self.client.delete(self._key(session.sid_hash))
+
+
+class LoginLimiter:
+    """At most `per_user` failed logins per name and `per_addr` per client in `window_s`."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        prefix: str = "modstream:review",
+        per_user: int = 5,
+        per_addr: int = 20,
+        window_s: int = 900,
+    ) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.per_user = per_user
+        self.per_addr = per_addr
+        self.window_s = window_s
+
+    def _keys(self, user: str, addr: str) -> tuple[str, str]:
+        return (
+            f"{self.prefix}:login-fail:user:{hashlib.sha256(user.encode()).hexdigest()[:32]}",
+            f"{self.prefix}:login-fail:addr:{addr}",
+        )
+
+    async def blocked(self, user: str, addr: str) -> bool:
+        user_key, addr_key = self._keys(user, addr)
+        by_user, by_addr = await self.client.mget([user_key, addr_key])
+        return int(by_user or 0) >= self.per_user or int(by_addr or 0) >= self.per_addr
+
+    async def failed(self, user: str, addr: str) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        for key in self._keys(user, addr):
+            pipe.incr(key)
+            pipe.expire(key, self.window_s, nx=True)
+        await pipe.execute()
+
+    async def succeeded(self, user: str, addr: str) -> None:
+        await self.client.delete(self._keys(user, addr)[0])

@@ -1,0 +1,115 @@
+// modstream review console: keyboard shortcuts, image reveal, meters. Loaded as a static
+// file (the CSP forbids inline script); the page works without it, only slower.
+(function () {
+  "use strict";
+  const ACTION_KEYS = { c: "confirm", x: "correct", n: "not_violating", s: "skip", e: "escalate" };
+
+  function $(sel, root) { return (root || document).querySelector(sel); }
+  function $all(sel, root) { return Array.prototype.slice.call((root || document).querySelectorAll(sel)); }
+
+  function setupMeters() {
+    $all(".meter-fill[data-width]").forEach(function (el) {
+      const pct = Math.max(0, Math.min(100, Number(el.getAttribute("data-width")) || 0));
+      el.style.width = pct + "%";  // CSSOM from a script file is allowed by the CSP
+    });
+  }
+
+  function setupReveal() {
+    const media = $("#media");
+    const button = $("#reveal");
+    if (!media || !button) return null;
+    function toggle() {
+      const reveal = media.classList.contains("concealed");
+      media.classList.toggle("concealed", !reveal);
+      media.classList.toggle("revealed", reveal);
+      button.setAttribute("aria-pressed", reveal ? "true" : "false");
+      button.firstChild.textContent = reveal ? "Hide image " : "Reveal image ";
+    }
+    button.addEventListener("click", toggle);
+    return toggle;
+  }
+
+  function setupDecisions(toggleReveal) {
+    const form = $("#decision-form");
+    const tasks = form ? $all("fieldset.task", form) : [];
+    let active = 0;
+
+    function activate(i) {
+      if (!tasks.length) return;
+      active = (i + tasks.length) % tasks.length;
+      tasks.forEach(function (t, j) { t.classList.toggle("active", j === active); });
+      tasks[active].scrollIntoView({ block: "nearest" });
+    }
+    function decided(t) { return !!$("input[type=radio]:checked", t); }
+    function nextUndecided() {
+      for (let k = 1; k <= tasks.length; k++) {
+        const j = (active + k) % tasks.length;
+        if (!decided(tasks[j])) { activate(j); return; }
+      }
+    }
+    function choose(t, action) {
+      const radio = $('input[type=radio][value="' + action + '"]', t);
+      if (!radio) return;
+      if (action === "correct") {
+        const select = $("select", t);
+        if (select && radio.checked) {  // pressed again: cycle the corrected label
+          select.selectedIndex = (select.selectedIndex + 1) % select.options.length;
+        }
+      }
+      radio.checked = true;
+      t.classList.remove("missing");
+    }
+    function submit() {
+      const missing = tasks.filter(function (t) { return !decided(t); });
+      tasks.forEach(function (t) { t.classList.toggle("missing", missing.indexOf(t) >= 0); });
+      if (missing.length) { activate(tasks.indexOf(missing[0])); return; }
+      form.requestSubmit();
+    }
+    tasks.forEach(function (t, j) {
+      t.addEventListener("click", function () { activate(j); });
+      t.addEventListener("change", function () { t.classList.remove("missing"); });
+    });
+    if (form) {
+      form.addEventListener("submit", function (ev) {
+        if (tasks.some(function (t) { return !decided(t); })) { ev.preventDefault(); submit(); }
+      });
+    }
+
+    document.addEventListener("keydown", function (ev) {
+      if (ev.ctrlKey || ev.metaKey || ev.altKey) return;
+      const tag = (ev.target && ev.target.tagName) || "";
+      if (tag === "TEXTAREA" || tag === "INPUT" && ev.target.type !== "radio" || tag === "SELECT") {
+        if (ev.key === "Escape") ev.target.blur();
+        return;
+      }
+      const key = ev.key;
+      if (key === "?") { const d = $("#shortcuts"); if (d) d.open = !d.open; ev.preventDefault(); return; }
+      if (key === "r" && $("#queue-empty")) { window.location.assign("/review"); return; }
+      if (!tasks.length) return;
+      if (key === "v" && toggleReveal) { toggleReveal(); ev.preventDefault(); return; }
+      if (key === "j" || key === "ArrowDown") { activate(active + 1); ev.preventDefault(); return; }
+      if (key === "k" || key === "ArrowUp") { activate(active - 1); ev.preventDefault(); return; }
+      if (/^[1-9]$/.test(key) && Number(key) <= tasks.length) { activate(Number(key) - 1); ev.preventDefault(); return; }
+      if (key === "Enter") { submit(); ev.preventDefault(); return; }
+      if (key === "a") {
+        tasks.forEach(function (t) { if (!decided(t)) choose(t, "confirm"); });
+        ev.preventDefault();
+        return;
+      }
+      const action = ACTION_KEYS[key];
+      if (action) {
+        const t = tasks[active];
+        const again = action === "correct" && $("select", t) && decided(t) &&
+          $("input[type=radio]:checked", t).value === "correct";
+        choose(t, action);
+        if (!again) nextUndecided();
+        ev.preventDefault();
+      }
+    });
+  }
+
+  document.addEventListener("DOMContentLoaded", function () {
+    setupMeters();
+    setupDecisions(setupReveal());
+  });
+})();
