@@ -123,7 +123,7 @@ def load_base(source: dict[str, Any], work_dir: Path) -> list[Example]:
     if "manifest" in source:
         path = Path(source["manifest"])
         if not path.is_file():
-            raise RetrainError(f"base manifest {path} does not exist (recorded as the base data source)")
+            raise RetrainError(f"base manifest {path} does not exist")
         return read_manifest(path)
     preset = source.get("preset")
     if preset == "synthetic":

@@ -56,10 +56,10 @@ def write_plot(decision: GateDecision, current: str, candidate: str, path: Path)
                 floor = c.current - decision.margin
                 ax.hlines(floor, x - 0.4, x + 0.4, colors="#c03030", linestyles="dashed", linewidth=1)
         ax.set_xticks(list(xs), [f"{c.task}\n{c.verdict}\nn={c.n}" for c in checks])
-        ax.set_ylim(0, 1.05)
+        ax.set_ylim(0, 1.2)  # headroom for the legend
         ax.set_title(f"{holdout} holdout")
         ax.set_ylabel("macro-F1")
-    axes[0][0].legend(loc="lower left", fontsize="small")
+    axes[0][0].legend(loc="upper left", ncol=2, fontsize="small")
     verdict = "promoted" if decision.promoted else "refused"
     fig.suptitle(f"{candidate} vs {current}: {verdict} (dashed: current - margin {decision.margin:.2f})")
     fig.tight_layout()
