@@ -262,3 +262,38 @@ def test_cli_skips_and_reports_errors(home, capsys):
     assert "retrain failed: base manifest" in err and "missing.jsonl does not exist" in err
     with pytest.raises(SystemExit):
         main([*common, "--margin", "-1"])
+
+
+def test_a_failed_publish_leaves_the_promotion_in_place_and_is_counted(home):
+    from trainer.retrain import describe, record, run_retrain
+
+    def broken(message):
+        raise ConnectionError("broker unreachable")
+
+    write_reviewed(home / "reviewed", 600, seed=11)
+    outcome = run_retrain(options(home, broken))
+    assert outcome.status == "promoted" and not outcome.published
+    assert ModelRegistry(home / "registry").current() == "v0002"  # CURRENT moved before the send
+    assert "broker unreachable" in (outcome.publish_error or "")
+    assert "NOT published" in describe(outcome)
+
+    def count() -> float:
+        return REGISTRY.get_sample_value("modstream_retrain_runs_total", {"outcome": "publish_failed"}) or 0.0
+
+    before = count()
+    record(outcome)
+    assert count() == before + 1
+    evaluation = ModelRegistry(home / "registry").card("v0002").metrics["evaluation"]
+    gauge = REGISTRY.get_sample_value("modstream_retrain_candidate_macro_f1", {"task": "hate", "holdout": "reviewed"})
+    assert gauge == pytest.approx(evaluation["reviewed"]["candidate"]["macro_f1"]["hate"])
+
+
+def test_kafka_publisher_raises_when_no_broker_answers():
+    from tests.integration.stack import free_loopback_ports
+    from trainer.retrain import kafka_publisher
+
+    from aiokafka.errors import KafkaConnectionError
+
+    (port,) = free_loopback_ports(1)
+    with pytest.raises(KafkaConnectionError, match="Unable to bootstrap"):
+        kafka_publisher(f"127.0.0.1:{port}", timeout_s=5)({"version": "v0002", "parent": "v0001", "reason": "retrain"})

@@ -1,0 +1,95 @@
+"""The retraining job against a real Kafka broker: a promoted candidate announces itself on
+`model-updates` (acks=all, after CURRENT moved); a refused one sends nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from models.registry import ModelRegistry
+from tests.integration.stack import LocalStack
+from tests.unit.test_retrain import make_registry, options, write_reviewed
+from trainer.retrain import UPDATES_TOPIC, describe, kafka_publisher, run_retrain
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory) -> Path:
+    home = tmp_path_factory.mktemp("retrain-home")
+    make_registry(home / "registry", home / "work", home / "cache")
+    return home
+
+
+@pytest.fixture
+def home(seeded: Path, tmp_path: Path) -> Path:
+    shutil.copytree(seeded, tmp_path / "home")
+    return tmp_path / "home"
+
+
+async def _end_offsets(bootstrap: str) -> dict[TopicPartition, int]:
+    """Where each partition of the updates topic ends now."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15_000)
+    await admin.start()
+    try:
+        (topic,) = await admin.describe_topics([UPDATES_TOPIC])
+    finally:
+        await admin.close()
+    tps = [TopicPartition(UPDATES_TOPIC, p["partition"]) for p in topic["partitions"]]
+    assert tps, f"no partitions for {UPDATES_TOPIC}"
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        return await consumer.end_offsets(tps)
+    finally:
+        await consumer.stop()
+
+
+async def _records_since(bootstrap: str, start: dict[TopicPartition, int]) -> list[tuple[bytes | None, bytes | None]]:
+    """(key, value) of every record written to the topic after `start`, up to its current end."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tps = list(start)
+        consumer.assign(tps)
+        for tp, offset in start.items():
+            consumer.seek(tp, offset)
+        end = await consumer.end_offsets(tps)
+        out: list[tuple[bytes | None, bytes | None]] = []
+        while any([await consumer.position(tp) < end[tp] for tp in tps]):
+            batch = await consumer.getmany(*tps, timeout_ms=1000)
+            out.extend((r.key, r.value) for records in batch.values() for r in records)
+        return out
+    finally:
+        await consumer.stop()
+
+
+def _run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+def test_promoted_candidate_publishes_its_version_on_model_updates(stack: LocalStack, home: Path) -> None:
+    write_reviewed(home / "reviewed", 600, seed=11)
+    start = _run(_end_offsets(stack.bootstrap))
+    outcome = run_retrain(options(home, kafka_publisher(stack.bootstrap)))
+    assert outcome.status == "promoted" and outcome.published, describe(outcome)
+    assert ModelRegistry(home / "registry").current() == "v0002"
+    records = _run(_records_since(stack.bootstrap, start))
+    assert [(key, json.loads(value or b"")) for key, value in records] == [
+        (b"v0002", {"version": "v0002", "parent": "v0001", "reason": "retrain"})
+    ]
+
+
+def test_refused_candidate_publishes_nothing(stack: LocalStack, home: Path) -> None:
+    write_reviewed(home / "reviewed", 600, seed=11, flip=True)
+    start = _run(_end_offsets(stack.bootstrap))
+    outcome = run_retrain(options(home, kafka_publisher(stack.bootstrap)))
+    assert outcome.status == "refused" and not outcome.published, describe(outcome)
+    assert ModelRegistry(home / "registry").current() == "v0001"
+    assert _run(_records_since(stack.bootstrap, start)) == []
