@@ -19,10 +19,12 @@ One run:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -261,7 +263,30 @@ def _newest(examples: Sequence[Example]) -> str | None:
     return max(decided_at(ex) for ex in examples).isoformat() if examples else None
 
 
+@contextlib.contextmanager
+def _one_run_at_a_time(registry_root: Path) -> Iterator[None]:
+    """Two runs on one registry (cron overlapping a watch) would train twice and race for
+    the next version number: the second one stops with a clear error instead."""
+    registry_root.mkdir(parents=True, exist_ok=True)
+    with (registry_root / ".retrain.lock").open("a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise RetrainError(
+                f"another retraining run is using {registry_root}; try again when it has finished"
+            ) from exc
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def run_retrain(opts: RetrainOptions) -> RetrainOutcome:
+    with _one_run_at_a_time(Path(opts.registry)):
+        return _run(opts)
+
+
+def _run(opts: RetrainOptions) -> RetrainOutcome:
     from tqdm import tqdm
 
     registry = ModelRegistry(opts.registry)
@@ -295,6 +320,7 @@ def run_retrain(opts: RetrainOptions) -> RetrainOutcome:
     # Nothing held out is trained on, whichever source an id also appears in; a post that is
     # both base data and reviewed trains with the reviewer's (later) label.
     base_train = [ex for ex in base_train if ex.id not in held and ex.id not in reviewed_ids]
+    set_aside = [ex for ex in rev_train if ex.id in held]
     rev_train = [ex for ex in rev_train if ex.id not in held]
     holdouts = {"base": base_holdout, "reviewed": rev_holdout}
     steps.set_postfix_str(f"{len(base_train)} base + {len(rev_train)} reviewed to train")
@@ -376,7 +402,7 @@ def run_retrain(opts: RetrainOptions) -> RetrainOutcome:
 
     version = registry.save(fitted.model, fitted.tokenizer, card, make_current=False)
     vdir = registry.root / version
-    write_seen(vdir, (decision_key(ex) for ex in rev_train), holdout_keys)
+    write_seen(vdir, (decision_key(ex) for ex in rev_train), holdout_keys, (decision_key(ex) for ex in set_aside))
     report = {
         "version": version,
         "parent": parent,

@@ -87,15 +87,20 @@ class SeenDecisions:
     version: str | None = None
     trained_on: set[str] = field(default_factory=set)
     holdout: set[str] = field(default_factory=set)
+    set_aside: set[str] = field(default_factory=set)
 
     @property
     def all(self) -> set[str]:
-        return self.trained_on | self.holdout
+        return self.trained_on | self.holdout | self.set_aside
 
 
-def write_seen(version_dir: Path, trained_on: Iterable[str], holdout: Iterable[str]) -> Path:
+def write_seen(
+    version_dir: Path, trained_on: Iterable[str], holdout: Iterable[str], set_aside: Iterable[str] = ()
+) -> Path:
+    """`set_aside`: decisions looked at but neither trained on nor held out (their post id is
+    in the base holdout)."""
     path = Path(version_dir) / DECISIONS_FILE
-    data = {"trained_on": sorted(trained_on), "holdout": sorted(holdout)}
+    data = {"trained_on": sorted(trained_on), "holdout": sorted(holdout), "set_aside": sorted(set_aside)}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data) + "\n", encoding="utf-8")
     tmp.replace(path)
@@ -107,7 +112,9 @@ def read_seen(registry: ModelRegistry, version: str) -> SeenDecisions | None:
     if not path.is_file():
         return None
     data = json.loads(path.read_text(encoding="utf-8"))
-    return SeenDecisions(version, set(data.get("trained_on", [])), set(data.get("holdout", [])))
+    return SeenDecisions(
+        version, set(data.get("trained_on", [])), set(data.get("holdout", [])), set(data.get("set_aside", []))
+    )
 
 
 def last_seen(registry: ModelRegistry) -> SeenDecisions:

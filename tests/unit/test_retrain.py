@@ -31,10 +31,12 @@ FLIP = {"hateful": "not_hateful", "not_hateful": "hateful", "sarcastic": "not_sa
 T0 = datetime(2026, 3, 1, 12, tzinfo=UTC)
 
 
-def write_reviewed(folder: Path, n: int, seed: int, *, flip: bool = False, first: int = 0) -> list[Example]:
+def write_reviewed(
+    folder: Path, n: int, seed: int, *, flip: bool = False, first: int = 0, image_size: int = 32
+) -> list[Example]:
     """A reviewed dataset as the dataset sink writes it: media/<sha256>.png, one line per post,
     meta.decision_id and meta.decided_at (one minute apart, in order). Appends to an existing one."""
-    generated = generate(first + n, seed, folder / ".generated", image_size=32)[first:]
+    generated = generate(first + n, seed, folder / ".generated", image_size=image_size)[first:]
     (folder / "media").mkdir(parents=True, exist_ok=True)
     manifest = folder / "manifest.jsonl"
     lines = [json.loads(line) for line in manifest.read_text().splitlines()] if manifest.exists() else []
@@ -297,3 +299,19 @@ def test_kafka_publisher_raises_when_no_broker_answers():
     (port,) = free_loopback_ports(1)
     with pytest.raises(KafkaConnectionError, match="Unable to bootstrap"):
         kafka_publisher(f"127.0.0.1:{port}", timeout_s=5)({"version": "v0002", "parent": "v0001", "reason": "retrain"})
+
+
+def test_a_second_run_on_the_same_registry_is_refused_while_one_runs(tmp_path):
+    import fcntl
+
+    from trainer.retrain import RetrainError, run_retrain
+
+    root = tmp_path / "registry"
+    root.mkdir()
+    with (root / ".retrain.lock").open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(RetrainError, match="another retraining run is using"):
+            run_retrain(options(tmp_path))
+    # Released: the next run gets past the lock (and fails for its own reason, no model yet).
+    with pytest.raises(RetrainError, match="no current model"):
+        run_retrain(options(tmp_path))
