@@ -78,14 +78,15 @@ SHORTCUTS = (
     ("j / k", "next / previous task"),
     ("1-9", "jump to task"),
     ("c", "confirm the model's label"),
-    ("x", "correct (binary: the other label; otherwise cycles the labels)"),
+    ("x", "correct (binary: the other label; again: next label)"),
     ("n", "not violating"),
     ("s", "skip"),
     ("e", "escalate"),
-    ("a", "confirm every task not yet decided"),
+    ("a", "confirm all undecided tasks"),
     ("v", "reveal / hide the image"),
-    ("Enter", "submit (when every task is decided)"),
+    ("Enter", "submit when all tasks are decided"),
     ("?", "show / hide this help"),
+    ("Esc", "leave the note field"),
 )
 ACTION_KEYS = {"confirm": "c", "correct": "x", "not_violating": "n", "skip": "s", "escalate": "e"}
 ACTION_TITLES = {
@@ -420,7 +421,11 @@ class Handlers:
         return self._login_form(request, error=None, status=200)
 
     def _login_form(self, request: web.Request, *, error: str | None, status: int, name: str = "") -> web.Response:
-        token = secrets.token_urlsafe(32)
+        # Keep the double-submit token a browser already holds: a second login tab (or any
+        # other request that lands here) must not invalidate the form open in the first.
+        token = request.cookies.get(LOGIN_CSRF_COOKIE, "")
+        if not (40 <= len(token) <= 64 and token.replace("-", "").replace("_", "").isalnum()):
+            token = secrets.token_urlsafe(32)
         response = self.c.render(
             request,
             "login.html",
@@ -699,11 +704,14 @@ class Handlers:
         return response
 
 
+CONSOLE_KEY = web.AppKey("console", Console)
+
+
 def create_app(config: ConsoleConfig, *, producer: DecisionProducer | None = None) -> web.Application:
     console = Console(config, producer=producer)
     h = Handlers(console)
     app = web.Application(middlewares=build_middlewares(console), client_max_size=1024 * 1024)
-    app["console"] = console
+    app[CONSOLE_KEY] = console
     r = app.router
     r.add_get("/login", h.login_page)
     r.add_post("/login", h.login)
@@ -731,7 +739,7 @@ def create_app(config: ConsoleConfig, *, producer: DecisionProducer | None = Non
 
 def create_ops_app(main: web.Application) -> web.Application:
     """/healthz and /metrics without authentication, for probes and scrapers on an internal port."""
-    console: Console = main["console"]
+    console = main[CONSOLE_KEY]
     h = Handlers(console)
     app = web.Application()
     app.router.add_get("/healthz", h.healthz)

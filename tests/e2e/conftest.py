@@ -1,0 +1,239 @@
+"""Fixtures for browser tests of the review console: real headless Chromium (Debian's
+/usr/bin/chromium driven by Playwright), the real Kafka + Redis stack, the console as a real
+`python -m stream.cli review serve` subprocess, and a loopback media server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from stream.media_server import BackgroundMediaServer
+from stream.records import ReviewItem
+from tests.integration.stack import REPO_ROOT, LocalStack, free_loopback_ports
+
+T = TypeVar("T")
+CHROMIUM = Path("/usr/bin/chromium")
+REDIS_DB = 7  # the console's own database on the shared test redis-server, flushed per console
+PASSWORD = "e2e password 0123"
+USERS = {"alice": "reviewer", "bob": "reviewer", "carol": "reviewer", "root": "admin"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if CHROMIUM.exists():
+        return
+    if os.environ.get("CI"):
+        return  # the `browser` fixture fails instead: CI must run these tests
+    skip = pytest.mark.skip(reason=f"{CHROMIUM} is missing (apt-get install chromium); CI is unset, so skipping")
+    for item in items:
+        if "tests/e2e" in str(item.path):
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing and CI is set: the browser tests must run", pytrace=False)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture(scope="session")
+def users_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """Users added through the real CLI; returns the file and API tokens of root and alice."""
+    path = tmp_path_factory.mktemp("review-users") / "users.json"
+    for name, role in USERS.items():
+        subprocess.run(
+            [sys.executable, "-m", "stream.cli", "review", "add-user", name, "--role", role, "--password-stdin",
+             "--users", str(path)],
+            input=PASSWORD + "\n", text=True, check=True, cwd=REPO_ROOT, capture_output=True,
+        )  # fmt: skip
+    tokens = {
+        name: subprocess.run(
+            [sys.executable, "-m", "stream.cli", "review", "token", name, "--users", str(path)],
+            text=True, check=True, cwd=REPO_ROOT, capture_output=True,
+        ).stdout.strip()
+        for name in ("root", "alice")
+    }  # fmt: skip
+    return path, tokens
+
+
+def make_image(path: Path, seed: int) -> None:
+    """A synthetic, clearly artificial test image (never real post data)."""
+    from PIL import Image, ImageDraw
+
+    w, h = 640, 420
+    img = Image.new("RGB", (w, h))
+    draw = ImageDraw.Draw(img)
+    for y in range(h):
+        t = y / h
+        draw.line([(0, y), (w, y)], fill=(int(40 + 120 * t), int(90 + 60 * (1 - t)), int(200 - 80 * t)))
+    palette = [(250, 200, 60), (230, 80, 90), (80, 200, 150), (250, 250, 250)]
+    for i in range(6):
+        x0 = (seed * 53 + i * 97) % (w - 160)
+        y0 = (seed * 31 + i * 71) % (h - 160)
+        draw.ellipse([x0, y0, x0 + 90 + i * 10, y0 + 90 + i * 10], fill=palette[i % 4])
+    draw.rectangle([24, h - 70, w - 24, h - 24], fill=(15, 19, 28))
+    draw.text((40, h - 56), f"SYNTHETIC TEST IMAGE #{seed}", fill=(255, 255, 255))
+    img.save(path, format="PNG")
+
+
+@pytest.fixture(scope="session")
+def media(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("review-media")
+    for seed in range(4):
+        make_image(root / f"synthetic-{seed}.png", seed)
+    server = BackgroundMediaServer(root)
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to completion in a thread of its own: Playwright's sync API keeps an
+    event loop running in the test's thread, where asyncio.run refuses to start."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+def review_item(post_id: str, text: str, image_url: str | None) -> ReviewItem:
+    return ReviewItem(
+        post_id=post_id,
+        text=text,
+        image_url=image_url,
+        reasons=["weak_image_text_match", "uncertain_sarcasm"],
+        label={
+            "v": 1,
+            "post_id": post_id,
+            "labels": {
+                "hate": {"label": "hateful", "score": 0.734, "decision": True, "threshold": 0.52,
+                         "probs": {"not_hateful": 0.266, "hateful": 0.734}},
+                "sarcasm": {"label": "not_sarcastic", "score": 0.41, "decision": False, "threshold": 0.45,
+                            "probs": {"not_sarcastic": 0.59, "sarcastic": 0.41}},
+            },
+            "itm_match": 0.183,
+            "route": "review",
+            "reasons": ["weak_image_text_match", "uncertain_sarcasm"],
+            "media": {"status": "ok" if image_url else "none", "url": image_url, "content_hash": None, "reason": None},
+            "model_version": "v0004",
+        },
+        tasks={"hate": ["not_hateful", "hateful"], "sarcasm": ["not_sarcastic", "sarcastic"]},
+    )  # fmt: skip
+
+
+@dataclass
+class Console:
+    url: str  # http://localhost:PORT (Chromium accepts Secure cookies on localhost)
+    port: int
+    redis_url: str
+    bootstrap: str
+    token: str  # root's (admin)
+    reviewer_token: str  # alice's
+    media_url: str
+    prefix: str = field(default_factory=lambda: f"e2e-{uuid.uuid4().hex[:8]}")
+
+    def enqueue(self, text: str, *, image: str | None = "synthetic-0.png", post_id: str | None = None) -> str:
+        from stream.redis_store import RedisStore
+
+        post_id = post_id or f"{self.prefix}-{uuid.uuid4().hex[:6]}"
+        item = review_item(post_id, text, f"{self.media_url}/{image}" if image else None)
+
+        async def put() -> None:
+            store = RedisStore(self.redis_url)
+            try:
+                assert await store.enqueue_review(item)
+            finally:
+                await store.close()
+
+        run_async(put())
+        return post_id
+
+    def api(self, method: str, path: str, body: Any = None, token: str | None = None) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method=method)
+        req.add_header("Authorization", f"Bearer {token or self.token}")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=20) as resp:
+                return resp.status, json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"null")
+
+
+def _flush_db(redis_url: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def start_console(
+    stack: LocalStack, users_file: tuple[Path, dict[str, str]], media: str, tmp_path: Path
+) -> Iterator[Callable[..., Console]]:
+    """Starts `modstream review serve` on a free port against a flushed Redis database."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(*, claim_timeout: float = 300, max_deliveries: int = 5) -> Console:
+        (port,) = free_loopback_ports(1)
+        redis_url = f"redis://127.0.0.1:{stack.redis_port}/{REDIS_DB}"
+        _flush_db(redis_url)
+        log = open(tmp_path / f"console-{port}.log", "wb")  # noqa: SIM115 (closed with the process)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stream.cli", "review", "serve", "--host", "127.0.0.1", "--port", str(port),
+             "--bootstrap", stack.bootstrap, "--redis", redis_url, "--users", str(users_file[0]),
+             "--claim-timeout", str(claim_timeout), "--max-deliveries", str(max_deliveries),
+             "--allow-loopback-media"],
+            cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        procs.append(proc)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"console exited: {(tmp_path / f'console-{port}.log').read_text()}")
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/login", timeout=1).close()
+                break
+            time.sleep(0.2)
+        else:
+            raise RuntimeError("console did not start within 30 s")
+        tokens = users_file[1]
+        return Console(
+            f"http://localhost:{port}", port, redis_url, stack.bootstrap, tokens["root"], tokens["alice"], media
+        )
+
+    try:
+        yield start
+    finally:
+        for proc in procs:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
