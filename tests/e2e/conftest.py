@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import pytest
 
 from stream.media_server import BackgroundMediaServer
-from stream.records import ReviewItem
+from stream.records import ReviewDecision, ReviewItem
 from tests.integration.stack import REPO_ROOT, LocalStack, free_loopback_ports
 
 T = TypeVar("T")
@@ -40,7 +40,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return  # the `browser` fixture fails instead: CI must run these tests
     skip = pytest.mark.skip(reason=f"{CHROMIUM} is missing (apt-get install chromium); CI is unset, so skipping")
     for item in items:
-        if "tests/e2e" in str(item.path):
+        if "browser" in getattr(item, "fixturenames", ()):
             item.add_marker(skip)
 
 
@@ -115,6 +115,30 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
     event loop running in the test's thread, where asyncio.run refuses to start."""
     with ThreadPoolExecutor(1) as pool:
         return pool.submit(asyncio.run, coro).result()
+
+
+def read_decision(bootstrap: str, post_id: str, timeout: float = 30.0) -> ReviewDecision:
+    """The decision keyed `post_id` on the `reviewed` topic (read from the start)."""
+    from aiokafka import AIOKafkaConsumer
+
+    async def consume() -> ReviewDecision:
+        consumer = AIOKafkaConsumer(
+            "reviewed", bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+        )
+        await consumer.start()
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                batches = await consumer.getmany(timeout_ms=500)
+                for records in batches.values():
+                    for record in records:
+                        if record.key == post_id.encode():
+                            return ReviewDecision.from_json(record.value)
+            raise AssertionError(f"no decision for {post_id} on `reviewed` within {timeout:.0f} s")
+        finally:
+            await consumer.stop()
+
+    return run_async(consume())
 
 
 def review_item(post_id: str, text: str, image_url: str | None) -> ReviewItem:

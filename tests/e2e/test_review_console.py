@@ -15,8 +15,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from stream.records import ReviewDecision
-from tests.e2e.conftest import PASSWORD, Console, run_async
+from tests.e2e.conftest import PASSWORD, Console, read_decision
 from tests.integration.stack import REPO_ROOT
 
 SCREENSHOT = REPO_ROOT / "docs" / "review-console.png"
@@ -43,29 +42,6 @@ def shown_post_id(page: Any) -> str:
 
 def image_filter(page: Any) -> str:
     return page.eval_on_selector("#post-image", "el => getComputedStyle(el).filter")
-
-
-def read_decision(console: Console, post_id: str, timeout: float = 30.0) -> ReviewDecision:
-    from aiokafka import AIOKafkaConsumer
-
-    async def consume() -> ReviewDecision:
-        consumer = AIOKafkaConsumer(
-            "reviewed", bootstrap_servers=console.bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
-        )
-        await consumer.start()
-        try:
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                batches = await consumer.getmany(timeout_ms=500)
-                for records in batches.values():
-                    for record in records:
-                        if record.key == post_id.encode():
-                            return ReviewDecision.from_json(record.value)
-            raise AssertionError(f"no decision for {post_id} on `reviewed` within {timeout:.0f} s")
-        finally:
-            await consumer.stop()
-
-    return run_async(consume())
 
 
 def raw_request(console: Console, method: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
@@ -172,7 +148,7 @@ def test_review_an_item_with_the_keyboard_and_find_the_decision_on_kafka(
     assert page.locator("#queue-empty").is_visible()
     assert post_id in page.locator(".alert-ok").inner_text()
 
-    decision = read_decision(console, post_id)
+    decision = read_decision(console.bootstrap, post_id)
     assert decision.reviewer == "alice"
     assert {t: (d.action, d.label) for t, d in decision.decisions.items()} == {
         "hate": ("correct", "not_hateful"),
@@ -228,7 +204,7 @@ def test_form_post_without_the_csrf_token_is_refused(browser: Any, start_console
     token = page.get_attribute("#decision-form input[name=csrf_token]", "value")
     ok = page.request.post(console.url + action, form={**form, "csrf_token": token or ""}, max_redirects=0)
     assert ok.status == 303
-    assert read_decision(console, post_id).reviewer == "carol"
+    assert read_decision(console.bootstrap, post_id).reviewer == "carol"
     page.context.close()
 
 
@@ -274,7 +250,7 @@ def test_abandoned_claim_goes_to_another_reviewer_after_the_timeout(browser: Any
     bob.keyboard.press("n")
     bob.keyboard.press("Enter")
     bob.wait_for_url(re.compile(r"/review\?done="))
-    decision = read_decision(console, post_id)
+    decision = read_decision(console.bootstrap, post_id)
     assert decision.reviewer == "bob"
     assert {d.action for d in decision.decisions.values()} == {"not_violating"}
     status, metrics_text = 0, ""
@@ -309,7 +285,7 @@ def test_api_claim_decide_and_dead_letters(start_console: Any) -> None:
     body = {"decisions": {"hate": {"action": "confirm"}, "sarcasm": {"action": "escalate"}}, "note": "api"}
     status, created = console.api("POST", f"/api/v1/items/{claim['entry_id']}/decision", body)
     assert status == 201, created
-    decision = read_decision(console, post_id)
+    decision = read_decision(console.bootstrap, post_id)
     assert decision.decision_id == created["decision"]["decision_id"] and decision.note == "api"
     assert decision.escalated
     assert console.api("GET", "/api/v1/stats")[1]["depth"] == 0

@@ -1,0 +1,157 @@
+"""The review tools end to end, without a browser: login rate limiting on a running console,
+and the Label Studio round trip through the real CLI against real Kafka + Redis."""
+
+from __future__ import annotations
+
+import http.cookiejar
+import json
+import re
+import subprocess
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from review.queue import ReviewQueue
+from stream.redis_store import RedisStore
+from tests.e2e.conftest import PASSWORD, read_decision, review_item, run_async
+from tests.integration.stack import REPO_ROOT, LocalStack
+
+LS_DB = 8  # this test's own Redis database
+
+
+def _post_login(opener: urllib.request.OpenerDirector, port: int, user: str, password: str) -> int:
+    with opener.open(f"http://127.0.0.1:{port}/login", timeout=10) as resp:
+        token = re.search(r'name="csrf_token" value="([^"]+)"', resp.read().decode())
+    assert token is not None
+    data = urllib.parse.urlencode({"csrf_token": token.group(1), "username": user, "password": password}).encode()
+    try:
+        with opener.open(f"http://127.0.0.1:{port}/login", data=data, timeout=10) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_login_is_rate_limited_per_user(start_console: Any) -> None:
+    console = start_console()
+    jar = http.cookiejar.CookieJar()
+    # The console sets Secure cookies; a plain-http client must be told to send them back.
+    jar.set_policy(http.cookiejar.DefaultCookiePolicy(secure_protocols=("http", "https")))
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    for _ in range(5):
+        assert _post_login(opener, console.port, "carol", "wrong password!") == 401
+    # Sixth try: refused even with the right password until the window ends.
+    assert _post_login(opener, console.port, "carol", PASSWORD) == 429
+    # Other users are not locked out by carol's failures.
+    assert _post_login(opener, console.port, "bob", PASSWORD) == 200  # redirected to the (empty) queue
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "stream.cli", "review", *args]
+    return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_label_studio_round_trip_through_the_cli(stack: LocalStack, tmp_path: Path) -> None:
+    redis_url = f"redis://127.0.0.1:{stack.redis_port}/{LS_DB}"
+    redis.Redis.from_url(redis_url).flushdb()
+    posts = [f"ls-{i}-{tmp_path.name[-8:]}" for i in range(3)]
+
+    async def setup() -> str:
+        store = RedisStore(redis_url)
+        try:
+            for post_id in posts:
+                assert await store.enqueue_review(review_item(post_id, f"text {post_id}", None))
+        finally:
+            await store.close()
+        queue = ReviewQueue(aioredis.Redis.from_url(redis_url))
+        await queue.ensure_group()
+        claim = await queue.claim("alice")  # one pending, two undelivered: all three are open
+        await queue.client.aclose()
+        assert claim is not None and claim.item.post_id == posts[0]
+        return claim.entry_id
+
+    pending_entry = run_async(setup())
+    out = tmp_path / "tasks.json"
+    result = _cli("export-label-studio", "--out", str(out), "--redis", redis_url)
+    assert result.returncode == 0, result.stderr
+    tasks = json.loads(out.read_text())
+    assert [t["data"]["post_id"] for t in tasks] == posts
+    config = ET.fromstring((tmp_path / "tasks.labeling-config.xml").read_text())
+    assert {c.get("name") for c in config.iter("Choices")} == {"hate", "sarcasm", "review_flag"}
+
+    # What Label Studio exports after annotation (its ids, our data and meta): posts 0 and 2.
+    export = []
+    for ls_id, task in enumerate(tasks, start=40):
+        exported = {**task, "id": ls_id, "project": 2, "predictions": [], "drafts": []}
+        exported["annotations"] = []
+        if task["data"]["post_id"] != posts[1]:
+            exported["annotations"] = [
+                {
+                    "id": ls_id * 10,
+                    "completed_by": 1,
+                    "was_cancelled": False,
+                    "ground_truth": False,
+                    "created_at": "2026-11-28T07:00:00.000000Z",
+                    "updated_at": "2026-11-28T07:00:00.000000Z",
+                    "lead_time": 4.2,
+                    "task": ls_id,
+                    "project": 2,
+                    "result": [
+                        {
+                            "id": "a1",
+                            "type": "choices",
+                            "from_name": "hate",
+                            "to_name": "text",
+                            "origin": "manual",
+                            "value": {"choices": ["not_hateful"]},
+                        },
+                        {
+                            "id": "a2",
+                            "type": "choices",
+                            "from_name": "sarcasm",
+                            "to_name": "text",
+                            "origin": "manual",
+                            "value": {"choices": ["sarcastic"]},
+                        },
+                    ],
+                }
+            ]
+        export.append(exported)
+    export_path = tmp_path / "export.json"
+    export_path.write_text(json.dumps(export))
+
+    args = ("import-label-studio", str(export_path), "--reviewer", "ls-team")
+    result = _cli(*args, "--bootstrap", stack.bootstrap, "--redis", redis_url)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "imported 2, skipped 1, errors 0" in result.stdout
+    for post_id in (posts[0], posts[2]):
+        decision = read_decision(stack.bootstrap, post_id)
+        assert decision.reviewer == "ls-team"
+        assert {t: (d.action, d.label) for t, d in decision.decisions.items()} == {
+            "hate": ("not_violating", "not_hateful"),
+            "sarcasm": ("correct", "sarcastic"),
+        }
+
+    async def after() -> tuple[str | None, list[str | None]]:
+        queue = ReviewQueue(aioredis.Redis.from_url(redis_url))
+        try:
+            owner = await queue.owner(pending_entry)
+            seen = []
+            while (claim := await queue.claim("bob")) is not None:
+                seen.append(claim.item.post_id)
+                await queue.complete(claim.entry_id, claim.item.post_id, "bob", "d")
+            return owner, seen
+        finally:
+            await queue.client.aclose()
+
+    owner, seen = run_async(after())
+    assert owner is None, "the imported pending item must be acked"
+    assert seen == [posts[1]], "only the post Label Studio left unannotated is still to review"
+    again = _cli(*args, "--bootstrap", stack.bootstrap, "--redis", redis_url)
+    assert again.returncode == 0 and "imported 0" in again.stdout and again.stdout.count("already decided") == 2
