@@ -1,0 +1,57 @@
+"""`modstream review ...` argument parsing and the account commands (no services)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from stream.cli import build_parser, main
+
+
+def test_serve_defaults_match_the_documented_ones() -> None:
+    args = build_parser().parse_args(["review", "serve"])
+    assert (args.host, args.port, args.bootstrap, args.redis) == (
+        "127.0.0.1",
+        8080,
+        "127.0.0.1:19092",
+        "redis://127.0.0.1:16379/0",
+    )
+    assert (args.users, args.claim_timeout, args.max_deliveries) == ("var/review-users.json", 300.0, 5)
+    assert not args.allow_loopback_media and not args.insecure_cookies
+
+
+def test_review_needs_an_action() -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["review"])
+
+
+def test_add_user_token_remove(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    users = str(tmp_path / "users.json")
+    monkeypatch.setattr("sys.stdin", io.StringIO("a long enough password\n"))
+    assert main(["review", "add-user", "dana", "--role", "admin", "--password-stdin", "--users", users]) == 0
+    record = json.loads(Path(users).read_text())["users"]["dana"]
+    assert record["role"] == "admin" and record["password_hash"].startswith("$argon2id$")
+    capsys.readouterr()
+    assert main(["review", "token", "dana", "--users", users]) == 0
+    token = capsys.readouterr().out.strip()
+    assert token.startswith("mst_") and token not in Path(users).read_text()
+    assert main(["review", "remove-user", "dana", "--users", users]) == 0
+    assert main(["review", "remove-user", "dana", "--users", users]) == 2
+    assert "no user 'dana'" in capsys.readouterr().err
+
+
+def test_bad_input_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    users = str(tmp_path / "users.json")
+    monkeypatch.setattr("sys.stdin", io.StringIO("short\n"))
+    assert main(["review", "add-user", "eve", "--password-stdin", "--users", users]) == 2
+    assert "at least" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", io.StringIO("a long enough password\n"))
+    assert main(["review", "add-user", "bad name", "--password-stdin", "--users", users]) == 2
+    assert "user name" in capsys.readouterr().err
+    assert not Path(users).exists(), "nothing is written when the input is refused"
+    assert main(["review", "import-label-studio", str(tmp_path / "missing.json"), "--reviewer", "x"]) == 2
