@@ -26,6 +26,14 @@
       button.firstChild.textContent = reveal ? "Hide image " : "Reveal image ";
     }
     button.addEventListener("click", toggle);
+    const img = $("#post-image");
+    if (img) {
+      img.addEventListener("error", function () {
+        media.classList.add("unavailable");
+        const note = $(".media-note");
+        if (note) note.textContent = "The image could not be fetched or decoded now. Review the text, or skip.";
+      });
+    }
     return toggle;
   }
 

@@ -223,14 +223,14 @@ def start_console(
     """Starts `modstream review serve` on a free port against a flushed Redis database."""
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(*, claim_timeout: float = 300, max_deliveries: int = 5) -> Console:
+    def start(*, claim_timeout: float = 300, max_deliveries: int = 5, bootstrap: str | None = None) -> Console:
         (port,) = free_loopback_ports(1)
         redis_url = f"redis://127.0.0.1:{stack.redis_port}/{REDIS_DB}"
         _flush_db(redis_url)
         log = open(tmp_path / f"console-{port}.log", "wb")  # noqa: SIM115 (closed with the process)
         proc = subprocess.Popen(
             [sys.executable, "-m", "stream.cli", "review", "serve", "--host", "127.0.0.1", "--port", str(port),
-             "--bootstrap", stack.bootstrap, "--redis", redis_url, "--users", str(users_file[0]),
+             "--bootstrap", bootstrap or stack.bootstrap, "--redis", redis_url, "--users", str(users_file[0]),
              "--claim-timeout", str(claim_timeout), "--max-deliveries", str(max_deliveries),
              "--allow-loopback-media"],
             cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,

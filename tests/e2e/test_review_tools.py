@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from review.queue import ReviewQueue
 from stream.redis_store import RedisStore
 from tests.e2e.conftest import PASSWORD, read_decision, review_item, run_async
-from tests.integration.stack import REPO_ROOT, LocalStack
+from tests.integration.stack import REPO_ROOT, LocalStack, free_loopback_ports
 
 LS_DB = 8  # this test's own Redis database
 
@@ -155,3 +155,20 @@ def test_label_studio_round_trip_through_the_cli(stack: LocalStack, tmp_path: Pa
     assert seen == [posts[1]], "only the post Label Studio left unannotated is still to review"
     again = _cli(*args, "--bootstrap", stack.bootstrap, "--redis", redis_url)
     assert again.returncode == 0 and "imported 0" in again.stdout and again.stdout.count("already decided") == 2
+
+
+def test_kafka_failure_keeps_the_claim_and_loses_nothing(start_console: Any) -> None:
+    (nothing_there,) = free_loopback_ports(1)
+    console = start_console(bootstrap=f"127.0.0.1:{nothing_there}")
+    post_id = console.enqueue("decided while Kafka is down", image=None)
+    status, claim = console.api("POST", "/api/v1/claim")
+    assert status == 200 and claim["item"]["post_id"] == post_id
+    body = {"decisions": {"hate": "confirm", "sarcasm": "skip"}}
+    status, answer = console.api("POST", f"/api/v1/items/{claim['entry_id']}/decision", body)
+    assert status == 503 and answer["retry"] is True and "Kafka" in answer["error"]
+    # Not acked, still this reviewer's: the reviewer can submit again once Kafka is back.
+    assert console.api("GET", f"/api/v1/items/{claim['entry_id']}")[0] == 200
+    status, again = console.api("POST", "/api/v1/claim")
+    assert again["entry_id"] == claim["entry_id"]
+    stats = console.api("GET", "/api/v1/stats")[1]
+    assert stats["depth"] == 1 and stats["pending"] == 1 and stats["decisions_last_hour"] == 0
