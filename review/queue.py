@@ -186,9 +186,17 @@ class ReviewQueue:
                 return claim
         return None
 
+    async def _oldest_stale(self) -> str | None:
+        """The first entry idle past the claim timeout (XPENDING IDLE scans the PEL server-side,
+        so a large PEL of fresh claims costs one round trip, not many XAUTOCLAIM passes)."""
+        rows: Any = await self.client.xpending_range(self.stream, self.group, "-", "+", 1, idle=self.claim_timeout_ms)
+        return _str(rows[0]["message_id"]) if rows else None
+
     async def _reclaim(self, reviewer: str) -> Claim | None:
-        cursor = "0-0"
+        cursor = await self._oldest_stale()
         for _ in range(100):  # bounded: each pass either claims, dead-letters or advances
+            if cursor is None:
+                return None
             result: Any = await self.client.xautoclaim(
                 self.stream, self.group, reviewer, self.claim_timeout_ms, start_id=cursor, count=1
             )
@@ -207,8 +215,8 @@ class ReviewQueue:
                     claim.reclaimed = True
                     self.events.reclaims += 1
                     return claim
-            if cursor == "0-0":
-                return None
+            if cursor == "0-0":  # end of the PEL: look again (another reviewer may have won a race)
+                cursor = await self._oldest_stale()
         return None
 
     async def _read_new(self, reviewer: str) -> Claim | None:
