@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import TextIO
 from urllib.parse import urlsplit
 
+from models.devices import pick_device
+from models.images import MAX_BYTES, ImageError, content_hash, decode_image
 from models.inference import Predictor
 from models.registry import ModelRegistry
 from stream.device_pool import DevicePool
@@ -24,7 +26,6 @@ from stream.media import FetchConfig, MediaFetcher, MediaResult
 from stream.pipeline import Pipeline
 from stream.records import encode
 from stream.routing import RoutingPolicy
-from trainer.images import ImageError, content_hash, load_image
 
 BATCH = 64
 
@@ -40,12 +41,12 @@ class LocalOrWebFetcher:
         started = time.perf_counter()
         path = self.base_dir / ref
         try:
-            image = load_image(path)
+            data = _read_capped(path)
+            image = decode_image(data)
         except ImageError as exc:
+            exc = ImageError(exc.reason, f"{path}: {exc}") if not str(exc).startswith(str(path)) else exc
             return MediaResult(ref, exc.reason, reason=str(exc), elapsed_s=time.perf_counter() - started)
-        return MediaResult(
-            ref, "ok", image=image, content_hash=content_hash(path.read_bytes()), final_url=str(path), attempts=1
-        )
+        return MediaResult(ref, "ok", image=image, content_hash=content_hash(data), final_url=str(path), attempts=1)
 
     async def fetch_many(self, urls: Sequence[str]) -> list[MediaResult]:
         remote = [u for u in urls if urlsplit(u).scheme]
@@ -53,6 +54,20 @@ class LocalOrWebFetcher:
         local = [asyncio.to_thread(self._local, u) for u in urls if not urlsplit(u).scheme]
         loaded = iter(await asyncio.gather(*local))
         return [next(fetched) if urlsplit(u).scheme else next(loaded) for u in urls]
+
+
+def _read_capped(path: Path, max_bytes: int = MAX_BYTES) -> bytes:
+    """The file's bytes, refusing a missing, unreadable or oversized file with an ImageError."""
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(max_bytes + 1)  # one byte past the cap detects an oversized file
+    except FileNotFoundError as exc:
+        raise ImageError("missing", f"{path}: image file does not exist") from exc
+    except OSError as exc:
+        raise ImageError("unreadable", f"{path}: cannot read image ({exc.strerror or exc})") from exc
+    if len(data) > max_bytes:
+        raise ImageError("too_large", f"{path}: image file is over {max_bytes:,} bytes")
+    return data
 
 
 def read_lines(path: Path) -> Iterator[bytes]:
@@ -82,8 +97,6 @@ async def classify_stream(
     base_dir: Path,
     allow_loopback: bool = False,
 ) -> dict[str, int]:
-    from trainer.fit import pick_device
-
     loaded = ModelRegistry(registry_root).load(version)
     pool = DevicePool(lambda d: Predictor(loaded.model, loaded.tokenizer, loaded.card, d), [pick_device(device)])
     policy = RoutingPolicy()

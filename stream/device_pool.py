@@ -21,9 +21,11 @@ from dataclasses import dataclass, replace
 import torch
 from PIL import Image
 
+from models.devices import visible_devices
 from models.inference import Prediction, Predictor
 
 log = logging.getLogger(__name__)
+__all__ = ["BatcherConfig", "DevicePool", "InferenceTimeout", "PredictorFactory", "Replica", "visible_devices"]
 PredictorFactory = Callable[[torch.device], Predictor]
 
 
@@ -51,15 +53,6 @@ class _Item:
     text: str
     image: Image.Image | None
     future: asyncio.Future[Prediction]
-
-
-def visible_devices(spec: str = "auto") -> list[torch.device]:
-    """`auto`: every visible GPU, else the CPU. Or a comma list such as `cuda:0,cuda:1`."""
-    if spec != "auto":
-        return [torch.device(d.strip()) for d in spec.split(",") if d.strip()]
-    if torch.cuda.is_available():
-        return [torch.device(f"cuda:{i}") for i in range(torch.cuda.device_count())]
-    return [torch.device("cpu")]
 
 
 class Replica:

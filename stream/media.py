@@ -32,7 +32,7 @@ Defences, and why:
 - Content type: image/* is accepted, application/octet-stream only when the magic bytes
   are an allowed image format; anything else (text/html error pages) is refused before the
   body is read.
-- Decoding goes through `trainer.images.decode_image` (format allow-list, pixel budget
+- Decoding goes through `models.images.decode_image` (format allow-list, pixel budget
   checked from the header, decompression bombs refused) on a small dedicated thread pool:
   it is CPU work and must not block the event loop, and a separate pool keeps it from
   starving the default executor that aiohttp's threaded DNS resolver uses.
@@ -62,7 +62,7 @@ from aiohttp.abc import AbstractResolver
 from PIL import Image
 from yarl import URL
 
-from trainer.images import MAX_PIXELS, ImageError, content_hash, decode_image
+from models.images import MAX_PIXELS, ImageError, content_hash, decode_image
 
 __all__ = [
     "ERROR_CODES",
@@ -87,7 +87,7 @@ ERROR_CODES: tuple[str, ...] = (
     "too_many_redirects",
     "too_large",
     "wrong_content_type",
-    # from trainer.images.decode_image
+    # from models.images.decode_image
     "unsupported_format",
     "decompression_bomb",
     "truncated",

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from sklearn.model_selection import train_test_split
 
 from models.card import ModelCard
 from models.classifier import MultimodalModel
 from models.config import ModelConfig
+from models.devices import pick_device  # re-exported: trainer modules import it from here
 from models.registry import build_model
 from models.routing_gate import GateFloors, decide_itm_routing
 from trainer.calibration import Calibration, calibrate, score
@@ -27,12 +27,6 @@ from trainer.manifest import Example
 from trainer.train import TrainConfig, TrainResult, evaluate_split, label_tensors, train
 
 log = logging.getLogger(__name__)
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def data_digest(inputs: LoadedInputs) -> str:

@@ -1,0 +1,125 @@
+"""Safe image decoding from bytes, shared by the trainer and the stream workers (no file I/O).
+
+Every failure surfaces as `ImageError` with a short machine-readable `reason`, so callers
+can count, route to a dead-letter topic, or fall back to text-only without catching the
+assorted exception types Pillow's decoders raise.
+
+Defences, in order: an explicit format allow-list (no exotic decoders reachable from
+untrusted bytes), a pixel budget checked from the header before any pixel is decoded, and
+Pillow's own decompression-bomb warning promoted to an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+
+from PIL import Image
+
+ALLOWED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "GIF", "WEBP", "BMP")
+# 40 MP is well above any meme or photo we classify (the model sees ~224 px) yet far below
+# the memory a crafted header could ask for.
+MAX_PIXELS = 40_000_000
+MAX_BYTES = 20_000_000
+
+# Magic numbers of the allowed formats: when Pillow cannot identify data that starts like
+# an allowed format, the file is damaged rather than of an unsupported kind.
+_SIGNATURES: tuple[bytes, ...] = (
+    b"\x89PNG\r\n\x1a\n",
+    b"\xff\xd8\xff",
+    b"GIF87a",
+    b"GIF89a",
+    b"BM",
+)
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; `reason` is a short code for metrics and counters.
+
+    Reasons: missing, unreadable, too_large, empty, unsupported_format, decompression_bomb,
+    truncated, corrupt.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def content_hash(data: bytes) -> str:
+    """sha256 hex digest of the raw bytes (dedupe key; stable across processes)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def _looks_allowed(data: bytes) -> bool:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return True
+    return any(data.startswith(sig) for sig in _SIGNATURES)
+
+
+def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode `data` into an RGB image (first frame of an animation).
+
+    Raises ImageError for anything that is not a complete, reasonably sized image in one of
+    ALLOWED_FORMATS.
+    """
+    if not data:
+        raise ImageError("empty", "image data is empty")
+    with warnings.catch_warnings():
+        # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a warning is not a
+        # defence, so make it raise like the hard limit does.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+            raise ImageError("decompression_bomb", f"image rejected as a decompression bomb: {exc}") from exc
+        except Image.UnidentifiedImageError as exc:
+            if _looks_allowed(data):
+                raise ImageError("corrupt", "image header is damaged") from exc
+            raise ImageError(
+                "unsupported_format",
+                f"not an image in an allowed format ({', '.join(ALLOWED_FORMATS)})",
+            ) from exc
+        except Exception as exc:
+            # Plugins raise OSError, SyntaxError, struct.error, ValueError... on bad headers.
+            raise _classify(exc) from exc
+        with img:
+            width, height = img.size
+            fmt = img.format or "?"
+            if width <= 0 or height <= 0:
+                raise ImageError("corrupt", f"{fmt} image declares an empty size {width}x{height}")
+            # The header is parsed but no pixels are decoded yet: refuse before allocating.
+            if width * height > max_pixels:
+                raise ImageError(
+                    "decompression_bomb",
+                    f"{fmt} image is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}",
+                )
+            try:
+                # Animated GIF/WEBP/PNG: open() leaves frame 0 current and load() decodes only
+                # that frame; asking for n_frames/is_animated would scan the whole file.
+                img.load()
+                return _to_rgb(img)
+            except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+                raise ImageError("decompression_bomb", f"image rejected as a decompression bomb: {exc}") from exc
+            except Exception as exc:
+                raise _classify(exc, fmt) from exc
+
+
+def _classify(exc: BaseException, fmt: str = "image") -> ImageError:
+    text = str(exc)
+    if isinstance(exc, EOFError) or "truncated" in text.lower():
+        return ImageError("truncated", f"{fmt} data is truncated ({text})")
+    if isinstance(exc, MemoryError):
+        return ImageError("too_large", f"{fmt} needs too much memory to decode")
+    return ImageError("corrupt", f"{fmt} data is corrupt ({type(exc).__name__}: {text})")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    has_alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
+    if not has_alpha:
+        return img.convert("RGB")
+    # Transparent pixels often hold black or junk colour; composite over white, which is how
+    # viewers show memes with transparent backgrounds.
+    rgba = img.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
