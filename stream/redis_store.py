@@ -49,10 +49,10 @@ class RedisStore:
         return [None if v is None else json.loads(v) for v in values]
 
     async def put_many(self, items: Sequence[tuple[str, dict[str, Any]]]) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        for key, value in items:
-            pipe.set(f"{self.prefix}:dedupe:{key}", json.dumps(value), ex=self.dedupe_ttl_s)
-        await pipe.execute()
+        async with self.client.pipeline(transaction=False) as pipe:  # reset even when execute fails
+            for key, value in items:
+                pipe.set(f"{self.prefix}:dedupe:{key}", json.dumps(value), ex=self.dedupe_ttl_s)
+            await pipe.execute()
 
     # -- review stream ---------------------------------------------------------------------
     def _review_call(self, item: ReviewItem) -> tuple[list[str], list[Any]]:
@@ -71,11 +71,11 @@ class RedisStore:
         simply retried whole: the items already added answer False the second time."""
         if not items:
             return []
-        pipe = self.client.pipeline(transaction=False)
-        for item in items:
-            keys, args = self._review_call(item)
-            await self._enqueue(keys=keys, args=args, client=pipe)
-        return [bool(result) for result in await pipe.execute()]
+        async with self.client.pipeline(transaction=False) as pipe:
+            for item in items:
+                keys, args = self._review_call(item)
+                await self._enqueue(keys=keys, args=args, client=pipe)
+            return [bool(result) for result in await pipe.execute()]
 
     async def close(self) -> None:
         await self.client.aclose()
