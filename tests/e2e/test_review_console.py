@@ -297,3 +297,25 @@ def test_api_claim_decide_and_dead_letters(start_console: Any) -> None:
     assert held["item"]["post_id"] == other
     assert console.api("GET", f"/api/v1/items/{held['entry_id']}", token=console.reviewer_token)[0] == 404
     assert console.api("GET", f"/api/v1/items/{held['entry_id']}")[0] == 200
+
+
+def test_admin_requeues_a_dead_letter_from_the_page(browser: Any, start_console: Any) -> None:
+    console = start_console(claim_timeout=1, max_deliveries=1)
+    post_id = console.enqueue("<b>dead</b> letter", image=None)
+    assert console.api("POST", "/api/v1/claim")[1]["item"]["post_id"] == post_id
+    time.sleep(1.3)
+    assert console.api("POST", "/api/v1/claim", token=console.reviewer_token)[1] == {"item": None}  # dead-lettered
+    alice = login(browser, console, "alice")
+    response = alice.goto("/admin/dead")
+    assert response is not None and response.status == 403
+    root = login(browser, console, "root")
+    root.goto("/admin/dead")
+    row = root.locator("table.table tbody tr")
+    assert row.count() == 1 and post_id in row.inner_text() and "<b>dead</b> letter" in row.inner_text()
+    with root.expect_navigation():
+        root.click("button:has-text('Requeue')")
+    assert root.locator("table.table tbody tr").count() == 0
+    alice.goto("/review")
+    assert shown_post_id(alice) == post_id
+    alice.context.close()
+    root.context.close()
