@@ -42,11 +42,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     import contextlib
 
-    from review.auth import UserStore
+    from review.auth import AuthError, UserStore
     from review.console import ConsoleConfig, serve
 
+    if args.claim_timeout <= 0:
+        return _fail(ValueError(f"--claim-timeout must be positive, not {args.claim_timeout:g}"))
+    if args.max_deliveries < 1:
+        return _fail(ValueError(f"--max-deliveries must be at least 1, not {args.max_deliveries}"))
     users_path = Path(args.users)
-    if not UserStore(users_path).names():
+    try:
+        names = UserStore(users_path).names()
+    except AuthError as exc:
+        return _fail(exc)
+    if not names:
         print(
             f"warning: no users in {users_path}; add one with `modstream review add-user NAME --role admin`",
             file=sys.stderr,

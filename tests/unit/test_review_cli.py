@@ -55,3 +55,14 @@ def test_bad_input_is_a_clear_error(
     assert "user name" in capsys.readouterr().err
     assert not Path(users).exists(), "nothing is written when the input is refused"
     assert main(["review", "import-label-studio", str(tmp_path / "missing.json"), "--reviewer", "x"]) == 2
+
+
+def test_serve_refuses_bad_settings_before_starting(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["review", "serve", "--claim-timeout", "0"]) == 2
+    assert "--claim-timeout must be positive" in capsys.readouterr().err
+    assert main(["review", "serve", "--max-deliveries", "0"]) == 2
+    assert "--max-deliveries must be at least 1" in capsys.readouterr().err
+    broken = tmp_path / "users.json"
+    broken.write_text("[1, 2")
+    assert main(["review", "serve", "--users", str(broken)]) == 2
+    assert "not a valid users file" in capsys.readouterr().err
