@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import io
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 from PIL import Image
 
@@ -52,7 +53,11 @@ def reencode(image: Image.Image, max_side: int = MAX_SIDE) -> tuple[bytes, str]:
 
 class MediaProxy:
     def __init__(self, *, allow_loopback: bool = False, cache_bytes: int = 64 * 1024 * 1024) -> None:
-        self.fetcher = MediaFetcher(FetchConfig(allow_loopback=allow_loopback, retries=1))
+        options: dict[str, Any] = {"allow_loopback": allow_loopback, "retries": 1}
+        if "max_side" in {f.name for f in fields(FetchConfig)}:
+            # The worker shrinks to about twice the model's input; a reviewer needs more detail.
+            options["max_side"] = MAX_SIDE
+        self.fetcher = MediaFetcher(FetchConfig(**options))
         self.cache_bytes = cache_bytes
         self._cache: OrderedDict[str, ServedImage] = OrderedDict()
         self._size = 0
