@@ -22,8 +22,8 @@ from typing import Any, Protocol
 
 from review import sink_metrics as metrics
 from review.dataset import Plan, ReviewedDataset, decided_at, manifest_line, plan_batch
-from review.kafka_sink import DeadLetters, SinkRecord, SinkSettings, TransientError, run_sink
-from stream.records import MAX_ID, MAX_URL, DeadLetter, RecordError, ReviewDecision
+from review.kafka_sink import DeadLetters, SinkRecord, SinkSettings, TransientError, known_fields, run_sink
+from stream.records import MAX_ID, MAX_URL, DeadLetter, RecordError, ReviewDecision, decode_json
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def parse_decision(raw: bytes | None) -> ReviewDecision:
     and a media hash that is a sha256 (it names a file)."""
     if raw is None:
         raise RecordError("record", "empty value (tombstone)")
-    d = ReviewDecision.from_json(raw)
+    d = ReviewDecision.from_json(known_fields(decode_json(raw), ReviewDecision))
     _text(d.decision_id, "decision_id", max_len=MAX_ID)
     _text(d.post_id, "post_id", max_len=MAX_ID)
     _text(d.reviewer, "reviewer", max_len=MAX_ID)
@@ -168,7 +168,7 @@ async def run_dataset_sink(settings: SinkSettings, folder: Path, *, allow_loopba
         return DatasetSink(dataset, fetcher, dead_letters)
 
     try:
-        return await run_sink(settings, build, DLQ_STAGE)
+        return await run_sink(settings, build, name=NAME, dlq_stage=DLQ_STAGE)
     finally:
         await fetcher.close()
         dataset.close()

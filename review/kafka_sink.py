@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import signal
@@ -111,6 +112,14 @@ class SinkSettings:
     backoff: Backoff = field(default_factory=Backoff)
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
+
+
+def known_fields(obj: dict[str, Any], record: type) -> dict[str, Any]:
+    """`obj` without the keys `record` (a dataclass) does not know, plus the version: the
+    records' contract is that unknown fields are ignored, so a producer that adds one
+    must not turn every record into a dead letter."""
+    names = {f.name for f in dataclasses.fields(record)} | {"v"}
+    return {k: v for k, v in obj.items() if k in names}
 
 
 def next_offsets(records: Sequence[SinkRecord]) -> dict[tuple[str, int], int]:
@@ -275,7 +284,8 @@ class DeadLetters:
 
 
 def install_stop_signals(stop: asyncio.Event) -> None:
-    """SIGTERM / SIGINT finish the current batch (apply + commit) and then stop."""
+    """SIGTERM / SIGINT stop the loop at once: a batch not yet applied and committed is
+    abandoned uncommitted and delivered again later (applying it twice changes nothing)."""
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -297,10 +307,12 @@ async def start_with_retry(client: Any, what: str, stop: asyncio.Event, backoff:
     return started
 
 
-async def run_sink(settings: SinkSettings, stage_factory: Callable[[DeadLetters], Awaitable[Stage]], stage: str) -> int:
+async def run_sink(
+    settings: SinkSettings, stage_factory: Callable[[DeadLetters], Awaitable[Stage]], *, name: str, dlq_stage: str
+) -> int:
     """Run a sink until SIGTERM/SIGINT: the consumer in `settings.group`, a producer for the
     dead-letter topic, the stage built by `stage_factory`, /metrics on `metrics_port`.
-    `stage` is the dead letters' stage name. Returns the process exit code."""
+    `name` labels the metrics, `dlq_stage` the dead letters. Returns the exit code."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
     stop = asyncio.Event()
@@ -316,14 +328,13 @@ async def run_sink(settings: SinkSettings, stage_factory: Callable[[DeadLetters]
         max_poll_interval_ms=settings.max_poll_interval_ms,
         client_id=settings.group,
     )
-    sink = None
     try:
-        if not await start_with_retry(producer, "producer_start", stop, settings.backoff, stage):
+        if not await start_with_retry(producer, "producer_start", stop, settings.backoff, name):
             return 0
-        sink = await stage_factory(DeadLetters(producer, settings.dlq_topic, stage))
-        if not await start_with_retry(consumer, "consumer_start", stop, settings.backoff, sink.name):
+        sink = await stage_factory(DeadLetters(producer, settings.dlq_topic, dlq_stage))
+        if not await start_with_retry(consumer, "consumer_start", stop, settings.backoff, name):
             return 0
-        log.warning("%s sink: consuming %s as group %s", sink.name, settings.topic, settings.group)
+        log.warning("%s sink: consuming %s as group %s", name, settings.topic, settings.group)
         count = await consume_apply_commit(
             consumer,
             sink,
@@ -332,7 +343,7 @@ async def run_sink(settings: SinkSettings, stage_factory: Callable[[DeadLetters]
             poll_timeout_ms=settings.poll_timeout_ms,
             backoff=settings.backoff,
         )
-        log.warning("%s sink: stopped after %d records", sink.name, count)
+        log.warning("%s sink: stopped after %d records", name, count)
         return 0
     finally:
         with contextlib.suppress(Exception):
@@ -341,3 +352,4 @@ async def run_sink(settings: SinkSettings, stage_factory: Callable[[DeadLetters]
             await producer.stop()
         if server is not None:
             server[0].shutdown()
+            server[0].server_close()

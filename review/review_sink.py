@@ -19,8 +19,8 @@ from typing import Any, Protocol
 from redis.exceptions import RedisError
 
 from review import sink_metrics as metrics
-from review.kafka_sink import DeadLetters, SinkRecord, SinkSettings, TransientError, run_sink
-from stream.records import MAX_ID, DeadLetter, RecordError, ReviewItem
+from review.kafka_sink import DeadLetters, SinkRecord, SinkSettings, TransientError, known_fields, run_sink
+from stream.records import MAX_ID, DeadLetter, RecordError, ReviewItem, decode_json
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def parse_review_item(raw: bytes | None) -> ReviewItem:
     the Redis stream and the console rely on (ReviewItem.from_json checks only names)."""
     if raw is None:
         raise RecordError("record", "empty value (tombstone)")
-    item = ReviewItem.from_json(raw)
+    item = ReviewItem.from_json(known_fields(decode_json(raw), ReviewItem))
     if not isinstance(item.post_id, str) or not item.post_id.strip() or len(item.post_id) > MAX_ID:
         raise RecordError("post_id", f"must be a non-empty string of at most {MAX_ID} characters")
     if not isinstance(item.text, str):
@@ -109,6 +109,6 @@ async def run_review_sink(settings: SinkSettings, redis_url: str) -> int:
         return ReviewSink(store, dead_letters)
 
     try:
-        return await run_sink(settings, build, DLQ_STAGE)
+        return await run_sink(settings, build, name=NAME, dlq_stage=DLQ_STAGE)
     finally:
         await store.close()

@@ -67,4 +67,7 @@ def serve(port: int, host: str = "127.0.0.1") -> tuple[Any, threading.Thread] | 
     """Serve this registry at http://host:port/metrics (port 0: not at all)."""
     if not port:
         return None
-    return start_http_server(port, addr=host, registry=REGISTRY)
+    try:
+        return start_http_server(port, addr=host, registry=REGISTRY)
+    except OSError as exc:
+        raise SystemExit(f"cannot serve /metrics on {host}:{port}: {exc.strerror or exc}") from exc

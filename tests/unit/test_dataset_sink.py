@@ -257,3 +257,8 @@ def test_malformed_decisions_name_the_field(patch: dict, field: str) -> None:
     with pytest.raises(RecordError) as info:
         parse_decision(json.dumps(obj).encode())
     assert info.value.field == field
+
+
+def test_unknown_decision_fields_are_ignored() -> None:
+    obj = {**decision("d1", "p1").to_json(), "console_version": "2"}
+    assert parse_decision(json.dumps(obj).encode()) == decision("d1", "p1")

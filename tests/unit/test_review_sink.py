@@ -104,3 +104,8 @@ async def test_a_dead_letter_that_cannot_be_sent_stops_the_batch() -> None:
     with pytest.raises(TransientError):
         await sink.apply([_record(b"not json"), _record(encode(_item()), 1)])
     assert store.queued == {}  # nothing applied before the dead letter is safe
+
+
+def test_unknown_fields_are_ignored_as_the_records_contract_says() -> None:
+    obj = {**_item().to_json(), "added_by_a_newer_worker": {"x": 1}}
+    assert parse_review_item(json.dumps(obj).encode()) == _item()
