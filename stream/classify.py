@@ -18,7 +18,7 @@ from typing import TextIO
 from urllib.parse import urlsplit
 
 from models.devices import pick_device
-from models.images import MAX_BYTES, ImageError, content_hash, decode_image
+from models.images import MAX_BYTES, MAX_SIDE, ImageError, content_hash, decode_image
 from models.inference import Predictor
 from models.registry import ModelRegistry
 from stream.device_pool import DevicePool
@@ -33,16 +33,17 @@ BATCH = 64
 class LocalOrWebFetcher:
     """http(s) URLs through the guarded MediaFetcher; scheme-less paths from `base_dir`."""
 
-    def __init__(self, web: MediaFetcher, base_dir: Path) -> None:
+    def __init__(self, web: MediaFetcher, base_dir: Path, max_side: int = MAX_SIDE) -> None:
         self.web = web
         self.base_dir = base_dir
+        self.max_side = max_side
 
     def _local(self, ref: str) -> MediaResult:
         started = time.perf_counter()
         path = self.base_dir / ref
         try:
             data = _read_capped(path)
-            image = decode_image(data)
+            image = decode_image(data, max_side=self.max_side)
         except ImageError as exc:
             exc = ImageError(exc.reason, f"{path}: {exc}") if not str(exc).startswith(str(path)) else exc
             return MediaResult(ref, exc.reason, reason=str(exc), elapsed_s=time.perf_counter() - started)
@@ -103,10 +104,12 @@ async def classify_stream(
     trusted, why = policy.itm_trusted(loaded.card)
     print(f"model {loaded.card.version}: {why if trusted else 'ITM routing off: ' + why}", file=sys.stderr)
     counts = {"labelled": 0, "review": 0, "dead_letter": 0}
+    # Keep decoded images no larger than twice what the model looks at (see models.images).
+    max_side = 2 * loaded.model.image_encoder.image_size
     await pool.start()
     try:
-        async with MediaFetcher(FetchConfig(allow_loopback=allow_loopback)) as web:
-            pipeline = Pipeline(pool, LocalOrWebFetcher(web, base_dir), lambda version: loaded.card, policy)
+        async with MediaFetcher(FetchConfig(allow_loopback=allow_loopback, max_side=max_side)) as web:
+            pipeline = Pipeline(pool, LocalOrWebFetcher(web, base_dir, max_side), lambda version: loaded.card, policy)
             for batch in _chunks(lines, BATCH):
                 for outcome in await pipeline.process(batch):
                     record = outcome.dead_letter or outcome.label

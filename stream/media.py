@@ -33,7 +33,8 @@ Defences, and why:
   are an allowed image format; anything else (text/html error pages) is refused before the
   body is read.
 - Decoding goes through `models.images.decode_image` (format allow-list, pixel budget
-  checked from the header, decompression bombs refused) on a small dedicated thread pool:
+  checked from the header, decompression bombs refused, shrunk to `max_side` right after
+  decoding so a huge image never outlives its decode) on a small dedicated thread pool:
   it is CPU work and must not block the event loop, and a separate pool keeps it from
   starving the default executor that aiohttp's threaded DNS resolver uses.
 - Concurrency is bounded globally and per host, so one slow or hostile host cannot take
@@ -62,7 +63,7 @@ from aiohttp.abc import AbstractResolver
 from PIL import Image
 from yarl import URL
 
-from models.images import MAX_PIXELS, ImageError, content_hash, decode_image
+from models.images import MAX_PIXELS, MAX_SIDE, ImageError, content_hash, decode_image
 
 __all__ = [
     "ERROR_CODES",
@@ -109,6 +110,9 @@ class FetchConfig:
     max_bytes: int = 10 * 1024 * 1024
     max_redirects: int = 3
     max_pixels: int = MAX_PIXELS
+    # Decoded images are shrunk in the decode pool to at most this side (about 2x the model's
+    # input): a 40 MP upload must not sit in memory at full size until it is batched.
+    max_side: int = MAX_SIDE
     concurrency: int = 64  # downloads in flight, all hosts
     per_host: int = 8  # downloads in flight to one host
     retries: int = 2  # extra attempts after the first, transient failures only
@@ -481,7 +485,7 @@ class MediaFetcher:
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(
-                self._executor, functools.partial(decode_image, data, max_pixels=cfg.max_pixels)
+                self._executor, functools.partial(decode_image, data, max_pixels=cfg.max_pixels, max_side=cfg.max_side)
             )
         except ImageError as exc:
             raise _Failure(exc.reason, str(exc)) from None

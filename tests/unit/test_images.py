@@ -239,3 +239,51 @@ def test_content_hash_is_sha256_hex() -> None:
     assert content_hash(data) == hashlib.sha256(data).hexdigest()
     assert content_hash(data) != content_hash(data + b"!")
     assert len(content_hash(b"")) == 64
+
+
+# --- bounded decoding ---------------------------------------------------------------------------
+
+
+def _flat(mode: str, size: tuple[int, int]) -> Image.Image:
+    if mode == "P":
+        return Image.new("RGB", size, (200, 30, 60)).convert("P")
+    fill = {"L": 128, "RGBA": (10, 200, 30, 255)}.get(mode, (10, 200, 30))
+    return Image.new(mode, size, fill)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "mode"),
+    [("PNG", "RGB"), ("PNG", "P"), ("PNG", "RGBA"), ("PNG", "L"), ("JPEG", "RGB"), ("GIF", "P"), ("WEBP", "RGB"),
+     ("BMP", "RGB")],
+)  # fmt: skip
+@pytest.mark.parametrize("size", [(3000, 1000), (900, 2700)])
+def test_decode_shrinks_to_max_side_keeping_the_aspect_ratio(fmt: str, mode: str, size: tuple[int, int]) -> None:
+    data = _encode(_flat(mode, size), fmt)
+    img = decode_image(data, max_side=448)
+    assert img.mode == "RGB"
+    assert max(img.size) == 448  # bounded, and not shrunk further than the bound asks
+    assert img.size[0] / img.size[1] == pytest.approx(size[0] / size[1], rel=0.01)
+
+
+def test_bounded_decode_keeps_colours() -> None:
+    img = decode_image(_encode(_flat("RGB", (2000, 1000)), "PNG"), max_side=100)
+    assert img.getpixel((50, 25)) == (10, 200, 30)
+
+
+def test_small_images_are_not_enlarged_and_unbounded_decode_keeps_full_size() -> None:
+    assert decode_image(_encode(_noisy(64), "PNG"), max_side=448).size == (64, 64)
+    assert decode_image(_encode(_flat("RGB", (1200, 600)), "PNG")).size == (1200, 600)
+
+
+def test_bounded_decode_keeps_the_guards() -> None:
+    big = _encode(_flat("RGB", (2000, 2000)), "PNG")
+    with pytest.raises(ImageError) as bomb:
+        decode_image(big, max_pixels=1_000_000, max_side=448)
+    assert bomb.value.reason == "decompression_bomb"
+    jpeg = _encode(_noisy(512), "JPEG")
+    with pytest.raises(ImageError) as cut:
+        decode_image(jpeg[: len(jpeg) // 2], max_side=64)
+    assert cut.value.reason == "truncated"
+    with pytest.raises(ImageError) as other:
+        decode_image(_encode(_noisy(64), "TIFF"), max_side=64)
+    assert other.value.reason == "unsupported_format"
