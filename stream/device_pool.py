@@ -25,7 +25,15 @@ from models.devices import visible_devices
 from models.inference import Prediction, Predictor
 
 log = logging.getLogger(__name__)
-__all__ = ["BatcherConfig", "DevicePool", "InferenceTimeout", "PredictorFactory", "Replica", "visible_devices"]
+__all__ = [
+    "BatcherConfig",
+    "DevicePool",
+    "InferenceTimeout",
+    "PredictorFactory",
+    "Replica",
+    "ReplicaFailed",
+    "visible_devices",
+]
 PredictorFactory = Callable[[torch.device], Predictor]
 
 
@@ -42,10 +50,18 @@ class BatcherConfig:
     max_delay_s: float = 0.005
     max_queue: int = 1024
     timeout_s: float = 60.0  # hard limit per post: a hung model must not stall a partition
+    # One device batch taking longer than this means the model hangs: the batch's posts fail
+    # at once, the replica is marked unhealthy and rebuilt (the stuck thread is abandoned).
+    batch_timeout_s: float = 30.0
+    check_interval_s: float = 0.5  # how often the supervisor looks at its replicas
 
 
 class InferenceTimeout(TimeoutError):
     pass
+
+
+class ReplicaFailed(RuntimeError):
+    """The replica serving a post died or hung; the post may be retried."""
 
 
 @dataclass
@@ -56,24 +72,55 @@ class _Item:
 
 
 class Replica:
-    def __init__(self, predictor: Predictor, config: BatcherConfig, on_batch: Callable[[int, float], None]) -> None:
+    def __init__(
+        self,
+        predictor: Predictor,
+        config: BatcherConfig,
+        on_batch: Callable[[int, float], None],
+        queue: asyncio.Queue[_Item] | None = None,
+    ) -> None:
         self.predictor = predictor
         if not config.max_batch:
             gpu = predictor.device.type == "cuda"
             config = replace(config, max_batch=GPU_MAX_BATCH if gpu else CPU_MAX_BATCH)
         self.config = config
-        self.queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=config.max_queue)
+        # A rebuilt replica takes over its predecessor's queue: queued posts and callers
+        # blocked on a full queue carry on with the new one.
+        self.queue: asyncio.Queue[_Item] = queue or asyncio.Queue(maxsize=config.max_queue)
         self._next: Predictor | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{predictor.device}")
         self._task: asyncio.Task[None] | None = None
         self._on_batch = on_batch
+        self._busy_since: float | None = None  # monotonic start of the device batch in flight
+        self._batch: list[_Item] = []  # the batch being served, failed if the batcher dies
+        self.failure: str | None = None  # why this replica stopped serving
 
     @property
     def load(self) -> int:
         return self.queue.qsize()
 
+    @property
+    def healthy(self) -> bool:
+        """Serving: the batcher runs and no device batch is past its deadline."""
+        if self.failure is not None or self._task is None or self._task.done():
+            return False
+        busy = self._busy_since
+        return busy is None or time.monotonic() - busy <= self.config.batch_timeout_s
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"batcher-{self.predictor.device}")
+        self._task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            self.failure = self.failure or "closed"
+            return
+        exc = task.exception()
+        if exc is not None:
+            self.failure = self.failure or f"batcher died: {exc!r}"
+            log.error("batcher on %s died", self.predictor.device, exc_info=exc)
+            # Its callers would otherwise wait for results nobody will deliver.
+            _fail(self._batch, ReplicaFailed(f"replica on {self.predictor.device} failed: {self.failure}"))
 
     def stage_swap(self, predictor: Predictor) -> None:
         self._next = predictor
@@ -102,18 +149,28 @@ class Replica:
                 self.predictor, self._next = self._next, None
                 log.info("replica on %s now serves model %s", self.predictor.device, self.predictor.version)
             live = [item for item in batch if not item.future.done()]  # skip callers that gave up
+            self._batch = live
             if not live:
                 continue
             started = time.perf_counter()
+            self._busy_since = time.monotonic()
+            work = loop.run_in_executor(
+                self._executor, self.predictor.predict, [i.text for i in live], [i.image for i in live]
+            )
             try:
-                predictions = await loop.run_in_executor(
-                    self._executor, self.predictor.predict, [i.text for i in live], [i.image for i in live]
-                )
+                predictions = await asyncio.wait_for(work, self.config.batch_timeout_s)
+            except TimeoutError:
+                # The thread cannot be interrupted: fail these posts now and stop serving, so
+                # the pool rebuilds this replica instead of queueing more posts behind it.
+                self.failure = f"a batch of {len(live)} hung for over {self.config.batch_timeout_s:g} s"
+                log.error("replica on %s: %s", self.predictor.device, self.failure)
+                _fail(live, InferenceTimeout(self.failure))
+                return
             except Exception as exc:  # a model error fails this batch's posts, not the replica
-                for item in live:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
+                _fail(live, exc)
                 continue
+            finally:
+                self._busy_since = None
             self._on_batch(len(live), time.perf_counter() - started)
             for item, prediction in zip(live, predictions, strict=True):
                 if not item.future.done():
@@ -122,12 +179,22 @@ class Replica:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
+def _fail(items: Sequence[_Item], exc: BaseException) -> None:
+    for item in items:
+        if not item.future.done():
+            item.future.set_exception(exc)
+
+
 class DevicePool:
+    """Replicas plus a supervisor: a replica whose batcher died or whose model hung is rebuilt
+    from the current factory on the same device, taking over its queue. `healthy` is False
+    from the failure until the rebuilt replica serves (the worker's /ready reports it)."""
+
     def __init__(
         self,
         factory: PredictorFactory,
@@ -140,20 +207,39 @@ class DevicePool:
         self.config = config or BatcherConfig()
         self.replicas: list[Replica] = []
         self._on_batch = on_batch or (lambda size, seconds: None)
+        self._supervisor: asyncio.Task[None] | None = None
+        self.restarts = 0
+        self.last_failure: str | None = None
 
     @property
     def version(self) -> str:
         return self.replicas[0].predictor.version if self.replicas else "unloaded"
 
+    @property
+    def healthy(self) -> bool:
+        """Every replica serves and the supervisor watches them."""
+        supervised = self._supervisor is not None and not self._supervisor.done()
+        return supervised and bool(self.replicas) and all(r.healthy for r in self.replicas)
+
+    @property
+    def failure(self) -> str | None:
+        """Why the pool is unhealthy now, for /ready (None when healthy)."""
+        if self.healthy:
+            return None
+        reasons = [
+            f"{r.predictor.device}: {r.failure or 'batch past its deadline'}" for r in self.replicas if not r.healthy
+        ]
+        return "; ".join(reasons) or ("not started" if not self.replicas else "supervisor stopped")
+
+    @staticmethod
+    def _build(factory: PredictorFactory, device: torch.device) -> Predictor:
+        predictor = factory(device)
+        predictor.predict(["warm-up"], [Image.new("RGB", (32, 32))])
+        return predictor
+
     async def _load(self, factory: PredictorFactory) -> list[Predictor]:
         """Build and warm one predictor per device off the event loop."""
-
-        def build(device: torch.device) -> Predictor:
-            predictor = factory(device)
-            predictor.predict(["warm-up"], [Image.new("RGB", (32, 32))])
-            return predictor
-
-        return list(await asyncio.gather(*(asyncio.to_thread(build, d) for d in self.devices)))
+        return list(await asyncio.gather(*(asyncio.to_thread(self._build, factory, d) for d in self.devices)))
 
     async def start(self) -> None:
         """Loads and warms every replica; only then is the pool ready."""
@@ -161,6 +247,30 @@ class DevicePool:
             replica = Replica(predictor, self.config, self._on_batch)
             replica.start()
             self.replicas.append(replica)
+        self._supervisor = asyncio.create_task(self._supervise(), name="device-pool-supervisor")
+
+    async def _supervise(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.check_interval_s)
+            for index, replica in enumerate(list(self.replicas)):
+                if replica.healthy:
+                    continue
+                try:
+                    await self._restart(index, replica)
+                except Exception:  # stay unhealthy (/ready fails) and try again next round
+                    log.exception("rebuilding the replica on %s failed", replica.predictor.device)
+
+    async def _restart(self, index: int, old: Replica) -> None:
+        self.last_failure = old.failure or "a batch ran past its deadline"
+        log.error("replica on %s is unhealthy (%s); rebuilding it", old.predictor.device, self.last_failure)
+        # Stop the old batcher first so it takes nothing more from the queue it hands over.
+        await old.close()
+        predictor = await asyncio.to_thread(self._build, self.factory, self.devices[index])
+        replica = Replica(predictor, self.config, self._on_batch, queue=old.queue)
+        replica.start()
+        self.replicas[index] = replica
+        self.restarts += 1
+        log.warning("replica on %s rebuilt (restart %d)", predictor.device, self.restarts)
 
     async def swap(self, factory: PredictorFactory) -> str:
         """Load the new model next to the old one, then switch each replica between batches."""
@@ -171,13 +281,21 @@ class DevicePool:
         return predictors[0].version
 
     async def predict_one(self, text: str, image: Image.Image | None) -> Prediction:
-        replica = min(self.replicas, key=lambda r: r.load)
+        if not self.replicas:
+            raise ReplicaFailed("the device pool is not started")
+        # Prefer serving replicas; a failed one's queue is handed to its rebuilt successor.
+        candidates = [r for r in self.replicas if r.healthy] or self.replicas
+        replica = min(candidates, key=lambda r: r.load)
         future: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
-        # A full queue blocks here: the caller (the agent) stops consuming meanwhile.
-        await replica.queue.put(_Item(text, image, future))
         try:
-            return await asyncio.wait_for(future, self.config.timeout_s)
+            async with asyncio.timeout(self.config.timeout_s):
+                # A full queue blocks here: the caller (the agent) stops consuming meanwhile.
+                await replica.queue.put(_Item(text, image, future))
+                return await future
+        except InferenceTimeout:
+            raise  # the replica's own batch deadline
         except TimeoutError as exc:
+            future.cancel()  # the batcher skips it if it is still queued
             raise InferenceTimeout(f"inference took longer than {self.config.timeout_s} s") from exc
 
     async def predict(
@@ -189,6 +307,11 @@ class DevicePool:
         )
 
     async def close(self) -> None:
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+            self._supervisor = None
         for replica in self.replicas:
             await replica.close()
         self.replicas.clear()

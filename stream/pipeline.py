@@ -109,6 +109,25 @@ class Pipeline:
         fresh: list[tuple[str, dict[str, Any]]] = []
 
         async def one(outcome: Outcome, post: Post) -> None:
+            # The future this post promised to duplicates of its content, until it resolves.
+            owned: list[asyncio.Future[dict[str, Any] | BaseException]] = []
+            try:
+                await label_one(outcome, post, owned)
+            except Exception as exc:  # one post's bug dead-letters that post alone
+                log.exception("labelling post %s failed", post.id)
+                outcome.label = outcome.review = None
+                outcome.dead_letter = DeadLetter.from_raw(outcome.raw, "classify", f"internal error: {exc!r}", post.id)
+                for future in owned:
+                    if not future.done():  # duplicates waiting on this post fail with it
+                        future.set_result(exc)
+            finally:
+                for future in owned:
+                    if not future.done():  # cancelled mid-way: never leave a waiter behind
+                        future.set_result(RuntimeError(f"labelling post {post.id} was interrupted"))
+
+        async def label_one(
+            outcome: Outcome, post: Post, owned: list[asyncio.Future[dict[str, Any] | BaseException]]
+        ) -> None:
             started = time.perf_counter()
             media = await self._fetch_one(post)
             fetched = time.perf_counter()
@@ -116,6 +135,7 @@ class Pipeline:
             computed = False  # True only for the post that ran the model for this content
             if key not in inflight:
                 inflight[key] = asyncio.get_running_loop().create_future()
+                owned.append(inflight[key])
                 cached = (await self._cached(serving, [key]))[0]
                 if cached is None:
                     computed = True
@@ -160,7 +180,13 @@ class Pipeline:
                 )
 
         pairs = [(o, o.post) for o in outcomes if o.post is not None]
-        await asyncio.gather(*(one(o, p) for o, p in pairs))
+        # one() handles its own errors; return_exceptions is the backstop that keeps every
+        # other post running to completion, so no task outlives `process`.
+        results = await asyncio.gather(*(one(o, p) for o, p in pairs), return_exceptions=True)
+        for (o, p), result in zip(pairs, results, strict=True):
+            if isinstance(result, BaseException) and o.dead_letter is None:
+                o.label = o.review = None
+                o.dead_letter = DeadLetter.from_raw(o.raw, "classify", f"internal error: {result!r}", p.id)
         await self._remember(fresh)
 
     async def _classify(self, post: Post, media: FetchedMedia) -> dict[str, Any] | BaseException:

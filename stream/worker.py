@@ -118,6 +118,11 @@ class Resources:
         self.ready.set()
         metrics.READY.set(1)
 
+    @property
+    def healthy(self) -> bool:
+        """Started, and the device pool serves (a dead or hung replica fails /ready until rebuilt)."""
+        return self.ready.is_set() and self.pool is not None and self.pool.healthy
+
     def card_of(self, version: str) -> ModelCard:
         if version not in self.cards:
             self.cards[version] = self.registry.card(version)
@@ -240,8 +245,10 @@ def create_app(settings: WorkerSettings) -> tuple[faust.App, Resources]:
 
     @app.page("/ready")
     async def ready_page(web: Any, request: Any) -> Any:
-        ok = resources.ready.is_set()
-        body = {"ready": ok, "model": resources.card.version if resources.card else None}
+        ok = resources.healthy
+        body: dict[str, Any] = {"ready": ok, "model": resources.card.version if resources.card else None}
+        if resources.pool is not None and not ok:
+            body["problem"] = resources.pool.failure
         return web.json(body, status=200 if ok else 503)
 
     return app, resources

@@ -6,7 +6,7 @@ from PIL import Image
 
 from models.card import ModelCard
 from models.inference import Predictor
-from stream.device_pool import BatcherConfig, DevicePool, InferenceTimeout
+from stream.device_pool import BatcherConfig, DevicePool, InferenceTimeout, ReplicaFailed
 from tests.tiny import tiny_model
 
 
@@ -105,3 +105,115 @@ def test_hung_inference_times_out_instead_of_stalling():
             await pool.close()
 
     asyncio.run(main())
+
+
+# --- supervision ----------------------------------------------------------------------------
+
+
+async def _wait_until(condition, timeout_s: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+def test_hung_batch_fails_fast_marks_the_pool_unhealthy_and_rebuilds_the_replica():
+    import threading
+
+    built: list[str] = []
+    base = _factory("v1")
+
+    def factory(device):
+        built.append(str(device))
+        return base(device)
+
+    async def main():
+        config = BatcherConfig(max_batch=4, batch_timeout_s=0.2, timeout_s=30.0, check_interval_s=0.05)
+        pool = DevicePool(factory, [torch.device("cpu")], config)
+        await pool.start()
+        assert pool.healthy
+        stuck = pool.replicas[0]
+        release = threading.Event()
+        stuck.predictor.predict = lambda texts, images: release.wait(10)  # type: ignore[method-assign,assignment,return-value]
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(InferenceTimeout):
+            await pool.predict_one("hangs", None)
+        waited = asyncio.get_running_loop().time() - started
+        saw_unhealthy = not stuck.healthy
+        await _wait_until(lambda: pool.replicas[0] is not stuck and pool.healthy)
+        after = await pool.predict_one("served by the new replica", None)
+        release.set()
+        await pool.close()
+        return waited, saw_unhealthy, after, pool.restarts, pool.last_failure
+
+    waited, saw_unhealthy, after, restarts, why = asyncio.run(main())
+    assert waited < 2.0  # the batch deadline (0.2 s), not the per-post 30 s
+    assert saw_unhealthy and restarts == 1 and "hung" in (why or "")
+    assert len(built) == 2  # the original and the rebuilt replica
+    assert after.model_version == "v1"
+
+
+def test_dead_batcher_fails_its_batch_fast_makes_the_pool_unhealthy_and_is_rebuilt():
+    calls: list[int] = []
+
+    def on_batch(size, seconds):
+        calls.append(size)
+        if len(calls) == 1:
+            raise RuntimeError("bug in a batch observer")
+
+    async def main():
+        config = BatcherConfig(max_batch=2, max_delay_s=0.05, check_interval_s=0.3)
+        pool = DevicePool(_factory("v1"), [torch.device("cpu")], config, on_batch=on_batch)
+        await pool.start()
+        first = pool.replicas[0]
+        lost = await asyncio.wait_for(pool.predict(["a", "b"], [None, None]), 5)
+        unhealthy = (pool.healthy, pool.failure)
+        # Posts submitted while the replica is dead wait in its queue and are served by the rebuilt one.
+        served = await asyncio.wait_for(pool.predict(["c", "d", "e"], [None, None, None]), 10)
+        healthy_again = pool.healthy and pool.replicas[0] is not first
+        await pool.close()
+        return lost, unhealthy, served, healthy_again, pool.restarts
+
+    lost, (was_healthy, failure), served, healthy_again, restarts = asyncio.run(main())
+    assert all(isinstance(r, ReplicaFailed) for r in lost)  # at once, not after the 60 s post timeout
+    assert was_healthy is False and "batcher died" in (failure or "")
+    assert all(not isinstance(r, BaseException) and r.model_version == "v1" for r in served)
+    assert healthy_again and restarts == 1
+
+
+def test_failed_rebuild_keeps_the_pool_unhealthy_and_is_retried():
+    attempts: list[int] = []
+    base = _factory("v1")
+
+    def flaky(device):
+        attempts.append(1)
+        if 2 <= len(attempts) <= 3:  # the first two rebuilds fail
+            raise RuntimeError("device busy")
+        return base(device)
+
+    async def main():
+        config = BatcherConfig(check_interval_s=0.05)
+        pool = DevicePool(flaky, [torch.device("cpu")], config)
+        await pool.start()
+        pool.replicas[0].failure = "injected"
+        await asyncio.sleep(0.03)
+        during = pool.healthy
+        await _wait_until(lambda: pool.healthy)
+        await pool.close()
+        return during, pool.restarts
+
+    during, restarts = asyncio.run(main())
+    assert during is False
+    assert restarts == 1 and len(attempts) == 4
+
+
+def test_pool_is_not_healthy_before_start_or_after_close():
+    async def main():
+        pool = DevicePool(_factory("v1"), [torch.device("cpu")])
+        before = pool.healthy
+        await pool.start()
+        running = pool.healthy
+        await pool.close()
+        return before, running, pool.healthy
+
+    assert asyncio.run(main()) == (False, True, False)

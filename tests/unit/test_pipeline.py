@@ -162,3 +162,78 @@ def test_a_label_is_routed_and_cached_with_the_card_of_the_model_that_scored_it(
     assert out.label.model_version == "v8"
     assert out.label.route == "review" and out.label.reasons == ["weak_image_text_match"]
     assert list(cache.data) == [f"v8:{dedupe_key('fine', 'h-a.png')}"]
+
+
+# --- one post's unexpected error stays with that post ------------------------------------------
+
+
+class ExplodingClassifier(FakeClassifier):
+    """Raises (instead of returning an error per post) for one text: a bug, not a model error."""
+
+    def __init__(self, explode_on: str):
+        super().__init__()
+        self.explode_on = explode_on
+
+    async def predict(self, texts, images):
+        if self.explode_on in texts:
+            await asyncio.sleep(0.01)  # duplicates are already waiting on this computation
+            raise KeyError("bug in the classifier")
+        return await super().predict(texts, images)
+
+
+class SlowAndBrokenFetcher(FakeFetcher):
+    def __init__(self):
+        self.finished: list[str] = []
+
+    async def fetch_many(self, urls):
+        (url,) = urls
+        if "broken" in url:
+            raise RuntimeError("bug in the fetcher")
+        await asyncio.sleep(0.2)
+        self.finished.append(url)
+        return await super().fetch_many(urls)
+
+
+def _run_isolated(pipeline, raws):
+    async def main():
+        outcomes = await asyncio.wait_for(pipeline.process(raws), 5)
+        leftover = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        return outcomes, leftover
+
+    return asyncio.run(main())
+
+
+def test_an_unexpected_error_dead_letters_that_post_alone_and_no_task_outlives_process():
+    fetcher = SlowAndBrokenFetcher()
+    pipeline = Pipeline(FakeClassifier(), fetcher, lambda version: CARD, RoutingPolicy())
+    raws = [_raw("bad", "x", "http://m/broken.png"), _raw("slow", "y", "http://m/s.png"), _raw("txt", "z")]
+    outcomes, leftover = _run_isolated(pipeline, raws)
+    by_id = {o.post.id: o for o in outcomes}
+    assert by_id["bad"].dead_letter is not None and "bug in the fetcher" in by_id["bad"].dead_letter.reason
+    assert by_id["bad"].label is None
+    # The slow post was not cancelled by its neighbour's failure, and finished before process returned.
+    assert by_id["slow"].label is not None and fetcher.finished == ["http://m/s.png"]
+    assert by_id["txt"].label is not None
+    assert leftover == []
+
+
+def test_duplicates_waiting_on_a_computation_that_raised_are_dead_lettered_not_left_waiting():
+    pipeline = _pipeline(ExplodingClassifier(explode_on="same text"))
+    raws = [_raw("p1", "same text"), _raw("p2", "same text"), _raw("p3", "same text"), _raw("ok", "other")]
+    outcomes, leftover = _run_isolated(pipeline, raws)  # wait_for: a waiter left behind would time out
+    by_id = {o.post.id: o for o in outcomes}
+    for pid in ("p1", "p2", "p3"):
+        assert by_id[pid].dead_letter is not None and "bug in the classifier" in by_id[pid].dead_letter.reason
+        assert by_id[pid].label is None
+    assert by_id["ok"].label is not None and by_id["ok"].dead_letter is None
+    assert leftover == []
+
+
+def test_a_bug_after_scoring_dead_letters_only_the_posts_it_hits():
+    def card_of(version):
+        raise LookupError(f"no card for {version}")
+
+    pipeline = Pipeline(FakeClassifier(), FakeFetcher(), card_of, RoutingPolicy())
+    outcomes, _ = _run_isolated(pipeline, [_raw("a", "one"), b"{not json"])
+    assert outcomes[0].dead_letter is not None and "no card" in outcomes[0].dead_letter.reason
+    assert outcomes[1].dead_letter is not None and outcomes[1].dead_letter.stage == "parse"
