@@ -337,7 +337,9 @@ def linear_probe(
 
     everything = list(range(len(features)))
     text, image = features.text(everything), features.image(everything)
-    x = torch.cat([text.pooled, image.pooled * features.present.unsqueeze(1).to(image.pooled.dtype)], 1).cpu().numpy()
+    # `present` lives on the CPU, the pooled features on the training device.
+    present = features.present.unsqueeze(1).to(device=image.pooled.device, dtype=image.pooled.dtype)
+    x = torch.cat([text.pooled, image.pooled * present], 1).float().cpu().numpy()
     out = {}
     for task in tasks:
         y = labels[task].numpy()

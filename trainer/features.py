@@ -107,7 +107,8 @@ def encoder_key(model: MultimodalModel, which: str) -> str:
     h = hashlib.sha256()
     for name, tensor in sorted(encoder.state_dict().items()):
         h.update(name.encode())
-        h.update(tensor.detach().float().flatten()[:64].numpy().tobytes())
+        # Hash on the CPU: weights may live on a GPU, and numpy reads host memory only.
+        h.update(tensor.detach().flatten()[:64].to(device="cpu", dtype=torch.float32).numpy().tobytes())
         h.update(str(tuple(tensor.shape)).encode())
     return f"{which}-{h.hexdigest()[:16]}"
 
