@@ -367,6 +367,9 @@ def _run(opts: RetrainOptions) -> RetrainOutcome:
                 "new_decisions": len(new),
                 "newest_decided_at": _newest(rev_train),
                 "decisions_digest": ids_digest(decision_key(ex) for ex in rev_train),
+                # The ids themselves are under holdouts.reviewed.
+                "holdout_n": len(rev_holdout),
+                "holdout_digest": ids_digest(ex.id for ex in rev_holdout),
             },
             "holdouts": {
                 "base": {

@@ -22,6 +22,7 @@ from prometheus_client import REGISTRY
 from models.registry import ModelRegistry
 from tests.tiny import tiny_config, tiny_model
 from trainer.fit import fit
+from trainer.holdout import ids_digest, in_base_holdout
 from trainer.manifest import Example, read_manifest
 from trainer.synthetic import generate
 from trainer.train import TrainConfig
@@ -160,14 +161,13 @@ def test_promoted_candidate_becomes_current_then_is_published_and_its_card_expla
     # Holdouts: the newest 20% of the reviews (120), a tenth of the base data by id hash.
     newest = sorted(reviewed, key=lambda e: e.meta["decided_at"])[-120:]
     assert training["holdouts"]["reviewed"]["ids"] == sorted(e.id for e in newest)
+    assert training["reviewed"]["holdout_digest"] == ids_digest(e.id for e in newest)
     assert training["reviewed"]["n_used"] == 480 and training["reviewed"]["new_decisions"] == 600
     assert training["reviewed"]["newest_decided_at"] < min(e.meta["decided_at"] for e in newest)
     base_holdout = training["holdouts"]["base"]
     assert 20 <= base_holdout["n"] <= 60
     assert base_holdout["current_may_have_seen"] and "v0001" in base_holdout["note"]
     # Nothing held out was trained on.
-    from trainer.holdout import in_base_holdout
-
     assert len(trained) == 400 - base_holdout["n"] + 480
     assert not set(trained) & set(training["holdouts"]["reviewed"]["ids"])
     assert not any(in_base_holdout(i) for i in trained if i.startswith("syn-"))
