@@ -53,6 +53,8 @@ def _counts(text: str) -> dict[str, float]:
         out[outcome] = float(value)
     hits = re.search(r"^modstream_dedupe_hits_total ([0-9.e+]+)$", text, re.M)
     out["dedupe_hits"] = float(hits.group(1)) if hits else 0.0
+    for reason, value in re.findall(r'^modstream_review_routed_total\{reason="([^"]+)"\} ([0-9.e+]+)$', text, re.M):
+        out[f"reason:{reason}"] = float(value)
     return out
 
 
@@ -68,6 +70,7 @@ def run_local(registry_root: Path, cache: Path, home: Path, opts: RunOptions) ->
     print("starting the local stack (Kafka 4, Redis) ...", file=sys.stderr)
     _stack("start", opts)
     worker: subprocess.Popen[bytes] | None = None
+    sink: subprocess.Popen[bytes] | None = None
     try:
         registry = ModelRegistry(registry_root)
         version = ensure_default_model(registry, cache, home)
@@ -82,6 +85,12 @@ def run_local(registry_root: Path, cache: Path, home: Path, opts: RunOptions) ->
              "--app-id", "modstream-run"],
             cwd=REPO_ROOT, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
         )  # fmt: skip
+        # The review sink copies the `review` topic into the Redis stream reviewers claim from.
+        sink = subprocess.Popen(
+            [sys.executable, "-m", "stream.cli", "review-sink",
+             "--bootstrap", f"127.0.0.1:{opts.bootstrap_port}", "--redis", f"redis://127.0.0.1:{opts.redis_port}/0"],
+            cwd=REPO_ROOT, stdout=(home / "review-sink.log").open("wb"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
         before = _wait_for_metrics(opts.web_port, worker)
         prefix = f"run{int(time.time())}"
         posts = synthetic_posts(examples, server.url, opts.posts, repost_rate=opts.repost_rate, prefix=prefix)
@@ -90,14 +99,16 @@ def run_local(registry_root: Path, cache: Path, home: Path, opts: RunOptions) ->
         print(f"produced {opts.posts} posts", file=sys.stderr)
         final = _follow(opts, worker, before, started)
         _summary(final, before, opts.posts, time.perf_counter() - started)
+        _review_queue_summary(opts, int(final.get("review", 0) - before.get("review", 0)))
         return 0 if _done(final, before) >= opts.posts else 1
     finally:
-        if worker is not None:
-            worker.terminate()
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+        for process in (worker, sink):
+            if process is not None:
+                process.terminate()
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
         if not opts.keep_stack:
             _stack("stop", opts)
 
@@ -154,5 +165,28 @@ def _summary(now: dict[str, float], before: dict[str, float], total: int, second
     done = _done(now, before)
     print(f"\nsummary: {done}/{total} posts labelled in {seconds:.1f} s ({done / seconds:.1f} posts/s)")
     print(f"  auto: {delta('auto')}   review: {delta('review')}   dead-lettered: {delta('dead_letter')}")
+    reasons = sorted((k.removeprefix("reason:"), delta(k)) for k in now if k.startswith("reason:") and delta(k))
+    if reasons:
+        print("  routed to review because: " + ", ".join(f"{reason} {count}" for reason, count in reasons))
     print(f"  dedupe hits (reposted media + text): {delta('dedupe_hits')}")
     print("  labels are on the 'labels' topic; review items on 'review' and in the Redis stream modstream:review")
+
+
+def _review_queue_summary(opts: RunOptions, routed: int, timeout_s: float = 30.0) -> None:
+    """Waits briefly for the review sink to copy this run's review items into Redis."""
+    import redis
+
+    client = redis.Redis(port=opts.redis_port, socket_timeout=2)
+    try:
+        deadline = time.monotonic() + timeout_s
+        length = 0
+        while time.monotonic() < deadline:
+            length = int(client.xlen("modstream:review"))
+            if length >= routed:
+                break
+            time.sleep(0.5)
+        print(f"  review queue (Redis stream modstream:review): {length} items; see them with `modstream review serve`")
+    except redis.RedisError as exc:
+        print(f"  review queue: Redis unavailable ({exc})")
+    finally:
+        client.close()
