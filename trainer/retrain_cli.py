@@ -76,9 +76,13 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     registry = Path(args.registry) if args.registry else HOME / "registry"
     if args.publish_current:
         reg = ModelRegistry(registry)
-        version = reg.resolve("current")
-        parent = reg.card(version).training.get("parent_version")
-        kafka_publisher(args.bootstrap)({"version": version, "parent": parent, "reason": "republish"})
+        try:
+            version = reg.resolve("current")
+            parent = reg.card(version).training.get("parent_version")
+            kafka_publisher(args.bootstrap)({"version": version, "parent": parent, "reason": "republish"})
+        except Exception as exc:  # no model, unreadable card, Kafka down: say which, exit 1
+            print(f"could not publish the current model: {exc!r}", file=sys.stderr)
+            return 1
         print(f"published {version} on model-updates")
         return 0
     source: dict[str, Any] | None = None

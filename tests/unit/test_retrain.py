@@ -315,3 +315,15 @@ def test_a_second_run_on_the_same_registry_is_refused_while_one_runs(tmp_path):
     # Released: the next run gets past the lock (and fails for its own reason, no model yet).
     with pytest.raises(RetrainError, match="no current model"):
         run_retrain(options(tmp_path))
+
+
+def test_cli_publish_current_reports_a_broker_it_cannot_reach(home, capsys):
+    from stream.cli import main
+    from tests.integration.stack import free_loopback_ports
+
+    (port,) = free_loopback_ports(1)
+    args = ["retrain", "--registry", str(home / "registry"), "--publish-current", "--bootstrap", f"127.0.0.1:{port}"]
+    assert main(args) == 1
+    assert "could not publish the current model" in capsys.readouterr().err
+    assert main(["retrain", "--registry", str(home / "nothing"), "--publish-current"]) == 1
+    assert "no current model" in capsys.readouterr().err
