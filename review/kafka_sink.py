@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import random
 import signal
@@ -241,11 +242,7 @@ async def consume_apply_commit(
         if not records:
             continue
         started = time.perf_counter()
-
-        async def apply(records: list[SinkRecord] = records) -> None:
-            await stage.apply(records)
-
-        applied, _ = await retry(apply, stop, backoff, sink=stage.name, what="apply")
+        applied, _ = await retry(functools.partial(stage.apply, records), stop, backoff, sink=stage.name, what="apply")
         if not applied:
             log.warning(
                 "%s sink: stopping with a batch of %d unapplied; it stays uncommitted", stage.name, len(records)

@@ -155,6 +155,22 @@ async def group_lag(bootstrap: str, group: str, topic: str) -> int:
         await consumer.stop()
 
 
+async def commit_to_end(bootstrap: str, group: str, topic: str) -> None:
+    """Start a new consumer group at the end of `topic` (what earlier tests left there is
+    none of its business), by committing the end offsets before its first member joins."""
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partitions = await _partitions(consumer, topic)
+        end = await consumer.end_offsets(partitions)
+        consumer.assign(partitions)
+        await consumer.commit(end)
+    finally:
+        await consumer.stop()
+
+
 def wait_caught_up(bootstrap: str, group: str, topic: str, timeout: float, sink: SinkProcess | None = None) -> None:
     deadline = time.monotonic() + timeout
     lag = -1

@@ -21,7 +21,13 @@ from review.review_sink import parse_review_item
 from stream.media_server import BackgroundMediaServer
 from stream.producer import synthetic_posts
 from stream.records import RecordError, encode
-from tests.integration.sink_harness import SinkProcess, read_topic, stream_post_ids, wait_caught_up
+from tests.integration.sink_harness import (
+    SinkProcess,
+    commit_to_end,
+    read_topic,
+    stream_post_ids,
+    wait_caught_up,
+)
 from tests.integration.stack import LocalStack
 from tests.integration.worker_harness import Worker, collect, produce, register_tiny_model
 from trainer.manifest import read_manifest
@@ -75,6 +81,8 @@ def test_review_stream_holds_every_review_item_once_through_redis_outage_and_kil
     posts = [encode(p) for p in synthetic_posts(examples, url, 400, prefix="rsink")]
     worker = Worker(stack, registry, tmp_path, app_id="it-rsink-worker")
     sink = review_sink(stack, tmp_path, "it-rsink", db=1)
+    # The worker labels only this test's posts; the sink copies the whole review topic.
+    asyncio.run(commit_to_end(stack.bootstrap, "it-rsink-worker", "posts"))
     worker.start()
     sink.start()
     try:
