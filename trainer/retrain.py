@@ -463,7 +463,11 @@ def run_once(opts: RetrainOptions) -> RetrainOutcome | None:
     """One run that never raises: a failure is logged and counted, and None returned."""
     try:
         outcome = run_retrain(opts)
-    except Exception:
+    except (RetrainError, ValueError, OSError) as exc:  # bad input or state: the message says it all
+        log.error("retraining run failed: %s", exc)
+        record(None)
+        return None
+    except Exception:  # anything else is a bug: keep the traceback
         log.exception("retraining run failed")
         record(None)
         return None

@@ -327,3 +327,38 @@ def test_cli_publish_current_reports_a_broker_it_cannot_reach(home, capsys):
     assert "could not publish the current model" in capsys.readouterr().err
     assert main(["retrain", "--registry", str(home / "nothing"), "--publish-current"]) == 1
     assert "no current model" in capsys.readouterr().err
+
+
+def test_cli_watch_serves_metrics_and_survives_failed_runs(tmp_path):
+    """The operator's view of --watch: failing runs (no model yet) are counted on /metrics and
+    the loop goes on."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from tests.integration.stack import free_loopback_ports
+
+    (port,) = free_loopback_ports(1)
+    cmd = [sys.executable, "-m", "stream.cli", "retrain", "--registry", str(tmp_path / "empty"), "--watch"]
+    cmd += ["--interval", "0.2", "--metrics-port", str(port), "--reviewed", str(tmp_path / "reviewed"), "--quiet"]
+    env = {**os.environ, "MODSTREAM_HOME": str(tmp_path)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    failed, deadline = 0.0, time.monotonic() + 60
+    try:
+        while failed < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.3)
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+            except OSError:
+                continue
+            for line in body.splitlines():
+                if line.startswith('modstream_retrain_runs_total{outcome="failed"}'):
+                    failed = float(line.split()[-1])
+        assert proc.poll() is None, "the watch loop exited"
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert failed >= 2, out
+    assert "retraining run failed" in out and "no current model" in out
