@@ -266,25 +266,32 @@ async def catch_up_with_registry(settings: WorkerSettings, resources: Resources)
         await resources.swap(current)
 
 
+async def _fix_positions(consumer: Any, timeout_s: float = 30.0) -> None:
+    """Waits for the partition assignment and resolves each start position ("latest") now,
+    so that every update published from here on is delivered, before CURRENT is re-read."""
+    deadline = time.monotonic() + timeout_s
+    while not consumer.assignment():
+        if time.monotonic() > deadline:
+            raise TimeoutError("no partitions of the model-updates topic were assigned")
+        await asyncio.sleep(0.1)
+    for tp in consumer.assignment():
+        await consumer.position(tp)
+
+
 async def follow_updates(settings: WorkerSettings, resources: Resources) -> None:
     """Every worker must see every model update, so this reads `model-updates` with no
     consumer group (a shared group would hand each message to one worker only)."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka import AIOKafkaConsumer
 
     await resources.ready.wait()
     while True:  # an app task that raises would crash the whole worker: retry instead
-        # No group: partitions are assigned by hand; "latest": only updates from now on.
-        consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap, group_id=None, auto_offset_reset="latest")
+        # Subscribing without a group assigns every partition; "latest": only new updates.
+        consumer = AIOKafkaConsumer(
+            settings.topics["updates"], bootstrap_servers=settings.bootstrap, group_id=None, auto_offset_reset="latest"
+        )
         try:
             await consumer.start()
-            topic = settings.topics["updates"]
-            await consumer.topics()  # fetches the cluster metadata partitions_for_topic reads
-            partitions = [TopicPartition(topic, p) for p in sorted(await consumer.partitions_for_topic(topic) or [])]
-            if not partitions:
-                raise RuntimeError(f"topic {topic!r} has no partitions (not created yet?)")
-            consumer.assign(partitions)
-            for tp in partitions:  # fix the start positions now, before looking at CURRENT
-                await consumer.position(tp)
+            await _fix_positions(consumer)
             await catch_up_with_registry(settings, resources)
             async for message in consumer:
                 try:
