@@ -8,7 +8,7 @@ with a reason a person can act on. Unknown fields are ignored (producers may add
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
@@ -53,6 +53,14 @@ def _string(
     if len(value) > max_len:
         raise RecordError(name, f"is longer than {max_len} characters")
     return value
+
+
+def _known_fields(cls: Any, obj: dict[str, Any]) -> dict[str, Any]:
+    """Drops fields this version does not know (producers may add them, see above)."""
+    if not isinstance(obj, dict):
+        raise TypeError(f"expected a JSON object, got {type(obj).__name__}")
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in obj.items() if k in names}
 
 
 def decode_json(raw: bytes | str) -> dict[str, Any]:
@@ -152,8 +160,8 @@ class Label:
         _check_version(obj)
         obj.pop("v", None)
         try:
-            obj["media"] = MediaInfo(**obj["media"])
-            return cls(**obj)
+            obj["media"] = MediaInfo(**_known_fields(MediaInfo, obj["media"]))
+            return cls(**_known_fields(cls, obj))
         except (KeyError, TypeError) as exc:
             raise RecordError("label", str(exc)) from exc
 
@@ -179,9 +187,8 @@ class ReviewItem:
     def from_json(cls, raw: bytes | str | dict[str, Any]) -> ReviewItem:
         obj = dict(raw) if isinstance(raw, dict) else decode_json(raw)
         _check_version(obj)
-        obj.pop("v", None)
         try:
-            return cls(**obj)
+            return cls(**_known_fields(cls, obj))
         except TypeError as exc:
             raise RecordError("review_item", str(exc)) from exc
 
@@ -265,13 +272,12 @@ class ReviewDecision:
     def from_json(cls, raw: bytes | str | dict[str, Any]) -> ReviewDecision:
         obj = dict(raw) if isinstance(raw, dict) else decode_json(raw)
         _check_version(obj)
-        obj.pop("v", None)
         try:
             decisions = obj.pop("decisions")
             if not isinstance(decisions, dict):
                 raise RecordError("decisions", "must be an object of task -> {action, label}")
-            parsed = {str(t): TaskDecision(**d) for t, d in decisions.items()}
-            return cls(decisions=parsed, **obj)
+            parsed = {str(t): TaskDecision(**_known_fields(TaskDecision, d)) for t, d in decisions.items()}
+            return cls(decisions=parsed, **_known_fields(cls, obj))
         except (KeyError, TypeError) as exc:
             raise RecordError("review_decision", str(exc)) from exc
 

@@ -45,3 +45,55 @@ def test_label_and_dead_letter_serialise():
     dl = DeadLetter.from_raw(b"\xffbad", "parse", "record: not UTF-8")
     out = json.loads(encode(dl))
     assert out["stage"] == "parse" and out["raw"] == "\\xffbad" and out["v"] == 1
+
+
+def test_review_decision_round_trip_and_training_labels():
+    from stream.records import ReviewDecision, TaskDecision
+
+    decision = ReviewDecision(
+        decision_id="d1",
+        post_id="p1",
+        reviewer="alice",
+        decisions={"hate": TaskDecision("correct", "not_hateful"), "sarcasm": TaskDecision("skip")},
+        model_version="v0001",
+        model_labels={"hate": {"label": "hateful", "score": 0.8}},
+        text="t",
+    )
+    back = ReviewDecision.from_json(encode(decision))
+    assert back == decision
+    assert back.training_labels() == {"hate": "not_hateful", "sarcasm": None}
+    assert not back.escalated
+
+
+def test_records_ignore_fields_a_newer_producer_added():
+    import json
+
+    from stream.records import ReviewDecision, ReviewItem
+
+    item = {"v": 1, "post_id": "p", "text": "t", "image_url": None, "reasons": [], "label": {}, "extra": 1}
+    assert ReviewItem.from_json(json.dumps(item)).post_id == "p"
+    decision = {
+        "v": 1, "decision_id": "d", "post_id": "p", "reviewer": "r", "model_version": "v1", "model_labels": {},
+        "text": "t", "decisions": {"hate": {"action": "escalate", "why": "new field"}}, "new": True,
+    }  # fmt: skip
+    assert ReviewDecision.from_json(json.dumps(decision)).escalated
+
+
+def test_decide_and_task_decision_refuse_what_makes_no_label():
+    from stream.records import TaskDecision, decide
+
+    labels = ["not_hateful", "hateful"]
+    assert decide("confirm", labels, "hateful").label == "hateful"
+    assert decide("correct", labels, "hateful").label == "not_hateful"
+    assert decide("not_violating", labels, "hateful").label == "not_hateful"
+    assert decide("escalate", labels, "hateful").label is None
+    with pytest.raises(RecordError, match="must be one of"):
+        TaskDecision("approve", "hateful")
+    with pytest.raises(RecordError, match="needs a label"):
+        TaskDecision("confirm")
+    with pytest.raises(RecordError, match="carries no label"):
+        TaskDecision("skip", "hateful")
+    with pytest.raises(RecordError, match="not one of"):
+        decide("correct", labels, "hateful", chosen="spam")
+    with pytest.raises(RecordError, match="must name the label"):
+        decide("correct", ["a", "b", "c"], "a")
