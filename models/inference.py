@@ -73,8 +73,26 @@ def task_predictions(out: ClassifierOutput, card: ModelCard) -> list[dict[str, T
     return rows
 
 
+@dataclass
+class PreparedBatch:
+    """A batch ready for the device: token ids and uint8 pixels on the CPU (pinned when the
+    predictor runs on a GPU). Made by `Predictor.prepare`, consumed by `Predictor.run`."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    pixels: torch.Tensor  # [B, 3, S, S] uint8
+    present: torch.Tensor  # [B] bool
+
+    def __len__(self) -> int:
+        return len(self.present)
+
+
 class Predictor:
-    """Wraps a model and its card; `predict` takes raw texts and decoded images."""
+    """Wraps a model and its card; `predict` takes raw texts and decoded images.
+
+    `predict` = `run(prepare(...))`: `prepare` is CPU work (tokenising, resizing to uint8)
+    and `run` the device work (copy, normalise, forward), so a caller can prepare the next
+    batch on another thread while this one computes (see stream.device_pool)."""
 
     def __init__(
         self,
@@ -91,36 +109,51 @@ class Predictor:
         self.text = TextPreprocessor(tokenizer, card.config.max_text_length)
         enc = model.image_encoder
         self.images = ImagePreprocessor(enc.image_size, enc.mean, enc.std)
+        self._pin = self.device.type == "cuda"
 
     @property
     def version(self) -> str:
         return self.card.version
 
-    @torch.inference_mode()
-    def predict(self, texts: Sequence[str], images: Sequence[Image.Image | None]) -> list[Prediction]:
+    def prepare(self, texts: Sequence[str], images: Sequence[Image.Image | None]) -> PreparedBatch:
         if len(texts) != len(images):
             raise ValueError("texts and images must have the same length")
-        if not texts:
-            return []
         input_ids, attention_mask = self.text(texts)
-        pixels, present = self.images(images)
+        pixels, present = self.images.to_uint8(images, pin=self._pin)
+        if self._pin:
+            input_ids, attention_mask = input_ids.pin_memory(), attention_mask.pin_memory()
+        return PreparedBatch(input_ids, attention_mask, pixels, present)
+
+    @torch.inference_mode()
+    def run(self, batch: PreparedBatch) -> list[Prediction]:
+        if not len(batch):
+            return []
+        # From pinned memory the copies are asynchronous; the forward queues behind them.
+        dev, nb = self.device, self._pin
+        present = batch.present.to(dev, non_blocking=nb)
+        pixels = self.images.normalize(batch.pixels.to(dev, non_blocking=nb), present)
         with torch.autocast(
             self.device.type,
             dtype=self.autocast_dtype or torch.bfloat16,
             enabled=self.autocast_dtype is not None,
         ):
             out = self.model(
-                input_ids.to(self.device),
-                attention_mask.to(self.device),
-                pixels.to(self.device),
-                present.to(self.device),
+                batch.input_ids.to(dev, non_blocking=nb), batch.attention_mask.to(dev, non_blocking=nb), pixels, present
             )
         match = torch.sigmoid(out.itm_logits.float()).tolist()
+        has_image = batch.present.tolist()
         return [
             Prediction(
                 tasks=tasks,
-                itm_match=match[i] if bool(present[i]) else None,
+                itm_match=match[i] if has_image[i] else None,
                 model_version=self.card.version,
             )
             for i, tasks in enumerate(task_predictions(out, self.card))
         ]
+
+    def predict(self, texts: Sequence[str], images: Sequence[Image.Image | None]) -> list[Prediction]:
+        if len(texts) != len(images):
+            raise ValueError("texts and images must have the same length")
+        if not texts:
+            return []
+        return self.run(self.prepare(texts, images))

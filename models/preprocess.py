@@ -1,4 +1,10 @@
-"""Turning raw posts into model inputs: tokenised text and normalised pixels (no I/O)."""
+"""Turning raw posts into model inputs: tokenised text and normalised pixels (no I/O).
+
+Images are prepared in two steps so the expensive part can leave the device's critical
+path: `to_uint8` (CPU: resize to the model's square, 1 byte per channel) and `normalize`
+(float conversion and mean/std, on whatever device the batch is sent to). Training and
+serving share both steps, so they see identical pixels.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ class TextPreprocessor:
         self.max_length = max_length
 
     def __call__(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Tokenises the whole batch in one call (the fast tokenizer batches in Rust)."""
         batch = self.tokenizer(
             list(texts),
             padding=True,
@@ -33,19 +40,41 @@ class ImagePreprocessor:
 
     def __init__(self, size: int, mean: Sequence[float], std: Sequence[float]) -> None:
         self.size = size
-        self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
-        self.std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+        self.mean = torch.tensor(list(mean), dtype=torch.float32).reshape(1, 3, 1, 1)
+        self.std = torch.tensor(list(std), dtype=torch.float32).reshape(1, 3, 1, 1)
+        self._on: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
-    def one(self, image: Image.Image) -> Tensor:
+    def uint8_one(self, image: Image.Image) -> np.ndarray:
+        """[3, size, size] uint8; cheap when the image arrives already bounded (models.images)."""
         resized = image.convert("RGB").resize((self.size, self.size), Image.Resampling.BILINEAR)
-        array = np.asarray(resized, dtype=np.float32).transpose(2, 0, 1) / 255.0
-        return torch.from_numpy((array - self.mean) / self.std)
+        return np.array(resized, dtype=np.uint8).transpose(2, 0, 1)  # a writable copy torch may share
 
-    def __call__(self, images: Sequence[Image.Image | None]) -> tuple[Tensor, Tensor]:
-        pixels = torch.zeros(len(images), 3, self.size, self.size)
-        present = torch.zeros(len(images), dtype=torch.bool)
+    def to_uint8(self, images: Sequence[Image.Image | None], pin: bool = False) -> tuple[Tensor, Tensor]:
+        """([B, 3, size, size] uint8, [B] bool present); `pin` allocates page-locked memory
+        so the copy to a GPU can run asynchronously."""
+        pixels = torch.zeros(len(images), 3, self.size, self.size, dtype=torch.uint8, pin_memory=pin)
+        present = torch.zeros(len(images), dtype=torch.bool, pin_memory=pin)
         for i, image in enumerate(images):
             if image is not None:
-                pixels[i] = self.one(image)
+                pixels[i] = torch.from_numpy(self.uint8_one(image))
                 present[i] = True
         return pixels, present
+
+    def normalize(self, pixels: Tensor, present: Tensor | None = None) -> Tensor:
+        """uint8 [B, 3, H, W] on any device -> float32 normalised on the same device. Rows
+        whose image is missing stay all zeros, as the model was trained with."""
+        device = pixels.device
+        if device not in self._on:
+            self._on[device] = (self.mean.to(device), self.std.to(device))
+        mean, std = self._on[device]
+        out = (pixels.float() / 255.0 - mean) / std
+        if present is not None:
+            out = out * present.to(device=device, dtype=out.dtype).reshape(-1, 1, 1, 1)
+        return out
+
+    def one(self, image: Image.Image) -> Tensor:
+        return self.normalize(torch.from_numpy(self.uint8_one(image)).unsqueeze(0))[0]
+
+    def __call__(self, images: Sequence[Image.Image | None]) -> tuple[Tensor, Tensor]:
+        pixels, present = self.to_uint8(images)
+        return self.normalize(pixels, present), present

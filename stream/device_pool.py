@@ -17,12 +17,13 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
 import torch
 from PIL import Image
 
 from models.devices import visible_devices
-from models.inference import Prediction, Predictor
+from models.inference import Prediction, Predictor, PreparedBatch
 
 log = logging.getLogger(__name__)
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "visible_devices",
 ]
 PredictorFactory = Callable[[torch.device], Predictor]
+_T = TypeVar("_T")
 
 
 # Measured with bench/forward_throughput.py on the 2-core development CPU: default backbones
@@ -72,6 +74,11 @@ class _Item:
 
 
 class Replica:
+    """One model on one device, fed by a two-stage pipeline: the batcher gathers posts and
+    prepares batch n+1 (tokenising, resizing to uint8) on its own thread while batch n runs
+    on the device thread. At most one prepared batch waits, so preparation never runs far
+    ahead of the device (memory stays bounded)."""
+
     def __init__(
         self,
         predictor: Predictor,
@@ -88,11 +95,13 @@ class Replica:
         # blocked on a full queue carry on with the new one.
         self.queue: asyncio.Queue[_Item] = queue or asyncio.Queue(maxsize=config.max_queue)
         self._next: Predictor | None = None
+        self._prep_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"prep-{predictor.device}")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{predictor.device}")
-        self._task: asyncio.Task[None] | None = None
+        self._ready: asyncio.Queue[tuple[Predictor, list[_Item], PreparedBatch]] = asyncio.Queue(maxsize=1)
+        self._tasks: list[asyncio.Task[None]] = []
         self._on_batch = on_batch
-        self._busy_since: float | None = None  # monotonic start of the device batch in flight
-        self._batch: list[_Item] = []  # the batch being served, failed if the batcher dies
+        self._busy: dict[str, float] = {}  # stage -> monotonic start of the work in flight
+        self._open: dict[int, list[_Item]] = {}  # batches between gathering and delivery
         self.failure: str | None = None  # why this replica stopped serving
 
     @property
@@ -101,26 +110,37 @@ class Replica:
 
     @property
     def healthy(self) -> bool:
-        """Serving: the batcher runs and no device batch is past its deadline."""
-        if self.failure is not None or self._task is None or self._task.done():
+        """Serving: both stages run and no batch is past its deadline in either."""
+        if self.failure is not None or not self._tasks or any(t.done() for t in self._tasks):
             return False
-        busy = self._busy_since
-        return busy is None or time.monotonic() - busy <= self.config.batch_timeout_s
+        now = time.monotonic()
+        return all(now - since <= self.config.batch_timeout_s for since in list(self._busy.values()))
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"batcher-{self.predictor.device}")
-        self._task.add_done_callback(self._ended)
+        device = self.predictor.device
+        self._tasks = [
+            asyncio.create_task(self._prepare_loop(), name=f"batcher-{device}"),
+            asyncio.create_task(self._infer_loop(), name=f"infer-{device}"),
+        ]
+        for task in self._tasks:
+            task.add_done_callback(self._ended)
 
     def _ended(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
             self.failure = self.failure or "closed"
-            return
-        exc = task.exception()
-        if exc is not None:
+        elif (exc := task.exception()) is not None:
             self.failure = self.failure or f"batcher died: {exc!r}"
-            log.error("batcher on %s died", self.predictor.device, exc_info=exc)
-            # Its callers would otherwise wait for results nobody will deliver.
-            _fail(self._batch, ReplicaFailed(f"replica on {self.predictor.device} failed: {self.failure}"))
+            log.error("%s on %s died", task.get_name(), self.predictor.device, exc_info=exc)
+        # One stage alone cannot serve: stop the other so it takes no more posts from the
+        # queue (they wait there for the rebuilt replica).
+        for other in self._tasks:
+            if other is not task:
+                other.cancel()
+        # Callers of batches in flight would otherwise wait for results nobody will deliver.
+        failed = ReplicaFailed(f"replica on {self.predictor.device} failed: {self.failure or 'stopped'}")
+        for items in list(self._open.values()):
+            _fail(items, failed)
+        self._open.clear()
 
     def stage_swap(self, predictor: Predictor) -> None:
         self._next = predictor
@@ -141,47 +161,80 @@ class Replica:
                 break
         return batch
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+    async def _stage(self, stage: str, executor: ThreadPoolExecutor, fn: Callable[..., _T], *args: Any) -> _T:
+        """Runs `fn` on the stage's thread under the batch deadline. A timeout cannot stop the
+        thread: the replica stops serving and the pool rebuilds it."""
+        self._busy[stage] = time.monotonic()
+        try:
+            return await asyncio.wait_for(
+                asyncio.get_running_loop().run_in_executor(executor, fn, *args), self.config.batch_timeout_s
+            )
+        except TimeoutError:
+            self.failure = f"{stage} a batch hung for over {self.config.batch_timeout_s:g} s"
+            log.error("replica on %s: %s", self.predictor.device, self.failure)
+            raise _Hung(self.failure) from None
+        finally:
+            self._busy.pop(stage, None)
+
+    async def _prepare_loop(self) -> None:
         while True:
             batch = await self._gather()
             if self._next is not None:  # swap between batches, never inside one
                 self.predictor, self._next = self._next, None
                 log.info("replica on %s now serves model %s", self.predictor.device, self.predictor.version)
             live = [item for item in batch if not item.future.done()]  # skip callers that gave up
-            self._batch = live
             if not live:
                 continue
-            started = time.perf_counter()
-            self._busy_since = time.monotonic()
-            work = loop.run_in_executor(
-                self._executor, self.predictor.predict, [i.text for i in live], [i.image for i in live]
-            )
+            # The batch keeps the predictor that prepared it: its tokenizer and image size
+            # must match the model that runs it, even if a swap lands in between.
+            predictor = self.predictor
+            self._open[id(live)] = live
             try:
-                predictions = await asyncio.wait_for(work, self.config.batch_timeout_s)
-            except TimeoutError:
-                # The thread cannot be interrupted: fail these posts now and stop serving, so
-                # the pool rebuilds this replica instead of queueing more posts behind it.
-                self.failure = f"a batch of {len(live)} hung for over {self.config.batch_timeout_s:g} s"
-                log.error("replica on %s: %s", self.predictor.device, self.failure)
-                _fail(live, InferenceTimeout(self.failure))
+                prepared = await self._stage(
+                    "preparing", self._prep_executor, predictor.prepare, [i.text for i in live], [i.image for i in live]
+                )
+            except _Hung as hung:
+                self._close_batch(live, InferenceTimeout(str(hung)))
+                return
+            except Exception as exc:  # bad input fails this batch's posts, not the replica
+                self._close_batch(live, exc)
+                continue
+            await self._ready.put((predictor, live, prepared))  # waits while the device is busy
+
+    async def _infer_loop(self) -> None:
+        while True:
+            predictor, live, prepared = await self._ready.get()
+            started = time.perf_counter()
+            try:
+                predictions = await self._stage("running", self._executor, predictor.run, prepared)
+            except _Hung as hung:
+                self._close_batch(live, InferenceTimeout(str(hung)))
                 return
             except Exception as exc:  # a model error fails this batch's posts, not the replica
-                _fail(live, exc)
+                self._close_batch(live, exc)
                 continue
-            finally:
-                self._busy_since = None
             self._on_batch(len(live), time.perf_counter() - started)
+            self._open.pop(id(live), None)
             for item, prediction in zip(live, predictions, strict=True):
                 if not item.future.done():
                     item.future.set_result(prediction)
 
+    def _close_batch(self, items: list[_Item], exc: BaseException) -> None:
+        self._open.pop(id(items), None)
+        _fail(items, exc)
+
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+                await task
+        self._prep_executor.shutdown(wait=False, cancel_futures=True)
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class _Hung(Exception):
+    pass
 
 
 def _fail(items: Sequence[_Item], exc: BaseException) -> None:

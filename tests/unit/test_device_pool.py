@@ -46,14 +46,14 @@ def test_full_queue_applies_backpressure():
         await pool.start()
         replica = pool.replicas[0]
         gate = asyncio.Event()
-        original = replica.predictor.predict
+        original = replica.predictor.run
 
-        def slow(texts, images):
+        def slow(batch):
             while not gate.is_set():
                 pass
-            return original(texts, images)
+            return original(batch)
 
-        replica.predictor.predict = slow  # type: ignore[method-assign]
+        replica.predictor.run = slow  # type: ignore[method-assign]
         tasks = [asyncio.create_task(pool.predict_one(f"p{i}", None)) for i in range(6)]
         await asyncio.sleep(0.2)
         queued = replica.queue.qsize()
@@ -88,15 +88,15 @@ def test_hung_inference_times_out_instead_of_stalling():
         await pool.start()
         release = asyncio.Event()
         replica = pool.replicas[0]
-        original = replica.predictor.predict
+        original = replica.predictor.run
 
-        def hang(texts, images):
+        def hang(batch):
             import time
 
             time.sleep(0.6)
-            return original(texts, images)
+            return original(batch)
 
-        replica.predictor.predict = hang  # type: ignore[method-assign]
+        replica.predictor.run = hang  # type: ignore[method-assign]
         try:
             with pytest.raises(InferenceTimeout):
                 await pool.predict_one("stuck", None)
@@ -134,7 +134,7 @@ def test_hung_batch_fails_fast_marks_the_pool_unhealthy_and_rebuilds_the_replica
         assert pool.healthy
         stuck = pool.replicas[0]
         release = threading.Event()
-        stuck.predictor.predict = lambda texts, images: release.wait(10)  # type: ignore[method-assign,assignment,return-value]
+        stuck.predictor.run = lambda batch: release.wait(10)  # type: ignore[method-assign,assignment,return-value]
         started = asyncio.get_running_loop().time()
         with pytest.raises(InferenceTimeout):
             await pool.predict_one("hangs", None)
