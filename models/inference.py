@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,11 +116,20 @@ class Predictor:
     def version(self) -> str:
         return self.card.version
 
-    def prepare(self, texts: Sequence[str], images: Sequence[Image.Image | None]) -> PreparedBatch:
+    def prepare(
+        self, texts: Sequence[str], images: Sequence[Image.Image | None], pool: Executor | None = None
+    ) -> PreparedBatch:
+        """CPU work for one batch; `pool` (never the calling thread's own pool) tokenises on one
+        of its threads and resizes the images on the others."""
         if len(texts) != len(images):
             raise ValueError("texts and images must have the same length")
-        input_ids, attention_mask = self.text(texts)
-        pixels, present = self.images.to_uint8(images, pin=self._pin)
+        if pool is None:
+            input_ids, attention_mask = self.text(texts)
+            pixels, present = self.images.to_uint8(images, pin=self._pin)
+        else:
+            tokens = pool.submit(self.text, texts)
+            pixels, present = self.images.to_uint8(images, pin=self._pin, pool=pool)
+            input_ids, attention_mask = tokens.result()
         if self._pin:
             input_ids, attention_mask = input_ids.pin_memory(), attention_mask.pin_memory()
         return PreparedBatch(input_ids, attention_mask, pixels, present)

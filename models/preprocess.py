@@ -9,6 +9,7 @@ serving share both steps, so they see identical pixels.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from typing import Any
 
 import numpy as np
@@ -49,15 +50,27 @@ class ImagePreprocessor:
         resized = image.convert("RGB").resize((self.size, self.size), Image.Resampling.BILINEAR)
         return np.array(resized, dtype=np.uint8).transpose(2, 0, 1)  # a writable copy torch may share
 
-    def to_uint8(self, images: Sequence[Image.Image | None], pin: bool = False) -> tuple[Tensor, Tensor]:
+    def to_uint8(
+        self, images: Sequence[Image.Image | None], pin: bool = False, pool: Executor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """([B, 3, size, size] uint8, [B] bool present); `pin` allocates page-locked memory
-        so the copy to a GPU can run asynchronously."""
+        so the copy to a GPU can run asynchronously; `pool` resizes on several threads
+        (Pillow releases the GIL while resizing)."""
         pixels = torch.zeros(len(images), 3, self.size, self.size, dtype=torch.uint8, pin_memory=pin)
         present = torch.zeros(len(images), dtype=torch.bool, pin_memory=pin)
-        for i, image in enumerate(images):
-            if image is not None:
-                pixels[i] = torch.from_numpy(self.uint8_one(image))
-                present[i] = True
+        rows = [i for i, image in enumerate(images) if image is not None]
+
+        def fill(i: int) -> None:
+            image = images[i]
+            assert image is not None
+            pixels[i] = torch.from_numpy(self.uint8_one(image))
+
+        if pool is None or len(rows) < 2:
+            for i in rows:
+                fill(i)
+        else:
+            list(pool.map(fill, rows))  # list(): re-raises the first error
+        present[rows] = True
         return pixels, present
 
     def normalize(self, pixels: Tensor, present: Tensor | None = None) -> Tensor:

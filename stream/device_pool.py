@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +56,9 @@ class BatcherConfig:
     # One device batch taking longer than this means the model hangs: the batch's posts fail
     # at once, the replica is marked unhealthy and rebuilt (the stuck thread is abandoned).
     batch_timeout_s: float = 30.0
+    # Threads resizing images (and tokenising) for the next batch: 0 means none on a CPU,
+    # where the model needs the cores, and up to 8 on a GPU, where preparation is the bottleneck.
+    prepare_threads: int = 0
     check_interval_s: float = 0.5  # how often the supervisor looks at its replicas
 
 
@@ -96,6 +100,10 @@ class Replica:
         self.queue: asyncio.Queue[_Item] = queue or asyncio.Queue(maxsize=config.max_queue)
         self._next: Predictor | None = None
         self._prep_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"prep-{predictor.device}")
+        threads = config.prepare_threads or (min(8, os.cpu_count() or 1) if predictor.device.type == "cuda" else 0)
+        self._resize_pool = (
+            ThreadPoolExecutor(threads, thread_name_prefix=f"resize-{predictor.device}") if threads > 1 else None
+        )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{predictor.device}")
         self._ready: asyncio.Queue[tuple[Predictor, list[_Item], PreparedBatch]] = asyncio.Queue(maxsize=1)
         self._tasks: list[asyncio.Task[None]] = []
@@ -190,8 +198,9 @@ class Replica:
             predictor = self.predictor
             self._open[id(live)] = live
             try:
+                texts, images = [i.text for i in live], [i.image for i in live]
                 prepared = await self._stage(
-                    "preparing", self._prep_executor, predictor.prepare, [i.text for i in live], [i.image for i in live]
+                    "preparing", self._prep_executor, predictor.prepare, texts, images, self._resize_pool
                 )
             except _Hung as hung:
                 self._close_batch(live, InferenceTimeout(str(hung)))
@@ -231,6 +240,8 @@ class Replica:
                 await task
         self._prep_executor.shutdown(wait=False, cancel_futures=True)
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._resize_pool is not None:
+            self._resize_pool.shutdown(wait=False, cancel_futures=True)
 
 
 class _Hung(Exception):

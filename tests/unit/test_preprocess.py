@@ -58,9 +58,9 @@ def test_replica_prepares_the_next_batch_while_the_current_one_runs():
     events: list[tuple[str, int, float]] = []
 
     class Timed(Predictor):
-        def prepare(self, texts, images):
+        def prepare(self, texts, images, pool=None):
             events.append(("prepare", len(texts), time.monotonic()))
-            return super().prepare(texts, images)
+            return super().prepare(texts, images, pool)
 
         def run(self, batch):
             start = time.monotonic()
@@ -88,3 +88,19 @@ def test_replica_prepares_the_next_batch_while_the_current_one_runs():
     first_run_start, first_run_end = runs[0][1], runs[0][2]
     # Batch 2 was prepared during batch 1's device time, not after it.
     assert first_run_start <= prepares[1][2] < first_run_end
+
+
+def test_preparing_on_a_thread_pool_gives_the_same_batch_even_with_one_thread():
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, tok = tiny_model()
+    predictor = Predictor(model, tok, ModelCard(config=model.config, version="v1"))
+    texts = [f"post number {i}" for i in range(9)]
+    images = [_photo(i) if i % 3 else None for i in range(9)]
+    alone = predictor.prepare(texts, images)
+    for threads in (1, 4):
+        with ThreadPoolExecutor(threads) as pool:
+            pooled = predictor.prepare(texts, images, pool)
+        assert torch.equal(pooled.pixels, alone.pixels) and torch.equal(pooled.present, alone.present)
+        assert torch.equal(pooled.input_ids, alone.input_ids)
+        assert torch.equal(pooled.attention_mask, alone.attention_mask)
