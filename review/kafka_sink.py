@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from review import sink_metrics as metrics
+from stream.lag import LagMonitor
 from stream.records import DeadLetter, encode
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,7 @@ class SinkSettings:
     backoff: Backoff = field(default_factory=Backoff)
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
+    lag_interval_s: float = 5.0  # how often the group's consumer lag is read from the broker
 
 
 def known_fields(obj: dict[str, Any], record: type) -> dict[str, Any]:
@@ -304,6 +306,20 @@ async def start_with_retry(client: Any, what: str, stop: asyncio.Event, backoff:
     return started
 
 
+def lag_monitor(settings: SinkSettings) -> LagMonitor:
+    """The group's lag read from the broker: unlike `modstream_sink_lag` (the highwater seen by
+    the last fetch), it keeps rising while the sink is blocked or not running."""
+    return LagMonitor(
+        settings.bootstrap,
+        settings.group,
+        [settings.topic],
+        metrics.CONSUMER_LAG,
+        metrics.CONSUMER_LAG_SUM,
+        metrics.DEPENDENCY_ERRORS,
+        interval_s=settings.lag_interval_s,
+    )
+
+
 async def run_sink(
     settings: SinkSettings, stage_factory: Callable[[DeadLetters], Awaitable[Stage]], *, name: str, dlq_stage: str
 ) -> int:
@@ -325,6 +341,7 @@ async def run_sink(
         max_poll_interval_ms=settings.max_poll_interval_ms,
         client_id=settings.group,
     )
+    lag_task = asyncio.create_task(lag_monitor(settings).run(), name=f"{name}-consumer-lag")
     try:
         if not await start_with_retry(producer, "producer_start", stop, settings.backoff, name):
             return 0
@@ -343,6 +360,9 @@ async def run_sink(
         log.warning("%s sink: stopped after %d records", name, count)
         return 0
     finally:
+        lag_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await lag_task
         with contextlib.suppress(Exception):
             await consumer.stop()  # leaves the group, so a replacement gets the partitions at once
         with contextlib.suppress(Exception):

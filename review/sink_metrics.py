@@ -3,7 +3,7 @@
 They live in their own registry so a sink's /metrics shows the sink and nothing of the
 worker (both packages can be imported in one process, e.g. in tests, without clashing).
 Names shared with the worker (`modstream_dependency_errors_total`,
-`modstream_dead_letters_total`, `modstream_media_fetch_total`) keep their label sets, so one
+`modstream_dead_letters_total`, `modstream_media_fetch_total`, `modstream_consumer_lag`) keep their label sets, so one
 alert rule covers every role.
 """
 
@@ -49,6 +49,18 @@ BLOCKED = Gauge(
     "modstream_sink_blocked",
     "1 while the sink retries a batch (a dependency is down): it neither commits nor advances",
     ["sink"],
+    registry=REGISTRY,
+)
+CONSUMER_LAG = Gauge(
+    "modstream_consumer_lag",
+    "Messages past the group's committed offset, per partition, read from the broker",
+    ["group", "topic", "partition"],
+    registry=REGISTRY,
+)
+CONSUMER_LAG_SUM = Gauge(
+    "modstream_consumer_lag_sum",
+    "Consumer lag summed over the topic's partitions",
+    ["group", "topic"],
     registry=REGISTRY,
 )
 DEPENDENCY_ERRORS = Counter(

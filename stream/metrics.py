@@ -1,10 +1,30 @@
-"""Prometheus metrics of the worker (served on its web port at /metrics)."""
+"""Prometheus metrics of the worker (served on its web port at /metrics).
+
+Every metric here is catalogued in docs/metrics.md (tests/integration/test_metric_catalogue.py
+checks both ways). Inference metrics follow Triton's shape: request successes and failures,
+inference count (posts) vs execution count (device batches), so the mean batch size is
+rate(inference_count) / rate(exec_count); durations are histograms, never summaries.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, Info
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 POSTS = Counter("modstream_posts_total", "Posts finished, by outcome (auto, review, dead_letter)", ["outcome"])
+LABELS = Counter(
+    "modstream_labels_total",
+    "Labels acknowledged by the broker, by the model version that produced them and route (auto, review)",
+    ["model_version", "route"],
+)
 DLQ = Counter("modstream_dead_letters_total", "Posts sent to the dead-letter topic", ["stage", "reason"])
 REVIEW = Counter("modstream_review_routed_total", "Posts routed to human review, by reason", ["reason"])
 MEDIA = Counter("modstream_media_fetch_total", "Media fetches by status", ["status"])
@@ -13,24 +33,129 @@ DEPENDENCY_ERRORS = Counter(
     "modstream_dependency_errors_total", "Failed calls to Kafka or Redis (retried or degraded)", ["dependency", "op"]
 )
 STAGE_SECONDS = Histogram(
-    "modstream_stage_seconds",
-    "Latency of one micro-batch per stage",
-    ["stage"],
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    "modstream_stage_seconds", "Latency of one micro-batch per stage", ["stage"], buckets=LATENCY_BUCKETS
 )
 BATCH_SIZE = Histogram(
     "modstream_batch_size", "Posts per batch", ["kind"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 )
-INFERENCE_SECONDS = Histogram(
-    "modstream_inference_seconds",
-    "Model time per device batch",
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+PRODUCE_TO_LABEL = Histogram(
+    "modstream_produce_to_label_seconds",
+    "From the post's created_at to its label acknowledged by the broker (posts carrying created_at)",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+)
+
+# -- inference (Triton-style) -------------------------------------------------------------
+INFERENCE_SUCCESS = Counter(
+    "modstream_inference_request_success_total", "Posts the model scored, by model version", ["model_version"]
+)
+INFERENCE_FAILURE = Counter(
+    "modstream_inference_request_failure_total",
+    "Posts the model failed to score (error or timeout), by the version serving then",
+    ["model_version"],
+)
+INFERENCE_COUNT = Counter(
+    "modstream_inference_count_total", "Posts inferred on a device (sum of device batch sizes)", ["model_version"]
+)
+EXEC_COUNT = Counter("modstream_inference_exec_count_total", "Device batches executed", ["model_version"])
+INFERENCE_REQUEST_SECONDS = Histogram(
+    "modstream_inference_request_seconds",
+    "Per post: from asking the device pool to the answer (queue + preparation + compute)",
+    ["model_version"],
+    buckets=LATENCY_BUCKETS,
+)
+INFERENCE_COMPUTE_SECONDS = Histogram(
+    "modstream_inference_compute_seconds",
+    "Per device batch: the model's forward pass and the copy back",
+    ["model_version"],
+    buckets=LATENCY_BUCKETS,
 )
 ITM_SCORE = Histogram(
     "modstream_itm_match",
     "ITM match probability of classified image posts",
     buckets=tuple(i / 10 for i in range(1, 11)),
 )
-MODEL = Info("modstream_model", "The model version the worker serves")
+
+# -- state ----------------------------------------------------------------------------------
+MODEL = Info("modstream_model", "The model version the worker serves (value 1, version in the label)")
 ITM_ROUTING = Gauge("modstream_itm_routing_enabled", "1 when ITM routing is trusted for the serving model")
 READY = Gauge("modstream_worker_ready", "1 once the model is loaded and warmed up")
+CONSUMER_LAG = Gauge(
+    "modstream_consumer_lag",
+    "Messages past the group's committed offset, per partition (broker end offset - committed offset)",
+    ["group", "topic", "partition"],
+)
+CONSUMER_LAG_SUM = Gauge(
+    "modstream_consumer_lag_sum", "Consumer lag summed over the topic's partitions", ["group", "topic"]
+)
+
+
+class InstrumentedClassifier:
+    """Wraps the device pool: per-post request latency and success/failure by model version."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    @property
+    def version(self) -> str:
+        return str(self.inner.version)
+
+    async def predict(self, texts: Sequence[str], images: Sequence[Any]) -> list[Any]:
+        started = time.perf_counter()
+        results: list[Any] = await self.inner.predict(texts, images)
+        elapsed = time.perf_counter() - started
+        for result in results:
+            if isinstance(result, BaseException):
+                INFERENCE_FAILURE.labels(self.version).inc()
+            else:
+                INFERENCE_SUCCESS.labels(result.model_version).inc()
+                INFERENCE_REQUEST_SECONDS.labels(result.model_version).observe(elapsed)
+        return results
+
+
+def observe_device_batch(version: str, size: int, seconds: float) -> None:
+    INFERENCE_COUNT.labels(version).inc(size)
+    EXEC_COUNT.labels(version).inc()
+    INFERENCE_COMPUTE_SECONDS.labels(version).observe(seconds)
+    BATCH_SIZE.labels("device").observe(size)
+
+
+class GpuCollector(Collector):
+    """GPU memory and utilisation per visible CUDA device, read at scrape time. Registered only
+    when CUDA is available, so a CPU worker exports none of these. Utilisation needs NVML
+    (`pynvml`); without it that gauge is absent."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        import torch
+
+        allocated = GaugeMetricFamily(
+            "modstream_gpu_memory_allocated_bytes", "Memory held by tensors on the GPU", labels=["device"]
+        )
+        reserved = GaugeMetricFamily(
+            "modstream_gpu_memory_reserved_bytes", "Memory reserved by torch's caching allocator", labels=["device"]
+        )
+        utilisation = GaugeMetricFamily(
+            "modstream_gpu_utilization_ratio", "Share of the last sample period the GPU was busy", labels=["device"]
+        )
+        for index in range(torch.cuda.device_count()):
+            device = f"cuda:{index}"
+            allocated.add_metric([device], torch.cuda.memory_allocated(index))
+            reserved.add_metric([device], torch.cuda.memory_reserved(index))
+            with contextlib.suppress(Exception):  # no NVML (pynvml) here: leave the gauge out, don't lie
+                utilisation.add_metric([device], torch.cuda.utilization(index) / 100)
+        yield allocated
+        yield reserved
+        if utilisation.samples:
+            yield utilisation
+
+
+_gpu_registered = False
+
+
+def register_gpu_collector(devices: Sequence[Any]) -> bool:
+    """Export GPU gauges when the worker runs on at least one CUDA device (once per process)."""
+    global _gpu_registered
+    if _gpu_registered or not any(getattr(d, "type", None) == "cuda" for d in devices):
+        return _gpu_registered
+    REGISTRY.register(GpuCollector())
+    _gpu_registered = True
+    return True

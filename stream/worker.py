@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from models.inference import Predictor
 from models.registry import ModelRegistry
 from stream import metrics
 from stream.device_pool import BatcherConfig, DevicePool, visible_devices
+from stream.lag import LagMonitor
 from stream.pipeline import Outcome, Pipeline
 from stream.records import encode
 from stream.redis_store import RedisStore
@@ -51,6 +53,7 @@ class WorkerSettings:
     policy: RoutingPolicy = field(default_factory=RoutingPolicy)
     batcher: BatcherConfig = field(default_factory=BatcherConfig)
     send_retry_s: float = 1.0
+    lag_interval_s: float = 5.0  # how often the group's consumer lag is read from the broker
     topics: dict[str, str] = field(
         default_factory=lambda: {
             "posts": "posts",
@@ -77,9 +80,28 @@ def predictor_factory(registry: ModelRegistry, version: str) -> Any:
     return build
 
 
-def _observe_device_batch(size: int, seconds: float) -> None:
-    metrics.BATCH_SIZE.labels("device").observe(size)
-    metrics.INFERENCE_SECONDS.observe(seconds)
+def _created_at(outcome: Outcome) -> float | None:
+    """The post's created_at as a Unix time, for the produce-to-label latency (None: not given)."""
+    stamp = outcome.post.created_at if outcome.post is not None else None
+    if not stamp:
+        return None
+    try:
+        parsed = datetime.fromisoformat(stamp)
+    except ValueError:
+        return None
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+
+
+def observe_labels_sent(outcomes: Sequence[Outcome]) -> None:
+    """After the broker acked the labels: counts per model version and produce-to-label latency."""
+    now = time.time()
+    for o in outcomes:
+        if o.label is None or o.dead_letter is not None:
+            continue
+        metrics.LABELS.labels(o.label.model_version, o.label.route).inc()
+        created = _created_at(o)
+        if created is not None:
+            metrics.PRODUCE_TO_LABEL.observe(max(0.0, now - created))
 
 
 class Resources:
@@ -106,14 +128,16 @@ class Resources:
             predictor_factory(self.registry, s.model_version),
             visible_devices(s.devices),
             s.batcher,
-            on_batch=_observe_device_batch,
+            on_batch=self._observe_device_batch,
         )
         await self.pool.start()
         self.fetcher = MediaFetcher(FetchConfig(allow_loopback=s.allow_loopback_media))
         await self.fetcher.__aenter__()
         if s.redis_url:
             self.redis = RedisStore(s.redis_url)
-        self.pipeline = Pipeline(self.pool, self.fetcher, self.card_of, s.policy, self.redis)
+        metrics.register_gpu_collector(visible_devices(s.devices))
+        classifier = metrics.InstrumentedClassifier(self.pool)
+        self.pipeline = Pipeline(classifier, self.fetcher, self.card_of, s.policy, self.redis)
         self._announce()
         self.ready.set()
         metrics.READY.set(1)
@@ -122,6 +146,10 @@ class Resources:
     def healthy(self) -> bool:
         """Started, and the device pool serves (a dead or hung replica fails /ready until rebuilt)."""
         return self.ready.is_set() and self.pool is not None and self.pool.healthy
+
+    def _observe_device_batch(self, size: int, seconds: float) -> None:
+        # Replicas swap between batches, so a batch right at a swap may count under the old version.
+        metrics.observe_device_batch(self.card.version if self.card else "unknown", size, seconds)
 
     def card_of(self, version: str) -> ModelCard:
         if version not in self.cards:
@@ -197,6 +225,7 @@ async def write_outcomes(app_topics: dict[str, Any], outcomes: Sequence[Outcome]
     # Labels last: a post with a label has had its review item written too. The review
     # topic is the source of truth; the review sink copies it into Redis.
     await send_all(app_topics["labels"], labels, retry)
+    observe_labels_sent(outcomes)
 
 
 def create_app(settings: WorkerSettings) -> tuple[faust.App, Resources]:
@@ -233,6 +262,20 @@ def create_app(settings: WorkerSettings) -> tuple[faust.App, Resources]:
             outcomes = await resources.pipeline.process([bytes(v) for v in values])
             await write_outcomes(topics, outcomes, resources)
             metrics.STAGE_SECONDS.labels("batch").observe(time.perf_counter() - started)
+
+    @app.task
+    async def measure_consumer_lag() -> None:
+        # The worker's own group on `posts`, from the broker: rises even while agents stall.
+        monitor = LagMonitor(
+            settings.bootstrap,
+            settings.app_id,
+            [names["posts"]],
+            metrics.CONSUMER_LAG,
+            metrics.CONSUMER_LAG_SUM,
+            metrics.DEPENDENCY_ERRORS,
+            interval_s=settings.lag_interval_s,
+        )
+        await monitor.run()
 
     @app.task
     async def follow_model_updates() -> None:

@@ -1,0 +1,97 @@
+"""Consumer lag as the broker sees it: per partition, end offset minus the group's committed offset.
+
+Measured from outside the consumer (an admin client for the committed offsets, a group-less
+consumer for the end offsets), so it keeps rising while the group's members are stalled,
+paused or dead: exactly when their own view of lag stops being updated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def partition_lag(end: int, committed: int | None, beginning: int) -> int:
+    """A partition the group never committed on counts from its first retained offset."""
+    start = committed if committed is not None and committed >= 0 else beginning
+    return max(0, end - max(start, beginning))
+
+
+@dataclass
+class LagMonitor:
+    """Measures the lag of `group` on `topics` every `interval_s` seconds and sets the gauges
+    `lag{group, topic, partition}` and `lag_sum{group, topic}`; failures are counted on
+    `errors{dependency="kafka", op="consumer_lag"}` and the gauges keep their last value."""
+
+    bootstrap: str
+    group: str
+    topics: Sequence[str]
+    lag: Any
+    lag_sum: Any
+    errors: Any
+    interval_s: float = 5.0
+
+    async def measure(self, admin: Any, consumer: Any) -> dict[tuple[str, int], int]:
+        from aiokafka import TopicPartition
+
+        await consumer.topics()  # refreshes metadata, so partitions_for_topic knows every topic
+        partitions = [
+            TopicPartition(topic, p)
+            for topic in self.topics
+            for p in sorted(consumer.partitions_for_topic(topic) or ())
+        ]
+        if not partitions:
+            return {}
+        committed = await admin.list_consumer_group_offsets(self.group, partitions=partitions)
+        ends = await consumer.end_offsets(partitions)
+        beginnings = await consumer.beginning_offsets(partitions)
+        return {
+            (tp.topic, tp.partition): partition_lag(
+                ends[tp], committed[tp].offset if tp in committed else None, beginnings[tp]
+            )
+            for tp in partitions
+        }
+
+    def publish(self, lags: dict[tuple[str, int], int]) -> None:
+        sums: dict[str, int] = {topic: 0 for topic in self.topics}
+        for (topic, partition), value in lags.items():
+            self.lag.labels(self.group, topic, str(partition)).set(value)
+            sums[topic] = sums.get(topic, 0) + value
+        for topic, total in sums.items():
+            self.lag_sum.labels(self.group, topic).set(total)
+
+    async def run(self) -> None:
+        """Until cancelled; reconnects after any failure (an outage must not end the task)."""
+        from aiokafka import AIOKafkaConsumer
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        while True:
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+            consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False)
+            try:
+                await admin.start()
+                await consumer.start()
+                while True:
+                    try:
+                        self.publish(await self.measure(admin, consumer))
+                    except Exception as exc:
+                        self.errors.labels("kafka", "consumer_lag").inc()
+                        log.warning("consumer lag of %s not measured: %r", self.group, exc)
+                    await asyncio.sleep(self.interval_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.errors.labels("kafka", "consumer_lag").inc()
+                log.warning("consumer lag monitor of %s cannot connect (%r); retrying", self.group, exc)
+                await asyncio.sleep(self.interval_s)
+            finally:
+                with contextlib.suppress(Exception):
+                    await consumer.stop()
+                with contextlib.suppress(Exception):
+                    await admin.close()
