@@ -136,6 +136,9 @@ class Metrics:
         )
         self.depth = Gauge("modstream_review_queue_depth", "Review entries not yet acknowledged", registry=r)
         self.oldest = Gauge("modstream_review_oldest_item_age_seconds", "Age of the oldest open item", registry=r)
+        self.dead_depth = Gauge(
+            "modstream_review_dead_letter_depth", "Items in the review dead-letter stream", registry=r
+        )
         self.latency = Histogram(
             "modstream_review_request_seconds",
             "Console request latency by route",
@@ -156,6 +159,7 @@ class Metrics:
     def set_stats(self, stats: QueueStats) -> None:
         self.depth.set(stats.depth)
         self.oldest.set(stats.oldest_age_s or 0)
+        self.dead_depth.set(stats.dead_letters)
 
 
 @dataclass

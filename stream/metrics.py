@@ -25,6 +25,11 @@ LABELS = Counter(
     "Labels acknowledged by the broker, by the model version that produced them and route (auto, review)",
     ["model_version", "route"],
 )
+TASK_DECISIONS = Counter(
+    "modstream_task_decisions_total",
+    "Labels acknowledged by the broker, per task and decision (positive: score >= threshold)",
+    ["model_version", "task", "decision"],
+)
 DLQ = Counter("modstream_dead_letters_total", "Posts sent to the dead-letter topic", ["stage", "reason"])
 REVIEW = Counter("modstream_review_routed_total", "Posts routed to human review, by reason", ["reason"])
 MEDIA = Counter("modstream_media_fetch_total", "Media fetches by status", ["status"])
@@ -43,6 +48,9 @@ PRODUCE_TO_LABEL = Histogram(
     "From the post's created_at to its label acknowledged by the broker (posts carrying created_at)",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
 )
+
+for _outcome in ("auto", "review", "dead_letter"):  # series exist from the start: rate() and alerts see 0
+    POSTS.labels(_outcome)
 
 # -- inference (Triton-style) -------------------------------------------------------------
 INFERENCE_SUCCESS = Counter(

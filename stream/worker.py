@@ -99,6 +99,9 @@ def observe_labels_sent(outcomes: Sequence[Outcome]) -> None:
         if o.label is None or o.dead_letter is not None:
             continue
         metrics.LABELS.labels(o.label.model_version, o.label.route).inc()
+        for task, value in o.label.labels.items():
+            decision = "positive" if value.get("decision") else "negative"
+            metrics.TASK_DECISIONS.labels(o.label.model_version, task, decision).inc()
         created = _created_at(o)
         if created is not None:
             metrics.PRODUCE_TO_LABEL.observe(max(0.0, now - created))

@@ -9,6 +9,9 @@ RUNS = Counter(
     "Retraining runs by outcome (skipped, promoted, refused, publish_failed, failed)",
     ["outcome"],
 )
+OUTCOMES = ("skipped", "promoted", "refused", "publish_failed", "failed")
+for _outcome in OUTCOMES:  # every series exists from the start, so increase() sees the first run
+    RUNS.labels(_outcome)
 LAST_RUN = Gauge("modstream_retrain_last_run_timestamp_seconds", "When the last retraining run ended (any outcome)")
 PENDING = Gauge("modstream_retrain_new_decisions", "Labelled review decisions no retrained version has seen yet")
 CANDIDATE_F1 = Gauge(
