@@ -8,10 +8,19 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
 DEFAULT_HOME = Path(os.environ.get("MODSTREAM_HOME", "var"))
+
+
+# Commands that talk to Kafka once and exit (a long-running role keeps aiokafka's own logs).
+ONE_SHOT_KAFKA = {"produce", "dlq"}
+
+
+class UsageError(Exception):
+    """A combination of options argparse cannot check; main() prints it and exits 2."""
 
 
 def _registry_root(args: argparse.Namespace) -> Path:
@@ -35,7 +44,7 @@ def _load_examples(args: argparse.Namespace) -> list[Any]:
         manifest = write_synthetic(DEFAULT_HOME / "synthetic", n=args.synthetic_n, seed=0)
         return read_manifest(manifest)
     if not args.manifest:
-        raise SystemExit("give --manifest FILE.jsonl or --preset")
+        raise UsageError("give --manifest FILE.jsonl or --preset cm-off-meme|synthetic")
     return read_manifest(Path(args.manifest))
 
 
@@ -144,7 +153,7 @@ def cmd_import(args: argparse.Namespace) -> int:
             for item in items:
                 key, _, value = item.partition("=")
                 if not value:
-                    raise SystemExit(f"expected TASK=COLUMN or TASK:RAW=LABEL, got {item!r}")
+                    raise UsageError(f"--label expects TASK=COLUMN, got {item!r}")
                 out[key] = value
             return out
 
@@ -189,6 +198,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
     output = Path(args.output) if args.output else None
     registry = _registry_root(args)
+    Path(args.input).open("rb").close()  # a missing or unreadable input fails before the model loads
     return classify_file(Path(args.input), output, registry, args.model, args.device, args.allow_loopback_media)
 
 
@@ -240,7 +250,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
         values = posts_from_jsonl(Path(args.input))
     else:
         if not args.media_url:
-            raise SystemExit("synthetic posts need --media-url (where their images are served)")
+            raise UsageError("synthetic posts need --media-url URL (where their images are served) or --input FILE")
         examples = read_manifest(write_synthetic(DEFAULT_HOME / "firehose", n=min(args.n, 2000), seed=7))
         values = encode_posts(synthetic_posts(examples, args.media_url, args.n, repost_rate=args.repost_rate))
     sent = asyncio.run(produce(args.bootstrap, args.topic, values, rate=args.rate))
@@ -253,6 +263,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     opts = RunOptions(posts=args.posts, keep_stack=args.keep_stack, repost_rate=args.repost_rate)
     return run_local(_registry_root(args), _cache_root(args), DEFAULT_HOME, opts)
+
+
+def cmd_schemas(args: argparse.Namespace) -> int:
+    from stream.schemas import check_schemas, write_schemas
+
+    out = Path(args.out)
+    if args.check:
+        stale = check_schemas(out)
+        for name in stale:
+            print(f"{out / name}: differs from the record types; run `modstream schemas --out {out}`", file=sys.stderr)
+        return 1 if stale else 0
+    for path in write_schemas(out):
+        print(f"wrote {path}")
+    return 0
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -415,18 +439,92 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(p)
     p.set_defaults(func=cmd_demo)
+
+    from stream.dlq import add_parsers as add_dlq_parsers
+
+    add_dlq_parsers(sub)
+    p = sub.add_parser("schemas", help="write the JSON Schemas of the topic records (schemas/*.schema.json)")
+    p.add_argument("--out", default="schemas", help="folder to write into (default schemas/)")
+    p.add_argument("--check", action="store_true", help="only compare with the files there; exit 1 if they differ")
+    p.set_defaults(func=cmd_schemas)
+
+    # -v works after the command too (`modstream classify -v ...`); SUPPRESS keeps the top-level value.
+    for subparser in sub.choices.values():
+        subparser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
     return parser
 
 
+def describe_error(exc: BaseException, args: argparse.Namespace) -> str | None:
+    """One line for an error a user can fix (naming the input and what to do), or None for a
+    bug, which keeps its traceback. Imports are lazy: most roles never load these modules."""
+    from aiokafka.errors import KafkaConnectionError, KafkaError
+
+    from models.images import ImageError
+    from models.registry import RegistryError
+    from trainer.importers import DatasetImportError
+    from trainer.manifest import ManifestError
+
+    if isinstance(exc, FileNotFoundError):
+        return f"{exc.filename or exc}: no such file or folder; check the path"
+    if isinstance(exc, IsADirectoryError | NotADirectoryError | PermissionError):
+        return f"{exc.filename or exc}: {exc.strerror or exc}; check the path and its permissions"
+    if isinstance(exc, ManifestError):
+        return f"bad manifest: {exc}; fix that line (one JSON object per line: id, text, image, labels)"
+    if isinstance(exc, DatasetImportError | ImageError):
+        return f"{exc}; fix the input and run again"
+    if isinstance(exc, RegistryError):
+        registry = getattr(args, "registry", None) or DEFAULT_HOME / "registry"
+        return (
+            f"{exc.args[0] if exc.args else exc}; `modstream models --registry {registry}` lists the versions "
+            "(`modstream train` registers one)"
+        )
+    bootstrap = getattr(args, "bootstrap", None)
+    if isinstance(exc, KafkaConnectionError) or (isinstance(exc, KafkaError) and bootstrap):
+        return (
+            f"cannot reach Kafka at {bootstrap} ({type(exc).__name__}); start it (`make stack-up`) "
+            "or pass --bootstrap HOST:PORT of a running broker"
+        )
+    try:
+        from redis.exceptions import ConnectionError as RedisConnectionError
+    except ImportError:  # pragma: no cover - redis is a runtime dependency
+        return None
+    if isinstance(exc, RedisConnectionError):
+        return f"cannot reach Redis at {getattr(args, 'redis', '?')} ({exc}); start it or pass --redis URL"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Usage errors exit 2 (argparse's own and UsageError), user errors 1 with one line on
+    stderr (the traceback only with -v); anything unexpected keeps its traceback."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return int(args.func(args))
+    prog = f"modstream {args.command}"
+    if args.command in ONE_SHOT_KAFKA and not args.verbose:
+        # aiokafka logs each failed connection itself; the one line from describe_error says it all.
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    try:
+        return int(args.func(args))
+    except UsageError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        message = describe_error(exc, args)
+        if message is None:
+            raise
+        if args.verbose:
+            traceback.print_exc()
+        else:
+            message += " (add -v for the traceback)"
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -53,10 +53,10 @@ async def produce(bootstrap: str, topic: str, values: Iterator[bytes], *, rate: 
     from aiokafka import AIOKafkaProducer
 
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
-    await producer.start()
     sent = 0
     started = time.perf_counter()
-    try:
+    try:  # stop() also when start() fails (broker unreachable), or aiokafka warns of an unclosed producer
+        await producer.start()
         futures = []
         for value in values:
             key = None
