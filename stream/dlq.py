@@ -138,10 +138,9 @@ async def read_dead_letters(bootstrap: str, topic: str, timeout_s: float = 60.0)
     out: list[tuple[Candidate | None, Any]] = []
     try:
         await consumer.start()
-        partitions = consumer.partitions_for_topic(topic)
-        if partitions is None:
-            await consumer.topics()  # refresh metadata once
-            partitions = consumer.partitions_for_topic(topic)
+        # consumer.topics() does not refresh what partitions_for_topic reads: ask the cluster.
+        cluster = await consumer._client.fetch_all_metadata()
+        partitions = cluster.partitions_for_topic(topic)
         if not partitions:
             raise LookupError(f"topic {topic!r} does not exist on {bootstrap}")
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
