@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Debian packages the test suite needs besides the venv: Chromium for the review console's
 # browser tests (Playwright drives Debian's build; Playwright's own browser download is not
-# used) and redis-server (deploy/local-stack.sh also installs it on demand).
+# used), redis-server (deploy/local-stack.sh also installs it on demand) and promtool, from
+# Debian's `prometheus` package (2.42), for the alert rules' unit tests. That package ships a
+# Prometheus server service: it must not be left running, so services are kept from starting
+# during the install (policy-rc.d) and, under systemd, disabled and stopped after it.
 # Idempotent: installs only what is missing; needs root (or passwordless sudo) the first time.
 set -euo pipefail
 
@@ -10,6 +13,7 @@ command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 # Fonts so the console screenshots render text (chromium pulls a minimal set only).
 dpkg -s fonts-dejavu-core >/dev/null 2>&1 || missing+=(fonts-dejavu-core)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 
 if ((${#missing[@]} == 0)); then
   exit 0
@@ -21,5 +25,18 @@ if [[ $(id -u) -ne 0 ]]; then
   SUDO=sudo
 fi
 export DEBIAN_FRONTEND=noninteractive
+# policy-rc.d exiting 101 tells invoke-rc.d not to start services; keep an existing one.
+policy=/usr/sbin/policy-rc.d
+added_policy=
+if [[ ! -e $policy ]]; then
+  printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null
+  $SUDO chmod 755 "$policy"
+  added_policy=1
+fi
+trap 'if [[ -n $added_policy ]]; then $SUDO rm -f "$policy"; fi' EXIT
 $SUDO apt-get update -q >/dev/null
 $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+# Under systemd the unit may still be enabled (it would start at the next boot): disable and stop it.
+if [[ -d /run/systemd/system ]] && systemctl list-unit-files prometheus.service >/dev/null 2>&1; then
+  $SUDO systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+fi
