@@ -277,7 +277,13 @@ class DevicePool:
 
     @property
     def version(self) -> str:
-        return self.replicas[0].predictor.version if self.replicas else "unloaded"
+        """The version the next batch is served by: a staged swap counts as done. Callers key
+        cached labels by it, so a warm dedupe cache cannot keep answering with the old model
+        (every post a cache hit would never reach a replica, and the swap would never land)."""
+        if not self.replicas:
+            return "unloaded"
+        replica = self.replicas[0]
+        return (replica._next or replica.predictor).version
 
     @property
     def healthy(self) -> bool:

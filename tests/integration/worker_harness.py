@@ -29,6 +29,7 @@ def register_tiny_model(registry: Path) -> str:
     from models.card import ModelCard
     from models.registry import ModelRegistry
     from tests.tiny import tiny_model
+    from trainer.train import TrainConfig
 
     model, tokenizer = tiny_model()
     card = ModelCard(
@@ -37,6 +38,8 @@ def register_tiny_model(registry: Path) -> str:
         # A validated-looking ITM block so routing is exercised; threshold 0.5 sends roughly
         # half the image posts of a random model to review.
         itm={"trained": True, "auroc": 0.9, "routing_lift": {"hate": 1.5}, "threshold": 0.5},
+        # The recipe `modstream retrain` trains candidates with (short: weights don't matter here).
+        training={"config": TrainConfig(epochs=2, patience=2).to_dict()},
     )
     return ModelRegistry(registry).save(model, tokenizer, card)
 

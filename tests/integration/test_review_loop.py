@@ -1,0 +1,283 @@
+"""The whole human loop on the real broker and redis-server, every role a real process:
+
+worker -> `review` topic -> review sink -> Redis stream -> console (a scripted reviewer on
+the JSON API) -> `reviewed` topic -> dataset sink -> reviewed manifest -> retrain (gated,
+promoted) -> `model-updates` -> the worker switches; posts keep flowing through the switch.
+
+The tiny random model's scores mean nothing, so the gate's margin is opened wide here: the
+gate's own decisions (a worse candidate refused, with the reason in its card) are tested in
+tests/unit/test_retrain.py. This test is about the plumbing: nothing lost, nothing twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from models.registry import ModelRegistry
+from review.dataset import load_reviewed
+from stream.media_server import BackgroundMediaServer
+from stream.producer import synthetic_posts
+from stream.records import encode
+from tests.integration.sink_harness import SinkProcess
+from tests.integration.stack import REPO_ROOT, LocalStack, free_loopback_ports
+from tests.integration.worker_harness import Worker, collect, produce, register_tiny_model
+from trainer.manifest import read_manifest
+from trainer.synthetic import write_synthetic
+
+REDIS_DB = 9  # this test's review stream, apart from the other tests' databases
+PASSWORD = "loop test password 42"
+
+
+def _cli(*args: str, stdin: str | None = None) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "stream.cli", *args],
+        cwd=REPO_ROOT, input=stdin, text=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, f"modstream {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+class Console:
+    """`modstream review serve` as a subprocess, and a JSON API client with a bearer token."""
+
+    def __init__(self, args: list[str], log: Path, users: Path) -> None:
+        _cli("review", "add-user", "scripted", "--role", "reviewer", "--password-stdin", "--users", str(users),
+             stdin=PASSWORD + "\n")  # fmt: skip
+        self.token = _cli("review", "token", "scripted", "--users", str(users)).strip()
+        (self.port,) = free_loopback_ports(1)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "stream.cli", "review", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+             "--users", str(users), "--allow-loopback-media", "--insecure-cookies", *args],
+            cwd=REPO_ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, log.read_text()
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/login", timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise TimeoutError("the console did not start")
+
+    def api(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method=method)
+        req.add_header("Authorization", f"Bearer {self.token}")
+        req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"null")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def _labels(stack: LocalStack, prefix: str, want: int, timeout: float = 180) -> list[dict]:
+    """Every label record of this prefix on the topic (duplicates included)."""
+
+    def done(records: list[dict]) -> bool:
+        return len({r["post_id"] for r in records}) >= want
+
+    return asyncio.run(collect(stack.bootstrap, "labels", done, timeout, lambda r: r["post_id"].startswith(prefix)))
+
+
+def _review_everything(console: Console, prefix: str, expected: int, timeout: float = 120) -> dict[str, dict]:
+    """Claims until the queue has given `expected` items of this run; decides each one:
+    hate corrected, sarcasm confirmed (items of other tests in the topic are skipped)."""
+    decided: dict[str, dict] = {}
+    deadline = time.monotonic() + timeout
+    while len(decided) < expected and time.monotonic() < deadline:
+        status, claim = console.api("POST", "/api/v1/claim")
+        assert status == 200, claim
+        if claim.get("item") is None:
+            time.sleep(0.5)  # the sink may still be copying
+            continue
+        item = claim["item"]
+        ours = item["post_id"].startswith(prefix)
+        actions = {"hate": "correct", "sarcasm": "confirm"} if ours else {"hate": "skip", "sarcasm": "skip"}
+        body = {"decisions": {task: {"action": action} for task, action in actions.items()}}
+        status, created = console.api("POST", f"/api/v1/items/{claim['entry_id']}/decision", body)
+        assert status == 201, created
+        if ours:
+            assert item["post_id"] not in decided, f"{item['post_id']} was handed out twice"
+            decided[item["post_id"]] = created["decision"]
+    return decided
+
+
+@pytest.fixture
+def loop_dirs(tmp_path: Path) -> dict[str, Path]:
+    dirs = {name: tmp_path / name for name in ("registry", "reviewed", "logs", "cache", "base", "media")}
+    for path in dirs.values():
+        path.mkdir()
+    return dirs
+
+
+def test_reviewed_decisions_retrain_promote_and_switch_the_worker_without_losing_a_post(
+    stack: LocalStack, loop_dirs: dict[str, Path]
+) -> None:
+    import redis
+
+    run = uuid.uuid4().hex[:6]
+    redis_url = f"redis://127.0.0.1:{stack.redis_port}/{REDIS_DB}"
+    redis.Redis(port=stack.redis_port, db=REDIS_DB).flushdb()
+    decisions_topic = f"reviewed-loop-{run}"
+    registry = ModelRegistry(loop_dirs["registry"])
+    first = register_tiny_model(registry.root)
+    base = write_synthetic(loop_dirs["base"], n=160, seed=5, image_size=32)
+    examples = read_manifest(write_synthetic(loop_dirs["media"], n=120, seed=3, image_size=48))
+    server = BackgroundMediaServer(loop_dirs["media"] / "images")
+    logs = loop_dirs["logs"]
+
+    worker = Worker(stack, registry.root, logs, app_id=f"loop-worker-{run}")
+    review_sink = SinkProcess(
+        "review-sink", ["--bootstrap", stack.bootstrap, "--redis", redis_url, "--group", f"loop-rs-{run}"],
+        logs, "review-sink",
+    )  # fmt: skip
+    dataset_sink = SinkProcess(
+        "dataset-sink",
+        ["--bootstrap", stack.bootstrap, "--topic", decisions_topic, "--group", f"loop-ds-{run}",
+         "--out", str(loop_dirs["reviewed"]), "--allow-loopback-media"],
+        logs, "dataset-sink",
+    )  # fmt: skip
+    console: Console | None = None
+    try:
+        worker.start()
+        review_sink.start()
+        dataset_sink.start()
+        console = Console(
+            ["--bootstrap", stack.bootstrap, "--redis", redis_url, "--topic", decisions_topic],
+            logs / "console.log", logs / "users.json",
+        )  # fmt: skip
+
+        # 1. Posts in; the weakly matching ones reach review.
+        prefix = f"loop-{run}-a-"
+        posts = list(synthetic_posts(examples, server.url, 80, prefix=prefix))
+        asyncio.run(produce(stack.bootstrap, "posts", [encode(p) for p in posts]))
+        labels = _labels(stack, prefix, 80)
+        routed = {r["post_id"] for r in labels if r["route"] == "review"}
+        assert len(routed) >= 10, f"only {len(routed)} of 80 posts were routed to review"
+        assert {r["model_version"] for r in labels} == {first}
+
+        # 2. A scripted reviewer decides every routed post once; each becomes one training example.
+        decided = _review_everything(console, prefix, len(routed))
+        assert set(decided) == routed
+        deadline = time.monotonic() + 60
+        reviewed: dict[str, Any] = {}
+        while time.monotonic() < deadline and len(reviewed) < len(routed):
+            reviewed = {ex.id: ex for ex in load_reviewed(loop_dirs["reviewed"])}
+            time.sleep(0.5)
+        assert set(reviewed) == routed
+        for post_id, ex in reviewed.items():
+            model_hate = decided[post_id]["model_labels"]["hate"]["label"]
+            assert ex.labels["hate"] != model_hate  # "correct" flipped the model's label
+            assert ex.labels["sarcasm"] == decided[post_id]["model_labels"]["sarcasm"]["label"]
+            assert ex.image is not None and ex.image.is_file()  # media saved by content hash
+
+        # 3. Retraining is triggered by the new decisions, promoted, published; meanwhile posts
+        #    keep flowing, and none is lost or labelled twice around the switch.
+        during = f"loop-{run}-b-"
+        pool = list(synthetic_posts(examples, server.url, 2000, prefix=during))
+        trickle = Trickle(stack.bootstrap, pool)
+        trickle.start()
+        out = _cli("retrain", "--registry", str(registry.root), "--cache", str(loop_dirs["cache"]),
+                   "--reviewed", str(loop_dirs["reviewed"]), "--base-manifest", str(base),
+                   "--min-new", str(len(routed)), "--margin", "1.0", "--min-holdout", "10", "--epochs", "2",
+                   "--device", "cpu", "--bootstrap", stack.bootstrap, "--quiet")  # fmt: skip
+        second = registry.current()
+        assert second is not None and second != first, out
+        card = registry.card(second)
+        assert card.metrics["promotion"]["promoted"] is True
+        assert card.training["parent_version"] == first
+        assert card.training["reviewed"]["n_used"] + card.training["reviewed"]["holdout_n"] == len(routed)
+
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and _ready_model(worker) != second:
+            time.sleep(0.5)
+        assert _ready_model(worker) == second, worker.log_tail()
+        time.sleep(2)  # a few more posts after the switch
+        sent = trickle.stop()
+        assert sent, "the trickle produced nothing"
+
+        flowing_labels = _labels(stack, during, len(sent))
+        per_post = Counter(r["post_id"] for r in flowing_labels)
+        assert set(per_post) == set(sent), "posts lost around the switch"
+        assert max(per_post.values()) == 1, f"labelled twice: {[k for k, v in per_post.items() if v > 1][:5]}"
+        versions = Counter(r["model_version"] for r in flowing_labels)
+        assert set(versions) == {first, second}, f"the switch did not land while posts flowed: {versions}"
+
+        # 4. Later posts carry the new version.
+        after = f"loop-{run}-c-"
+        later = list(synthetic_posts(examples, server.url, 30, prefix=after))
+        asyncio.run(produce(stack.bootstrap, "posts", [encode(p) for p in later]))
+        assert {r["model_version"] for r in _labels(stack, after, 30)} == {second}
+    finally:
+        if console is not None:
+            console.stop()
+        for sink in (review_sink, dataset_sink):
+            sink.stop()
+        worker.stop()
+        server.stop()
+
+
+class Trickle:
+    """Posts produced in small steady batches from a thread until stopped, so that the model
+    switch lands while posts are in flight. `stop()` returns the ids of the posts sent."""
+
+    def __init__(self, bootstrap: str, posts: list[Any], batch: int = 4, interval_s: float = 0.3) -> None:
+        self.bootstrap, self.posts, self.batch, self.interval_s = bootstrap, posts, batch, interval_s
+        self.sent: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    async def _run(self) -> None:
+        from aiokafka import AIOKafkaProducer
+
+        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all")
+        await producer.start()
+        try:
+            for start in range(0, len(self.posts), self.batch):
+                if self._stop.is_set():
+                    return
+                chunk = self.posts[start : start + self.batch]
+                await asyncio.gather(*[await producer.send("posts", encode(p)) for p in chunk])
+                self.sent.extend(p.id for p in chunk)
+                await asyncio.sleep(self.interval_s)
+        finally:
+            await producer.stop()
+
+    def stop(self) -> list[str]:
+        self._stop.set()
+        self._thread.join(timeout=60)
+        assert not self._thread.is_alive()
+        return self.sent
+
+
+def _ready_model(worker: Worker) -> str | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{worker.web_port}/ready", timeout=2) as resp:
+            return json.loads(resp.read()).get("model")
+    except (OSError, ValueError):
+        return None
