@@ -182,6 +182,13 @@ def cmd_models(args: argparse.Namespace) -> int:
     from models.registry import ModelRegistry
 
     registry = ModelRegistry(_registry_root(args))
+    if args.set_current:
+        # Roll forward or back: workers on `--model current` load it on their next start;
+        # `modstream retrain --publish-current` tells running workers now.
+        previous = registry.current()
+        registry.set_current(args.set_current)  # RegistryError (one line, exit 1) for an unknown version
+        print(f"CURRENT: {previous} -> {args.set_current}; announce it with `modstream retrain --publish-current`")
+        return 0
     current = registry.current()
     for version in registry.versions():
         card = registry.card(version)
@@ -372,8 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-bad-image", choices=["text-only", "skip"], default="text-only")
     p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser("models", help="list registered model versions")
+    p = sub.add_parser("models", help="list registered model versions (or move CURRENT)")
     _add_common(p)
+    p.add_argument("--set-current", metavar="VERSION", help="make VERSION the current model (roll forward or back)")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("classify", help="classify posts from a JSONL file (no Kafka)")

@@ -57,3 +57,17 @@ def test_classify_command_runs_the_pipeline_on_every_line(tmp_path, synthetic_sm
     assert len(dead) == 2 and {d["stage"] for d in dead} == {"parse"}
     assert main(["models", "--registry", str(registry)]) == 0
     assert "* v0001" in capsys.readouterr().out
+
+
+def test_models_set_current_rolls_back_and_refuses_unknown_versions(tmp_path, capsys):
+    model, tok = tiny_model()
+    registry = ModelRegistry(tmp_path / "registry")
+    registry.save(model, tok, ModelCard(config=model.config))
+    registry.save(model, tok, ModelCard(config=model.config))
+    assert registry.current() == "v0002"
+    assert main(["models", "--registry", str(registry.root), "--set-current", "v0001"]) == 0
+    assert registry.current() == "v0001"
+    assert "v0002 -> v0001" in capsys.readouterr().out
+    assert main(["models", "--registry", str(registry.root), "--set-current", "v0099"]) == 1
+    assert registry.current() == "v0001"
+    assert "'v0099' not found" in capsys.readouterr().err
