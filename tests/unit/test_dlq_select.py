@@ -1,0 +1,59 @@
+"""Which dead letters `modstream dlq replay` selects (no broker: the selection is pure)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+
+import pytest
+
+from stream.dlq import Selection, _candidate, parse_time, select
+from stream.records import DeadLetter, encode
+
+
+def record(post_id: str | None, stage: str, reason: str, failed_at: str, offset: int) -> tuple:
+    letter = DeadLetter.from_raw(json.dumps({"id": post_id, "text": "t"}), stage, reason, post_id)
+    letter.failed_at = failed_at
+    value = encode(letter)
+    return _candidate(0, offset, value), value
+
+
+RECORDS = [
+    record("a", "classify", "RuntimeError('The expanded size of the tensor')", "2026-11-28T08:00:00+00:00", 0),
+    record("b", "parse", "id: must be a string, not int", "2026-11-28T08:05:00+00:00", 1),
+    record("c", "classify", "InferenceTimeout('no answer in 30 s')", "2026-11-28T09:00:00+00:00", 2),
+    record("a", "classify", "RuntimeError('The expanded size of the tensor')", "2026-11-28T09:30:00+00:00", 3),
+    (None, b"not json"),
+]
+
+
+def ids(selection: Selection) -> list[str | None]:
+    return [c.post_id for c in select(RECORDS, selection).selected]
+
+
+def test_no_criteria_selects_each_post_once_at_its_latest_dead_letter():
+    report = select(RECORDS, Selection())
+    assert [c.post_id for c in report.selected] == ["b", "c", "a"]
+    assert [c.offset for c in report.selected if c.post_id == "a"] == [3]
+    assert report.superseded == 1 and report.unreadable == 1 and report.scanned == 5
+
+
+def test_stage_reason_and_time_combine():
+    assert ids(Selection(stages=frozenset({"parse"}))) == ["b"]
+    assert ids(Selection(reason_contains="EXPANDED size")) == ["a"]  # case-insensitive substring
+    assert ids(Selection(reason_regex=re.compile(r"Timeout\("))) == ["c"]
+    since, until = parse_time("2026-11-28T08:01:00Z"), parse_time("2026-11-28T09:00:00")
+    assert ids(Selection(since=since, until=until)) == ["b"]  # until is exclusive; no zone means UTC
+    assert ids(Selection(stages=frozenset({"classify"}), since=since)) == ["c", "a"]
+    report = select(RECORDS, Selection(stages=frozenset({"classify"}), reason_contains="timeout"))
+    assert report.skipped == {"stage": 1, "reason": 2}
+
+
+def test_bad_times_and_patterns_are_usage_errors():
+    with pytest.raises(argparse.ArgumentTypeError, match="ISO 8601"):
+        parse_time("yesterday")
+    from stream.dlq import parse_regex
+
+    with pytest.raises(argparse.ArgumentTypeError, match="regular expression"):
+        parse_regex("(unclosed")
