@@ -213,7 +213,7 @@ def itm_auroc(match_scores_pos: npt.ArrayLike, match_scores_neg: npt.ArrayLike) 
     return float(roc_auc_score(y, np.concatenate([pos, neg])))
 
 
-def routing_lift(errors: npt.ArrayLike, itm_scores: npt.ArrayLike, fraction: float = 0.1) -> dict[str, float]:
+def routing_lift(errors: npt.ArrayLike, itm_scores: npt.ArrayLike, fraction: float = 0.1) -> dict[str, Any]:
     """Error rate among the `fraction` of posts with the lowest ITM match probability, vs overall.
 
     Tests whether "image and text don't match" is a useful signal for routing posts to human
