@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test-tools run demo test lint typecheck unit bench bench-stream ablate stack-up stack-down clean
+.PHONY: venv test-tools run demo test lint typecheck unit bench bench-stream bench-review ablate stack-up stack-down clean
 
 venv: $(STAMP)
 
@@ -50,6 +50,11 @@ bench: venv
 
 bench-stream: venv
 	$(PY) bench/stream_throughput.py
+
+# The human loop: review sink (topic -> Redis) and review API (decisions/s); each starts its own stack.
+bench-review: venv
+	$(PY) bench/review_sink_throughput.py
+	$(PY) bench/review_api_throughput.py
 
 stack-up:
 	bash deploy/local-stack.sh start
