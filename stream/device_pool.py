@@ -117,12 +117,23 @@ class Replica:
         return self.queue.qsize()
 
     @property
+    def stalled(self) -> bool:
+        """A batch is past its deadline in either stage."""
+        now = time.monotonic()
+        return any(now - since > self.config.batch_timeout_s for since in list(self._busy.values()))
+
+    @property
     def healthy(self) -> bool:
         """Serving: both stages run and no batch is past its deadline in either."""
         if self.failure is not None or not self._tasks or any(t.done() for t in self._tasks):
             return False
-        now = time.monotonic()
-        return all(now - since <= self.config.batch_timeout_s for since in list(self._busy.values()))
+        return not self.stalled
+
+    def fail_open(self, exc: BaseException) -> None:
+        """Fails every batch between gathering and delivery (the replica is being replaced)."""
+        for items in list(self._open.values()):
+            _fail(items, exc)
+        self._open.clear()
 
     def start(self) -> None:
         device = self.predictor.device
@@ -145,10 +156,7 @@ class Replica:
             if other is not task:
                 other.cancel()
         # Callers of batches in flight would otherwise wait for results nobody will deliver.
-        failed = ReplicaFailed(f"replica on {self.predictor.device} failed: {self.failure or 'stopped'}")
-        for items in list(self._open.values()):
-            _fail(items, failed)
-        self._open.clear()
+        self.fail_open(ReplicaFailed(f"replica on {self.predictor.device} failed: {self.failure or 'stopped'}"))
 
     def stage_swap(self, predictor: Predictor) -> None:
         self._next = predictor
@@ -331,7 +339,10 @@ class DevicePool:
                     log.exception("rebuilding the replica on %s failed", replica.predictor.device)
 
     async def _restart(self, index: int, old: Replica) -> None:
-        self.last_failure = old.failure or "a batch ran past its deadline"
+        if old.failure is None:  # seen stalled before the stage's own deadline fired
+            old.failure = f"a batch hung for over {self.config.batch_timeout_s:g} s"
+            old.fail_open(InferenceTimeout(old.failure))
+        self.last_failure = old.failure
         log.error("replica on %s is unhealthy (%s); rebuilding it", old.predictor.device, self.last_failure)
         # Stop the old batcher first so it takes nothing more from the queue it hands over.
         await old.close()
