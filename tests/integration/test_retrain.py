@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,23 +13,14 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from models.registry import ModelRegistry
 from tests.integration.stack import LocalStack
-from tests.unit.test_retrain import make_registry, options, write_reviewed
+from tests.unit.test_retrain import home, options, seeded, write_reviewed
 from trainer.retrain import UPDATES_TOPIC, describe, kafka_publisher, run_retrain
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def seeded(tmp_path_factory) -> Path:
-    home = tmp_path_factory.mktemp("retrain-home")
-    make_registry(home / "registry", home / "work", home / "cache")
-    return home
-
-
-@pytest.fixture
-def home(seeded: Path, tmp_path: Path) -> Path:
-    shutil.copytree(seeded, tmp_path / "home")
-    return tmp_path / "home"
+# The unit tests' fixtures: a seeded registry (v0001, base data, feature cache), copied per test.
+__all__ = ["home", "seeded"]
 
 
 async def _end_offsets(bootstrap: str) -> dict[TopicPartition, int]:
