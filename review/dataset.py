@@ -21,7 +21,6 @@ temporary file that replaces it atomically; both are fsynced before `commit` ret
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import json
 import logging
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from stream.records import ReviewDecision
-from trainer.manifest import Example, iter_manifest, read_manifest
+from trainer.manifest import Example, complete_part, iter_manifest, read_complete_lines
 
 log = logging.getLogger(__name__)
 
@@ -50,36 +49,11 @@ class DatasetError(RuntimeError):
 # -- reading (any process) -----------------------------------------------------------------
 
 
-def _complete_part(path: Path) -> tuple[bytes, bool]:
-    """The manifest's bytes up to its last newline, and whether anything was cut: an append
-    in progress (or cut short by a crash) must not make a reader fail."""
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    return data[:end], end != len(data)
-
-
 def load_reviewed(folder: Path) -> list[Example]:
     """The reviewed examples (image paths absolute), [] when nothing was reviewed yet. Safe
     while the dataset sink writes: a line being appended is left out until it is whole."""
     path = Path(folder) / MANIFEST
-    if not path.exists():
-        return []
-    data, cut = _complete_part(path)
-    if not cut:
-        return read_manifest(path)
-    # read_manifest resolves images against the manifest's folder: read a snapshot of the
-    # complete lines from a temporary folder, then point the images back at `folder`.
-    with tempfile.TemporaryDirectory() as tmp:
-        snapshot = Path(tmp) / MANIFEST
-        snapshot.write_bytes(data)
-        examples = read_manifest(snapshot)
-    root = Path(tmp)
-    return [
-        dataclasses.replace(ex, image=Path(folder) / ex.image.relative_to(root))
-        if ex.image is not None and ex.image.is_relative_to(root)
-        else ex
-        for ex in examples
-    ]
+    return read_complete_lines(path) if path.exists() else []
 
 
 def count_decisions(folder: Path) -> int:
@@ -213,7 +187,7 @@ class ReviewedDataset:
     def _load(self) -> dict[str, dict[str, Any]]:
         if not self.manifest.exists():
             return {}
-        data, cut = _complete_part(self.manifest)
+        data, cut = complete_part(self.manifest)
         if cut:
             # Only an append cut short by a crash leaves a partial last line, and its batch
             # was never committed: it will be delivered again.

@@ -9,7 +9,9 @@ when the source does not label that task; the task loss ignores it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +69,33 @@ def _parse(obj: Any, root: Path, where: str) -> Example:
 
 def read_manifest(path: Path) -> list[Example]:
     return list(iter_manifest(path))
+
+
+def complete_part(path: Path) -> tuple[bytes, bool]:
+    """The manifest's bytes up to its last newline, and whether a partial last line was cut
+    off (a line being appended, or an append cut short by a crash)."""
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    return data[:end], end != len(data)
+
+
+def read_complete_lines(path: Path) -> list[Example]:
+    """Like read_manifest, but safe while a writer appends: a partial last line is left out
+    until it is whole. Image paths resolve against `path`'s folder either way."""
+    data, cut = complete_part(path)
+    if not cut:
+        return read_manifest(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        snapshot = Path(tmp) / path.name
+        snapshot.write_bytes(data)
+        examples = read_manifest(snapshot)
+    root = Path(tmp)
+    return [
+        dataclasses.replace(ex, image=path.parent / ex.image.relative_to(root))
+        if ex.image is not None and ex.image.is_relative_to(root)
+        else ex
+        for ex in examples
+    ]
 
 
 def iter_manifest(path: Path) -> Iterator[Example]:

@@ -8,17 +8,15 @@ watch loop does not retrain on the same decisions again and again.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.registry import ModelRegistry
 from trainer.holdout import decided_at
-from trainer.manifest import Example, read_manifest
+from trainer.manifest import Example, read_complete_lines
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.jsonl"
@@ -42,7 +40,7 @@ def read_reviewed(folder: Path, tasks: Mapping[str, Sequence[str]]) -> list[Exam
         log.info("no reviewed dataset at %s yet", manifest)
         return []
     out = []
-    for ex in complete_lines(manifest):
+    for ex in read_complete_lines(manifest):
         labels: dict[str, str | None] = {}
         for task, label in ex.labels.items():
             if task not in tasks:
@@ -58,26 +56,6 @@ def read_reviewed(folder: Path, tasks: Mapping[str, Sequence[str]]) -> list[Exam
         decided_at(ex)  # validated here, before any training starts
         out.append(Example(ex.id, ex.text, ex.image, labels, ex.meta))
     return out
-
-
-def complete_lines(manifest: Path) -> list[Example]:
-    """The manifest's examples, leaving out a last line the dataset sink is still appending
-    (everything up to the last newline; images resolved against the manifest's folder)."""
-    data = manifest.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end == len(data):
-        return read_manifest(manifest)
-    with tempfile.TemporaryDirectory() as tmp:
-        snapshot = Path(tmp) / MANIFEST
-        snapshot.write_bytes(data[:end])
-        examples = read_manifest(snapshot)
-    root = Path(tmp)
-    return [
-        dataclasses.replace(ex, image=manifest.parent / ex.image.relative_to(root))
-        if ex.image is not None and ex.image.is_relative_to(root)
-        else ex
-        for ex in examples
-    ]
 
 
 @dataclass
