@@ -226,6 +226,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         registry=_registry_root(args),
         model_version=args.model,
         app_id=args.app_id,
+        web_host=args.web_host,
         web_port=args.web_port,
         max_batch=args.max_batch,
         max_wait_s=args.max_wait,
@@ -398,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redis", default="redis://127.0.0.1:16379/0", help="Redis URL ('' to run without Redis)")
     p.add_argument("--model", default="current")
     p.add_argument("--app-id", default="modstream-worker", help="consumer group / Faust app id")
+    p.add_argument("--web-host", default="127.0.0.1", help="address of /metrics and /ready (0.0.0.0 in a container)")
     p.add_argument("--web-port", type=int, default=6066, help="port of /metrics and /ready")
     p.add_argument("--max-batch", type=int, default=64, help="posts per agent micro-batch")
     p.add_argument("--max-wait", type=float, default=0.05, help="seconds to fill a micro-batch")

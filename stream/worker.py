@@ -44,6 +44,7 @@ class WorkerSettings:
     registry: Path = Path("var/registry")
     model_version: str = "current"
     app_id: str = "modstream-worker"
+    web_host: str = "127.0.0.1"  # 0.0.0.0 in a container, so Prometheus and probes can reach it
     web_port: int = 6066
     max_batch: int = 64
     max_wait_s: float = 0.05
@@ -238,7 +239,7 @@ def create_app(settings: WorkerSettings) -> tuple[faust.App, Resources]:
         value_serializer="raw",
         key_serializer="raw",
         store="memory://",
-        web_host="127.0.0.1",
+        web_host=settings.web_host,
         web_port=settings.web_port,
         topic_partitions=settings.topic_partitions,
         topic_allow_declare=False,  # the stack script creates topics with their partition counts

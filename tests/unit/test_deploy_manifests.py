@@ -171,7 +171,7 @@ def test_worker_pods_take_one_gpu_each_and_are_ready_only_after_warm_up():
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert build_parser().parse_args(container["args"]).device == "cuda"
     for probe in ("readinessProbe", "startupProbe"):
-        assert "/ready" in " ".join(container[probe]["exec"]["command"])
+        assert container[probe]["httpGet"]["path"] == "/ready"
     assert "livenessProbe" in container
 
 
