@@ -36,18 +36,17 @@ class LagMonitor:
     lag_sum: Any
     errors: Any
     interval_s: float = 5.0
+    timeout_s: float = 30.0
 
     async def measure(self, admin: Any, consumer: Any) -> dict[tuple[str, int], int]:
         from aiokafka import TopicPartition
 
-        await consumer.topics()  # refreshes metadata, so partitions_for_topic knows every topic
-        partitions = [
-            TopicPartition(topic, p)
-            for topic in self.topics
-            for p in sorted(consumer.partitions_for_topic(topic) or ())
-        ]
-        if not partitions:
-            return {}
+        partitions = []
+        for topic in await admin.describe_topics(list(self.topics)):
+            if topic.get("error_code") or not topic.get("partitions"):
+                # Never report 0 for a topic we could not see: the gauge keeps its last value.
+                raise LookupError(f"topic {topic.get('topic')!r} not found (error {topic.get('error_code')})")
+            partitions += [TopicPartition(topic["topic"], p["partition"]) for p in topic["partitions"]]
         committed = await admin.list_consumer_group_offsets(self.group, partitions=partitions)
         ends = await consumer.end_offsets(partitions)
         beginnings = await consumer.beginning_offsets(partitions)
@@ -59,7 +58,7 @@ class LagMonitor:
         }
 
     def publish(self, lags: dict[tuple[str, int], int]) -> None:
-        sums: dict[str, int] = {topic: 0 for topic in self.topics}
+        sums: dict[str, int] = {}
         for (topic, partition), value in lags.items():
             self.lag.labels(self.group, topic, str(partition)).set(value)
             sums[topic] = sums.get(topic, 0) + value
@@ -78,8 +77,8 @@ class LagMonitor:
                 await admin.start()
                 await consumer.start()
                 while True:
-                    try:
-                        self.publish(await self.measure(admin, consumer))
+                    try:  # a hung request must not freeze the gauge silently: time it out and count it
+                        self.publish(await asyncio.wait_for(self.measure(admin, consumer), self.timeout_s))
                     except Exception as exc:
                         self.errors.labels("kafka", "consumer_lag").inc()
                         log.warning("consumer lag of %s not measured: %r", self.group, exc)
