@@ -111,7 +111,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _default_jobs(device: str) -> int:
-    from trainer.fit import pick_device
+    from models.devices import pick_device
 
     return 1 if pick_device(device).type != "cpu" else max(1, len(os.sched_getaffinity(0)))
 

@@ -13,9 +13,12 @@ import random
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from stream.records import Post, encode
-from trainer.manifest import Example
+
+if TYPE_CHECKING:  # the synthetic firehose takes trainer Examples; the producer needs no training code
+    from trainer.manifest import Example
 
 
 def synthetic_posts(

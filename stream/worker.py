@@ -135,7 +135,9 @@ class Resources:
             on_batch=self._observe_device_batch,
         )
         await self.pool.start()
-        self.fetcher = MediaFetcher(FetchConfig(allow_loopback=s.allow_loopback_media))
+        # Decoded images are kept at most twice the model's input side (bounded memory per post).
+        max_side = 2 * self.card.config.image_size
+        self.fetcher = MediaFetcher(FetchConfig(allow_loopback=s.allow_loopback_media, max_side=max_side))
         await self.fetcher.__aenter__()
         if s.redis_url:
             self.redis = RedisStore(s.redis_url)

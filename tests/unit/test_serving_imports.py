@@ -9,8 +9,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 # Composition roots wire training and serving together on purpose (`modstream demo`, `run`,
-# the CLI); the producer is a load generator, not part of the worker runtime.
-NOT_RUNTIME = {"cli.py", "demo.py", "local_run.py", "producer.py", "__init__.py"}
+# the CLI); everything else, the producer included, must not load training code.
+NOT_RUNTIME = {"cli.py", "demo.py", "local_run.py", "__init__.py"}
 
 
 def _runtime_modules() -> list[str]:
