@@ -35,7 +35,8 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy
 
-# Chromium for the browser tests, redis-server (Debian packages; installed once).
+# Debian packages the tests need, installed once: Chromium (browser tests), redis-server,
+# prometheus (promtool for the alert-rule tests).
 test-tools:
 	bash deploy/test-tools.sh
 
