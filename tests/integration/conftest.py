@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from stream.media_server import BackgroundMediaServer
+from tests.integration.worker_harness import register_tiny_model
+from trainer.manifest import read_manifest
+from trainer.synthetic import write_synthetic
 
 _HERE = Path(__file__).resolve().parent
 
@@ -20,3 +26,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if _HERE in Path(str(item.path)).resolve().parents:
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A registry with a tiny random model (weights don't matter to the stream's guarantees)."""
+    root = tmp_path_factory.mktemp("registry")
+    register_tiny_model(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, list]]:
+    """Synthetic images on a loopback server running in its own thread's event loop, and
+    the examples they belong to."""
+    root = tmp_path_factory.mktemp("media")
+    examples = read_manifest(write_synthetic(root, n=200, seed=3, image_size=48))
+    server = BackgroundMediaServer(root / "images")
+    try:
+        yield server.url, examples
+    finally:
+        server.stop()

@@ -12,13 +12,9 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from review.review_sink import parse_review_item
-from stream.media_server import BackgroundMediaServer
 from stream.producer import synthetic_posts
 from stream.records import RecordError, encode
 from tests.integration.sink_harness import (
@@ -29,27 +25,7 @@ from tests.integration.sink_harness import (
     wait_caught_up,
 )
 from tests.integration.stack import LocalStack
-from tests.integration.worker_harness import Worker, collect, produce, register_tiny_model
-from trainer.manifest import read_manifest
-from trainer.synthetic import write_synthetic
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("registry")
-    register_tiny_model(root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def media(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, list]]:
-    root = tmp_path_factory.mktemp("media")
-    examples = read_manifest(write_synthetic(root, n=120, seed=4, image_size=48))
-    server = BackgroundMediaServer(root / "images")
-    try:
-        yield server.url, examples
-    finally:
-        server.stop()
+from tests.integration.worker_harness import Worker, collect, produce
 
 
 def review_sink(stack: LocalStack, log_dir: Path, group: str, db: int) -> SinkProcess:

@@ -13,33 +13,11 @@ from typing import Any
 
 import pytest
 
-from stream.media_server import BackgroundMediaServer
 from stream.producer import synthetic_posts
 from stream.records import encode
 from tests.integration.sink_harness import SinkProcess, stream_post_ids, wait_caught_up
 from tests.integration.stack import LocalStack
-from tests.integration.worker_harness import Worker, collect, produce, register_tiny_model
-from trainer.manifest import read_manifest
-from trainer.synthetic import write_synthetic
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("registry")
-    register_tiny_model(root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def media(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, list]]:
-    """Synthetic images on a loopback server running in its own thread's event loop."""
-    root = tmp_path_factory.mktemp("media")
-    examples = read_manifest(write_synthetic(root, n=200, seed=3, image_size=48))
-    server = BackgroundMediaServer(root / "images")
-    try:
-        yield server.url, examples
-    finally:
-        server.stop()
+from tests.integration.worker_harness import Worker, collect, produce
 
 
 @pytest.fixture(scope="module")
