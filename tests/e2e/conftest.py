@@ -48,8 +48,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
+    """Module-scoped on purpose: Playwright's sync API keeps an event loop running in the
+    test thread until it stops, and every later test that calls asyncio.run() would fail."""
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} is missing and CI is set: the browser tests must run", pytrace=False)
     from playwright.sync_api import sync_playwright
