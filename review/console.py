@@ -24,6 +24,7 @@ import json
 import logging
 import secrets
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -366,6 +367,12 @@ def build_middlewares(console: Console) -> list[Any]:
 # -- helpers for handlers ----------------------------------------------------------------------
 
 
+def claim_decision_id(claim: Claim) -> str:
+    """One id per claim: a submit retried after a Kafka timeout (whose first attempt may have
+    reached the topic after all) is recognised downstream as the same decision."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"modstream-review:{claim.entry_id}:{claim.reviewer}:{claim.deliveries}"))
+
+
 def _ident(request: web.Request) -> Identity:
     ident: Identity = request["identity"]
     return ident
@@ -548,7 +555,7 @@ class Handlers:
         form = await request.post()
         choices, note = choices_from_form(form, list(item_tasks(claim.item)))
         try:
-            decision = build_decision(claim.item, user.name, choices, note=note)
+            decision = build_decision(claim.item, user.name, choices, note=note, decision_id=claim_decision_id(claim))
         except RecordError as exc:
             stats = await self.c.stats()
             return self._item_page(
@@ -570,13 +577,22 @@ class Handlers:
         raise web.HTTPSeeOther("/review?done=" + quote(claim.item.post_id, safe=""))
 
     async def _commit(self, claim: Claim, decision: ReviewDecision) -> None:
-        """Kafka first (acks=all, awaited), then mark decided + XACK in Redis."""
+        """Kafka first (acks=all, awaited: every decision is on record), then Redis: a decision
+        that labels something or escalates ends the item (mark decided + XACK; an escalation
+        is also copied to the escalated stream for admins); one that only skips puts the
+        item back in the queue for another reviewer."""
         try:
             await self.c.producer.send(decision)
         except KafkaUnavailable:
             self.c.metrics.kafka_errors.inc()
             raise
-        await self.c.queue.complete(claim.entry_id, claim.item.post_id, decision.reviewer, decision.decision_id)
+        labels = any(label is not None for label in decision.training_labels().values())
+        if decision.escalated:
+            await self.c.queue.escalate(claim.entry_id, decision.reviewer, decision.decision_id, decision.note)
+        if labels or decision.escalated:
+            await self.c.queue.complete(claim.entry_id, claim.item.post_id, decision.reviewer, decision.decision_id)
+        else:
+            await self.c.queue.release(claim.entry_id)
         for task_decision in decision.decisions.values():
             self.c.metrics.decisions.labels(task_decision.action).inc()
         self.c.metrics.items_decided.inc()
@@ -655,7 +671,7 @@ class Handlers:
         except NotClaimed as exc:
             return _json_error(409, str(exc))
         try:
-            decision = build_decision(claim.item, user.name, choices, note=note)
+            decision = build_decision(claim.item, user.name, choices, note=note, decision_id=claim_decision_id(claim))
         except RecordError as exc:
             return _json_error(400, str(exc))
         try:
@@ -666,6 +682,14 @@ class Handlers:
 
     async def api_stats(self, request: web.Request) -> web.StreamResponse:
         return web.json_response((await self.c.stats()).to_json())
+
+    async def api_escalated(self, request: web.Request) -> web.StreamResponse:
+        _require_admin(request)
+        try:
+            count = max(1, min(1000, int(request.query.get("count", "100"))))
+        except ValueError:
+            return _json_error(400, "count must be an integer")
+        return web.json_response({"escalated": await self.c.queue.escalated(count)})
 
     async def api_dead(self, request: web.Request) -> web.StreamResponse:
         _require_admin(request)
@@ -730,6 +754,7 @@ def create_app(config: ConsoleConfig, *, producer: DecisionProducer | None = Non
     r.add_get("/api/v1/items/{entry_id}", h.api_item)
     r.add_post("/api/v1/items/{entry_id}/decision", h.api_decision)
     r.add_get("/api/v1/stats", h.api_stats)
+    r.add_get("/api/v1/admin/escalated", h.api_escalated)
     r.add_get("/api/v1/admin/dead", h.api_dead)
     r.add_post("/api/v1/admin/dead/{dead_id}/requeue", h.api_dead_requeue)
     r.add_delete("/api/v1/admin/dead/{dead_id}", h.api_dead_delete)

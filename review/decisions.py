@@ -146,7 +146,11 @@ class DecisionProducer:
                     request_timeout_ms=int(self.timeout_s * 1000),
                     linger_ms=0,
                 )
-                await producer.start()
+                try:
+                    await producer.start()
+                except BaseException:
+                    await producer.stop()  # a half-started client still holds connections
+                    raise
                 self._producer = producer
             return self._producer
 

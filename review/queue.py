@@ -15,6 +15,10 @@ An entry whose post already has a decision (the `decided:` marker written right 
 decision reached Kafka, before XACK) is acked and passed over: that covers a crash between
 the produce and the XACK, and items decided in Label Studio. Pending entries are never
 trimmed; the dead-letter stream keeps the entry, its delivery count and the reason.
+
+A decision that labels nothing does not end an item: a skip puts it back at the end of the
+queue for someone else (`release`), an escalation moves it to the escalated stream for
+admins (`escalate`), so neither loses it.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from stream.records import RecordError, ReviewItem
 STREAM = "modstream:review"
 GROUP = "reviewers"
 DEAD = "modstream:review:dead"
+ESCALATED = "modstream:review:escalated"  # items a reviewer escalated, for admins (or a T&S lead)
 DECISIONS_WINDOW_S = 3600
 DECISIONS_KEEP_S = 24 * 3600
 
@@ -119,6 +124,7 @@ class ReviewQueue:
         stream: str = STREAM,
         group: str = GROUP,
         dead: str = DEAD,
+        escalated: str = ESCALATED,
         prefix: str = "modstream",
         claim_timeout_s: float = 300.0,
         max_deliveries: int = 5,
@@ -132,6 +138,7 @@ class ReviewQueue:
         self.stream = stream
         self.group = group
         self.dead = dead
+        self.escalated_stream = escalated
         self.prefix = prefix
         self.claim_timeout_ms = int(claim_timeout_s * 1000)
         self.max_deliveries = max_deliveries
@@ -304,6 +311,43 @@ class ReviewQueue:
         pipe.zadd(self.decisions_key, {f"{decision_id}:{reviewer}": now})
         pipe.zremrangebyscore(self.decisions_key, 0, now - DECISIONS_KEEP_S)
         await pipe.execute()
+
+    async def release(self, entry_id: str) -> str:
+        """A skipped item goes back to the queue for another reviewer: a fresh entry at the end
+        (XADD) and the old one acked, in one MULTI; no decided marker. Returns the new id."""
+        rows = await self._range(self.stream, entry_id, entry_id, count=1)
+        if not rows:
+            raise QueueError(f"item {entry_id} is no longer in the review stream")
+        fields = rows[0][1]
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xadd(self.stream, {"post_id": fields.get("post_id", ""), "item": fields.get("item", "")})
+        pipe.xack(self.stream, self.group, entry_id)
+        new_id, _ = await pipe.execute()
+        return _str(new_id)
+
+    async def escalate(self, entry_id: str, reviewer: str, decision_id: str, note: str | None) -> None:
+        """Copies the item to the escalated stream (who, when, why) before the caller's
+        `complete`; admins list it with `escalated()`. A crash between the two leaves the item
+        pending: it comes back after the claim timeout, so nothing is lost (at worst it is
+        escalated twice)."""
+        rows = await self._range(self.stream, entry_id, entry_id, count=1)
+        fields = rows[0][1] if rows else {}
+        await self.client.xadd(
+            self.escalated_stream,
+            {
+                "post_id": fields.get("post_id", ""),
+                "item": fields.get("item", ""),
+                "entry_id": entry_id,
+                "reviewer": reviewer,
+                "decision_id": decision_id,
+                "note": note or "",
+                "escalated_at": str(int(time.time() * 1000)),
+            },
+        )
+
+    async def escalated(self, count: int = 100) -> list[dict[str, Any]]:
+        rows: Any = await self.client.xrevrange(self.escalated_stream, "+", "-", count=count)
+        return [{"id": _str(i), **_fields(f)} for i, f in rows or []]
 
     async def mark_decided(
         self, post_id: str, decision_id: str, reviewer: str, *, entry_id: str | None = None

@@ -172,3 +172,29 @@ def test_kafka_failure_keeps_the_claim_and_loses_nothing(start_console: Any) -> 
     assert again["entry_id"] == claim["entry_id"]
     stats = console.api("GET", "/api/v1/stats")[1]
     assert stats["depth"] == 1 and stats["pending"] == 1 and stats["decisions_last_hour"] == 0
+
+
+def test_skip_returns_the_item_to_the_queue_and_escalate_hands_it_to_admins(start_console: Any) -> None:
+    """Decisions that label nothing must not lose the item: a skip puts it back for another
+    reviewer, an escalation lists it for admins; both are still recorded on `reviewed`."""
+    console = start_console()
+    skipped = console.enqueue("skip me", image=None)
+    status, claim = console.api("POST", "/api/v1/claim", token=console.reviewer_token)
+    assert status == 200 and claim["item"]["post_id"] == skipped
+    body = {"decisions": {"hate": {"action": "skip"}, "sarcasm": {"action": "skip"}}}
+    status, created = console.api(
+        "POST", f"/api/v1/items/{claim['entry_id']}/decision", body, token=console.reviewer_token
+    )
+    assert status == 201
+    assert read_decision(console.bootstrap, skipped).decision_id == created["decision"]["decision_id"]
+    status, again = console.api("POST", "/api/v1/claim")  # another reviewer (root) gets it
+    assert status == 200 and again["item"]["post_id"] == skipped and again["entry_id"] != claim["entry_id"]
+
+    body = {"decisions": {"hate": {"action": "escalate"}, "sarcasm": {"action": "skip"}}, "note": "legal"}
+    status, _ = console.api("POST", f"/api/v1/items/{again['entry_id']}/decision", body)
+    assert status == 201
+    assert console.api("POST", "/api/v1/claim")[1] == {"item": None}
+    status, listed = console.api("GET", "/api/v1/admin/escalated")
+    assert status == 200 and [e["post_id"] for e in listed["escalated"]] == [skipped]
+    assert listed["escalated"][0]["note"] == "legal"
+    assert console.api("GET", "/api/v1/admin/escalated", token=console.reviewer_token)[0] == 403

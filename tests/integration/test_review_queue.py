@@ -52,6 +52,7 @@ class Env:
             client,
             stream=f"{self.prefix}:review",
             dead=f"{self.prefix}:review:dead",
+            escalated=f"{self.prefix}:review:escalated",
             prefix=self.prefix,
             **kwargs,  # type: ignore[arg-type]
         )
@@ -198,3 +199,31 @@ async def test_decided_post_is_passed_over_when_met_again(env: Env) -> None:
     assert queue.events.skipped_decided == 2
     stats = await queue.stats()
     assert stats.depth == 1 and stats.pending_per_reviewer == {"bob": 1}
+
+
+async def test_a_skipped_item_goes_back_to_the_queue_for_another_reviewer(env: Env) -> None:
+    (post_id,) = await env.enqueue(1)
+    queue = env.queue()
+    await queue.ensure_group()
+    alice = await queue.claim("alice")
+    assert alice is not None and alice.item.post_id == post_id
+    await queue.release(alice.entry_id)
+    bob = await queue.claim("bob")
+    assert bob is not None and bob.item.post_id == post_id and bob.entry_id != alice.entry_id
+    with pytest.raises(NotClaimed):
+        await queue.get_claimed(alice.entry_id, "alice")  # alice's old entry is acked
+    assert (await queue.stats()).depth == 1  # bob's claim, nothing else
+
+
+async def test_an_escalated_item_leaves_the_queue_for_the_escalated_stream(env: Env) -> None:
+    (post_id,) = await env.enqueue(1)
+    queue = env.queue()
+    await queue.ensure_group()
+    claim = await queue.claim("alice")
+    assert claim is not None
+    await queue.escalate(claim.entry_id, "alice", "d-1", "needs legal")
+    await queue.complete(claim.entry_id, post_id, "alice", "d-1")
+    assert await queue.claim("bob") is None
+    (escalated,) = await queue.escalated()
+    assert escalated["post_id"] == post_id and escalated["reviewer"] == "alice" and escalated["note"] == "needs legal"
+    assert ReviewItem.from_json(escalated["item"]).post_id == post_id
