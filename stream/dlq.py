@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-STAGES = ("parse", "fetch", "classify", "sink")
+from stream.records import POST_STAGES
+
+STAGES = POST_STAGES  # the sinks' dead letters hold review items or decisions, never posts
 REPLAY_HEADER = "modstream-replayed-from"
 
 
@@ -55,7 +57,7 @@ class Selection:
 
     def why_not(self, letter: dict[str, Any]) -> str | None:
         """None when `letter` (a DeadLetter's JSON) is selected, else the criterion it misses."""
-        if self.stages and letter.get("stage") not in self.stages:
+        if letter.get("stage") not in (self.stages or STAGES):
             return "stage"
         reason = str(letter.get("reason", ""))
         if self.reason_contains is not None and self.reason_contains.lower() not in reason.lower():

@@ -282,12 +282,18 @@ class ReviewDecision:
             raise RecordError("review_decision", str(exc)) from exc
 
 
+# Where an input can fail. The worker's stages carry a Post as `raw` (what `dlq replay` may
+# send back to `posts`); the sinks' stages carry a review item or a reviewer's decision.
+POST_STAGES = ("parse", "fetch", "classify", "sink")
+DEAD_LETTER_STAGES = (*POST_STAGES, "review_sink", "dataset_sink")
+
+
 @dataclass
 class DeadLetter:
     """An input that could not be labelled: the raw bytes (as text), where and why."""
 
     raw: str
-    stage: str  # parse | fetch | classify | sink
+    stage: str  # one of DEAD_LETTER_STAGES
     reason: str
     post_id: str | None = None
     failed_at: str = field(default_factory=now_iso)

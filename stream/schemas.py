@@ -22,6 +22,7 @@ from typing import Any
 from stream import records
 from stream.records import (
     ACTIONS,
+    DEAD_LETTER_STAGES,
     LABELLING_ACTIONS,
     MAX_ID,
     MAX_IMAGES,
@@ -63,7 +64,7 @@ _RULES: dict[tuple[type, str], dict[str, Any]] = {
     # Post.from_json checks datetime.fromisoformat; "date-time" documents it (format is an annotation).
     (Post, "created_at"): {"maxLength": 64, "format": "date-time"},
     (Label, "route"): {"enum": ["auto", "review"]},
-    (DeadLetter, "stage"): {"enum": ["parse", "fetch", "classify", "sink"]},
+    (DeadLetter, "stage"): {"enum": list(DEAD_LETTER_STAGES)},
     (TaskDecision, "action"): {"enum": list(ACTIONS)},
 }
 

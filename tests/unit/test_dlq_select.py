@@ -57,3 +57,13 @@ def test_bad_times_and_patterns_are_usage_errors():
 
     with pytest.raises(argparse.ArgumentTypeError, match="regular expression"):
         parse_regex("(unclosed")
+
+
+def test_the_sinks_dead_letters_are_never_replayed_as_posts():
+    """review_sink / dataset_sink letters hold a review item or a decision, not a post: sent to
+    `posts` they would only fail parsing again (and could shadow the post's own dead letter)."""
+    sink_letter = record("b", "review_sink", "review_item: missing field", "2026-11-28T10:00:00+00:00", 9)
+    records = [*RECORDS, sink_letter]
+    assert "review_sink" not in {c.stage for c in select(records, Selection()).selected}
+    assert [c.offset for c in select(records, Selection()).selected if c.post_id == "b"] == [1]
+    assert select(records, Selection(stages=frozenset({"parse"}))).selected[0].offset == 1
