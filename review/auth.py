@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import secrets
@@ -36,6 +37,8 @@ TOKEN_PREFIX = "mst_"
 
 _hasher = PasswordHasher()
 _DUMMY_HASH = _hasher.hash("not a real password, for timing only")
+
+log = logging.getLogger(__name__)
 
 
 class AuthError(ValueError):
@@ -156,7 +159,10 @@ class UserStore:
             return None
         if _hasher.check_needs_rehash(user.password_hash):
             user.password_hash = _hasher.hash(password)
-            self._save()
+            try:
+                self._save()
+            except OSError as exc:  # a read-only users file (a mounted Secret) must not block logins
+                log.warning("could not store a rehashed password for %s: %s", user.name, exc)
         return user
 
     def user_for_token(self, token: str) -> User | None:

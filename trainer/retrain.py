@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
@@ -350,6 +351,16 @@ def _run(opts: RetrainOptions) -> RetrainOutcome:
             fitted.model, fitted.tokenizer, fitted.card, holdouts[h], opts.cache_dir, opts.device, opts.progress
         )
     decision = decide(comparisons(evaluation, list(tasks)), opts.margin, opts.min_holdout)
+    moved = registry.current()
+    if decision.promoted and moved != parent:
+        # An operator rolled CURRENT forward or back while this run trained: the candidate was
+        # gated against a model that no longer serves, so it must not replace that choice.
+        decision = dataclasses.replace(
+            decision,
+            promoted=False,
+            why=f"CURRENT moved from {parent} to {moved} during the run; the candidate passed its gate against "
+            f"{parent} ({decision.why}) but is not promoted: rerun to gate it against the model now serving",
+        )
 
     card = fitted.card
     seen_by = lineage_saw_base_holdout(registry, parent, source, opts.base_fraction)

@@ -362,3 +362,26 @@ def test_cli_watch_serves_metrics_and_survives_failed_runs(tmp_path):
         out, _ = proc.communicate(timeout=30)
     assert failed >= 2, out
     assert "retraining run failed" in out and "no current model" in out
+
+
+def test_a_rollback_during_the_run_is_not_overridden_by_the_candidate(home, monkeypatch):
+    """An operator moves CURRENT while the candidate trains: the candidate was gated against a
+    model that no longer serves, so it is kept but not promoted, and nothing is published."""
+    import trainer.retrain as retrain
+
+    write_reviewed(home / "reviewed", 600, seed=11)
+    registry = ModelRegistry(home / "registry")
+
+    def fit_while_the_operator_rolls(examples, *args, **kwargs):
+        shutil.copytree(registry.root / "v0001", registry.root / "v0002")  # "another version"
+        registry.set_current("v0002")
+        return fit(examples, *args, **kwargs)
+
+    monkeypatch.setattr(retrain, "fit", fit_while_the_operator_rolls)
+    recorder = Recorder(home / "registry")
+    outcome = retrain.run_retrain(options(home, recorder))
+
+    assert outcome.status == "refused" and outcome.version == "v0003"
+    assert registry.current() == "v0002" and recorder.sent == []
+    promotion = registry.card("v0003").metrics["promotion"]
+    assert not promotion["promoted"] and "CURRENT moved from v0001 to v0002" in promotion["why"]
