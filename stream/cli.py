@@ -499,8 +499,19 @@ def describe_error(exc: BaseException, args: argparse.Namespace) -> str | None:
     except ImportError:  # pragma: no cover - redis is a runtime dependency
         return None
     if isinstance(exc, RedisConnectionError):
-        return f"cannot reach Redis at {getattr(args, 'redis', '?')} ({exc}); start it or pass --redis URL"
+        return f"cannot reach Redis at {_redacted(getattr(args, 'redis', '?'))} ({exc}); start it or pass --redis URL"
     return None
+
+
+def _redacted(url: str) -> str:
+    """A URL without its password (redis://:secret@host -> redis://:***@host), fit for logs."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
 
 
 def main(argv: list[str] | None = None) -> int:

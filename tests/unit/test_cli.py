@@ -71,3 +71,11 @@ def test_models_set_current_rolls_back_and_refuses_unknown_versions(tmp_path, ca
     assert main(["models", "--registry", str(registry.root), "--set-current", "v0099"]) == 1
     assert registry.current() == "v0001"
     assert "'v0099' not found" in capsys.readouterr().err
+
+
+def test_error_lines_never_show_a_redis_password():
+    from stream.cli import _redacted
+
+    assert _redacted("redis://:s3cret@redis:6379/0") == "redis://:***@redis:6379/0"
+    assert _redacted("rediss://user:s3cret@redis/1") == "rediss://user:***@redis/1"
+    assert _redacted("redis://127.0.0.1:16379/0") == "redis://127.0.0.1:16379/0"

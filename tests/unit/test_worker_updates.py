@@ -1,6 +1,8 @@
-"""A worker that starts while an update is published still ends on the newest version: once
-its model-updates positions are fixed it re-reads CURRENT (the retrain job moves CURRENT
-before it publishes), so an update sent before the subscription is not missed."""
+"""The catch-up step a starting worker runs once its model-updates positions are fixed
+(stream/worker.py `_fix_positions`, then `catch_up_with_registry`): it re-reads CURRENT, which
+the retrain job moves before it publishes, so an update sent before the subscription is not
+missed. The ordering itself is exercised end to end by tests/integration/test_review_loop.py
+and test_worker.py's model-update test; these tests pin the decision it makes."""
 
 import asyncio
 from types import SimpleNamespace
