@@ -65,6 +65,13 @@ class User:
     def is_admin(self) -> bool:
         return self.role == "admin"
 
+    @property
+    def fingerprint(self) -> str:
+        """Changes with the password, the role, or a remove + add under the same name, so a
+        session made before any of them stops working (sessions store it at login)."""
+        material = "\0".join((self.name, self.role, self.password_hash, self.created_at))
+        return hashlib.sha256(material.encode()).hexdigest()[:32]
+
 
 def check_name(name: str) -> str:
     if not NAME_RE.match(name):

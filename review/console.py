@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import secrets
@@ -238,7 +239,8 @@ class Console:
         if session is None:
             return None
         user = self.users.get(session.user)
-        if user is None:  # removed since login
+        if user is None or not hmac.compare_digest(session.fingerprint, user.fingerprint):
+            # Removed, or password / role changed, or re-created under the same name since login.
             await self.sessions.delete(session)
             return None
         return Identity(user, session)
@@ -465,16 +467,15 @@ class Handlers:
         name = str(form.get("username", ""))[:64]
         password = str(form.get("password", ""))
         addr = request.remote or "unknown"
-        if await self.c.limiter.blocked(name, addr):
+        if not await self.c.limiter.attempt(name, addr):
             return self._login_form(
                 request, error="Too many failed logins. Wait 15 minutes and try again.", status=429, name=name
             )
         user = await asyncio.to_thread(self.c.users.authenticate, name, password)
         if user is None:
-            await self.c.limiter.failed(name, addr)
             return self._login_form(request, error="Wrong user name or password.", status=401, name=name)
         await self.c.limiter.succeeded(name, addr)
-        sid, _ = await self.c.sessions.create(user.name)
+        sid, _ = await self.c.sessions.create(user.name, user.fingerprint)
         response = web.HTTPSeeOther(_safe_next(str(form.get("next", "")) or None))
         self.c.set_session_cookie(response, sid)
         response.del_cookie(LOGIN_CSRF_COOKIE, path="/login")

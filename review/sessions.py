@@ -26,6 +26,7 @@ class Session:
     user: str
     csrf: str
     created: float
+    fingerprint: str = ""  # the user's fingerprint at login (review.auth.User.fingerprint)
 
 
 def _text(value: str | bytes) -> str:
@@ -53,12 +54,12 @@ class SessionStore:
     def _key(self, sid_hash: str) -> str:
         return f"{self.prefix}:session:{sid_hash}"
 
-    async def create(self, user: str) -> tuple[str, Session]:
+    async def create(self, user: str, fingerprint: str = "") -> tuple[str, Session]:
         sid = secrets.token_urlsafe(32)
-        session = Session(_hash(sid), user, new_csrf_token(), time.time())
+        session = Session(_hash(sid), user, new_csrf_token(), time.time(), fingerprint)
         await self.client.hset(
             self._key(session.sid_hash),
-            mapping={"user": user, "csrf": session.csrf, "created": str(session.created)},
+            mapping={"user": user, "csrf": session.csrf, "created": str(session.created), "fp": fingerprint},
         )
         await self.client.expire(self._key(session.sid_hash), self.idle_s)
         return sid, session
@@ -76,14 +77,16 @@ class SessionStore:
             await self.client.delete(self._key(sid_hash))
             return None
         await self.client.expire(self._key(sid_hash), self.idle_s)
-        return Session(sid_hash, data["user"], data["csrf"], created)
+        return Session(sid_hash, data["user"], data["csrf"], created, data.get("fp", ""))
 
     async def delete(self, session: Session) -> None:
         await self.client.delete(self._key(session.sid_hash))
 
 
 class LoginLimiter:
-    """At most `per_user` failed logins per name and `per_addr` per client in `window_s`."""
+    """At most `per_user` failed logins per name and `per_addr` per client in `window_s`.
+    Behind a reverse proxy every client shares the proxy's address: size `per_addr` for that
+    (the per-user limit is what stops password guessing against one account)."""
 
     def __init__(
         self,
@@ -106,17 +109,20 @@ class LoginLimiter:
             f"{self.prefix}:login-fail:addr:{addr}",
         )
 
-    async def blocked(self, user: str, addr: str) -> bool:
-        user_key, addr_key = self._keys(user, addr)
-        by_user, by_addr = await self.client.mget([user_key, addr_key])
-        return int(by_user or 0) >= self.per_user or int(by_addr or 0) >= self.per_addr
-
-    async def failed(self, user: str, addr: str) -> None:
+    async def attempt(self, user: str, addr: str) -> bool:
+        """Counts this attempt before the password is checked, so parallel tries cannot all
+        slip past a check made before any failure was recorded; False when over a limit."""
         pipe = self.client.pipeline(transaction=True)
         for key in self._keys(user, addr):
             pipe.incr(key)
             pipe.expire(key, self.window_s, nx=True)
-        await pipe.execute()
+        by_user, _, by_addr, _ = await pipe.execute()
+        return int(by_user) <= self.per_user and int(by_addr) <= self.per_addr
 
     async def succeeded(self, user: str, addr: str) -> None:
-        await self.client.delete(self._keys(user, addr)[0])
+        """A good login clears the user's count and takes its own attempt off the address's."""
+        user_key, addr_key = self._keys(user, addr)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(user_key)
+        pipe.decr(addr_key)
+        await pipe.execute()

@@ -198,3 +198,31 @@ def test_skip_returns_the_item_to_the_queue_and_escalate_hands_it_to_admins(star
     assert status == 200 and [e["post_id"] for e in listed["escalated"]] == [skipped]
     assert listed["escalated"][0]["note"] == "legal"
     assert console.api("GET", "/api/v1/admin/escalated", token=console.reviewer_token)[0] == 403
+
+
+def test_a_password_change_ends_the_sessions_made_before_it(start_console: Any, users_file: Any) -> None:
+    console = start_console()
+    users = str(users_file[0])
+    name, first, second = f"dave{free_loopback_ports(1)[0]}", "first password 123", "second password 456"
+    done = subprocess.run(
+        [sys.executable, "-m", "stream.cli", "review", "add-user", name, "--password-stdin", "--users", users],
+        cwd=REPO_ROOT, input=first + "\n", text=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    jar = http.cookiejar.CookieJar()
+    jar.set_policy(http.cookiejar.DefaultCookiePolicy(secure_protocols=("http", "https")))
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    assert _post_login(opener, console.port, name, first) == 200
+
+    def queue_page() -> str:
+        with opener.open(f"http://127.0.0.1:{console.port}/review", timeout=10) as resp:
+            return resp.geturl()
+
+    assert queue_page().endswith("/review")  # the session works
+    done = subprocess.run(
+        [sys.executable, "-m", "stream.cli", "review", "set-password", name, "--password-stdin", "--users", users],
+        cwd=REPO_ROOT, input=second + "\n", text=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "/login" in queue_page()  # the old session was ended: redirected to log in again
+    assert _post_login(opener, console.port, name, second) == 200
