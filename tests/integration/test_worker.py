@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,11 +59,12 @@ def test_every_post_gets_exactly_one_label(stack: LocalStack, worker: Worker, me
 
 
 def test_malformed_and_invalid_posts_go_to_the_dead_letter_topic(stack: LocalStack, worker: Worker) -> None:
+    run = uuid.uuid4().hex[:8]  # posts.dlq is shared with other tests: this run's records only
     bad = [
-        b'{"id": "dlq-1", "text": ',  # truncated JSON
-        b'{"id": "dlq-2"}',  # no text
-        b'{"id": "dlq-3", "text": "x", "image_urls": "not-a-list"}',
-        b"\xff\xfe\x00garbage",
+        b'{"id": "dlq-%s-1", "text": ' % run.encode(),  # truncated JSON
+        b'{"id": "dlq-%s-2"}' % run.encode(),  # no text
+        b'{"id": "dlq-%s-3", "text": "x", "image_urls": "not-a-list"}' % run.encode(),
+        b"\xff\xfe\x00garbage-%s" % run.encode(),
     ]
     asyncio.run(produce(stack.bootstrap, "posts", bad))
 
@@ -70,15 +72,15 @@ def test_malformed_and_invalid_posts_go_to_the_dead_letter_topic(stack: LocalSta
         return len(records) >= 4
 
     def mine(record: dict) -> bool:
-        return '"dlq-' in record["raw"] or "garbage" in record["raw"]
+        return run in record["raw"]
 
     dead = asyncio.run(collect(stack.bootstrap, "posts.dlq", done, 60, mine))
     assert len(dead) == 4, worker.log_tail()
     assert {d["stage"] for d in dead} == {"parse"}
-    reasons = {d["raw"][:14]: d["reason"] for d in dead}
-    assert reasons['{"id": "dlq-1"'].startswith("record: invalid JSON")  # truncated: no id to salvage
-    assert reasons['{"id": "dlq-2"'].startswith("text:") and reasons['{"id": "dlq-3"'].startswith("image_urls:")
-    assert {d["post_id"] for d in dead if '"dlq-2"' in d["raw"] or '"dlq-3"' in d["raw"]} == {"dlq-2", "dlq-3"}
+    by_id = {d["raw"].split(run)[1][:2]: d for d in dead}  # "-1", "-2", "-3" and the garbage
+    assert by_id["-1"]["reason"].startswith("record: invalid JSON")  # truncated: no id to salvage
+    assert by_id["-2"]["reason"].startswith("text:") and by_id["-3"]["reason"].startswith("image_urls:")
+    assert {by_id["-2"]["post_id"], by_id["-3"]["post_id"]} == {f"dlq-{run}-2", f"dlq-{run}-3"}
     assert worker.alive
 
 
