@@ -16,14 +16,22 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from review import sink_metrics as metrics
 from review.dataset import Plan, ReviewedDataset, decided_at, manifest_line, plan_batch
-from review.kafka_sink import DeadLetters, SinkRecord, SinkSettings, TransientError, known_fields, run_sink
-from stream.records import MAX_ID, MAX_URL, DeadLetter, RecordError, ReviewDecision, decode_json
+from review.kafka_sink import (
+    DeadLetters,
+    Parsed,
+    SinkRecord,
+    SinkSettings,
+    TransientError,
+    known_fields,
+    run_sink,
+    split_batch,
+)
+from stream.records import MAX_ID, MAX_URL, RecordError, ReviewDecision, decode_json
 
 log = logging.getLogger(__name__)
 
@@ -81,24 +89,8 @@ def parse_decision(raw: bytes | None) -> ReviewDecision:
     return d
 
 
-@dataclass
-class ParsedDecisions:
-    decisions: list[ReviewDecision]
-    dead: list[DeadLetter]
-    reasons: list[str]
-
-
-def parse_batch(records: Sequence[SinkRecord]) -> ParsedDecisions:
-    out = ParsedDecisions([], [], [])
-    for r in records:
-        try:
-            out.decisions.append(parse_decision(r.value))
-        except RecordError as exc:
-            where = f"{r.topic}[{r.partition}]@{r.offset}"
-            log.warning("dataset sink: malformed decision %s (%s) sent to the dead-letter topic", where, exc)
-            out.dead.append(DeadLetter.from_raw(r.value or b"", DLQ_STAGE, f"{exc} ({where})", r.key_text))
-            out.reasons.append(exc.field)
-    return out
+def parse_batch(records: Sequence[SinkRecord]) -> Parsed[ReviewDecision]:
+    return split_batch(records, parse_decision, DLQ_STAGE, "dataset sink")
 
 
 class DatasetSink:
@@ -114,7 +106,7 @@ class DatasetSink:
     async def apply(self, records: Sequence[SinkRecord]) -> None:
         parsed = parse_batch(records)
         await self.dead_letters.send(parsed.dead, parsed.reasons)
-        plan = plan_batch(parsed.decisions, self.dataset.lines)
+        plan = plan_batch(parsed.good, self.dataset.lines)
         lines = await self._lines(plan)
         try:
             await asyncio.to_thread(self.dataset.commit, lines)

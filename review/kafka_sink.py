@@ -25,15 +25,42 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from review import sink_metrics as metrics
 from stream.lag import LagMonitor
-from stream.records import DeadLetter, encode
+from stream.records import DeadLetter, RecordError, encode
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+Item = TypeVar("Item")
+
+
+@dataclass
+class Parsed(Generic[Item]):
+    """A batch split into the records that parsed (in topic order) and dead letters."""
+
+    good: list[Item]
+    dead: list[DeadLetter]
+    reasons: list[str]  # metric reason per dead letter (the offending field)
+
+
+def split_batch(
+    records: Sequence[SinkRecord], parse: Callable[[bytes | None], Item], stage: str, sink: str
+) -> Parsed[Item]:
+    """Parses every record; one that does not fit its schema becomes a DeadLetter naming the
+    stage, the field and where it was read, so the sink loses nothing and goes on."""
+    out: Parsed[Item] = Parsed([], [], [])
+    for r in records:
+        try:
+            out.good.append(parse(r.value))
+        except RecordError as exc:
+            where = f"{r.topic}[{r.partition}]@{r.offset}"
+            log.warning("%s: malformed record %s (%s) sent to the dead-letter topic", sink, where, exc)
+            out.dead.append(DeadLetter.from_raw(r.value or b"", stage, f"{exc} ({where})", r.key_text))
+            out.reasons.append(exc.field)
+    return out
 
 
 class TransientError(Exception):

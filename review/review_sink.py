@@ -13,14 +13,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from redis.exceptions import RedisError
 
 from review import sink_metrics as metrics
-from review.kafka_sink import DeadLetters, SinkRecord, SinkSettings, TransientError, known_fields, run_sink
-from stream.records import MAX_ID, DeadLetter, RecordError, ReviewItem, decode_json
+from review.kafka_sink import (
+    DeadLetters,
+    Parsed,
+    SinkRecord,
+    SinkSettings,
+    TransientError,
+    known_fields,
+    run_sink,
+    split_batch,
+)
+from stream.records import MAX_ID, RecordError, ReviewItem, decode_json
 
 log = logging.getLogger(__name__)
 
@@ -55,25 +63,9 @@ def parse_review_item(raw: bytes | None) -> ReviewItem:
     return item
 
 
-@dataclass
-class Parsed:
-    items: list[ReviewItem]
-    dead: list[DeadLetter]
-    reasons: list[str]  # metric reason per dead letter
-
-
-def parse_batch(records: Sequence[SinkRecord]) -> Parsed:
+def parse_batch(records: Sequence[SinkRecord]) -> Parsed[ReviewItem]:
     """Split a batch into review items (in topic order) and dead letters."""
-    out = Parsed([], [], [])
-    for r in records:
-        try:
-            out.items.append(parse_review_item(r.value))
-        except RecordError as exc:
-            where = f"{r.topic}[{r.partition}]@{r.offset}"
-            log.warning("review sink: malformed record %s (%s) sent to the dead-letter topic", where, exc)
-            out.dead.append(DeadLetter.from_raw(r.value or b"", DLQ_STAGE, f"{exc} ({where})", r.key_text))
-            out.reasons.append(exc.field)
-    return out
+    return split_batch(records, parse_review_item, DLQ_STAGE, "review sink")
 
 
 class ReviewSink:
@@ -91,7 +83,7 @@ class ReviewSink:
         # A record redelivered after a failed pipeline was partly written answers False
         # ("already queued"), so the counts below are per attempt that succeeded.
         try:
-            added = await self.store.enqueue_review_many(parsed.items)
+            added = await self.store.enqueue_review_many(parsed.good)
         except (RedisError, OSError, TimeoutError) as exc:
             raise TransientError("redis", "review_xadd", exc) from exc
         queued = sum(added)
