@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from models.config import ModelConfig
+from models.routing_policy import RoutingPolicySpec
 
 CARD_SCHEMA = 1
 
@@ -28,7 +29,10 @@ class ModelCard:
     """`thresholds` and `temperatures` are per task; a task's decision is
     P(positive label) >= threshold, where the positive label is the last in its label list.
     `itm` carries the match threshold for review routing and whether ITM was trained.
-    `metrics` holds validation numbers, including `itm_auroc` and `routing_lift`."""
+    `metrics` holds validation numbers, including `itm_auroc` and `routing_lift`.
+    `routing` is the review policy chosen at training (models/routing_policy.py: kind,
+    coefficients, review cut, the budget it was tuned for and its validated curve); empty
+    on cards made before it existed, which route by the ITM gate as they always did."""
 
     config: ModelConfig
     version: str = "unversioned"
@@ -38,6 +42,11 @@ class ModelCard:
     itm: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    routing: dict[str, Any] = field(default_factory=dict)
+
+    def routing_policy(self) -> RoutingPolicySpec | None:
+        """The card's review policy, or None on a card without one."""
+        return RoutingPolicySpec.from_dict(self.routing) if self.routing else None
 
     @property
     def tasks(self) -> dict[str, list[str]]:
@@ -72,4 +81,17 @@ class ModelCard:
             itm=dict(data.get("itm", {})),
             training=dict(data.get("training", {})),
             metrics=dict(data.get("metrics", {})),
+            routing=_checked_routing(data.get("routing")),
         )
+
+
+def _checked_routing(value: Any) -> dict[str, Any]:
+    """A card's routing block, refused at load (not at the first post) when malformed."""
+    if not value:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"model card 'routing' must be an object, got {type(value).__name__}")
+    spec = RoutingPolicySpec.from_dict(value)
+    if spec.cut is None:
+        raise ValueError("model card 'routing' has no review cut")
+    return dict(value)

@@ -1,4 +1,9 @@
-"""Routing: which labelled posts a human should review, and why (pure logic)."""
+"""Routing: which labelled posts a human should review, and why (pure logic).
+
+A card that carries a review policy (`card.routing`, chosen and validated at training, see
+models/routing_policy.py) routes by it: review when the policy's score reaches its cut.
+A card without one (made before policies existed) routes as it always did: weak ITM match,
+when the ITM gate trusts the card's evidence (models/routing_gate.py)."""
 
 from __future__ import annotations
 
@@ -8,14 +13,20 @@ from typing import Any
 from models.card import ModelCard
 from models.inference import Prediction
 from models.routing_gate import MIN_ERRORS, GateFloors, decide_itm_routing
+from models.routing_policy import WEAK_MATCH, PolicyInputs
 
-WEAK_MATCH = "weak_image_text_match"
+__all__ = ["WEAK_MATCH", "RouteDecision", "RoutingPolicy", "route", "route_scores"]
 
 
 @dataclass
 class RoutingPolicy:
-    """ITM routing is trusted only when the card's validation evidence clears these floors
-    (see models/routing_gate.py); otherwise posts are routed by task uncertainty alone."""
+    """The operator's overrides. `use_card_policy=False` ignores the card's review policy
+    and routes by the ITM gate; `review_cut` replaces the card policy's cut (higher: fewer
+    reviews). ITM routing (cards without a policy) is trusted only when the card's
+    validation evidence clears the floors below (models/routing_gate.py)."""
+
+    use_card_policy: bool = True
+    review_cut: float | None = None
 
     itm_threshold: float | None = None  # None: take the card's
     min_itm_auroc: float = 0.6
@@ -58,12 +69,19 @@ def route_scores(
     """`scores`: task -> (score, threshold). Works from stored label values too, so a
     cached label is routed by the policy in force now, not the one it was made under."""
     reasons: list[str] = []
-    threshold = policy.threshold(card)
-    # Text-only posts have no ITM score and are never routed by it.
-    if itm_trusted and itm_match is not None and threshold is not None and itm_match < threshold:
-        reasons.append(WEAK_MATCH)
+    spec = card.routing_policy() if policy.use_card_policy else None
+    if spec is not None:
+        cut = policy.review_cut if policy.review_cut is not None else spec.cut
+        inputs = PolicyInputs.one(itm_match, scores)
+        if cut is not None and spec.review(inputs, cut)[0]:
+            reasons.extend(spec.reasons(inputs))
+    else:
+        threshold = policy.threshold(card)
+        # Text-only posts have no ITM score and are never routed by it.
+        if itm_trusted and itm_match is not None and threshold is not None and itm_match < threshold:
+            reasons.append(WEAK_MATCH)
     if policy.uncertainty_band > 0:
         for task, (score, task_threshold) in scores.items():
-            if abs(score - task_threshold) < policy.uncertainty_band:
+            if abs(score - task_threshold) < policy.uncertainty_band and f"uncertain_{task}" not in reasons:
                 reasons.append(f"uncertain_{task}")
     return RouteDecision("review" if reasons else "auto", reasons)

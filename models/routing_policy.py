@@ -1,0 +1,276 @@
+"""Review-routing policies: which posts a human should see, scored from what the worker has.
+
+Every policy turns a post's calibrated task scores (P(positive) and the task's threshold,
+from the card) and its ITM match probability (None / NaN for text-only posts) into one
+review score; a post goes to review when its score >= the policy's `cut`, the validation
+quantile that reviews the budgeted share of posts. Kinds:
+
+- "itm": lowest match first (score = -match); text-only posts are never routed by it.
+- "uncertainty": closeness to the decision threshold, the most uncertain task counts.
+  "margin" = 1 - |p - t| / (t or 1 - t, the room on p's side), 1 at the threshold and 0
+  at certainty, so tasks with different thresholds compare; "entropy" = binary entropy of p.
+- "combined": per task a logistic model of "the model is wrong on this post" over features
+  of the scores and ITM (fitted on validation by trainer/routing_eval.py); the review
+  score is the expected number of wrong task decisions (sum) or the likeliest one (max).
+
+Pure numpy on arrays of posts; `score_post` is the one-post form the worker calls.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+BUDGETS = (0.05, 0.1, 0.2)
+KINDS = ("itm", "uncertainty", "combined")
+Uncertainty = Literal["margin", "entropy"]
+Combine = Literal["sum", "max"]
+
+WEAK_MATCH = "weak_image_text_match"
+LIKELY_ERROR = "likely_error"
+
+FloatArray = npt.NDArray[np.float64]
+
+
+@dataclass
+class PolicyInputs:
+    """Per post: `scores[task]` calibrated P(positive), `thresholds[task]` the card's
+    threshold, `itm` the match probability (NaN without an image)."""
+
+    scores: dict[str, FloatArray]
+    thresholds: dict[str, float]
+    itm: FloatArray
+
+    def __len__(self) -> int:
+        return len(self.itm)
+
+    @classmethod
+    def one(cls, itm_match: float | None, scores: Mapping[str, tuple[float, float]]) -> PolicyInputs:
+        """A single post as the worker sees it: task -> (score, threshold)."""
+        return cls(
+            scores={t: np.array([float(s)]) for t, (s, _) in scores.items()},
+            thresholds={t: float(th) for t, (_, th) in scores.items()},
+            itm=np.array([math.nan if itm_match is None else float(itm_match)]),
+        )
+
+
+def margin_uncertainty(p: FloatArray, threshold: float) -> FloatArray:
+    room = np.where(p >= threshold, 1.0 - threshold, threshold)
+    return np.asarray(1.0 - np.abs(p - threshold) / np.maximum(room, 1e-9), dtype=np.float64)
+
+
+def binary_entropy(p: FloatArray) -> FloatArray:
+    q = np.clip(p, 1e-12, 1 - 1e-12)
+    return np.asarray(-(q * np.log2(q) + (1 - q) * np.log2(1 - q)), dtype=np.float64)
+
+
+def _task_of(name: str, tasks: Sequence[str]) -> str | None:
+    return next((t for t in tasks if name.endswith("_" + t)), None)
+
+
+def feature_matrix(inputs: PolicyInputs, names: Sequence[str]) -> FloatArray:
+    """The combined policy's features by name. Per task t: `p_t` (calibrated probability),
+    `signed_t` (p - threshold), `margin_t` (margin uncertainty); `itm` (match probability,
+    0 without an image), `itm_missing` (1 without an image), and `itm_x_margin_t`
+    (the match times the task's uncertainty: a weak match matters most when unsure)."""
+    tasks = list(inputs.scores)
+    present = ~np.isnan(inputs.itm)
+    itm = np.where(present, inputs.itm, 0.0)
+    cols = []
+    for name in names:
+        task = _task_of(name, tasks)
+        if name == "itm":
+            cols.append(itm)
+        elif name == "itm_missing":
+            cols.append((~present).astype(np.float64))
+        elif task is None:
+            raise ValueError(f"unknown routing feature {name!r} (tasks: {tasks})")
+        elif name == f"p_{task}":
+            cols.append(inputs.scores[task])
+        elif name == f"signed_{task}":
+            cols.append(inputs.scores[task] - inputs.thresholds[task])
+        elif name == f"margin_{task}":
+            cols.append(margin_uncertainty(inputs.scores[task], inputs.thresholds[task]))
+        elif name == f"itm_x_margin_{task}":
+            cols.append(itm * margin_uncertainty(inputs.scores[task], inputs.thresholds[task]))
+        else:
+            raise ValueError(f"unknown routing feature {name!r} (tasks: {tasks})")
+    return np.stack(cols, axis=1) if cols else np.zeros((len(inputs), 0))
+
+
+def _reason_of_feature(name: str, tasks: Sequence[str]) -> str:
+    """An explanatory review reason for a combined policy's main contributor."""
+    task = _task_of(name, tasks)
+    if name in ("itm", "itm_missing") or name.startswith("itm_x_"):
+        return WEAK_MATCH if name != "itm_missing" else "text_only"
+    if name.startswith("margin_"):
+        return f"uncertain_{task}"
+    return f"score_{task}"  # p_t / signed_t: where on the scale the model errs
+
+
+@dataclass
+class TaskHead:
+    """Logistic P(wrong on this task) over standardised features."""
+
+    coef: list[float]
+    intercept: float
+
+
+@dataclass
+class RoutingPolicySpec:
+    kind: str
+    uncertainty: Uncertainty = "margin"
+    combine: Combine = "sum"
+    features: list[str] = field(default_factory=list)
+    mean: list[float] = field(default_factory=list)
+    scale: list[float] = field(default_factory=list)
+    heads: dict[str, TaskHead] = field(default_factory=dict)
+    cut: float | None = None  # review when score >= cut
+    budget: float | None = None  # the review share the cut was set for, on validation
+    curve: dict[str, Any] = field(default_factory=dict)  # budget -> task -> recall/precision/lift
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown routing policy kind {self.kind!r}; expected one of {KINDS}")
+        if self.uncertainty not in ("margin", "entropy"):
+            raise ValueError(f"unknown uncertainty {self.uncertainty!r}; expected margin or entropy")
+        if self.combine not in ("sum", "max"):
+            raise ValueError(f"unknown combine {self.combine!r}; expected sum or max")
+        if self.kind == "combined":
+            n = len(self.features)
+            if not self.heads or len(self.mean) != n or len(self.scale) != n:
+                raise ValueError("a combined routing policy needs features, mean, scale and at least one task head")
+            for task, head in self.heads.items():
+                if len(head.coef) != n:
+                    raise ValueError(f"routing head {task!r} has {len(head.coef)} coefficients for {n} features")
+            if not all(math.isfinite(s) and s > 0 for s in self.scale):
+                raise ValueError("routing feature scales must be finite and > 0")
+        if self.cut is not None and math.isnan(self.cut):
+            raise ValueError("routing cut must be a number")
+        if self.budget is not None and not 0 < self.budget <= 1:
+            raise ValueError(f"routing budget must be in (0, 1], got {self.budget}")
+
+    # -- scoring
+
+    def _standardised(self, inputs: PolicyInputs) -> FloatArray:
+        x = feature_matrix(inputs, self.features)
+        return np.asarray((x - np.asarray(self.mean)) / np.asarray(self.scale), dtype=np.float64)
+
+    def task_error_probs(self, inputs: PolicyInputs) -> dict[str, FloatArray]:
+        z = self._standardised(inputs)
+        return {
+            task: 1.0 / (1.0 + np.exp(-(z @ np.asarray(head.coef) + head.intercept)))
+            for task, head in self.heads.items()
+        }
+
+    def scores(self, inputs: PolicyInputs) -> FloatArray:
+        """Review score per post, higher = review first; -inf = never (ITM without an image)."""
+        if self.kind == "itm":
+            return np.where(np.isnan(inputs.itm), -np.inf, -np.nan_to_num(inputs.itm, nan=0.0))
+        if self.kind == "uncertainty":
+            if not inputs.scores:
+                return np.full(len(inputs), -np.inf)
+            per_task = [
+                margin_uncertainty(p, inputs.thresholds[t]) if self.uncertainty == "margin" else binary_entropy(p)
+                for t, p in inputs.scores.items()
+            ]
+            return np.asarray(np.max(per_task, axis=0), dtype=np.float64)
+        probs = list(self.task_error_probs(inputs).values())
+        combined = np.sum(probs, axis=0) if self.combine == "sum" else np.max(probs, axis=0)
+        return np.asarray(combined, dtype=np.float64)
+
+    def review(self, inputs: PolicyInputs, cut: float | None = None) -> npt.NDArray[np.bool_]:
+        threshold = self.cut if cut is None else cut
+        if threshold is None:
+            raise ValueError("this routing policy has no review cut")
+        s = self.scores(inputs)
+        return np.asarray(np.isfinite(s) & (s >= threshold))
+
+    def reasons(self, inputs: PolicyInputs) -> list[str]:
+        """Why one post (inputs of length 1) scores high, in words an operator can read."""
+        tasks = list(inputs.scores)
+        if self.kind == "itm":
+            return [WEAK_MATCH]
+        if self.kind == "uncertainty":
+            values = {
+                t: (margin_uncertainty(p, inputs.thresholds[t]) if self.uncertainty == "margin" else binary_entropy(p))
+                for t, p in inputs.scores.items()
+            }
+            return [f"uncertain_{max(values, key=lambda t: float(values[t][0]))}"]
+        z = self._standardised(inputs)[0]
+        probs = self.task_error_probs(inputs)
+        task = max(probs, key=lambda t: float(probs[t][0]))
+        contributions = np.asarray(self.heads[task].coef) * z
+        main = self.features[int(np.argmax(contributions))] if len(contributions) else ""
+        return [LIKELY_ERROR, _reason_of_feature(main, tasks)] if main else [LIKELY_ERROR]
+
+    def score_post(self, itm_match: float | None, scores: Mapping[str, tuple[float, float]]) -> float:
+        return float(self.scores(PolicyInputs.one(itm_match, scores))[0])
+
+    # -- the card
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "cut": self.cut, "budget": self.budget, "curve": self.curve}
+        if self.kind == "uncertainty":
+            out["uncertainty"] = self.uncertainty
+        if self.kind == "combined":
+            out.update(
+                combine=self.combine,
+                features=list(self.features),
+                mean=list(self.mean),
+                scale=list(self.scale),
+                heads={t: {"coef": list(h.coef), "intercept": h.intercept} for t, h in self.heads.items()},
+            )
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RoutingPolicySpec:
+        if not isinstance(data, Mapping) or "kind" not in data:
+            raise ValueError(f"a routing policy needs a 'kind'; got {data!r}")
+        try:
+            heads = {
+                str(t): TaskHead([float(c) for c in h["coef"]], float(h["intercept"]))
+                for t, h in (data.get("heads") or {}).items()
+            }
+            cut, budget = data.get("cut"), data.get("budget")
+            return cls(
+                kind=str(data["kind"]),
+                uncertainty=data.get("uncertainty", "margin"),
+                combine=data.get("combine", "sum"),
+                features=[str(f) for f in data.get("features") or []],
+                mean=[float(v) for v in data.get("mean") or []],
+                scale=[float(v) for v in data.get("scale") or []],
+                heads=heads,
+                cut=None if cut is None else float(cut),
+                budget=None if budget is None else float(budget),
+                curve=dict(data.get("curve") or {}),
+            )
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"malformed routing policy: {exc!r}") from exc
+
+
+def itm_only() -> RoutingPolicySpec:
+    return RoutingPolicySpec(kind="itm")
+
+
+def uncertainty(kind: Uncertainty = "margin") -> RoutingPolicySpec:
+    return RoutingPolicySpec(kind="uncertainty", uncertainty=kind)
+
+
+def review_cut(scores: FloatArray, budget: float) -> float:
+    """The cut that reviews `budget` of the posts: the k-th highest finite score, k =
+    ceil(budget * n) over all n posts (posts that can never be reviewed still count in n,
+    so the budget is a share of all traffic). Ties at the cut are all reviewed."""
+    if not 0 < budget <= 1:
+        raise ValueError(f"budget must be in (0, 1], got {budget}")
+    s = np.asarray(scores, dtype=np.float64)
+    finite = np.sort(s[np.isfinite(s)])[::-1]
+    if not finite.size:
+        return math.inf
+    k = min(finite.size, max(1, math.ceil(round(budget * s.size, 9))))
+    return float(finite[k - 1])

@@ -1,0 +1,343 @@
+"""Routing policies measured against each other on the folds of `modstream ablate`.
+
+Two stages, so the expensive one runs once and the cheap one can be re-run freely:
+
+1. `run_folds`: per fold x seed, train the default recipe (task+ITC+ITM, frozen encoders,
+   default TrainConfig) on the fold's training pool, calibrate on its validation split and
+   record the raw outputs (task logits, labels, ITM match) of validation and test posts.
+   One `.npz` per run under `out_dir`, so an interrupted run resumes.
+2. `compare`: per run, fit every policy on validation (the combination's coefficients and
+   each policy's review cut for a budget) and apply it to the test fold; then, pooling test
+   posts over runs, each policy's error recall, review precision and lift at each budget,
+   with bootstrap intervals over posts and the spread over runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.card import json_safe
+from models.classifier import MultimodalModel
+from models.config import ModelConfig
+from models.losses import IGNORE_INDEX
+from models.registry import build_model
+from models.routing_policy import (
+    BUDGETS,
+    PolicyInputs,
+    RoutingPolicySpec,
+    TaskHead,
+    feature_matrix,
+    itm_only,
+    review_cut,
+    uncertainty,
+)
+from trainer.ablation import _fold_indices
+from trainer.calibration import Calibration, calibrate
+from trainer.evaluate import softmax
+from trainer.features import FeatureStore, build_features, load_inputs, subset
+from trainer.fit import strata, stratified_split
+from trainer.manifest import Example
+from trainer.train import EvalOutput, TrainConfig, evaluate_split, label_tensors, train
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- stage 1: the folds
+
+
+@dataclass
+class FoldOutputs:
+    """What one trained model said about its validation and test posts."""
+
+    fold: int
+    seed: int
+    val: EvalOutput
+    test: EvalOutput
+    calibration: Calibration
+    test_idx: np.ndarray
+
+
+def _save(path: Path, out: FoldOutputs) -> None:
+    arrays: dict[str, np.ndarray] = {"test_idx": out.test_idx}
+    for split, ev in (("val", out.val), ("test", out.test)):
+        arrays[f"{split}/itm_match"] = ev.itm_match
+        arrays[f"{split}/itm_swapped"] = ev.itm_swapped
+        for task in ev.logits:
+            arrays[f"{split}/logits/{task}"] = ev.logits[task]
+            arrays[f"{split}/labels/{task}"] = ev.labels[task]
+    tasks = sorted(out.calibration.temperatures)
+    arrays["cal/temperatures"] = np.array([out.calibration.temperatures[t] for t in tasks])
+    arrays["cal/thresholds"] = np.array([out.calibration.thresholds.get(t, math.nan) for t in tasks])
+    arrays["cal/tasks"] = np.array(tasks)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays)  # type: ignore[arg-type]
+    tmp.replace(path)  # whole file or nothing: a killed run leaves no half-written fold
+
+
+def _load(path: Path, fold: int, seed: int) -> FoldOutputs:
+    with np.load(path) as data:
+        d = {k: data[k] for k in data.files}
+    tasks = [str(t) for t in d["cal/tasks"]]
+
+    def split(name: str) -> EvalOutput:
+        return EvalOutput(
+            logits={t: d[f"{name}/logits/{t}"] for t in tasks},
+            labels={t: d[f"{name}/labels/{t}"] for t in tasks},
+            itm_match=d[f"{name}/itm_match"],
+            itm_swapped=d[f"{name}/itm_swapped"],
+        )
+
+    cal = Calibration(
+        temperatures={t: float(v) for t, v in zip(tasks, d["cal/temperatures"], strict=True)},
+        thresholds={t: float(v) for t, v in zip(tasks, d["cal/thresholds"], strict=True) if math.isfinite(v)},
+    )
+    return FoldOutputs(fold, seed, split("val"), split("test"), cal, d["test_idx"])
+
+
+def run_folds(
+    examples: Sequence[Example],
+    out_dir: Path,
+    *,
+    folds: int = 5,
+    seeds: Sequence[int] = (0,),
+    val_fraction: float = 0.15,
+    cache_dir: Path | None = None,
+    train_config: TrainConfig | None = None,
+    model_config: ModelConfig | None = None,
+    model_and_tokenizer: tuple[MultimodalModel, Any] | None = None,
+    on_run: Callable[[FoldOutputs, float], None] | None = None,
+) -> list[FoldOutputs]:
+    """Trains (or reloads from out_dir) one model per fold x seed on CPU; the folds and the
+    train/validation split inside each are those of `modstream ablate`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base, tokenizer = model_and_tokenizer or build_model(model_config or ModelConfig())
+    if base.config.text_trainable_layers or base.config.image_trainable_blocks:
+        raise ValueError("routing_eval compares policies on the frozen-encoder recipe; got trainable encoder layers")
+    device = torch.device("cpu")
+    base.to(device)
+    inputs = load_inputs(examples)
+    features = build_features(base, tokenizer, inputs, FeatureStore(cache_dir), device)
+    tasks = base.config.tasks
+    labels = label_tensors(inputs.examples, tasks)
+    cfg = train_config or TrainConfig()
+    outputs = []
+    for fold, (train_pool, test_idx) in enumerate(_fold_indices(inputs.examples, tasks, folds)):
+        for seed in seeds:
+            path = out_dir / f"fold{fold}-seed{seed}.npz"
+            if path.is_file():
+                outputs.append(_load(path, fold, seed))
+                continue
+            started = time.perf_counter()
+            pool_keys = strata([inputs.examples[i] for i in train_pool], tasks)
+            tr, va = stratified_split(len(train_pool), pool_keys, val_fraction, seed)
+            train_idx, val_idx = [train_pool[i] for i in tr], [train_pool[i] for i in va]
+            torch.manual_seed(seed)
+            model = MultimodalModel(base.config, base.text_encoder, base.image_encoder).to(device)
+            feats = copy.copy(features)  # shares the cached tensors, bound to this run's model
+            feats.model = model
+            feats.text_prefix = None
+
+            (tr_f, tr_y), (va_f, va_y), (te_f, te_y) = (
+                (subset(feats, idx), {t: y[idx] for t, y in labels.items()})
+                for idx in (train_idx, val_idx, list(test_idx))
+            )
+            result = train(model, tr_f, tr_y, va_f, va_y, replace(cfg, seed=seed))
+            cal = calibrate(result.val, tasks)
+            # Re-evaluated after the ITM finishing phase, as fit() does for the card.
+            out = FoldOutputs(
+                fold,
+                seed,
+                evaluate_split(model, va_f, va_y),
+                evaluate_split(model, te_f, te_y),
+                cal,
+                np.asarray(test_idx, dtype=np.int64),
+            )
+            _save(path, out)
+            outputs.append(out)
+            if on_run is not None:
+                on_run(out, time.perf_counter() - started)
+    return outputs
+
+
+# ---------------------------------------------------------------- stage 2: the comparison
+
+
+def combined_features(tasks: Sequence[str], interactions: bool) -> list[str]:
+    names = ["itm", "itm_missing"]
+    for task in tasks:
+        names += [f"p_{task}", f"margin_{task}"]
+        if interactions:
+            names.append(f"itm_x_margin_{task}")
+    return names
+
+
+def fit_combined(
+    val: PolicyInputs,
+    errors: Mapping[str, np.ndarray],
+    labelled: Mapping[str, np.ndarray],
+    *,
+    interactions: bool = False,
+    combine: str = "sum",
+    features: Sequence[str] | None = None,
+    c: float = 1.0,
+) -> RoutingPolicySpec:
+    """Per task, a logistic model of "the model is wrong on this post" on validation.
+    A task with no errors (or only errors) on validation gets a constant head."""
+    from sklearn.linear_model import LogisticRegression
+
+    tasks = list(val.scores)
+    names = list(features) if features is not None else combined_features(tasks, interactions)
+    x = feature_matrix(val, names)
+    mean = x.mean(0)
+    scale = x.std(0)
+    scale = np.where(scale > 1e-9, scale, 1.0)
+    z = (x - mean) / scale
+    heads = {}
+    for task in tasks:
+        keep = labelled[task]
+        y = errors[task][keep].astype(np.int64)
+        if np.unique(y).size < 2:
+            rate = float(y.mean()) if y.size else 0.0
+            rate = min(max(rate, 1e-6), 1 - 1e-6)
+            heads[task] = TaskHead([0.0] * len(names), math.log(rate / (1 - rate)))
+            continue
+        clf = LogisticRegression(C=c, max_iter=2000)
+        clf.fit(z[keep], y)
+        heads[task] = TaskHead([float(v) for v in clf.coef_[0]], float(clf.intercept_[0]))
+    return RoutingPolicySpec(
+        kind="combined",
+        combine=combine,  # type: ignore[arg-type]
+        features=names,
+        mean=[float(v) for v in mean],
+        scale=[float(v) for v in scale],
+        heads=heads,
+    )
+
+
+def policy_inputs(ev: EvalOutput, cal: Calibration, tasks: Sequence[str]) -> tuple[PolicyInputs, dict[str, Any]]:
+    """What the worker would see for each post (calibrated scores, thresholds, ITM match),
+    plus per task the boolean "the model is wrong here" (NaN-free: unlabelled rows False)
+    and the labelled mask."""
+    scores, thresholds, errors, labelled = {}, {}, {}, {}
+    for task in tasks:
+        p = softmax(ev.logits[task], cal.temperatures.get(task, 1.0))[:, -1]
+        th = cal.thresholds.get(task, 0.5)
+        y = ev.labels[task]
+        scores[task] = p
+        thresholds[task] = th
+        labelled[task] = y != IGNORE_INDEX
+        errors[task] = labelled[task] & ((p >= th).astype(np.int64) != y)
+    return PolicyInputs(scores=scores, thresholds=thresholds, itm=ev.itm_match), {
+        "errors": errors,
+        "labelled": labelled,
+    }
+
+
+def candidate_policies(
+    val: PolicyInputs, val_truth: Mapping[str, Any], tasks: Sequence[str], budget: float
+) -> dict[str, RoutingPolicySpec]:
+    """Every policy compared, each fitted on validation only (coefficients and cut)."""
+    errors = {t: val_truth["errors"][t] for t in tasks}
+    labelled = {t: val_truth["labelled"][t] for t in tasks}
+    out = {
+        "ITM only": itm_only(),
+        "uncertainty (margin)": uncertainty("margin"),
+        "uncertainty (entropy)": uncertainty("entropy"),
+        "combined (logistic)": fit_combined(val, errors, labelled, interactions=False),
+        "combined (logistic + interactions)": fit_combined(val, errors, labelled, interactions=True),
+    }
+    return {name: replace(spec, cut=review_cut(spec.scores(val), budget), budget=budget) for name, spec in out.items()}
+
+
+def catch_stats(reviewed: np.ndarray, errors: np.ndarray) -> dict[str, float]:
+    """Error recall (share of errors reviewed), review precision (error rate among reviewed
+    posts), the reviewed share and lift = recall / reviewed share (= precision / base rate)."""
+    n, n_err, n_rev = len(errors), int(errors.sum()), int(reviewed.sum())
+    caught = int((reviewed & errors).sum())
+    share = n_rev / n if n else math.nan
+    recall = caught / n_err if n_err else math.nan
+    return {
+        "recall": recall,
+        "precision": caught / n_rev if n_rev else math.nan,
+        "reviewed_share": share,
+        "lift": recall / share if n_err and n_rev else math.nan,
+        "n": float(n),
+        "n_errors": float(n_err),
+        "n_reviewed": float(n_rev),
+    }
+
+
+def _bootstrap(
+    reviewed: np.ndarray, errors: np.ndarray, groups: np.ndarray, n_boot: int, seed: int
+) -> dict[str, list[float]]:
+    """95% percentile intervals, resampling posts within each run (stratified bootstrap)."""
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {"recall": [], "precision": [], "lift": []}
+    members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    for _ in range(n_boot):
+        idx = np.concatenate([rng.choice(m, size=len(m)) for m in members])
+        stats = catch_stats(reviewed[idx], errors[idx])
+        for key in draws:
+            if math.isfinite(stats[key]):
+                draws[key].append(stats[key])
+    return {
+        key: [float(np.quantile(v, 0.025)), float(np.quantile(v, 0.975))] if v else [math.nan, math.nan]
+        for key, v in draws.items()
+    }
+
+
+def compare(
+    runs: Sequence[FoldOutputs],
+    tasks: Sequence[str],
+    budgets: Sequence[float] = BUDGETS,
+    n_boot: int = 1000,
+    random_draws: int = 200,
+) -> dict[str, Any]:
+    """policy -> budget -> task -> pooled stats with intervals, plus per-run values."""
+    table: dict[str, Any] = {}
+    coefficients: dict[str, Any] = {}
+    for budget in budgets:
+        pooled: dict[str, dict[str, list[np.ndarray]]] = {}
+        per_run: dict[str, dict[str, list[float]]] = {}
+        for r, run in enumerate(runs):
+            val, val_truth = policy_inputs(run.val, run.calibration, tasks)
+            test, test_truth = policy_inputs(run.test, run.calibration, tasks)
+            specs = candidate_policies(val, val_truth, tasks, budget)
+            rng = np.random.default_rng(1000 * r + int(budget * 100))
+            reviewed_by = {name: spec.review(test) for name, spec in specs.items()}
+            # Random review of the same share: the baseline lift 1.0 is the expectation; draws show its noise.
+            reviewed_by["random"] = rng.random(len(test.itm)) < budget
+            if budget == budgets[len(budgets) // 2]:
+                coefficients[f"fold{run.fold}-seed{run.seed}"] = {
+                    name: spec.to_dict() for name, spec in specs.items() if spec.kind == "combined"
+                }
+            for name, reviewed in reviewed_by.items():
+                for task in tasks:
+                    keep = test_truth["labelled"][task]
+                    entry = pooled.setdefault(name, {}).setdefault(task, [])
+                    entry.append(np.stack([reviewed[keep], test_truth["errors"][task][keep]]))
+                    run_stats = catch_stats(reviewed[keep], test_truth["errors"][task][keep])
+                    per_run.setdefault(name, {}).setdefault(task, []).append(run_stats["lift"])
+        for name, by_task in pooled.items():
+            for task, chunks in by_task.items():
+                groups = np.concatenate([np.full(c.shape[1], i) for i, c in enumerate(chunks)])
+                stacked = np.concatenate(chunks, axis=1).astype(bool)
+                stats: dict[str, Any] = catch_stats(stacked[0], stacked[1])
+                stats["ci"] = _bootstrap(stacked[0], stacked[1], groups, n_boot, seed=7)
+                lifts = [v for v in per_run[name][task] if math.isfinite(v)]
+                stats["lift_per_run"] = lifts
+                stats["lift_run_mean_std"] = (
+                    [float(np.mean(lifts)), float(np.std(lifts, ddof=1))] if len(lifts) > 1 else [math.nan, math.nan]
+                )
+                table.setdefault(name, {}).setdefault(f"{budget:g}", {})[task] = stats
+    return json_safe({"table": table, "coefficients": coefficients})
