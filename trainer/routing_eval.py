@@ -341,3 +341,86 @@ def compare(
                 )
                 table.setdefault(name, {}).setdefault(f"{budget:g}", {})[task] = stats
     return json_safe({"table": table, "coefficients": coefficients})
+
+
+# ---------------------------------------------------------------- the card
+
+
+def _cross_fitted_scores(
+    spec_of: Callable[[PolicyInputs, Mapping[str, Any]], RoutingPolicySpec],
+    val: PolicyInputs,
+    truth: Mapping[str, Any],
+    k: int = 5,
+    seed: int = 0,
+) -> np.ndarray:
+    """Each validation post scored by a policy fitted without it, so the card's curve of
+    a fitted policy is not an in-sample number."""
+    n = len(val)
+    order = np.random.default_rng(seed).permutation(n)
+    out = np.empty(n)
+    for part in np.array_split(order, k):
+        rest = np.setdiff1d(np.arange(n), part)
+
+        def take(x: PolicyInputs, idx: np.ndarray) -> PolicyInputs:
+            return PolicyInputs({t: s[idx] for t, s in x.scores.items()}, dict(x.thresholds), x.itm[idx])
+
+        sub_truth = {key: {t: v[rest] for t, v in truth[key].items()} for key in ("errors", "labelled")}
+        out[part] = spec_of(take(val, rest), sub_truth).scores(take(val, part))
+    return out
+
+
+CHOSEN_POLICY = "combined (logistic)"
+
+
+def choose_policy(val: PolicyInputs, truth: Mapping[str, Any], name: str = CHOSEN_POLICY) -> RoutingPolicySpec:
+    """The policy the card ships, fitted on (all of) validation; see R-bench for the choice."""
+    tasks = list(val.scores)
+    errors = {t: truth["errors"][t] for t in tasks}
+    labelled = {t: truth["labelled"][t] for t in tasks}
+    fixed = {
+        "ITM only": itm_only,
+        "uncertainty (margin)": lambda: uncertainty("margin"),
+        "uncertainty (entropy)": lambda: uncertainty("entropy"),
+    }
+    if name in fixed:
+        return fixed[name]()
+    if name == "combined (logistic)":
+        return fit_combined(val, errors, labelled, interactions=False)
+    if name == "combined (logistic + interactions)":
+        return fit_combined(val, errors, labelled, interactions=True)
+    raise ValueError(f"unknown routing policy {name!r}")
+
+
+def routing_block(
+    val_eval: EvalOutput,
+    calibration: Calibration,
+    tasks: Sequence[str],
+    budget: float = 0.1,
+    name: str = CHOSEN_POLICY,
+) -> dict[str, Any]:
+    """The card's `routing` section: the chosen policy fitted on validation, its review cut
+    for `budget`, and its validation curve at 5/10/20% (cross-fitted for fitted policies)."""
+    val, truth = policy_inputs(val_eval, calibration, tasks)
+    spec = choose_policy(val, truth, name)
+    spec = replace(spec, cut=review_cut(spec.scores(val), budget), budget=budget)
+    if spec.kind == "combined" and len(val) >= 20:
+        held_out = _cross_fitted_scores(lambda v, t: choose_policy(v, t, name), val, truth)
+    else:
+        held_out = spec.scores(val)
+    curve: dict[str, Any] = {}
+    for b in BUDGETS:
+        reviewed = np.isfinite(held_out) & (held_out >= review_cut(held_out, b))
+        curve[f"{b:g}"] = {
+            task: {
+                k: v
+                for k, v in catch_stats(
+                    reviewed[truth["labelled"][task]], truth["errors"][task][truth["labelled"][task]]
+                ).items()
+                if k in ("recall", "precision", "lift", "n_errors")
+            }
+            for task in tasks
+        }
+    spec.curve = {"split": "validation" + (" (cross-fitted, 5 parts)" if spec.kind == "combined" else ""), **curve}
+    out = json_safe(spec.to_dict())
+    out["name"] = name
+    return dict(out)

@@ -1,0 +1,123 @@
+import math
+
+import numpy as np
+import pytest
+
+from models.card import ModelCard
+from models.routing_policy import PolicyInputs, RoutingPolicySpec
+from tests.tiny import tiny_config, tiny_model
+from trainer.calibration import Calibration
+from trainer.routing_eval import (
+    FoldOutputs,
+    catch_stats,
+    compare,
+    fit_combined,
+    policy_inputs,
+    routing_block,
+    run_folds,
+)
+from trainer.train import EvalOutput, TrainConfig
+
+
+def _split(n: int, seed: int) -> EvalOutput:
+    """A model whose hate errors sit where the ITM match is weak, and whose sarcasm errors
+    sit near its threshold: each signal should be found by the policy that reads it."""
+    rng = np.random.default_rng(seed)
+    itm = rng.uniform(0, 1, n)
+    itm[: n // 10] = np.nan  # text-only posts
+    p_hate = rng.uniform(0.05, 0.95, n)
+    y_hate = (p_hate >= 0.5).astype(np.int64)
+    wrong_hate = np.nan_to_num(itm, nan=0.5) < 0.15
+    y_hate[wrong_hate] = 1 - y_hate[wrong_hate]
+    p_sarc = rng.uniform(0.05, 0.95, n)
+    y_sarc = (p_sarc >= 0.5).astype(np.int64)
+    near = np.abs(p_sarc - 0.5) < 0.08
+    y_sarc[near] = rng.integers(0, 2, near.sum())
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    return EvalOutput(
+        logits={t: np.stack([np.zeros(n), logit(p)], 1) for t, p in (("hate", p_hate), ("sarcasm", p_sarc))},
+        labels={"hate": y_hate, "sarcasm": y_sarc},
+        itm_match=itm,
+        itm_swapped=np.full(n, np.nan),
+    )
+
+
+CAL = Calibration(temperatures={"hate": 1.0, "sarcasm": 1.0}, thresholds={"hate": 0.5, "sarcasm": 0.5})
+
+
+def _runs(k: int = 3) -> list[FoldOutputs]:
+    return [FoldOutputs(f, 0, _split(600, 10 * f), _split(600, 10 * f + 1), CAL, np.arange(600)) for f in range(k)]
+
+
+def test_catch_stats_counts_recall_precision_and_lift():
+    reviewed = np.array([1, 1, 0, 0, 0, 0, 0, 0, 0, 0], bool)
+    errors = np.array([1, 0, 1, 0, 0, 0, 0, 0, 0, 0], bool)
+    s = catch_stats(reviewed, errors)
+    assert (s["recall"], s["precision"], s["reviewed_share"]) == (0.5, 0.5, 0.2)
+    assert s["lift"] == pytest.approx(2.5)
+    assert math.isnan(catch_stats(reviewed, np.zeros(10, bool))["lift"])
+
+
+def test_policy_inputs_mark_errors_from_calibrated_decisions():
+    ev = _split(200, 0)
+    x, truth = policy_inputs(ev, CAL, ["hate", "sarcasm"])
+    expected = (x.scores["hate"] >= 0.5).astype(int) != ev.labels["hate"]
+    assert np.array_equal(truth["errors"]["hate"], expected)
+    assert np.isnan(x.itm).sum() == 20
+
+
+def test_comparison_finds_each_signal_and_random_stays_near_one():
+    result = compare(_runs(), ["hate", "sarcasm"], n_boot=100)["table"]
+    at10 = {name: result[name]["0.1"] for name in result}
+    # Hate errors are exactly the weak-match posts: ITM catches them, uncertainty does not.
+    assert at10["ITM only"]["hate"]["lift"] > 3 > at10["uncertainty (margin)"]["hate"]["lift"]
+    # Sarcasm errors sit at the threshold: uncertainty catches them, ITM does not.
+    assert at10["uncertainty (margin)"]["sarcasm"]["lift"] > 2 > at10["ITM only"]["sarcasm"]["lift"]
+    # The fitted combination gets both.
+    combined = at10["combined (logistic)"]
+    assert combined["hate"]["lift"] > 2 and combined["sarcasm"]["lift"] > 1.5
+    assert 0.6 < at10["random"]["hate"]["lift"] < 1.4
+    lo, hi = combined["hate"]["ci"]["lift"]
+    assert lo <= combined["hate"]["lift"] <= hi
+    assert len(combined["hate"]["lift_per_run"]) == 3
+    # The cut set on validation reviews about the budget on the test folds.
+    for budget in ("0.05", "0.1", "0.2"):
+        assert result["combined (logistic)"][budget]["hate"]["reviewed_share"] == pytest.approx(float(budget), abs=0.03)
+
+
+def test_fitted_combination_learns_the_weak_match_signal():
+    ev = _split(2000, 3)
+    x, truth = policy_inputs(ev, CAL, ["hate", "sarcasm"])
+    spec = fit_combined(x, truth["errors"], truth["labelled"])
+    assert spec.heads["hate"].coef[spec.features.index("itm")] < 0  # weaker match, likelier error
+    assert spec.heads["sarcasm"].coef[spec.features.index("margin_sarcasm")] > 0
+
+
+def test_routing_block_is_a_card_policy_the_worker_can_load():
+    ev = _split(400, 5)
+    block = routing_block(ev, CAL, ["hate", "sarcasm"], budget=0.1)
+    card = ModelCard.from_dict({**ModelCard(config=tiny_config()).to_dict(), "routing": block})
+    spec = card.routing_policy()
+    assert isinstance(spec, RoutingPolicySpec) and spec.budget == 0.1
+    x, _ = policy_inputs(ev, CAL, ["hate", "sarcasm"])
+    assert spec.review(x).mean() == pytest.approx(0.1, abs=0.01)
+    assert set(block["curve"]) >= {"0.05", "0.1", "0.2"} and "lift" in block["curve"]["0.1"]["hate"]
+    one = PolicyInputs.one(None, {"hate": (0.5, 0.5), "sarcasm": (0.9, 0.5)})
+    assert np.isfinite(spec.scores(one)).all()  # text-only posts get a score
+
+
+def test_run_folds_trains_once_and_resumes(tmp_path, synthetic_small, monkeypatch):
+    cfg = tiny_config()
+    train_cfg = TrainConfig(epochs=1, itm_finish_epochs=1)
+    runs = run_folds(synthetic_small, tmp_path, folds=2, train_config=train_cfg, model_and_tokenizer=tiny_model(cfg))
+    assert [(r.fold, r.seed) for r in runs] == [(0, 0), (1, 0)]
+    assert sorted(np.concatenate([r.test_idx for r in runs]).tolist()) == list(range(len(synthetic_small)))
+    assert set(runs[0].test.logits) == {"hate", "sarcasm"}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was retrained")
+
+    monkeypatch.setattr("trainer.routing_eval.train", no_training)
+    again = run_folds(synthetic_small, tmp_path, folds=2, train_config=train_cfg, model_and_tokenizer=tiny_model(cfg))
+    np.testing.assert_array_equal(again[1].test.logits["hate"], runs[1].test.logits["hate"])
+    assert again[0].calibration.thresholds == runs[0].calibration.thresholds
