@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Debian packages the test suite needs besides the venv: Chromium for the review console's
+# Debian packages the test suite needs besides the venv: Tesseract with its English and Hindi
+# language models (OCR of text inside images; tesserocr's wheel brings the library itself,
+# these bring the models and the `tesseract` command), Chromium for the review console's
 # browser tests (Playwright drives Debian's build; Playwright's own browser download is not
 # used), redis-server (deploy/local-stack.sh also installs it on demand) and promtool, from
 # Debian's `prometheus` package (2.42), for the alert rules' unit tests. That package ships a
@@ -14,6 +16,9 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 # Fonts so the console screenshots render text (chromium pulls a minimal set only).
 dpkg -s fonts-dejavu-core >/dev/null 2>&1 || missing+=(fonts-dejavu-core)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+for pkg in tesseract-ocr tesseract-ocr-eng tesseract-ocr-hin; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
 
 if ((${#missing[@]} == 0)); then
   exit 0

@@ -39,6 +39,10 @@ class ModelConfig:
     # tower), N = the top N transformer layers / last N blocks, -1 = all of it.
     text_trainable_layers: int = 0
     image_trainable_blocks: int = 0
+    # Text read from the image (models.ocr) as the tokenizer's second segment. A model trained
+    # with it expects it at serving time, so the worker refuses to serve it without Tesseract.
+    ocr_segment: bool = False
+    ocr_languages: str = "eng+hin"  # Tesseract languages, "+"-joined
 
     def __post_init__(self) -> None:
         if self.fusion not in ("cross_attention", "concat"):
@@ -48,6 +52,8 @@ class ModelConfig:
         for task, labels in self.tasks.items():
             if len(labels) < 2 or len(set(labels)) != len(labels):
                 raise ValueError(f"task {task!r} needs at least two distinct labels, got {labels}")
+        if not self.ocr_languages or not all(self.ocr_languages.split("+")):
+            raise ValueError(f"ocr_languages must be Tesseract languages joined by '+', not {self.ocr_languages!r}")
         if self.fusion_dim % self.fusion_heads:
             raise ValueError("fusion_dim must be divisible by fusion_heads")
 

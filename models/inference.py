@@ -107,7 +107,7 @@ class Predictor:
         self.card = card
         self.device = torch.device(device)
         self.autocast_dtype = autocast_dtype
-        self.text = TextPreprocessor(tokenizer, card.config.max_text_length)
+        self.text = TextPreprocessor(tokenizer, card.config.max_text_length, card.config.ocr_segment)
         enc = model.image_encoder
         self.images = ImagePreprocessor(enc.image_size, enc.mean, enc.std)
         self._pin = self.device.type == "cuda"

@@ -18,17 +18,45 @@ from PIL import Image
 from torch import Tensor
 
 
+class PostText(str):
+    """A post's text carrying the text read from its image (`ocr`, None when not read).
+
+    A str, so it travels unchanged through code that batches plain texts (the device pool's
+    queue, the dedupe cache); only `TextPreprocessor` looks at `ocr`."""
+
+    ocr: str | None
+
+    def __new__(cls, text: str, ocr: str | None = None) -> PostText:
+        obj = super().__new__(cls, text)
+        obj.ocr = ocr
+        return obj
+
+
+def ocr_of(text: str) -> str | None:
+    return text.ocr if isinstance(text, PostText) else None
+
+
 class TextPreprocessor:
-    def __init__(self, tokenizer: Any, max_length: int) -> None:
+    """Tokenises posts for the text encoder; the one place training and serving share.
+
+    With `ocr_segment`, every post is a pair: its text, then the text read from its image
+    (empty when there is none, or OCR failed), truncated longest-first so neither segment
+    crowds the other out. The model always sees the same layout it was trained with."""
+
+    def __init__(self, tokenizer: Any, max_length: int, ocr_segment: bool = False) -> None:
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.ocr_segment = ocr_segment
 
     def __call__(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Tokenises the whole batch in one call (the fast tokenizer batches in Rust)."""
+        firsts = [str(t) for t in texts]
+        seconds = [ocr_of(t) or "" for t in texts] if self.ocr_segment else None
         batch = self.tokenizer(
-            list(texts),
+            firsts,
+            seconds,
             padding=True,
-            truncation=True,
+            truncation="longest_first" if self.ocr_segment else True,
             max_length=self.max_length,
             return_tensors="pt",
         )

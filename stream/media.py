@@ -39,6 +39,10 @@ Defences, and why:
   starving the default executor that aiohttp's threaded DNS resolver uses.
 - Concurrency is bounded globally and per host, so one slow or hostile host cannot take
   every download slot of a batch.
+- Text inside the image (optional, `ocr=`): read on the same decode pool right after
+  decoding, from the image bounded to models.ocr.OCR_MAX_SIDE (the resolution the trainer's
+  OCR sees too), then shrunk to `max_side` for the model. A failed read leaves `ocr_text`
+  None and the post goes on (stream.ocr counts it).
 """
 
 from __future__ import annotations
@@ -64,6 +68,8 @@ from PIL import Image
 from yarl import URL
 
 from models.images import MAX_PIXELS, MAX_SIDE, ImageError, content_hash, decode_image
+from models.ocr import OCR_MAX_SIDE
+from stream.ocr import ImageTextReader
 
 __all__ = [
     "ERROR_CODES",
@@ -138,6 +144,7 @@ class MediaResult:
     final_url: str = ""  # last URL requested (after redirects)
     attempts: int = 0
     elapsed_s: float = 0.0
+    ocr_text: str | None = None  # text read from the image; None: OCR off or failed
 
     @property
     def ok(self) -> bool:
@@ -290,9 +297,16 @@ class MediaFetcher:
     connect-time address guard applies to whatever it returns.
     """
 
-    def __init__(self, config: FetchConfig | None = None, *, resolver: AbstractResolver | None = None) -> None:
+    def __init__(
+        self,
+        config: FetchConfig | None = None,
+        *,
+        resolver: AbstractResolver | None = None,
+        ocr: ImageTextReader | None = None,
+    ) -> None:
         self.config = config or FetchConfig()
         self._resolver = resolver
+        self.ocr = ocr  # may be set before start or between batches (a model swap that needs OCR)
         self._session: aiohttp.ClientSession | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._global = asyncio.Semaphore(self.config.concurrency)
@@ -377,7 +391,7 @@ class MediaFetcher:
             body = await self._download(target, result)
             result.size = len(body.data)
             result.content_hash = content_hash(body.data)
-            result.image = await self._decode(body)
+            result.image, result.ocr_text = await self._decode(body, result.content_hash)
         except _Failure as failure:
             result.status, result.reason = failure.status, failure.reason
         result.elapsed_s = time.monotonic() - started
@@ -477,18 +491,29 @@ class MediaFetcher:
                 raise _Failure("too_large", f"body is over {cfg.max_bytes:,} bytes")
         return _Body(bytes(buf), ctype, url)
 
-    async def _decode(self, body: _Body) -> Image.Image:
+    async def _decode(self, body: _Body, digest: str) -> tuple[Image.Image, str | None]:
         cfg = self.config
         data = body.data
         if data and not _type_matches(body.content_type, cfg.allowed_content_types) and sniff_format(data) is None:
             raise _Failure("wrong_content_type", f"Content-Type {body.content_type} and not an allowed image format")
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(
-                self._executor, functools.partial(decode_image, data, max_pixels=cfg.max_pixels, max_side=cfg.max_side)
-            )
+            return await loop.run_in_executor(self._executor, functools.partial(self._decode_sync, data, digest))
         except ImageError as exc:
             raise _Failure(exc.reason, str(exc)) from None
+
+    def _decode_sync(self, data: bytes, digest: str) -> tuple[Image.Image, str | None]:
+        """On the decode pool: decode (and read the text inside) one image."""
+        cfg, ocr = self.config, self.ocr
+        if ocr is None:
+            return decode_image(data, max_pixels=cfg.max_pixels, max_side=cfg.max_side), None
+        image = decode_image(data, max_pixels=cfg.max_pixels, max_side=max(cfg.max_side, OCR_MAX_SIDE))
+        text = ocr.read(image, digest)
+        if max(image.size) > cfg.max_side:  # the same size and filter decode_image's own bound gives
+            scale = cfg.max_side / max(image.size)
+            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+            image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+        return image, text
 
 
 def _parse_url(raw: str) -> URL:

@@ -22,6 +22,7 @@ from PIL import Image
 
 from models.card import ModelCard
 from models.inference import Prediction
+from models.preprocess import PostText
 from stream import metrics
 from stream.records import DeadLetter, Label, MediaInfo, Post, RecordError, ReviewItem
 from stream.routing import RoutingPolicy, route_scores
@@ -168,6 +169,7 @@ class Pipeline:
                 model_version=version,
                 timings=timings,
                 dedupe_hit=hit,
+                ocr_text=media.ocr_text,
             )
             if hit:
                 metrics.DEDUPE_HITS.inc()
@@ -191,7 +193,9 @@ class Pipeline:
 
     async def _classify(self, post: Post, media: FetchedMedia) -> dict[str, Any] | BaseException:
         """The model's outputs (what the dedupe cache shares between posts), or the error."""
-        (prediction,) = await self.classifier.predict([post.text], [media.image])
+        # The OCR text rides on the text; the predictor feeds it only to a model trained with it.
+        text = post.text if media.ocr_text is None else PostText(post.text, media.ocr_text)
+        (prediction,) = await self.classifier.predict([text], [media.image])
         if isinstance(prediction, BaseException):
             return prediction
         if prediction.itm_match is not None:
@@ -211,7 +215,8 @@ class Pipeline:
         (result,) = await self.fetcher.fetch_many([url])
         metrics.MEDIA.labels(result.status).inc()
         info = MediaInfo(result.status, url=url, content_hash=result.content_hash, reason=result.reason or None)
-        return FetchedMedia(info, result.image if result.status == "ok" else None)
+        ok = result.status == "ok"
+        return FetchedMedia(info, result.image if ok else None, getattr(result, "ocr_text", None) if ok else None)
 
     async def _cached(self, version: str, keys: list[str]) -> list[dict[str, Any] | None]:
         if self.cache is None:
@@ -238,6 +243,7 @@ class Pipeline:
 class FetchedMedia:
     info: MediaInfo
     image: Image.Image | None = None
+    ocr_text: str | None = None
 
     @property
     def content_hash(self) -> str | None:

@@ -138,7 +138,9 @@ class MediaInfo:
 
 @dataclass
 class Label:
-    """The one final record per post. `labels` maps task -> {score, decision, threshold}."""
+    """The one final record per post. `labels` maps task -> {score, decision, threshold}.
+    `ocr_text`: the text read from the image when the deployment reads it ("" when it found
+    none), None when OCR is off, the post has no image, or reading it failed."""
 
     post_id: str
     labels: dict[str, dict[str, Any]]
@@ -150,6 +152,7 @@ class Label:
     timings: dict[str, float] = field(default_factory=dict)
     dedupe_hit: bool = False
     labelled_at: str = field(default_factory=now_iso)
+    ocr_text: str | None = None  # absent from records written before OCR: loads as None
 
     def to_json(self) -> dict[str, Any]:
         return {"v": SCHEMA_VERSION, **asdict(self)}

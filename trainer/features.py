@@ -10,6 +10,7 @@ an encoder fine-tuned from the bottom runs live.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -23,7 +24,8 @@ from torch import Tensor
 
 from models.classifier import MultimodalModel
 from models.encoders import EncodedSequence, masked_mean
-from models.preprocess import ImagePreprocessor, TextPreprocessor
+from models.ocr import OcrEngine, OcrError, TesseractOcr
+from models.preprocess import ImagePreprocessor, PostText, TextPreprocessor, ocr_of
 from trainer.images import ImageError, content_hash, decode_image
 from trainer.manifest import Example
 
@@ -39,10 +41,17 @@ class LoadedInputs:
     images: list[Image.Image | None]
     image_hashes: list[str | None]
     image_errors: Counter[str] = field(default_factory=Counter)
+    # Text read from each image (None: no image, or OCR failed); None when OCR is not used.
+    ocr_texts: list[str | None] | None = None
 
     @property
     def image_present(self) -> Tensor:
         return torch.tensor([im is not None for im in self.images], dtype=torch.bool)
+
+    def text_of(self, i: int) -> str:
+        """Post i's text for the tokenizer, carrying its OCR text when OCR is used."""
+        text = self.examples[i].text
+        return text if self.ocr_texts is None else PostText(text, self.ocr_texts[i])
 
 
 def load_inputs(examples: Sequence[Example], on_bad_image: str = "text-only") -> LoadedInputs:
@@ -72,8 +81,12 @@ def load_inputs(examples: Sequence[Example], on_bad_image: str = "text-only") ->
     return LoadedInputs(kept, images, hashes, errors)
 
 
-def _text_key(text: str, max_length: int) -> str:
-    return hashlib.sha256(f"{max_length}\0{text}".encode()).hexdigest()
+def _text_key(text: str, max_length: int, ocr_segment: bool = False) -> str:
+    # Without the OCR segment the key is unchanged, so existing caches stay valid.
+    if not ocr_segment:
+        return hashlib.sha256(f"{max_length}\0{text}".encode()).hexdigest()
+    pair = json.dumps([str(text), ocr_of(text)])
+    return hashlib.sha256(f"{max_length}\0pair\0{pair}".encode()).hexdigest()
 
 
 class FeatureStore:
@@ -98,6 +111,26 @@ class FeatureStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         save_file({"tokens": tokens.contiguous()}, str(tmp))
+        tmp.replace(path)
+
+    def _text_path(self, engine_key: str, digest: str) -> Path | None:
+        return None if self.root is None else self.root / engine_key / digest[:2] / f"{digest}.json"
+
+    def get_text(self, engine_key: str, digest: str) -> str | None:
+        """Cached OCR text of an image (by content hash), or None when not cached."""
+        path = self._text_path(engine_key, digest)
+        if path is None or not path.is_file():
+            return None
+        value = json.loads(path.read_text(encoding="utf-8")).get("text")
+        return value if isinstance(value, str) else None
+
+    def put_text(self, engine_key: str, digest: str, text: str) -> None:
+        path = self._text_path(engine_key, digest)
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"text": text}, ensure_ascii=False), encoding="utf-8")
         tmp.replace(path)
 
 
@@ -172,7 +205,7 @@ class LiveFeatures:
         self.model = model
         self.inputs = inputs
         self.device = device
-        self.text_pre = TextPreprocessor(tokenizer, model.config.max_text_length)
+        self.text_pre = TextPreprocessor(tokenizer, model.config.max_text_length, model.config.ocr_segment)
         enc = model.image_encoder
         self.image_pre = ImagePreprocessor(enc.image_size, enc.mean, enc.std)
         self.frozen_text = frozen_text
@@ -189,7 +222,7 @@ class LiveFeatures:
         if self.text_prefix is not None:
             cached = self.text_prefix.states.take(idx, self.device)
             return self.model.text_encoder.forward_from(cached.tokens, cached.mask, self.text_prefix.start)
-        ids, mask = self.text_pre([self.inputs.examples[i].text for i in idx])
+        ids, mask = self.text_pre([self.inputs.text_of(i) for i in idx])
         return self.model.text_encoder(ids.to(self.device), mask.to(self.device))
 
     def image(self, idx: Sequence[int]) -> EncodedSequence:
@@ -231,10 +264,10 @@ def encode_frozen(
 
     key = encoder_key(model, which) + ("" if text_start is None else f"-layer{text_start}")
     live = LiveFeatures(model, tokenizer, inputs, device)
-    max_len = model.config.max_text_length
+    max_len, pair = model.config.max_text_length, model.config.ocr_segment
     digests = [
-        _text_key(ex.text, max_len) if which == "text" else (h or "")
-        for ex, h in zip(inputs.examples, inputs.image_hashes, strict=True)
+        _text_key(inputs.text_of(i), max_len, pair) if which == "text" else (h or "")
+        for i, h in enumerate(inputs.image_hashes)
     ]
     out: list[Tensor | None] = [None] * len(digests)
     todo: list[int] = []
@@ -253,7 +286,7 @@ def encode_frozen(
     for start in tqdm(chunks, desc=f"encode {which}", disable=not progress or not todo):
         idx = todo[start : start + ENCODE_BATCH]
         if text_start is not None:
-            ids, mask = live.text_pre([inputs.examples[i].text for i in idx])
+            ids, mask = live.text_pre([inputs.text_of(i) for i in idx])
             states = model.text_encoder.hidden_states_at(ids.to(device), mask.to(device), text_start)
             keep = mask.bool().to(device)
         else:
@@ -278,6 +311,8 @@ def build_features(
     """Cache whichever encoder is frozen, and the frozen layers of a partly unfrozen text
     encoder; run the rest live."""
     cfg = model.config
+    if cfg.ocr_segment and inputs.ocr_texts is None:
+        inputs.ocr_texts = read_image_texts(inputs, store, TesseractOcr(cfg.ocr_languages), progress)
     frozen_text = (
         encode_frozen(model, tokenizer, inputs, "text", store, device, progress)
         if cfg.text_trainable_layers == 0
@@ -309,10 +344,10 @@ def text_prefix(
     (run it all live) when the split does not reproduce the encoder on a probe batch."""
     encoder = model.text_encoder
     start = len(encoder.layers()) - trainable_layers
-    probe = [ex.text for ex in inputs.examples[:4]]
+    probe = [inputs.text_of(i) for i in range(min(4, len(inputs.examples)))]
     if not probe:
         return None
-    ids, mask = TextPreprocessor(tokenizer, model.config.max_text_length)(probe)
+    ids, mask = TextPreprocessor(tokenizer, model.config.max_text_length, model.config.ocr_segment)(probe)
     if not encoder.supports_split(ids.to(device), mask.to(device), start):
         log.warning(
             "text encoder cannot be split at layer %d of %d; running all of it live", start, start + trainable_layers
@@ -328,6 +363,7 @@ def subset(features: LiveFeatures, idx: Sequence[int]) -> LiveFeatures:
         [inputs.examples[i] for i in idx],
         [inputs.images[i] for i in idx],
         [inputs.image_hashes[i] for i in idx],
+        ocr_texts=None if inputs.ocr_texts is None else [inputs.ocr_texts[i] for i in idx],
     )
     return LiveFeatures(
         features.model,
@@ -338,3 +374,34 @@ def subset(features: LiveFeatures, idx: Sequence[int]) -> LiveFeatures:
         None if features.frozen_image is None else features.frozen_image.subset(idx),
         None if features.text_prefix is None else features.text_prefix.subset(idx),
     )
+
+
+def read_image_texts(
+    inputs: LoadedInputs, store: FeatureStore, engine: OcrEngine, progress: bool = False
+) -> list[str | None]:
+    """The text inside every image, through the on-disk cache next to the features (keyed by
+    the image's content hash and the engine's identity). An image OCR cannot read leaves its
+    post without OCR text (counted in the log), never fails the run."""
+    from tqdm import tqdm
+
+    key = f"ocr-{engine.identity}"
+    texts: list[str | None] = [None] * len(inputs.images)
+    failed = 0
+    rows = [i for i, h in enumerate(inputs.image_hashes) if h is not None and inputs.images[i] is not None]
+    for i in tqdm(rows, desc="ocr", disable=not progress):
+        digest = inputs.image_hashes[i]
+        image = inputs.images[i]
+        assert digest is not None and image is not None
+        cached = store.get_text(key, digest)
+        if cached is None:
+            try:
+                cached = engine(image)
+            except OcrError as exc:
+                failed += 1
+                log.debug("OCR failed on image %s: %s", digest[:12], exc)
+                continue
+            store.put_text(key, digest, cached)
+        texts[i] = cached
+    if failed:
+        log.warning("OCR failed on %d of %d images; those posts have no OCR text", failed, len(rows))
+    return texts

@@ -103,3 +103,55 @@ def test_an_encoder_that_cannot_be_split_runs_live(tmp_path, synthetic_small, mo
     features = build_features(model, tok, load_inputs(synthetic_small[:4]), FeatureStore(tmp_path), torch.device("cpu"))
     assert features.text_prefix is None and features.frozen_text is None
     assert features.text([0, 1]).tokens.shape[0] == 2
+
+
+class _FakeOcr:
+    identity = "fake-ocr-1"
+
+    def __init__(self, fail_on: set[int] | None = None) -> None:
+        self.calls = 0
+        self.fail_on = fail_on or set()
+
+    def __call__(self, image):
+        from models.ocr import OcrError
+
+        self.calls += 1
+        if self.calls in self.fail_on:
+            raise OcrError("unreadable")
+        return f"text {image.getpixel((0, 0))}"
+
+
+def test_ocr_text_is_cached_next_to_the_features_and_a_failure_costs_one_post(tmp_path, synthetic_small):
+    from trainer.features import read_image_texts
+
+    inputs = load_inputs([*synthetic_small[:6], Example("bare", "no image", None, {})])
+    store = FeatureStore(tmp_path / "cache")
+    engine = _FakeOcr(fail_on={2})
+    texts = read_image_texts(inputs, store, engine)
+    assert texts[1] is None and texts[6] is None  # OCR failed on the 2nd image; the last post has none
+    assert all(t is not None and t.startswith("text") for i, t in enumerate(texts) if i not in (1, 6))
+    assert len(list((tmp_path / "cache" / "ocr-fake-1").rglob("*.json"))) == 0
+    assert len(list((tmp_path / "cache" / "ocr-fake-ocr-1").rglob("*.json"))) == 5
+
+    again = _FakeOcr()
+    second = read_image_texts(inputs, store, again)
+    assert again.calls == 1  # only the image that failed before is read again
+    assert second[0] == texts[0] and second[1] is not None
+
+
+def test_a_model_trained_with_ocr_encodes_text_pairs(tmp_path, synthetic_small, monkeypatch):
+    from tests.tiny import tiny_config
+    from trainer.features import build_features, subset
+
+    monkeypatch.setattr("trainer.features.TesseractOcr", lambda languages: _FakeOcr())
+    store = FeatureStore(tmp_path / "cache")
+    plain_model, tok = tiny_model()
+    ocr_model, _ = tiny_model(tiny_config(ocr_segment=True))
+    plain = build_features(plain_model, tok, load_inputs(synthetic_small[:8]), store, torch.device("cpu"))
+    paired = build_features(ocr_model, tok, load_inputs(synthetic_small[:8]), store, torch.device("cpu"))
+    assert plain.inputs.ocr_texts is None and paired.inputs.ocr_texts is not None
+    assert all(t is not None for t in paired.inputs.ocr_texts)
+    # Same text weights, other inputs: the second segment changed what the text encoder saw.
+    assert plain.frozen_text is not None and paired.frozen_text is not None
+    assert paired.frozen_text.tokens.shape[1] > plain.frozen_text.tokens.shape[1]
+    assert subset(paired, [3, 1]).inputs.ocr_texts == [paired.inputs.ocr_texts[3], paired.inputs.ocr_texts[1]]

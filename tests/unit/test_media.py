@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import socket
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
 import pytest
 import pytest_asyncio
+from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
+from PIL import Image
 
+from models.ocr import OcrError
 from stream.media import FetchConfig, MediaFetcher, address_block_reason, sniff_format
+from stream.ocr import ImageTextReader
 from tests.unit.hostile_server import PNG, HostileServer
 
 CAP = 64 * 1024
@@ -383,3 +389,73 @@ async def test_fetch_many_bounded_per_host(server, resolver, connects) -> None:
 async def test_fetch_requires_start() -> None:
     with pytest.raises(RuntimeError):
         await MediaFetcher(CONFIG).fetch("http://127.0.0.1/")
+
+
+# --- text inside images, read on the decode pool ------------------------------------------
+
+
+class _RecordingEngine:
+    identity = "recording"
+
+    def __init__(self, fail: bool = False) -> None:
+        self.seen: list[tuple[str, tuple[int, int]]] = []
+        self.fail = fail
+
+    def __call__(self, image: Any) -> str:
+        self.seen.append((threading.current_thread().name, image.size))
+        if self.fail:
+            raise OcrError("unreadable")
+        return "words on the meme"
+
+
+@pytest_asyncio.fixture
+async def meme_url() -> AsyncIterator[str]:
+    """A 1200x400 PNG: larger than the model's bound, within the OCR bound."""
+    buf = io.BytesIO()
+    Image.new("RGB", (1200, 400), (240, 240, 240)).save(buf, "PNG")
+    body = buf.getvalue()
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="image/png")
+
+    app = web.Application()
+    app.router.add_get("/meme.png", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield f"http://127.0.0.1:{port}/meme.png"
+    await runner.cleanup()
+
+
+@pytest.mark.asyncio
+async def test_ocr_runs_on_the_decode_pool_and_the_model_gets_the_bounded_image(meme_url, resolver, connects) -> None:
+    engine = _RecordingEngine()
+    config = replace(CONFIG, max_side=64)
+    async with MediaFetcher(config, resolver=resolver, ocr=ImageTextReader(engine)) as fetcher:
+        first = await fetcher.fetch(meme_url)
+        second = await fetcher.fetch(meme_url)
+    assert first.status == "ok", first.reason
+    assert first.ocr_text == second.ocr_text == "words on the meme"
+    assert first.image is not None and first.image.size == (64, 21)  # 1200x400 bounded to 64
+    (thread, size), *more = engine.seen
+    assert more == []  # the second fetch of the same bytes came from the cache
+    assert thread.startswith("media-decode") and size == (1200, 400)  # OCR saw more than the model keeps
+    _only_loopback(connects)
+
+
+@pytest.mark.asyncio
+async def test_an_ocr_failure_keeps_the_image_and_the_post(meme_url, resolver, connects) -> None:
+    engine = _RecordingEngine(fail=True)
+    async with MediaFetcher(replace(CONFIG, max_side=64), resolver=resolver, ocr=ImageTextReader(engine)) as f:
+        res = await f.fetch(meme_url)
+    assert res.status == "ok" and res.image is not None and res.ocr_text is None
+    assert len(engine.seen) == 1
+
+
+@pytest.mark.asyncio
+async def test_without_ocr_nothing_is_read(meme_url, resolver, connects) -> None:
+    async with MediaFetcher(replace(CONFIG, max_side=64), resolver=resolver) as fetcher:
+        res = await fetcher.fetch(meme_url)
+    assert res.status == "ok" and res.ocr_text is None and max(res.image.size) == 64

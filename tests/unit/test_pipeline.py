@@ -1,6 +1,7 @@
 """The pipeline's stages with fakes for the model, the media fetcher and the cache."""
 
 import asyncio
+import json
 from dataclasses import dataclass
 
 from PIL import Image
@@ -237,3 +238,35 @@ def test_a_bug_after_scoring_dead_letters_only_the_posts_it_hits():
     outcomes, _ = _run_isolated(pipeline, [_raw("a", "one"), b"{not json"])
     assert outcomes[0].dead_letter is not None and "no card" in outcomes[0].dead_letter.reason
     assert outcomes[1].dead_letter is not None and outcomes[1].dead_letter.stage == "parse"
+
+
+@dataclass
+class OcrResult(FakeResult):
+    ocr_text: str | None = None
+
+
+class OcrFetcher(FakeFetcher):
+    """Media with the text the decode pool read ("fail" in the URL: OCR failed, None)."""
+
+    async def fetch_many(self, urls):
+        return [
+            OcrResult("ok", Image.new("RGB", (4, 4)), "h-" + u[-8:], "", None if "fail" in u else "IMG TEXT")
+            for u in urls
+        ]
+
+
+def test_the_ocr_text_reaches_the_classifier_and_the_label_and_a_failure_loses_nothing():
+    seen = []
+
+    class Recording(FakeClassifier):
+        async def predict(self, texts, images):
+            seen.extend((str(t), getattr(t, "ocr", None)) for t in texts)
+            return await super().predict(texts, images)
+
+    pipeline = Pipeline(Recording(), OcrFetcher(), lambda version: CARD, RoutingPolicy())
+    raws = [_raw("a", "caption", "http://m/read.png"), _raw("b", "other", "http://m/fail.png"), _raw("c", "bare")]
+    a, b, c = asyncio.run(pipeline.process(raws))
+    assert a.label.ocr_text == "IMG TEXT" and b.label.ocr_text is None and c.label.ocr_text is None
+    assert b.label is not None and b.dead_letter is None  # OCR failed: labelled without OCR text
+    assert sorted(seen) == [("bare", None), ("caption", "IMG TEXT"), ("other", None)]
+    assert json.loads(encode(a.label))["ocr_text"] == "IMG TEXT"

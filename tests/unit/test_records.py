@@ -97,3 +97,12 @@ def test_decide_and_task_decision_refuse_what_makes_no_label():
         decide("correct", labels, "hateful", chosen="spam")
     with pytest.raises(RecordError, match="must name the label"):
         decide("correct", ["a", "b", "c"], "a")
+
+
+def test_label_carries_the_ocr_text_and_older_records_still_load():
+    label = Label("p1", {}, 0.4, "auto", [], MediaInfo("ok"), "v1", ocr_text="STOP THE HATE — नमस्ते")
+    assert Label.from_json(encode(label)) == label
+    assert json.loads(encode(label))["ocr_text"] == "STOP THE HATE — नमस्ते"
+    old = json.loads(encode(label))
+    del old["ocr_text"]  # written before OCR existed
+    assert Label.from_json(json.dumps(old)).ocr_text is None
