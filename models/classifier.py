@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.config import ModelConfig
-from models.encoders import EncodedSequence, ImageEncoder, TextEncoder
+from models.encoders import EncodedSequence, FrozenStaysEval, ImageEncoder, TextEncoder
 from models.fusion import ConcatFusion, CrossAttentionFusion
 
 ITC_INIT_TEMPERATURE = 0.07
@@ -41,7 +41,7 @@ class ClassifierOutput:
     image_mask: Tensor
 
 
-class MultimodalHead(nn.Module):
+class MultimodalHead(FrozenStaysEval):
     def __init__(self, config: ModelConfig, text_dim: int, image_dim: int) -> None:
         super().__init__()
         self.config = config
@@ -113,8 +113,10 @@ class MultimodalHead(nn.Module):
         )
 
 
-class MultimodalModel(nn.Module):
-    """Encoders + head. Inputs are tokenised text and preprocessed pixels."""
+class MultimodalModel(FrozenStaysEval):
+    """Encoders + head. Inputs are tokenised text and preprocessed pixels. `train()` leaves
+    every frozen part (frozen encoder blocks, and the head but the ITM head while only that
+    trains) in eval mode: BatchNorm statistics and dropout move only where weights train."""
 
     def __init__(self, config: ModelConfig, text: TextEncoder, image: ImageEncoder) -> None:
         super().__init__()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 from torch import Tensor, nn
@@ -46,14 +46,45 @@ def resolve_text_source(source: str) -> str:
 
 
 def set_trainable(layers: list[nn.Module], everything: nn.Module, trainable: int) -> None:
-    """Freeze `everything`, then unfreeze the last `trainable` of `layers` (-1: all)."""
+    """Freeze `everything`, then unfreeze the last `trainable` of `layers` (-1: all).
+    Frozen parts also stay in eval mode under `train()` (see `keep_frozen_in_eval`)."""
     everything.requires_grad_(trainable < 0)
     if trainable > 0:
         for layer in layers[-trainable:]:
             layer.requires_grad_(True)
+    keep_frozen_in_eval(everything)
 
 
-class TextEncoder(nn.Module):
+def is_frozen(module: nn.Module) -> bool:
+    """True when the module has parameters and none of them trains."""
+    params = list(module.parameters())
+    return bool(params) and not any(p.requires_grad for p in params)
+
+
+def keep_frozen_in_eval(module: nn.Module) -> None:
+    """Put every part whose parameters are all frozen in eval mode, so that `train()` neither
+    updates a frozen BatchNorm's running statistics nor applies dropout inside a frozen block
+    (open_clip's `lock(freeze_bn_stats=True)`). Parts without parameters of their own (a
+    dropout between trainable layers) follow their parent."""
+    if is_frozen(module):
+        module.eval()
+        return
+    for child in module.children():
+        keep_frozen_in_eval(child)
+
+
+class FrozenStaysEval(nn.Module):
+    """`train(True)` leaves frozen parts in eval mode. Frozenness is read on every call, so a
+    phase that freezes more (the ITM-finishing epochs) gets its newly frozen parts in eval too."""
+
+    def train(self, mode: bool = True) -> Self:
+        super().train(mode)
+        if mode:
+            keep_frozen_in_eval(self)
+        return self
+
+
+class TextEncoder(FrozenStaysEval):
     """Any Hugging Face text encoder; pooled vector = masked mean of the last hidden states."""
 
     def __init__(self, backbone: Any) -> None:
@@ -124,7 +155,7 @@ class TextEncoder(nn.Module):
         return bool(torch.allclose(whole.tokens[mask], split.tokens[mask], atol=atol))
 
 
-class ImageEncoder(nn.Module):
+class ImageEncoder(FrozenStaysEval):
     """Base for image encoders: `dim`, the expected input size and normalisation."""
 
     dim: int
