@@ -41,6 +41,22 @@ class RoutingPolicy:
         floors = GateFloors(self.min_itm_auroc, self.min_routing_lift, self.min_itm_errors)
         return decide_itm_routing(itm, floors)
 
+    def describe(self, card: ModelCard) -> str:
+        """What routes this card's posts, in one line for the worker's log."""
+        spec = card.routing_policy() if self.use_card_policy else None
+        if spec is None:
+            trusted, why = self.itm_trusted(card)
+            return why if trusted else f"ITM routing OFF ({why}): task uncertainty only"
+        cut = self.review_cut if self.review_cut is not None else spec.cut
+        curve = spec.curve.get(f"{spec.budget:g}", {}) if spec.budget is not None else {}
+        lifts = ", ".join(f"{t} {v['lift']:.2f}" for t, v in curve.items() if isinstance(v, dict) and v.get("lift"))
+        budget = f"{spec.budget:.0%}" if spec.budget is not None else "an unknown share"
+        return (
+            f"review policy from the card: {card.routing.get('name', spec.kind)}, cut {cut:.4g}"
+            f"{' (operator override)' if self.review_cut is not None else ''}, tuned to review {budget} of posts"
+            + (f" (validated lift {lifts})" if lifts else "")
+        )
+
     def threshold(self, card: ModelCard) -> float | None:
         return self.itm_threshold if self.itm_threshold is not None else card.itm.get("threshold")
 

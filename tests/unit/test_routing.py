@@ -98,3 +98,13 @@ def test_stored_label_values_route_by_the_card_policy_after_a_json_round_trip():
     near, far = {"hate": (0.55, 0.5)}, {"hate": (0.99, 0.5)}
     assert route_scores(0.9, near, card, RoutingPolicy(), True).reasons == ["uncertain_hate"]
     assert route_scores(0.1, far, card, RoutingPolicy(), True).route == "auto"
+
+
+def test_describe_says_which_policy_routes():
+    with_policy = ModelCard(
+        config=tiny_config(), itm=GOOD, routing={**CARD_POLICY, "curve": {"0.1": {"hate": {"lift": 1.7}}}}
+    )
+    line = RoutingPolicy().describe(with_policy)
+    assert "review policy from the card" in line and "10%" in line and "hate 1.70" in line
+    assert "override" in RoutingPolicy(review_cut=0.9).describe(with_policy)
+    assert "ITM routing enabled" in RoutingPolicy().describe(ModelCard(config=tiny_config(), itm=GOOD))
