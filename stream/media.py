@@ -78,6 +78,7 @@ __all__ = [
     "MediaFetcher",
     "MediaResult",
     "address_block_reason",
+    "decode_and_read",
     "sniff_format",
 ]
 
@@ -503,17 +504,23 @@ class MediaFetcher:
             raise _Failure(exc.reason, str(exc)) from None
 
     def _decode_sync(self, data: bytes, digest: str) -> tuple[Image.Image, str | None]:
-        """On the decode pool: decode (and read the text inside) one image."""
-        cfg, ocr = self.config, self.ocr
-        if ocr is None:
-            return decode_image(data, max_pixels=cfg.max_pixels, max_side=cfg.max_side), None
-        image = decode_image(data, max_pixels=cfg.max_pixels, max_side=max(cfg.max_side, OCR_MAX_SIDE))
-        text = ocr.read(image, digest)
-        if max(image.size) > cfg.max_side:  # the same size and filter decode_image's own bound gives
-            scale = cfg.max_side / max(image.size)
-            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-            image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
-        return image, text
+        return decode_and_read(data, digest, self.config, self.ocr)
+
+
+def decode_and_read(
+    data: bytes, digest: str | None, cfg: FetchConfig, ocr: ImageTextReader | None
+) -> tuple[Image.Image, str | None]:
+    """The decode pool's work for one image: decode it bounded to `cfg.max_side` and, with
+    `ocr`, read the text inside from a larger copy first. Raises ImageError."""
+    if ocr is None:
+        return decode_image(data, max_pixels=cfg.max_pixels, max_side=cfg.max_side), None
+    image = decode_image(data, max_pixels=cfg.max_pixels, max_side=max(cfg.max_side, OCR_MAX_SIDE))
+    text = ocr.read(image, digest)
+    if max(image.size) > cfg.max_side:  # the same size and filter decode_image's own bound gives
+        scale = cfg.max_side / max(image.size)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return image, text
 
 
 def _parse_url(raw: str) -> URL:
