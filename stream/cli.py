@@ -116,18 +116,48 @@ def _default_jobs(device: str) -> int:
     return 1 if pick_device(device).type != "cpu" else max(1, len(os.sched_getaffinity(0)))
 
 
-def cmd_ablate(args: argparse.Namespace) -> int:
-    from trainer.ablation import AblationConfig, markdown, run_ablation
+def _ablation_config(args: argparse.Namespace) -> Any:
+    """The grid `ablate` runs. Options of the shared training flags that the grid sets
+    itself per variant are refused rather than silently ignored."""
+    from trainer.ablation import AblationConfig, AblationSetupError, select_variants
 
-    examples = _load_examples(args)
+    if args.negatives != "hard":
+        raise UsageError(
+            "ablate sets negatives per variant ('task+itc+itm' hard, 'task+itc+itm (random neg)' and 'task+itm' "
+            "random); drop --negatives and pick variants with --only"
+        )
+    if args.text_trainable_layers or args.image_trainable_blocks:
+        raise UsageError(
+            "ablate fine-tunes encoders per variant: use --unfreeze-text-layers N|all / --unfreeze-image-blocks N "
+            "instead of --text-trainable-layers / --image-trainable-blocks"
+        )
+    if args.seed != 0:
+        raise UsageError("ablate runs seeds 0..N-1: use --seeds N instead of --seed")
     cfg = AblationConfig(
         folds=args.folds,
         seeds=tuple(range(args.seeds)),
+        task_weight=args.task_weight,
+        itc_weight=args.itc_weight,
+        itm_weight=args.itm_weight,
         unfreeze_text_layers=args.unfreeze_text_layers,
+        unfreeze_image_blocks=args.unfreeze_image_blocks,
+        aux_weights=tuple(args.aux_weights),
         only=tuple(args.only or ()),
         jobs=args.jobs if args.jobs > 0 else _default_jobs(args.device),
         train=_train_config(args),
     )
+    try:
+        select_variants(cfg)  # before loading any data: a bad combination fails at once
+    except AblationSetupError as exc:
+        raise UsageError(str(exc)) from None
+    return cfg
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from trainer.ablation import markdown, run_ablation
+
+    cfg = _ablation_config(args)
+    examples = _load_examples(args)
     summary = run_ablation(
         examples,
         _model_config(args),
@@ -139,6 +169,32 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     print(markdown(summary))
     print(f"written: {args.out}/results.md, results.json, results.png", file=sys.stderr)
     return 0
+
+
+def _layers_or_all(value: str) -> int:
+    """`all` (or -1): the whole encoder; N >= 0: its top N layers / last N blocks."""
+    if value.strip().lower() == "all":
+        return -1
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of layers or 'all', got {value!r}") from None
+    if n < -1:
+        raise argparse.ArgumentTypeError(f"expected N >= 0 or 'all', got {n}")
+    return n
+
+
+def _weight_list(value: str) -> list[float]:
+    """Comma-separated positive loss weights, e.g. 0.05,0.1,0.2,0.3."""
+    import math
+
+    try:
+        weights = [float(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {value!r}") from None
+    if not weights or any(not math.isfinite(w) or w <= 0 for w in weights):
+        raise argparse.ArgumentTypeError(f"expected comma-separated weights > 0, got {value!r}")
+    return weights
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -354,9 +410,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument(
         "--unfreeze-text-layers",
-        type=int,
+        type=_layers_or_all,
         default=0,
-        help="also run variants with the text encoder's top N layers fine-tuned",
+        help="also run variants with the text encoder's top N layers fine-tuned ('all': the whole text encoder)",
+    )
+    p.add_argument(
+        "--unfreeze-image-blocks",
+        type=_layers_or_all,
+        default=0,
+        help="also run variants with the image encoder's last N blocks fine-tuned (images run live)",
+    )
+    p.add_argument(
+        "--aux-weights",
+        type=_weight_list,
+        default=[],
+        help="loss-weight sweep: one task+itc+itm variant per weight (ITC = ITM = w), e.g. 0.05,0.1,0.2,0.3",
     )
     p.add_argument("--only", action="append", help="run only this variant (repeatable)")
     p.add_argument("--jobs", type=int, default=0, help="parallel runs (default: one per CPU core on CPU, 1 on GPU)")

@@ -15,7 +15,7 @@ import math
 import re
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,21 +46,39 @@ log = logging.getLogger(__name__)
 BASELINE = "task"
 
 
+class AblationSetupError(ValueError):
+    """A grid that cannot run as asked (a weight a variant needs is 0, an unknown variant
+    name, a folder made for another grid); the message says what to change."""
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    task: float = 0.8
+    itc: float = 0.1
+    itm: float = 0.1
+
+
 @dataclass(frozen=True)
 class Variant:
     name: str
     itc: bool
     itm: bool
     negatives: NegativeSampling = "hard"
+    # 0: frozen (cached); N: the top N text layers / last N image blocks; -1: all of it.
     text_trainable_layers: int = 0
+    image_trainable_blocks: int = 0
+    aux_weight: float | None = None  # the loss-weight sweep: this weight for ITC and ITM alike
 
-    def objective(self, task_weight: float, aux_weight: float) -> ObjectiveConfig:
-        weights = {"task_loss": task_weight}
+    def loss_weights(self, weights: LossWeights) -> dict[str, float]:
+        out = {"task_loss": weights.task}
         if self.itc:
-            weights["itc_loss"] = aux_weight
+            out["itc_loss"] = weights.itc if self.aux_weight is None else self.aux_weight
         if self.itm:
-            weights["itm_loss"] = aux_weight
-        return ObjectiveConfig(weights=weights, negatives=self.negatives)
+            out["itm_loss"] = weights.itm if self.aux_weight is None else self.aux_weight
+        return out
+
+    def objective(self, weights: LossWeights) -> ObjectiveConfig:
+        return ObjectiveConfig(weights=self.loss_weights(weights), negatives=self.negatives)
 
 
 # +ITM alone mines no hard negatives: without ITC its embedding space is untrained, so
@@ -72,37 +90,64 @@ CORE_VARIANTS = (
     Variant("task+itc+itm", itc=True, itm=True, negatives="hard"),
     Variant("task+itc+itm (random neg)", itc=True, itm=True, negatives="random"),
 )
+WHOLE_TEXT = " (text encoder fine-tuned)"
+# Suffixes naming which encoder parts train; a variant is paired with task-only on the same encoders.
+_ENCODER_SUFFIX = re.compile(
+    r" \((text top \d+ unfrozen|text encoder fine-tuned|image last \d+ blocks fine-tuned|image encoder fine-tuned)\)$"
+)
+_AUX_SUFFIX = re.compile(r" \(aux [0-9.e-]+\)$")
 
 
-def _unfrozen_suffix(layers: int) -> str:
-    return f" (text top {layers} unfrozen)"
+def _text_suffix(layers: int) -> str:
+    return WHOLE_TEXT if layers < 0 else f" (text top {layers} unfrozen)"
+
+
+def _image_suffix(blocks: int) -> str:
+    return " (image encoder fine-tuned)" if blocks < 0 else f" (image last {blocks} blocks fine-tuned)"
+
+
+def aux_name(weight: float) -> str:
+    return f"task+itc+itm (aux {weight:g})"
 
 
 def reference_of(name: str) -> str | None:
     """The run each variant is paired with: task-only with the same encoders, and for that
-    task-only variant, the frozen one (so the table also shows what unfreezing alone does)."""
-    match = re.search(r" \(text top \d+ unfrozen\)$", name)
-    suffix = match.group(0) if match else ""
+    task-only variant, the frozen one (so the table also shows what unfreezing alone does).
+    The loss-weight sweep's variants are paired with frozen task-only."""
     if name == BASELINE:
         return None
+    if _AUX_SUFFIX.search(name):
+        return BASELINE
+    match = _ENCODER_SUFFIX.search(name)
+    suffix = match.group(0) if match else ""
     return BASELINE if name == BASELINE + suffix else BASELINE + suffix
 
 
-def variants(unfreeze_text_layers: int = 0) -> list[Variant]:
+def variants(
+    unfreeze_text_layers: int = 0, unfreeze_image_blocks: int = 0, aux_weights: Sequence[float] = ()
+) -> list[Variant]:
+    """Every variant the grid can run: the core five with frozen encoders; with
+    `unfreeze_text_layers` N, task-only and task+ITC+ITM with the text encoder's top N layers
+    (-1: all of it) fine-tuned; likewise the image encoder's last N blocks; and one
+    task+ITC+ITM per auxiliary weight of the loss-weight sweep (frozen encoders)."""
     out = list(CORE_VARIANTS)
-    if unfreeze_text_layers:
-        suffix = _unfrozen_suffix(unfreeze_text_layers)
+    text = unfreeze_text_layers
+    if text:
+        suffix = _text_suffix(text)
         out += [
-            Variant(BASELINE + suffix, itc=False, itm=False, text_trainable_layers=unfreeze_text_layers),
-            Variant("task+itc+itm" + suffix, itc=True, itm=True, text_trainable_layers=unfreeze_text_layers),
-            Variant(
-                "task+itc+itm (random neg)" + suffix,
-                itc=True,
-                itm=True,
-                negatives="random",
-                text_trainable_layers=unfreeze_text_layers,
-            ),
+            Variant(BASELINE + suffix, itc=False, itm=False, text_trainable_layers=text),
+            Variant("task+itc+itm" + suffix, itc=True, itm=True, text_trainable_layers=text),
         ]
+        if text > 0:
+            name = "task+itc+itm (random neg)" + suffix
+            out.append(Variant(name, itc=True, itm=True, negatives="random", text_trainable_layers=text))
+    if unfreeze_image_blocks:
+        suffix = _image_suffix(unfreeze_image_blocks)
+        out += [
+            Variant(BASELINE + suffix, itc=False, itm=False, image_trainable_blocks=unfreeze_image_blocks),
+            Variant("task+itc+itm" + suffix, itc=True, itm=True, image_trainable_blocks=unfreeze_image_blocks),
+        ]
+    out += [Variant(aux_name(w), itc=True, itm=True, aux_weight=w) for w in aux_weights]
     return out
 
 
@@ -111,13 +156,65 @@ class AblationConfig:
     folds: int = 5
     seeds: Sequence[int] = (0, 1, 2)
     task_weight: float = 0.8
-    aux_weight: float = 0.1
+    itc_weight: float = 0.1  # for the variants that train ITC (the sweep sets its own)
+    itm_weight: float = 0.1
     val_fraction: float = 0.15
     review_fraction: float = 0.1
-    unfreeze_text_layers: int = 0
-    only: Sequence[str] = ()  # restrict to these variant names
+    unfreeze_text_layers: int = 0  # N: top N layers; -1: the whole text encoder
+    unfreeze_image_blocks: int = 0  # N: the image encoder's last N blocks; -1: all of it
+    aux_weights: Sequence[float] = ()  # the loss-weight sweep
+    only: Sequence[str] = ()  # restrict to these variant names (their references are added)
     jobs: int = 1  # worker processes (CPU: one per core, each single-threaded)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def weights(self) -> LossWeights:
+        return LossWeights(self.task_weight, self.itc_weight, self.itm_weight)
+
+
+def _check_weight(name: str, value: float, positive: bool) -> None:
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        need = "> 0" if positive else ">= 0"
+        raise AblationSetupError(f"{name} must be a finite number {need}, got {value}")
+
+
+def select_variants(cfg: AblationConfig) -> list[Variant]:
+    """The variants this grid runs, in table order: `only` (or all) plus the task-only
+    variant each is paired with. Refuses weights a chosen variant cannot train with."""
+    _check_weight("--task-weight (every variant trains the task)", cfg.task_weight, positive=True)
+    _check_weight("--itc-weight", cfg.itc_weight, positive=False)
+    _check_weight("--itm-weight", cfg.itm_weight, positive=False)
+    for w in cfg.aux_weights:
+        _check_weight("each of --aux-weights", w, positive=True)
+    if cfg.unfreeze_text_layers < -1 or cfg.unfreeze_image_blocks < -1:
+        raise AblationSetupError("--unfreeze-text-layers / --unfreeze-image-blocks take N >= 0 or 'all'")
+    available = variants(cfg.unfreeze_text_layers, cfg.unfreeze_image_blocks, cfg.aux_weights)
+    by_name = {v.name: v for v in available}
+    unknown = [name for name in cfg.only if name not in by_name]
+    if unknown:
+        raise AblationSetupError(
+            f"unknown variant(s) {unknown}; with these options the grid has: {', '.join(repr(n) for n in by_name)}"
+        )
+    wanted = set(cfg.only or by_name)
+    for name in list(wanted):
+        ref = reference_of(name)
+        while ref is not None:  # a difference needs its reference run (and that one its own)
+            wanted.add(ref)
+            ref = reference_of(ref)
+    chosen = [v for v in available if v.name in wanted]
+    for v in chosen:
+        if v.aux_weight is not None:
+            continue
+        for loss, uses, value, flag in (
+            ("ITC", v.itc, cfg.itc_weight, "--itc-weight"),
+            ("ITM", v.itm, cfg.itm_weight, "--itm-weight"),
+        ):
+            if uses and value == 0:
+                raise AblationSetupError(
+                    f"variant {v.name!r} trains {loss} but {flag} is 0; give {flag} > 0, "
+                    "or leave that variant out with --only"
+                )
+    return chosen
 
 
 def _fold_indices(
@@ -144,6 +241,7 @@ def run_ablation(
 ) -> dict[str, Any]:
     """Runs (or resumes, from out_dir/runs.jsonl) the grid and writes results.{json,md,png}."""
     started = time.perf_counter()
+    chosen = select_variants(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = pick_device(device)
     base_model, tokenizer = model_and_tokenizer or build_model(model_config)
@@ -154,11 +252,12 @@ def run_ablation(
     tasks = model_config.tasks
     labels = label_tensors(inputs.examples, tasks)
     folds = _fold_indices(inputs.examples, tasks, cfg.folds)
-    chosen = [v for v in variants(cfg.unfreeze_text_layers) if not cfg.only or v.name in cfg.only]
-    unfrozen = {v.text_trainable_layers for v in chosen if v.text_trainable_layers}
-    if unfrozen:
-        # Variants that fine-tune the text encoder's top layers share the frozen layers' cached output.
-        (layers,) = unfrozen
+    _check_trainable_parts(base_model, cfg)
+    top_layers = {v.text_trainable_layers for v in chosen if v.text_trainable_layers > 0}
+    if top_layers:
+        # Variants that fine-tune the text encoder's top layers share the frozen layers' cached
+        # output; the whole encoder fine-tuned (-1) has nothing frozen to cache and runs live.
+        (layers,) = top_layers
         store = FeatureStore(cache_dir)
         features.text_prefix = text_prefix(base_model, tokenizer, inputs, layers, store, dev, cfg.train.progress)
         encode_seconds = time.perf_counter() - started
@@ -210,7 +309,9 @@ def run_ablation(
         "image_errors": dict(inputs.image_errors),
         "folds": cfg.folds,
         "seeds": list(cfg.seeds),
-        "loss_weights": {"task": cfg.task_weight, "aux": cfg.aux_weight},
+        "loss_weights": asdict(cfg.weights),
+        "variant_loss_weights": {v.name: v.loss_weights(cfg.weights) for v in chosen},
+        "aux_weights": list(cfg.aux_weights),
         "model": model_config.to_dict(),
         "train": cfg.train.to_dict(),
         "device": str(dev),
@@ -279,6 +380,48 @@ def _execute(jobs: list[RunSpec], shared: _Shared, workers: int) -> Iterator[dic
         _WORKER_STATE = None
 
 
+def _check_trainable_parts(model: MultimodalModel, cfg: AblationConfig) -> None:
+    """A top-N split must leave something frozen below it; the whole encoder is 'all'."""
+    text_layers = len(model.text_encoder.layers())
+    if cfg.unfreeze_text_layers >= max(text_layers, 1):
+        raise AblationSetupError(
+            f"--unfreeze-text-layers {cfg.unfreeze_text_layers}: the text encoder has {text_layers} layers; "
+            f"give fewer, or 'all' to fine-tune the whole text encoder"
+        )
+
+
+def _run_model(base_model: MultimodalModel, variant: Variant) -> MultimodalModel:
+    """This run's model: shared frozen encoders, a fresh copy of any encoder being fine-tuned."""
+    config = replace(
+        base_model.config,
+        text_trainable_layers=variant.text_trainable_layers,
+        image_trainable_blocks=variant.image_trainable_blocks,
+    )
+    text, image = base_model.text_encoder, base_model.image_encoder
+    if variant.text_trainable_layers:
+        text = copy.deepcopy(text)
+    if variant.image_trainable_blocks:
+        image = copy.deepcopy(image)
+    return MultimodalModel(config, text, image)
+
+
+def _run_features(features: LiveFeatures, model: MultimodalModel, variant: Variant) -> LiveFeatures:
+    """A shallow copy bound to this run's model (the cached tensors are shared, not copied):
+    frozen encoders read their cache; one being fine-tuned runs live (the top-N text layers
+    on the cached output of the frozen ones)."""
+    feats = copy.copy(features)
+    feats.model = model
+    if variant.text_trainable_layers == 0:
+        feats.text_prefix = None
+    else:
+        feats.frozen_text = None
+        if variant.text_trainable_layers < 0:
+            feats.text_prefix = None  # the whole text encoder trains: nothing frozen to reuse
+    if variant.image_trainable_blocks:
+        feats.frozen_image = None  # images run live through the encoder (its frozen blocks in eval mode)
+    return feats
+
+
 def _one_run(shared: _Shared, spec: RunSpec) -> dict[str, Any]:
     base_model, features, labels, tasks, cfg = (
         shared.base_model,
@@ -290,18 +433,9 @@ def _one_run(shared: _Shared, spec: RunSpec) -> dict[str, Any]:
     variant, seed = spec.variant, spec.seed
     started = time.perf_counter()
     torch.manual_seed(seed)
-    config = replace(base_model.config, text_trainable_layers=variant.text_trainable_layers)
-    # Frozen encoders are shared by every run; one being fine-tuned gets a fresh copy.
-    text = copy.deepcopy(base_model.text_encoder) if variant.text_trainable_layers else base_model.text_encoder
-    model = MultimodalModel(config, text, base_model.image_encoder).to(features.device)
-    # A shallow copy bound to this run's model: the cached tensors are shared, not copied.
-    feats = copy.copy(features)
-    feats.model = model
-    if variant.text_trainable_layers:
-        feats.frozen_text = None  # the top layers train: they run live on the cached prefix
-    else:
-        feats.text_prefix = None
-    train_cfg = replace(cfg.train, seed=seed, objective=variant.objective(cfg.task_weight, cfg.aux_weight))
+    model = _run_model(base_model, variant).to(features.device)
+    feats = _run_features(features, model, variant)
+    train_cfg = replace(cfg.train, seed=seed, objective=variant.objective(cfg.weights))
 
     def pick(idx: list[int]) -> tuple[Any, dict[str, torch.Tensor]]:
         return subset(feats, idx), {t: y[idx] for t, y in labels.items()}
@@ -421,11 +555,13 @@ def markdown(summary: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     setup = summary.get("setup", {})
     if setup:
+        weights = setup["loss_weights"]
+        sweep = f" (sweep: ITC = ITM = {', '.join(map(str, setup['aux_weights']))})" if setup.get("aux_weights") else ""
         lines.append("")
         lines.append(
             f"{setup['n_examples']} posts ({setup['with_image']} with an image), {setup['folds']} folds x "
-            f"{len(setup['seeds'])} seeds, loss weights task {setup['loss_weights']['task']} / aux "
-            f"{setup['loss_weights']['aux']}, fusion {setup['model']['fusion']}, device {setup['device']} "
+            f"{len(setup['seeds'])} seeds, loss weights task {weights['task']} / ITC {weights['itc']} / ITM "
+            f"{weights['itm']}{sweep}, fusion {setup['model']['fusion']}, device {setup['device']} "
             f"({setup['jobs']} worker process(es)); wall time {setup['wall_seconds']:.0f} s "
             f"(of which encoding {setup['encode_seconds']:.0f} s)."
         )

@@ -79,3 +79,60 @@ def test_error_lines_never_show_a_redis_password():
     assert _redacted("redis://:s3cret@redis:6379/0") == "redis://:***@redis:6379/0"
     assert _redacted("rediss://user:s3cret@redis/1") == "rediss://user:***@redis/1"
     assert _redacted("redis://127.0.0.1:16379/0") == "redis://127.0.0.1:16379/0"
+
+
+def _capture_ablation(monkeypatch):
+    """Stubs the data and the grid run: records the AblationConfig `ablate` would run."""
+    seen = {}
+
+    def fake_run(examples, model_config, cfg, out_dir, **kwargs):
+        seen["cfg"] = cfg
+        return {"variants": {}, "tasks": []}
+
+    monkeypatch.setattr("stream.cli._load_examples", lambda args: [])
+    monkeypatch.setattr("trainer.ablation.run_ablation", fake_run)
+    return seen
+
+
+def test_ablate_honours_the_loss_weight_flags(tmp_path, monkeypatch):
+    seen = _capture_ablation(monkeypatch)
+    argv = ["ablate", "--preset", "synthetic", "--out", str(tmp_path), "--device", "cpu"]
+    argv += ["--task-weight", "0.5", "--itc-weight", "0.2", "--itm-weight", "0.3", "--aux-weights", "0.05,0.3"]
+    argv += ["--unfreeze-text-layers", "all", "--unfreeze-image-blocks", "2"]
+    assert main(argv) == 0
+    cfg = seen["cfg"]
+    assert (cfg.task_weight, cfg.itc_weight, cfg.itm_weight) == (0.5, 0.2, 0.3)
+    assert tuple(cfg.aux_weights) == (0.05, 0.3)
+    assert cfg.unfreeze_text_layers == -1 and cfg.unfreeze_image_blocks == 2
+
+
+def test_ablate_refuses_flags_it_would_ignore(tmp_path, monkeypatch, capsys):
+    seen = _capture_ablation(monkeypatch)
+    base = ["ablate", "--preset", "synthetic", "--out", str(tmp_path), "--device", "cpu"]
+    cases = [
+        (["--itc-weight", "0"], "trains ITC but --itc-weight is 0"),
+        (["--itm-weight", "0", "--only", "task+itm"], "trains ITM but --itm-weight is 0"),
+        (["--task-weight", "0"], "--task-weight"),
+        (["--negatives", "random"], "sets negatives per variant"),
+        (["--text-trainable-layers", "2"], "--unfreeze-text-layers"),
+        (["--seed", "3"], "--seeds N"),
+        (["--only", "task+nothing"], "unknown variant"),
+    ]
+    for extra, message in cases:
+        assert main(base + extra) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    assert "cfg" not in seen  # nothing ran
+    # Weight 0 for a loss no chosen variant uses is fine.
+    assert main([*base, "--itc-weight", "0", "--only", "task", "--only", "task+itm"]) == 0
+    assert seen["cfg"].itc_weight == 0
+
+
+def test_ablate_rejects_malformed_sweeps_and_layer_counts(tmp_path, capsys):
+    import pytest
+
+    base = ["ablate", "--preset", "synthetic", "--out", str(tmp_path)]
+    for extra in (["--aux-weights", "0.1,x"], ["--aux-weights", "0,0.1"], ["--unfreeze-text-layers", "some"]):
+        with pytest.raises(SystemExit) as exc:
+            main(base + extra)
+        assert exc.value.code == 2
+        assert "expected" in capsys.readouterr().err
