@@ -19,6 +19,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("OMP_THREAD_LIMIT", "1")  # Tesseract's OpenMP: one thread, like the measurement
@@ -88,19 +89,22 @@ def main() -> None:
         rows.append({"path": name, "posts_per_s": round(pps, 1), "images": n, **extra})
         print(f"{name:55s} {pps:8.1f} posts/s  ({n} images)", flush=True)
 
-    base = posts_per_second(lambda d, h: decode_and_read(d, h, config, None), images, digests)
+    def decode_with(reader: ImageTextReader | None, data: bytes, digest: str) -> object:
+        return decode_and_read(data, digest, config, reader)
+
+    base = posts_per_second(partial(decode_with, None), images, digests)
     row("decode only (OCR off)", base, len(images))
     failed = 0
     for languages in ("eng+hin", "eng"):
         engine = TesseractOcr(languages)
         reader = ImageTextReader(engine, cache_size=len(images) + 1)
-        cold = posts_per_second(lambda d, h, r=reader: decode_and_read(d, h, config, r), images, digests)
+        cold = posts_per_second(partial(decode_with, reader), images, digests)
         texts = [reader.read(Image.new("RGB", (1, 1)), h) for h in digests]  # every one cached now
         failed += sum(t is None for t in texts)
         words = sum(len(t.split()) for t in texts if t) / max(1, len(texts))
         row(f"decode + OCR {languages}, tesserocr, cold cache", cold, len(images), mean_words=round(words, 1))
         if languages == "eng+hin":
-            warm = posts_per_second(lambda d, h, r=reader: decode_and_read(d, h, config, r), images, digests)
+            warm = posts_per_second(partial(decode_with, reader), images, digests)
             row(f"decode + OCR {languages}, cache hit (repost)", warm, len(images))
     try:
         slow = PyTesseract("eng+hin")
@@ -109,7 +113,7 @@ def main() -> None:
     else:
         n = min(args.pytesseract_images, len(images))
         reader = ImageTextReader(slow, cache_size=0)
-        pps = posts_per_second(lambda d, h: decode_and_read(d, h, config, reader), images[:n], digests[:n])
+        pps = posts_per_second(partial(decode_with, reader), images[:n], digests[:n])
         row("decode + OCR eng+hin, pytesseract (process per image)", pps, n)
     result = {
         "source": source,
