@@ -234,3 +234,16 @@ def test_the_ocr_text_changes_the_prediction_only_of_a_model_trained_with_it() -
         a, b = _predictor(ocr_segment).predict(texts, [image, image])
         diff = abs(a.tasks["hate"].score - b.tasks["hate"].score) + abs((a.itm_match or 0) - (b.itm_match or 0))
         assert (diff > 1e-6) == ocr_segment, (ocr_segment, diff)
+
+
+def test_the_card_says_whether_the_model_expects_the_ocr_segment() -> None:
+    import json
+
+    card = ModelCard(config=tiny_config(ocr_segment=True, ocr_languages="eng"), version="v1")
+    data = json.loads(card.to_json())
+    assert data["config"]["ocr_segment"] is True
+    loaded = ModelCard.from_dict(data).config
+    assert loaded.ocr_segment and loaded.ocr_languages == "eng"
+    for key in ("ocr_segment", "ocr_languages"):  # a card written before OCR existed
+        del data["config"][key]
+    assert ModelCard.from_dict(data).config.ocr_segment is False
