@@ -60,7 +60,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp.abc import AbstractResolver
@@ -69,7 +69,9 @@ from yarl import URL
 
 from models.images import MAX_PIXELS, MAX_SIDE, ImageError, content_hash, decode_image
 from models.ocr import OCR_MAX_SIDE
-from stream.ocr import ImageTextReader
+
+if TYPE_CHECKING:  # imported by the roles that read image text only: it registers the OCR metrics
+    from stream.ocr import ImageTextReader
 
 __all__ = [
     "ERROR_CODES",
