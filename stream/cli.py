@@ -154,18 +154,22 @@ def _ablation_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from trainer.ablation import markdown, run_ablation
+    from trainer.ablation import AblationSetupError, markdown, run_ablation
 
     cfg = _ablation_config(args)
     examples = _load_examples(args)
-    summary = run_ablation(
-        examples,
-        _model_config(args),
-        cfg,
-        Path(args.out),
-        cache_dir=_cache_root(args),
-        device=args.device,
-    )
+    try:
+        summary = run_ablation(
+            examples,
+            _model_config(args),
+            cfg,
+            Path(args.out),
+            cache_dir=_cache_root(args),
+            device=args.device,
+        )
+    except AblationSetupError as exc:  # e.g. --out holds another grid's runs
+        print(f"modstream ablate: error: {exc}", file=sys.stderr)
+        return 1
     print(markdown(summary))
     print(f"written: {args.out}/results.md, results.json, results.png", file=sys.stderr)
     return 0

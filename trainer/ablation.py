@@ -9,6 +9,7 @@ fine-tune the text encoder's top layers share the cached output of its frozen la
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -30,8 +31,17 @@ from models.losses import IGNORE_INDEX, NegativeSampling
 from models.objectives import ObjectiveConfig
 from models.registry import build_model
 from trainer.calibration import calibrate, score
-from trainer.features import FeatureStore, LiveFeatures, build_features, load_inputs, subset, text_prefix
-from trainer.fit import merge_rare, pick_device, strata, stratified_split
+from trainer.features import (
+    FeatureStore,
+    LiveFeatures,
+    LoadedInputs,
+    build_features,
+    encoder_key,
+    load_inputs,
+    subset,
+    text_prefix,
+)
+from trainer.fit import data_digest, merge_rare, pick_device, strata, stratified_split
 from trainer.manifest import Example
 from trainer.stats import (
     corrected_paired_t,
@@ -229,6 +239,111 @@ def _run_key(variant: str, fold: int, seed: int) -> str:
     return f"{variant}|{fold}|{seed}"
 
 
+GRID_FILE = "grid.json"
+# Training options that do not change what a run computes (seeds and objectives are per run).
+_NOT_IDENTITY = ("seed", "progress", "objective")
+
+
+def grid_identity(
+    model_config: ModelConfig, cfg: AblationConfig, inputs: LoadedInputs, model: MultimodalModel
+) -> dict[str, Any]:
+    """What a finished run in runs.jsonl depends on besides its (variant, fold, seed) key:
+    the model and its encoder weights, the training options and loss weights, the folds and
+    splits, and the data. Seeds and variants are not part of it: adding either to a grid
+    reuses the runs already done."""
+    train = {k: v for k, v in cfg.train.to_dict().items() if k not in _NOT_IDENTITY}
+    identity = {
+        "model": model_config.to_dict(),
+        "encoders": {"text": encoder_key(model, "text"), "image": encoder_key(model, "image")},
+        "train": train,
+        "loss_weights": asdict(cfg.weights),
+        "folds": cfg.folds,
+        "val_fraction": cfg.val_fraction,
+        "review_fraction": cfg.review_fraction,
+        "data_digest": data_digest(inputs),
+    }
+    return dict(json.loads(json.dumps(identity)))  # as it reads back from grid.json
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def grid_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`train.lr: 0.001 -> 0.002` for every setting that differs."""
+    old, new = _flatten(stored), _flatten(current)
+    keys = sorted(old.keys() | new.keys())
+    return [f"{k}: {old.get(k, '(absent)')} -> {new.get(k, '(absent)')}" for k in keys if old.get(k) != new.get(k)]
+
+
+def check_grid(out_dir: Path, identity: dict[str, Any]) -> None:
+    """Records the grid's identity in out_dir/grid.json, or refuses to resume into a folder
+    whose runs were made with another configuration or other data."""
+    path, runs = out_dir / GRID_FILE, out_dir / "runs.jsonl"
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    if path.is_file():
+        try:
+            stored = json.loads(path.read_text())
+            stored_identity = stored["identity"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise AblationSetupError(
+                f"{path} is unreadable, so the runs in {out_dir} cannot be checked; give a new --out"
+            ) from None
+        differences = grid_differences(stored_identity, identity)
+        if differences:
+            raise AblationSetupError(
+                f"{out_dir} holds runs of another grid ({'; '.join(differences)}); resuming would mix them "
+                "into this table: give a new --out (or put the options back to resume)"
+            )
+        return
+    if runs.is_file() and runs.stat().st_size:
+        raise AblationSetupError(
+            f"{runs} was written without a {GRID_FILE} (an older modstream), so its configuration and data "
+            "cannot be checked; give a new --out"
+        )
+    path.write_text(json.dumps({"digest": digest, "identity": identity}, indent=1) + "\n")
+
+
+def read_runs(path: Path) -> dict[str, dict[str, Any]]:
+    """Finished runs by key. A last line cut off mid-write (a killed run) is dropped with a
+    warning and the file rewritten without it, so that run is done again and appends start
+    on a fresh line; an unreadable line before the last is refused (the file was edited)."""
+    if not path.is_file():
+        return {}
+    text = path.read_text()
+    lines = text.splitlines()
+    done: dict[str, dict[str, Any]] = {}
+    kept: list[str] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            run = json.loads(line)
+            key = _run_key(run["variant"], run["fold"], run["seed"])
+            run["macro_f1"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            if number < len(lines):
+                raise AblationSetupError(
+                    f"{path}: line {number} is not a run record; remove that line to rerun the run, or give a new --out"
+                ) from None
+            log.warning("%s: dropping its unreadable last line (a run cut off mid-write); that run runs again", path)
+            break
+        done[key] = run
+        kept.append(line)
+    rewritten = "".join(line + "\n" for line in kept)
+    if rewritten != text:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(rewritten)
+        tmp.replace(path)
+    return done
+
+
 def run_ablation(
     examples: Sequence[Example],
     model_config: ModelConfig,
@@ -247,6 +362,8 @@ def run_ablation(
     base_model, tokenizer = model_and_tokenizer or build_model(model_config)
     base_model.to(dev)
     inputs = load_inputs(examples)
+    # Before encoding anything: a folder made for another grid is refused, not mixed in.
+    check_grid(out_dir, grid_identity(model_config, cfg, inputs, base_model))
     features = build_features(base_model, tokenizer, inputs, FeatureStore(cache_dir), dev, cfg.train.progress)
     encode_seconds = time.perf_counter() - started
     tasks = model_config.tasks
@@ -263,11 +380,7 @@ def run_ablation(
         encode_seconds = time.perf_counter() - started
 
     runs_path = out_dir / "runs.jsonl"
-    done = {}
-    if runs_path.is_file():
-        for line in runs_path.read_text().splitlines():
-            run = json.loads(line)
-            done[_run_key(run["variant"], run["fold"], run["seed"])] = run
+    done = read_runs(runs_path)
     jobs: list[RunSpec] = []
     for fold, (train_pool, test_idx) in enumerate(folds):
         for seed in cfg.seeds:

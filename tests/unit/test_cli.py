@@ -136,3 +136,16 @@ def test_ablate_rejects_malformed_sweeps_and_layer_counts(tmp_path, capsys):
             main(base + extra)
         assert exc.value.code == 2
         assert "expected" in capsys.readouterr().err
+
+
+def test_ablate_into_another_grids_folder_exits_1_with_the_reason(tmp_path, monkeypatch, capsys):
+    from trainer.ablation import AblationSetupError
+
+    def refuse(*args, **kwargs):
+        raise AblationSetupError(f"{tmp_path} holds runs of another grid (train.epochs: 25 -> 3)")
+
+    monkeypatch.setattr("stream.cli._load_examples", lambda args: [])
+    monkeypatch.setattr("trainer.ablation.run_ablation", refuse)
+    assert main(["ablate", "--preset", "synthetic", "--out", str(tmp_path), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "another grid" in err and "train.epochs: 25 -> 3" in err
