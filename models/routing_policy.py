@@ -9,6 +9,8 @@ quantile that reviews the budgeted share of posts. Kinds:
 - "uncertainty": closeness to the decision threshold, the most uncertain task counts.
   "margin" = 1 - |p - t| / (t or 1 - t, the room on p's side), 1 at the threshold and 0
   at certainty, so tasks with different thresholds compare; "entropy" = binary entropy of p.
+  With `itm_weight` w > 0 it adds w * (1 - match): a weak match raises the score (a
+  text-only post counts as `itm_fill`, the validation median match, i.e. no evidence).
 - "combined": per task a logistic model of "the model is wrong on this post" over features
   of the scores and ITM (fitted on validation by trainer/routing_eval.py); the review
   score is the expected number of wrong task decisions (sum) or the likeliest one (max).
@@ -126,6 +128,8 @@ class RoutingPolicySpec:
     kind: str
     uncertainty: Uncertainty = "margin"
     combine: Combine = "sum"
+    itm_weight: float = 0.0  # uncertainty + itm_weight * (1 - match)
+    itm_fill: float = 0.5  # the match assumed for text-only posts
     features: list[str] = field(default_factory=list)
     mean: list[float] = field(default_factory=list)
     scale: list[float] = field(default_factory=list)
@@ -150,6 +154,8 @@ class RoutingPolicySpec:
                     raise ValueError(f"routing head {task!r} has {len(head.coef)} coefficients for {n} features")
             if not all(math.isfinite(s) and s > 0 for s in self.scale):
                 raise ValueError("routing feature scales must be finite and > 0")
+        if not (math.isfinite(self.itm_weight) and self.itm_weight >= 0 and 0 <= self.itm_fill <= 1):
+            raise ValueError("routing itm_weight must be >= 0 and itm_fill in [0, 1]")
         if self.cut is not None and math.isnan(self.cut):
             raise ValueError("routing cut must be a number")
         if self.budget is not None and not 0 < self.budget <= 1:
@@ -175,14 +181,21 @@ class RoutingPolicySpec:
         if self.kind == "uncertainty":
             if not inputs.scores:
                 return np.full(len(inputs), -np.inf)
-            per_task = [
-                margin_uncertainty(p, inputs.thresholds[t]) if self.uncertainty == "margin" else binary_entropy(p)
-                for t, p in inputs.scores.items()
-            ]
-            return np.asarray(np.max(per_task, axis=0), dtype=np.float64)
+            return np.asarray(np.max(list(self._task_uncertainty(inputs).values()), axis=0) + self._weak_match(inputs))
         probs = list(self.task_error_probs(inputs).values())
         combined = np.sum(probs, axis=0) if self.combine == "sum" else np.max(probs, axis=0)
         return np.asarray(combined, dtype=np.float64)
+
+    def _task_uncertainty(self, inputs: PolicyInputs) -> dict[str, FloatArray]:
+        return {
+            t: margin_uncertainty(p, inputs.thresholds[t]) if self.uncertainty == "margin" else binary_entropy(p)
+            for t, p in inputs.scores.items()
+        }
+
+    def _weak_match(self, inputs: PolicyInputs) -> FloatArray:
+        if not self.itm_weight:
+            return np.zeros(len(inputs))
+        return np.asarray(self.itm_weight * (1.0 - np.where(np.isnan(inputs.itm), self.itm_fill, inputs.itm)))
 
     def review(self, inputs: PolicyInputs, cut: float | None = None) -> npt.NDArray[np.bool_]:
         threshold = self.cut if cut is None else cut
@@ -197,11 +210,16 @@ class RoutingPolicySpec:
         if self.kind == "itm":
             return [WEAK_MATCH]
         if self.kind == "uncertainty":
-            values = {
-                t: (margin_uncertainty(p, inputs.thresholds[t]) if self.uncertainty == "margin" else binary_entropy(p))
-                for t, p in inputs.scores.items()
-            }
-            return [f"uncertain_{max(values, key=lambda t: float(values[t][0]))}"]
+            values = self._task_uncertainty(inputs)
+            task = max(values, key=lambda t: float(values[t][0]))
+            weak = float(self._weak_match(inputs)[0])
+            # The larger share of the score names the reason; the other one follows when it also counts.
+            main, other = (
+                (WEAK_MATCH, f"uncertain_{task}")
+                if weak > float(values[task][0])
+                else (f"uncertain_{task}", WEAK_MATCH)
+            )
+            return [main, other] if self.itm_weight and weak > 0.5 * self.itm_weight else [main]
         z = self._standardised(inputs)[0]
         probs = self.task_error_probs(inputs)
         task = max(probs, key=lambda t: float(probs[t][0]))
@@ -218,6 +236,8 @@ class RoutingPolicySpec:
         out: dict[str, Any] = {"kind": self.kind, "cut": self.cut, "budget": self.budget, "curve": self.curve}
         if self.kind == "uncertainty":
             out["uncertainty"] = self.uncertainty
+            if self.itm_weight:
+                out.update(itm_weight=self.itm_weight, itm_fill=self.itm_fill)
         if self.kind == "combined":
             out.update(
                 combine=self.combine,
@@ -242,6 +262,8 @@ class RoutingPolicySpec:
                 kind=str(data["kind"]),
                 uncertainty=data.get("uncertainty", "margin"),
                 combine=data.get("combine", "sum"),
+                itm_weight=float(data.get("itm_weight", 0.0)),
+                itm_fill=float(data.get("itm_fill", 0.5)),
                 features=[str(f) for f in data.get("features") or []],
                 mean=[float(v) for v in data.get("mean") or []],
                 scale=[float(v) for v in data.get("scale") or []],
@@ -250,7 +272,7 @@ class RoutingPolicySpec:
                 budget=None if budget is None else float(budget),
                 curve=dict(data.get("curve") or {}),
             )
-        except (KeyError, TypeError, AttributeError) as exc:
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise ValueError(f"malformed routing policy: {exc!r}") from exc
 
 

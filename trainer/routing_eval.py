@@ -120,6 +120,9 @@ def run_folds(
     """Trains (or reloads from out_dir) one model per fold x seed on CPU; the folds and the
     train/validation split inside each are those of `modstream ablate`."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {(f, s): out_dir / f"fold{f}-seed{s}.npz" for f in range(folds) for s in seeds}
+    if all(p.is_file() for p in paths.values()):  # re-scoring only: no model, no features
+        return [_load(p, f, s) for (f, s), p in paths.items()]
     base, tokenizer = model_and_tokenizer or build_model(model_config or ModelConfig())
     if base.config.text_trainable_layers or base.config.image_trainable_blocks:
         raise ValueError("routing_eval compares policies on the frozen-encoder recipe; got trainable encoder layers")
@@ -133,7 +136,7 @@ def run_folds(
     outputs = []
     for fold, (train_pool, test_idx) in enumerate(_fold_indices(inputs.examples, tasks, folds)):
         for seed in seeds:
-            path = out_dir / f"fold{fold}-seed{seed}.npz"
+            path = paths[(fold, seed)]
             if path.is_file():
                 outputs.append(_load(path, fold, seed))
                 continue
@@ -243,6 +246,31 @@ def policy_inputs(ev: EvalOutput, cal: Calibration, tasks: Sequence[str]) -> tup
     }
 
 
+ITM_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)
+
+
+def fit_itm_weight(
+    val: PolicyInputs,
+    errors: Mapping[str, np.ndarray],
+    labelled: Mapping[str, np.ndarray],
+    budget: float,
+    grid: Sequence[float] = ITM_WEIGHTS,
+) -> RoutingPolicySpec:
+    """Margin uncertainty + w * (1 - ITM match), w picked on validation by the errors its
+    review at `budget` catches (summed over tasks), with the one-standard-error rule: the
+    smallest w within sqrt(best) caught errors of the best. A validation split of ~150
+    posts cannot fit more than this one parameter, and without the rule noise picks w > 0."""
+    present = ~np.isnan(val.itm)
+    fill = float(np.median(val.itm[present])) if present.any() else 0.5
+    caught: list[tuple[float, RoutingPolicySpec]] = []
+    for w in sorted(grid):
+        spec = RoutingPolicySpec(kind="uncertainty", uncertainty="margin", itm_weight=w, itm_fill=fill)
+        reviewed = spec.review(val, review_cut(spec.scores(val), budget))
+        caught.append((float(sum((reviewed & errors[t] & labelled[t]).sum() for t in val.scores)), spec))
+    best = max(c for c, _ in caught)
+    return next(spec for c, spec in caught if c >= best - math.sqrt(best))
+
+
 def candidate_policies(
     val: PolicyInputs, val_truth: Mapping[str, Any], tasks: Sequence[str], budget: float
 ) -> dict[str, RoutingPolicySpec]:
@@ -253,6 +281,7 @@ def candidate_policies(
         "ITM only": itm_only(),
         "uncertainty (margin)": uncertainty("margin"),
         "uncertainty (entropy)": uncertainty("entropy"),
+        "uncertainty + ITM (weight fitted)": fit_itm_weight(val, errors, labelled, budget),
         "combined (logistic)": fit_combined(val, errors, labelled, interactions=False),
         "combined (logistic + interactions)": fit_combined(val, errors, labelled, interactions=True),
     }
@@ -319,7 +348,7 @@ def compare(
             reviewed_by["random"] = rng.random(len(test.itm)) < budget
             if budget == budgets[len(budgets) // 2]:
                 coefficients[f"fold{run.fold}-seed{run.seed}"] = {
-                    name: spec.to_dict() for name, spec in specs.items() if spec.kind == "combined"
+                    name: spec.to_dict() for name, spec in specs.items() if spec.kind == "combined" or spec.itm_weight
                 }
             for name, reviewed in reviewed_by.items():
                 for task in tasks:
@@ -369,10 +398,12 @@ def _cross_fitted_scores(
     return out
 
 
-CHOSEN_POLICY = "combined (logistic)"
+CHOSEN_POLICY = "uncertainty (margin)"
 
 
-def choose_policy(val: PolicyInputs, truth: Mapping[str, Any], name: str = CHOSEN_POLICY) -> RoutingPolicySpec:
+def choose_policy(
+    val: PolicyInputs, truth: Mapping[str, Any], budget: float, name: str = CHOSEN_POLICY
+) -> RoutingPolicySpec:
     """The policy the card ships, fitted on (all of) validation; see R-bench for the choice."""
     tasks = list(val.scores)
     errors = {t: truth["errors"][t] for t in tasks}
@@ -384,6 +415,8 @@ def choose_policy(val: PolicyInputs, truth: Mapping[str, Any], name: str = CHOSE
     }
     if name in fixed:
         return fixed[name]()
+    if name == "uncertainty + ITM (weight fitted)":
+        return fit_itm_weight(val, errors, labelled, budget)
     if name == "combined (logistic)":
         return fit_combined(val, errors, labelled, interactions=False)
     if name == "combined (logistic + interactions)":
@@ -401,10 +434,11 @@ def routing_block(
     """The card's `routing` section: the chosen policy fitted on validation, its review cut
     for `budget`, and its validation curve at 5/10/20% (cross-fitted for fitted policies)."""
     val, truth = policy_inputs(val_eval, calibration, tasks)
-    spec = choose_policy(val, truth, name)
+    spec = choose_policy(val, truth, budget, name)
     spec = replace(spec, cut=review_cut(spec.scores(val), budget), budget=budget)
-    if spec.kind == "combined" and len(val) >= 20:
-        held_out = _cross_fitted_scores(lambda v, t: choose_policy(v, t, name), val, truth)
+    fitted = spec.kind == "combined" or name == "uncertainty + ITM (weight fitted)"
+    if fitted and len(val) >= 20:
+        held_out = _cross_fitted_scores(lambda v, t: choose_policy(v, t, budget, name), val, truth)
     else:
         held_out = spec.scores(val)
     curve: dict[str, Any] = {}
@@ -420,7 +454,7 @@ def routing_block(
             }
             for task in tasks
         }
-    spec.curve = {"split": "validation" + (" (cross-fitted, 5 parts)" if spec.kind == "combined" else ""), **curve}
+    spec.curve = {"split": "validation" + (" (cross-fitted, 5 parts)" if fitted else ""), **curve}
     out = json_safe(spec.to_dict())
     out["name"] = name
     return dict(out)

@@ -121,3 +121,18 @@ def test_run_folds_trains_once_and_resumes(tmp_path, synthetic_small, monkeypatc
     again = run_folds(synthetic_small, tmp_path, folds=2, train_config=train_cfg, model_and_tokenizer=tiny_model(cfg))
     np.testing.assert_array_equal(again[1].test.logits["hate"], runs[1].test.logits["hate"])
     assert again[0].calibration.thresholds == runs[0].calibration.thresholds
+
+
+def test_itm_weight_is_fitted_only_where_weak_matches_hold_errors():
+    from trainer.routing_eval import fit_itm_weight
+
+    ev = _split(1500, 4)  # hate errors are the weak-match posts
+    x, truth = policy_inputs(ev, CAL, ["hate", "sarcasm"])
+    assert fit_itm_weight(x, truth["errors"], truth["labelled"], 0.1).itm_weight > 0
+    # Errors only at the thresholds and an ITM of pure noise: the margin alone is best, w stays 0.
+    rng = np.random.default_rng(1)
+    scores = {t: rng.uniform(0.05, 0.95, 1500) for t in ("hate", "sarcasm")}
+    errors = {t: (np.abs(p - 0.5) < 0.1) & (rng.random(1500) < 0.6) for t, p in scores.items()}
+    noise = PolicyInputs(scores, {"hate": 0.5, "sarcasm": 0.5}, rng.uniform(0, 1, 1500))
+    everyone = {t: np.ones(1500, bool) for t in scores}
+    assert fit_itm_weight(noise, errors, everyone, 0.1).itm_weight == 0

@@ -119,3 +119,15 @@ def test_card_round_trip_and_malformed_policies_refused():
         RoutingPolicySpec.from_dict({**spec.to_dict(), "heads": {"hate": {"coef": [1.0], "intercept": 0}}})
     with pytest.raises(ValueError):
         RoutingPolicySpec.from_dict({"kind": "combined", "features": ["itm"]})
+
+
+def test_uncertainty_plus_weak_match_and_its_reasons():
+    spec = RoutingPolicySpec(kind="uncertainty", itm_weight=0.5, itm_fill=0.6)
+    x = _inputs([0.99, 0.5, 0.99], [0.99, 0.99, 0.99], [0.0, 1.0, math.nan])
+    base = uncertainty("margin").scores(x)
+    np.testing.assert_allclose(spec.scores(x), base + np.array([0.5, 0.0, 0.5 * 0.4]))
+    assert spec.reasons(_inputs([0.99], [0.99], [0.0])) == [WEAK_MATCH, "uncertain_hate"]
+    assert spec.reasons(_inputs([0.5], [0.99], [0.9])) == ["uncertain_hate"]
+    assert RoutingPolicySpec.from_dict(spec.to_dict()).itm_weight == 0.5
+    with pytest.raises(ValueError):
+        RoutingPolicySpec(kind="uncertainty", itm_weight=-1.0)
