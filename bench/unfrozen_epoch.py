@@ -1,6 +1,8 @@
 """Seconds per training epoch when the text encoder's top layers are fine-tuned: the frozen
 layers' output cached by content hash (what training does) against running the whole text
-encoder on every step (the naive way), with a fully frozen text encoder as the floor.
+encoder on every step (the naive way), with a fully frozen text encoder as the floor, and
+the whole text encoder fine-tuned (ablate's `--unfreeze-text-layers all`: nothing frozen to
+cache, so it always runs live).
 
 Posts come from the CM-Off-Meme sample in ../shared when it is there (real caption lengths),
 otherwise from the synthetic generator (short captions; the script says which). The image
@@ -73,11 +75,14 @@ def main() -> None:
             raise SystemExit("the text encoder could not be split; nothing to compare")
         live_model = copy.deepcopy(unfrozen_model)
         live = LiveFeatures(live_model, tokenizer, inputs, cpu, frozen_image=cached.frozen_image)
+        whole_model, _ = build_model(ModelConfig(text_trainable_layers=-1))
+        whole = LiveFeatures(whole_model, tokenizer, inputs, cpu, frozen_image=cached.frozen_image)
         labels = label_tensors(inputs.examples, frozen_model.config.tasks)
         rows = {
             "text frozen (cached)": epoch_seconds(frozen, labels, args.epochs),
             f"text top {args.layers} trained, frozen layers cached": epoch_seconds(cached, labels, args.epochs),
             f"text top {args.layers} trained, whole encoder live": epoch_seconds(live, labels, args.epochs),
+            "whole text encoder trained (live)": epoch_seconds(whole, labels, args.epochs),
         }
     naive = rows[f"text top {args.layers} trained, whole encoder live"]
     print(f"{len(inputs.examples)} {source} posts, batch {TrainConfig().batch_size}, {torch.get_num_threads()} threads")

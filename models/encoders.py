@@ -45,9 +45,25 @@ def resolve_text_source(source: str) -> str:
     return source
 
 
+def layer_stack(backbone: nn.Module) -> list[nn.Module]:
+    """The transformer layers of a Hugging Face model, wherever its version keeps them:
+    `encoder.layer` (BERT), `encoder.layers`, `vision_model.encoder.layers` (CLIP, SigLIP)
+    or `layers` on the model itself (ViT in transformers 5)."""
+    vision = getattr(backbone, "vision_model", None)
+    for owner in (getattr(backbone, "encoder", None), getattr(vision, "encoder", None)):
+        stack = getattr(owner, "layer", None) or getattr(owner, "layers", None)
+        if stack is not None:
+            return list(stack)
+    stack = getattr(backbone, "layers", None)
+    return list(stack) if isinstance(stack, nn.ModuleList) else []
+
+
 def set_trainable(layers: list[nn.Module], everything: nn.Module, trainable: int) -> None:
     """Freeze `everything`, then unfreeze the last `trainable` of `layers` (-1: all).
     Frozen parts also stay in eval mode under `train()` (see `keep_frozen_in_eval`)."""
+    if trainable > 0 and not layers:
+        # Better refused than a "fine-tuned" encoder that silently trains nothing.
+        raise ValueError(f"cannot find the layers of {type(everything).__name__} to unfreeze the top {trainable}")
     everything.requires_grad_(trainable < 0)
     if trainable > 0:
         for layer in layers[-trainable:]:
@@ -105,9 +121,7 @@ class TextEncoder(FrozenStaysEval):
         return cls(AutoModel.from_config(config))
 
     def layers(self) -> list[nn.Module]:
-        encoder = getattr(self.backbone, "encoder", None)
-        stack = getattr(encoder, "layer", None) or getattr(encoder, "layers", None)
-        return list(stack) if stack is not None else []
+        return layer_stack(self.backbone)
 
     def set_trainable(self, trainable: int) -> None:
         set_trainable(self.layers(), self, trainable)
@@ -262,11 +276,7 @@ class HFVisionEncoder(ImageEncoder):
         return cls(build(config), mean, std)
 
     def set_trainable(self, trainable: int) -> None:
-        encoder = getattr(self.backbone, "encoder", None) or getattr(
-            getattr(self.backbone, "vision_model", None), "encoder", None
-        )
-        stack = getattr(encoder, "layer", None) or getattr(encoder, "layers", None)
-        set_trainable(list(stack) if stack is not None else [], self, trainable)
+        set_trainable(layer_stack(self.backbone), self, trainable)
 
     def forward(self, pixel_values: Tensor) -> EncodedSequence:
         out = self.backbone(pixel_values=pixel_values)
