@@ -137,6 +137,9 @@ class RoutingPolicySpec:
     cut: float | None = None  # review when score >= cut
     budget: float | None = None  # the review share the cut was set for, on validation
     curve: dict[str, Any] = field(default_factory=dict)  # budget -> task -> recall/precision/lift
+    # The tasks the policy reads (those it was validated on); empty = every task it is given.
+    # A task outside the list (e.g. one the model was not trained on) never routes a post.
+    tasks: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -174,8 +177,18 @@ class RoutingPolicySpec:
             for task, head in self.heads.items()
         }
 
+    def _restrict(self, inputs: PolicyInputs) -> PolicyInputs:
+        if not self.tasks:
+            return inputs
+        missing = [t for t in self.tasks if t not in inputs.scores]
+        if missing and self.kind == "combined":
+            raise ValueError(f"the routing policy needs the scores of {missing}")
+        keep = [t for t in self.tasks if t in inputs.scores]
+        return PolicyInputs({t: inputs.scores[t] for t in keep}, {t: inputs.thresholds[t] for t in keep}, inputs.itm)
+
     def scores(self, inputs: PolicyInputs) -> FloatArray:
         """Review score per post, higher = review first; -inf = never (ITM without an image)."""
+        inputs = self._restrict(inputs)
         if self.kind == "itm":
             return np.where(np.isnan(inputs.itm), -np.inf, -np.nan_to_num(inputs.itm, nan=0.0))
         if self.kind == "uncertainty":
@@ -206,6 +219,7 @@ class RoutingPolicySpec:
 
     def reasons(self, inputs: PolicyInputs) -> list[str]:
         """Why one post (inputs of length 1) scores high, in words an operator can read."""
+        inputs = self._restrict(inputs)
         tasks = list(inputs.scores)
         if self.kind == "itm":
             return [WEAK_MATCH]
@@ -233,7 +247,13 @@ class RoutingPolicySpec:
     # -- the card
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"kind": self.kind, "cut": self.cut, "budget": self.budget, "curve": self.curve}
+        out: dict[str, Any] = {
+            "kind": self.kind,
+            "cut": self.cut,
+            "budget": self.budget,
+            "curve": self.curve,
+            "tasks": list(self.tasks),
+        }
         if self.kind == "uncertainty":
             out["uncertainty"] = self.uncertainty
             if self.itm_weight:
@@ -271,6 +291,7 @@ class RoutingPolicySpec:
                 cut=None if cut is None else float(cut),
                 budget=None if budget is None else float(budget),
                 curve=dict(data.get("curve") or {}),
+                tasks=[str(t) for t in data.get("tasks") or []],
             )
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise ValueError(f"malformed routing policy: {exc!r}") from exc

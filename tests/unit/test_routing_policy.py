@@ -131,3 +131,13 @@ def test_uncertainty_plus_weak_match_and_its_reasons():
     assert RoutingPolicySpec.from_dict(spec.to_dict()).itm_weight == 0.5
     with pytest.raises(ValueError):
         RoutingPolicySpec(kind="uncertainty", itm_weight=-1.0)
+
+
+def test_a_task_outside_the_policy_never_routes():
+    spec = RoutingPolicySpec(kind="uncertainty", tasks=["hate"])
+    near_sarcasm = PolicyInputs.one(0.5, {"hate": (0.99, 0.5), "sarcasm": (0.5, 0.5)})
+    assert spec.scores(near_sarcasm)[0] < 0.1
+    assert spec.reasons(near_sarcasm) == ["uncertain_hate"]
+    assert RoutingPolicySpec.from_dict(spec.to_dict()).tasks == ["hate"]
+    with pytest.raises(ValueError, match="needs the scores"):
+        _combined(tasks=["hate", "toxicity"]).scores(near_sarcasm)
