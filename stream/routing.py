@@ -49,7 +49,9 @@ class RoutingPolicy:
             return why if trusted else f"ITM routing OFF ({why}): task uncertainty only"
         cut = self.review_cut if self.review_cut is not None else spec.cut
         curve = spec.curve.get(f"{spec.budget:g}", {}) if spec.budget is not None else {}
-        lifts = ", ".join(f"{t} {v['lift']:.2f}" for t, v in curve.items() if isinstance(v, dict) and v.get("lift"))
+        lifts = ", ".join(
+            f"{t} {v['lift']:.2f}" for t, v in curve.items() if isinstance(v, dict) and v.get("lift") is not None
+        )
         budget = f"{spec.budget:.0%}" if spec.budget is not None else "an unknown share"
         return (
             f"review policy from the card: {card.routing.get('name', spec.kind)}, cut {cut:.4g}"

@@ -207,8 +207,9 @@ def routing_block(
 ) -> dict[str, Any]:
     """The card's `routing` section: the chosen policy fitted on validation, its review cut
     for `budget`, and its validation curve at 5/10/20% (cross-fitted for fitted policies)."""
-    # Binary tasks with a validated threshold only: their errors are "score on the wrong side".
-    tasks = [t for t in tasks if t in calibration.thresholds]
+    # Binary tasks with a validated threshold and labelled validation posts only (an untrained
+    # head must not route): their errors are "score on the wrong side of the threshold".
+    tasks = [t for t in tasks if t in calibration.thresholds and (val_eval.labels[t] != IGNORE_INDEX).any()]
     if not tasks:
         return {}  # nothing to route by: the card keeps the ITM gate
     val, truth = policy_inputs(val_eval, calibration, tasks)

@@ -136,3 +136,12 @@ def test_itm_weight_is_fitted_only_where_weak_matches_hold_errors():
     noise = PolicyInputs(scores, {"hate": 0.5, "sarcasm": 0.5}, rng.uniform(0, 1, 1500))
     everyone = {t: np.ones(1500, bool) for t in scores}
     assert fit_itm_weight(noise, errors, everyone, 0.1).itm_weight == 0
+
+
+def test_routing_block_leaves_out_a_task_without_validation_labels():
+    ev = _split(300, 6)
+    ev.labels["sarcasm"][:] = -100  # a dataset that labels only hate
+    block = routing_block(ev, CAL, ["hate", "sarcasm"])
+    assert block["tasks"] == ["hate"] and set(block["curve"]["0.1"]) == {"hate"}
+    ev.labels["hate"][:] = -100
+    assert routing_block(ev, CAL, ["hate", "sarcasm"]) == {}
