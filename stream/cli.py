@@ -369,8 +369,12 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-backbone", default="default")
     p.add_argument("--image-backbone", default="efficientnet_lite0")
     p.add_argument("--fusion", choices=["cross_attention", "concat"], default="cross_attention")
-    p.add_argument("--text-trainable-layers", type=int, default=0)
-    p.add_argument("--image-trainable-blocks", type=int, default=0)
+    p.add_argument(
+        "--text-trainable-layers", type=_layers_or_all, default=0, help="top N layers fine-tuned; 'all': all of it"
+    )
+    p.add_argument(
+        "--image-trainable-blocks", type=_layers_or_all, default=0, help="last N blocks fine-tuned; 'all': all of it"
+    )
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:

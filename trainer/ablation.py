@@ -157,7 +157,7 @@ def variants(
             Variant(BASELINE + suffix, itc=False, itm=False, image_trainable_blocks=unfreeze_image_blocks),
             Variant("task+itc+itm" + suffix, itc=True, itm=True, image_trainable_blocks=unfreeze_image_blocks),
         ]
-    out += [Variant(aux_name(w), itc=True, itm=True, aux_weight=w) for w in aux_weights]
+    out += [Variant(aux_name(w), itc=True, itm=True, aux_weight=w) for w in dict.fromkeys(aux_weights)]
     return out
 
 
@@ -361,6 +361,7 @@ def run_ablation(
     dev = pick_device(device)
     base_model, tokenizer = model_and_tokenizer or build_model(model_config)
     base_model.to(dev)
+    _check_trainable_parts(base_model, cfg)
     inputs = load_inputs(examples)
     # Before encoding anything: a folder made for another grid is refused, not mixed in.
     check_grid(out_dir, grid_identity(model_config, cfg, inputs, base_model))
@@ -369,7 +370,6 @@ def run_ablation(
     tasks = model_config.tasks
     labels = label_tensors(inputs.examples, tasks)
     folds = _fold_indices(inputs.examples, tasks, cfg.folds)
-    _check_trainable_parts(base_model, cfg)
     top_layers = {v.text_trainable_layers for v in chosen if v.text_trainable_layers > 0}
     if top_layers:
         # Variants that fine-tune the text encoder's top layers share the frozen layers' cached

@@ -75,3 +75,15 @@ def test_each_variant_is_paired_with_task_only_on_the_same_encoders():
     assert "diff" not in rows[frozen]["tasks"]["hate"]
     assert abs(rows[unfrozen]["tasks"]["hate"]["diff"]["mean"] - 0.10) < 1e-9
     assert abs(rows[aux]["tasks"]["hate"]["diff"]["mean"] - 0.01) < 1e-9  # against unfrozen task-only, not frozen
+
+
+def test_a_top_n_split_that_leaves_nothing_frozen_is_refused_before_encoding(tmp_path, synthetic_small):
+    import pytest
+
+    from trainer.ablation import AblationSetupError
+
+    cfg = tiny_config()
+    ablation = AblationConfig(folds=2, seeds=(0,), unfreeze_text_layers=2, only=("task",))
+    with pytest.raises(AblationSetupError, match=r"has 2 layers.*'all'"):
+        run_ablation(synthetic_small, cfg, ablation, tmp_path / "abl", model_and_tokenizer=tiny_model(cfg))
+    assert not (tmp_path / "abl" / "grid.json").exists()
