@@ -6,27 +6,31 @@ import hashlib
 import json
 import logging
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from sklearn.model_selection import train_test_split
+from torch import Tensor
 
 from models.card import ModelCard
 from models.classifier import MultimodalModel
 from models.config import ModelConfig
 from models.devices import pick_device  # re-exported: trainer modules import it from here
+from models.losses import IGNORE_INDEX
 from models.registry import build_model
 from models.routing_gate import GateFloors, decide_itm_routing
 from trainer.calibration import Calibration, calibrate, score
 from trainer.curves import write_curves
-from trainer.features import FeatureStore, LoadedInputs, build_features, load_inputs, subset
+from trainer.features import FeatureStore, LiveFeatures, LoadedInputs, build_features, load_inputs, subset
 from trainer.manifest import Example
 from trainer.train import TrainConfig, TrainResult, evaluate_split, label_tensors, train
 
 log = logging.getLogger(__name__)
+DEFAULT_THRESHOLD = 0.5
 
 
 def data_digest(inputs: LoadedInputs) -> str:
@@ -73,6 +77,75 @@ def itm_block(trained: bool, threshold: float | None, metrics: dict[str, Any]) -
     return itm
 
 
+class TaskDataError(ValueError):
+    """The training data cannot train one of the model's tasks (e.g. a single class)."""
+
+
+def trainable_tasks(examples: Sequence[Example], tasks: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+    """The tasks this data can train. A task no example labels is left out of the model
+    (no head, absent from the card, so the worker never emits a decision for it) and logged;
+    a task whose labels are all one class is refused: that is a data or mapping error, and
+    a head trained on it would answer that class for every post."""
+    kept: dict[str, list[str]] = {}
+    for task, labels in tasks.items():
+        seen = Counter(ex.labels[task] for ex in examples if ex.labels.get(task) is not None)
+        if not seen:
+            log.warning(
+                "task %r: no training example is labelled for it, so the model is built without it "
+                "(no head, not in the card's tasks, never in a label record)",
+                task,
+            )
+            continue
+        if len(seen) < 2:
+            ((value, count),) = seen.items()
+            raise TaskDataError(
+                f"task {task!r}: all {count} labelled training example(s) are {value!r}; a classifier needs "
+                f"examples of at least two of {list(labels)}. Label some posts of another class, or remove "
+                f"the task's labels so that it is left out"
+            )
+        kept[task] = list(labels)
+    if not kept:
+        raise TaskDataError(f"no training example is labelled for any of the tasks {list(tasks)}")
+    return kept
+
+
+def keep_tasks(model: MultimodalModel, tasks: Mapping[str, Sequence[str]]) -> MultimodalModel:
+    """`model` restricted to `tasks` (heads of other tasks removed, config updated in place);
+    refuses a task the model has no head for."""
+    missing = [t for t in tasks if t not in model.config.tasks]
+    if missing:
+        raise TaskDataError(f"the model has no head for task(s) {missing}; it has {list(model.config.tasks)}")
+    if list(model.config.tasks) == list(tasks):
+        return model
+    config = replace(model.config, tasks={t: list(model.config.tasks[t]) for t in tasks})
+    for task in [t for t in model.head.heads if t not in tasks]:
+        del model.head.heads[task]
+    model.config = model.head.config = config
+    return model
+
+
+def keep_default_thresholds(cal: Calibration, val_labels: Mapping[str, Tensor], min_per_class: int) -> list[str]:
+    """A threshold tuned on a validation split with few examples of a class is fitted to
+    noise (on 45 CM-Off posts it moved to 0.29 or 0.65 and lost F1 on the test folds): such
+    tasks keep 0.5 on the calibrated probability, i.e. the most likely class, which class
+    weighting in training already balances. Returns those tasks."""
+    kept = []
+    for task in list(cal.thresholds):
+        y = val_labels[task]
+        counts = torch.bincount(y[y != IGNORE_INDEX], minlength=2)
+        if int(counts.min()) < min_per_class:
+            cal.thresholds[task] = DEFAULT_THRESHOLD
+            kept.append(task)
+    if kept:
+        log.info(
+            "decision thresholds of %s stay at %.1f: the validation split has fewer than %d posts of a class",
+            kept,
+            DEFAULT_THRESHOLD,
+            min_per_class,
+        )
+    return kept
+
+
 @dataclass
 class FitResult:
     model: MultimodalModel
@@ -94,13 +167,37 @@ def fit(
     on_bad_image: str = "text-only",
     model_and_tokenizer: tuple[MultimodalModel, Any] | None = None,
 ) -> FitResult:
+    """Train on `examples` (a 15% stratified validation split chooses the checkpoint and
+    calibrates), and return the model with its card. Tasks the examples never label are left
+    out of the model (see `trainable_tasks`)."""
     dev = pick_device(device)
-    model, tokenizer = model_and_tokenizer or build_model(model_config)
-    model.to(dev)
     inputs = load_inputs(examples, on_bad_image)
     if len(inputs.examples) < 4:
         raise ValueError(f"need at least 4 usable examples to train, got {len(inputs.examples)}")
+    tasks = trainable_tasks(inputs.examples, model_config.tasks)
+    model_config = replace(model_config, tasks=tasks)
+    if model_and_tokenizer is None:
+        model, tokenizer = build_model(model_config)
+    else:
+        model, tokenizer = keep_tasks(model_and_tokenizer[0], tasks), model_and_tokenizer[1]
+    model.to(dev)
     features = build_features(model, tokenizer, inputs, FeatureStore(cache_dir), dev, train_config.progress)
+    return fit_features(model, tokenizer, inputs, features, train_config, val_fraction=val_fraction, out_dir=out_dir)
+
+
+def fit_features(
+    model: MultimodalModel,
+    tokenizer: Any,
+    inputs: LoadedInputs,
+    features: LiveFeatures,
+    train_config: TrainConfig,
+    *,
+    val_fraction: float = 0.15,
+    out_dir: Path | None = None,
+) -> FitResult:
+    """fit() on inputs whose features are already built (benchmarks reuse one encoding);
+    trains every task of `model.config`."""
+    model_config = model.config
     tasks = model_config.tasks
     train_idx, val_idx = stratified_split(
         len(inputs.examples), strata(inputs.examples, tasks), val_fraction, train_config.seed
@@ -111,9 +208,11 @@ def fit(
     val_features = subset(features, val_idx)
     result = train(model, subset(features, train_idx), train_labels, val_features, val_labels, train_config)
     cal = calibrate(result.val, tasks)
+    untuned = keep_default_thresholds(cal, val_labels, train_config.threshold_min_per_class)
     val_eval = evaluate_split(model, val_features, val_labels)
     metrics = score(val_eval, tasks, cal)
     metrics["split"] = "validation (thresholds and temperatures were chosen on it)"
+    metrics["thresholds_tuned"] = {t: t not in untuned for t in cal.thresholds}
     metrics["best_epoch"] = result.best_epoch
     card = ModelCard(
         config=model_config,

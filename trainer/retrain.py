@@ -25,7 +25,8 @@ import fcntl
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -39,7 +40,7 @@ from models.registry import CURRENT, ModelRegistry, RegistryError
 from trainer import retrain_metrics as metrics
 from trainer.calibration import Calibration, score
 from trainer.features import FeatureStore, build_features, load_inputs
-from trainer.fit import fit, pick_device
+from trainer.fit import fit, pick_device, trainable_tasks
 from trainer.gate import Comparison, GateDecision, decide
 from trainer.holdout import (
     BASE_FRACTION,
@@ -50,9 +51,18 @@ from trainer.holdout import (
     split_base,
     split_reviewed,
 )
-from trainer.manifest import Example, read_manifest
+from trainer.manifest import Example, read_complete_lines, read_manifest
 from trainer.retrain_report import summary_table, write_json, write_plot
-from trainer.reviewed import SeenDecisions, decision_key, last_seen, new_decisions, read_reviewed, read_seen, write_seen
+from trainer.reviewed import (
+    MANIFEST,
+    SeenDecisions,
+    decision_key,
+    last_seen,
+    new_decisions,
+    read_reviewed,
+    read_seen,
+    write_seen,
+)
 from trainer.train import TrainConfig, evaluate_split, label_tensors
 
 log = logging.getLogger(__name__)
@@ -142,6 +152,24 @@ def load_base(source: dict[str, Any], work_dir: Path) -> list[Example]:
 
         return import_cm_off_meme(with_text_only=bool(source.get("with_text_only", False))).examples
     raise RetrainError(f"unknown base data source {source!r}: expected {{'manifest': PATH}} or a preset")
+
+
+def warn_untrained_tasks(folder: Path, tasks: Mapping[str, Sequence[str]]) -> Counter[str]:
+    """Reviewers may label a task the current model was not trained on (it has no head for
+    it): those labels cannot be used by fine-tuning this model and are ignored, said here
+    with their count rather than dropped silently. Returns the count per such task."""
+    manifest = Path(folder) / MANIFEST
+    other: Counter[str] = Counter()
+    if manifest.is_file():
+        for ex in read_complete_lines(manifest):
+            other.update(t for t, v in ex.labels.items() if v is not None and t not in tasks)
+    if other:
+        log.warning(
+            "reviewed labels for task(s) the current model has no head for are ignored: %s "
+            "(train a new model on data labelling them to add a task)",
+            dict(other),
+        )
+    return other
 
 
 def recipe(card: ModelCard, epochs: int | None, progress: bool) -> tuple[ModelConfig, TrainConfig]:
@@ -299,6 +327,7 @@ def _run(opts: RetrainOptions) -> RetrainOutcome:
         ) from exc
     parent_card = registry.card(parent)
     tasks = parent_card.tasks
+    warn_untrained_tasks(opts.reviewed, tasks)
     reviewed = read_reviewed(opts.reviewed, tasks)
     seen = last_seen(registry)
     new = new_decisions(reviewed, seen)
@@ -327,6 +356,12 @@ def _run(opts: RetrainOptions) -> RetrainOutcome:
     steps.set_postfix_str(f"{len(base_train)} base + {len(rev_train)} reviewed to train")
     steps.update()
 
+    lost = [t for t in tasks if t not in trainable_tasks(base_train + rev_train, tasks)]
+    if lost:
+        raise RetrainError(
+            f"the retraining data labels no example of task(s) {lost} that {parent} serves; "
+            "a candidate without them cannot replace it"
+        )
     evaluation: dict[str, dict[str, Any]] = {h: {} for h in HOLDOUTS}
     current = registry.load(parent)
     for h in HOLDOUTS:

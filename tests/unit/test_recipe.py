@@ -1,0 +1,56 @@
+"""The default recipe selects its checkpoint on the class-balanced validation loss."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from models.losses import IGNORE_INDEX
+from models.objectives import ObjectiveConfig
+from tests.tiny import tiny_model
+from trainer.features import FeatureStore, build_features, load_inputs, subset
+from trainer.train import EvalOutput, TrainConfig, balanced_loss, label_tensors, selection_score, train
+
+
+def test_default_selection_is_the_validation_loss_even_when_itm_trains():
+    cfg = TrainConfig()
+    assert cfg.objective.uses_itm
+    assert cfg.selection == "loss"
+    assert TrainConfig(select_on="task+itm").selection == "task+itm"
+
+
+def test_balanced_loss_weighs_each_class_equally_and_skips_unlabelled_rows():
+    # 3 negatives predicted perfectly-ish, 1 positive predicted badly; one unlabelled row.
+    logits = np.array([[2.0, 0.0], [2.0, 0.0], [2.0, 0.0], [2.0, 0.0], [0.0, 9.0]])
+    labels = np.array([0, 0, 0, 1, IGNORE_INDEX])
+    val = EvalOutput({"hate": logits}, {"hate": labels}, np.zeros(0), np.zeros(0))
+    nll_right = math.log1p(math.exp(-2.0))
+    nll_wrong = math.log1p(math.exp(2.0))
+    assert math.isclose(balanced_loss(val, ["hate"]), (nll_right + nll_wrong) / 2, rel_tol=1e-9)
+    # Unweighted it would be dominated by the majority class; balanced it is not.
+    assert balanced_loss(val, ["hate"]) > (3 * nll_right + nll_wrong) / 4
+    assert math.isclose(selection_score(val, {"hate": ["n", "p"]}, "loss"), -balanced_loss(val, ["hate"]))
+
+
+def test_training_keeps_the_epoch_with_the_lowest_validation_loss(synthetic_small):
+    model, tok = tiny_model()
+    inputs = load_inputs(synthetic_small)
+    features = build_features(model, tok, inputs, FeatureStore(None), torch.device("cpu"))
+    labels = label_tensors(inputs.examples, model.config.tasks)
+    tr, va = list(range(120)), list(range(120, 160))
+    cfg = TrainConfig(epochs=6, patience=6, itm_finish_epochs=0, objective=ObjectiveConfig(), lr=3e-3)
+    result = train(
+        model,
+        subset(features, tr),
+        {t: y[tr] for t, y in labels.items()},
+        subset(features, va),
+        {t: y[va] for t, y in labels.items()},
+        cfg,
+    )
+    losses = [row["val_task_loss"] for row in result.history if "epoch" in row]
+    assert len(losses) == 6
+    assert result.best_epoch == int(np.argmin(losses)) + 1
+    # The restored checkpoint is that epoch's: its validation loss is the minimum.
+    assert math.isclose(balanced_loss(result.val, model.config.tasks), min(losses), rel_tol=1e-4)
