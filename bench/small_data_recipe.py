@@ -58,6 +58,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "select-task": {"select_on": "task"},
     "lr3e-4": {"lr": 3e-4},
     "wd0.1": {"weight_decay": 0.1},
+    "dropout0.3": {"model": {"dropout": 0.3}},
+    "dropout0.5": {"model": {"dropout": 0.5}},
 }
 PROBES = ("probe", "probe-text")
 
@@ -98,10 +100,11 @@ def recipe_run(
     train_idx: list[int],
     test_idx: list[int],
     train_cfg: TrainConfig,
+    model_overrides: dict[str, Any],
 ) -> dict[str, Any]:
     started = time.perf_counter()
     torch.manual_seed(train_cfg.seed)
-    model = MultimodalModel(ModelConfig(), base.text_encoder, base.image_encoder)
+    model = MultimodalModel(replace(ModelConfig(), **model_overrides), base.text_encoder, base.image_encoder)
     part = subset(features, train_idx)
     fitted = fit_features(model, tokenizer, part.inputs, part, train_cfg)
     tasks = model.config.tasks
@@ -176,8 +179,19 @@ def read_run_lines(spec: str) -> list[dict[str, Any]]:
             run = json.loads(line)
             if old and run["method"] == old:
                 run["method"] = new
-            runs.append(run)
+            runs += with_threshold_variants(run)
     return runs
+
+
+def with_threshold_variants(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """A recipe run scored two ways: with the thresholds its validation split tuned (when it
+    tuned any) and at threshold 0.5 on the calibrated probability (`macro_f1_argmax`)."""
+    if "macro_f1_argmax" not in run:
+        return [run]
+    out = [{**run, "method": f"{run['method']} @0.5", "macro_f1": run["macro_f1_argmax"]}]
+    if any(t != 0.5 for t in run["thresholds"].values()):
+        out.append({**run, "method": f"{run['method']} @tuned"})
+    return out
 
 
 def summarise_logs(specs: list[str], methods: list[str], sizes: list[str], out: Path, label: str) -> int:
@@ -253,8 +267,10 @@ def main(argv: list[str] | None = None) -> int:
                     x = probe_inputs[method]
                     run["macro_f1"] = {t: probe_f1(x, labels[t].numpy(), train_idx, test_idx) for t in tasks}
                 else:
-                    cfg = replace(TrainConfig(seed=args.seed), **RECIPES[method])
-                    run.update(recipe_run(base, tokenizer, features, labels, train_idx, test_idx, cfg))
+                    overrides = dict(RECIPES[method])
+                    model_overrides = overrides.pop("model", {})
+                    cfg = replace(TrainConfig(seed=args.seed), **overrides)
+                    run.update(recipe_run(base, tokenizer, features, labels, train_idx, test_idx, cfg, model_overrides))
                 runs.append(run)
                 print(json.dumps(run), flush=True)
     sizes = list(args.sizes)

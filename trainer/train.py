@@ -54,7 +54,7 @@ class TrainConfig:
     select_on: Selection = "auto"
     # Decision thresholds are tuned on validation only where every class of the task has
     # at least this many validation posts; elsewhere they stay at 0.5 (trainer.fit).
-    threshold_min_per_class: int = 0
+    threshold_min_per_class: int = 100
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     amp: bool = True  # bf16 autocast, on CUDA only
 

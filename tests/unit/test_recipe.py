@@ -54,3 +54,17 @@ def test_training_keeps_the_epoch_with_the_lowest_validation_loss(synthetic_smal
     assert result.best_epoch == int(np.argmin(losses)) + 1
     # The restored checkpoint is that epoch's: its validation loss is the minimum.
     assert math.isclose(balanced_loss(result.val, model.config.tasks), min(losses), rel_tol=1e-4)
+
+
+def test_thresholds_stay_at_half_where_validation_has_few_posts_of_a_class():
+    from trainer.calibration import Calibration
+    from trainer.fit import keep_default_thresholds
+
+    cal = Calibration(thresholds={"hate": 0.29, "sarcasm": 0.71})
+    val = {
+        "hate": torch.tensor([0] * 120 + [1] * 99 + [IGNORE_INDEX] * 5),  # 99 positives: too few
+        "sarcasm": torch.tensor([0] * 100 + [1] * 100 + [IGNORE_INDEX] * 24),
+    }
+    assert keep_default_thresholds(cal, val, min_per_class=100) == ["hate"]
+    assert cal.thresholds == {"hate": 0.5, "sarcasm": 0.71}
+    assert TrainConfig().threshold_min_per_class == 100
