@@ -3,13 +3,14 @@ a review budget of 5 / 10 / 20% catches, per policy and task, with bootstrap int
 
 The folds are those of `modstream ablate` (5 stratified folds, the same train/validation
 split inside each); per fold and seed the default recipe (task + ITC + ITM, frozen
-encoders, default TrainConfig) is trained once, on the CPU, single-threaded, and its
-outputs kept under --runs-dir so a rerun only re-scores. Every policy is fitted (and its
-cut set for the budget) on the fold's validation split and applied to the test fold.
+encoders, default TrainConfig; decision thresholds kept or tuned as fit() does) is
+trained once, on the CPU, single-threaded, and its outputs kept under --runs-dir so a
+rerun only re-scores. Every policy is fitted (and its cut set for the budget) on the
+fold's validation split and applied to the test fold.
 Posts: the 1,308 CM-Off-Meme posts with an image (the sample ships no image for the
 other 713 rows); --with-text-only adds those as text-only posts.
 
-    nice -n 5 .venv/bin/python bench/routing_policies.py [--seeds 1] [--out var/bench/routing_policies.json]
+    nice -n 5 .venv/bin/python bench/routing_policies.py [--seeds 2] [--runs-dir DIR] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 
 from trainer.importers import import_cm_off_meme
 from trainer.routing_eval import compare, run_folds
+from trainer.train import TrainConfig
 
 
 def _fmt(value: float, ci: list[float] | None = None, pct: bool = False) -> str:
@@ -92,7 +94,8 @@ def main() -> None:
         "with_image": n_with_image,
         "folds": args.folds,
         "seeds": args.seeds,
-        "recipe": "task+itc+itm, frozen encoders, default TrainConfig (loss weights 0.8/0.1/0.1, hard negatives)",
+        "recipe": "task+itc+itm, frozen encoders, default TrainConfig, thresholds as fit() keeps or tunes them",
+        "train_config": TrainConfig().to_dict(),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads 1",
         "intervals": "95% percentile bootstrap over test posts pooled across runs (resampled within each run)",
         "wall_seconds": round(time.perf_counter() - started, 1),

@@ -34,7 +34,7 @@ from models.routing_policy import BUDGETS, PolicyInputs, RoutingPolicySpec, itm_
 from trainer.ablation import _fold_indices
 from trainer.calibration import Calibration, calibrate
 from trainer.features import FeatureStore, build_features, load_inputs, subset
-from trainer.fit import strata, stratified_split
+from trainer.fit import keep_default_thresholds, strata, stratified_split
 from trainer.manifest import Example
 from trainer.routing_fit import (  # noqa: F401  (re-exported: the comparison's building blocks)
     CHOSEN_POLICY,
@@ -153,6 +153,7 @@ def run_folds(
             )
             result = train(model, tr_f, tr_y, va_f, va_y, replace(cfg, seed=seed))
             cal = calibrate(result.val, tasks)
+            keep_default_thresholds(cal, va_y, cfg.threshold_min_per_class)  # as fit() does
             # Re-evaluated after the ITM finishing phase, as fit() does for the card.
             out = FoldOutputs(
                 fold,
