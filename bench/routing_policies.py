@@ -68,7 +68,11 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seeds", type=int, default=1, help="seeds per fold (0..N-1)")
     parser.add_argument("--with-text-only", action="store_true", help="also the 713 posts without an image")
-    parser.add_argument("--runs-dir", default="var/bench/routing/folds", help="trained-run outputs (resumable)")
+    parser.add_argument(
+        "--runs-dir",
+        default="var/bench/routing/runs",
+        help="trained-run outputs (resumable; refused if made under another config)",
+    )
     parser.add_argument("--cache", default="var/cache", help="encoded-feature cache")
     parser.add_argument("--out", default="var/bench/routing_policies.json")
     parser.add_argument("--boot", type=int, default=1000, help="bootstrap resamples")

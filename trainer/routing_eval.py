@@ -15,6 +15,8 @@ Two stages, so the expensive one runs once and the cheap one can be re-run freel
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import math
 import time
@@ -101,6 +103,37 @@ def _load(path: Path, fold: int, seed: int) -> FoldOutputs:
     return FoldOutputs(fold, seed, split("val"), split("test"), cal, d["test_idx"])
 
 
+def runs_config(
+    examples: Sequence[Example], cfg: TrainConfig, model: ModelConfig, folds: int, val_fraction: float
+) -> dict[str, Any]:
+    """What a runs directory's outputs depend on; a resumed run must match it."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(json.dumps([ex.id, ex.text, str(ex.image), ex.labels], sort_keys=True, default=str).encode())
+    train = {k: v for k, v in cfg.to_dict().items() if k not in ("seed", "progress")}
+    return json_safe(
+        {"train": train, "model": model.to_dict(), "folds": folds, "val_fraction": val_fraction, "data": h.hexdigest()}
+    )
+
+
+def check_runs_dir(out_dir: Path, config: dict[str, Any]) -> None:
+    """Refuses to mix runs made under another configuration or data into one comparison."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "config.json"
+    if path.is_file():
+        try:
+            stored = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON ({exc}); remove the directory or pick another") from exc
+        if stored != json.loads(json.dumps(config)):
+            changed = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
+            raise ValueError(f"{out_dir} holds runs made with another {', '.join(changed)}; use another --runs-dir")
+    elif any(out_dir.glob("fold*-seed*.npz")):
+        raise ValueError(f"{out_dir} holds runs of an unknown configuration (no config.json); use another --runs-dir")
+    else:
+        path.write_text(json.dumps(config, indent=1, sort_keys=True))
+
+
 def run_folds(
     examples: Sequence[Example],
     out_dir: Path,
@@ -116,7 +149,9 @@ def run_folds(
 ) -> list[FoldOutputs]:
     """Trains (or reloads from out_dir) one model per fold x seed on CPU; the folds and the
     train/validation split inside each are those of `modstream ablate`."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = train_config or TrainConfig()
+    config = model_and_tokenizer[0].config if model_and_tokenizer else (model_config or ModelConfig())
+    check_runs_dir(out_dir, runs_config(examples, cfg, config, folds, val_fraction))
     paths = {(f, s): out_dir / f"fold{f}-seed{s}.npz" for f in range(folds) for s in seeds}
     if all(p.is_file() for p in paths.values()):  # re-scoring only: no model, no features
         return [_load(p, f, s) for (f, s), p in paths.items()]
@@ -129,7 +164,6 @@ def run_folds(
     features = build_features(base, tokenizer, inputs, FeatureStore(cache_dir), device)
     tasks = base.config.tasks
     labels = label_tensors(inputs.examples, tasks)
-    cfg = train_config or TrainConfig()
     outputs = []
     for fold, (train_pool, test_idx) in enumerate(_fold_indices(inputs.examples, tasks, folds)):
         for seed in seeds:

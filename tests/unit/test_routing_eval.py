@@ -145,3 +145,20 @@ def test_routing_block_leaves_out_a_task_without_validation_labels():
     assert block["tasks"] == ["hate"] and set(block["curve"]["0.1"]) == {"hate"}
     ev.labels["hate"][:] = -100
     assert routing_block(ev, CAL, ["hate", "sarcasm"]) == {}
+
+
+def test_runs_made_under_another_config_are_refused(tmp_path, synthetic_small):
+    from trainer.routing_eval import check_runs_dir, runs_config
+
+    cfg = tiny_config()
+    config = runs_config(synthetic_small, TrainConfig(epochs=1), cfg, 2, 0.15)
+    check_runs_dir(tmp_path / "a", config)  # writes config.json
+    check_runs_dir(tmp_path / "a", runs_config(synthetic_small, TrainConfig(epochs=1, seed=3), cfg, 2, 0.15))
+    with pytest.raises(ValueError, match="another train"):
+        check_runs_dir(tmp_path / "a", runs_config(synthetic_small, TrainConfig(epochs=2), cfg, 2, 0.15))
+    with pytest.raises(ValueError, match="another data"):
+        check_runs_dir(tmp_path / "a", runs_config(synthetic_small[:-1], TrainConfig(epochs=1), cfg, 2, 0.15))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "fold0-seed0.npz").write_bytes(b"")
+    with pytest.raises(ValueError, match="unknown configuration"):
+        check_runs_dir(tmp_path / "b", config)
