@@ -459,3 +459,37 @@ async def test_without_ocr_nothing_is_read(meme_url, resolver, connects) -> None
     async with MediaFetcher(replace(CONFIG, max_side=64), resolver=resolver) as fetcher:
         res = await fetcher.fetch(meme_url)
     assert res.status == "ok" and res.ocr_text is None and max(res.image.size) == 64
+
+
+@pytest.mark.asyncio
+async def test_real_tesseract_reads_the_words_of_a_fetched_image(resolver, connects) -> None:
+    from PIL import ImageDraw, ImageFont
+
+    from models.ocr import TesseractOcr
+
+    card = Image.new("RGB", (560, 140), (250, 250, 250))
+    font = ImageFont.truetype("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf", 40)
+    ImageDraw.Draw(card).text((20, 40), "NOT FUNNY AT ALL", fill=(0, 0, 0), font=font)
+    buf = io.BytesIO()
+    card.save(buf, "PNG")
+    body = buf.getvalue()
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="image/png")
+
+    app = web.Application()
+    app.router.add_get("/card.png", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        reader = ImageTextReader(TesseractOcr("eng+hin"))
+        async with MediaFetcher(replace(CONFIG, max_side=64), resolver=resolver, ocr=reader) as fetcher:
+            res = await fetcher.fetch(f"http://127.0.0.1:{port}/card.png")
+    finally:
+        await runner.cleanup()
+    assert res.status == "ok" and res.ocr_text is not None
+    assert {"NOT", "FUNNY", "AT", "ALL"} <= set(res.ocr_text.split()), res.ocr_text
+    _only_loopback(connects)
