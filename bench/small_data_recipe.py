@@ -50,12 +50,14 @@ from trainer.stats import format_diff, format_mean_std, mean_std, paired_differe
 from trainer.train import TrainConfig, evaluate_split, label_tensors
 
 # Candidate recipes: TrainConfig overrides on top of the defaults ("default" = none).
-# "previous" is the default before checkpoint selection moved to the validation loss: with
-# the default objective (ITM weight 0.1) "auto" selected on macro-F1 + ITM AUROC.
+# "previous" is the default before this fix: with the default objective (ITM weight 0.1)
+# "auto" selected on macro-F1 + ITM AUROC, and thresholds were always tuned on validation.
 RECIPES: dict[str, dict[str, Any]] = {
     "default": {},
-    "previous": {"select_on": "task+itm"},
+    "previous": {"select_on": "task+itm", "threshold_min_per_class": 0},
     "select-task": {"select_on": "task"},
+    "select-auroc": {"select_on": "auroc"},
+    "select-loss": {"select_on": "loss"},
     "lr3e-4": {"lr": 3e-4},
     "wd0.1": {"weight_decay": 0.1},
     "dropout0.3": {"model": {"dropout": 0.3}},

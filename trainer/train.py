@@ -26,7 +26,7 @@ from trainer.features import LiveFeatures
 from trainer.manifest import Example
 
 log = logging.getLogger(__name__)
-Selection = Literal["auto", "loss", "task", "task+itm"]
+Selection = Literal["auto", "auroc", "loss", "task", "task+itm"]
 
 
 @dataclass
@@ -198,10 +198,30 @@ def balanced_loss(val: EvalOutput, tasks: Iterable[str]) -> float:
     return float(np.mean(per_task)) if per_task else 0.0
 
 
+def mean_task_auroc(val: EvalOutput, tasks: Mapping[str, Sequence[str]]) -> float:
+    """Mean over tasks of the one-vs-rest macro AUROC of the validation logits: how well each
+    head ranks posts, whatever the threshold (set later by calibration) and confidence."""
+    from scipy.special import softmax
+    from sklearn.metrics import roc_auc_score
+
+    per_task = []
+    for task in tasks:
+        y = val.labels[task]
+        keep = y != IGNORE_INDEX
+        if len(np.unique(y[keep])) < 2:
+            continue
+        probs = softmax(val.logits[task][keep], axis=1)
+        score = probs[:, 1] if probs.shape[1] == 2 else probs
+        per_task.append(float(roc_auc_score(y[keep], score, multi_class="ovr", labels=list(range(probs.shape[1])))))
+    return float(np.mean(per_task)) if per_task else 0.0
+
+
 def selection_score(val: EvalOutput, tasks: Mapping[str, Sequence[str]], select_on: Selection) -> float:
     """Higher is better."""
     if select_on == "loss":
         return -balanced_loss(val, tasks)
+    if select_on == "auroc":
+        return mean_task_auroc(val, tasks)
     scores = [val.macro_f1(task, labels) for task, labels in tasks.items() if (val.labels[task] != IGNORE_INDEX).any()]
     if select_on == "task+itm":
         auroc = val.itm_auroc()
@@ -316,6 +336,7 @@ def train(
         score = selection_score(val, tasks, cfg.selection)
         row.update({"epoch": epoch, "val_score": score, "val_itm_auroc": val.itm_auroc()})
         row["val_task_loss"] = balanced_loss(val, tasks)
+        row["val_task_auroc"] = mean_task_auroc(val, tasks)
         row.update({f"val_{t}_macro_f1": val.macro_f1(t, labels) for t, labels in tasks.items()})
         history.append(row)
         bar.set_postfix(loss=f"{row.get('total_loss', 0):.3f}", val=f"{score:.3f}")

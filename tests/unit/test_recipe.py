@@ -68,3 +68,20 @@ def test_thresholds_stay_at_half_where_validation_has_few_posts_of_a_class():
     assert keep_default_thresholds(cal, val, min_per_class=100) == ["hate"]
     assert cal.thresholds == {"hate": 0.5, "sarcasm": 0.71}
     assert TrainConfig().threshold_min_per_class == 100
+
+
+def test_task_auroc_ranks_posts_whatever_the_threshold_and_skips_unlabelled_rows():
+    from trainer.train import mean_task_auroc
+
+    # Every positive scores above every negative, though all sit below P = 0.5.
+    logits = np.array([[3.0, 0.0], [2.0, 0.0], [1.0, 0.0], [0.5, 0.0], [9.0, 0.0]])
+    labels = np.array([0, 0, 1, 1, IGNORE_INDEX])
+    one_class = np.array([0, 0, 0, 0, 0])
+    val = EvalOutput(
+        {"hate": logits, "sarcasm": logits}, {"hate": labels, "sarcasm": one_class}, np.zeros(0), np.zeros(0)
+    )
+    tasks = {"hate": ["n", "p"], "sarcasm": ["n", "p"]}
+    assert mean_task_auroc(val, tasks) == 1.0  # sarcasm (one class) has no AUROC and is left out
+    assert selection_score(val, tasks, "auroc") == 1.0
+    reversed_val = EvalOutput({"hate": -logits}, {"hate": labels}, np.zeros(0), np.zeros(0))
+    assert mean_task_auroc(reversed_val, {"hate": ["n", "p"]}) == 0.0
