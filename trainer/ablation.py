@@ -3,7 +3,12 @@
 Every variant trains on the same folds and seeds, so differences to task-only are paired.
 Frozen encoders are encoded once (content-hash cache) and shared by every run; only the
 small head trains per run, which keeps a 5x3 grid within minutes on a CPU. Variants that
-fine-tune the text encoder's top layers share the cached output of its frozen layers.
+fine-tune the text encoder's top layers share the cached output of its frozen layers; the
+whole text encoder fine-tuned, or the image encoder's last blocks, run live on a copy per
+run. A loss-weight sweep adds task+ITC+ITM variants with their own auxiliary weight.
+
+Finished runs are appended to out_dir/runs.jsonl, so a stopped grid resumes; out_dir/grid.json
+records what those runs depend on, and a resume with another configuration or data is refused.
 """
 
 from __future__ import annotations
