@@ -6,7 +6,8 @@ review score; a post goes to review when its score >= the policy's `cut`, the va
 quantile that reviews the budgeted share of posts. Kinds:
 
 - "itm": lowest match first (score = -match); text-only posts are never routed by it.
-- "uncertainty": closeness to the decision threshold, the most uncertain task counts.
+- "uncertainty": closeness to the decision threshold, the most uncertain task counts
+  (`task_combine="sum"`: the sum over tasks, favouring posts unsure on several).
   "margin" = 1 - |p - t| / (t or 1 - t, the room on p's side), 1 at the threshold and 0
   at certainty, so tasks with different thresholds compare; "entropy" = binary entropy of p.
   With `itm_weight` w > 0 it adds w * (1 - match): a weak match raises the score (a
@@ -128,6 +129,7 @@ class RoutingPolicySpec:
     kind: str
     uncertainty: Uncertainty = "margin"
     combine: Combine = "sum"
+    task_combine: Combine = "max"  # uncertainty: the most uncertain task, or the sum over tasks
     itm_weight: float = 0.0  # uncertainty + itm_weight * (1 - match)
     itm_fill: float = 0.5  # the match assumed for text-only posts
     features: list[str] = field(default_factory=list)
@@ -146,7 +148,7 @@ class RoutingPolicySpec:
             raise ValueError(f"unknown routing policy kind {self.kind!r}; expected one of {KINDS}")
         if self.uncertainty not in ("margin", "entropy"):
             raise ValueError(f"unknown uncertainty {self.uncertainty!r}; expected margin or entropy")
-        if self.combine not in ("sum", "max"):
+        if self.combine not in ("sum", "max") or self.task_combine not in ("sum", "max"):
             raise ValueError(f"unknown combine {self.combine!r}; expected sum or max")
         if self.kind == "combined":
             n = len(self.features)
@@ -194,7 +196,9 @@ class RoutingPolicySpec:
         if self.kind == "uncertainty":
             if not inputs.scores:
                 return np.full(len(inputs), -np.inf)
-            return np.asarray(np.max(list(self._task_uncertainty(inputs).values()), axis=0) + self._weak_match(inputs))
+            per_task = list(self._task_uncertainty(inputs).values())
+            combined = np.sum(per_task, axis=0) if self.task_combine == "sum" else np.max(per_task, axis=0)
+            return np.asarray(combined + self._weak_match(inputs))
         probs = list(self.task_error_probs(inputs).values())
         combined = np.sum(probs, axis=0) if self.combine == "sum" else np.max(probs, axis=0)
         return np.asarray(combined, dtype=np.float64)
@@ -256,6 +260,7 @@ class RoutingPolicySpec:
         }
         if self.kind == "uncertainty":
             out["uncertainty"] = self.uncertainty
+            out["task_combine"] = self.task_combine
             if self.itm_weight:
                 out.update(itm_weight=self.itm_weight, itm_fill=self.itm_fill)
         if self.kind == "combined":
@@ -282,6 +287,7 @@ class RoutingPolicySpec:
                 kind=str(data["kind"]),
                 uncertainty=data.get("uncertainty", "margin"),
                 combine=data.get("combine", "sum"),
+                task_combine=data.get("task_combine", "max"),
                 itm_weight=float(data.get("itm_weight", 0.0)),
                 itm_fill=float(data.get("itm_fill", 0.5)),
                 features=[str(f) for f in data.get("features") or []],
@@ -301,8 +307,8 @@ def itm_only() -> RoutingPolicySpec:
     return RoutingPolicySpec(kind="itm")
 
 
-def uncertainty(kind: Uncertainty = "margin") -> RoutingPolicySpec:
-    return RoutingPolicySpec(kind="uncertainty", uncertainty=kind)
+def uncertainty(kind: Uncertainty = "margin", task_combine: Combine = "max") -> RoutingPolicySpec:
+    return RoutingPolicySpec(kind="uncertainty", uncertainty=kind, task_combine=task_combine)
 
 
 def review_cut(scores: FloatArray, budget: float) -> float:

@@ -217,6 +217,7 @@ def candidate_policies(
         "ITM only": itm_only(),
         "uncertainty (margin)": uncertainty("margin"),
         "uncertainty (entropy)": uncertainty("entropy"),
+        "uncertainty (margin, summed over tasks)": uncertainty("margin", "sum"),
         "uncertainty + ITM (weight fitted)": fit_itm_weight(val, errors, labelled, budget),
         "combined (logistic)": fit_combined(val, errors, labelled, interactions=False),
         "combined (logistic + interactions)": fit_combined(val, errors, labelled, interactions=True),

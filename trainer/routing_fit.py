@@ -186,6 +186,7 @@ def choose_policy(
         "ITM only": itm_only,
         "uncertainty (margin)": lambda: uncertainty("margin"),
         "uncertainty (entropy)": lambda: uncertainty("entropy"),
+        "uncertainty (margin, summed over tasks)": lambda: uncertainty("margin", "sum"),
     }
     if name in fixed:
         return fixed[name]()

@@ -141,3 +141,11 @@ def test_a_task_outside_the_policy_never_routes():
     assert RoutingPolicySpec.from_dict(spec.to_dict()).tasks == ["hate"]
     with pytest.raises(ValueError, match="needs the scores"):
         _combined(tasks=["hate", "toxicity"]).scores(near_sarcasm)
+
+
+def test_uncertainty_summed_over_tasks_prefers_posts_unsure_on_both():
+    x = _inputs([0.5, 0.75], [0.99, 0.55], [0.5, 0.5], th=(0.5, 0.5))
+    # max: post 0 (one task at its threshold) first; sum: post 1 (both tasks half-unsure) first.
+    assert np.argmax(uncertainty("margin").scores(x)) == 0
+    np.testing.assert_allclose(uncertainty("margin", "sum").scores(x), [1.0 + 0.02, 0.5 + 0.9])
+    assert RoutingPolicySpec.from_dict(uncertainty("margin", "sum").to_dict()).task_combine == "sum"
