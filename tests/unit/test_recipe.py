@@ -1,4 +1,4 @@
-"""The default recipe selects its checkpoint on the class-balanced validation loss."""
+"""Checkpoint selection and decision thresholds of the default recipe."""
 
 from __future__ import annotations
 
@@ -14,11 +14,31 @@ from trainer.features import FeatureStore, build_features, load_inputs, subset
 from trainer.train import EvalOutput, TrainConfig, balanced_loss, label_tensors, selection_score, train
 
 
-def test_default_selection_is_the_validation_loss_even_when_itm_trains():
+def test_default_selection_is_task_f1_with_itm_only_breaking_ties():
     cfg = TrainConfig()
     assert cfg.objective.uses_itm
-    assert cfg.selection == "loss"
+    assert cfg.selection == "task>itm"
+    assert TrainConfig(objective=ObjectiveConfig(weights={"task_loss": 1.0})).selection == "task"
     assert TrainConfig(select_on="task+itm").selection == "task+itm"
+
+
+def _val(pred_hate: list[int], itm_match: list[float], itm_swapped: list[float]) -> EvalOutput:
+    y = np.array([0, 0, 1, 1])
+    logits = np.eye(2)[pred_hate] * 3.0
+    return EvalOutput({"hate": logits}, {"hate": y}, np.array(itm_match), np.array(itm_swapped))
+
+
+def test_itm_decides_only_between_epochs_whose_f1_ties():
+    tasks = {"hate": ["n", "p"]}
+    better_f1_weak_itm = _val([0, 0, 1, 1], [0.1, 0.1, 0.1, 0.1], [0.9, 0.9, 0.9, 0.9])  # F1 1.0, AUROC 0
+    worse_f1_strong_itm = _val([0, 1, 1, 1], [0.9, 0.9, 0.9, 0.9], [0.1, 0.1, 0.1, 0.1])  # F1 < 1, AUROC 1
+    same_f1_strong_itm = _val([0, 0, 1, 1], [0.9, 0.9, 0.9, 0.9], [0.1, 0.1, 0.1, 0.1])
+    score = lambda v: selection_score(v, tasks, "task>itm")  # noqa: E731
+    assert score(better_f1_weak_itm) > score(worse_f1_strong_itm)
+    assert score(same_f1_strong_itm) > score(better_f1_weak_itm)
+    # The older mean of F1 and ITM AUROC lets ITM outweigh the task:
+    mean = lambda v: selection_score(v, tasks, "task+itm")  # noqa: E731
+    assert mean(worse_f1_strong_itm) > mean(better_f1_weak_itm)
 
 
 def test_balanced_loss_weighs_each_class_equally_and_skips_unlabelled_rows():
@@ -34,13 +54,13 @@ def test_balanced_loss_weighs_each_class_equally_and_skips_unlabelled_rows():
     assert math.isclose(selection_score(val, {"hate": ["n", "p"]}, "loss"), -balanced_loss(val, ["hate"]))
 
 
-def test_training_keeps_the_epoch_with_the_lowest_validation_loss(synthetic_small):
+def test_loss_selection_keeps_the_epoch_with_the_lowest_validation_loss(synthetic_small):
     model, tok = tiny_model()
     inputs = load_inputs(synthetic_small)
     features = build_features(model, tok, inputs, FeatureStore(None), torch.device("cpu"))
     labels = label_tensors(inputs.examples, model.config.tasks)
     tr, va = list(range(120)), list(range(120, 160))
-    cfg = TrainConfig(epochs=6, patience=6, itm_finish_epochs=0, objective=ObjectiveConfig(), lr=3e-3)
+    cfg = TrainConfig(epochs=6, patience=6, itm_finish_epochs=0, objective=ObjectiveConfig(), lr=3e-3, select_on="loss")
     result = train(
         model,
         subset(features, tr),
