@@ -63,6 +63,11 @@ class MultimodalHead(FrozenStaysEval):
                 for task, labels in config.tasks.items()
             }
         )
+        # Linear probes over [text pooled, image pooled * present] (config.probe_tasks): on small
+        # data a strongly regularised linear model beats the fusion head (trainer.probe).
+        self.probes = nn.ModuleDict(
+            {task: nn.Linear(text_dim + image_dim, len(config.tasks[task])) for task in config.probe_tasks}
+        )
         self.itm_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / ITC_INIT_TEMPERATURE)))
 
@@ -90,6 +95,22 @@ class MultimodalHead(FrozenStaysEval):
         )
         return self.itm_logits(fused)
 
+    @staticmethod
+    def probe_inputs(text: EncodedSequence, image: EncodedSequence, image_present: Tensor) -> Tensor:
+        """[text pooled, image pooled] in float32, image zeroed for text-only posts (their image
+        features are whatever the encoder made of a blank input): what the probes read."""
+        image_pooled = torch.where(image_present.unsqueeze(1), image.pooled.float(), 0.0)
+        return torch.cat([text.pooled.float(), image_pooled], dim=-1)
+
+    def probe_logits(self, text: EncodedSequence, image: EncodedSequence, image_present: Tensor) -> dict[str, Tensor]:
+        """Logits of the probe tasks. In float32 even under autocast: the folded
+        standardisation makes weights and bias large and cancelling, too much for bf16."""
+        if not len(self.probes):
+            return {}
+        with torch.autocast(text.pooled.device.type, enabled=False):
+            x = self.probe_inputs(text, image, image_present)
+            return {task: probe(x) for task, probe in self.probes.items()}
+
     def forward(self, text: EncodedSequence, image: EncodedSequence, image_present: Tensor) -> ClassifierOutput:
         text_seq = self.text_seq(text.tokens)
         image_seq, image_mask = self.image_sequence(image, image_present)
@@ -99,8 +120,9 @@ class MultimodalHead(FrozenStaysEval):
         # Task heads also read the unimodal ITC projections (zero without an image): a
         # direct path like a linear probe's, and the place where ITC shapes the task.
         features = torch.cat([fused, text_vec, image_vec * image_present.unsqueeze(1).to(image_vec.dtype)], dim=-1)
+        probed = self.probe_logits(text, image, image_present)
         return ClassifierOutput(
-            task_logits={task: head(features) for task, head in self.heads.items()},
+            task_logits={task: probed[task] if task in probed else head(features) for task, head in self.heads.items()},
             text_embed=F.normalize(text_vec, dim=-1),
             image_embed=F.normalize(image_vec, dim=-1),
             itm_logits=self.itm_logits(fused),

@@ -43,6 +43,9 @@ class ModelConfig:
     # with it expects it at serving time, so the worker refuses to serve it without Tesseract.
     ocr_segment: bool = False
     ocr_languages: str = "eng+hin"  # Tesseract languages, "+"-joined
+    # Tasks served by a linear probe over the pooled encoder features instead of the fusion
+    # head: `fit` picks them where the probe validates better (small data, trainer.probe).
+    probe_tasks: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.fusion not in ("cross_attention", "concat"):
@@ -56,6 +59,11 @@ class ModelConfig:
             raise ValueError(f"ocr_languages must be Tesseract languages joined by '+', not {self.ocr_languages!r}")
         if self.fusion_dim % self.fusion_heads:
             raise ValueError("fusion_dim must be divisible by fusion_heads")
+        unknown = [t for t in self.probe_tasks if t not in self.tasks]
+        if unknown or len(set(self.probe_tasks)) != len(self.probe_tasks):
+            raise ValueError(
+                f"probe_tasks must be distinct tasks of the model {list(self.tasks)}, got {self.probe_tasks}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

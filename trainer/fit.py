@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
-from torch import Tensor
+from torch import Tensor, nn
 
 from models.card import ModelCard
 from models.classifier import MultimodalModel
@@ -27,7 +27,8 @@ from trainer.calibration import Calibration, calibrate, score
 from trainer.curves import write_curves
 from trainer.features import FeatureStore, LiveFeatures, LoadedInputs, build_features, load_inputs, subset
 from trainer.manifest import Example
-from trainer.train import TrainConfig, TrainResult, evaluate_split, label_tensors, train
+from trainer.probe import PROBE_MARGIN, LinearProbe, ProbeChoice, choose, fit_probes
+from trainer.train import EvalOutput, TrainConfig, TrainResult, evaluate_split, label_tensors, train
 
 log = logging.getLogger(__name__)
 DEFAULT_THRESHOLD = 0.5
@@ -117,9 +118,15 @@ def keep_tasks(model: MultimodalModel, tasks: Mapping[str, Sequence[str]]) -> Mu
         raise TaskDataError(f"the model has no head for task(s) {missing}; it has {list(model.config.tasks)}")
     if list(model.config.tasks) == list(tasks):
         return model
-    config = replace(model.config, tasks={t: list(model.config.tasks[t]) for t in tasks})
+    config = replace(
+        model.config,
+        tasks={t: list(model.config.tasks[t]) for t in tasks},
+        probe_tasks=[t for t in model.config.probe_tasks if t in tasks],
+    )
     for task in [t for t in model.head.heads if t not in tasks]:
         del model.head.heads[task]
+        if task in model.head.probes:
+            del model.head.probes[task]
     model.config = model.head.config = config
     return model
 
@@ -148,6 +155,63 @@ def keep_default_thresholds(cal: Calibration, val_labels: Mapping[str, Tensor], 
     return kept
 
 
+def set_probes(model: MultimodalModel, probes: Mapping[str, LinearProbe]) -> None:
+    """Serve `probes` for their tasks (and the fusion head for every other task)."""
+    device = next(model.head.parameters()).device
+    config = replace(model.config, probe_tasks=[t for t in model.config.tasks if t in probes])
+    model.head.probes = nn.ModuleDict({t: probes[t].to_linear().to(device) for t in config.probe_tasks})
+    model.config = model.head.config = config
+
+
+@torch.no_grad()
+def probe_inputs(
+    model: MultimodalModel, features: LiveFeatures, idx: Sequence[int], batch_size: int = 256
+) -> np.ndarray:
+    """The probes' input features (MultimodalHead.probe_inputs) of posts `idx`, as float32."""
+    model.eval()
+    rows = []
+    for start in range(0, len(idx), batch_size):
+        text, image, present = features.batch(list(idx[start : start + batch_size]))
+        rows.append(model.head.probe_inputs(text, image, present).cpu().numpy())
+    return np.concatenate(rows)
+
+
+def install_probes(
+    model: MultimodalModel,
+    features: LiveFeatures,
+    train_idx: Sequence[int],
+    val_idx: Sequence[int],
+    train_labels: Mapping[str, Tensor],
+    head_val: EvalOutput,
+) -> dict[str, ProbeChoice]:
+    """Fit a probe per task on the training split and install it where its validation
+    macro-F1 beats the trained head's by more than PROBE_MARGIN (trainer.probe)."""
+    tasks = model.config.tasks
+    probes = fit_probes(
+        probe_inputs(model, features, train_idx), {t: y.numpy() for t, y in train_labels.items()}, tasks
+    )
+    x_val = probe_inputs(model, features, val_idx)
+    choices = choose(head_val.logits, {t: p.logits(x_val) for t, p in probes.items()}, head_val.labels, tasks)
+    set_probes(model, {t: probes[t] for t, c in choices.items() if c.serve_probe})
+    if model.config.probe_tasks:
+        log.info(
+            "serving the linear probe for %s: it validates better than the fusion head (%s)",
+            model.config.probe_tasks,
+            {t: f"{c.probe_macro_f1:.3f} vs {c.head_macro_f1:.3f}" for t, c in choices.items() if c.serve_probe},
+        )
+    return choices
+
+
+def probe_metrics(choices: Mapping[str, ProbeChoice], enabled: bool) -> dict[str, Any]:
+    """The card's validation evidence for the choice between head and probe per task."""
+    return {
+        "enabled": enabled,
+        "margin": PROBE_MARGIN,
+        "decision": "argmax of the uncalibrated logits on the validation split",
+        "validation_macro_f1": {t: {"head": c.head_macro_f1, "probe": c.probe_macro_f1} for t, c in choices.items()},
+    }
+
+
 @dataclass
 class FitResult:
     model: MultimodalModel
@@ -168,23 +232,34 @@ def fit(
     device: str = "auto",
     on_bad_image: str = "text-only",
     model_and_tokenizer: tuple[MultimodalModel, Any] | None = None,
+    probe_fallback: bool = True,
 ) -> FitResult:
     """Train on `examples` (a 15% stratified validation split chooses the checkpoint and
     calibrates), and return the model with its card. Tasks the examples never label are left
-    out of the model (see `trainable_tasks`)."""
+    out of the model (see `trainable_tasks`). `probe_fallback`: serve a linear probe for
+    the tasks where it validates better than the head (see `fit_features`)."""
     dev = pick_device(device)
     inputs = load_inputs(examples, on_bad_image)
     if len(inputs.examples) < 4:
         raise ValueError(f"need at least 4 usable examples to train, got {len(inputs.examples)}")
     tasks = trainable_tasks(inputs.examples, model_config.tasks)
-    model_config = replace(model_config, tasks=tasks)
+    model_config = replace(model_config, tasks=tasks, probe_tasks=[t for t in model_config.probe_tasks if t in tasks])
     if model_and_tokenizer is None:
         model, tokenizer = build_model(model_config)
     else:
         model, tokenizer = keep_tasks(model_and_tokenizer[0], tasks), model_and_tokenizer[1]
     model.to(dev)
     features = build_features(model, tokenizer, inputs, FeatureStore(cache_dir), dev, train_config.progress)
-    return fit_features(model, tokenizer, inputs, features, train_config, val_fraction=val_fraction, out_dir=out_dir)
+    return fit_features(
+        model,
+        tokenizer,
+        inputs,
+        features,
+        train_config,
+        val_fraction=val_fraction,
+        out_dir=out_dir,
+        probe_fallback=probe_fallback,
+    )
 
 
 def fit_features(
@@ -196,11 +271,16 @@ def fit_features(
     *,
     val_fraction: float = 0.15,
     out_dir: Path | None = None,
+    probe_fallback: bool = True,
 ) -> FitResult:
     """fit() on inputs whose features are already built (benchmarks reuse one encoding);
-    trains every task of `model.config`."""
-    model_config = model.config
-    tasks = model_config.tasks
+    trains every task of `model.config`. With `probe_fallback`, a task whose linear probe
+    (trainer.probe) validates better than the trained head is served by the probe; that is
+    decided before calibration, so temperatures, thresholds and routing fit the served logits.
+    A model that already serves probes (retraining) trains its heads for every task, and
+    the probes are fitted and chosen afresh."""
+    set_probes(model, {})
+    tasks = model.config.tasks
     train_idx, val_idx = stratified_split(
         len(inputs.examples), strata(inputs.examples, tasks), val_fraction, train_config.seed
     )
@@ -209,13 +289,22 @@ def fit_features(
     val_labels = {t: y[val_idx] for t, y in labels.items()}
     val_features = subset(features, val_idx)
     result = train(model, subset(features, train_idx), train_labels, val_features, val_labels, train_config)
-    cal = calibrate(result.val, tasks)
+    choices: dict[str, ProbeChoice] = {}
+    served_val = result.val
+    if probe_fallback:
+        choices = install_probes(model, features, train_idx, val_idx, train_labels, result.val)
+        if model.config.probe_tasks:
+            served_val = evaluate_split(model, val_features, val_labels, amp=train_config.amp)
+    model_config = model.config
+    cal = calibrate(served_val, tasks)
     untuned = keep_default_thresholds(cal, val_labels, train_config.threshold_min_per_class)
     val_eval = evaluate_split(model, val_features, val_labels)
     metrics = score(val_eval, tasks, cal)
     metrics["split"] = "validation (thresholds and temperatures were chosen on it)"
     metrics["thresholds_tuned"] = {t: t not in untuned for t in cal.thresholds}
     metrics["best_epoch"] = result.best_epoch
+    metrics["probe_fallback"] = probe_metrics(choices, probe_fallback)
+    metrics["task_source"] = {t: "probe" if t in model_config.probe_tasks else "head" for t in tasks}
     card = ModelCard(
         config=model_config,
         thresholds=cal.thresholds,
