@@ -18,11 +18,12 @@ from typing import TextIO
 from urllib.parse import urlsplit
 
 from models.devices import pick_device
-from models.images import MAX_BYTES, MAX_SIDE, ImageError, content_hash, decode_image
+from models.images import MAX_BYTES, MAX_SIDE, ImageError, content_hash
 from models.inference import Predictor
 from models.registry import ModelRegistry
 from stream.device_pool import DevicePool
-from stream.media import FetchConfig, MediaFetcher, MediaResult
+from stream.media import FetchConfig, MediaFetcher, MediaResult, decode_and_read
+from stream.ocr import reader_for
 from stream.pipeline import Pipeline
 from stream.records import encode
 from stream.routing import RoutingPolicy
@@ -43,11 +44,12 @@ class LocalOrWebFetcher:
         path = self.base_dir / ref
         try:
             data = _read_capped(path)
-            image = decode_image(data, max_side=self.max_side)
+            digest = content_hash(data)
+            image, text = decode_and_read(data, digest, FetchConfig(max_side=self.max_side), self.web.ocr)
         except ImageError as exc:
             exc = ImageError(exc.reason, f"{path}: {exc}") if not str(exc).startswith(str(path)) else exc
             return MediaResult(ref, exc.reason, reason=str(exc), elapsed_s=time.perf_counter() - started)
-        return MediaResult(ref, "ok", image=image, content_hash=content_hash(data), final_url=str(path), attempts=1)
+        return MediaResult(ref, "ok", image=image, content_hash=digest, final_url=str(path), attempts=1, ocr_text=text)
 
     async def fetch_many(self, urls: Sequence[str]) -> list[MediaResult]:
         remote = [u for u in urls if urlsplit(u).scheme]
@@ -97,18 +99,20 @@ async def classify_stream(
     device: str,
     base_dir: Path,
     allow_loopback: bool = False,
+    ocr: str = "auto",
 ) -> dict[str, int]:
+    # Before the model loads: a model trained with OCR text and no Tesseract fails here, saying what to install.
+    reader = reader_for(ocr, ModelRegistry(registry_root).card(version).config)
     loaded = ModelRegistry(registry_root).load(version)
     pool = DevicePool(lambda d: Predictor(loaded.model, loaded.tokenizer, loaded.card, d), [pick_device(device)])
     policy = RoutingPolicy()
-    trusted, why = policy.itm_trusted(loaded.card)
-    print(f"model {loaded.card.version}: {why if trusted else 'ITM routing off: ' + why}", file=sys.stderr)
+    print(f"model {loaded.card.version}: {policy.describe(loaded.card)}", file=sys.stderr)
     counts = {"labelled": 0, "review": 0, "dead_letter": 0}
     # Keep decoded images no larger than twice what the model looks at (see models.images).
     max_side = 2 * loaded.model.image_encoder.image_size
     await pool.start()
     try:
-        async with MediaFetcher(FetchConfig(allow_loopback=allow_loopback, max_side=max_side)) as web:
+        async with MediaFetcher(FetchConfig(allow_loopback=allow_loopback, max_side=max_side), ocr=reader) as web:
             pipeline = Pipeline(pool, LocalOrWebFetcher(web, base_dir, max_side), lambda version: loaded.card, policy)
             for batch in _chunks(lines, BATCH):
                 for outcome in await pipeline.process(batch):
@@ -129,12 +133,13 @@ def classify_file(
     version: str = "current",
     device: str = "auto",
     allow_loopback: bool = False,
+    ocr: str = "auto",
 ) -> int:
     sink: TextIO = output_path.open("w", encoding="utf-8") if output_path else sys.stdout
     try:
         counts = asyncio.run(
             classify_stream(
-                read_lines(input_path), sink, registry_root, version, device, input_path.parent, allow_loopback
+                read_lines(input_path), sink, registry_root, version, device, input_path.parent, allow_loopback, ocr
             )
         )
     finally:

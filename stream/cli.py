@@ -57,6 +57,7 @@ def _model_config(args: argparse.Namespace) -> Any:
         fusion=args.fusion,
         text_trainable_layers=args.text_trainable_layers,
         image_trainable_blocks=args.image_trainable_blocks,
+        ocr_segment=args.ocr_segment,
     )
 
 
@@ -266,7 +267,9 @@ def cmd_classify(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else None
     registry = _registry_root(args)
     Path(args.input).open("rb").close()  # a missing or unreadable input fails before the model loads
-    return classify_file(Path(args.input), output, registry, args.model, args.device, args.allow_loopback_media)
+    return classify_file(
+        Path(args.input), output, registry, args.model, args.device, args.allow_loopback_media, args.ocr
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -292,12 +295,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
         max_wait_s=args.max_wait,
         devices=args.device,
         allow_loopback_media=args.allow_loopback_media,
+        ocr=args.ocr,
         policy=RoutingPolicy(
             itm_threshold=args.itm_threshold,
             min_itm_auroc=args.min_itm_auroc,
             min_routing_lift=args.min_routing_lift,
             min_itm_errors=args.min_itm_errors,
             uncertainty_band=args.uncertainty_band,
+            use_card_policy=not args.no_card_policy,
+            review_cut=args.review_cut,
         ),
         batcher=BatcherConfig(max_batch=args.device_batch, max_delay_s=args.device_delay),
     )
@@ -365,6 +371,16 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--synthetic-n", type=int, default=1200)
 
 
+def _add_ocr(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ocr",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="read text inside images with Tesseract: auto = when the model was trained with it (its card says); "
+        "on = also for other models (the text then only goes to the Label record's ocr_text); off",
+    )
+
+
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-backbone", default="default")
     p.add_argument("--image-backbone", default="efficientnet_lite0")
@@ -374,6 +390,12 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--image-trainable-blocks", type=_layers_or_all, default=0, help="last N blocks fine-tuned; 'all': all of it"
+    )
+    p.add_argument(
+        "--ocr-segment",
+        action="store_true",
+        help="feed the text Tesseract reads from each image (eng+hin) as a second text segment; "
+        "cached next to the features; the worker then reads image text too",
     )
 
 
@@ -389,9 +411,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negatives", choices=["hard", "random"], default="hard")
     p.add_argument(
         "--select-on",
-        choices=["auto", "task", "task+itm"],
+        choices=["auto", "task", "task>itm", "task+itm", "loss", "auroc"],
         default="auto",
-        help="checkpoint selection; auto: task+itm when ITM is trained",
+        help="checkpoint selection; auto: validation macro-F1, ties broken by ITM AUROC when ITM is trained",
     )
     p.add_argument("--quiet", action="store_true")
 
@@ -466,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input")
     p.add_argument("--output", help="JSONL of labels and dead letters (default: stdout)")
     p.add_argument("--allow-loopback-media", action="store_true", help="fetch image URLs on 127.0.0.1 too")
+    _add_ocr(p)
     p.add_argument("--model", default="current")
     p.set_defaults(func=cmd_classify)
 
@@ -482,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-batch", type=int, default=0, help="model batch per device (0: 8 on CPU, 256 on GPU)")
     p.add_argument("--device-delay", type=float, default=0.005)
     p.add_argument("--allow-loopback-media", action="store_true", help="demo/tests: fetch media from 127.0.0.1")
+    _add_ocr(p)
     p.add_argument("--itm-threshold", type=float, help="override the card's ITM review threshold")
     p.add_argument("--min-itm-auroc", type=float, default=0.6)
     p.add_argument("--min-routing-lift", type=float, default=1.0)
@@ -492,6 +516,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="validation errors a routing-lift estimate needs before it may switch ITM routing off",
     )
     p.add_argument("--uncertainty-band", type=float, default=0.0)
+    p.add_argument(
+        "--review-cut",
+        type=float,
+        default=None,
+        help="replace the card's review policy cut (higher: fewer posts reviewed)",
+    )
+    p.add_argument(
+        "--no-card-policy",
+        action="store_true",
+        help="route by the ITM gate even when the card carries a review policy",
+    )
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("run", help="the whole pipeline locally: stack, model, media, producer, worker, summary")

@@ -41,6 +41,14 @@ class RoutingPolicy:
         floors = GateFloors(self.min_itm_auroc, self.min_routing_lift, self.min_itm_errors)
         return decide_itm_routing(itm, floors)
 
+    def itm_routes(self, card: ModelCard) -> bool:
+        """Whether a weak image-text match can send this card's posts to review (the gauge
+        `modstream_itm_routing_enabled`): through the card's policy, or the ITM gate."""
+        spec = card.routing_policy() if self.use_card_policy else None
+        if spec is None:
+            return self.itm_trusted(card)[0]
+        return spec.kind in ("itm", "combined") or spec.itm_weight > 0
+
     def describe(self, card: ModelCard) -> str:
         """What routes this card's posts, in one line for the worker's log."""
         spec = card.routing_policy() if self.use_card_policy else None

@@ -50,6 +50,8 @@ class WorkerSettings:
     max_wait_s: float = 0.05
     devices: str = "auto"
     allow_loopback_media: bool = False
+    # Text inside images (stream.ocr): auto = when the model was trained with it, on, off.
+    ocr: str = "auto"
     topic_partitions: int = 4
     policy: RoutingPolicy = field(default_factory=RoutingPolicy)
     batcher: BatcherConfig = field(default_factory=BatcherConfig)
@@ -124,10 +126,13 @@ class Resources:
 
     async def start(self) -> None:
         from stream.media import FetchConfig, MediaFetcher
+        from stream.ocr import reader_for
 
         s = self.settings
         self.card = self.registry.card(s.model_version)
         self.cards[self.card.version] = self.card
+        # Before any model loads: a model trained with OCR text and no Tesseract fails here, saying what to install.
+        ocr = reader_for(s.ocr, self.card.config)
         self.pool = DevicePool(
             predictor_factory(self.registry, s.model_version),
             visible_devices(s.devices),
@@ -137,7 +142,7 @@ class Resources:
         await self.pool.start()
         # Decoded images are kept at most twice the model's input side (bounded memory per post).
         max_side = 2 * self.card.config.image_size
-        self.fetcher = MediaFetcher(FetchConfig(allow_loopback=s.allow_loopback_media, max_side=max_side))
+        self.fetcher = MediaFetcher(FetchConfig(allow_loopback=s.allow_loopback_media, max_side=max_side), ocr=ocr)
         await self.fetcher.__aenter__()
         if s.redis_url:
             self.redis = RedisStore(s.redis_url)
@@ -164,20 +169,21 @@ class Resources:
 
     def _announce(self) -> None:
         assert self.card is not None
-        trusted, why = self.settings.policy.itm_trusted(self.card)
+        policy = self.settings.policy
         metrics.MODEL.info({"version": self.card.version})
-        metrics.ITM_ROUTING.set(1 if trusted else 0)
-        log.warning(
-            "serving model %s; %s",
-            self.card.version,
-            why if trusted else f"ITM routing OFF ({why}): task uncertainty only",
-        )
+        metrics.ITM_ROUTING.set(1 if policy.itm_routes(self.card) else 0)
+        log.warning("serving model %s; %s", self.card.version, policy.describe(self.card))
 
     async def swap(self, version: str) -> None:
         assert self.pool is not None
         card = self.registry.card(version)
         if self.card is not None and card.version == self.card.version:
             return
+        if card.config.ocr_segment and self.fetcher is not None and self.fetcher.ocr is None:
+            from stream.ocr import reader_for
+
+            # Refuses the swap (OcrUnavailable) when this worker cannot read image text.
+            self.fetcher.ocr = reader_for(self.settings.ocr, card.config)
         # Known before the first label of the new version can come back from a replica.
         self.cards[card.version] = card
         await self.pool.swap(predictor_factory(self.registry, card.version))

@@ -28,6 +28,7 @@ from trainer.curves import write_curves
 from trainer.features import FeatureStore, LiveFeatures, LoadedInputs, build_features, load_inputs, subset
 from trainer.manifest import Example
 from trainer.probe import PROBE_MARGIN, LinearProbe, ProbeChoice, choose, fit_probes
+from trainer.routing_fit import routing_block
 from trainer.train import EvalOutput, TrainConfig, TrainResult, evaluate_split, label_tensors, train
 
 log = logging.getLogger(__name__)
@@ -319,6 +320,7 @@ def fit_features(
             "seconds": round(result.seconds, 1),
         },
         metrics=metrics,
+        routing=routing_block(val_eval, cal, list(tasks)),
     )
     if out_dir is not None:
         write_curves(result.history, out_dir)
