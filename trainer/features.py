@@ -95,8 +95,8 @@ class FeatureStore:
     def __init__(self, root: Path | None) -> None:
         self.root = root
 
-    def _path(self, encoder_key: str, digest: str) -> Path | None:
-        return None if self.root is None else self.root / encoder_key / digest[:2] / f"{digest}.safetensors"
+    def _path(self, key: str, digest: str, suffix: str = ".safetensors") -> Path | None:
+        return None if self.root is None else self.root / key / digest[:2] / f"{digest}{suffix}"
 
     def get(self, encoder_key: str, digest: str) -> Tensor | None:
         path = self._path(encoder_key, digest)
@@ -113,19 +113,16 @@ class FeatureStore:
         save_file({"tokens": tokens.contiguous()}, str(tmp))
         tmp.replace(path)
 
-    def _text_path(self, engine_key: str, digest: str) -> Path | None:
-        return None if self.root is None else self.root / engine_key / digest[:2] / f"{digest}.json"
-
     def get_text(self, engine_key: str, digest: str) -> str | None:
         """Cached OCR text of an image (by content hash), or None when not cached."""
-        path = self._text_path(engine_key, digest)
+        path = self._path(engine_key, digest, ".json")
         if path is None or not path.is_file():
             return None
         value = json.loads(path.read_text(encoding="utf-8")).get("text")
         return value if isinstance(value, str) else None
 
     def put_text(self, engine_key: str, digest: str, text: str) -> None:
-        path = self._text_path(engine_key, digest)
+        path = self._path(engine_key, digest, ".json")
         if path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)

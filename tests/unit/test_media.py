@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import socket
@@ -408,25 +409,34 @@ class _RecordingEngine:
         return "words on the meme"
 
 
-@pytest_asyncio.fixture
-async def meme_url() -> AsyncIterator[str]:
-    """A 1200x400 PNG: larger than the model's bound, within the OCR bound."""
+@contextlib.asynccontextmanager
+async def serve_png(image: Image.Image) -> AsyncIterator[str]:
+    """Serves `image` as a PNG from a loopback server on a free port; yields its URL."""
     buf = io.BytesIO()
-    Image.new("RGB", (1200, 400), (240, 240, 240)).save(buf, "PNG")
+    image.save(buf, "PNG")
     body = buf.getvalue()
 
     async def handler(request: web.Request) -> web.Response:
         return web.Response(body=body, content_type="image/png")
 
     app = web.Application()
-    app.router.add_get("/meme.png", handler)
+    app.router.add_get("/image.png", handler)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield f"http://127.0.0.1:{port}/meme.png"
-    await runner.cleanup()
+    try:
+        yield f"http://127.0.0.1:{port}/image.png"
+    finally:
+        await runner.cleanup()
+
+
+@pytest_asyncio.fixture
+async def meme_url() -> AsyncIterator[str]:
+    """A 1200x400 PNG: larger than the model's bound, within the OCR bound."""
+    async with serve_png(Image.new("RGB", (1200, 400), (240, 240, 240))) as url:
+        yield url
 
 
 @pytest.mark.asyncio
@@ -470,26 +480,10 @@ async def test_real_tesseract_reads_the_words_of_a_fetched_image(resolver, conne
     card = Image.new("RGB", (560, 140), (250, 250, 250))
     font = ImageFont.truetype("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf", 40)
     ImageDraw.Draw(card).text((20, 40), "NOT FUNNY AT ALL", fill=(0, 0, 0), font=font)
-    buf = io.BytesIO()
-    card.save(buf, "PNG")
-    body = buf.getvalue()
-
-    async def handler(request: web.Request) -> web.Response:
-        return web.Response(body=body, content_type="image/png")
-
-    app = web.Application()
-    app.router.add_get("/card.png", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        reader = ImageTextReader(TesseractOcr("eng+hin"))
-        async with MediaFetcher(replace(CONFIG, max_side=64), resolver=resolver, ocr=reader) as fetcher:
-            res = await fetcher.fetch(f"http://127.0.0.1:{port}/card.png")
-    finally:
-        await runner.cleanup()
+    reader = ImageTextReader(TesseractOcr("eng+hin"))
+    fetcher = MediaFetcher(replace(CONFIG, max_side=64), resolver=resolver, ocr=reader)
+    async with serve_png(card) as url, fetcher:
+        res = await fetcher.fetch(url)
     assert res.status == "ok" and res.ocr_text is not None
     assert {"NOT", "FUNNY", "AT", "ALL"} <= set(res.ocr_text.split()), res.ocr_text
     _only_loopback(connects)
