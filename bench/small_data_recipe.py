@@ -119,6 +119,8 @@ def recipe_run(
         "best_epoch": fitted.result.best_epoch,
         "epochs_run": sum(1 for row in fitted.result.history if "epoch" in row),
         "thresholds": fitted.calibration.thresholds,
+        # Which model serves each task: the fusion head, or the linear probe it fell back to (trainer.probe).
+        "task_source": fitted.card.metrics.get("task_source"),
         "seconds": round(time.perf_counter() - started, 1),
     }
 
