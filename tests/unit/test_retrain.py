@@ -66,7 +66,14 @@ def make_registry(root: Path, work: Path, cache: Path, *, record_source: bool = 
 
     examples = load_base(BASE_SOURCE, work)
     cfg = tiny_config()
-    fitted = fit(examples, cfg, TrainConfig(epochs=2), cache_dir=cache, model_and_tokenizer=tiny_model(cfg))
+    fitted = fit(
+        examples,
+        cfg,
+        TrainConfig(epochs=2),
+        cache_dir=cache,
+        model_and_tokenizer=tiny_model(cfg),
+        probe_fallback=False,  # v0001 must stay the weak 2-epoch head the gate tests improve on
+    )
     if record_source:
         fitted.card.training["data_source"] = dict(BASE_SOURCE)
     ModelRegistry(root).save(fitted.model, fitted.tokenizer, fitted.card)
