@@ -8,6 +8,7 @@ This module imports nothing of trainer.fit / trainer.ablation, so fit() may impo
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -17,6 +18,7 @@ import numpy as np
 
 from models.card import json_safe
 from models.losses import IGNORE_INDEX
+from models.routing_gate import MIN_ERRORS
 from models.routing_policy import (
     BUDGETS,
     PolicyInputs,
@@ -30,6 +32,8 @@ from models.routing_policy import (
 from trainer.calibration import Calibration
 from trainer.evaluate import softmax
 from trainer.train import EvalOutput
+
+log = logging.getLogger(__name__)
 
 
 def combined_features(tasks: Sequence[str], interactions: bool) -> list[str]:
@@ -205,15 +209,25 @@ def routing_block(
     tasks: Sequence[str],
     budget: float = 0.1,
     name: str = CHOSEN_POLICY,
+    min_errors: int = MIN_ERRORS,
 ) -> dict[str, Any]:
     """The card's `routing` section: the chosen policy fitted on validation, its review cut
-    for `budget`, and its validation curve at 5/10/20% (cross-fitted for fitted policies)."""
+    for `budget`, and its validation curve at 5/10/20% (cross-fitted for fitted policies).
+
+    Empty (the card keeps the ITM gate) when validation holds fewer than `min_errors` model
+    errors: a model that is (nearly) always right on validation gives uncertainty scores
+    that are all about 0, and a cut taken from their quantile would send every live post
+    to review (the default synthetic model did: 500 of 500)."""
     # Binary tasks with a validated threshold and labelled validation posts only (an untrained
     # head must not route): their errors are "score on the wrong side of the threshold".
     tasks = [t for t in tasks if t in calibration.thresholds and (val_eval.labels[t] != IGNORE_INDEX).any()]
     if not tasks:
         return {}  # nothing to route by: the card keeps the ITM gate
     val, truth = policy_inputs(val_eval, calibration, tasks)
+    n_errors = int(sum(truth["errors"][t].sum() for t in tasks))
+    if n_errors < min_errors:
+        log.info("no review policy on the card: %d validation errors, a policy needs %d", n_errors, min_errors)
+        return {}
     spec = choose_policy(val, truth, budget, name)
     spec = replace(spec, cut=review_cut(spec.scores(val), budget), budget=budget, tasks=list(tasks))
     fitted = spec.kind == "combined" or name == "uncertainty + ITM (weight fitted)"

@@ -162,3 +162,15 @@ def test_runs_made_under_another_config_are_refused(tmp_path, synthetic_small):
     (tmp_path / "b" / "fold0-seed0.npz").write_bytes(b"")
     with pytest.raises(ValueError, match="unknown configuration"):
         check_runs_dir(tmp_path / "b", config)
+
+
+def test_a_model_without_validation_errors_ships_no_policy_and_keeps_the_itm_gate():
+    # Synthetic data: the model is right on every validation post, so every uncertainty is
+    # about 0 and a quantile cut would route every live post; the card must fall back.
+    ev = _split(300, 7)
+    for task, logits in ev.logits.items():
+        p = (ev.labels[task] == 1).astype(float) * 0.998 + 0.001
+        logits[:, 1] = np.log(p / (1 - p))
+    assert routing_block(ev, CAL, ["hate", "sarcasm"]) == {}
+    ev.labels["hate"][:25] = 1 - ev.labels["hate"][:25]  # 25 errors: enough evidence for a policy
+    assert routing_block(ev, CAL, ["hate", "sarcasm"])["kind"] == "uncertainty"
