@@ -119,8 +119,9 @@ def recipe_run(
         "best_epoch": fitted.result.best_epoch,
         "epochs_run": sum(1 for row in fitted.result.history if "epoch" in row),
         "thresholds": fitted.calibration.thresholds,
-        # Which model serves each task: the fusion head, or the linear probe it fell back to (trainer.probe).
+        # Which model serves each task: the fusion head alone, or its blend with a linear probe (trainer.probe).
         "task_source": fitted.card.metrics.get("task_source"),
+        "probe_blend_val_f1": fitted.card.metrics.get("probe_blend", {}).get("validation_macro_f1"),
         "seconds": round(time.perf_counter() - started, 1),
     }
 

@@ -26,7 +26,9 @@ ITC_TEMPERATURE_RANGE = (0.01, 1.0)
 class ClassifierOutput:
     """task_logits: task -> [B, C]; text_embed / image_embed: [B, E], L2-normalised;
     itm_logits: [B], match logit of each actual pair (meaningless where no image);
-    image_present: [B] bool; logit_scale: scalar, 1 / ITC temperature."""
+    image_present: [B] bool; logit_scale: scalar, 1 / ITC temperature; pooled: [B, text_dim +
+    image_dim] float32, what the linear probes read (`MultimodalHead.probe_inputs`), filled by
+    every forward (None only where a caller builds an output by hand)."""
 
     task_logits: dict[str, Tensor]
     text_embed: Tensor
@@ -39,6 +41,7 @@ class ClassifierOutput:
     text_mask: Tensor
     image_seq: Tensor
     image_mask: Tensor
+    pooled: Tensor | None = None
 
 
 class MultimodalHead(FrozenStaysEval):
@@ -64,7 +67,8 @@ class MultimodalHead(FrozenStaysEval):
             }
         )
         # Linear probes over [text pooled, image pooled * present] (config.probe_tasks): on small
-        # data a strongly regularised linear model beats the fusion head (trainer.probe).
+        # data a strongly regularised linear model beats the fusion head (trainer.probe); served
+        # instead of the head or blended with it (config.probe_mode).
         self.probes = nn.ModuleDict(
             {task: nn.Linear(text_dim + image_dim, len(config.tasks[task])) for task in config.probe_tasks}
         )
@@ -102,14 +106,36 @@ class MultimodalHead(FrozenStaysEval):
         image_pooled = torch.where(image_present.unsqueeze(1), image.pooled.float(), 0.0)
         return torch.cat([text.pooled.float(), image_pooled], dim=-1)
 
-    def probe_logits(self, text: EncodedSequence, image: EncodedSequence, image_present: Tensor) -> dict[str, Tensor]:
-        """Logits of the probe tasks. In float32 even under autocast: the folded
-        standardisation makes weights and bias large and cancelling, too much for bf16."""
+    def probe_logits(self, pooled: Tensor) -> dict[str, Tensor]:
+        """Logits of the probe tasks from `probe_inputs`. In float32 even under autocast: the
+        folded standardisation makes weights and bias large and cancelling, too much for bf16."""
         if not len(self.probes):
             return {}
-        with torch.autocast(text.pooled.device.type, enabled=False):
-            x = self.probe_inputs(text, image, image_present)
-            return {task: probe(x) for task, probe in self.probes.items()}
+        with torch.autocast(pooled.device.type, enabled=False):
+            return {task: probe(pooled) for task, probe in self.probes.items()}
+
+    def blend(self, task: str, head_logits: Tensor, probe_logits: Tensor) -> Tensor:
+        """log(0.5 softmax(head / T_head) + 0.5 softmax(probe)), in float32: log-probabilities
+        of the mixture, so softmax of them is the mixture and calibration on top works as on
+        any logits. logaddexp of the log-softmaxes keeps it finite where a probability underflows."""
+        with torch.autocast(probe_logits.device.type, enabled=False):
+            head = F.log_softmax(head_logits.float() / self.config.head_temperatures[task], dim=-1)
+            probe = F.log_softmax(probe_logits.float(), dim=-1)
+            return torch.logaddexp(head, probe) - math.log(2.0)
+
+    def task_logits(self, features: Tensor, pooled: Tensor) -> dict[str, Tensor]:
+        """Per task: the fusion head's logits, or for a probe task the probe's ("replace") or the
+        blend of both ("blend"), as config.probe_mode says."""
+        probed = self.probe_logits(pooled)
+        out = {}
+        for task, head in self.heads.items():
+            if task not in probed:
+                out[task] = head(features)
+            elif self.config.probe_mode == "blend":
+                out[task] = self.blend(task, head(features), probed[task])
+            else:
+                out[task] = probed[task]
+        return out
 
     def forward(self, text: EncodedSequence, image: EncodedSequence, image_present: Tensor) -> ClassifierOutput:
         text_seq = self.text_seq(text.tokens)
@@ -120,9 +146,10 @@ class MultimodalHead(FrozenStaysEval):
         # Task heads also read the unimodal ITC projections (zero without an image): a
         # direct path like a linear probe's, and the place where ITC shapes the task.
         features = torch.cat([fused, text_vec, image_vec * image_present.unsqueeze(1).to(image_vec.dtype)], dim=-1)
-        probed = self.probe_logits(text, image, image_present)
+        with torch.autocast(text.pooled.device.type, enabled=False):
+            pooled = self.probe_inputs(text, image, image_present)
         return ClassifierOutput(
-            task_logits={task: probed[task] if task in probed else head(features) for task, head in self.heads.items()},
+            task_logits=self.task_logits(features, pooled),
             text_embed=F.normalize(text_vec, dim=-1),
             image_embed=F.normalize(image_vec, dim=-1),
             itm_logits=self.itm_logits(fused),
@@ -132,6 +159,7 @@ class MultimodalHead(FrozenStaysEval):
             text_mask=text.mask,
             image_seq=image_seq,
             image_mask=image_mask,
+            pooled=pooled,
         )
 
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from models.tasks import DEFAULT_TASKS
 
 Fusion = Literal["cross_attention", "concat"]
+# How `probe_tasks` are served. "replace": the probe's logits instead of the fusion head's
+# (cards made before the blend; they load and serve as they always did). "blend": the mean of
+# the head's probability (at its validation temperature, `head_temperatures`) and the probe's.
+PROBE_MODES = ("replace", "blend")
 
 
 def _default_tasks() -> dict[str, list[str]]:
@@ -43,9 +48,12 @@ class ModelConfig:
     # with it expects it at serving time, so the worker refuses to serve it without Tesseract.
     ocr_segment: bool = False
     ocr_languages: str = "eng+hin"  # Tesseract languages, "+"-joined
-    # Tasks served by a linear probe over the pooled encoder features instead of the fusion
-    # head: `fit` picks them where the probe validates better (small data, trainer.probe).
+    # Tasks with a linear probe over the pooled encoder features (trainer.probe), served as
+    # `probe_mode` says. `fit` writes "blend" with a head temperature per probe task; the
+    # default "replace" is what cards from before the blend meant by probe_tasks.
     probe_tasks: list[str] = field(default_factory=list)
+    probe_mode: str = "replace"
+    head_temperatures: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.fusion not in ("cross_attention", "concat"):
@@ -64,6 +72,32 @@ class ModelConfig:
             raise ValueError(
                 f"probe_tasks must be distinct tasks of the model {list(self.tasks)}, got {self.probe_tasks}"
             )
+        self._check_probe_mode()
+
+    def _check_probe_mode(self) -> None:
+        if self.probe_mode not in PROBE_MODES:
+            raise ValueError(f"probe_mode must be one of {PROBE_MODES}, not {self.probe_mode!r}")
+        if not isinstance(self.head_temperatures, dict):
+            raise ValueError(f"head_temperatures must map task -> temperature, got {self.head_temperatures!r}")
+        if self.probe_mode == "replace":
+            if self.head_temperatures:
+                raise ValueError(
+                    f"head_temperatures are only read in probe_mode 'blend' (the head is not served for "
+                    f"the probe tasks in 'replace'), got {self.head_temperatures}"
+                )
+            return
+        extra = [t for t in self.head_temperatures if t not in self.probe_tasks]
+        missing = [t for t in self.probe_tasks if t not in self.head_temperatures]
+        if extra or missing:
+            raise ValueError(
+                f"probe_mode 'blend' needs a head temperature for each probe task {self.probe_tasks} and no "
+                f"other: missing {missing}, not a probe task {extra}"
+            )
+        for task, value in self.head_temperatures.items():
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+            if not ok:
+                raise ValueError(f"head_temperatures[{task!r}] must be a finite number > 0, got {value!r}")
+        self.head_temperatures = {t: float(v) for t, v in self.head_temperatures.items()}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -72,7 +72,7 @@ def make_registry(root: Path, work: Path, cache: Path, *, record_source: bool = 
         TrainConfig(epochs=2),
         cache_dir=cache,
         model_and_tokenizer=tiny_model(cfg),
-        probe_fallback=False,  # v0001 must stay the weak 2-epoch head the gate tests improve on
+        probe_blend=False,  # v0001 must stay the weak 2-epoch head the gate tests improve on
     )
     if record_source:
         fitted.card.training["data_source"] = dict(BASE_SOURCE)
