@@ -11,6 +11,11 @@ Posts: the 1,308 CM-Off-Meme posts with an image (the sample ships no image for 
 other 713 rows); --with-text-only adds those as text-only posts.
 
     nice -n 5 .venv/bin/python bench/routing_policies.py [--seeds 2] [--runs-dir DIR] [--out FILE.json]
+        [--neighbour-sweep 0.5 1 2 3 4 6]
+
+The neighbour policies read each post's labelled nearest training posts (models/neighbours.py,
+index built from the run's training split); runs saved before they existed get their
+neighbour shares added on the next run, without retraining.
 """
 
 from __future__ import annotations
@@ -76,6 +81,14 @@ def main() -> None:
     parser.add_argument("--cache", default="var/cache", help="encoded-feature cache")
     parser.add_argument("--out", default="var/bench/routing_policies.json")
     parser.add_argument("--boot", type=int, default=1000, help="bootstrap resamples")
+    parser.add_argument(
+        "--neighbour-sweep",
+        type=float,
+        nargs="*",
+        default=[],
+        metavar="W",
+        help="also the summed neighbour policy at each of these weights (e.g. 0.5 1 2 3 4 6)",
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -91,7 +104,7 @@ def main() -> None:
         on_run=lambda o, s: print(f"fold {o.fold} seed {o.seed}: trained in {s:.0f} s", file=sys.stderr),
     )
     tasks = list(runs[0].calibration.temperatures)
-    result = compare(runs, tasks, n_boot=args.boot)
+    result = compare(runs, tasks, n_boot=args.boot, neighbour_sweep=args.neighbour_sweep)
     n_with_image = sum(ex.image is not None for ex in examples)
     result["setup"] = {
         "posts": len(examples),

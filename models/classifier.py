@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from models.config import ModelConfig
 from models.encoders import EncodedSequence, FrozenStaysEval, ImageEncoder, TextEncoder
 from models.fusion import ConcatFusion, CrossAttentionFusion
+from models.neighbours import NeighbourIndex
 
 ITC_INIT_TEMPERATURE = 0.07
 # CLIP clamps the logit scale at 100 (temperature 0.01); the floor keeps it from collapsing.
@@ -174,6 +175,9 @@ class MultimodalModel(FrozenStaysEval):
         self.text_encoder = text
         self.image_encoder = image
         self.head = MultimodalHead(config, text.dim, image.dim)
+        # The labelled training posts review routing compares each post with (models/neighbours.py):
+        # set by training, stored next to the weights by models/registry.py, read by the Predictor.
+        self.neighbours: NeighbourIndex | None = None
         self.apply_freezing()
 
     def apply_freezing(self) -> None:

@@ -2,37 +2,46 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
 from models.card import ModelCard
 from models.classifier import ClassifierOutput, MultimodalModel
+from models.neighbours import NeighbourIndex, disagreement
 from models.preprocess import ImagePreprocessor, TextPreprocessor
 
 
 @dataclass
 class TaskPrediction:
-    """score: calibrated P(positive label); decision: score >= threshold."""
+    """score: calibrated P(positive label); decision: score >= threshold;
+    neighbour_disagreement: how far the post's nearest labelled training posts disagree with
+    `label` (models/neighbours.py; None when the model has no neighbour index)."""
 
     label: str
     score: float
     decision: bool
     threshold: float
     probs: dict[str, float]
+    neighbour_disagreement: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "label": self.label,
             "score": self.score,
             "decision": self.decision,
             "threshold": self.threshold,
             "probs": self.probs,
         }
+        if self.neighbour_disagreement is not None:
+            out["neighbour_disagreement"] = self.neighbour_disagreement
+        return out
 
 
 @dataclass
@@ -72,6 +81,23 @@ def task_predictions(out: ClassifierOutput, card: ModelCard) -> list[dict[str, T
                 probs=dict(zip(labels, row, strict=True)),
             )
     return rows
+
+
+def add_neighbour_disagreement(
+    rows: list[dict[str, TaskPrediction]], out: ClassifierOutput, index: NeighbourIndex, card: ModelCard
+) -> None:
+    """Sets each prediction's `neighbour_disagreement` with the label it gives."""
+    if out.pooled is None or not rows:
+        return
+    decided = {
+        task: np.array([card.tasks[task].index(row[task].label) for row in rows])
+        for task in index.n_labels
+        if task in card.tasks
+    }
+    shares = index.label_shares(out.pooled.float().cpu().numpy(), out.image_present.cpu().numpy())
+    for task, values in disagreement(shares, decided).items():
+        for row, value in zip(rows, values.tolist(), strict=True):
+            row[task].neighbour_disagreement = None if math.isnan(value) else round(value, 4)
 
 
 @dataclass
@@ -152,13 +178,16 @@ class Predictor:
             )
         match = torch.sigmoid(out.itm_logits.float()).tolist()
         has_image = batch.present.tolist()
+        rows = task_predictions(out, self.card)
+        if self.model.neighbours is not None:
+            add_neighbour_disagreement(rows, out, self.model.neighbours, self.card)
         return [
             Prediction(
                 tasks=tasks,
                 itm_match=match[i] if has_image[i] else None,
                 model_version=self.card.version,
             )
-            for i, tasks in enumerate(task_predictions(out, self.card))
+            for i, tasks in enumerate(rows)
         ]
 
     def predict(self, texts: Sequence[str], images: Sequence[Image.Image | None]) -> list[Prediction]:

@@ -5,6 +5,8 @@
       v0001/
         card.json             ModelCard
         model.safetensors     every weight, backbones included (no pickle, ever)
+        neighbours.safetensors  the labelled training posts' pooled features, for review routing
+                              (models/neighbours.py; absent for models trained without one)
         text_config.json      the text backbone's architecture
         image_config.json     the vision backbone's architecture (Hugging Face towers only)
         tokenizer/            the tokenizer files
@@ -24,6 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file as save_arrays
 from safetensors.torch import load_file, save_file
 
 from models.card import ModelCard
@@ -38,6 +42,7 @@ from models.encoders import (
     build_image_encoder,
     resolve_text_source,
 )
+from models.neighbours import NeighbourIndex
 
 CURRENT = "current"
 _VERSION = re.compile(r"^v(\d{4,})$")
@@ -53,6 +58,26 @@ class LoadedModel:
     tokenizer: Any
     card: ModelCard
     path: Path
+
+
+NEIGHBOURS_FILE = "neighbours.safetensors"
+
+
+def _load_neighbours(path: Path, card: ModelCard) -> NeighbourIndex | None:
+    """The version's neighbour index; a version whose review policy reads one must have it."""
+    file = path / NEIGHBOURS_FILE
+    if not file.is_file():
+        spec = card.routing_policy()
+        if spec is not None and spec.neighbour_weight > 0:
+            raise RegistryError(f"{path} lacks {NEIGHBOURS_FILE}, which its card's review policy reads")
+        return None
+    try:
+        with safe_open(str(file), framework="np") as fh:
+            arrays = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118 (safe_open is not a dict)
+            meta = fh.metadata() or {}
+        return NeighbourIndex.from_arrays(arrays, meta)
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise RegistryError(f"{file} cannot be read: {exc}") from exc
 
 
 def build_model(config: ModelConfig) -> tuple[MultimodalModel, Any]:
@@ -118,6 +143,9 @@ class ModelRegistry:
             card.created_at = datetime.now(UTC).isoformat(timespec="seconds")
             card.config = model.config
             save_file(_state_dict(model), str(staging / "model.safetensors"))
+            if model.neighbours is not None:
+                arrays, meta = model.neighbours.to_arrays()
+                save_arrays(dict(arrays), str(staging / NEIGHBOURS_FILE), metadata=meta)
             (staging / "text_config.json").write_text(model.text_encoder.backbone.config.to_json_string())
             image = model.image_encoder
             if isinstance(image, HFVisionEncoder):
@@ -157,5 +185,6 @@ class ModelRegistry:
             image = HFVisionEncoder.from_config(image_config, meta["mean"], meta["std"])
         model = MultimodalModel(config, text, image)
         model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+        model.neighbours = _load_neighbours(path, card)
         tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
         return LoadedModel(model.eval(), tokenizer, card, path)

@@ -12,6 +12,9 @@ quantile that reviews the budgeted share of posts. Kinds:
   at certainty, so tasks with different thresholds compare; "entropy" = binary entropy of p.
   With `itm_weight` w > 0 it adds w * (1 - match): a weak match raises the score (a
   text-only post counts as `itm_fill`, the validation median match, i.e. no evidence).
+  With `neighbour_weight` v > 0 each task's term adds v * the disagreement of the post's
+  nearest labelled training posts with the model's decision (models/neighbours.py; a post
+  without one, e.g. a label cached before the model had an index, counts as `neighbour_fill`).
 - "combined": per task a logistic model of "the model is wrong on this post" over features
   of the scores and ITM (fitted on validation by trainer/routing_eval.py); the review
   score is the expected number of wrong task decisions (sum) or the likeliest one (max).
@@ -36,6 +39,7 @@ Combine = Literal["sum", "max"]
 
 WEAK_MATCH = "weak_image_text_match"
 LIKELY_ERROR = "likely_error"
+NEIGHBOURS_DISAGREE = "neighbours_disagree"  # + "_<task>"
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -43,22 +47,40 @@ FloatArray = npt.NDArray[np.float64]
 @dataclass
 class PolicyInputs:
     """Per post: `scores[task]` calibrated P(positive), `thresholds[task]` the card's
-    threshold, `itm` the match probability (NaN without an image)."""
+    threshold, `itm` the match probability (NaN without an image), `disagreement[task]`
+    the labelled neighbours' disagreement with the decision (NaN / absent: unknown)."""
 
     scores: dict[str, FloatArray]
     thresholds: dict[str, float]
     itm: FloatArray
+    disagreement: dict[str, FloatArray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.itm)
 
+    def take(self, idx: npt.NDArray[np.int64]) -> PolicyInputs:
+        """The posts `idx` of these inputs."""
+        return PolicyInputs(
+            {t: s[idx] for t, s in self.scores.items()},
+            dict(self.thresholds),
+            self.itm[idx],
+            {t: d[idx] for t, d in self.disagreement.items()},
+        )
+
     @classmethod
-    def one(cls, itm_match: float | None, scores: Mapping[str, tuple[float, float]]) -> PolicyInputs:
-        """A single post as the worker sees it: task -> (score, threshold)."""
+    def one(
+        cls,
+        itm_match: float | None,
+        scores: Mapping[str, tuple[float, float]],
+        disagreement: Mapping[str, float | None] | None = None,
+    ) -> PolicyInputs:
+        """A single post as the worker sees it: task -> (score, threshold), and task ->
+        neighbour disagreement where the label has one."""
         return cls(
             scores={t: np.array([float(s)]) for t, (s, _) in scores.items()},
             thresholds={t: float(th) for t, (_, th) in scores.items()},
             itm=np.array([math.nan if itm_match is None else float(itm_match)]),
+            disagreement={t: np.array([math.nan if d is None else float(d)]) for t, d in (disagreement or {}).items()},
         )
 
 
@@ -132,6 +154,8 @@ class RoutingPolicySpec:
     task_combine: Combine = "max"  # uncertainty: the most uncertain task, or the sum over tasks
     itm_weight: float = 0.0  # uncertainty + itm_weight * (1 - match)
     itm_fill: float = 0.5  # the match assumed for text-only posts
+    neighbour_weight: float = 0.0  # per task: uncertainty + neighbour_weight * disagreement
+    neighbour_fill: float = 0.5  # the disagreement assumed where a post has none
     features: list[str] = field(default_factory=list)
     mean: list[float] = field(default_factory=list)
     scale: list[float] = field(default_factory=list)
@@ -161,6 +185,8 @@ class RoutingPolicySpec:
                 raise ValueError("routing feature scales must be finite and > 0")
         if not (math.isfinite(self.itm_weight) and self.itm_weight >= 0 and 0 <= self.itm_fill <= 1):
             raise ValueError("routing itm_weight must be >= 0 and itm_fill in [0, 1]")
+        if not (math.isfinite(self.neighbour_weight) and self.neighbour_weight >= 0 and 0 <= self.neighbour_fill <= 1):
+            raise ValueError("routing neighbour_weight must be >= 0 and neighbour_fill in [0, 1]")
         if self.cut is not None and math.isnan(self.cut):
             raise ValueError("routing cut must be a number")
         if self.budget is not None and not 0 < self.budget <= 1:
@@ -186,7 +212,12 @@ class RoutingPolicySpec:
         if missing and self.kind == "combined":
             raise ValueError(f"the routing policy needs the scores of {missing}")
         keep = [t for t in self.tasks if t in inputs.scores]
-        return PolicyInputs({t: inputs.scores[t] for t in keep}, {t: inputs.thresholds[t] for t in keep}, inputs.itm)
+        return PolicyInputs(
+            {t: inputs.scores[t] for t in keep},
+            {t: inputs.thresholds[t] for t in keep},
+            inputs.itm,
+            {t: inputs.disagreement[t] for t in keep if t in inputs.disagreement},
+        )
 
     def scores(self, inputs: PolicyInputs) -> FloatArray:
         """Review score per post, higher = review first; -inf = never (ITM without an image)."""
@@ -196,7 +227,8 @@ class RoutingPolicySpec:
         if self.kind == "uncertainty":
             if not inputs.scores:
                 return np.full(len(inputs), -np.inf)
-            per_task = list(self._task_uncertainty(inputs).values())
+            uncertain, neighbours = self._task_uncertainty(inputs), self._neighbours(inputs)
+            per_task = [uncertain[t] + neighbours[t] for t in uncertain]
             combined = np.sum(per_task, axis=0) if self.task_combine == "sum" else np.max(per_task, axis=0)
             return np.asarray(combined + self._weak_match(inputs))
         probs = list(self.task_error_probs(inputs).values())
@@ -208,6 +240,19 @@ class RoutingPolicySpec:
             t: margin_uncertainty(p, inputs.thresholds[t]) if self.uncertainty == "margin" else binary_entropy(p)
             for t, p in inputs.scores.items()
         }
+
+    def _neighbours(self, inputs: PolicyInputs) -> dict[str, FloatArray]:
+        """Per task, the neighbour term of the task's score (0 without a neighbour weight)."""
+        out = {}
+        for t in inputs.scores:
+            d = inputs.disagreement.get(t)
+            d = (
+                np.full(len(inputs), self.neighbour_fill)
+                if d is None
+                else np.where(np.isnan(d), self.neighbour_fill, d)
+            )
+            out[t] = np.asarray(self.neighbour_weight * d, dtype=np.float64)
+        return out
 
     def _weak_match(self, inputs: PolicyInputs) -> FloatArray:
         if not self.itm_weight:
@@ -228,16 +273,16 @@ class RoutingPolicySpec:
         if self.kind == "itm":
             return [WEAK_MATCH]
         if self.kind == "uncertainty":
-            values = self._task_uncertainty(inputs)
-            task = max(values, key=lambda t: float(values[t][0]))
-            weak = float(self._weak_match(inputs)[0])
-            # The larger share of the score names the reason; the other one follows when it also counts.
-            main, other = (
-                (WEAK_MATCH, f"uncertain_{task}")
-                if weak > float(values[task][0])
-                else (f"uncertain_{task}", WEAK_MATCH)
-            )
-            return [main, other] if self.itm_weight and weak > 0.5 * self.itm_weight else [main]
+            uncertain, neighbours = self._task_uncertainty(inputs), self._neighbours(inputs)
+            task = max(uncertain, key=lambda t: float(uncertain[t][0] + neighbours[t][0]))
+            # Each part of the score names a reason, the largest first: the task's uncertainty
+            # always, a weak match or disagreeing neighbours when above half their maximum.
+            near, weak = float(neighbours[task][0]), float(self._weak_match(inputs)[0])
+            parts = [(float(uncertain[task][0]), f"uncertain_{task}", True)]
+            parts.append((near, f"{NEIGHBOURS_DISAGREE}_{task}", near > 0.5 * self.neighbour_weight > 0))
+            parts.append((weak, WEAK_MATCH, weak > 0.5 * self.itm_weight > 0))
+            parts.sort(key=lambda p: -p[0])
+            return [reason for i, (_, reason, counts) in enumerate(parts) if counts or i == 0]
         z = self._standardised(inputs)[0]
         probs = self.task_error_probs(inputs)
         task = max(probs, key=lambda t: float(probs[t][0]))
@@ -245,8 +290,13 @@ class RoutingPolicySpec:
         main = self.features[int(np.argmax(contributions))] if len(contributions) else ""
         return [LIKELY_ERROR, _reason_of_feature(main, tasks)] if main else [LIKELY_ERROR]
 
-    def score_post(self, itm_match: float | None, scores: Mapping[str, tuple[float, float]]) -> float:
-        return float(self.scores(PolicyInputs.one(itm_match, scores))[0])
+    def score_post(
+        self,
+        itm_match: float | None,
+        scores: Mapping[str, tuple[float, float]],
+        disagreement: Mapping[str, float | None] | None = None,
+    ) -> float:
+        return float(self.scores(PolicyInputs.one(itm_match, scores, disagreement))[0])
 
     # -- the card
 
@@ -263,6 +313,8 @@ class RoutingPolicySpec:
             out["task_combine"] = self.task_combine
             if self.itm_weight:
                 out.update(itm_weight=self.itm_weight, itm_fill=self.itm_fill)
+            if self.neighbour_weight:
+                out.update(neighbour_weight=self.neighbour_weight, neighbour_fill=self.neighbour_fill)
         if self.kind == "combined":
             out.update(
                 combine=self.combine,
@@ -290,6 +342,8 @@ class RoutingPolicySpec:
                 task_combine=data.get("task_combine", "max"),
                 itm_weight=float(data.get("itm_weight", 0.0)),
                 itm_fill=float(data.get("itm_fill", 0.5)),
+                neighbour_weight=float(data.get("neighbour_weight", 0.0)),
+                neighbour_fill=float(data.get("neighbour_fill", 0.5)),
                 features=[str(f) for f in data.get("features") or []],
                 mean=[float(v) for v in data.get("mean") or []],
                 scale=[float(v) for v in data.get("scale") or []],

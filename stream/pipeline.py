@@ -158,7 +158,8 @@ class Pipeline:
             version = result["model_version"]
             card = self.card_of(version)
             scores = {t: (v["score"], v["threshold"]) for t, v in result["labels"].items()}
-            decision = route_scores(result["itm_match"], scores, card, self.policy, self.itm_trusted(version))
+            disagree = {t: v.get("neighbour_disagreement") for t, v in result["labels"].items()}
+            decision = route_scores(result["itm_match"], scores, card, self.policy, self.itm_trusted(version), disagree)
             label = Label(
                 post_id=post.id,
                 labels=result["labels"],

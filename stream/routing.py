@@ -82,7 +82,8 @@ class RouteDecision:
 
 def route(prediction: Prediction, card: ModelCard, policy: RoutingPolicy, itm_trusted: bool) -> RouteDecision:
     scores = {task: (p.score, p.threshold) for task, p in prediction.tasks.items()}
-    return route_scores(prediction.itm_match, scores, card, policy, itm_trusted)
+    disagree = {task: p.neighbour_disagreement for task, p in prediction.tasks.items()}
+    return route_scores(prediction.itm_match, scores, card, policy, itm_trusted, disagree)
 
 
 def route_scores(
@@ -91,14 +92,16 @@ def route_scores(
     card: ModelCard,
     policy: RoutingPolicy,
     itm_trusted: bool,
+    disagreement: dict[str, float | None] | None = None,
 ) -> RouteDecision:
-    """`scores`: task -> (score, threshold). Works from stored label values too, so a
-    cached label is routed by the policy in force now, not the one it was made under."""
+    """`scores`: task -> (score, threshold); `disagreement`: task -> the labelled neighbours'
+    disagreement with the decision, where the label has one. Works from stored label values
+    too, so a cached label is routed by the policy in force now, not the one it was made under."""
     reasons: list[str] = []
     spec = card.routing_policy() if policy.use_card_policy else None
     if spec is not None:
         cut = policy.review_cut if policy.review_cut is not None else spec.cut
-        inputs = PolicyInputs.one(itm_match, scores)
+        inputs = PolicyInputs.one(itm_match, scores, disagreement)
         if cut is not None and spec.review(inputs, cut)[0]:
             reasons.extend(spec.reasons(inputs))
     else:

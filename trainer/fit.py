@@ -34,6 +34,7 @@ from trainer.calibration import Calibration, calibrate, score
 from trainer.curves import write_curves
 from trainer.features import FeatureStore, LiveFeatures, LoadedInputs, build_features, load_inputs, subset
 from trainer.manifest import Example
+from trainer.neighbour_fit import build_index, label_shares
 from trainer.probe import BlendEvidence, LinearProbe, fit_probes, macro_f1
 from trainer.routing_fit import routing_block
 from trainer.train import EvalOutput, TrainConfig, TrainResult, evaluate_split, label_tensors, train
@@ -373,6 +374,10 @@ def fit_features(
     metrics["best_epoch"] = result.best_epoch
     metrics["probe_blend"] = probe_metrics(evidence, probe_blend, model_config, len(inputs.examples))
     metrics["task_source"] = {t: "blend" if t in model_config.probe_tasks else "head" for t in tasks}
+    # Review routing's labelled neighbours come from the training split only: validation posts
+    # are scored against an index that never saw them, as live posts will be.
+    model.neighbours = build_index(model, features, labels, train_idx)
+    val_neighbours = label_shares(model.neighbours, features, val_idx)
     card = ModelCard(
         config=model_config,
         thresholds=cal.thresholds,
@@ -387,7 +392,7 @@ def fit_features(
             "seconds": round(result.seconds, 1),
         },
         metrics=metrics,
-        routing=routing_block(val_eval, cal, list(tasks)),
+        routing=routing_block(val_eval, cal, list(tasks), neighbours=val_neighbours),
     )
     if x is not None and probes:
         # Last, after everything above was measured with the training-split probe.

@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +35,19 @@ from models.registry import build_model
 from models.routing_policy import BUDGETS, PolicyInputs, RoutingPolicySpec, itm_only, review_cut, uncertainty
 from trainer.ablation import _fold_indices
 from trainer.calibration import Calibration, calibrate
-from trainer.features import FeatureStore, build_features, load_inputs, subset
+from trainer.features import FeatureStore, LiveFeatures, build_features, load_inputs, subset
 from trainer.fit import keep_default_thresholds, strata, stratified_split
 from trainer.manifest import Example
+from trainer.neighbour_fit import build_index, label_shares
 from trainer.routing_fit import (  # noqa: F401  (re-exported: the comparison's building blocks)
     CHOSEN_POLICY,
     catch_stats,
     fit_combined,
     fit_itm_weight,
+    fit_neighbour_weight,
     policy_inputs,
     routing_block,
+    with_neighbours,
 )
 from trainer.train import EvalOutput, TrainConfig, evaluate_split, label_tensors, train
 
@@ -64,6 +67,9 @@ class FoldOutputs:
     test: EvalOutput
     calibration: Calibration
     test_idx: np.ndarray
+    # split -> space -> task -> [N, C]: label shares among each post's nearest training posts
+    # (models/neighbours.py); empty for runs saved before the neighbour policies existed.
+    shares: dict[str, dict[str, dict[str, np.ndarray]]] = field(default_factory=dict)
 
 
 def _save(path: Path, out: FoldOutputs) -> None:
@@ -78,6 +84,10 @@ def _save(path: Path, out: FoldOutputs) -> None:
     arrays["cal/temperatures"] = np.array([out.calibration.temperatures[t] for t in tasks])
     arrays["cal/thresholds"] = np.array([out.calibration.thresholds.get(t, math.nan) for t in tasks])
     arrays["cal/tasks"] = np.array(tasks)
+    for split, by_space in out.shares.items():
+        for space, by_task in by_space.items():
+            for task, shares in by_task.items():
+                arrays[f"{split}/shares/{space}/{task}"] = shares
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, **arrays)  # type: ignore[arg-type]
     tmp.replace(path)  # whole file or nothing: a killed run leaves no half-written fold
@@ -100,7 +110,12 @@ def _load(path: Path, fold: int, seed: int) -> FoldOutputs:
         temperatures={t: float(v) for t, v in zip(tasks, d["cal/temperatures"], strict=True)},
         thresholds={t: float(v) for t, v in zip(tasks, d["cal/thresholds"], strict=True) if math.isfinite(v)},
     )
-    return FoldOutputs(fold, seed, split("val"), split("test"), cal, d["test_idx"])
+    shares: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+    for key, value in d.items():
+        if "/shares/" in key:
+            name, _, space, task = key.split("/")
+            shares.setdefault(name, {}).setdefault(space, {})[task] = value
+    return FoldOutputs(fold, seed, split("val"), split("test"), cal, d["test_idx"], shares)
 
 
 def runs_config(
@@ -111,8 +126,10 @@ def runs_config(
     for ex in examples:
         h.update(json.dumps([ex.id, ex.text, str(ex.image), ex.labels], sort_keys=True, default=str).encode())
     train = {k: v for k, v in cfg.to_dict().items() if k not in ("seed", "progress")}
+    # What fit() sets after training (the probes it serves) does not change these runs.
+    arch = {k: v for k, v in model.to_dict().items() if k not in ("probe_tasks", "probe_mode", "head_temperatures")}
     return json_safe(
-        {"train": train, "model": model.to_dict(), "folds": folds, "val_fraction": val_fraction, "data": h.hexdigest()}
+        {"train": train, "model": arch, "folds": folds, "val_fraction": val_fraction, "data": h.hexdigest()}
     )
 
 
@@ -154,7 +171,9 @@ def run_folds(
     check_runs_dir(out_dir, runs_config(examples, cfg, config, folds, val_fraction))
     paths = {(f, s): out_dir / f"fold{f}-seed{s}.npz" for f in range(folds) for s in seeds}
     if all(p.is_file() for p in paths.values()):  # re-scoring only: no model, no features
-        return [_load(p, f, s) for (f, s), p in paths.items()]
+        loaded = [_load(p, f, s) for (f, s), p in paths.items()]
+        if all(run.shares for run in loaded):
+            return loaded
     base, tokenizer = model_and_tokenizer or build_model(model_config or ModelConfig())
     if base.config.text_trainable_layers or base.config.image_trainable_blocks:
         raise ValueError("routing_eval compares policies on the frozen-encoder recipe; got trainable encoder layers")
@@ -168,13 +187,17 @@ def run_folds(
     for fold, (train_pool, test_idx) in enumerate(_fold_indices(inputs.examples, tasks, folds)):
         for seed in seeds:
             path = paths[(fold, seed)]
-            if path.is_file():
-                outputs.append(_load(path, fold, seed))
-                continue
-            started = time.perf_counter()
             pool_keys = strata([inputs.examples[i] for i in train_pool], tasks)
             tr, va = stratified_split(len(train_pool), pool_keys, val_fraction, seed)
             train_idx, val_idx = [train_pool[i] for i in tr], [train_pool[i] for i in va]
+            if path.is_file():
+                out = _load(path, fold, seed)
+                if not out.shares:  # saved before the neighbour policies: add them, no retraining
+                    out.shares = _neighbour_shares(base, features, labels, train_idx, val_idx, list(test_idx))
+                    _save(path, out)
+                outputs.append(out)
+                continue
+            started = time.perf_counter()
             torch.manual_seed(seed)
             model = MultimodalModel(base.config, base.text_encoder, base.image_encoder).to(device)
             feats = copy.copy(features)  # shares the cached tensors, bound to this run's model
@@ -196,6 +219,7 @@ def run_folds(
                 evaluate_split(model, te_f, te_y),
                 cal,
                 np.asarray(test_idx, dtype=np.int64),
+                _neighbour_shares(model, features, labels, train_idx, val_idx, list(test_idx)),
             )
             _save(path, out)
             outputs.append(out)
@@ -204,13 +228,32 @@ def run_folds(
     return outputs
 
 
+def _neighbour_shares(
+    model: MultimodalModel,
+    features: LiveFeatures,
+    labels: Mapping[str, torch.Tensor],
+    train_idx: Sequence[int],
+    val_idx: Sequence[int],
+    test_idx: Sequence[int],
+) -> dict[str, dict[str, dict[str, np.ndarray]]]:
+    """Validation and test posts' label shares among their nearest training posts, the index
+    built from the run's training split as fit() builds the one a model ships."""
+    index = build_index(model, features, labels, train_idx)
+    return {"val": label_shares(index, features, val_idx), "test": label_shares(index, features, test_idx)}
+
+
 # ---------------------------------------------------------------- stage 2: the comparison
 
 
 def candidate_policies(
-    val: PolicyInputs, val_truth: Mapping[str, Any], tasks: Sequence[str], budget: float
+    val: PolicyInputs,
+    val_truth: Mapping[str, Any],
+    tasks: Sequence[str],
+    budget: float,
+    neighbour_sweep: Sequence[float] = (),
 ) -> dict[str, RoutingPolicySpec]:
-    """Every policy compared, each fitted on validation only (coefficients and cut)."""
+    """Every policy compared, each fitted on validation only (coefficients and cut);
+    `neighbour_sweep` adds the summed neighbour policy at each of these weights."""
     errors = {t: val_truth["errors"][t] for t in tasks}
     labelled = {t: val_truth["labelled"][t] for t in tasks}
     out = {
@@ -222,6 +265,12 @@ def candidate_policies(
         "combined (logistic)": fit_combined(val, errors, labelled, interactions=False),
         "combined (logistic + interactions)": fit_combined(val, errors, labelled, interactions=True),
     }
+    if val.disagreement:
+        out["uncertainty + neighbours"] = with_neighbours(val, task_combine="max")
+        out["uncertainty + neighbours (summed over tasks)"] = with_neighbours(val)
+        out["uncertainty + neighbours (weight fitted)"] = fit_neighbour_weight(val, errors, labelled, budget)
+        for w in neighbour_sweep:
+            out[f"uncertainty + {w:g} x neighbours (summed over tasks)"] = with_neighbours(val, w)
     return {name: replace(spec, cut=review_cut(spec.scores(val), budget), budget=budget) for name, spec in out.items()}
 
 
@@ -250,6 +299,7 @@ def compare(
     budgets: Sequence[float] = BUDGETS,
     n_boot: int = 1000,
     random_draws: int = 200,
+    neighbour_sweep: Sequence[float] = (),
 ) -> dict[str, Any]:
     """policy -> budget -> task -> pooled stats with intervals, plus per-run values."""
     table: dict[str, Any] = {}
@@ -258,16 +308,18 @@ def compare(
         pooled: dict[str, dict[str, list[np.ndarray]]] = {}
         per_run: dict[str, dict[str, list[float]]] = {}
         for r, run in enumerate(runs):
-            val, val_truth = policy_inputs(run.val, run.calibration, tasks)
-            test, test_truth = policy_inputs(run.test, run.calibration, tasks)
-            specs = candidate_policies(val, val_truth, tasks, budget)
+            val, val_truth = policy_inputs(run.val, run.calibration, tasks, run.shares.get("val"))
+            test, test_truth = policy_inputs(run.test, run.calibration, tasks, run.shares.get("test"))
+            specs = candidate_policies(val, val_truth, tasks, budget, neighbour_sweep)
             rng = np.random.default_rng(1000 * r + int(budget * 100))
             reviewed_by = {name: spec.review(test) for name, spec in specs.items()}
             # Random review of the same share: the baseline lift 1.0 is the expectation; draws show its noise.
             reviewed_by["random"] = rng.random(len(test.itm)) < budget
             if budget == budgets[len(budgets) // 2]:
                 coefficients[f"fold{run.fold}-seed{run.seed}"] = {
-                    name: spec.to_dict() for name, spec in specs.items() if spec.kind == "combined" or spec.itm_weight
+                    name: spec.to_dict()
+                    for name, spec in specs.items()
+                    if spec.kind == "combined" or spec.itm_weight or spec.neighbour_weight
                 }
             for name, reviewed in reviewed_by.items():
                 for task in tasks:

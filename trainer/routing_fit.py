@@ -18,9 +18,11 @@ import numpy as np
 
 from models.card import json_safe
 from models.losses import IGNORE_INDEX
+from models.neighbours import disagreement
 from models.routing_gate import MIN_ERRORS
 from models.routing_policy import (
     BUDGETS,
+    Combine,
     PolicyInputs,
     RoutingPolicySpec,
     TaskHead,
@@ -88,10 +90,15 @@ def fit_combined(
     )
 
 
-def policy_inputs(ev: EvalOutput, cal: Calibration, tasks: Sequence[str]) -> tuple[PolicyInputs, dict[str, Any]]:
-    """What the worker would see for each post (calibrated scores, thresholds, ITM match),
-    plus per task the boolean "the model is wrong here" (NaN-free: unlabelled rows False)
-    and the labelled mask."""
+NeighbourShares = Mapping[str, Mapping[str, np.ndarray]]  # space -> task -> [N, C] (NeighbourIndex.label_shares)
+
+
+def policy_inputs(
+    ev: EvalOutput, cal: Calibration, tasks: Sequence[str], shares: NeighbourShares | None = None
+) -> tuple[PolicyInputs, dict[str, Any]]:
+    """What the worker would see for each post (calibrated scores, thresholds, ITM match, and
+    with `shares` the labelled neighbours' disagreement with each decision), plus per task the
+    boolean "the model is wrong here" (NaN-free: unlabelled rows False) and the labelled mask."""
     scores, thresholds, errors, labelled = {}, {}, {}, {}
     for task in tasks:
         p = softmax(ev.logits[task], cal.temperatures.get(task, 1.0))[:, -1]
@@ -101,13 +108,64 @@ def policy_inputs(ev: EvalOutput, cal: Calibration, tasks: Sequence[str]) -> tup
         thresholds[task] = th
         labelled[task] = y != IGNORE_INDEX
         errors[task] = labelled[task] & ((p >= th).astype(np.int64) != y)
-    return PolicyInputs(scores=scores, thresholds=thresholds, itm=ev.itm_match), {
+    disagree: dict[str, np.ndarray] = {}
+    if shares:
+        decided = {t: (scores[t] >= thresholds[t]).astype(np.int64) for t in tasks}
+        disagree = disagreement({s: {t: by[t] for t in decided if t in by} for s, by in shares.items()}, decided)
+    return PolicyInputs(scores, thresholds, ev.itm_match, disagree), {
         "errors": errors,
         "labelled": labelled,
     }
 
 
 ITM_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)
+NEIGHBOUR_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 3.0)
+# Per task, margin + 2 x the disagreement averaged over the text and image spaces (= margin +
+# the two spaces' disagreements), summed over tasks. Lifts on CM-Off are flat for weights 1-6
+# (BENCHMARKS.md, "Routing"); 2 is the formula picked when first tried, before that sweep.
+NEIGHBOUR_WEIGHT = 2.0
+
+
+def _one_standard_error(caught: Sequence[tuple[float, RoutingPolicySpec]]) -> RoutingPolicySpec:
+    """The first (simplest) policy whose caught errors are within sqrt(best) of the best."""
+    best = max(c for c, _ in caught)
+    return next(spec for c, spec in caught if c >= best - math.sqrt(best))
+
+
+def _caught(spec: RoutingPolicySpec, val: PolicyInputs, errors: Mapping[str, np.ndarray], budget: float) -> float:
+    reviewed = spec.review(val, review_cut(spec.scores(val), budget))
+    return float(sum((reviewed & errors[t]).sum() for t in val.scores))
+
+
+def neighbour_fill(val: PolicyInputs) -> float:
+    """The disagreement assumed for a post without one: the validation median (no evidence)."""
+    values = np.concatenate([d[~np.isnan(d)] for d in val.disagreement.values()] or [np.zeros(0)])
+    return float(np.median(values)) if values.size else 0.5
+
+
+def with_neighbours(
+    val: PolicyInputs, weight: float = NEIGHBOUR_WEIGHT, task_combine: Combine = "sum"
+) -> RoutingPolicySpec:
+    """Per task, margin uncertainty + `weight` x the labelled neighbours' disagreement;
+    summed over tasks (a post two tasks doubt is likelier wrong on one) or their maximum."""
+    return RoutingPolicySpec(
+        kind="uncertainty", task_combine=task_combine, neighbour_weight=weight, neighbour_fill=neighbour_fill(val)
+    )
+
+
+def fit_neighbour_weight(
+    val: PolicyInputs,
+    errors: Mapping[str, np.ndarray],
+    labelled: Mapping[str, np.ndarray],
+    budget: float,
+    grid: Sequence[float] = NEIGHBOUR_WEIGHTS,
+) -> RoutingPolicySpec:
+    """`with_neighbours`, its weight picked on validation with the one-standard-error rule
+    (see `fit_itm_weight`)."""
+    wrong = {t: errors[t] & labelled[t] for t in val.scores}
+    return _one_standard_error(
+        [(_caught(with_neighbours(val, w), val, wrong, budget), with_neighbours(val, w)) for w in sorted(grid)]
+    )
 
 
 def fit_itm_weight(
@@ -123,13 +181,12 @@ def fit_itm_weight(
     posts cannot fit more than this one parameter, and without the rule noise picks w > 0."""
     present = ~np.isnan(val.itm)
     fill = float(np.median(val.itm[present])) if present.any() else 0.5
+    wrong = {t: errors[t] & labelled[t] for t in val.scores}
     caught: list[tuple[float, RoutingPolicySpec]] = []
     for w in sorted(grid):
         spec = RoutingPolicySpec(kind="uncertainty", uncertainty="margin", itm_weight=w, itm_fill=fill)
-        reviewed = spec.review(val, review_cut(spec.scores(val), budget))
-        caught.append((float(sum((reviewed & errors[t] & labelled[t]).sum() for t in val.scores)), spec))
-    best = max(c for c, _ in caught)
-    return next(spec for c, spec in caught if c >= best - math.sqrt(best))
+        caught.append((_caught(spec, val, wrong, budget), spec))
+    return _one_standard_error(caught)
 
 
 def catch_stats(reviewed: np.ndarray, errors: np.ndarray) -> dict[str, float]:
@@ -167,16 +224,20 @@ def _cross_fitted_scores(
     out = np.empty(n)
     for part in np.array_split(order, k):
         rest = np.setdiff1d(np.arange(n), part)
-
-        def take(x: PolicyInputs, idx: np.ndarray) -> PolicyInputs:
-            return PolicyInputs({t: s[idx] for t, s in x.scores.items()}, dict(x.thresholds), x.itm[idx])
-
         sub_truth = {key: {t: v[rest] for t, v in truth[key].items()} for key in ("errors", "labelled")}
-        out[part] = spec_of(take(val, rest), sub_truth).scores(take(val, part))
+        out[part] = spec_of(val.take(rest), sub_truth).scores(val.take(part))
     return out
 
 
-CHOSEN_POLICY = "uncertainty (margin)"
+CHOSEN_POLICY = "uncertainty + neighbours (summed over tasks)"
+# Without a neighbour index (a model trained without one) the card ships this instead.
+FALLBACK_POLICY = "uncertainty (margin)"
+NEEDS_NEIGHBOURS = (
+    "uncertainty + neighbours",
+    "uncertainty + neighbours (summed over tasks)",
+    "uncertainty + neighbours (weight fitted)",
+)
+FITTED = ("uncertainty + ITM (weight fitted)", "uncertainty + neighbours (weight fitted)")
 
 
 def choose_policy(
@@ -196,6 +257,14 @@ def choose_policy(
         return fixed[name]()
     if name == "uncertainty + ITM (weight fitted)":
         return fit_itm_weight(val, errors, labelled, budget)
+    if name in NEEDS_NEIGHBOURS and not val.disagreement:
+        raise ValueError(f"the routing policy {name!r} needs the labelled neighbours' disagreement")
+    if name == "uncertainty + neighbours":
+        return with_neighbours(val, task_combine="max")
+    if name == "uncertainty + neighbours (summed over tasks)":
+        return with_neighbours(val)
+    if name == "uncertainty + neighbours (weight fitted)":
+        return fit_neighbour_weight(val, errors, labelled, budget)
     if name == "combined (logistic)":
         return fit_combined(val, errors, labelled, interactions=False)
     if name == "combined (logistic + interactions)":
@@ -210,6 +279,7 @@ def routing_block(
     budget: float = 0.1,
     name: str = CHOSEN_POLICY,
     min_errors: int = MIN_ERRORS,
+    neighbours: NeighbourShares | None = None,
 ) -> dict[str, Any]:
     """The card's `routing` section: the chosen policy fitted on validation, its review cut
     for `budget`, and its validation curve at 5/10/20% (cross-fitted for fitted policies).
@@ -217,20 +287,25 @@ def routing_block(
     Empty (the card keeps the ITM gate) when validation holds fewer than `min_errors` model
     errors: a model that is (nearly) always right on validation gives uncertainty scores
     that are all about 0, and a cut taken from their quantile would send every live post
-    to review (the default synthetic model did: 500 of 500)."""
+    to review (the default synthetic model did: 500 of 500).
+
+    `neighbours`: the validation posts' label shares among their nearest training posts
+    (models/neighbours.py); without them a neighbour policy falls back to FALLBACK_POLICY."""
     # Binary tasks with a validated threshold and labelled validation posts only (an untrained
     # head must not route): their errors are "score on the wrong side of the threshold".
     tasks = [t for t in tasks if t in calibration.thresholds and (val_eval.labels[t] != IGNORE_INDEX).any()]
     if not tasks:
         return {}  # nothing to route by: the card keeps the ITM gate
-    val, truth = policy_inputs(val_eval, calibration, tasks)
+    if name in NEEDS_NEIGHBOURS and not neighbours:
+        name = FALLBACK_POLICY
+    val, truth = policy_inputs(val_eval, calibration, tasks, neighbours)
     n_errors = int(sum(truth["errors"][t].sum() for t in tasks))
     if n_errors < min_errors:
         log.info("no review policy on the card: %d validation errors, a policy needs %d", n_errors, min_errors)
         return {}
     spec = choose_policy(val, truth, budget, name)
     spec = replace(spec, cut=review_cut(spec.scores(val), budget), budget=budget, tasks=list(tasks))
-    fitted = spec.kind == "combined" or name == "uncertainty + ITM (weight fitted)"
+    fitted = spec.kind == "combined" or name in FITTED
     if fitted and len(val) >= 20:
         held_out = _cross_fitted_scores(lambda v, t: choose_policy(v, t, budget, name), val, truth)
     else:

@@ -16,6 +16,7 @@ from trainer.routing_eval import (
     routing_block,
     run_folds,
 )
+from trainer.routing_fit import CHOSEN_POLICY, FALLBACK_POLICY, NEIGHBOUR_WEIGHT
 from trainer.train import EvalOutput, TrainConfig
 
 
@@ -174,3 +175,75 @@ def test_a_model_without_validation_errors_ships_no_policy_and_keeps_the_itm_gat
     assert routing_block(ev, CAL, ["hate", "sarcasm"]) == {}
     ev.labels["hate"][:25] = 1 - ev.labels["hate"][:25]  # 25 errors: enough evidence for a policy
     assert routing_block(ev, CAL, ["hate", "sarcasm"])["kind"] == "uncertainty"
+
+
+# ---------------------------------------------------------------- labelled neighbours
+
+
+def _with_neighbours(ev: EvalOutput, seed: int) -> dict[str, dict[str, np.ndarray]]:
+    """Neighbour label shares for `ev`'s posts where hate's confident mistakes are known to
+    the neighbours (they hold the true label) and every other post's neighbours are a coin
+    flip around the model's own decision: only the neighbour term can find those mistakes."""
+    rng = np.random.default_rng(seed)
+    shares: dict[str, dict[str, np.ndarray]] = {"text": {}, "image": {}}
+    for task, logits in ev.logits.items():
+        decided = (1 / (1 + np.exp(-logits[:, 1])) >= 0.5).astype(int)
+        wrong = decided != ev.labels[task]
+        for space in shares:
+            agree = rng.uniform(0.5, 1.0, len(decided))
+            agree[wrong & (task == "hate")] = rng.uniform(0.0, 0.2, int((wrong & (task == "hate")).sum()))
+            p1 = np.where(decided == 1, agree, 1 - agree)
+            shares[space][task] = np.stack([1 - p1, p1], 1)
+    return shares
+
+
+def test_neighbour_policy_catches_confident_mistakes_the_neighbours_know():
+    runs = _runs()
+    for r, run in enumerate(runs):
+        run.shares = {"val": _with_neighbours(run.val, 100 + r), "test": _with_neighbours(run.test, 200 + r)}
+    at10 = {name: by["0.1"] for name, by in compare(runs, ["hate", "sarcasm"], n_boot=50)["table"].items()}
+    # Hate's errors are weak-match posts at every confidence: margin cannot see them, neighbours can.
+    assert at10["uncertainty + neighbours (summed over tasks)"]["hate"]["lift"] > 2.5
+    assert at10["uncertainty (margin)"]["hate"]["lift"] < 1.5
+    # Without neighbour shares the neighbour policies are not offered at all.
+    assert "uncertainty + neighbours" not in compare(_runs(1), ["hate", "sarcasm"], n_boot=10)["table"]
+
+
+def test_routing_block_ships_the_neighbour_policy_only_with_neighbours():
+    ev = _split(400, 5)
+    block = routing_block(ev, CAL, ["hate", "sarcasm"], neighbours=_with_neighbours(ev, 1))
+    assert block["name"] == CHOSEN_POLICY and block["neighbour_weight"] == NEIGHBOUR_WEIGHT
+    assert block["task_combine"] == "sum" and 0 <= block["neighbour_fill"] <= 1
+    x, _ = policy_inputs(ev, CAL, ["hate", "sarcasm"], _with_neighbours(ev, 1))
+    assert RoutingPolicySpec.from_dict(block).review(x).mean() == pytest.approx(0.1, abs=0.01)
+    plain = routing_block(ev, CAL, ["hate", "sarcasm"])
+    assert plain["name"] == FALLBACK_POLICY and "neighbour_weight" not in plain
+
+
+def test_policy_inputs_measure_disagreement_with_the_calibrated_decision():
+    ev = _split(50, 2)
+    shares = _with_neighbours(ev, 3)
+    x, _ = policy_inputs(ev, CAL, ["hate"], shares)
+    decided = (x.scores["hate"] >= 0.5).astype(int)
+    rows = np.arange(50)
+    expected = np.mean([1 - shares[s]["hate"][rows, decided] for s in ("text", "image")], axis=0)
+    np.testing.assert_allclose(x.disagreement["hate"], expected)
+
+
+def test_runs_saved_without_neighbour_shares_get_them_without_retraining(tmp_path, synthetic_small, monkeypatch):
+    cfg = tiny_config()
+    train_cfg = TrainConfig(epochs=1, itm_finish_epochs=1)
+    runs = run_folds(synthetic_small, tmp_path, folds=2, train_config=train_cfg, model_and_tokenizer=tiny_model(cfg))
+    assert set(runs[0].shares) == {"val", "test"} and runs[0].shares["test"]["text"]["hate"].shape[1] == 2
+    assert len(runs[0].shares["test"]["text"]["hate"]) == len(runs[0].test_idx)
+    for path in tmp_path.glob("fold*.npz"):  # as saved before neighbour policies existed
+        with np.load(path) as data:
+            kept = {k: data[k] for k in data.files if "/shares/" not in k}
+        np.savez(path, **kept)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was retrained")
+
+    monkeypatch.setattr("trainer.routing_eval.train", no_training)
+    again = run_folds(synthetic_small, tmp_path, folds=2, train_config=train_cfg, model_and_tokenizer=tiny_model(cfg))
+    np.testing.assert_allclose(again[1].shares["val"]["image"]["sarcasm"], runs[1].shares["val"]["image"]["sarcasm"])

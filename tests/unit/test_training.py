@@ -54,3 +54,26 @@ def test_itm_finishing_leaves_task_outputs_unchanged(tmp_path, synthetic_small):
 def test_unknown_label_value_names_the_example():
     with pytest.raises(ValueError, match=r"'p7'.*'maybe'"):
         label_tensors([Example("p7", "t", None, {"hate": "maybe"})], {"hate": ["not_hateful", "hateful"]})
+
+
+def test_fit_ships_a_neighbour_index_of_the_training_split_and_a_policy_that_reads_it(tmp_path, synthetic_small):
+    from models.registry import ModelRegistry
+    from trainer.routing_fit import CHOSEN_POLICY
+
+    cfg = tiny_config()
+    # One epoch and a 40% validation split: a tiny model that errs on >= 20 validation decisions,
+    # so the card ships a policy.
+    result = fit(
+        synthetic_small,
+        cfg,
+        TrainConfig(epochs=1, itm_finish_epochs=0),
+        val_fraction=0.4,
+        model_and_tokenizer=tiny_model(cfg),
+    )
+    index = result.model.neighbours
+    assert index is not None and len(index) == result.card.training["n_train"]  # validation left out
+    assert set(index.n_labels) == {"hate", "sarcasm"}
+    routing = result.card.routing  # non-empty: a policy needs >= 20 validation errors
+    assert routing["name"] == CHOSEN_POLICY and routing["neighbour_weight"] > 0
+    loaded = ModelRegistry(tmp_path).load(ModelRegistry(tmp_path).save(result.model, result.tokenizer, result.card))
+    assert loaded.model.neighbours is not None and len(loaded.model.neighbours) == len(index)
