@@ -74,6 +74,17 @@ class Pipeline:
     policy: RoutingPolicy = field(default_factory=RoutingPolicy)
     cache: LabelCache | None = None
     _trusted: dict[str, bool] = field(default_factory=dict, init=False, repr=False)
+    _namespaces: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+
+    def cache_namespace(self, version: str) -> str:
+        """The dedupe cache's key prefix for a model: its version plus a digest of its card.
+        Version names repeat across registries (a fresh registry starts at v0001 again, and
+        `make run` keeps Redis while its registry is new): keyed by the name alone, a new
+        v0001 was served the labels another v0001 had cached."""
+        if version not in self._namespaces:
+            digest = hashlib.sha256(self.card_of(version).to_json().encode()).hexdigest()[:12]
+            self._namespaces[version] = f"{version}-{digest}"
+        return self._namespaces[version]
 
     def itm_trusted(self, version: str) -> bool:
         if version not in self._trusted:
@@ -142,7 +153,7 @@ class Pipeline:
                     computed = True
                     result = await self._classify(post, media)
                     if not isinstance(result, BaseException):
-                        fresh.append((f"{result['model_version']}:{key}", result))
+                        fresh.append((f"{self.cache_namespace(result['model_version'])}:{key}", result))
                 else:
                     result = cached
                 inflight[key].set_result(result)
@@ -223,14 +234,15 @@ class Pipeline:
         if self.cache is None:
             return [None] * len(keys)
         try:
-            return await self.cache.get_many([f"{version}:{k}" for k in keys])
+            namespace = self.cache_namespace(version)
+            return await self.cache.get_many([f"{namespace}:{k}" for k in keys])
         except Exception as exc:  # dedupe is an optimisation: without Redis, classify everything
             log.warning("dedupe lookup failed, classifying without it: %r", exc)
             metrics.DEPENDENCY_ERRORS.labels("redis", "dedupe_get").inc()
             return [None] * len(keys)
 
     async def _remember(self, items: list[tuple[str, dict[str, Any]]]) -> None:
-        """`items`: ("<model version>:<dedupe key>", result)."""
+        """`items`: ("<cache namespace>:<dedupe key>", result)."""
         if self.cache is None or not items:
             return
         try:

@@ -2,7 +2,7 @@
 
 import asyncio
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from PIL import Image
 
@@ -112,7 +112,24 @@ def test_reposted_media_and_text_reuse_the_cached_label():
     (again,) = asyncio.run(pipeline.process([_raw("b", "same", "http://m/x.png")]))
     assert again.label.dedupe_hit and again.label.post_id == "b"
     assert classifier.calls == [["same"]]  # the model ran once
-    assert f"v7:{dedupe_key('same', 'h-x.png')}" in cache.data
+    assert f"{pipeline.cache_namespace('v7')}:{dedupe_key('same', 'h-x.png')}" in cache.data
+
+
+def test_another_model_under_the_same_version_name_does_not_get_the_cached_label():
+    """A fresh registry names its first model v0001 again; Redis may still hold the labels an
+    earlier v0001 cached (make run keeps its Redis across homes)."""
+    cache = DictCache()
+    first = _pipeline(FakeClassifier(), cache)
+    asyncio.run(first.process([_raw("a", "same", "http://m/x.png")]))
+    retrained = replace(CARD, created_at="2026-11-28T12:00:00+00:00")  # same name "v7", another model
+    classifier = FakeClassifier()
+    second = Pipeline(classifier, FakeFetcher(), lambda version: retrained, RoutingPolicy(), cache)
+    (out,) = asyncio.run(second.process([_raw("b", "same", "http://m/x.png")]))
+    assert not out.label.dedupe_hit and classifier.calls == [["same"]]
+    # The same model (same card) in a new process still finds its own cached labels.
+    again = _pipeline(FakeClassifier(), cache)
+    (hit,) = asyncio.run(again.process([_raw("c", "same", "http://m/x.png")]))
+    assert hit.label.dedupe_hit
 
 
 def test_cache_outage_degrades_to_classifying():
@@ -162,7 +179,7 @@ def test_a_label_is_routed_and_cached_with_the_card_of_the_model_that_scored_it(
     # ITM 0.9 clears v7's threshold (0.3) but not v8's (0.95): routed by v8's card.
     assert out.label.model_version == "v8"
     assert out.label.route == "review" and out.label.reasons == ["weak_image_text_match"]
-    assert list(cache.data) == [f"v8:{dedupe_key('fine', 'h-a.png')}"]
+    assert list(cache.data) == [f"{pipeline.cache_namespace('v8')}:{dedupe_key('fine', 'h-a.png')}"]
 
 
 # --- one post's unexpected error stays with that post ------------------------------------------
