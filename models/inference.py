@@ -94,7 +94,7 @@ def add_neighbour_disagreement(
         for task in index.n_labels
         if task in card.tasks
     }
-    shares = index.label_shares(out.pooled.float().cpu().numpy(), out.image_present.cpu().numpy())
+    shares = index.label_shares(out.pooled, out.image_present)  # on the model's device
     for task, values in disagreement(shares, decided).items():
         for row, value in zip(rows, values.tolist(), strict=True):
             row[task].neighbour_disagreement = None if math.isnan(value) else round(value, 4)

@@ -6,11 +6,12 @@ errors a random sample catches. A post whose nearest labelled training posts (by
 by image) were labelled otherwise than the model now decides is a likely mistake whatever
 the model's confidence: memes repeat their templates and captions, and a neighbourhood's
 labels carry what the head failed to learn. Margin uncertainty plus this disagreement raised
-the lift at a 10% review budget from 1.29 to about 1.9 on CM-Off (BENCHMARKS.md, "Routing").
+the lift at a 10% review budget from 1.29 to 1.69 / 1.64 (hate / sarcasm) on CM-Off
+(BENCHMARKS.md, "Routing policies compared").
 
 The index keeps, per space (the pooled text features, and the pooled image features of posts
 with an image), the training posts' standardised unit vectors and labels; a query's k nearest
-labelled posts by cosine similarity vote with weight max(similarity, 0). Pure numpy, no I/O
+labelled posts by cosine similarity vote with weight max(similarity, 0). No I/O
 (models/registry.py stores it next to the weights).
 """
 
@@ -19,10 +20,12 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import torch
 
 from models.losses import IGNORE_INDEX
 
@@ -66,6 +69,7 @@ class NeighbourIndex:
     n_labels: dict[str, int]
     spaces: dict[str, SpaceIndex]
     k: int = K
+    _tensors: dict[tuple[str, str], Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def build(
@@ -103,32 +107,53 @@ class NeighbourIndex:
     def __len__(self) -> int:
         return len(self.spaces["text"].vectors) if "text" in self.spaces else 0
 
-    def label_shares(self, pooled: np.ndarray, present: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+    def label_shares(
+        self, pooled: np.ndarray | torch.Tensor, present: np.ndarray | torch.Tensor
+    ) -> dict[str, dict[str, np.ndarray]]:
         """space -> task -> [N, C]: the similarity-weighted share of each class among each
         query's k nearest posts labelled for the task; NaN rows where the query lacks the space
-        (no image) or the index has no labelled post."""
-        pooled = np.asarray(pooled, dtype=np.float32)
-        present = np.asarray(present, dtype=bool)
+        (no image) or the index has no labelled post. Computed with torch on the device the
+        `pooled` tensor lives on (a GPU worker's lookup stays on the GPU; on a CPU it runs on
+        torch's threads, where numpy's BLAS would start its own and contend with them)."""
+        x = torch.as_tensor(pooled).float()
+        device = x.device
+        has_image = torch.as_tensor(present, device=device).bool()
         out: dict[str, dict[str, np.ndarray]] = {}
-        for name, space in self.spaces.items():
-            x = pooled[:, : self.text_dim] if name == "text" else pooled[:, self.text_dim :]
-            has = np.ones(len(pooled), bool) if name == "text" else present
-            sims = space.unit(x) @ space.vectors.T  # [N, M]
+        for name in self.spaces:
+            vectors, mean, scale, labels = self._on(name, device)
+            q = x[:, : self.text_dim] if name == "text" else x[:, self.text_dim :]
+            has = torch.ones(len(x), dtype=torch.bool, device=device) if name == "text" else has_image
+            z = (q - mean) / scale
+            sims = (z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)) @ vectors.T  # [N, M]
             out[name] = {}
             for task, n_classes in self.n_labels.items():
-                shares = np.full((len(pooled), n_classes), np.nan)
-                y = space.labels[task]
-                labelled = np.flatnonzero(y != IGNORE_INDEX)
-                if labelled.size and has.any():
-                    s = sims[np.ix_(np.flatnonzero(has), labelled)]
-                    k = min(self.k, labelled.size)
-                    nearest = np.argpartition(-s, k - 1, axis=1)[:, :k]
-                    weight = np.maximum(np.take_along_axis(s, nearest, 1), 0.0) + 1e-9
-                    votes = y[labelled][nearest]
-                    tally = np.stack([(weight * (votes == c)).sum(1) for c in range(n_classes)], axis=1)
-                    shares[has] = tally / weight.sum(1, keepdims=True)
-                out[name][task] = shares
+                shares = torch.full((len(x), n_classes), math.nan, dtype=torch.float64, device=device)
+                y = labels[task]
+                labelled = y != IGNORE_INDEX
+                n_labelled = int(labelled.sum())
+                if n_labelled and bool(has.any()):
+                    top, nearest = sims[has].masked_fill(~labelled, -math.inf).topk(min(self.k, n_labelled), dim=1)
+                    weight = top.clamp_min(0.0).double() + 1e-9
+                    votes = y[nearest]
+                    tally = torch.stack([(weight * (votes == c)).sum(1) for c in range(n_classes)], dim=1)
+                    shares[has] = tally / weight.sum(1, keepdim=True)
+                out[name][task] = shares.cpu().numpy()
         return out
+
+    def _on(
+        self, name: str, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Space `name`'s vectors, standardisation and labels as tensors on `device` (cached)."""
+        key = (name, str(device))
+        if key not in self._tensors:
+            space = self.spaces[name]
+            self._tensors[key] = (
+                torch.as_tensor(space.vectors, device=device),
+                torch.as_tensor(space.mean, device=device),
+                torch.as_tensor(space.scale, device=device),
+                {t: torch.as_tensor(y, device=device) for t, y in space.labels.items()},
+            )
+        return self._tensors[key]
 
     # -- storage: flat tensors + string metadata (safetensors' format)
 
