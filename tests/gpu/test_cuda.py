@@ -129,3 +129,23 @@ def test_classify_runs_on_cuda(tmp_path: Path) -> None:
     assert classify_file(posts, out, tmp_path / "registry", device="cuda") == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 6 and all("labels" in r for r in records)
+
+
+def test_neighbour_lookup_on_cuda_matches_the_cpu() -> None:
+    import numpy as np
+
+    from models.neighbours import NeighbourIndex
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((500, 24 + 20)).astype(np.float32)
+    present = rng.random(500) > 0.2
+    sarcasm = np.where(rng.random(500) < 0.3, -100, rng.integers(0, 2, 500))  # some unlabelled
+    labels = {"hate": rng.integers(0, 2, 500), "sarcasm": sarcasm}
+    index = NeighbourIndex.build(x, present, labels, {"hate": 2, "sarcasm": 2}, text_dim=24)
+    q = torch.randn(64, 44)
+    q_present = torch.rand(64) > 0.3
+    on_cpu = index.label_shares(q, q_present)
+    on_gpu = index.label_shares(q.to(CUDA0), q_present.to(CUDA0))
+    for space in on_cpu:
+        for task in on_cpu[space]:
+            np.testing.assert_allclose(on_gpu[space][task], on_cpu[space][task], atol=1e-4)
