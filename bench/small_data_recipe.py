@@ -62,6 +62,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     "wd0.1": {"weight_decay": 0.1},
     "dropout0.3": {"model": {"dropout": 0.3}},
     "dropout0.5": {"model": {"dropout": 0.5}},
+    # The labelled neighbours' vote mixed into the served probabilities (ModelConfig.neighbour_vote).
+    "vote0.33": {"model": {"neighbour_vote": 1 / 3}},
+    "vote0.5": {"model": {"neighbour_vote": 0.5}},
 }
 PROBES = ("probe", "probe-text")
 

@@ -193,4 +193,15 @@ class MultimodalModel(FrozenStaysEval):
         self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, image_present: Tensor
     ) -> ClassifierOutput:
         text, image = self.encode(input_ids, attention_mask, pixel_values)
-        return self.head(text, image, image_present)
+        return self.served_head(text, image, image_present)
+
+    def served_head(self, text: EncodedSequence, image: EncodedSequence, image_present: Tensor) -> ClassifierOutput:
+        """The head's outputs as served: with the labelled neighbours' vote mixed into the task
+        logits when the config asks for it and training has given the model its index (during
+        training there is none, so losses see the head alone)."""
+        out = self.head(text, image, image_present)
+        if self.neighbours is not None and self.config.neighbour_vote > 0 and out.pooled is not None:
+            out.task_logits = self.neighbours.vote(
+                out.task_logits, out.pooled, image_present, self.config.neighbour_vote
+            )
+        return out

@@ -54,6 +54,9 @@ class ModelConfig:
     probe_tasks: list[str] = field(default_factory=list)
     probe_mode: str = "replace"
     head_temperatures: dict[str, float] = field(default_factory=dict)
+    # Weight of the labelled neighbours' vote in the served probabilities (models/neighbours.py;
+    # 0 = they only inform review routing). Applies once `fit` has given the model its index.
+    neighbour_vote: float = 0.0
 
     def __post_init__(self) -> None:
         if self.fusion not in ("cross_attention", "concat"):
@@ -73,6 +76,8 @@ class ModelConfig:
                 f"probe_tasks must be distinct tasks of the model {list(self.tasks)}, got {self.probe_tasks}"
             )
         self._check_probe_mode()
+        if not 0.0 <= self.neighbour_vote < 1.0:
+            raise ValueError(f"neighbour_vote must be in [0, 1), not {self.neighbour_vote!r}")
 
     def _check_probe_mode(self) -> None:
         if self.probe_mode not in PROBE_MODES:

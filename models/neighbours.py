@@ -115,10 +115,19 @@ class NeighbourIndex:
         (no image) or the index has no labelled post. Computed with torch on the device the
         `pooled` tensor lives on (a GPU worker's lookup stays on the GPU; on a CPU it runs on
         torch's threads, where numpy's BLAS would start its own and contend with them)."""
+        return {
+            space: {task: shares.cpu().numpy() for task, shares in by_task.items()}
+            for space, by_task in self.label_shares_tensors(pooled, present).items()
+        }
+
+    def label_shares_tensors(
+        self, pooled: np.ndarray | torch.Tensor, present: np.ndarray | torch.Tensor
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """`label_shares` as float64 tensors on `pooled`'s device."""
         x = torch.as_tensor(pooled).float()
         device = x.device
         has_image = torch.as_tensor(present, device=device).bool()
-        out: dict[str, dict[str, np.ndarray]] = {}
+        out: dict[str, dict[str, torch.Tensor]] = {}
         for name in self.spaces:
             vectors, mean, scale, labels = self._on(name, device)
             q = x[:, : self.text_dim] if name == "text" else x[:, self.text_dim :]
@@ -137,7 +146,29 @@ class NeighbourIndex:
                     votes = y[nearest]
                     tally = torch.stack([(weight * (votes == c)).sum(1) for c in range(n_classes)], dim=1)
                     shares[has] = tally / weight.sum(1, keepdim=True)
-                out[name][task] = shares.cpu().numpy()
+                out[name][task] = shares
+        return out
+
+    def vote(
+        self, task_logits: Mapping[str, torch.Tensor], pooled: torch.Tensor, present: torch.Tensor, weight: float
+    ) -> dict[str, torch.Tensor]:
+        """The neighbours' vote mixed into each task's probabilities: log((1 - weight) *
+        softmax(logits) + weight * vote), the vote being the class shares averaged over the
+        post's spaces. A task or post without neighbours keeps its logits. Float32 log-
+        probabilities, so calibration on top works as on any logits."""
+        shares = self.label_shares_tensors(pooled, present)
+        out = dict(task_logits)
+        for task, logits in task_logits.items():
+            per_space = [by_task[task] for by_task in shares.values() if task in by_task]
+            if not per_space:
+                continue
+            stacked = torch.stack(per_space)  # [S, N, C]
+            known = ~torch.isnan(stacked[..., 0])  # [S, N]
+            votes = torch.nan_to_num(stacked).sum(0) / known.sum(0).clamp_min(1).unsqueeze(1)
+            with torch.autocast(logits.device.type, enabled=False):
+                mixed = (1 - weight) * torch.softmax(logits.float(), -1) + weight * votes.float()
+                voted = torch.log(mixed.clamp_min(1e-12))
+            out[task] = torch.where(known.any(0).unsqueeze(1), voted, logits.float())
         return out
 
     def _on(

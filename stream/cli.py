@@ -58,6 +58,7 @@ def _model_config(args: argparse.Namespace) -> Any:
         text_trainable_layers=args.text_trainable_layers,
         image_trainable_blocks=args.image_trainable_blocks,
         ocr_segment=args.ocr_segment,
+        neighbour_vote=getattr(args, "neighbour_vote", 0.0),  # train only: ablate's runs have no index
     )
 
 
@@ -429,6 +430,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     _add_train(p)
     p.add_argument("--out", help="folder for curves.json / curves.png")
+    p.add_argument(
+        "--neighbour-vote",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="mix the labelled neighbours' vote into the served probabilities with weight W in [0, 1) "
+        "(e.g. 0.33; default 0: the neighbours only inform review routing; BENCHMARKS.md)",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("ablate", help="task vs +ITC vs +ITM vs +ITC+ITM over k folds x seeds")

@@ -344,6 +344,7 @@ def fit_features(
     already serves probes (retraining) trains its heads for every task, and its probes are
     fitted afresh."""
     set_probes(model, {}, {})
+    model.neighbours = None  # training sees the head alone; the index is rebuilt below
     tasks = model.config.tasks
     train_idx, val_idx = stratified_split(
         len(inputs.examples), strata(inputs.examples, tasks), val_fraction, train_config.seed
@@ -364,6 +365,12 @@ def fit_features(
             served_val = evaluate_split(model, val_features, val_labels, amp=train_config.amp)
         probe_val = {t: p.logits(x[val_idx]) for t, p in probes.items()}
         evidence = blend_evidence(tasks, result.val, served_val, probe_val)
+    # Review routing's labelled neighbours (and their vote, config.neighbour_vote) come from the
+    # training split only: validation posts are scored against an index that never saw them,
+    # as live posts will be.
+    model.neighbours = build_index(model, features, labels, train_idx)
+    if model.config.neighbour_vote > 0:
+        served_val = evaluate_split(model, val_features, val_labels, amp=train_config.amp)
     model_config = model.config
     cal = calibrate(served_val, tasks)
     untuned = keep_default_thresholds(cal, val_labels, train_config.threshold_min_per_class)
@@ -374,9 +381,6 @@ def fit_features(
     metrics["best_epoch"] = result.best_epoch
     metrics["probe_blend"] = probe_metrics(evidence, probe_blend, model_config, len(inputs.examples))
     metrics["task_source"] = {t: "blend" if t in model_config.probe_tasks else "head" for t in tasks}
-    # Review routing's labelled neighbours come from the training split only: validation posts
-    # are scored against an index that never saw them, as live posts will be.
-    model.neighbours = build_index(model, features, labels, train_idx)
     val_neighbours = label_shares(model.neighbours, features, val_idx)
     card = ModelCard(
         config=model_config,

@@ -126,8 +126,10 @@ def runs_config(
     for ex in examples:
         h.update(json.dumps([ex.id, ex.text, str(ex.image), ex.labels], sort_keys=True, default=str).encode())
     train = {k: v for k, v in cfg.to_dict().items() if k not in ("seed", "progress")}
-    # What fit() sets after training (the probes it serves) does not change these runs.
-    arch = {k: v for k, v in model.to_dict().items() if k not in ("probe_tasks", "probe_mode", "head_temperatures")}
+    # What fit() adds after training (the probes it serves, the neighbour vote) does not change
+    # these runs: they are scored from the trained head alone.
+    serving_only = ("probe_tasks", "probe_mode", "head_temperatures", "neighbour_vote")
+    arch = {k: v for k, v in model.to_dict().items() if k not in serving_only}
     return json_safe(
         {"train": train, "model": arch, "folds": folds, "val_fraction": val_fraction, "data": h.hexdigest()}
     )

@@ -162,7 +162,7 @@ def evaluate_split(
     with _autocast(device, amp):
         for idx in _batches(n, batch_size, None):
             text, image, present = features.batch(idx)
-            out = model.head(text, image, present)
+            out = model.served_head(text, image, present)
             for task, value in out.task_logits.items():
                 logits[task].append(value.float().cpu())
             prob = torch.sigmoid(out.itm_logits.float()).cpu()

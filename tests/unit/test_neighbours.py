@@ -150,3 +150,34 @@ def test_the_neighbour_weight_survives_the_card_and_is_validated():
     assert RoutingPolicySpec.from_dict(uncertainty().to_dict()).neighbour_weight == 0.0
     with pytest.raises(ValueError, match="neighbour_weight"):
         RoutingPolicySpec(kind="uncertainty", neighbour_weight=-1.0)
+
+
+# ---------------------------------------------------------------- the vote
+
+
+def test_the_vote_mixes_the_neighbour_shares_into_the_probabilities():
+    import torch
+
+    index, centres = _index()
+    logits = {"hate": torch.tensor([[2.0, -1.0], [0.3, 0.1]])}
+    voted = index.vote(logits, torch.as_tensor(centres, dtype=torch.float32), torch.tensor([True, False]), 0.25)
+    shares = index.label_shares(centres, np.array([True, False]))
+    # Post 0 has both spaces (averaged), post 1 only text (no image).
+    vote = np.stack([(shares["text"]["hate"][0] + shares["image"]["hate"][0]) / 2, shares["text"]["hate"][1]])
+    expected = np.log(0.75 * torch.softmax(logits["hate"], -1).numpy() + 0.25 * vote)
+    np.testing.assert_allclose(voted["hate"].numpy(), expected, atol=1e-5)
+    # A task the index does not know keeps its logits.
+    other = {"toxicity": torch.tensor([[1.0, 2.0], [0.0, 0.0]])}
+    assert torch.equal(
+        index.vote(other, torch.as_tensor(centres).float(), torch.tensor([True, True]), 0.5)["toxicity"],
+        other["toxicity"],
+    )
+
+
+def test_neighbour_vote_must_be_a_weight_below_one():
+    from models.config import ModelConfig
+
+    with pytest.raises(ValueError, match="neighbour_vote"):
+        ModelConfig(neighbour_vote=1.0)
+    with pytest.raises(ValueError, match="neighbour_vote"):
+        ModelConfig(neighbour_vote=-0.1)

@@ -77,3 +77,35 @@ def test_fit_ships_a_neighbour_index_of_the_training_split_and_a_policy_that_rea
     assert routing["name"] == CHOSEN_POLICY and routing["neighbour_weight"] > 0
     loaded = ModelRegistry(tmp_path).load(ModelRegistry(tmp_path).save(result.model, result.tokenizer, result.card))
     assert loaded.model.neighbours is not None and len(loaded.model.neighbours) == len(index)
+
+
+def test_a_model_with_a_neighbour_vote_is_calibrated_and_served_with_it(tmp_path, synthetic_small):
+    import numpy as np
+    import torch
+
+    from models.inference import Predictor
+    from models.registry import ModelRegistry
+    from trainer.features import FeatureStore, build_features, load_inputs
+
+    cfg = tiny_config(neighbour_vote=0.5)
+    result = fit(synthetic_small, cfg, TrainConfig(epochs=1, itm_finish_epochs=0), model_and_tokenizer=tiny_model(cfg))
+    model = result.model
+    assert model.config.neighbour_vote == 0.5 and model.neighbours is not None
+    inputs = load_inputs(synthetic_small)
+    features = build_features(model, result.tokenizer, inputs, FeatureStore(None), torch.device("cpu"))
+    text, image, present = features.batch(list(range(16)))
+    with torch.no_grad():
+        head = model.head(text, image, present)
+        served = model.served_head(text, image, present)
+    vote = np.nanmean(
+        np.stack([s["hate"] for s in model.neighbours.label_shares(head.pooled, present).values()]), axis=0
+    )
+    expected = np.log(0.5 * torch.softmax(head.task_logits["hate"], -1).numpy() + 0.5 * vote)
+    np.testing.assert_allclose(served.task_logits["hate"].numpy(), expected, atol=1e-5)
+    # The registry keeps the vote: a reloaded model serves the same probabilities.
+    registry = ModelRegistry(tmp_path)
+    loaded = registry.load(registry.save(model, result.tokenizer, result.card))
+    texts, images = [e.text for e in synthetic_small[:4]], [None] * 4
+    a = Predictor(model, result.tokenizer, result.card).predict(texts, images)
+    b = Predictor(loaded.model, loaded.tokenizer, loaded.card).predict(texts, images)
+    assert [p.tasks["hate"].score for p in a] == pytest.approx([p.tasks["hate"].score for p in b], abs=1e-4)
