@@ -177,6 +177,17 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _vote_weight(value: str) -> float:
+    """A neighbour-vote weight in [0, 1) (models.config.ModelConfig.neighbour_vote)."""
+    try:
+        w = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a weight in [0, 1), got {value!r}") from None
+    if not 0.0 <= w < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a weight in [0, 1), got {w}")
+    return w
+
+
 def _layers_or_all(value: str) -> int:
     """`all` (or -1): the whole encoder; N >= 0: its top N layers / last N blocks."""
     if value.strip().lower() == "all":
@@ -432,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for curves.json / curves.png")
     p.add_argument(
         "--neighbour-vote",
-        type=float,
+        type=_vote_weight,
         default=0.0,
         metavar="W",
         help="mix the labelled neighbours' vote into the served probabilities with weight W in [0, 1) "

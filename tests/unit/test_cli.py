@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from models.card import ModelCard
 from models.registry import ModelRegistry
 from stream.cli import main
@@ -149,3 +151,22 @@ def test_ablate_into_another_grids_folder_exits_1_with_the_reason(tmp_path, monk
     assert main(["ablate", "--preset", "synthetic", "--out", str(tmp_path), "--device", "cpu"]) == 1
     err = capsys.readouterr().err
     assert "another grid" in err and "train.epochs: 25 -> 3" in err
+
+
+def test_train_passes_the_neighbour_vote_and_refuses_a_bad_one(monkeypatch, capsys):
+    from stream import cli
+
+    seen = {}
+
+    def fake_fit(examples, model_config, train_config, **kwargs):
+        seen["config"] = model_config
+        raise SystemExit(0)  # stop before training: only the config is under test
+
+    monkeypatch.setattr("trainer.fit.fit", fake_fit)
+    monkeypatch.setattr(cli, "_load_examples", lambda args: [])  # no synthetic posts written
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--preset", "synthetic", "--neighbour-vote", "0.33"])
+    assert seen["config"].neighbour_vote == 0.33
+    with pytest.raises(SystemExit) as refused:
+        cli.main(["train", "--preset", "synthetic", "--neighbour-vote", "1.5"])
+    assert refused.value.code == 2 and "--neighbour-vote: expected a weight in [0, 1)" in capsys.readouterr().err
