@@ -14,11 +14,11 @@ import argparse
 import json
 import platform
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from forward_throughput import timed  # a sibling script: bench/ is on sys.path when run as a script
 
 from models.card import ModelCard
 from models.config import ModelConfig
@@ -31,16 +31,6 @@ from trainer.synthetic import write_synthetic
 
 INDEX_ROWS = (2_000, MAX_ROWS)
 BATCH_SIZES = (1, 64)
-
-
-def timed(fn, min_seconds: float, min_calls: int = 3) -> float:
-    """Mean seconds per call after one warm-up call."""
-    fn()
-    calls, started = 0, time.perf_counter()
-    while calls < min_calls or time.perf_counter() - started < min_seconds:
-        fn()
-        calls += 1
-    return (time.perf_counter() - started) / calls
 
 
 def random_index(rows: int, text_dim: int, image_dim: int, tasks: dict[str, list[str]]) -> NeighbourIndex:

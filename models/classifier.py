@@ -43,6 +43,9 @@ class ClassifierOutput:
     image_seq: Tensor
     image_mask: Tensor
     pooled: Tensor | None = None
+    # space -> task -> [B, C] neighbour label shares, when the served head already looked them
+    # up for its vote (models/neighbours.py); the Predictor reuses them for routing.
+    neighbour_shares: dict[str, dict[str, Tensor]] | None = None
 
 
 class MultimodalHead(FrozenStaysEval):
@@ -201,7 +204,6 @@ class MultimodalModel(FrozenStaysEval):
         training there is none, so losses see the head alone)."""
         out = self.head(text, image, image_present)
         if self.neighbours is not None and self.config.neighbour_vote > 0 and out.pooled is not None:
-            out.task_logits = self.neighbours.vote(
-                out.task_logits, out.pooled, image_present, self.config.neighbour_vote
-            )
+            out.neighbour_shares = self.neighbours.label_shares_tensors(out.pooled, image_present)
+            out.task_logits = self.neighbours.vote(out.task_logits, out.neighbour_shares, self.config.neighbour_vote)
         return out

@@ -14,7 +14,7 @@ from PIL import Image
 
 from models.card import ModelCard
 from models.classifier import ClassifierOutput, MultimodalModel
-from models.neighbours import NeighbourIndex, disagreement
+from models.neighbours import NeighbourIndex, disagreement, shares_as_numpy
 from models.preprocess import ImagePreprocessor, TextPreprocessor
 
 
@@ -94,7 +94,12 @@ def add_neighbour_disagreement(
         for task in index.n_labels
         if task in card.tasks
     }
-    shares = index.label_shares(out.pooled, out.image_present)  # on the model's device
+    # On the model's device; looked up once per batch (already, when the model votes with them).
+    shares = (
+        shares_as_numpy(out.neighbour_shares)
+        if out.neighbour_shares is not None
+        else index.label_shares(out.pooled, out.image_present)
+    )
     for task, values in disagreement(shares, decided).items():
         for row, value in zip(rows, values.tolist(), strict=True):
             row[task].neighbour_disagreement = None if math.isnan(value) else round(value, 4)

@@ -115,10 +115,7 @@ class NeighbourIndex:
         (no image) or the index has no labelled post. Computed with torch on the device the
         `pooled` tensor lives on (a GPU worker's lookup stays on the GPU; on a CPU it runs on
         torch's threads, where numpy's BLAS would start its own and contend with them)."""
-        return {
-            space: {task: shares.cpu().numpy() for task, shares in by_task.items()}
-            for space, by_task in self.label_shares_tensors(pooled, present).items()
-        }
+        return shares_as_numpy(self.label_shares_tensors(pooled, present))
 
     def label_shares_tensors(
         self, pooled: np.ndarray | torch.Tensor, present: np.ndarray | torch.Tensor
@@ -149,14 +146,14 @@ class NeighbourIndex:
                 out[name][task] = shares
         return out
 
+    @staticmethod
     def vote(
-        self, task_logits: Mapping[str, torch.Tensor], pooled: torch.Tensor, present: torch.Tensor, weight: float
+        task_logits: Mapping[str, torch.Tensor], shares: Mapping[str, Mapping[str, torch.Tensor]], weight: float
     ) -> dict[str, torch.Tensor]:
         """The neighbours' vote mixed into each task's probabilities: log((1 - weight) *
-        softmax(logits) + weight * vote), the vote being the class shares averaged over the
-        post's spaces. A task or post without neighbours keeps its logits. Float32 log-
-        probabilities, so calibration on top works as on any logits."""
-        shares = self.label_shares_tensors(pooled, present)
+        softmax(logits) + weight * vote), the vote being the class shares (`label_shares_tensors`)
+        averaged over the post's spaces. A task or post without neighbours keeps its logits.
+        Float32 log-probabilities, so calibration on top works as on any logits."""
         out = dict(task_logits)
         for task, logits in task_logits.items():
             per_space = [by_task[task] for by_task in shares.values() if task in by_task]
@@ -221,6 +218,11 @@ class NeighbourIndex:
             if any(len(y) != rows for y in space.labels.values()) or space.mean.shape != space.vectors.shape[1:]:
                 raise ValueError(f"malformed neighbour index: space {name!r} has inconsistent shapes")
         return index
+
+
+def shares_as_numpy(shares: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, dict[str, np.ndarray]]:
+    """`label_shares_tensors`' output as `label_shares`' (numpy, on the CPU)."""
+    return {space: {task: v.cpu().numpy() for task, v in by_task.items()} for space, by_task in shares.items()}
 
 
 def disagreement(

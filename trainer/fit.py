@@ -34,7 +34,7 @@ from trainer.calibration import Calibration, calibrate, score
 from trainer.curves import write_curves
 from trainer.features import FeatureStore, LiveFeatures, LoadedInputs, build_features, load_inputs, subset
 from trainer.manifest import Example
-from trainer.neighbour_fit import build_index, label_shares
+from trainer.neighbour_fit import build_index, pooled_features
 from trainer.probe import BlendEvidence, LinearProbe, fit_probes, macro_f1
 from trainer.routing_fit import routing_block
 from trainer.train import EvalOutput, TrainConfig, TrainResult, evaluate_split, label_tensors, train
@@ -180,19 +180,6 @@ def set_probes(
     )
     model.head.probes = nn.ModuleDict({t: probes[t].to_linear().to(device) for t in probe_tasks})
     model.config = model.head.config = config
-
-
-@torch.no_grad()
-def probe_inputs(
-    model: MultimodalModel, features: LiveFeatures, idx: Sequence[int], batch_size: int = 256
-) -> np.ndarray:
-    """The probes' input features (MultimodalHead.probe_inputs) of posts `idx`, as float32."""
-    model.eval()
-    rows = []
-    for start in range(0, len(idx), batch_size):
-        text, image, present = features.batch(list(idx[start : start + batch_size]))
-        rows.append(model.head.probe_inputs(text, image, present).cpu().numpy())
-    return np.concatenate(rows)
 
 
 def install_probes(
@@ -357,9 +344,10 @@ def fit_features(
     evidence: dict[str, BlendEvidence] = {}
     probes: dict[str, LinearProbe] = {}
     served_val = result.val
-    # Probe inputs of every post: the training and validation splits together are all of them.
-    x = probe_inputs(model, features, range(len(inputs.examples))) if probe_blend else None
-    if x is not None:
+    # Pooled features of every post (the training and validation splits together are all of
+    # them): what the probes and the neighbour index read.
+    x, present = pooled_features(features, range(len(inputs.examples)))
+    if probe_blend:
         probes = install_probes(model, x[train_idx], train_labels, result.val)
         if probes:
             served_val = evaluate_split(model, val_features, val_labels, amp=train_config.amp)
@@ -368,7 +356,7 @@ def fit_features(
     # Review routing's labelled neighbours (and their vote, config.neighbour_vote) come from the
     # training split only: validation posts are scored against an index that never saw them,
     # as live posts will be.
-    model.neighbours = build_index(model, features, labels, train_idx)
+    model.neighbours = build_index(model, x[train_idx], present[train_idx], train_labels)
     if model.config.neighbour_vote > 0:
         served_val = evaluate_split(model, val_features, val_labels, amp=train_config.amp)
     model_config = model.config
@@ -381,7 +369,7 @@ def fit_features(
     metrics["best_epoch"] = result.best_epoch
     metrics["probe_blend"] = probe_metrics(evidence, probe_blend, model_config, len(inputs.examples))
     metrics["task_source"] = {t: "blend" if t in model_config.probe_tasks else "head" for t in tasks}
-    val_neighbours = label_shares(model.neighbours, features, val_idx)
+    val_neighbours = model.neighbours.label_shares(x[val_idx], present[val_idx])
     card = ModelCard(
         config=model_config,
         thresholds=cal.thresholds,
@@ -398,7 +386,7 @@ def fit_features(
         metrics=metrics,
         routing=routing_block(val_eval, cal, list(tasks), neighbours=val_neighbours),
     )
-    if x is not None and probes:
+    if probes:
         # Last, after everything above was measured with the training-split probe.
         refit_probes(model, x, labels, probes)
     if out_dir is not None:

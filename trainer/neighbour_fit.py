@@ -32,21 +32,15 @@ def pooled_features(features: LiveFeatures, idx: Sequence[int], batch_size: int 
 
 
 def build_index(
-    model: MultimodalModel, features: LiveFeatures, labels: Mapping[str, Tensor], train_idx: Sequence[int]
+    model: MultimodalModel, pooled: np.ndarray, present: np.ndarray, labels: Mapping[str, Tensor]
 ) -> NeighbourIndex:
-    """The index of the training posts `train_idx` (`labels`: task -> [all posts])."""
-    x, present = pooled_features(features, train_idx)
+    """The index of the posts whose `pooled_features` are (`pooled`, `present`) and whose
+    labels are `labels` (task -> [N], the same posts in the same order)."""
     tasks = model.config.tasks
     return NeighbourIndex.build(
-        x,
+        pooled,
         present,
-        {t: labels[t][list(train_idx)].cpu().numpy() for t in tasks},
+        {t: labels[t].cpu().numpy() for t in tasks},
         {t: len(names) for t, names in tasks.items()},
         text_dim=model.text_encoder.dim,
     )
-
-
-def label_shares(index: NeighbourIndex, features: LiveFeatures, idx: Sequence[int]) -> dict[str, dict[str, np.ndarray]]:
-    """NeighbourIndex.label_shares of posts `idx`."""
-    x, present = pooled_features(features, idx)
-    return index.label_shares(x, present)

@@ -38,7 +38,7 @@ from trainer.calibration import Calibration, calibrate
 from trainer.features import FeatureStore, LiveFeatures, build_features, load_inputs, subset
 from trainer.fit import keep_default_thresholds, strata, stratified_split
 from trainer.manifest import Example
-from trainer.neighbour_fit import build_index, label_shares
+from trainer.neighbour_fit import build_index, pooled_features
 from trainer.routing_fit import (  # noqa: F401  (re-exported: the comparison's building blocks)
     CHOSEN_POLICY,
     catch_stats,
@@ -240,8 +240,11 @@ def _neighbour_shares(
 ) -> dict[str, dict[str, dict[str, np.ndarray]]]:
     """Validation and test posts' label shares among their nearest training posts, the index
     built from the run's training split as fit() builds the one a model ships."""
-    index = build_index(model, features, labels, train_idx)
-    return {"val": label_shares(index, features, val_idx), "test": label_shares(index, features, test_idx)}
+    x, present = pooled_features(features, [*train_idx, *val_idx, *test_idx])
+    n_train, n_val = len(train_idx), len(val_idx)
+    index = build_index(model, x[:n_train], present[:n_train], {t: y[list(train_idx)] for t, y in labels.items()})
+    val, test = slice(n_train, n_train + n_val), slice(n_train + n_val, None)
+    return {"val": index.label_shares(x[val], present[val]), "test": index.label_shares(x[test], present[test])}
 
 
 # ---------------------------------------------------------------- stage 2: the comparison

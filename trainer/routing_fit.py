@@ -163,9 +163,8 @@ def fit_neighbour_weight(
     """`with_neighbours`, its weight picked on validation with the one-standard-error rule
     (see `fit_itm_weight`)."""
     wrong = {t: errors[t] & labelled[t] for t in val.scores}
-    return _one_standard_error(
-        [(_caught(with_neighbours(val, w), val, wrong, budget), with_neighbours(val, w)) for w in sorted(grid)]
-    )
+    specs = [with_neighbours(val, w) for w in sorted(grid)]
+    return _one_standard_error([(_caught(spec, val, wrong, budget), spec) for spec in specs])
 
 
 def fit_itm_weight(

@@ -160,7 +160,8 @@ def test_the_vote_mixes_the_neighbour_shares_into_the_probabilities():
 
     index, centres = _index()
     logits = {"hate": torch.tensor([[2.0, -1.0], [0.3, 0.1]])}
-    voted = index.vote(logits, torch.as_tensor(centres, dtype=torch.float32), torch.tensor([True, False]), 0.25)
+    pooled = torch.as_tensor(centres, dtype=torch.float32)
+    voted = index.vote(logits, index.label_shares_tensors(pooled, torch.tensor([True, False])), 0.25)
     shares = index.label_shares(centres, np.array([True, False]))
     # Post 0 has both spaces (averaged), post 1 only text (no image).
     vote = np.stack([(shares["text"]["hate"][0] + shares["image"]["hate"][0]) / 2, shares["text"]["hate"][1]])
@@ -169,7 +170,7 @@ def test_the_vote_mixes_the_neighbour_shares_into_the_probabilities():
     # A task the index does not know keeps its logits.
     other = {"toxicity": torch.tensor([[1.0, 2.0], [0.0, 0.0]])}
     assert torch.equal(
-        index.vote(other, torch.as_tensor(centres).float(), torch.tensor([True, True]), 0.5)["toxicity"],
+        index.vote(other, index.label_shares_tensors(pooled, torch.tensor([True, True])), 0.5)["toxicity"],
         other["toxicity"],
     )
 
