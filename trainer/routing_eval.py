@@ -153,6 +153,24 @@ def check_runs_dir(out_dir: Path, config: dict[str, Any]) -> None:
         path.write_text(json.dumps(config, indent=1, sort_keys=True))
 
 
+def run_splits(
+    examples: Sequence[Example],
+    tasks: dict[str, list[str]],
+    folds: int,
+    seeds: Sequence[int],
+    val_fraction: float,
+) -> dict[tuple[int, int], tuple[list[int], list[int], list[int]]]:
+    """(fold, seed) -> (train, validation, test) post indices: the folds of `modstream ablate`
+    and, inside each fold's training pool, the seed's stratified validation split."""
+    splits = {}
+    for fold, (train_pool, test_idx) in enumerate(_fold_indices(examples, tasks, folds)):
+        pool_keys = strata([examples[i] for i in train_pool], tasks)
+        for seed in seeds:
+            tr, va = stratified_split(len(train_pool), pool_keys, val_fraction, seed)
+            splits[(fold, seed)] = ([train_pool[i] for i in tr], [train_pool[i] for i in va], list(test_idx))
+    return splits
+
+
 def run_folds(
     examples: Sequence[Example],
     out_dir: Path,
@@ -186,47 +204,44 @@ def run_folds(
     tasks = base.config.tasks
     labels = label_tensors(inputs.examples, tasks)
     outputs = []
-    for fold, (train_pool, test_idx) in enumerate(_fold_indices(inputs.examples, tasks, folds)):
-        for seed in seeds:
-            path = paths[(fold, seed)]
-            pool_keys = strata([inputs.examples[i] for i in train_pool], tasks)
-            tr, va = stratified_split(len(train_pool), pool_keys, val_fraction, seed)
-            train_idx, val_idx = [train_pool[i] for i in tr], [train_pool[i] for i in va]
-            if path.is_file():
-                out = _load(path, fold, seed)
-                if not out.shares:  # saved before the neighbour policies: add them, no retraining
-                    out.shares = _neighbour_shares(base, features, labels, train_idx, val_idx, list(test_idx))
-                    _save(path, out)
-                outputs.append(out)
-                continue
-            started = time.perf_counter()
-            torch.manual_seed(seed)
-            model = MultimodalModel(base.config, base.text_encoder, base.image_encoder).to(device)
-            feats = copy.copy(features)  # shares the cached tensors, bound to this run's model
-            feats.model = model
-            feats.text_prefix = None
-
-            (tr_f, tr_y), (va_f, va_y), (te_f, te_y) = (
-                (subset(feats, idx), {t: y[idx] for t, y in labels.items()})
-                for idx in (train_idx, val_idx, list(test_idx))
-            )
-            result = train(model, tr_f, tr_y, va_f, va_y, replace(cfg, seed=seed))
-            cal = calibrate(result.val, tasks)
-            keep_default_thresholds(cal, va_y, cfg.threshold_min_per_class)  # as fit() does
-            # Re-evaluated after the ITM finishing phase, as fit() does for the card.
-            out = FoldOutputs(
-                fold,
-                seed,
-                evaluate_split(model, va_f, va_y),
-                evaluate_split(model, te_f, te_y),
-                cal,
-                np.asarray(test_idx, dtype=np.int64),
-                _neighbour_shares(model, features, labels, train_idx, val_idx, list(test_idx)),
-            )
-            _save(path, out)
+    for (fold, seed), (train_idx, val_idx, test_idx) in run_splits(
+        inputs.examples, tasks, folds, seeds, val_fraction
+    ).items():
+        path = paths[(fold, seed)]
+        if path.is_file():
+            out = _load(path, fold, seed)
+            if not out.shares:  # saved before the neighbour policies: add them, no retraining
+                out.shares = _neighbour_shares(base, features, labels, train_idx, val_idx, list(test_idx))
+                _save(path, out)
             outputs.append(out)
-            if on_run is not None:
-                on_run(out, time.perf_counter() - started)
+            continue
+        started = time.perf_counter()
+        torch.manual_seed(seed)
+        model = MultimodalModel(base.config, base.text_encoder, base.image_encoder).to(device)
+        feats = copy.copy(features)  # shares the cached tensors, bound to this run's model
+        feats.model = model
+        feats.text_prefix = None
+
+        (tr_f, tr_y), (va_f, va_y), (te_f, te_y) = (
+            (subset(feats, idx), {t: y[idx] for t, y in labels.items()}) for idx in (train_idx, val_idx, list(test_idx))
+        )
+        result = train(model, tr_f, tr_y, va_f, va_y, replace(cfg, seed=seed))
+        cal = calibrate(result.val, tasks)
+        keep_default_thresholds(cal, va_y, cfg.threshold_min_per_class)  # as fit() does
+        # Re-evaluated after the ITM finishing phase, as fit() does for the card.
+        out = FoldOutputs(
+            fold,
+            seed,
+            evaluate_split(model, va_f, va_y),
+            evaluate_split(model, te_f, te_y),
+            cal,
+            np.asarray(test_idx, dtype=np.int64),
+            _neighbour_shares(model, features, labels, train_idx, val_idx, list(test_idx)),
+        )
+        _save(path, out)
+        outputs.append(out)
+        if on_run is not None:
+            on_run(out, time.perf_counter() - started)
     return outputs
 
 

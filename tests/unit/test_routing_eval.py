@@ -15,6 +15,7 @@ from trainer.routing_eval import (
     policy_inputs,
     routing_block,
     run_folds,
+    run_splits,
 )
 from trainer.routing_fit import CHOSEN_POLICY, FALLBACK_POLICY, NEIGHBOUR_WEIGHT
 from trainer.train import EvalOutput, TrainConfig
@@ -122,6 +123,21 @@ def test_run_folds_trains_once_and_resumes(tmp_path, synthetic_small, monkeypatc
     again = run_folds(synthetic_small, tmp_path, folds=2, train_config=train_cfg, model_and_tokenizer=tiny_model(cfg))
     np.testing.assert_array_equal(again[1].test.logits["hate"], runs[1].test.logits["hate"])
     assert again[0].calibration.thresholds == runs[0].calibration.thresholds
+
+
+def test_run_splits_partition_each_fold_and_vary_validation_by_seed(synthetic_small):
+    tasks = tiny_config().tasks
+    splits = run_splits(synthetic_small, tasks, 3, (0, 1), 0.2)
+    assert sorted(splits) == [(f, s) for f in range(3) for s in (0, 1)]
+    tests = []
+    for (fold, seed), (train, val, test) in splits.items():
+        assert sorted(train + val + test) == list(range(len(synthetic_small)))  # disjoint, all posts
+        assert abs(len(val) - 0.2 * (len(train) + len(val))) <= len(tasks) * 4  # stratified rounding
+        if seed == 0:
+            tests += test
+            assert splits[(fold, 1)][2] == test  # the seed moves validation, never the test fold
+            assert splits[(fold, 1)][1] != val
+    assert sorted(tests) == list(range(len(synthetic_small)))
 
 
 def test_itm_weight_is_fitted_only_where_weak_matches_hold_errors():
