@@ -3,9 +3,8 @@
 Each reviewer is a consumer of the group, so XREADGROUP hands an entry to exactly one of
 them. What a claim does, in order:
 
-1. the reviewer's own pending entry comes back first (XPENDING for that consumer; an
-   XCLAIM ... JUSTID to themselves resets its idle clock without counting a delivery), so a
-   page reload never grabs a second item;
+1. the reviewer's own pending entry comes back first (XPENDING for that consumer, then a
+   renewal: see below), so a page reload never grabs a second item;
 2. else an entry abandoned longer than `claim_timeout_s` is taken over (XAUTOCLAIM, which
    counts a delivery); one delivered more than `max_deliveries` times goes to the dead-letter
    stream instead (XADD + XACK in one MULTI), so a poison item cannot cycle forever;
@@ -16,6 +15,15 @@ decision reached Kafka, before XACK) is acked and passed over: that covers a cra
 the produce and the XACK, and items decided in Label Studio. Pending entries are never
 trimmed; the dead-letter stream keeps the entry, its delivery count and the reason.
 
+A claim is held only while it is renewed: `renew` (the console page's heartbeat, every
+claim_timeout/3, and the submit path right before the decision is produced) resets the
+entry's idle clock, but only if the caller still holds it. The owner check and the XCLAIM
+... JUSTID to the caller run in one Lua script, so a renewal can never take an entry back
+from a reviewer whose XAUTOCLAIM got there first. `complete`, `release` and `escalate` check
+the owner in the same script as their writes: a reviewer who lost the claim is refused
+(NotClaimed) and nothing is marked, acked or copied, so the entry stays pending for its
+holder.
+
 A decision that labels nothing does not end an item: a skip puts it back at the end of the
 queue for someone else (`release`), an escalation moves it to the escalated stream for
 admins (`escalate`), so neither loses it.
@@ -24,6 +32,7 @@ admins (`escalate`), so neither loses it.
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +56,75 @@ class QueueError(RuntimeError):
 
 class NotClaimed(QueueError):
     """The entry is not (or no longer) claimed by this reviewer."""
+
+
+_ENTRY_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
+
+# Every script starts with the same owner check: XPENDING for the one entry, its consumer
+# compared with the caller. Inside a script nothing can run in between (no XAUTOCLAIM by
+# another reviewer), so the check and the writes that follow are one step.
+_OWNER_CHECK = """
+local rows = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+local owner = ''
+if #rows > 0 then owner = rows[1][2] end
+if owner ~= ARGV[3] then return {0, owner} end
+"""
+
+# KEYS: stream. ARGV: group, entry id, reviewer. XCLAIM with min-idle 0 and JUSTID resets
+# the idle clock without counting a delivery; it drops an entry deleted from the stream.
+_RENEW = (
+    _OWNER_CHECK
+    + """
+local got = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, ARGV[2], 'JUSTID')
+if #got == 0 then return {0, ''} end
+return {1, owner}
+"""
+)
+
+# KEYS: stream, decided marker, decisions zset. ARGV: group, entry id, reviewer, decision id,
+# marker ttl, now, zset member, cutoff. The marker first, then XACK, as `complete` documents.
+_COMPLETE = (
+    _OWNER_CHECK
+    + """
+redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[5])
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[6], ARGV[7])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], 0, ARGV[8])
+return {1, owner}
+"""
+)
+
+# KEYS: stream. ARGV: group, entry id, reviewer. A fresh entry at the end with the same
+# post_id and item, the old one acked; {-1, ''} when the entry is gone from the stream.
+_RELEASE = (
+    _OWNER_CHECK
+    + """
+local entries = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
+if #entries == 0 then return {-1, ''} end
+local flat = entries[1][2]
+local fields = {post_id = '', item = ''}
+for i = 1, #flat, 2 do fields[flat[i]] = flat[i + 1] end
+local new_id = redis.call('XADD', KEYS[1], '*', 'post_id', fields['post_id'], 'item', fields['item'])
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+return {1, new_id}
+"""
+)
+
+# KEYS: stream, escalated stream. ARGV: group, entry id, reviewer, decision id, note, time.
+_ESCALATE = (
+    _OWNER_CHECK
+    + """
+local entries = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
+local fields = {post_id = '', item = ''}
+if #entries > 0 then
+  local flat = entries[1][2]
+  for i = 1, #flat, 2 do fields[flat[i]] = flat[i + 1] end
+end
+redis.call('XADD', KEYS[2], '*', 'post_id', fields['post_id'], 'item', fields['item'], 'entry_id', ARGV[2],
+  'reviewer', ARGV[3], 'decision_id', ARGV[4], 'note', ARGV[5], 'escalated_at', ARGV[6])
+return {1, owner}
+"""
+)
 
 
 @dataclass
@@ -145,6 +223,10 @@ class ReviewQueue:
         self.decided_ttl_s = decided_ttl_s
         self.decisions_key = f"{prefix}:review:decisions"
         self.events = QueueEvents()
+        self._renew_script = client.register_script(_RENEW)
+        self._complete_script = client.register_script(_COMPLETE)
+        self._release_script = client.register_script(_RELEASE)
+        self._escalate_script = client.register_script(_ESCALATE)
 
     # redis-py's stream replies are loosely typed (bytes or str, optional lists): normalise once.
     async def _range(self, key: str, start: str, end: str = "+", count: int = 1000) -> list[tuple[str, dict[str, str]]]:
@@ -186,8 +268,10 @@ class ReviewQueue:
     async def own_pending(self, reviewer: str) -> Claim | None:
         for row in await self._pending_rows("-", "+", 10, reviewer):
             entry_id = row["id"]
-            # JUSTID: reset the idle clock (the reviewer is back) without counting a delivery.
-            await self.client.xclaim(self.stream, self.group, reviewer, 0, [entry_id], justid=True)
+            # The reviewer is back: reset the idle clock, unless another reviewer took the
+            # entry over since XPENDING listed it (then it is theirs now).
+            if not await self.renew(entry_id, reviewer):
+                continue
             claim = await self._load(entry_id, reviewer, row["deliveries"])
             if claim is not None:
                 return claim
@@ -288,6 +372,37 @@ class ReviewQueue:
         rows = await self._pending_rows(entry_id, entry_id, 1)
         return str(rows[0]["consumer"]) if rows else None
 
+    async def _owned(
+        self, script: Any, entry_id: str, reviewer: str, keys: list[str], args: list[Any]
+    ) -> tuple[int, str]:
+        """Runs one of the owner-checked scripts: (status, owner or new id). Status 1 means the
+        writes were done; 0 that `reviewer` does not hold the entry (nothing was written)."""
+        if not _ENTRY_ID.match(entry_id):
+            raise NotClaimed(f"{entry_id!r} is not a review item id")
+        result: Any = await script(keys=[self.stream, *keys], args=[self.group, entry_id, reviewer, *args])
+        return int(result[0]), _str(result[1])
+
+    @staticmethod
+    def _lost(entry_id: str, reviewer: str, owner: str) -> str:
+        where = f"it was reassigned to {owner}" if owner else "it is no longer pending (decided or put back)"
+        return f"item {entry_id} is no longer claimed by {reviewer}: {where}"
+
+    async def renew(self, entry_id: str, reviewer: str) -> bool:
+        """Reset the entry's idle clock if `reviewer` still holds it (the heartbeat); False,
+        changing nothing, when they do not (taken over, acked, deleted, or not an id)."""
+        try:
+            status, _ = await self._owned(self._renew_script, entry_id, reviewer, [], [])
+        except NotClaimed:
+            return False
+        return status == 1
+
+    async def hold(self, entry_id: str, reviewer: str) -> None:
+        """`renew`, raising NotClaimed when the claim is lost: the submit path calls it right
+        before producing the decision, so the claim cannot lapse during the produce."""
+        if not await self.renew(entry_id, reviewer):
+            owner = await self.owner(entry_id) if _ENTRY_ID.match(entry_id) else None
+            raise NotClaimed(self._lost(entry_id, reviewer, owner or ""))
+
     async def get_claimed(self, entry_id: str, reviewer: str, *, admin: bool = False) -> Claim:
         """The claimed item, if `reviewer` holds it (an admin may look at any pending item)."""
         try:
@@ -303,47 +418,36 @@ class ReviewQueue:
         return Claim(entry_id, item, rows[0]["consumer"], rows[0]["deliveries"])
 
     async def complete(self, entry_id: str, post_id: str, reviewer: str, decision_id: str) -> None:
-        """After the decision is on Kafka: mark the post decided, XACK, count the decision."""
+        """After the decision is on Kafka: mark the post decided, XACK, count the decision, in
+        one script that first checks `reviewer` still holds the entry. NotClaimed when they do
+        not: nothing is marked or acked, and the entry stays pending for its holder."""
         now = time.time()
-        pipe = self.client.pipeline(transaction=True)
-        pipe.set(self.decided_key(post_id), decision_id, ex=self.decided_ttl_s)
-        pipe.xack(self.stream, self.group, entry_id)
-        pipe.zadd(self.decisions_key, {f"{decision_id}:{reviewer}": now})
-        pipe.zremrangebyscore(self.decisions_key, 0, now - DECISIONS_KEEP_S)
-        await pipe.execute()
+        keys = [self.decided_key(post_id), self.decisions_key]
+        args = [decision_id, self.decided_ttl_s, now, f"{decision_id}:{reviewer}", now - DECISIONS_KEEP_S]
+        status, owner = await self._owned(self._complete_script, entry_id, reviewer, keys, args)
+        if status != 1:
+            raise NotClaimed(self._lost(entry_id, reviewer, owner) + "; nothing was acknowledged")
 
-    async def release(self, entry_id: str) -> str:
+    async def release(self, entry_id: str, reviewer: str) -> str:
         """A skipped item goes back to the queue for another reviewer: a fresh entry at the end
-        (XADD) and the old one acked, in one MULTI; no decided marker. Returns the new id."""
-        rows = await self._range(self.stream, entry_id, entry_id, count=1)
-        if not rows:
+        (XADD) and the old one acked, in one script, only if `reviewer` holds it (else
+        NotClaimed, nothing changed); no decided marker. Returns the new id."""
+        status, value = await self._owned(self._release_script, entry_id, reviewer, [], [])
+        if status == -1:
             raise QueueError(f"item {entry_id} is no longer in the review stream")
-        fields = rows[0][1]
-        pipe = self.client.pipeline(transaction=True)
-        pipe.xadd(self.stream, {"post_id": fields.get("post_id", ""), "item": fields.get("item", "")})
-        pipe.xack(self.stream, self.group, entry_id)
-        new_id, _ = await pipe.execute()
-        return _str(new_id)
+        if status != 1:
+            raise NotClaimed(self._lost(entry_id, reviewer, value) + "; nothing was put back")
+        return value
 
     async def escalate(self, entry_id: str, reviewer: str, decision_id: str, note: str | None) -> None:
         """Copies the item to the escalated stream (who, when, why) before the caller's
-        `complete`; admins list it with `escalated()`. A crash between the two leaves the item
-        pending: it comes back after the claim timeout, so nothing is lost (at worst it is
-        escalated twice)."""
-        rows = await self._range(self.stream, entry_id, entry_id, count=1)
-        fields = rows[0][1] if rows else {}
-        await self.client.xadd(
-            self.escalated_stream,
-            {
-                "post_id": fields.get("post_id", ""),
-                "item": fields.get("item", ""),
-                "entry_id": entry_id,
-                "reviewer": reviewer,
-                "decision_id": decision_id,
-                "note": note or "",
-                "escalated_at": str(int(time.time() * 1000)),
-            },
-        )
+        `complete`, only if `reviewer` holds it (else NotClaimed, nothing copied); admins list
+        it with `escalated()`. A crash between the two leaves the item pending: it comes back
+        after the claim timeout, so nothing is lost (at worst it is escalated twice)."""
+        args = [decision_id, note or "", str(int(time.time() * 1000))]
+        status, owner = await self._owned(self._escalate_script, entry_id, reviewer, [self.escalated_stream], args)
+        if status != 1:
+            raise NotClaimed(self._lost(entry_id, reviewer, owner) + "; nothing was escalated")
 
     async def escalated(self, count: int = 100) -> list[dict[str, Any]]:
         rows: Any = await self.client.xrevrange(self.escalated_stream, "+", "-", count=count)

@@ -1,22 +1,25 @@
 """Review claims against the real redis-server: exclusive claims, reclaim after the timeout,
-dead-lettering after too many deliveries, ack only after a decision. Each test uses its own
-key prefix, so tests never see each other's streams."""
+renewal by the holder only, dead-lettering after too many deliveries, ack only after a
+decision and only by the claim's holder. Each test uses its own key prefix, so tests never
+see each other's streams. Only Redis is started (no Kafka): the queue never talks to it."""
 
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 
-from review.queue import NotClaimed, ReviewQueue
+from review.queue import NotClaimed, QueueError, ReviewQueue
 from stream.records import ReviewItem
 from stream.redis_store import RedisStore
-from tests.integration.stack import LocalStack
+from tests.integration.stack import LocalStack, StackError
 
 pytestmark = pytest.mark.asyncio
 
@@ -69,9 +72,26 @@ class Env:
         await self.store.close()
 
 
+@pytest.fixture(scope="module")
+def redis_only(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """A redis-server of this module's own (deploy/local-stack.sh start-redis), no Kafka."""
+    local = LocalStack.with_free_ports(tmp_path_factory.mktemp("redis-only"))
+    try:
+        error = None
+        try:
+            local.start_redis()
+        except StackError as exc:
+            error = str(exc)
+        if error is not None:
+            pytest.fail(f"could not start redis-server: {error}", pytrace=False)
+        yield local
+    finally:
+        local.shutdown()
+
+
 @pytest_asyncio.fixture
-async def env(stack: LocalStack) -> AsyncIterator[Env]:
-    e = Env(stack.redis_url)
+async def env(redis_only: LocalStack) -> AsyncIterator[Env]:
+    e = Env(redis_only.redis_url)
     try:
         yield e
     finally:
@@ -207,7 +227,7 @@ async def test_a_skipped_item_goes_back_to_the_queue_for_another_reviewer(env: E
     await queue.ensure_group()
     alice = await queue.claim("alice")
     assert alice is not None and alice.item.post_id == post_id
-    await queue.release(alice.entry_id)
+    await queue.release(alice.entry_id, "alice")
     bob = await queue.claim("bob")
     assert bob is not None and bob.item.post_id == post_id and bob.entry_id != alice.entry_id
     with pytest.raises(NotClaimed):
@@ -227,3 +247,139 @@ async def test_an_escalated_item_leaves_the_queue_for_the_escalated_stream(env: 
     (escalated,) = await queue.escalated()
     assert escalated["post_id"] == post_id and escalated["reviewer"] == "alice" and escalated["note"] == "needs legal"
     assert ReviewItem.from_json(escalated["item"]).post_id == post_id
+
+
+# -- renewal (the console's heartbeat) and ownership on completion -----------------------------
+
+
+async def _idle_ms(queue: ReviewQueue, entry_id: str) -> int:
+    rows: Any = await queue.client.xpending_range(queue.stream, queue.group, entry_id, entry_id, 1)
+    return int(rows[0]["time_since_delivered"])
+
+
+async def test_a_renewed_claim_is_not_taken_over_past_the_timeout(env: Env) -> None:
+    held_post, other_post = await env.enqueue(2)
+    queue = env.queue(claim_timeout_s=1.0)
+    await queue.ensure_group()
+    alice = await queue.claim("alice")
+    assert alice is not None and alice.item.post_id == held_post
+    for _ in range(5):  # 2 s in all, twice the timeout, renewed every 0.4 s
+        await asyncio.sleep(0.4)
+        assert await queue.renew(alice.entry_id, "alice")
+    bob = await queue.claim("bob")
+    assert bob is not None and bob.item.post_id == other_post, "bob must get the other item, not alice's"
+    assert not bob.reclaimed and queue.events.reclaims == 0
+    assert await queue.owner(alice.entry_id) == "alice"
+    assert (await queue.get_claimed(alice.entry_id, "alice")).deliveries == 1  # renewals count no delivery
+    # The control: once alice stops renewing, the same claim is taken over after the timeout.
+    await asyncio.sleep(1.2)
+    carol = await queue.claim("carol")
+    assert carol is not None and carol.entry_id == alice.entry_id and carol.reclaimed
+    assert not await queue.renew(alice.entry_id, "alice"), "a lost claim must not renew"
+    assert await queue.owner(alice.entry_id) == "carol"
+
+
+async def test_renew_by_someone_else_returns_false_and_changes_nothing(env: Env) -> None:
+    (post,) = await env.enqueue(1)
+    queue = env.queue(claim_timeout_s=1.0)
+    await queue.ensure_group()
+    alice = await queue.claim("alice")
+    assert alice is not None
+    await asyncio.sleep(0.6)
+    before = await _idle_ms(queue, alice.entry_id)
+    assert not await queue.renew(alice.entry_id, "bob")
+    assert await queue.owner(alice.entry_id) == "alice"
+    assert await _idle_ms(queue, alice.entry_id) >= before, "bob's renewal reset alice's idle clock"
+    assert await queue.claim("bob") is None  # and gave him nothing
+    for bad in ("not-an-id", "1-2-3", "", "99999999999999-0"):
+        assert not await queue.renew(bad, "alice")
+    # Alice's clock was never reset by bob: the claim lapses on the original schedule.
+    await asyncio.sleep(0.5)
+    taken = await queue.claim("bob")
+    assert taken is not None and taken.entry_id == alice.entry_id and taken.item.post_id == post
+    # Once decided, nobody can renew it (it is no longer pending).
+    await queue.complete(taken.entry_id, post, "bob", "d-1")
+    assert not await queue.renew(taken.entry_id, "bob")
+
+
+async def test_complete_by_a_reviewer_who_lost_the_claim_is_refused(env: Env) -> None:
+    (post,) = await env.enqueue(1)
+    queue = env.queue(claim_timeout_s=1.0)
+    await queue.ensure_group()
+    alice = await queue.claim("alice")
+    assert alice is not None
+    await asyncio.sleep(1.2)
+    bob = await queue.claim("bob")  # takes alice's abandoned claim over
+    assert bob is not None and bob.entry_id == alice.entry_id
+    depth = (await queue.stats()).depth
+    with pytest.raises(NotClaimed, match="reassigned to bob"):
+        await queue.complete(alice.entry_id, post, "alice", "d-alice")
+    with pytest.raises(NotClaimed, match="reassigned to bob"):
+        await queue.escalate(alice.entry_id, "alice", "d-alice", "too late")
+    with pytest.raises(NotClaimed, match="reassigned to bob"):
+        await queue.release(alice.entry_id, "alice")
+    with pytest.raises(NotClaimed):
+        await queue.hold(alice.entry_id, "alice")
+    # Nothing was marked, acked, copied or re-queued: the entry is still bob's to decide.
+    assert await queue.owner(alice.entry_id) == "bob"
+    assert not await queue.client.exists(queue.decided_key(post))
+    assert await queue.escalated() == []
+    stats = await queue.stats()
+    assert (stats.depth, stats.pending, stats.decisions_last_hour) == (depth, 1, 0)
+    assert (await queue.get_claimed(bob.entry_id, "bob")).item.post_id == post
+    await queue.hold(bob.entry_id, "bob")
+    await queue.complete(bob.entry_id, post, "bob", "d-bob")
+    assert await queue.owner(bob.entry_id) is None
+    assert await queue.client.get(queue.decided_key(post)) == b"d-bob"
+    assert (await queue.stats()).per_reviewer_last_hour == {"bob": 1}
+    # A completion of an entry nobody holds any more (a retried request) is refused too.
+    with pytest.raises(NotClaimed, match="no longer pending"):
+        await queue.complete(bob.entry_id, post, "bob", "d-bob")
+
+
+async def test_release_of_an_entry_deleted_from_the_stream_is_an_error_not_a_loss(env: Env) -> None:
+    await env.enqueue(1)
+    queue = env.queue()
+    await queue.ensure_group()
+    claim = await queue.claim("alice")
+    assert claim is not None
+    await queue.client.xdel(queue.stream, claim.entry_id)
+    with pytest.raises(QueueError, match="no longer in the review stream"):
+        await queue.release(claim.entry_id, "alice")
+
+
+async def test_a_renewal_racing_a_takeover_leaves_exactly_one_holder(env: Env) -> None:
+    """A renewal that comes after another reviewer's takeover reports the loss instead of taking
+    the entry back (an XCLAIM to self without the owner check would steal it back, and both
+    would think they hold it); one that comes first keeps it. The renewal is delayed by a
+    varying few milliseconds so both orders happen. (The owner check and the XCLAIM run in
+    one script, so a takeover cannot fall between them either; that window is too narrow to
+    hit reliably from a test.)"""
+    await env.enqueue(40)
+    alice_q, bob_q = env.queue(claim_timeout_s=0.05), env.queue(claim_timeout_s=0.05)
+    await alice_q.ensure_group()
+    outcomes: Counter[str] = Counter()
+    for _ in range(40):
+        held = await alice_q.claim("alice")
+        if held is None:
+            break
+        await asyncio.sleep(0.06)  # idle past the timeout: open to a takeover
+
+        async def renew_after(delay: float, entry_id: str = held.entry_id) -> bool:
+            await asyncio.sleep(delay)
+            return await alice_q.renew(entry_id, "alice")
+
+        delay = random.choice((0.0, 0.0, 0.001, 0.003, 0.006, 0.012))
+        renewed, taken = await asyncio.gather(renew_after(delay), bob_q.claim("bob"))
+        owner = await alice_q.owner(held.entry_id)
+        took_hers = taken is not None and taken.entry_id == held.entry_id
+        if renewed:
+            assert owner == "alice" and not took_hers, (renewed, taken, owner)
+            outcomes["renewed"] += 1
+        else:
+            assert took_hers and owner == "bob", (renewed, taken, owner)
+            outcomes["taken"] += 1
+        for name, queue, claim in (("alice", alice_q, held), ("bob", bob_q, taken)):
+            if claim is not None and await queue.owner(claim.entry_id) == name:
+                await queue.complete(claim.entry_id, claim.item.post_id, name, uuid.uuid4().hex)
+    assert outcomes["renewed"] >= 3 and outcomes["taken"] >= 3, f"both orders must have happened: {outcomes}"
