@@ -170,18 +170,44 @@ class TextEncoder(FrozenStaysEval):
 
 
 class ImageEncoder(FrozenStaysEval):
-    """Base for image encoders: `dim`, the expected input size and normalisation."""
+    """Base for image encoders: `dim`, the expected input size and normalisation.
+
+    An encoder whose last units train may also be split at unit `start` (= units - trainable),
+    like the text encoder: `maps_at` (the frozen part, cached) and `forward_from` (the trained
+    part, run live). Only encoders that implement both say so in `supports_split`."""
 
     dim: int
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
+    def units(self) -> list[nn.Module]:
+        """The parts `set_trainable` unfreezes, bottom to top."""
+        return []
+
     def set_trainable(self, trainable: int) -> None:
-        raise NotImplementedError
+        set_trainable(self.units(), self, trainable)
 
     def forward(self, pixel_values: Tensor) -> EncodedSequence:
         raise NotImplementedError
+
+    def maps_at(self, pixel_values: Tensor, start: int) -> Tensor:
+        """The input of unit `start`: a feature map [B, C, H, W]."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be split")
+
+    def forward_from(self, maps: Tensor, start: int) -> EncodedSequence:
+        """Runs units `start:` on `maps` (from `maps_at`) and returns what `forward` would."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be split")
+
+    def supports_split(self, pixel_values: Tensor, start: int, atol: float = 1e-4) -> bool:
+        return False
+
+
+def _map_tokens(fmap: Tensor) -> EncodedSequence:
+    """A feature map [B, C, H, W] as H*W tokens, all real, pooled by their mean."""
+    tokens = fmap.flatten(2).transpose(1, 2)
+    mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+    return EncodedSequence(tokens, mask, tokens.mean(1))
 
 
 def _efficientnet_lite0_weights() -> dict[str, Tensor]:
@@ -222,19 +248,47 @@ class EfficientNetLiteEncoder(ImageEncoder):
             mapped[dst_key] = tensor
         self.net.load_state_dict(mapped)
 
-    def set_trainable(self, trainable: int) -> None:
-        # "Blocks" counted from the top: the 1x1 conv head, then the MBConv stages.
-        units: list[nn.Module] = [
-            *self.net.blocks,
-            nn.ModuleList([self.net.conv_head, self.net.bn2]),
-        ]
-        set_trainable(units, self, trainable)
+    def units(self) -> list[nn.Module]:
+        # "Blocks" counted from the top: the 1x1 conv head, then the MBConv stages; the stem
+        # below them always stays frozen.
+        return [*self.net.blocks, nn.ModuleList([self.net.conv_head, self.net.bn2])]
 
     def forward(self, pixel_values: Tensor) -> EncodedSequence:
-        fmap = self.net.forward_features(pixel_values)  # [B, C, H, W]
-        tokens = fmap.flatten(2).transpose(1, 2)
-        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-        return EncodedSequence(tokens, mask, tokens.mean(1))
+        return _map_tokens(self.net.forward_features(pixel_values))
+
+    # Split at unit `start` (0 <= start < 8): the stem and blocks[:start] are frozen and cached;
+    # blocks[start:] and the head run live. Unit 7 is the head alone.
+
+    def maps_at(self, pixel_values: Tensor, start: int) -> Tensor:
+        self._check_start(start)
+        maps = self.net.bn1(self.net.conv_stem(pixel_values))
+        for block in self.net.blocks[:start]:
+            maps = block(maps)
+        return maps
+
+    def forward_from(self, maps: Tensor, start: int) -> EncodedSequence:
+        self._check_start(start)
+        for block in self.net.blocks[start:]:
+            maps = block(maps)
+        return _map_tokens(self.net.bn2(self.net.conv_head(maps)))
+
+    def _check_start(self, start: int) -> None:
+        if not 0 <= start < len(self.units()):
+            raise ValueError(f"split unit {start} is outside 0..{len(self.units()) - 1}")
+
+    @torch.no_grad()
+    def supports_split(self, pixel_values: Tensor, start: int, atol: float = 1e-4) -> bool:
+        """True when `forward_from(maps_at(...))` reproduces `forward` on this batch (in eval)."""
+        if not 0 <= start < len(self.units()):
+            return False
+        was_training = self.training
+        self.eval()
+        try:
+            whole = self.forward(pixel_values)
+            split = self.forward_from(self.maps_at(pixel_values, start), start)
+        finally:
+            self.train(was_training)
+        return bool(torch.allclose(whole.tokens, split.tokens, atol=atol, rtol=1e-4))
 
 
 class HFVisionEncoder(ImageEncoder):
@@ -275,8 +329,8 @@ class HFVisionEncoder(ImageEncoder):
         build = getattr(model_class, "from_config", None) or model_class._from_config
         return cls(build(config), mean, std)
 
-    def set_trainable(self, trainable: int) -> None:
-        set_trainable(layer_stack(self.backbone), self, trainable)
+    def units(self) -> list[nn.Module]:
+        return layer_stack(self.backbone)
 
     def forward(self, pixel_values: Tensor) -> EncodedSequence:
         out = self.backbone(pixel_values=pixel_values)

@@ -3,8 +3,9 @@
 A frozen encoder gives the same output for the same content on every epoch, fold and seed,
 so its outputs are computed once and cached on disk by content hash (sha256 of the text or
 of the image bytes, plus the backbone's identity). A text encoder with only its top layers
-unfrozen caches the frozen layers' output the same way and runs just the top layers live;
-an encoder fine-tuned from the bottom runs live.
+unfrozen caches the frozen layers' output the same way and runs just the top layers live,
+and so does an image encoder with only its last blocks unfrozen (the feature map below
+them); an encoder fine-tuned from the bottom runs live.
 """
 
 from __future__ import annotations
@@ -155,6 +156,26 @@ class TextPrefix:
 
 
 @dataclass
+class ImagePrefix:
+    """Cached input of image unit `start` (a feature map [C, H, W] per post, kept as H*W
+    tokens of C channels like FrozenSequences), for an image encoder whose units `start:` train."""
+
+    states: FrozenSequences
+    start: int
+    height: int
+    width: int
+
+    def maps(self, idx: Sequence[int], device: torch.device) -> Tensor:
+        """The cached maps of posts `idx` as [B, C, H, W] float32 on `device`."""
+        index = torch.as_tensor(list(idx), dtype=torch.long)
+        tokens = self.states.tokens[index].to(device=device, dtype=torch.float32)  # [B, H*W, C]
+        return tokens.transpose(1, 2).reshape(len(index), -1, self.height, self.width)
+
+    def subset(self, idx: Sequence[int]) -> ImagePrefix:
+        return ImagePrefix(self.states.subset(idx), self.start, self.height, self.width)
+
+
+@dataclass
 class FrozenSequences:
     """A frozen encoder's outputs for a whole dataset, padded once: tokens [N, L, D]
     (float16 to halve memory), mask [N, L]. Batches are plain index lookups."""
@@ -198,6 +219,7 @@ class LiveFeatures:
         frozen_text: FrozenSequences | None = None,
         frozen_image: FrozenSequences | None = None,
         text_prefix: TextPrefix | None = None,
+        image_prefix: ImagePrefix | None = None,
     ) -> None:
         self.model = model
         self.inputs = inputs
@@ -208,6 +230,7 @@ class LiveFeatures:
         self.frozen_text = frozen_text
         self.frozen_image = frozen_image
         self.text_prefix = text_prefix
+        self.image_prefix = image_prefix
         self.present = inputs.image_present
 
     def __len__(self) -> int:
@@ -225,6 +248,9 @@ class LiveFeatures:
     def image(self, idx: Sequence[int]) -> EncodedSequence:
         if self.frozen_image is not None:
             return self.frozen_image.take(idx, self.device)
+        if self.image_prefix is not None:
+            maps = self.image_prefix.maps(idx, self.device)
+            return self.model.image_encoder.forward_from(maps, self.image_prefix.start)
         pixels, _ = self.image_pre([self.inputs.images[i] for i in idx])
         return self.model.image_encoder(pixels.to(self.device))
 
@@ -254,12 +280,20 @@ def encode_frozen(
     device: torch.device,
     progress: bool = False,
     text_start: int | None = None,
+    image_start: int | None = None,
 ) -> FrozenSequences:
     """Token sequences of a frozen encoder for every example, via the on-disk cache; with
-    `text_start`, the text encoder's hidden states at the input of that layer instead."""
+    `text_start`, the text encoder's hidden states at the input of that layer instead; with
+    `image_start`, the image encoder's feature map at the input of that unit, as H*W tokens
+    (posts without an image get the map of the blank image the live path would feed)."""
     from tqdm import tqdm
 
-    key = encoder_key(model, which) + ("" if text_start is None else f"-layer{text_start}")
+    key = encoder_key(model, which)
+    if text_start is not None:
+        key += f"-layer{text_start}"
+    if image_start is not None:
+        # A convolutional map's size follows the input size, which the weights do not fix.
+        key += f"-unit{image_start}-px{model.image_encoder.image_size}"
     live = LiveFeatures(model, tokenizer, inputs, device)
     max_len, pair = model.config.max_text_length, model.config.ocr_segment
     digests = [
@@ -268,17 +302,22 @@ def encode_frozen(
     ]
     out: list[Tensor | None] = [None] * len(digests)
     todo: list[int] = []
+    blank: Tensor | None = None
+    was_training = model.training
+    model.eval()
     for i, digest in enumerate(digests):
         if not digest:  # no image: a placeholder the present-mask hides
-            out[i] = torch.zeros(1, model.image_encoder.dim, dtype=torch.float16)
+            if image_start is None:
+                out[i] = torch.zeros(1, model.image_encoder.dim, dtype=torch.float16)
+            else:
+                blank = _blank_map(model, live, image_start, device) if blank is None else blank
+                out[i] = blank
             continue
         cached = store.get(key, digest)
         if cached is None:
             todo.append(i)
         else:
             out[i] = cached
-    was_training = model.training
-    model.eval()
     chunks = range(0, len(todo), ENCODE_BATCH)
     for start in tqdm(chunks, desc=f"encode {which}", disable=not progress or not todo):
         idx = todo[start : start + ENCODE_BATCH]
@@ -286,6 +325,10 @@ def encode_frozen(
             ids, mask = live.text_pre([inputs.text_of(i) for i in idx])
             states = model.text_encoder.hidden_states_at(ids.to(device), mask.to(device), text_start)
             keep = mask.bool().to(device)
+        elif image_start is not None:
+            pixels, _ = live.image_pre([inputs.images[i] for i in idx])
+            states = model.image_encoder.maps_at(pixels.to(device), image_start).flatten(2).transpose(1, 2)
+            keep = torch.ones(states.shape[:2], dtype=torch.bool, device=device)
         else:
             seq = live.text(idx) if which == "text" else live.image(idx)
             states, keep = seq.tokens, seq.mask
@@ -297,6 +340,13 @@ def encode_frozen(
     return FrozenSequences.stack([t for t in out if t is not None])
 
 
+def _blank_map(model: MultimodalModel, live: LiveFeatures, start: int, device: torch.device) -> Tensor:
+    """Unit `start`'s input for the blank image that stands in for a missing one, as tokens."""
+    pixels, _ = live.image_pre([None])
+    maps = model.image_encoder.maps_at(pixels.to(device), start)
+    return maps[0].flatten(1).transpose(0, 1).to("cpu", torch.float16)
+
+
 def build_features(
     model: MultimodalModel,
     tokenizer: object,
@@ -305,8 +355,8 @@ def build_features(
     device: torch.device,
     progress: bool = False,
 ) -> LiveFeatures:
-    """Cache whichever encoder is frozen, and the frozen layers of a partly unfrozen text
-    encoder; run the rest live."""
+    """Cache whichever encoder is frozen, and the frozen part of a partly unfrozen encoder;
+    run the rest live."""
     cfg = model.config
     if cfg.ocr_segment and inputs.ocr_texts is None:
         inputs.ocr_texts = read_image_texts(inputs, store, TesseractOcr(cfg.ocr_languages), progress)
@@ -325,7 +375,12 @@ def build_features(
         if cfg.text_trainable_layers > 0
         else None
     )
-    return LiveFeatures(model, tokenizer, inputs, device, frozen_text, frozen_image, prefix)
+    image_start = (
+        image_prefix(model, inputs, cfg.image_trainable_blocks, store, device, progress)
+        if cfg.image_trainable_blocks > 0
+        else None
+    )
+    return LiveFeatures(model, tokenizer, inputs, device, frozen_text, frozen_image, prefix, image_start)
 
 
 def text_prefix(
@@ -353,6 +408,41 @@ def text_prefix(
     return TextPrefix(encode_frozen(model, tokenizer, inputs, "text", store, device, progress, start), start)
 
 
+def image_prefix(
+    model: MultimodalModel,
+    inputs: LoadedInputs,
+    trainable_blocks: int,
+    store: FeatureStore,
+    device: torch.device,
+    progress: bool = False,
+) -> ImagePrefix | None:
+    """The cached frozen part of an image encoder whose last `trainable_blocks` units train,
+    or None (run it all live) when the encoder cannot be split or there are no images."""
+    encoder = model.image_encoder
+    units = len(encoder.units())
+    start = units - trainable_blocks
+    probe = [im for im in inputs.images if im is not None][:4]
+    if not probe:
+        return None
+    pre = ImagePreprocessor(encoder.image_size, encoder.mean, encoder.std)
+    pixels, _ = pre(probe)
+    if not encoder.supports_split(pixels.to(device), start):
+        log.warning(
+            "image encoder %s cannot be split at unit %d of %d; running all of it live",
+            type(encoder).__name__,
+            start,
+            units,
+        )
+        return None
+    was_training = encoder.training
+    encoder.eval()
+    with torch.no_grad():
+        _, _, height, width = encoder.maps_at(pixels[:1].to(device), start).shape
+    encoder.train(was_training)
+    states = encode_frozen(model, None, inputs, "image", store, device, progress, image_start=start)
+    return ImagePrefix(states, start, int(height), int(width))
+
+
 def subset(features: LiveFeatures, idx: Sequence[int]) -> LiveFeatures:
     """`features` restricted to `idx` (a split of a fold), with the same model."""
     inputs = features.inputs
@@ -370,6 +460,7 @@ def subset(features: LiveFeatures, idx: Sequence[int]) -> LiveFeatures:
         None if features.frozen_text is None else features.frozen_text.subset(idx),
         None if features.frozen_image is None else features.frozen_image.subset(idx),
         None if features.text_prefix is None else features.text_prefix.subset(idx),
+        None if features.image_prefix is None else features.image_prefix.subset(idx),
     )
 
 
