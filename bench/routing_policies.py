@@ -11,7 +11,12 @@ Posts: the 1,308 CM-Off-Meme posts with an image (the sample ships no image for 
 other 713 rows); --with-text-only adds those as text-only posts.
 
     nice -n 5 .venv/bin/python bench/routing_policies.py [--seeds 2] [--runs-dir DIR] [--out FILE.json]
-        [--neighbour-sweep 0.5 1 2 3 4 6]
+        [--neighbour-sweep 0.5 1 2 3 4 6] [--through-fit [--neighbour-vote W]]
+
+--through-fit trains each run as `modstream train` does (trainer.fit.fit_features: the head +
+probe blend, the probe refitted on training + validation, the neighbour index, the optional
+neighbour vote) and scores the served model, adding a row for the policy its card ships
+(its own cut, at the 10% budget it was tuned for). Its runs live in their own directory.
 
 The neighbour policies read each post's labelled nearest training posts (models/neighbours.py,
 index built from the run's training split); runs saved before they existed get their
@@ -32,6 +37,7 @@ from typing import Any
 
 import torch
 
+from models.config import ModelConfig
 from trainer.importers import import_cm_off_meme
 from trainer.routing_eval import compare, run_folds
 from trainer.train import TrainConfig
@@ -78,8 +84,22 @@ def main() -> None:
         default="var/bench/routing/runs",
         help="trained-run outputs (resumable; refused if made under another config)",
     )
+    parser.add_argument(
+        "--through-fit",
+        action="store_true",
+        help="score the model as fit() ships it (blend, probe refit, neighbour index, the card's policy)",
+    )
+    parser.add_argument(
+        "--neighbour-vote",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="with --through-fit: ModelConfig.neighbour_vote (modstream train --neighbour-vote)",
+    )
     parser.add_argument("--cache", default="var/cache", help="encoded-feature cache")
-    parser.add_argument("--out", default="var/bench/routing_policies.json")
+    parser.add_argument(
+        "--out", default=None, help="JSON (default var/bench/routing_policies[-fit[-voteW]].json, as the runs)"
+    )
     parser.add_argument("--boot", type=int, default=1000, help="bootstrap resamples")
     parser.add_argument(
         "--neighbour-sweep",
@@ -90,17 +110,28 @@ def main() -> None:
         help="also the summed neighbour policy at each of these weights (e.g. 0.5 1 2 3 4 6)",
     )
     args = parser.parse_args()
+    if args.neighbour_vote and not args.through_fit:
+        parser.error("--neighbour-vote needs --through-fit (the head-only runs do not serve the vote)")
+    model_config = ModelConfig(neighbour_vote=args.neighbour_vote)  # refuses a weight outside [0, 1)
 
     torch.set_num_threads(1)
     started = time.perf_counter()
     examples = import_cm_off_meme(with_text_only=args.with_text_only).examples
-    runs_dir = Path(args.runs_dir) / "with-text-only" if args.with_text_only else Path(args.runs_dir)
+    runs_dir, variant = Path(args.runs_dir), ""
+    if args.through_fit:  # their own directory: runs_config refuses to mix them with head-only runs
+        variant = "-fit" + (f"-vote{args.neighbour_vote:g}" if args.neighbour_vote else "")
+        runs_dir = runs_dir.parent / f"{runs_dir.name}{variant}"
+    if args.with_text_only:
+        runs_dir, variant = runs_dir / "with-text-only", variant + "-with-text-only"
+    out = Path(args.out or f"var/bench/routing_policies{variant}.json")
     runs = run_folds(
         examples,
         runs_dir,
         folds=args.folds,
         seeds=tuple(range(args.seeds)),
         cache_dir=Path(args.cache),
+        model_config=model_config,
+        through_fit=args.through_fit,
         on_run=lambda o, s: print(f"fold {o.fold} seed {o.seed}: trained in {s:.0f} s", file=sys.stderr),
     )
     tasks = list(runs[0].calibration.temperatures)
@@ -111,13 +142,16 @@ def main() -> None:
         "with_image": n_with_image,
         "folds": args.folds,
         "seeds": args.seeds,
-        "recipe": "task+itc+itm, frozen encoders, default TrainConfig, thresholds as fit() keeps or tunes them",
+        "recipe": (
+            f"as fit() ships it (head + probe blend, neighbour index, vote {args.neighbour_vote:g})"
+            if args.through_fit
+            else "task+itc+itm, frozen encoders, head only, default TrainConfig, thresholds kept or tuned as fit() does"
+        ),
         "train_config": TrainConfig().to_dict(),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads 1",
         "intervals": "95% percentile bootstrap over test posts pooled across runs (resampled within each run)",
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(markdown(result, tasks))

@@ -262,6 +262,11 @@ class FitResult:
     card: ModelCard
     result: TrainResult
     calibration: Calibration
+    # What the card was measured on: the served model's validation outputs before the probes
+    # were refitted on validation, and the validation posts' neighbour shares (an index of the
+    # training split). Benchmarks score review policies on them (trainer/routing_eval.py).
+    validation: EvalOutput | None = None
+    validation_shares: dict[str, dict[str, np.ndarray]] | None = None
 
 
 def fit(
@@ -391,4 +396,4 @@ def fit_features(
         refit_probes(model, x, labels, probes)
     if out_dir is not None:
         write_curves(result.history, out_dir)
-    return FitResult(model, tokenizer, card, result, cal)
+    return FitResult(model, tokenizer, card, result, cal, val_eval, val_neighbours)

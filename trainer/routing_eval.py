@@ -36,7 +36,7 @@ from models.routing_policy import BUDGETS, PolicyInputs, RoutingPolicySpec, itm_
 from trainer.ablation import _fold_indices
 from trainer.calibration import Calibration, calibrate
 from trainer.features import FeatureStore, LiveFeatures, build_features, load_inputs, subset
-from trainer.fit import keep_default_thresholds, strata, stratified_split
+from trainer.fit import fit_features, keep_default_thresholds, strata, stratified_split
 from trainer.manifest import Example
 from trainer.neighbour_fit import build_index, pooled_features
 from trainer.routing_fit import (  # noqa: F401  (re-exported: the comparison's building blocks)
@@ -70,6 +70,8 @@ class FoldOutputs:
     # split -> space -> task -> [N, C]: label shares among each post's nearest training posts
     # (models/neighbours.py); empty for runs saved before the neighbour policies existed.
     shares: dict[str, dict[str, dict[str, np.ndarray]]] = field(default_factory=dict)
+    # Runs trained through fit(): the review policy its card ships (routing_block), cut included.
+    card_policy: dict[str, Any] | None = None
 
 
 def _save(path: Path, out: FoldOutputs) -> None:
@@ -88,6 +90,8 @@ def _save(path: Path, out: FoldOutputs) -> None:
         for space, by_task in by_space.items():
             for task, shares in by_task.items():
                 arrays[f"{split}/shares/{space}/{task}"] = shares
+    if out.card_policy is not None:
+        arrays["card/policy"] = np.array(json.dumps(out.card_policy))
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, **arrays)  # type: ignore[arg-type]
     tmp.replace(path)  # whole file or nothing: a killed run leaves no half-written fold
@@ -115,11 +119,17 @@ def _load(path: Path, fold: int, seed: int) -> FoldOutputs:
         if "/shares/" in key:
             name, _, space, task = key.split("/")
             shares.setdefault(name, {}).setdefault(space, {})[task] = value
-    return FoldOutputs(fold, seed, split("val"), split("test"), cal, d["test_idx"], shares)
+    policy = json.loads(str(d["card/policy"])) if "card/policy" in d else None
+    return FoldOutputs(fold, seed, split("val"), split("test"), cal, d["test_idx"], shares, policy)
 
 
 def runs_config(
-    examples: Sequence[Example], cfg: TrainConfig, model: ModelConfig, folds: int, val_fraction: float
+    examples: Sequence[Example],
+    cfg: TrainConfig,
+    model: ModelConfig,
+    folds: int,
+    val_fraction: float,
+    through_fit: bool = False,
 ) -> dict[str, Any]:
     """What a runs directory's outputs depend on; a resumed run must match it."""
     h = hashlib.sha256()
@@ -130,9 +140,11 @@ def runs_config(
     # these runs: they are scored from the trained head alone.
     serving_only = ("probe_tasks", "probe_mode", "head_temperatures", "neighbour_vote")
     arch = {k: v for k, v in model.to_dict().items() if k not in serving_only}
-    return json_safe(
-        {"train": train, "model": arch, "folds": folds, "val_fraction": val_fraction, "data": h.hexdigest()}
-    )
+    config = {"train": train, "model": arch, "folds": folds, "val_fraction": val_fraction, "data": h.hexdigest()}
+    if through_fit:  # scored as served: the probes and the neighbour vote are part of the recipe
+        config["model"] = model.to_dict()
+        config["recipe"] = "fit (served head + probe blend, neighbour index, the card's policy)"
+    return json_safe(config)
 
 
 def check_runs_dir(out_dir: Path, config: dict[str, Any]) -> None:
@@ -183,12 +195,16 @@ def run_folds(
     model_config: ModelConfig | None = None,
     model_and_tokenizer: tuple[MultimodalModel, Any] | None = None,
     on_run: Callable[[FoldOutputs, float], None] | None = None,
+    through_fit: bool = False,
 ) -> list[FoldOutputs]:
     """Trains (or reloads from out_dir) one model per fold x seed on CPU; the folds and the
-    train/validation split inside each are those of `modstream ablate`."""
+    train/validation split inside each are those of `modstream ablate`. `through_fit`: each
+    run is what `modstream train` ships (fit_features: the head + probe blend, the probe
+    refitted on training + validation, the neighbour index and vote, the card's policy), and
+    its test outputs are the served model's; otherwise the head alone, as trained."""
     cfg = train_config or TrainConfig()
     config = model_and_tokenizer[0].config if model_and_tokenizer else (model_config or ModelConfig())
-    check_runs_dir(out_dir, runs_config(examples, cfg, config, folds, val_fraction))
+    check_runs_dir(out_dir, runs_config(examples, cfg, config, folds, val_fraction, through_fit))
     paths = {(f, s): out_dir / f"fold{f}-seed{s}.npz" for f in range(folds) for s in seeds}
     if all(p.is_file() for p in paths.values()):  # re-scoring only: no model, no features
         loaded = [_load(p, f, s) for (f, s), p in paths.items()]
@@ -221,6 +237,14 @@ def run_folds(
         feats = copy.copy(features)  # shares the cached tensors, bound to this run's model
         feats.model = model
         feats.text_prefix = None
+        if through_fit:
+            out = _served_run(model, tokenizer, feats, labels, (train_idx, val_idx, test_idx), cfg, seed)
+            out.fold = fold
+            _save(path, out)
+            outputs.append(out)
+            if on_run is not None:
+                on_run(out, time.perf_counter() - started)
+            continue
 
         (tr_f, tr_y), (va_f, va_y), (te_f, te_y) = (
             (subset(feats, idx), {t: y[idx] for t, y in labels.items()}) for idx in (train_idx, val_idx, list(test_idx))
@@ -245,6 +269,41 @@ def run_folds(
     return outputs
 
 
+def _served_run(
+    model: MultimodalModel,
+    tokenizer: Any,
+    features: LiveFeatures,
+    labels: Mapping[str, torch.Tensor],
+    split: tuple[Sequence[int], Sequence[int], Sequence[int]],
+    cfg: TrainConfig,
+    seed: int,
+) -> FoldOutputs:
+    """fit_features on the fold's training pool (its own stratified split of the pool is the
+    run's training / validation split), then the served model on the test fold."""
+    train_idx, val_idx, test_idx = split
+    pool = sorted([*train_idx, *val_idx])  # the pool's order, so fit() draws the same split
+    pool_features = subset(features, pool)
+    fitted = fit_features(model, tokenizer, pool_features.inputs, pool_features, replace(cfg, seed=seed))
+    if fitted.validation is None or fitted.validation_shares is None or model.neighbours is None:
+        raise RuntimeError("fit_features returned no validation outputs or neighbour index")
+    for task, y in fitted.validation.labels.items():
+        if not np.array_equal(y, labels[task][list(val_idx)].numpy()):
+            raise RuntimeError("fit() drew another validation split than run_splits; the comparison would mix them")
+    test_features = subset(features, test_idx)
+    test = evaluate_split(model, test_features, {t: y[list(test_idx)] for t, y in labels.items()})
+    x, present = pooled_features(features, test_idx)
+    return FoldOutputs(
+        -1,
+        seed,
+        fitted.validation,
+        test,
+        fitted.calibration,
+        np.asarray(test_idx, dtype=np.int64),
+        {"val": fitted.validation_shares, "test": model.neighbours.label_shares(x, present)},
+        fitted.card.routing or None,
+    )
+
+
 def _neighbour_shares(
     model: MultimodalModel,
     features: LiveFeatures,
@@ -263,6 +322,9 @@ def _neighbour_shares(
 
 
 # ---------------------------------------------------------------- stage 2: the comparison
+
+
+SHIPPED_ROW = "the card's policy, as fit() ships it (its own cut)"
 
 
 def candidate_policies(
@@ -324,6 +386,11 @@ def compare(
     """policy -> budget -> task -> pooled stats with intervals, plus per-run values."""
     table: dict[str, Any] = {}
     coefficients: dict[str, Any] = {}
+    # Runs trained through fit() carry their card's policy: measured as shipped, its own cut,
+    # at the budget it was tuned for (only when every run has one, so the row pools them all).
+    shipped = [RoutingPolicySpec.from_dict(r.card_policy) for r in runs if r.card_policy]
+    if len(shipped) < len(runs):
+        shipped = []
     for budget in budgets:
         pooled: dict[str, dict[str, list[np.ndarray]]] = {}
         per_run: dict[str, dict[str, list[float]]] = {}
@@ -331,6 +398,8 @@ def compare(
             val, val_truth = policy_inputs(run.val, run.calibration, tasks, run.shares.get("val"))
             test, test_truth = policy_inputs(run.test, run.calibration, tasks, run.shares.get("test"))
             specs = candidate_policies(val, val_truth, tasks, budget, neighbour_sweep)
+            if shipped and math.isclose(shipped[r].budget or 0.0, budget):
+                specs[SHIPPED_ROW] = shipped[r]
             rng = np.random.default_rng(1000 * r + int(budget * 100))
             reviewed_by = {name: spec.review(test) for name, spec in specs.items()}
             # Random review of the same share: the baseline lift 1.0 is the expectation; draws show its noise.

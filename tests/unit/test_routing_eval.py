@@ -1,3 +1,4 @@
+import functools
 import math
 
 import numpy as np
@@ -8,6 +9,7 @@ from models.routing_policy import PolicyInputs, RoutingPolicySpec
 from tests.tiny import tiny_config, tiny_model
 from trainer.calibration import Calibration
 from trainer.routing_eval import (
+    SHIPPED_ROW,
     FoldOutputs,
     catch_stats,
     compare,
@@ -138,6 +140,39 @@ def test_run_splits_partition_each_fold_and_vary_validation_by_seed(synthetic_sm
             assert splits[(fold, 1)][2] == test  # the seed moves validation, never the test fold
             assert splits[(fold, 1)][1] != val
     assert sorted(tests) == list(range(len(synthetic_small)))
+
+
+def test_runs_through_fit_score_the_served_model_and_measure_its_card_policy(tmp_path, synthetic_small, monkeypatch):
+    cfg = tiny_config()
+    train_cfg = TrainConfig(epochs=1, itm_finish_epochs=1)
+    kwargs = dict(folds=2, train_config=train_cfg, through_fit=True)
+    # 12 validation posts per fold hold fewer errors than a card policy needs (MIN_ERRORS).
+    monkeypatch.setattr("trainer.fit.routing_block", functools.partial(routing_block, min_errors=1))
+    runs = run_folds(synthetic_small, tmp_path, model_and_tokenizer=tiny_model(cfg), **kwargs)
+    splits = run_splits(synthetic_small, cfg.tasks, 2, (0,), 0.15)
+    for run in runs:
+        _, val, test = splits[(run.fold, 0)]
+        assert run.test_idx.tolist() == test
+        hate = np.array([1 if ex.labels.get("hate") == "hateful" else 0 for ex in synthetic_small])
+        np.testing.assert_array_equal(run.val.labels["hate"], hate[val])  # fit() drew run_splits' validation
+        assert run.shares["test"]["text"]["hate"].shape == (len(test), 2)
+        # Served by the head + probe blend: log of a mean of probabilities, so each row's
+        # probabilities sum to 1 before temperature (a head's raw logits do not).
+        np.testing.assert_allclose(np.exp(run.test.logits["hate"]).sum(1), 1.0, atol=1e-4)
+        assert run.card_policy and run.card_policy["budget"] == 0.1
+    result = compare(runs, list(cfg.tasks), n_boot=20, random_draws=5)
+    shipped_row = result["table"][SHIPPED_ROW]
+    assert list(shipped_row) == ["0.1"]  # only at the budget the card's cut was set for
+    assert shipped_row["0.1"]["hate"]["n_errors"] > 0
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("a finished run was refitted")
+
+    monkeypatch.setattr("trainer.routing_eval.fit_features", no_fit)
+    again = run_folds(synthetic_small, tmp_path, model_and_tokenizer=tiny_model(cfg), **kwargs)
+    assert again[1].card_policy == runs[1].card_policy
+    with pytest.raises(ValueError, match="another"):  # head-only runs never mix with served ones
+        run_folds(synthetic_small, tmp_path, folds=2, train_config=train_cfg, model_and_tokenizer=tiny_model(cfg))
 
 
 def test_itm_weight_is_fitted_only_where_weak_matches_hold_errors():
