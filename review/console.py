@@ -14,6 +14,11 @@ Security model, in short:
   media_proxy.py), and only to the reviewer who holds the item, or an admin.
 - A decision goes to Kafka (acks=all, awaited) before its Redis entry is acknowledged: when
   Kafka fails the reviewer sees the error and keeps the claim.
+- A claim is kept alive while its page is open: the page's script renews it every
+  claim_timeout/3 (POST /review/{entry_id}/renew, CSRF-checked like every page POST) and, when
+  the renewal says the claim was lost, locks the form. A submit renews the claim (owner-checked)
+  right before producing the decision and closes the item only if the submitter still holds
+  it; a reviewer who lost it gets 409 and a page that says so, never a 500.
 """
 
 from __future__ import annotations
@@ -133,6 +138,16 @@ class Metrics:
             "modstream_review_reclaims_total", "Abandoned claims taken over by another reviewer", registry=r
         )
         self.dead = Counter("modstream_review_dead_lettered_total", "Items moved to the dead-letter stream", registry=r)
+        self.renewals = Counter(
+            "modstream_review_renewals_total", "Claims renewed by their holder (page heartbeat or API)", registry=r
+        )
+        self.claims_lost = Counter(
+            "modstream_review_claims_lost_total",
+            "Requests refused because the caller did not hold the item: a renewal, a submit (nothing "
+            "recorded), or the close after the decision was produced (item left to its new holder)",
+            ["stage"],
+            registry=r,
+        )
         self.kafka_errors = Counter(
             "modstream_review_kafka_errors_total", "Decisions that could not be written to Kafka", registry=r
         )
@@ -277,6 +292,7 @@ def _wants_json(request: web.Request) -> bool:
         request.path.startswith("/api/")
         or request.path in ("/metrics", "/healthz")
         or request.path.startswith("/media/")
+        or (request.path.startswith("/review/") and request.path.endswith("/renew"))  # the page's heartbeat
     )
 
 
@@ -367,6 +383,31 @@ def build_middlewares(console: Console) -> list[Any]:
 
 
 # -- helpers for handlers ----------------------------------------------------------------------
+
+
+class ClaimLostAfterProduce(NotClaimed):
+    """The decision reached Kafka, but the submitter no longer held the item when it was to
+    be closed (the produce outlasted the claim timeout): the item stays with its new holder."""
+
+
+RENEW_FLOOR_MS = 250  # a heartbeat no more often than this, however short the claim timeout
+
+
+def renew_interval_ms(claim_timeout_s: float) -> int:
+    """Three heartbeats per claim timeout: two can be lost (a slow network, a throttled
+    background tab) before the claim lapses."""
+    return max(RENEW_FLOOR_MS, int(claim_timeout_s * 1000 / 3))
+
+
+LOST_TITLE = "Item reassigned"
+LOST_MESSAGE = (
+    "This item was reassigned to another reviewer (or closed) before your decision was saved: "
+    "your claim on it lapsed. Nothing was recorded for it."
+)
+LOST_AFTER_PRODUCE_MESSAGE = (
+    "Your decision was written to the decision log, but this item had been reassigned to another "
+    "reviewer before it could be closed; it stays with them, and the later decision is the one kept."
+)
 
 
 def claim_decision_id(claim: Claim) -> str:
@@ -536,7 +577,8 @@ class Handlers:
             shortcuts=SHORTCUTS,
             action_keys=ACTION_KEYS,
             action_titles=ACTION_TITLES,
-            claim_timeout_s=int(self.c.config.claim_timeout_s),
+            claim_timeout_s=self.c.config.claim_timeout_s,
+            renew_interval_ms=renew_interval_ms(self.c.config.claim_timeout_s),
         )
 
     async def submit_page(self, request: web.Request) -> web.StreamResponse:
@@ -545,14 +587,8 @@ class Handlers:
         try:
             claim = await self.c.queue.get_claimed(entry_id, user.name)
         except NotClaimed:
-            return self.c.render(
-                request,
-                "error.html",
-                status=409,
-                title="Claim expired",
-                message="Your claim on this item expired and it went back to the queue (or to another reviewer). "
-                "Nothing was recorded for it.",
-            )
+            self.c.metrics.claims_lost.labels("submit").inc()
+            return self._lost_page(request, LOST_MESSAGE)
         form = await request.post()
         choices, note = choices_from_form(form, list(item_tasks(claim.item)))
         try:
@@ -564,6 +600,10 @@ class Handlers:
             )
         try:
             await self._commit(claim, decision)
+        except ClaimLostAfterProduce:
+            return self._lost_page(request, LOST_AFTER_PRODUCE_MESSAGE)
+        except NotClaimed:
+            return self._lost_page(request, LOST_MESSAGE)
         except KafkaUnavailable as exc:
             stats = await self.c.stats()
             return self._item_page(
@@ -577,23 +617,39 @@ class Handlers:
             )
         raise web.HTTPSeeOther("/review?done=" + quote(claim.item.post_id, safe=""))
 
+    def _lost_page(self, request: web.Request, message: str) -> web.Response:
+        return self.c.render(request, "error.html", status=409, title=LOST_TITLE, message=message)
+
     async def _commit(self, claim: Claim, decision: ReviewDecision) -> None:
-        """Kafka first (acks=all, awaited: every decision is on record), then Redis: a decision
-        that labels something or escalates ends the item (mark decided + XACK; an escalation
-        is also copied to the escalated stream for admins); one that only skips puts the
-        item back in the queue for another reviewer."""
+        """The claim is renewed first (owner-checked: NotClaimed, nothing produced, if the
+        submitter lost it), so it cannot lapse during the produce. Then Kafka (acks=all,
+        awaited: every decision is on record), then Redis: a decision that labels something or
+        escalates ends the item (mark decided + XACK; an escalation is also copied to the
+        escalated stream for admins); one that only skips puts the item back in the queue for
+        another reviewer. Each Redis step checks the owner again: ClaimLostAfterProduce when the
+        item changed hands during the produce (nothing acked; it stays with its holder)."""
+        try:
+            await self.c.queue.hold(claim.entry_id, decision.reviewer)
+        except NotClaimed:
+            self.c.metrics.claims_lost.labels("submit").inc()
+            raise
         try:
             await self.c.producer.send(decision)
         except KafkaUnavailable:
             self.c.metrics.kafka_errors.inc()
             raise
         labels = any(label is not None for label in decision.training_labels().values())
-        if decision.escalated:
-            await self.c.queue.escalate(claim.entry_id, decision.reviewer, decision.decision_id, decision.note)
-        if labels or decision.escalated:
-            await self.c.queue.complete(claim.entry_id, claim.item.post_id, decision.reviewer, decision.decision_id)
-        else:
-            await self.c.queue.release(claim.entry_id)
+        try:
+            if decision.escalated:
+                await self.c.queue.escalate(claim.entry_id, decision.reviewer, decision.decision_id, decision.note)
+            if labels or decision.escalated:
+                await self.c.queue.complete(claim.entry_id, claim.item.post_id, decision.reviewer, decision.decision_id)
+            else:
+                await self.c.queue.release(claim.entry_id, decision.reviewer)
+        except NotClaimed as exc:
+            self.c.metrics.claims_lost.labels("close").inc()
+            log.warning("decision %s produced, but %s", decision.decision_id, exc)
+            raise ClaimLostAfterProduce(str(exc)) from exc
         for task_decision in decision.decisions.values():
             self.c.metrics.decisions.labels(task_decision.action).inc()
         self.c.metrics.items_decided.inc()
@@ -670,16 +726,44 @@ class Handlers:
         try:
             claim = await self.c.queue.get_claimed(request.match_info["entry_id"], user.name)
         except NotClaimed as exc:
-            return _json_error(409, str(exc))
+            self.c.metrics.claims_lost.labels("submit").inc()
+            return _json_error(409, str(exc), recorded=False)
         try:
             decision = build_decision(claim.item, user.name, choices, note=note, decision_id=claim_decision_id(claim))
         except RecordError as exc:
             return _json_error(400, str(exc))
         try:
             await self._commit(claim, decision)
+        except ClaimLostAfterProduce as exc:
+            return _json_error(409, str(exc), recorded=True, decision_id=decision.decision_id)
+        except NotClaimed as exc:
+            return _json_error(409, str(exc), recorded=False)
         except KafkaUnavailable as exc:
             return _json_error(503, str(exc), retry=True)
         return web.json_response({"decision": decision.to_json()}, status=201)
+
+    async def _renew(self, request: web.Request) -> web.Response:
+        """The heartbeat: 200 while the caller holds the item (its idle clock reset), 409 once
+        it is lost (taken over, decided elsewhere, or never theirs); changes nothing then."""
+        user = _ident(request).user
+        entry_id = request.match_info["entry_id"]
+        interval = renew_interval_ms(self.c.config.claim_timeout_s)
+        if await self.c.queue.renew(entry_id, user.name):
+            self.c.metrics.renewals.inc()
+            return web.json_response({"held": True, "entry_id": entry_id, "renew_interval_ms": interval})
+        self.c.metrics.claims_lost.labels("renew").inc()
+        return _json_error(
+            409,
+            f"item {entry_id} is no longer claimed by {user.name}: it was reassigned or closed",
+            held=False,
+            next="/review",
+        )
+
+    async def renew_page(self, request: web.Request) -> web.StreamResponse:
+        return await self._renew(request)  # session + CSRF header checked by the auth middleware
+
+    async def api_renew(self, request: web.Request) -> web.StreamResponse:
+        return await self._renew(request)
 
     async def api_stats(self, request: web.Request) -> web.StreamResponse:
         return web.json_response((await self.c.stats()).to_json())
@@ -748,12 +832,14 @@ def create_app(config: ConsoleConfig, *, producer: DecisionProducer | None = Non
     r.add_get("/", h.index)
     r.add_get("/review", h.review_page)
     r.add_post("/review/{entry_id}/decision", h.submit_page)
+    r.add_post("/review/{entry_id}/renew", h.renew_page)
     r.add_get("/media/{entry_id}", h.media)
     r.add_get("/admin/dead", h.dead_page)
     r.add_post("/admin/dead/{dead_id}/{action}", h.dead_action_page)
     r.add_post("/api/v1/claim", h.api_claim)
     r.add_get("/api/v1/items/{entry_id}", h.api_item)
     r.add_post("/api/v1/items/{entry_id}/decision", h.api_decision)
+    r.add_post("/api/v1/items/{entry_id}/renew", h.api_renew)
     r.add_get("/api/v1/stats", h.api_stats)
     r.add_get("/api/v1/admin/escalated", h.api_escalated)
     r.add_get("/api/v1/admin/dead", h.api_dead)

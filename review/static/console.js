@@ -1,5 +1,6 @@
-// modstream review console: keyboard shortcuts, image reveal, meters. Loaded as a static
-// file (the CSP forbids inline script); the page works without it, only slower.
+// modstream review console: keyboard shortcuts, image reveal, meters, and the claim heartbeat.
+// Loaded as a static file (the CSP forbids inline script); the page works without it, only
+// slower, but then the claim lapses after the claim timeout like an abandoned one.
 (function () {
   "use strict";
   const ACTION_KEYS = { c: "confirm", x: "correct", n: "not_violating", s: "skip", e: "escalate" };
@@ -41,6 +42,23 @@
     const form = $("#decision-form");
     const tasks = form ? $all("fieldset.task", form) : [];
     let active = 0;
+    let locked = false;
+
+    // The claim is gone (or the session): nothing entered here could be saved, so say so and
+    // make the form inert instead of letting the reviewer work on a dead item.
+    function lock(bannerId) {
+      if (locked || !form) return;
+      locked = true;
+      form.classList.add("locked");
+      form.setAttribute("aria-disabled", "true");
+      $all("input, select, textarea, button", form).forEach(function (el) { el.disabled = true; });
+      const banner = document.getElementById(bannerId);
+      if (banner) {
+        banner.hidden = false;
+        const link = $("a", banner);
+        if (link) link.focus();
+      }
+    }
 
     function activate(i) {
       if (!tasks.length) return;
@@ -79,6 +97,7 @@
     });
     if (form) {
       form.addEventListener("submit", function (ev) {
+        if (locked) { ev.preventDefault(); return; }
         if (tasks.some(function (t) { return !decided(t); })) { ev.preventDefault(); submit(); }
       });
     }
@@ -95,6 +114,7 @@
       if (key === "r" && $("#queue-empty")) { window.location.assign("/review"); return; }
       if (!tasks.length) return;
       if (key === "v" && toggleReveal) { toggleReveal(); ev.preventDefault(); return; }
+      if (locked) return;
       if (key === "j" || key === "ArrowDown") { activate(active + 1); ev.preventDefault(); return; }
       if (key === "k" || key === "ArrowUp") { activate(active - 1); ev.preventDefault(); return; }
       if (/^[1-9]$/.test(key) && Number(key) <= tasks.length) { activate(Number(key) - 1); ev.preventDefault(); return; }
@@ -114,10 +134,49 @@
         ev.preventDefault();
       }
     });
+    return lock;
+  }
+
+  // Renews the claim every claim_timeout/3 while the page is open (the server passes the
+  // interval): 200 keeps it, 409 means it was reassigned or closed, 401/403 that the session
+  // (or this page's CSRF token) is gone. Anything else is transient: warn and keep trying.
+  function setupHeartbeat(lock) {
+    const form = $("#decision-form");
+    if (!form || !window.fetch) return;
+    const url = form.getAttribute("data-renew-url");
+    const every = Number(form.getAttribute("data-renew-ms")) || 0;
+    const tokenInput = $("input[name=csrf_token]", form);
+    if (!url || every <= 0 || !tokenInput) return;
+    const token = tokenInput.value;
+    const warning = $("#renew-warning");
+    let timer = null;
+    let inFlight = false;
+    let submitted = false;  // leaving with a decision: a late answer must not lock the form
+
+    function stop() { if (timer !== null) { clearInterval(timer); timer = null; } }
+    function warn(on) { if (warning) warning.hidden = !on; }
+    function beat() {
+      if (inFlight || timer === null) return;
+      inFlight = true;
+      fetch(url, { method: "POST", headers: { "X-CSRF-Token": token }, credentials: "same-origin", cache: "no-store" })
+        .then(function (r) {
+          if (submitted || r.ok) { warn(false); return; }
+          if (r.status === 409) { stop(); warn(false); lock("claim-lost"); return; }
+          if (r.status === 401 || r.status === 403) { stop(); warn(false); lock("session-lost"); return; }
+          warn(true);
+        })
+        .catch(function () { warn(true); })
+        .then(function () { inFlight = false; });
+    }
+    timer = setInterval(beat, every);
+    form.addEventListener("submit", function (ev) { if (!ev.defaultPrevented) { submitted = true; stop(); } });
+    // Background tabs run timers late: renew (or find out) as soon as the page is seen again.
+    document.addEventListener("visibilitychange", function () { if (!document.hidden) beat(); });
   }
 
   document.addEventListener("DOMContentLoaded", function () {
     setupMeters();
-    setupDecisions(setupReveal());
+    const lock = setupDecisions(setupReveal());
+    setupHeartbeat(lock);
   });
 })();

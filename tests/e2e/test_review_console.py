@@ -242,13 +242,14 @@ def test_abandoned_claim_goes_to_another_reviewer_after_the_timeout(browser: Any
     assert shown_post_id(alice) == post_id
     bob = login(browser, console, "bob")
     assert bob.locator("#queue-empty").is_visible(), "a fresh claim must not go to another reviewer"
+    token = alice.get_attribute("#decision-form input[name=csrf_token]", "value")
+    action = alice.get_attribute("#decision-form", "action")
+    alice.goto("about:blank")  # she leaves the page: its heartbeat stops, the claim is abandoned
     time.sleep(2.5)
     bob.reload()
     assert shown_post_id(bob) == post_id
     assert "taken over" in bob.locator(".meta").inner_text()
     # Alice's stale form is refused (409) and records nothing; bob's decision goes through.
-    token = alice.get_attribute("#decision-form input[name=csrf_token]", "value")
-    action = alice.get_attribute("#decision-form", "action")
     form = {"action.hate": "skip", "action.sarcasm": "skip", "csrf_token": token or ""}
     stale = alice.request.post(console.url + (action or ""), form=form, max_redirects=0)
     assert stale.status == 409
