@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from tests.e2e.conftest import Console, read_decision
@@ -61,7 +62,9 @@ def test_an_open_item_page_keeps_its_claim_past_the_timeout(browser: Any, start_
         page.context.close()
 
 
-def test_a_page_whose_claim_was_taken_over_says_so_and_locks_the_form(browser: Any, start_console: Any) -> None:
+def test_a_page_whose_claim_was_taken_over_says_so_and_locks_the_form(
+    browser: Any, start_console: Any, tmp_path: Path
+) -> None:
     console = start_console(claim_timeout=CLAIM_TIMEOUT)
     post_id = console.enqueue("lost while offline", image=None)
     alice = login(browser, console, "alice")
@@ -85,6 +88,7 @@ def test_a_page_whose_claim_was_taken_over_says_so_and_locks_the_form(browser: A
     assert "reassigned to another reviewer" in lost.inner_text()
     assert alice.locator("#renew-warning").is_hidden()
     assert alice.get_attribute("#next-item", "href") == "/review"
+    alice.screenshot(path=str(tmp_path / "claim-lost.png"))  # for a look; kept with pytest's tmp files
     controls = alice.locator("#decision-form input, #decision-form textarea, #decision-form button")
     assert controls.count() >= 11  # 2 tasks x 5 actions, the note, the submit button, the token
     assert all(controls.nth(i).is_disabled() for i in range(controls.count()))
