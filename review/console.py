@@ -198,6 +198,15 @@ class Console:
         self.sessions = SessionStore(self.redis, idle_s=config.session_idle_s)
         self.limiter = LoginLimiter(self.redis)
         self.producer = producer or DecisionProducer(config.bootstrap, topic=config.topic)
+        if config.claim_timeout_s < self.producer.timeout_s:
+            # The submit renews the claim right before producing; a produce that outlasts the
+            # claim timeout can still let the item change hands (the close is then refused).
+            log.warning(
+                "claim timeout %.1f s is shorter than the decision produce timeout %.1f s: with a slow Kafka "
+                "an item can be reassigned while its decision is being written",
+                config.claim_timeout_s,
+                self.producer.timeout_s,
+            )
         self.media = MediaProxy(allow_loopback=config.allow_loopback_media)
         self.metrics = Metrics()
         self.templates = jinja2.Environment(

@@ -15,9 +15,10 @@ decision reached Kafka, before XACK) is acked and passed over: that covers a cra
 the produce and the XACK, and items decided in Label Studio. Pending entries are never
 trimmed; the dead-letter stream keeps the entry, its delivery count and the reason.
 
-A claim is held only while it is renewed: `renew` (the console page's heartbeat, every
-claim_timeout/3, and the submit path right before the decision is produced) resets the
-entry's idle clock, but only if the caller still holds it. The owner check and the XCLAIM
+A claim idle longer than the timeout can be taken over, so a reviewer still working on it
+renews it: `renew` (the console page's heartbeat, every claim_timeout/3, and the submit path
+right before the decision is produced) resets the entry's idle clock, but only if the caller
+still holds it. The owner check and the XCLAIM
 ... JUSTID to the caller run in one Lua script, so a renewal can never take an entry back
 from a reviewer whose XAUTOCLAIM got there first. `complete`, `release` and `escalate` check
 the owner in the same script as their writes: a reviewer who lost the claim is refused
