@@ -42,6 +42,7 @@ from trainer.features import (
     LoadedInputs,
     build_features,
     encoder_key,
+    image_prefix,
     load_inputs,
     subset,
     text_prefix,
@@ -383,6 +384,13 @@ def run_ablation(
         store = FeatureStore(cache_dir)
         features.text_prefix = text_prefix(base_model, tokenizer, inputs, layers, store, dev, cfg.train.progress)
         encode_seconds = time.perf_counter() - started
+    image_blocks = {v.image_trainable_blocks for v in chosen if v.image_trainable_blocks > 0}
+    if image_blocks:
+        # Likewise the image encoder's last N blocks train on the cached map below them.
+        (blocks,) = image_blocks
+        store = FeatureStore(cache_dir)
+        features.image_prefix = image_prefix(base_model, inputs, blocks, store, dev, cfg.train.progress)
+        encode_seconds = time.perf_counter() - started
 
     runs_path = out_dir / "runs.jsonl"
     done = read_runs(runs_path)
@@ -535,8 +543,12 @@ def _run_features(features: LiveFeatures, model: MultimodalModel, variant: Varia
         feats.frozen_text = None
         if variant.text_trainable_layers < 0:
             feats.text_prefix = None  # the whole text encoder trains: nothing frozen to reuse
-    if variant.image_trainable_blocks:
-        feats.frozen_image = None  # images run live through the encoder (its frozen blocks in eval mode)
+    if variant.image_trainable_blocks == 0:
+        feats.image_prefix = None
+    else:
+        feats.frozen_image = None  # the last N blocks run on the cached map below them
+        if variant.image_trainable_blocks < 0:
+            feats.image_prefix = None  # the whole image encoder trains: nothing frozen to reuse
     return feats
 
 
