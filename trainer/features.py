@@ -133,9 +133,14 @@ class FeatureStore:
 
 
 def encoder_key(model: MultimodalModel, which: str) -> str:
-    """Identifies an encoder's weights, so a cache never serves another model's features."""
+    """Identifies an encoder's weights (and an image encoder's input size and normalisation,
+    which its output depends on but its weights do not fix), so a cache never serves another
+    model's features."""
     encoder = model.text_encoder if which == "text" else model.image_encoder
     h = hashlib.sha256()
+    if which == "image":
+        image = model.image_encoder
+        h.update(f"px{image.image_size} mean{tuple(image.mean)} std{tuple(image.std)}".encode())
     for name, tensor in sorted(encoder.state_dict().items()):
         h.update(name.encode())
         # Hash on the CPU: weights may live on a GPU, and numpy reads host memory only.
@@ -292,8 +297,7 @@ def encode_frozen(
     if text_start is not None:
         key += f"-layer{text_start}"
     if image_start is not None:
-        # A convolutional map's size follows the input size, which the weights do not fix.
-        key += f"-unit{image_start}-px{model.image_encoder.image_size}"
+        key += f"-unit{image_start}"  # (encoder_key covers the input size the map's shape follows)
     live = LiveFeatures(model, tokenizer, inputs, device)
     max_len, pair = model.config.max_text_length, model.config.ocr_segment
     digests = [

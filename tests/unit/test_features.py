@@ -47,6 +47,19 @@ def test_cache_key_changes_with_encoder_weights(tmp_path, synthetic_small):
     assert encoder_key(a, "text") == encoder_key(tiny_model(seed=0)[0], "text")
 
 
+def test_image_cache_key_changes_with_the_input_size_the_weights_do_not_fix():
+    from trainer.features import encoder_key
+
+    a, _ = tiny_model(seed=0)
+    b, _ = tiny_model(seed=0)
+    assert encoder_key(a, "image") == encoder_key(b, "image")
+    b.image_encoder.image_size = 64  # same weights, other preprocessing: other features
+    assert encoder_key(a, "image") != encoder_key(b, "image")
+    b.image_encoder.image_size = a.image_encoder.image_size
+    b.image_encoder.mean = (0.0, 0.0, 0.0)
+    assert encoder_key(a, "image") != encoder_key(b, "image")
+
+
 def test_same_content_marks_reposts_as_false_negatives(synthetic_small):
     from dataclasses import replace
 
