@@ -19,6 +19,7 @@ run that first):
   no deployable policy over these signals has that much error data to learn from.
 
     nice -n 5 .venv/bin/python bench/routing_ceiling.py [--runs-dir DIR] [--seeds 2] [--out FILE.json]
+        [--through-fit]   # the served model's runs (bench/routing_policies.py --through-fit)
 
 Prints a table (variant x budget: pooled lift per task with 95% bootstrap intervals) and
 writes the JSON. Reads CM-Off from ../shared; skips with a message when it is absent.
@@ -197,17 +198,21 @@ def pooled(runs: Sequence[Run], scores: Sequence[Scores], budget: float, n_boot:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs-dir", default="var/bench/routing/runs", help="bench/routing_policies.py's runs")
+    parser.add_argument("--runs-dir", default=None, help="bench/routing_policies.py's runs")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--cache", default="var/cache", help="encoded-feature cache")
     parser.add_argument("--boot", type=int, default=1000)
-    parser.add_argument("--out", default="var/bench/routing_ceiling.json")
+    parser.add_argument(
+        "--through-fit", action="store_true", help="the served model's runs (default dir: var/bench/routing/runs-fit)"
+    )
+    parser.add_argument("--out", default=None, help="default var/bench/routing_ceiling[-fit].json")
     args = parser.parse_args()
     if cm_off_meme_root() is None:
         print("skipped: the CM-Off-Meme sample is not under ../shared/data", file=sys.stderr)
         return
-    runs_dir = Path(args.runs_dir)
+    suffix = "-fit" if args.through_fit else ""
+    runs_dir = Path(args.runs_dir or f"var/bench/routing/runs{suffix}")
     seeds = tuple(range(args.seeds))
     if not all((runs_dir / f"fold{f}-seed{s}.npz").is_file() for f in range(args.folds) for s in seeds):
         sys.exit(
@@ -217,7 +222,8 @@ def main() -> None:
     torch.set_num_threads(1)
     started = time.perf_counter()
     examples = import_cm_off_meme().examples
-    outs = run_folds(examples, runs_dir, folds=args.folds, seeds=seeds)  # re-scoring only: loads
+    # Re-scoring only: loads (the config check needs the recipe the runs were made with).
+    outs = run_folds(examples, runs_dir, folds=args.folds, seeds=seeds, through_fit=args.through_fit)
     base, tokenizer = build_model(ModelConfig())
     inputs = load_inputs(examples)
     features = build_features(base, tokenizer, inputs, FeatureStore(Path(args.cache)), torch.device("cpu"))
@@ -277,7 +283,7 @@ def main() -> None:
             "wall_seconds": round(time.perf_counter() - started, 1),
         },
     }
-    path = Path(args.out)
+    path = Path(args.out or f"var/bench/routing_ceiling{suffix}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     print(markdown(table, list(tasks)))
