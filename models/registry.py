@@ -16,6 +16,8 @@ A version is self-contained: loading it needs neither the model hub nor the back
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -50,6 +52,14 @@ _VERSION = re.compile(r"^v(\d{4,})$")
 
 class RegistryError(LookupError):
     pass
+
+
+class CurrentMoved(RegistryError):
+    """`set_current(..., expect=...)` found CURRENT pointing elsewhere; `now` is where."""
+
+    def __init__(self, message: str, now: str | None) -> None:
+        super().__init__(message)
+        self.now = now
 
 
 @dataclass
@@ -123,11 +133,27 @@ class ModelRegistry:
             raise RegistryError(f"model version {version!r} not found in {self.root}")
         return version
 
-    def set_current(self, version: str) -> None:
+    def set_current(self, version: str, *, expect: str | None = None) -> None:
+        """Point CURRENT at `version`. With `expect`, only if CURRENT is still `expect`
+        (compare and set under a lock file, so a retraining run's promotion cannot overwrite
+        an operator's roll forward or back made after the run last looked): CurrentMoved
+        otherwise, and nothing changes."""
         self.resolve(version)
-        tmp = self.root / "CURRENT.tmp"
-        tmp.write_text(version + "\n")
-        os.replace(tmp, self.root / "CURRENT")
+        with self._current_lock():
+            if expect is not None and (now := self.current()) != expect:
+                raise CurrentMoved(f"CURRENT is {now}, not {expect}: it was moved by someone else", now)
+            tmp = self.root / "CURRENT.tmp"
+            tmp.write_text(version + "\n")
+            os.replace(tmp, self.root / "CURRENT")
+
+    @contextlib.contextmanager
+    def _current_lock(self) -> Any:
+        with (self.root / ".current.lock").open("a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)  # held for a read and a rename: microseconds
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def _next_version(self) -> str:
         versions = self.versions()
@@ -163,6 +189,14 @@ class ModelRegistry:
         if make_current:
             self.set_current(version)
         return version
+
+    def rewrite_card(self, version: str, card: ModelCard) -> None:
+        """Replace a saved version's card (atomically); for a retraining run that learns, after
+        saving its candidate, that the promotion recorded on the card did not happen."""
+        path = self.root / self.resolve(version) / "card.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(card.to_json())
+        os.replace(tmp, path)
 
     def card(self, version: str = CURRENT) -> ModelCard:
         path = self.root / self.resolve(version) / "card.json"

@@ -36,7 +36,7 @@ from models.classifier import MultimodalModel
 from models.config import ModelConfig
 from models.losses import IGNORE_INDEX
 from models.objectives import ObjectiveConfig
-from models.registry import CURRENT, ModelRegistry, RegistryError
+from models.registry import CURRENT, CurrentMoved, ModelRegistry, RegistryError
 from trainer import retrain_metrics as metrics
 from trainer.calibration import Calibration, score
 from trainer.features import FeatureStore, build_features, load_inputs
@@ -479,7 +479,21 @@ def _run(opts: RetrainOptions) -> RetrainOutcome:
     )
     if decision.promoted:
         # CURRENT first: a worker starting between the two steps reads CURRENT after subscribing.
-        registry.set_current(version)
+        # Compare and set: the check above and this write are seconds apart (saving the version).
+        try:
+            registry.set_current(version, expect=parent)
+        except CurrentMoved as exc:
+            why = (
+                f"CURRENT moved from {parent} to {exc.now} while {version} was being saved; it passed its gate "
+                f"against {parent} ({decision.why}) but is not promoted: rerun to gate it against the model now serving"
+            )
+            decision = dataclasses.replace(decision, promoted=False, why=why)
+            card.metrics["promotion"] = decision.to_dict()
+            registry.rewrite_card(version, card)
+            report["promoted"], report["why"] = False, why
+            write_json(report, vdir / "gate.json")
+            outcome.status, outcome.message, outcome.decision = "refused", why, decision
+            return outcome
         if opts.publisher is not None:
             try:
                 opts.publisher({"version": version, "parent": parent, "reason": "retrain"})

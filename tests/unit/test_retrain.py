@@ -392,3 +392,44 @@ def test_a_rollback_during_the_run_is_not_overridden_by_the_candidate(home, monk
     assert registry.current() == "v0002" and recorder.sent == []
     promotion = registry.card("v0003").metrics["promotion"]
     assert not promotion["promoted"] and "CURRENT moved from v0001 to v0002" in promotion["why"]
+
+
+def test_a_rollback_while_the_candidate_is_saved_is_not_overridden(home, monkeypatch):
+    """The narrower race: CURRENT moves after the run's last check, while the promoted
+    candidate is being written. The promotion is a compare and set, so the operator's choice
+    stands and the candidate's card and gate report say it was not promoted."""
+    import trainer.retrain as retrain
+
+    write_reviewed(home / "reviewed", 600, seed=11)
+    registry = ModelRegistry(home / "registry")
+    save = ModelRegistry.save
+
+    def save_while_the_operator_rolls(self, *args, **kwargs):
+        version = save(self, *args, **kwargs)
+        shutil.copytree(self.root / "v0001", self.root / "v0003")  # "another version"
+        self.set_current("v0003")
+        return version
+
+    monkeypatch.setattr(ModelRegistry, "save", save_while_the_operator_rolls)
+    recorder = Recorder(home / "registry")
+    outcome = retrain.run_retrain(options(home, recorder))
+
+    assert outcome.status == "refused" and outcome.version == "v0002", outcome.message
+    assert "passed its gate" in outcome.message  # the gate promoted it; only the race stopped it
+    assert registry.current() == "v0003" and recorder.sent == []
+    promotion = registry.card("v0002").metrics["promotion"]
+    assert not promotion["promoted"] and "CURRENT moved from v0001 to v0003" in promotion["why"]
+    gate = json.loads((registry.root / "v0002" / "gate.json").read_text())
+    assert gate["promoted"] is False
+
+
+def test_set_current_with_expect_is_a_compare_and_set(home):
+    from models.registry import CurrentMoved
+
+    registry = ModelRegistry(home / "registry")
+    shutil.copytree(registry.root / "v0001", registry.root / "v0002")
+    with pytest.raises(CurrentMoved) as moved:
+        registry.set_current("v0002", expect="v0002")
+    assert moved.value.now == "v0001" and registry.current() == "v0001"  # nothing changed
+    registry.set_current("v0002", expect="v0001")
+    assert registry.current() == "v0002"
