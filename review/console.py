@@ -31,7 +31,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,7 +57,7 @@ from review.decisions import (
 from review.media_proxy import MediaError, MediaProxy
 from review.queue import Claim, NotClaimed, QueueError, QueueStats, ReviewQueue
 from review.sessions import LoginLimiter, Session, SessionStore
-from stream.records import RecordError, ReviewDecision
+from stream.records import RecordError, ReviewDecision, ReviewItem
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,12 @@ class Metrics:
         )
         self.depth = Gauge("modstream_review_queue_depth", "Review entries not yet acknowledged", registry=r)
         self.oldest = Gauge("modstream_review_oldest_item_age_seconds", "Age of the oldest open item", registry=r)
+        self.escalations_settled = Counter(
+            "modstream_review_escalations_settled_total",
+            "Escalated items settled by an admin: decided (a labelled decision written to Kafka) or dismissed",
+            ["outcome"],
+            registry=r,
+        )
         self.dead_depth = Gauge(
             "modstream_review_dead_letter_depth", "Items in the review dead-letter stream", registry=r
         )
@@ -471,6 +477,77 @@ def _fmt_age(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def escalation_decision_id(escalation_id: str, admin: str) -> str:
+    """One id per (escalation, admin): a decide retried after a Kafka timeout is recognised
+    downstream as the same decision."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"modstream-escalation:{escalation_id}:{admin}"))
+
+
+def admin_choices(item: ReviewItem, labels: Any) -> dict[str, tuple[str, str | None]]:
+    """An admin's final labels (task -> label name, or empty / None for no label) as the
+    choices `build_decision` takes: the model's label is a confirm, the task's first
+    (negative) label not_violating, any other label a correction; no label a skip. RecordError
+    for a task or label the item does not have, or when nothing at all is labelled."""
+    if not isinstance(labels, Mapping):
+        raise RecordError("labels", "expected {task: label or null}")
+    tasks = item_tasks(item)
+    unknown = sorted(set(labels) - set(tasks))
+    if unknown:
+        raise RecordError("labels", f"unknown task(s) {', '.join(map(str, unknown))}; this item has {', '.join(tasks)}")
+    choices: dict[str, tuple[str, str | None]] = {}
+    for task, names in tasks.items():
+        chosen = labels.get(task)
+        if chosen is not None and not isinstance(chosen, str):
+            raise RecordError(f"labels.{task}", "must be a label name or null")
+        if not chosen:
+            choices[task] = ("skip", None)
+        elif chosen not in names:
+            raise RecordError(f"labels.{task}", f"{chosen!r} is not one of {names}")
+        elif chosen == model_label(item, task):
+            choices[task] = ("confirm", None)
+        elif chosen == names[0]:
+            choices[task] = ("not_violating", None)
+        else:
+            choices[task] = ("correct", chosen)
+    if all(action == "skip" for action, _ in choices.values()):
+        raise RecordError("labels", "choose a label for at least one task (or dismiss the escalation)")
+    return choices
+
+
+def _escalation_row(entry: dict[str, Any]) -> dict[str, Any]:
+    """What the escalations page shows of one entry; an unreadable item can only be dismissed."""
+    item: ReviewItem | None = None
+    error = ""
+    try:
+        item = ReviewItem.from_json(entry.get("item", ""))
+    except RecordError as exc:
+        error = f"unreadable item: {exc}"
+    tasks = []
+    if item is not None:
+        for task, names in item_tasks(item).items():
+            value = (item.label.get("labels") or {}).get(task) or {}
+            tasks.append(
+                {"name": task, "labels": names, "model_label": model_label(item, task), "score": value.get("score")}
+            )
+    try:
+        at_ms = int(entry.get("escalated_at", ""))
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at_ms / 1000))
+        age: float | None = max(0.0, time.time() - at_ms / 1000)
+    except ValueError:
+        when, age = "?", None
+    return {
+        "id": entry["id"],
+        "post_id": entry.get("post_id", ""),
+        "text": item.text if item else "",
+        "tasks": tasks,
+        "reviewer": entry.get("reviewer", ""),
+        "note": entry.get("note", ""),
+        "when": when,
+        "age": age,
+        "error": error,
+    }
+
+
 class Handlers:
     def __init__(self, console: Console) -> None:
         self.c = console
@@ -705,6 +782,82 @@ class Handlers:
             raise web.HTTPNotFound(text=str(exc)) from exc
         raise web.HTTPSeeOther("/admin/dead")
 
+    async def escalated_page(
+        self, request: web.Request, *, error: str | None = None, status: int = 200
+    ) -> web.Response:
+        _require_admin(request)
+        rows = [_escalation_row(entry) for entry in await self.c.queue.escalated(200)]
+        return self.c.render(
+            request,
+            "escalated.html",
+            status=status,
+            escalations=rows,
+            error=error,
+            done=request.query.get("done"),
+            stats=await self.c.stats(),
+            fmt_age=_fmt_age,
+        )
+
+    async def _decide_escalation(self, escalation_id: str, admin: str, labels: Any, note: Any) -> ReviewDecision:
+        """The admin's final decision: checked, produced to Kafka (acks=all, awaited), then the
+        escalation settled in Redis. QueueError (gone), RecordError (bad choice) and
+        KafkaUnavailable change nothing."""
+        entry = await self.c.queue.escalation(escalation_id)
+        item = ReviewItem.from_json(entry.get("item", ""))
+        if note is not None and not isinstance(note, str):
+            raise RecordError("note", "must be a string")
+        choices = admin_choices(item, labels)
+        decision_id = escalation_decision_id(escalation_id, admin)
+        decision = build_decision(item, admin, choices, note=note, decision_id=decision_id)
+        try:
+            await self.c.producer.send(decision)
+        except KafkaUnavailable:
+            self.c.metrics.kafka_errors.inc()
+            raise
+        await self.c.queue.settle_escalation(escalation_id, item.post_id, decision.decision_id, admin)
+        for task_decision in decision.decisions.values():
+            self.c.metrics.decisions.labels(task_decision.action).inc()
+        self.c.metrics.escalations_settled.labels("decided").inc()
+        log.info("escalation %s (post %s) decided by %s: %s", escalation_id, item.post_id, admin, decision_id)
+        return decision
+
+    async def _dismiss_escalation(self, escalation_id: str, admin: str) -> None:
+        entry = await self.c.queue.escalation(escalation_id)
+        if not await self.c.queue.dismiss_escalation(escalation_id):
+            raise QueueError(f"no open escalation {escalation_id} (settled or dismissed already?)")
+        self.c.metrics.escalations_settled.labels("dismissed").inc()
+        log.info(
+            "escalation %s (post %s, escalated by %s) dismissed without a label by %s",
+            escalation_id,
+            entry.get("post_id", ""),
+            entry.get("reviewer", ""),
+            admin,
+        )
+
+    async def escalated_action_page(self, request: web.Request) -> web.StreamResponse:
+        admin = _require_admin(request)
+        escalation_id, action = request.match_info["esc_id"], request.match_info["action"]
+        form = await request.post()
+        try:
+            if action == "decide":
+                labels = {k.removeprefix("label."): v for k, v in form.items() if k.startswith("label.")}
+                decision = await self._decide_escalation(escalation_id, admin.name, labels, form.get("note"))
+                post_id = decision.post_id
+            elif action == "dismiss":
+                await self._dismiss_escalation(escalation_id, admin.name)
+                post_id = ""
+            else:
+                raise web.HTTPNotFound()
+        except QueueError as exc:
+            return await self.escalated_page(request, error=str(exc), status=404)
+        except RecordError as exc:
+            return await self.escalated_page(request, error=f"Not decided: {exc}", status=400)
+        except KafkaUnavailable as exc:
+            return await self.escalated_page(
+                request, error=f"Not saved: {exc}. Nothing changed; try again in a moment.", status=503
+            )
+        raise web.HTTPSeeOther("/admin/escalated" + ("?done=" + quote(post_id, safe="") if post_id else ""))
+
     # -- API --------------------------------------------------------------------------------
 
     async def api_claim(self, request: web.Request) -> web.StreamResponse:
@@ -785,6 +938,34 @@ class Handlers:
             return _json_error(400, "count must be an integer")
         return web.json_response({"escalated": await self.c.queue.escalated(count)})
 
+    async def api_escalated_decide(self, request: web.Request) -> web.StreamResponse:
+        admin = _require_admin(request)
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _json_error(400, "body must be JSON")
+        if not isinstance(body, dict):
+            return _json_error(400, 'expected {"labels": {task: label or null}, "note"?}')
+        try:
+            decision = await self._decide_escalation(
+                request.match_info["esc_id"], admin.name, body.get("labels"), body.get("note")
+            )
+        except QueueError as exc:
+            return _json_error(404, str(exc))
+        except RecordError as exc:
+            return _json_error(400, str(exc))
+        except KafkaUnavailable as exc:
+            return _json_error(503, str(exc), retry=True)
+        return web.json_response({"decision": decision.to_json()}, status=201)
+
+    async def api_escalated_dismiss(self, request: web.Request) -> web.StreamResponse:
+        admin = _require_admin(request)
+        try:
+            await self._dismiss_escalation(request.match_info["esc_id"], admin.name)
+        except QueueError as exc:
+            return _json_error(404, str(exc))
+        return web.json_response({"dismissed": request.match_info["esc_id"]})
+
     async def api_dead(self, request: web.Request) -> web.StreamResponse:
         _require_admin(request)
         try:
@@ -845,12 +1026,16 @@ def create_app(config: ConsoleConfig, *, producer: DecisionProducer | None = Non
     r.add_get("/media/{entry_id}", h.media)
     r.add_get("/admin/dead", h.dead_page)
     r.add_post("/admin/dead/{dead_id}/{action}", h.dead_action_page)
+    r.add_get("/admin/escalated", h.escalated_page)
+    r.add_post("/admin/escalated/{esc_id}/{action}", h.escalated_action_page)
     r.add_post("/api/v1/claim", h.api_claim)
     r.add_get("/api/v1/items/{entry_id}", h.api_item)
     r.add_post("/api/v1/items/{entry_id}/decision", h.api_decision)
     r.add_post("/api/v1/items/{entry_id}/renew", h.api_renew)
     r.add_get("/api/v1/stats", h.api_stats)
     r.add_get("/api/v1/admin/escalated", h.api_escalated)
+    r.add_post("/api/v1/admin/escalated/{esc_id}/decide", h.api_escalated_decide)
+    r.add_post("/api/v1/admin/escalated/{esc_id}/dismiss", h.api_escalated_dismiss)
     r.add_get("/api/v1/admin/dead", h.api_dead)
     r.add_post("/api/v1/admin/dead/{dead_id}/requeue", h.api_dead_requeue)
     r.add_delete("/api/v1/admin/dead/{dead_id}", h.api_dead_delete)

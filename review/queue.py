@@ -128,6 +128,19 @@ return {1, owner}
 )
 
 
+# KEYS: escalated stream, decided marker, decisions zset. ARGV: escalation id, decision id,
+# marker ttl, now, zset member, cutoff. An admin's final decision (already on Kafka): the
+# entry leaves the escalated stream and the post is marked decided in one step, so a second
+# admin settling the same entry gets 0 and changes nothing.
+_SETTLE = """
+if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], 0, ARGV[6])
+return 1
+"""
+
+
 @dataclass
 class Claim:
     """One review item handed to one reviewer: `entry_id` names it in the stream."""
@@ -157,6 +170,7 @@ class QueueStats:
     per_reviewer_last_hour: dict[str, int] = field(default_factory=dict)
     pending_per_reviewer: dict[str, int] = field(default_factory=dict)
     dead_letters: int = 0
+    escalated: int = 0  # open escalations, waiting for an admin
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -168,6 +182,7 @@ class QueueStats:
             "per_reviewer_last_hour": self.per_reviewer_last_hour,
             "pending_per_reviewer": self.pending_per_reviewer,
             "dead_letters": self.dead_letters,
+            "escalated": self.escalated,
         }
 
 
@@ -228,6 +243,7 @@ class ReviewQueue:
         self._complete_script = client.register_script(_COMPLETE)
         self._release_script = client.register_script(_RELEASE)
         self._escalate_script = client.register_script(_ESCALATE)
+        self._settle_script = client.register_script(_SETTLE)
 
     # redis-py's stream replies are loosely typed (bytes or str, optional lists): normalise once.
     async def _range(self, key: str, start: str, end: str = "+", count: int = 1000) -> list[tuple[str, dict[str, str]]]:
@@ -454,6 +470,42 @@ class ReviewQueue:
         rows: Any = await self.client.xrevrange(self.escalated_stream, "+", "-", count=count)
         return [{"id": _str(i), **_fields(f)} for i, f in rows or []]
 
+    async def escalation(self, escalation_id: str) -> dict[str, Any]:
+        """One entry of the escalated stream (as `escalated()` lists them); QueueError when the
+        id is malformed or the entry is gone (settled or dismissed by another admin)."""
+        if not _ENTRY_ID.match(escalation_id):
+            raise QueueError(f"{escalation_id!r} is not an escalation id")
+        rows = await self._range(self.escalated_stream, escalation_id, escalation_id, count=1)
+        if not rows:
+            raise QueueError(f"no open escalation {escalation_id} (settled or dismissed already?)")
+        return {"id": rows[0][0], **rows[0][1]}
+
+    async def settle_escalation(self, escalation_id: str, post_id: str, decision_id: str, admin: str) -> None:
+        """After the admin's decision is on Kafka: drop the escalation (XDEL) and mark the post
+        decided (its marker now names the admin's decision), counted like any decision. Raises
+        QueueError, changing nothing, when the entry is already gone."""
+        if not _ENTRY_ID.match(escalation_id):
+            raise QueueError(f"{escalation_id!r} is not an escalation id")
+        now = time.time()
+        keys = [self.escalated_stream, self.decided_key(post_id), self.decisions_key]
+        args: list[str | int | float] = [
+            escalation_id,
+            decision_id,
+            self.decided_ttl_s,
+            now,
+            f"{decision_id}:{admin}",
+            now - DECISIONS_KEEP_S,
+        ]
+        if not await self._settle_script(keys=keys, args=args):
+            raise QueueError(f"no open escalation {escalation_id} (settled or dismissed already?)")
+
+    async def dismiss_escalation(self, escalation_id: str) -> bool:
+        """Drop an escalation without a label; False when it was already gone. The post keeps
+        the decided marker its escalation set, so it does not come back for review."""
+        if not _ENTRY_ID.match(escalation_id):
+            raise QueueError(f"{escalation_id!r} is not an escalation id")
+        return bool(await self.client.xdel(self.escalated_stream, escalation_id))
+
     async def mark_decided(
         self, post_id: str, decision_id: str, reviewer: str, *, entry_id: str | None = None
     ) -> str | None:
@@ -596,6 +648,7 @@ class ReviewQueue:
         consumers = summary.get("consumers") or []
         pending_per = {_str(c["name"]): int(c["pending"]) for c in consumers}
         dead = int(await self.client.xlen(self.dead))
+        escalated = int(await self.client.xlen(self.escalated_stream))
         return QueueStats(
             depth=undelivered + pending,
             undelivered=undelivered,
@@ -605,4 +658,5 @@ class ReviewQueue:
             per_reviewer_last_hour=dict(sorted(per_reviewer.items())),
             pending_per_reviewer=dict(sorted(pending_per.items())),
             dead_letters=dead,
+            escalated=escalated,
         )
