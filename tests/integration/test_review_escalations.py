@@ -5,13 +5,26 @@ Only Redis is started; the Kafka produce that precedes a settle is the console's
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import pytest
+import pytest_asyncio
 
 from review.queue import QueueError, ReviewQueue
 from stream.records import ReviewItem
-from tests.integration.test_review_queue import Env, env, redis_only  # noqa: F401 (fixtures)
+from tests.integration.stack import LocalStack
+from tests.integration.test_review_queue import Env, redis_only  # noqa: F401 (the module's redis-server fixture)
 
 pytestmark = pytest.mark.asyncio
+
+
+@pytest_asyncio.fixture
+async def q(redis_only: LocalStack) -> AsyncIterator[Env]:  # noqa: F811 (the fixture imported above)
+    e = Env(redis_only.redis_url)
+    try:
+        yield e
+    finally:
+        await e.close()
 
 
 async def _escalate(env: Env, queue: ReviewQueue, note: str) -> tuple[str, str]:
@@ -26,9 +39,9 @@ async def _escalate(env: Env, queue: ReviewQueue, note: str) -> tuple[str, str]:
     return entry["id"], post_id
 
 
-async def test_settling_an_escalation_removes_it_and_marks_the_post_decided_by_the_admin(env: Env) -> None:
-    queue = env.queue()
-    escalation_id, post_id = await _escalate(env, queue, "needs legal")
+async def test_settling_an_escalation_removes_it_and_marks_the_post_decided_by_the_admin(q: Env) -> None:
+    queue = q.queue()
+    escalation_id, post_id = await _escalate(q, queue, "needs legal")
     entry = await queue.escalation(escalation_id)
     assert entry["note"] == "needs legal" and entry["reviewer"] == "alice"
     assert ReviewItem.from_json(entry["item"]).post_id == post_id
@@ -48,9 +61,9 @@ async def test_settling_an_escalation_removes_it_and_marks_the_post_decided_by_t
     assert "other" not in (await queue.stats()).per_reviewer_last_hour
 
 
-async def test_dismissing_an_escalation_drops_it_without_a_new_decision(env: Env) -> None:
-    queue = env.queue()
-    escalation_id, post_id = await _escalate(env, queue, "spam?")
+async def test_dismissing_an_escalation_drops_it_without_a_new_decision(q: Env) -> None:
+    queue = q.queue()
+    escalation_id, post_id = await _escalate(q, queue, "spam?")
     assert (await queue.stats()).escalated == 1
     assert await queue.dismiss_escalation(escalation_id) is True
     assert await queue.escalated() == []
@@ -59,8 +72,8 @@ async def test_dismissing_an_escalation_drops_it_without_a_new_decision(env: Env
     assert await queue.claim("bob") is None
 
 
-async def test_malformed_escalation_ids_are_refused(env: Env) -> None:
-    queue = env.queue()
+async def test_malformed_escalation_ids_are_refused(q: Env) -> None:
+    queue = q.queue()
     for bad in ("", "abc", "1-2-3", "+", "-"):
         with pytest.raises(QueueError, match="not an escalation id"):
             await queue.escalation(bad)
