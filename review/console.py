@@ -826,7 +826,8 @@ class Handlers:
         if not await self.c.queue.dismiss_escalation(escalation_id):
             raise QueueError(f"no open escalation {escalation_id} (settled or dismissed already?)")
         self.c.metrics.escalations_settled.labels("dismissed").inc()
-        log.info(
+        # Warning level, so it is logged by default: a dismissal leaves no record on Kafka.
+        log.warning(
             "escalation %s (post %s, escalated by %s) dismissed without a label by %s",
             escalation_id,
             entry.get("post_id", ""),

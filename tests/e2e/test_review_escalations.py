@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -114,7 +115,7 @@ def test_admin_sees_an_escalation_and_decides_it_with_final_labels(browser: Any,
 
 
 def test_dismiss_drops_an_escalation_without_a_decision_and_needs_the_csrf_token(
-    browser: Any, start_console: Any
+    browser: Any, start_console: Any, tmp_path: Path
 ) -> None:
     console = start_console()
     post_id = escalate(console, "dismiss me", "probably spam")
@@ -142,6 +143,8 @@ def test_dismiss_drops_an_escalation_without_a_decision_and_needs_the_csrf_token
     assert console.api("GET", "/api/v1/admin/escalated")[1] == {"escalated": []}
     assert [d.reviewer for d in decisions_for(console.bootstrap, post_id)] == ["alice"], "dismiss produces nothing"
     assert console.api("POST", "/api/v1/claim")[1] == {"item": None}, "a dismissed post does not come back"
+    log = (tmp_path / f"console-{console.port}.log").read_text()  # the start_console fixture's log
+    assert f"(post {post_id}, escalated by alice) dismissed without a label by root" in log
     root.context.close()
 
 
