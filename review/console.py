@@ -477,6 +477,11 @@ def _fmt_age(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+class SettledElsewhere(QueueError):
+    """The admin's decision reached Kafka, but another admin settled or dismissed the
+    escalation during the produce: nothing more is changed in Redis."""
+
+
 def escalation_decision_id(escalation_id: str, admin: str) -> str:
     """One id per (escalation, admin): a decide retried after a Kafka timeout is recognised
     downstream as the same decision."""
@@ -814,7 +819,14 @@ class Handlers:
         except KafkaUnavailable:
             self.c.metrics.kafka_errors.inc()
             raise
-        await self.c.queue.settle_escalation(escalation_id, item.post_id, decision.decision_id, admin)
+        try:
+            await self.c.queue.settle_escalation(escalation_id, item.post_id, decision.decision_id, admin)
+        except QueueError as exc:
+            log.warning("decision %s produced, but %s", decision.decision_id, exc)
+            raise SettledElsewhere(
+                f"{exc}: another admin settled it while your decision was being saved; your decision "
+                f"{decision.decision_id} is on the decision log all the same"
+            ) from exc
         for task_decision in decision.decisions.values():
             self.c.metrics.decisions.labels(task_decision.action).inc()
         self.c.metrics.escalations_settled.labels("decided").inc()
@@ -849,6 +861,8 @@ class Handlers:
                 post_id = ""
             else:
                 raise web.HTTPNotFound()
+        except SettledElsewhere as exc:
+            return await self.escalated_page(request, error=str(exc), status=409)
         except QueueError as exc:
             return await self.escalated_page(request, error=str(exc), status=404)
         except RecordError as exc:
@@ -951,8 +965,10 @@ class Handlers:
             decision = await self._decide_escalation(
                 request.match_info["esc_id"], admin.name, body.get("labels"), body.get("note")
             )
+        except SettledElsewhere as exc:
+            return _json_error(409, str(exc), recorded=True)
         except QueueError as exc:
-            return _json_error(404, str(exc))
+            return _json_error(404, str(exc), recorded=False)
         except RecordError as exc:
             return _json_error(400, str(exc))
         except KafkaUnavailable as exc:
