@@ -237,31 +237,11 @@ def run_folds(
         feats = copy.copy(features)  # shares the cached tensors, bound to this run's model
         feats.model = model
         feats.text_prefix = None
+        split = (train_idx, val_idx, test_idx)
         if through_fit:
-            out = _served_run(model, tokenizer, feats, labels, (train_idx, val_idx, test_idx), cfg, seed)
-            out.fold = fold
-            _save(path, out)
-            outputs.append(out)
-            if on_run is not None:
-                on_run(out, time.perf_counter() - started)
-            continue
-
-        (tr_f, tr_y), (va_f, va_y), (te_f, te_y) = (
-            (subset(feats, idx), {t: y[idx] for t, y in labels.items()}) for idx in (train_idx, val_idx, list(test_idx))
-        )
-        result = train(model, tr_f, tr_y, va_f, va_y, replace(cfg, seed=seed))
-        cal = calibrate(result.val, tasks)
-        keep_default_thresholds(cal, va_y, cfg.threshold_min_per_class)  # as fit() does
-        # Re-evaluated after the ITM finishing phase, as fit() does for the card.
-        out = FoldOutputs(
-            fold,
-            seed,
-            evaluate_split(model, va_f, va_y),
-            evaluate_split(model, te_f, te_y),
-            cal,
-            np.asarray(test_idx, dtype=np.int64),
-            _neighbour_shares(model, features, labels, train_idx, val_idx, list(test_idx)),
-        )
+            out = _served_run(model, tokenizer, feats, labels, split, replace(cfg, seed=seed), fold)
+        else:
+            out = _head_run(model, feats, labels, split, replace(cfg, seed=seed), fold)
         _save(path, out)
         outputs.append(out)
         if on_run is not None:
@@ -269,21 +249,52 @@ def run_folds(
     return outputs
 
 
+Split = tuple[Sequence[int], Sequence[int], Sequence[int]]  # train, validation, test post indices
+
+
+def _head_run(
+    model: MultimodalModel,
+    features: LiveFeatures,
+    labels: Mapping[str, torch.Tensor],
+    split: Split,
+    cfg: TrainConfig,
+    fold: int,
+) -> FoldOutputs:
+    """train() on the training split, calibrated on validation; the head alone on both."""
+    train_idx, val_idx, test_idx = split
+    (tr_f, tr_y), (va_f, va_y), (te_f, te_y) = (
+        (subset(features, idx), {t: y[list(idx)] for t, y in labels.items()}) for idx in split
+    )
+    result = train(model, tr_f, tr_y, va_f, va_y, cfg)
+    cal = calibrate(result.val, model.config.tasks)
+    keep_default_thresholds(cal, va_y, cfg.threshold_min_per_class)  # as fit() does
+    # Re-evaluated after the ITM finishing phase, as fit() does for the card.
+    return FoldOutputs(
+        fold,
+        cfg.seed,
+        evaluate_split(model, va_f, va_y),
+        evaluate_split(model, te_f, te_y),
+        cal,
+        np.asarray(test_idx, dtype=np.int64),
+        _neighbour_shares(model, features, labels, train_idx, val_idx, test_idx),
+    )
+
+
 def _served_run(
     model: MultimodalModel,
     tokenizer: Any,
     features: LiveFeatures,
     labels: Mapping[str, torch.Tensor],
-    split: tuple[Sequence[int], Sequence[int], Sequence[int]],
+    split: Split,
     cfg: TrainConfig,
-    seed: int,
+    fold: int,
 ) -> FoldOutputs:
     """fit_features on the fold's training pool (its own stratified split of the pool is the
     run's training / validation split), then the served model on the test fold."""
     train_idx, val_idx, test_idx = split
     pool = sorted([*train_idx, *val_idx])  # the pool's order, so fit() draws the same split
     pool_features = subset(features, pool)
-    fitted = fit_features(model, tokenizer, pool_features.inputs, pool_features, replace(cfg, seed=seed))
+    fitted = fit_features(model, tokenizer, pool_features.inputs, pool_features, cfg)
     if fitted.validation is None or fitted.validation_shares is None or model.neighbours is None:
         raise RuntimeError("fit_features returned no validation outputs or neighbour index")
     for task, y in fitted.validation.labels.items():
@@ -293,8 +304,8 @@ def _served_run(
     test = evaluate_split(model, test_features, {t: y[list(test_idx)] for t, y in labels.items()})
     x, present = pooled_features(features, test_idx)
     return FoldOutputs(
-        -1,
-        seed,
+        fold,
+        cfg.seed,
         fitted.validation,
         test,
         fitted.calibration,
