@@ -191,6 +191,9 @@ class Identity:
     session: Session | None  # None for bearer-token requests
 
 
+IDENTITY = web.RequestKey("identity", Identity)  # set by the auth middleware on every request it lets through
+
+
 class Console:
     """Holds the services one console process shares; the handlers are its methods."""
 
@@ -278,7 +281,7 @@ class Console:
     # -- rendering --------------------------------------------------------------------------
 
     def render(self, request: web.Request, template: str, status: int = 200, **context: Any) -> web.Response:
-        ident: Identity | None = request.get("identity")
+        ident: Identity | None = request.get(IDENTITY)
         html = self.templates.get_template(template).render(
             user=ident.user if ident else None,
             csrf=ident.session.csrf if ident and ident.session else "",
@@ -378,7 +381,7 @@ def build_middlewares(console: Console) -> list[Any]:
                     response.headers["WWW-Authenticate"] = 'Bearer realm="modstream-review"'
                 return response
             raise web.HTTPFound("/login?next=" + quote(request.path_qs, safe="/"))
-        request["identity"] = ident
+        request[IDENTITY] = ident
         # Synchronizer token: every state-changing request made with a session cookie.
         if ident.session is not None and request.method not in ("GET", "HEAD", "OPTIONS"):
             given: Any = request.headers.get("X-CSRF-Token")
@@ -432,7 +435,7 @@ def claim_decision_id(claim: Claim) -> str:
 
 
 def _ident(request: web.Request) -> Identity:
-    ident: Identity = request["identity"]
+    ident: Identity = request[IDENTITY]
     return ident
 
 
