@@ -22,7 +22,11 @@ import time
 from pathlib import Path
 
 import torch
-from unfrozen_epoch import epoch_seconds, posts  # a sibling script: bench/ is on sys.path when run as a script
+from unfrozen_epoch import (  # a sibling script: bench/ is on sys.path when run as a script
+    epoch_seconds,
+    posts,
+    print_epoch_table,
+)
 
 from models.config import ModelConfig
 from models.registry import build_model
@@ -72,9 +76,7 @@ def main() -> None:
     naive = rows[live_name]
     threads = torch.get_num_threads()
     print(f"{len(inputs.examples)} {source} posts, batch {TrainConfig().batch_size}, {threads} thread(s)")
-    print(f"{'image path':<48} {'s/epoch':>8} {'vs live':>8}")
-    for name, seconds in rows.items():
-        print(f"{name:<48} {seconds:>8.2f} {naive / seconds:>7.2f}x")
+    print_epoch_table("image path", rows, naive)
     print(f"{'one-off cache build':<48} {'seconds':>8}")
     for name, seconds in build.items():
         print(f"{name:<48} {seconds:>8.2f}")

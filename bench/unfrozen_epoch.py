@@ -54,6 +54,13 @@ def epoch_seconds(features: LiveFeatures, labels: dict, epochs: int) -> float:
     return (time.perf_counter() - started) / epochs
 
 
+def print_epoch_table(heading: str, rows: dict[str, float], baseline: float) -> None:
+    """Seconds per epoch per row, and each row's speed against `baseline` (the live path)."""
+    print(f"{heading:<48} {'s/epoch':>8} {'vs live':>8}")
+    for name, seconds in rows.items():
+        print(f"{name:<48} {seconds:>8.2f} {baseline / seconds:>7.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=2, help="text layers fine-tuned")
@@ -86,9 +93,7 @@ def main() -> None:
         }
     naive = rows[f"text top {args.layers} trained, whole encoder live"]
     print(f"{len(inputs.examples)} {source} posts, batch {TrainConfig().batch_size}, {torch.get_num_threads()} threads")
-    print(f"{'text path':<48} {'s/epoch':>8} {'vs live':>8}")
-    for name, seconds in rows.items():
-        print(f"{name:<48} {seconds:>8.2f} {naive / seconds:>7.2f}x")
+    print_epoch_table("text path", rows, naive)
     result = {
         "benchmark": "unfrozen_epoch",
         "source": source,
