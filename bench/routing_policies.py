@@ -43,6 +43,10 @@ from trainer.routing_eval import compare, run_folds
 from trainer.train import TrainConfig
 
 
+def _layers_or_all(value: str) -> int:
+    return -1 if value == "all" else int(value)
+
+
 def _fmt(value: float, ci: list[float] | None = None, pct: bool = False) -> str:
     if value is None or not math.isfinite(value):
         return "—"
@@ -96,6 +100,15 @@ def main() -> None:
         metavar="W",
         help="with --through-fit: ModelConfig.neighbour_vote (modstream train --neighbour-vote)",
     )
+    parser.add_argument(
+        "--unfreeze-text-layers",
+        type=_layers_or_all,
+        default=0,
+        metavar="N|all",
+        help="fine-tune the text encoder's top N layers ('all': the whole encoder) in every run; "
+        "a GPU makes it practical (--device)",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (training and scoring)")
     parser.add_argument("--cache", default="var/cache", help="encoded-feature cache")
     parser.add_argument(
         "--out", default=None, help="JSON (default var/bench/routing_policies[-fit[-voteW]].json, as the runs)"
@@ -112,15 +125,21 @@ def main() -> None:
     args = parser.parse_args()
     if args.neighbour_vote and not args.through_fit:
         parser.error("--neighbour-vote needs --through-fit (the head-only runs do not serve the vote)")
-    model_config = ModelConfig(neighbour_vote=args.neighbour_vote)  # refuses a weight outside [0, 1)
+    # ModelConfig refuses a vote weight outside [0, 1)
+    model_config = ModelConfig(neighbour_vote=args.neighbour_vote, text_trainable_layers=args.unfreeze_text_layers)
 
-    torch.set_num_threads(1)
+    if args.device == "cpu":
+        torch.set_num_threads(1)  # comparable CPU timings; a GPU run leaves the probes all cores
     started = time.perf_counter()
     examples = import_cm_off_meme(with_text_only=args.with_text_only).examples
     runs_dir, variant = Path(args.runs_dir), ""
     if args.through_fit:  # their own directory: runs_config refuses to mix them with head-only runs
         variant = "-fit" + (f"-vote{args.neighbour_vote:g}" if args.neighbour_vote else "")
         runs_dir = runs_dir.parent / f"{runs_dir.name}{variant}"
+    if args.unfreeze_text_layers:  # its own directory too (runs_config would refuse the mix)
+        text = "all" if args.unfreeze_text_layers < 0 else str(args.unfreeze_text_layers)
+        variant += f"-text-{text}"
+        runs_dir = runs_dir.parent / f"{runs_dir.name}-text-{text}"
     if args.with_text_only:
         runs_dir, variant = runs_dir / "with-text-only", variant + "-with-text-only"
     out = Path(args.out or f"var/bench/routing_policies{variant}.json")
@@ -132,23 +151,30 @@ def main() -> None:
         cache_dir=Path(args.cache),
         model_config=model_config,
         through_fit=args.through_fit,
+        device=args.device,
         on_run=lambda o, s: print(f"fold {o.fold} seed {o.seed}: trained in {s:.0f} s", file=sys.stderr),
     )
     tasks = list(runs[0].calibration.temperatures)
     result = compare(runs, tasks, n_boot=args.boot, neighbour_sweep=args.neighbour_sweep)
     n_with_image = sum(ex.image is not None for ex in examples)
+    text_recipe = {0: "frozen encoders", -1: "whole text encoder fine-tuned"}.get(
+        args.unfreeze_text_layers, f"text encoder's top {args.unfreeze_text_layers} layers fine-tuned"
+    )
     result["setup"] = {
         "posts": len(examples),
         "with_image": n_with_image,
         "folds": args.folds,
         "seeds": args.seeds,
         "recipe": (
-            f"as fit() ships it (head + probe blend, neighbour index, vote {args.neighbour_vote:g})"
+            f"task+itc+itm, {text_recipe}, as fit() ships it (head + probe blend, neighbour index, "
+            f"vote {args.neighbour_vote:g})"
             if args.through_fit
-            else "task+itc+itm, frozen encoders, head only, default TrainConfig, thresholds kept or tuned as fit() does"
+            else f"task+itc+itm, {text_recipe}, head only, default TrainConfig, thresholds kept or tuned as fit() does"
         ),
         "train_config": TrainConfig().to_dict(),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads 1",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch threads {torch.get_num_threads()}"
+        + (f", {torch.cuda.get_device_name(0)}" if args.device != "cpu" and torch.cuda.is_available() else ""),
         "intervals": "95% percentile bootstrap over test posts pooled across runs (resampled within each run)",
         "wall_seconds": round(time.perf_counter() - started, 1),
     }

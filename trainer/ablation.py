@@ -517,16 +517,22 @@ def _check_trainable_parts(model: MultimodalModel, cfg: AblationConfig) -> None:
 
 
 def _run_model(base_model: MultimodalModel, variant: Variant) -> MultimodalModel:
-    """This run's model: shared frozen encoders, a fresh copy of any encoder being fine-tuned."""
+    """This run's model under the variant's trainable parts (see run_model)."""
     config = replace(
         base_model.config,
         text_trainable_layers=variant.text_trainable_layers,
         image_trainable_blocks=variant.image_trainable_blocks,
     )
+    return run_model(base_model, config)
+
+
+def run_model(base_model: MultimodalModel, config: ModelConfig) -> MultimodalModel:
+    """One run's model: frozen encoders shared with `base_model`, a fresh copy of any encoder
+    `config` fine-tunes, so every run starts from the pretrained weights, not the last run's."""
     text, image = base_model.text_encoder, base_model.image_encoder
-    if variant.text_trainable_layers:
+    if config.text_trainable_layers:
         text = copy.deepcopy(text)
-    if variant.image_trainable_blocks:
+    if config.image_trainable_blocks:
         image = copy.deepcopy(image)
     return MultimodalModel(config, text, image)
 

@@ -33,10 +33,10 @@ from models.classifier import MultimodalModel
 from models.config import ModelConfig
 from models.registry import build_model
 from models.routing_policy import BUDGETS, PolicyInputs, RoutingPolicySpec, itm_only, review_cut, uncertainty
-from trainer.ablation import _fold_indices
+from trainer.ablation import _fold_indices, run_model
 from trainer.calibration import Calibration, calibrate
 from trainer.features import FeatureStore, LiveFeatures, build_features, load_inputs, subset
-from trainer.fit import fit_features, keep_default_thresholds, strata, stratified_split
+from trainer.fit import fit_features, keep_default_thresholds, pick_device, strata, stratified_split
 from trainer.manifest import Example
 from trainer.neighbour_fit import build_index, pooled_features
 from trainer.routing_fit import (  # noqa: F401  (re-exported: the comparison's building blocks)
@@ -196,9 +196,12 @@ def run_folds(
     model_and_tokenizer: tuple[MultimodalModel, Any] | None = None,
     on_run: Callable[[FoldOutputs, float], None] | None = None,
     through_fit: bool = False,
+    device: str = "cpu",
 ) -> list[FoldOutputs]:
-    """Trains (or reloads from out_dir) one model per fold x seed on CPU; the folds and the
-    train/validation split inside each are those of `modstream ablate`. `through_fit`: each
+    """Trains (or reloads from out_dir) one model per fold x seed on `device`; the folds and the
+    train/validation split inside each are those of `modstream ablate`. The model config's
+    trainable encoder parts are honoured (`text_trainable_layers -1`: the whole text encoder
+    fine-tuned; each run starts from the pretrained encoder). `through_fit`: each
     run is what `modstream train` ships (fit_features: the head + probe blend, the probe
     refitted on training + validation, the neighbour index and vote, the card's policy), and
     its test outputs are the served model's; otherwise the head alone, as trained."""
@@ -211,12 +214,11 @@ def run_folds(
         if all(run.shares for run in loaded):
             return loaded
     base, tokenizer = model_and_tokenizer or build_model(model_config or ModelConfig())
-    if base.config.text_trainable_layers or base.config.image_trainable_blocks:
-        raise ValueError("routing_eval compares policies on the frozen-encoder recipe; got trainable encoder layers")
-    device = torch.device("cpu")
-    base.to(device)
+    dev = pick_device(device)
+    base.to(dev)
     inputs = load_inputs(examples)
-    features = build_features(base, tokenizer, inputs, FeatureStore(cache_dir), device)
+    # Caches whatever stays frozen (and the frozen layers below a top-N split); the rest runs live.
+    features = build_features(base, tokenizer, inputs, FeatureStore(cache_dir), dev)
     tasks = base.config.tasks
     labels = label_tensors(inputs.examples, tasks)
     outputs = []
@@ -233,10 +235,9 @@ def run_folds(
             continue
         started = time.perf_counter()
         torch.manual_seed(seed)
-        model = MultimodalModel(base.config, base.text_encoder, base.image_encoder).to(device)
+        model = run_model(base, base.config).to(dev)
         feats = copy.copy(features)  # shares the cached tensors, bound to this run's model
         feats.model = model
-        feats.text_prefix = None
         split = (train_idx, val_idx, test_idx)
         if through_fit:
             out = _served_run(model, tokenizer, feats, labels, split, replace(cfg, seed=seed), fold)

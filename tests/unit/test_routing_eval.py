@@ -1,4 +1,5 @@
 import functools
+import json
 import math
 
 import numpy as np
@@ -173,6 +174,43 @@ def test_runs_through_fit_score_the_served_model_and_measure_its_card_policy(tmp
     assert again[1].card_policy == runs[1].card_policy
     with pytest.raises(ValueError, match="another"):  # head-only runs never mix with served ones
         run_folds(synthetic_small, tmp_path, folds=2, train_config=train_cfg, model_and_tokenizer=tiny_model(cfg))
+
+
+def test_runs_through_fit_fine_tune_a_fresh_text_encoder_each_run(tmp_path, synthetic_small, monkeypatch):
+    import dataclasses
+
+    import torch
+
+    import trainer.routing_eval as routing_eval
+
+    base, tokenizer = tiny_model(dataclasses.replace(tiny_config(), text_trainable_layers=-1))
+    pretrained = {k: v.clone() for k, v in base.text_encoder.state_dict().items()}
+    trained, original = [], routing_eval.run_model
+
+    def recording_run_model(model, config):
+        run = original(model, config)
+        trained.append(run)
+        return run
+
+    monkeypatch.setattr("trainer.fit.routing_block", functools.partial(routing_block, min_errors=1))
+    monkeypatch.setattr(routing_eval, "run_model", recording_run_model)
+    runs = run_folds(
+        synthetic_small,
+        tmp_path,
+        folds=2,
+        train_config=TrainConfig(epochs=1, itm_finish_epochs=0),
+        model_and_tokenizer=(base, tokenizer),
+        through_fit=True,
+    )
+    assert len(runs) == len(trained) == 2
+    for name, value in base.text_encoder.state_dict().items():  # each run started from the pretrained encoder
+        torch.testing.assert_close(value, pretrained[name])
+    for run in trained:  # ... and fine-tuned its own copy
+        assert run.text_encoder is not base.text_encoder
+        assert run.image_encoder is base.image_encoder  # the frozen one stays shared
+        moved = [not torch.equal(v, pretrained[k]) for k, v in run.text_encoder.state_dict().items()]
+        assert sum(moved) > len(moved) // 2
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["text_trainable_layers"] == -1
 
 
 def test_itm_weight_is_fitted_only_where_weak_matches_hold_errors():
