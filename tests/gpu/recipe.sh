@@ -7,7 +7,10 @@
 #   3. a second seed of each, routing first, as the budget allows.
 # A stage cut by the budget leaves resumable runs: all of them come back in runs.tgz.
 #
-#   bash tests/gpu/recipe.sh [BUDGET_SECONDS]      (DEVICE=cpu for a dry run here)
+#   bash tests/gpu/recipe.sh [BUDGET_SECONDS]
+#
+# Dry run here first, as the GPU image sees the project (not installed, no weight wheels):
+#   PYTHON=tests/gpu/bare/python DEVICE=cpu OUT=/tmp/dry bash tests/gpu/recipe.sh 300
 #
 # The device call carries what tests.gpu.assets --recipe packed: var/gpu-pack-data (first
 # call, with run_all.sh) and var/gpu-pack-text (this call; the 64 MiB tree limit keeps them apart).

@@ -6,7 +6,8 @@
 # Writes logs and results to $OUT when it is set (else var/bench/gpu/).
 #
 # Before sending the tree: `python -m tests.gpu.assets` here (copies the MiniLM tokenizer into
-# var/gpu-assets/, which must be carried: the GPU image lacks the wheel).
+# var/gpu-assets/, which must be carried: the GPU image lacks the wheel). Dry run here, as the
+# GPU image sees the project: PYTHON=tests/gpu/bare/python OUT=/tmp/dry bash tests/gpu/run_all.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT_DIR="${OUT:-var/bench/gpu}"

@@ -85,9 +85,10 @@ def test_replica_prepares_the_next_batch_while_the_current_one_runs():
     prepares = [e for e in events if e[0] == "prepare"]
     runs = [e for e in events if e[0] == "run"]
     assert len(prepares) == 2 and len(runs) == 2
-    first_run_start, first_run_end = runs[0][1], runs[0][2]
-    # Batch 2 was prepared during batch 1's device time, not after it.
-    assert first_run_start <= prepares[1][2] < first_run_end
+    first_run_end = runs[0][2]
+    # Batch 2's preparation began before batch 1's device time ended, not after it. (It may
+    # begin even before batch 1 reaches the device: on a fast 16-core machine it did, by 0.6 ms.)
+    assert prepares[1][2] < first_run_end
 
 
 def test_preparing_on_a_thread_pool_gives_the_same_batch_even_with_one_thread():
