@@ -12,11 +12,15 @@ other 713 rows); --with-text-only adds those as text-only posts.
 
     nice -n 5 .venv/bin/python bench/routing_policies.py [--seeds 2] [--runs-dir DIR] [--out FILE.json]
         [--neighbour-sweep 0.5 1 2 3 4 6] [--through-fit [--neighbour-vote W]]
+        [--unfreeze-text-layers N|all --device cuda] [--saved-only [--units 0/0,1/0]]
 
 --through-fit trains each run as `modstream train` does (trainer.fit.fit_features: the head +
 probe blend, the probe refitted on training + validation, the neighbour index, the optional
 neighbour vote) and scores the served model, adding a row for the policy its card ships
 (its own cut, at the 10% budget it was tuned for). Its runs live in their own directory.
+--unfreeze-text-layers fine-tunes the text encoder in every run (runs-...-text-N|all); on a
+GPU (tests/gpu/recipe.sh) that is minutes. --saved-only scores whatever runs a directory holds
+(a grid a device lease cut short) and --units picks the same runs from a baseline's directory.
 
 The neighbour policies read each post's labelled nearest training posts (models/neighbours.py,
 index built from the run's training split); runs saved before they existed get their
@@ -39,12 +43,16 @@ import torch
 
 from models.config import ModelConfig
 from trainer.importers import import_cm_off_meme
-from trainer.routing_eval import compare, run_folds
+from trainer.routing_eval import compare, run_folds, saved_runs
 from trainer.train import TrainConfig
 
 
 def _layers_or_all(value: str) -> int:
     return -1 if value == "all" else int(value)
+
+
+def _units(value: str) -> list[tuple[int, int]]:
+    return [(int(f), int(s)) for f, s in (unit.split("/") for unit in value.split(","))]
 
 
 def _fmt(value: float, ci: list[float] | None = None, pct: bool = False) -> str:
@@ -122,7 +130,21 @@ def main() -> None:
         metavar="W",
         help="also the summed neighbour policy at each of these weights (e.g. 0.5 1 2 3 4 6)",
     )
+    parser.add_argument(
+        "--saved-only",
+        action="store_true",
+        help="score the runs already saved in the runs directory and train nothing (a grid a GPU lease cut short)",
+    )
+    parser.add_argument(
+        "--units",
+        type=_units,
+        default=None,
+        metavar="F/S,...",
+        help="with --saved-only: only these fold/seed runs, e.g. 0/0,1/0,2/0 (a baseline on the same runs)",
+    )
     args = parser.parse_args()
+    if args.units and not args.saved_only:
+        parser.error("--units needs --saved-only")
     if args.neighbour_vote and not args.through_fit:
         parser.error("--neighbour-vote needs --through-fit (the head-only runs do not serve the vote)")
     # ModelConfig refuses a vote weight outside [0, 1)
@@ -142,18 +164,30 @@ def main() -> None:
         runs_dir = runs_dir.parent / f"{runs_dir.name}-text-{text}"
     if args.with_text_only:
         runs_dir, variant = runs_dir / "with-text-only", variant + "-with-text-only"
+    if args.saved_only:
+        variant += "-saved"
     out = Path(args.out or f"var/bench/routing_policies{variant}.json")
-    runs = run_folds(
-        examples,
-        runs_dir,
-        folds=args.folds,
-        seeds=tuple(range(args.seeds)),
-        cache_dir=Path(args.cache),
-        model_config=model_config,
-        through_fit=args.through_fit,
-        device=args.device,
-        on_run=lambda o, s: print(f"fold {o.fold} seed {o.seed}: trained in {s:.0f} s", file=sys.stderr),
-    )
+    if args.saved_only:
+        runs = saved_runs(
+            examples,
+            runs_dir,
+            folds=args.folds,
+            model_config=model_config,
+            through_fit=args.through_fit,
+            units=args.units,
+        )
+    else:
+        runs = run_folds(
+            examples,
+            runs_dir,
+            folds=args.folds,
+            seeds=tuple(range(args.seeds)),
+            cache_dir=Path(args.cache),
+            model_config=model_config,
+            through_fit=args.through_fit,
+            device=args.device,
+            on_run=lambda o, s: print(f"fold {o.fold} seed {o.seed}: trained in {s:.0f} s", file=sys.stderr),
+        )
     tasks = list(runs[0].calibration.temperatures)
     result = compare(runs, tasks, n_boot=args.boot, neighbour_sweep=args.neighbour_sweep)
     n_with_image = sum(ex.image is not None for ex in examples)
@@ -165,6 +199,7 @@ def main() -> None:
         "with_image": n_with_image,
         "folds": args.folds,
         "seeds": args.seeds,
+        "runs": [f"{r.fold}/{r.seed}" for r in runs],
         "recipe": (
             f"task+itc+itm, {text_recipe}, as fit() ships it (head + probe blend, neighbour index, "
             f"vote {args.neighbour_vote:g})"
@@ -182,8 +217,13 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=1))
     print(markdown(result, tasks))
     print(
-        f"{len(examples)} posts ({n_with_image} with an image), {args.folds} folds x {args.seeds} seed(s); "
-        f"errors caught = share of the model's test errors in the reviewed set; precision = error rate among "
+        f"{len(examples)} posts ({n_with_image} with an image), "
+        + (
+            f"{len(runs)} saved runs (fold/seed {', '.join(result['setup']['runs'])}) of {args.folds} folds; "
+            if args.saved_only
+            else f"{args.folds} folds x {args.seeds} seed(s); "
+        )
+        + f"errors caught = share of the model's test errors in the reviewed set; precision = error rate among "
         f"reviewed posts; lift = caught share / reviewed share (random = 1); the cut is the validation quantile "
         f"for the budget, so the share reviewed on test differs a little. Written: {out}",
     )

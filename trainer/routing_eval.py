@@ -250,6 +250,35 @@ def run_folds(
     return outputs
 
 
+def saved_runs(
+    examples: Sequence[Example],
+    out_dir: Path,
+    *,
+    folds: int = 5,
+    val_fraction: float = 0.15,
+    train_config: TrainConfig | None = None,
+    model_config: ModelConfig | None = None,
+    through_fit: bool = False,
+    units: Sequence[tuple[int, int]] | None = None,
+) -> list[FoldOutputs]:
+    """The runs already saved in `out_dir` under this configuration, training nothing: to score
+    a grid that a GPU lease cut short, or a baseline on the same (fold, seed) `units`."""
+    config_path = out_dir / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"{out_dir}: no saved runs (no config.json)")
+    cfg, model = train_config or TrainConfig(), model_config or ModelConfig()
+    check_runs_dir(out_dir, runs_config(examples, cfg, model, folds, val_fraction, through_fit))
+    found = {}
+    for path in out_dir.glob("fold*-seed*.npz"):
+        fold, seed = (int(x) for x in path.stem.removeprefix("fold").split("-seed"))
+        found[(fold, seed)] = path
+    wanted = list(units) if units is not None else sorted(found)
+    missing = [u for u in wanted if u not in found]
+    if missing or not wanted:
+        raise ValueError(f"{out_dir}: no saved run for (fold, seed) {missing or 'any'}")
+    return [_load(found[u], *u) for u in wanted]
+
+
 Split = tuple[Sequence[int], Sequence[int], Sequence[int]]  # train, validation, test post indices
 
 

@@ -19,6 +19,7 @@ from trainer.routing_eval import (
     routing_block,
     run_folds,
     run_splits,
+    saved_runs,
 )
 from trainer.routing_fit import CHOSEN_POLICY, FALLBACK_POLICY, NEIGHBOUR_WEIGHT
 from trainer.train import EvalOutput, TrainConfig
@@ -126,6 +127,16 @@ def test_run_folds_trains_once_and_resumes(tmp_path, synthetic_small, monkeypatc
     again = run_folds(synthetic_small, tmp_path, folds=2, train_config=train_cfg, model_and_tokenizer=tiny_model(cfg))
     np.testing.assert_array_equal(again[1].test.logits["hate"], runs[1].test.logits["hate"])
     assert again[0].calibration.thresholds == runs[0].calibration.thresholds
+
+    # Scoring what a cut-short grid saved: the runs asked for, nothing trained, a missing one refused.
+    kwargs = dict(folds=2, train_config=train_cfg, model_config=cfg)
+    (only,) = saved_runs(synthetic_small, tmp_path, units=[(1, 0)], **kwargs)
+    np.testing.assert_array_equal(only.test.logits["hate"], runs[1].test.logits["hate"])
+    assert [(r.fold, r.seed) for r in saved_runs(synthetic_small, tmp_path, **kwargs)] == [(0, 0), (1, 0)]
+    with pytest.raises(ValueError, match=r"no saved run for \(fold, seed\) \[\(1, 1\)\]"):
+        saved_runs(synthetic_small, tmp_path, units=[(1, 1)], **kwargs)
+    with pytest.raises(ValueError, match="another"):  # saved under another configuration
+        saved_runs(synthetic_small, tmp_path, through_fit=True, **kwargs)
 
 
 def test_run_splits_partition_each_fold_and_vary_validation_by_seed(synthetic_small):
