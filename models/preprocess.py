@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from models.images import model_input
+
 
 class PostText(str):
     """A post's text carrying the text read from its image (`ocr`, None when not read).
@@ -64,8 +66,8 @@ class TextPreprocessor:
 
 
 class ImagePreprocessor:
-    """Resize the whole image to a square (no crop: text printed on memes sits at the
-    edges) and normalise. Missing images become zeros with `present = False`."""
+    """Resize the whole image to a square (`model_input`) and normalise. Missing images
+    become zeros with `present = False`."""
 
     def __init__(self, size: int, mean: Sequence[float], std: Sequence[float]) -> None:
         self.size = size
@@ -74,8 +76,9 @@ class ImagePreprocessor:
         self._on: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     def uint8_one(self, image: Image.Image) -> np.ndarray:
-        """[3, size, size] uint8; cheap when the image arrives already bounded (models.images)."""
-        resized = image.convert("RGB").resize((self.size, self.size), Image.Resampling.BILINEAR)
+        """[3, size, size] uint8; a copy alone when the decode pool already made the image the
+        model's input (stream.media FetchConfig.model_side)."""
+        resized = model_input(image, self.size)
         return np.array(resized, dtype=np.uint8).transpose(2, 0, 1)  # a writable copy torch may share
 
     def to_uint8(

@@ -18,7 +18,7 @@ from typing import TextIO
 from urllib.parse import urlsplit
 
 from models.devices import pick_device
-from models.images import MAX_BYTES, MAX_SIDE, ImageError, content_hash
+from models.images import MAX_BYTES, ImageError, content_hash
 from models.inference import Predictor
 from models.registry import ModelRegistry
 from stream.device_pool import DevicePool
@@ -34,10 +34,9 @@ BATCH = 64
 class LocalOrWebFetcher:
     """http(s) URLs through the guarded MediaFetcher; scheme-less paths from `base_dir`."""
 
-    def __init__(self, web: MediaFetcher, base_dir: Path, max_side: int = MAX_SIDE) -> None:
+    def __init__(self, web: MediaFetcher, base_dir: Path) -> None:
         self.web = web
         self.base_dir = base_dir
-        self.max_side = max_side
 
     def _local(self, ref: str) -> MediaResult:
         started = time.perf_counter()
@@ -45,7 +44,8 @@ class LocalOrWebFetcher:
         try:
             data = _read_capped(path)
             digest = content_hash(data)
-            image, text = decode_and_read(data, digest, FetchConfig(max_side=self.max_side), self.web.ocr)
+            # Decoded as the web fetcher decodes (its max_side and model_side), on this thread.
+            image, text = decode_and_read(data, digest, self.web.config, self.web.ocr)
         except ImageError as exc:
             exc = ImageError(exc.reason, f"{path}: {exc}") if not str(exc).startswith(str(path)) else exc
             return MediaResult(ref, exc.reason, reason=str(exc), elapsed_s=time.perf_counter() - started)
@@ -108,12 +108,14 @@ async def classify_stream(
     policy = RoutingPolicy()
     print(f"model {loaded.card.version}: {policy.describe(loaded.card)}", file=sys.stderr)
     counts = {"labelled": 0, "review": 0, "dead_letter": 0}
-    # Keep decoded images no larger than twice what the model looks at (see models.images).
-    max_side = 2 * loaded.model.image_encoder.image_size
+    # Decoded images are bounded to twice what the model looks at (see models.images), then
+    # made its input in the decode pool (FetchConfig.model_side).
+    side = loaded.model.image_encoder.image_size
+    fetch = FetchConfig(allow_loopback=allow_loopback, max_side=2 * side, model_side=side)
     await pool.start()
     try:
-        async with MediaFetcher(FetchConfig(allow_loopback=allow_loopback, max_side=max_side), ocr=reader) as web:
-            pipeline = Pipeline(pool, LocalOrWebFetcher(web, base_dir, max_side), lambda version: loaded.card, policy)
+        async with MediaFetcher(fetch, ocr=reader) as web:
+            pipeline = Pipeline(pool, LocalOrWebFetcher(web, base_dir), lambda version: loaded.card, policy)
             for batch in _chunks(lines, BATCH):
                 for outcome in await pipeline.process(batch):
                     record = outcome.dead_letter or outcome.label

@@ -67,7 +67,7 @@ from aiohttp.abc import AbstractResolver
 from PIL import Image
 from yarl import URL
 
-from models.images import MAX_PIXELS, MAX_SIDE, ImageError, content_hash, decode_image
+from models.images import MAX_PIXELS, MAX_SIDE, ImageError, content_hash, decode_image, model_input
 from models.ocr import OCR_MAX_SIDE
 
 if TYPE_CHECKING:  # imported by the roles that read image text only: it registers the OCR metrics
@@ -122,6 +122,10 @@ class FetchConfig:
     # Decoded images are shrunk in the decode pool to at most this side (about 2x the model's
     # input): a 40 MP upload must not sit in memory at full size until it is batched.
     max_side: int = MAX_SIDE
+    # The model's input side: the decode pool also makes each image the model's square input
+    # (models.preprocess.model_input), so the serving process, whose preparation runs under
+    # one GIL, only copies pixels. None leaves the resize to the predictor (same pixels).
+    model_side: int | None = None
     concurrency: int = 64  # downloads in flight, all hosts
     per_host: int = 8  # downloads in flight to one host
     retries: int = 2  # extra attempts after the first, transient failures only
@@ -513,15 +517,20 @@ def decode_and_read(
     data: bytes, digest: str | None, cfg: FetchConfig, ocr: ImageTextReader | None
 ) -> tuple[Image.Image, str | None]:
     """The decode pool's work for one image: decode it bounded to `cfg.max_side` and, with
-    `ocr`, read the text inside from a larger copy first. Raises ImageError."""
+    `ocr`, read the text inside from a larger copy first; then, with `cfg.model_side`, make it
+    the model's input. Raises ImageError."""
+    text = None
     if ocr is None:
-        return decode_image(data, max_pixels=cfg.max_pixels, max_side=cfg.max_side), None
-    image = decode_image(data, max_pixels=cfg.max_pixels, max_side=max(cfg.max_side, OCR_MAX_SIDE))
-    text = ocr.read(image, digest)
-    if max(image.size) > cfg.max_side:  # the same size and filter decode_image's own bound gives
-        scale = cfg.max_side / max(image.size)
-        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+        image = decode_image(data, max_pixels=cfg.max_pixels, max_side=cfg.max_side)
+    else:
+        image = decode_image(data, max_pixels=cfg.max_pixels, max_side=max(cfg.max_side, OCR_MAX_SIDE))
+        text = ocr.read(image, digest)
+        if max(image.size) > cfg.max_side:  # the same size and filter decode_image's own bound gives
+            scale = cfg.max_side / max(image.size)
+            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+            image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+    if cfg.model_side:
+        image = model_input(image, cfg.model_side)
     return image, text
 
 

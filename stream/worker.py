@@ -15,10 +15,10 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faust
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -33,6 +33,9 @@ from stream.pipeline import Outcome, Pipeline
 from stream.records import encode
 from stream.redis_store import RedisStore
 from stream.routing import RoutingPolicy
+
+if TYPE_CHECKING:
+    from stream.media import FetchConfig
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,13 @@ def predictor_factory(registry: ModelRegistry, version: str) -> Any:
         return Predictor(loaded.model, loaded.tokenizer, loaded.card, device, autocast)
 
     return build
+
+
+def _decode_for(card: ModelCard, base: FetchConfig) -> FetchConfig:
+    """`base` with the decode pool's image sizes for this model: bounded to twice its input
+    side (memory per post), then made its square input there, off the serving process."""
+    side = card.config.image_size
+    return replace(base, max_side=2 * side, model_side=side)
 
 
 def _created_at(outcome: Outcome) -> float | None:
@@ -140,9 +150,8 @@ class Resources:
             on_batch=self._observe_device_batch,
         )
         await self.pool.start()
-        # Decoded images are kept at most twice the model's input side (bounded memory per post).
-        max_side = 2 * self.card.config.image_size
-        self.fetcher = MediaFetcher(FetchConfig(allow_loopback=s.allow_loopback_media, max_side=max_side), ocr=ocr)
+        fetch = _decode_for(self.card, FetchConfig(allow_loopback=s.allow_loopback_media))
+        self.fetcher = MediaFetcher(fetch, ocr=ocr)
         await self.fetcher.__aenter__()
         if s.redis_url:
             self.redis = RedisStore(s.redis_url)
@@ -187,6 +196,10 @@ class Resources:
         # Known before the first label of the new version can come back from a replica.
         self.cards[card.version] = card
         await self.pool.swap(predictor_factory(self.registry, card.version))
+        if self.fetcher is not None and card.config.image_size != self.fetcher.config.model_side:
+            # Images decoded from now on fit the new model; the few in flight are resized again
+            # by its preprocessor (right shape, a little softer).
+            self.fetcher.config = _decode_for(card, self.fetcher.config)
         self.card = card
         self._announce()
 

@@ -265,6 +265,28 @@ def test_decode_shrinks_to_max_side_keeping_the_aspect_ratio(fmt: str, mode: str
     assert img.size[0] / img.size[1] == pytest.approx(size[0] / size[1], rel=0.01)
 
 
+@pytest.mark.parametrize(
+    ("size", "scaled"), [((1000, 700), (500, 350)), ((700, 1000), (350, 500)), ((3600, 900), (450, 113))]
+)
+def test_bounded_jpeg_decodes_at_a_reduced_dct_scale_whatever_its_shape(monkeypatch, size, scaled) -> None:
+    """A landscape or portrait JPEG decodes at the smallest DCT scale that still covers the
+    bound (a square box would keep it at full scale: its short side is below the box)."""
+    from PIL import JpegImagePlugin
+
+    decoded_at = []
+    draft = JpegImagePlugin.JpegImageFile.draft
+
+    def recording(self, mode, size):  # type: ignore[no-untyped-def]
+        result = draft(self, mode, size)
+        decoded_at.append(self.size)
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", recording)
+    img = decode_image(_encode(_flat("RGB", size), "JPEG"), max_side=448)
+    assert decoded_at == [scaled]
+    assert max(img.size) == 448 and img.getpixel((10, 10)) == pytest.approx((10, 200, 30), abs=3)
+
+
 def test_bounded_decode_keeps_colours() -> None:
     img = decode_image(_encode(_flat("RGB", (2000, 1000)), "PNG"), max_side=100)
     assert img.getpixel((50, 25)) == (10, 200, 30)

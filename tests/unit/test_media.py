@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import pytest
 import pytest_asyncio
 from aiohttp import web
@@ -19,7 +20,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from PIL import Image
 
 from models.ocr import OcrError
-from stream.media import FetchConfig, MediaFetcher, address_block_reason, sniff_format
+from stream.media import FetchConfig, MediaFetcher, address_block_reason, decode_and_read, sniff_format
 from stream.ocr import ImageTextReader
 from tests.unit.hostile_server import PNG, HostileServer
 
@@ -487,3 +488,28 @@ async def test_real_tesseract_reads_the_words_of_a_fetched_image(resolver, conne
     assert res.status == "ok" and res.ocr_text is not None
     assert {"NOT", "FUNNY", "AT", "ALL"} <= set(res.ocr_text.split()), res.ocr_text
     _only_loopback(connects)
+
+
+class _ReadsNothing:
+    """An OCR reader for the decode path's OCR branch (it decodes larger, then shrinks)."""
+
+    def read(self, image: Image.Image, digest: str | None) -> str:
+        return f"{image.width}x{image.height}"
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P"])
+@pytest.mark.parametrize("ocr", [None, _ReadsNothing()])
+def test_decode_pool_makes_the_models_input_with_the_pixels_prepare_would_make(mode, ocr) -> None:
+    from models.preprocess import ImagePreprocessor
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (700, 1000, 3), dtype=np.uint8)).convert(mode)
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    data = buf.getvalue()
+    prepare = ImagePreprocessor(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    bounded, text = decode_and_read(data, None, FetchConfig(max_side=448), ocr)
+    model_ready, text_too = decode_and_read(data, None, FetchConfig(max_side=448, model_side=224), ocr)
+    assert bounded.size == (448, 314) and (model_ready.mode, model_ready.size) == ("RGB", (224, 224))
+    assert text == text_too  # OCR read the same larger copy either way
+    np.testing.assert_array_equal(prepare.uint8_one(model_ready), prepare.uint8_one(bounded))

@@ -35,3 +35,28 @@ def test_resources_are_healthy_only_while_the_pool_serves(tmp_path: Path) -> Non
         return states
 
     assert asyncio.run(main()) == [False, False, True, False]
+
+
+def test_the_decode_pool_makes_images_the_served_models_input_and_follows_a_swap(tmp_path: Path) -> None:
+    from models.registry import ModelRegistry
+    from tests.tiny import tiny_config
+
+    registry = ModelRegistry(tmp_path)
+    small, tok = tiny_model(tiny_config(image_size=32))
+    v1 = registry.save(small, tok, ModelCard(config=small.config))
+    large, tok = tiny_model(tiny_config(image_size=48))
+    v2 = registry.save(large, tok, ModelCard(config=large.config), make_current=False)
+
+    async def main() -> list[tuple[int | None, int]]:
+        resources = Resources(WorkerSettings(registry=tmp_path, redis_url=None, model_version=v1, devices="cpu"))
+        await resources.start()
+        try:
+            assert resources.fetcher is not None
+            sides = [(resources.fetcher.config.model_side, resources.fetcher.config.max_side)]
+            await resources.swap(v2)
+            sides.append((resources.fetcher.config.model_side, resources.fetcher.config.max_side))
+            return sides
+        finally:
+            await resources.close()
+
+    assert asyncio.run(main()) == [(32, 64), (48, 96)]
