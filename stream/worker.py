@@ -53,6 +53,7 @@ class WorkerSettings:
     max_wait_s: float = 0.05
     devices: str = "auto"
     allow_loopback_media: bool = False
+    decode_threads: int = 0  # the media fetcher's decode threads; 0 keeps FetchConfig's default
     # Text inside images (stream.ocr): auto = when the model was trained with it, on, off.
     ocr: str = "auto"
     topic_partitions: int = 4
@@ -151,6 +152,8 @@ class Resources:
         )
         await self.pool.start()
         fetch = _decode_for(self.card, FetchConfig(allow_loopback=s.allow_loopback_media))
+        if s.decode_threads > 0:
+            fetch = replace(fetch, decode_workers=s.decode_threads)
         self.fetcher = MediaFetcher(fetch, ocr=ocr)
         await self.fetcher.__aenter__()
         if s.redis_url:

@@ -48,10 +48,11 @@ def test_the_decode_pool_makes_images_the_served_models_input_and_follows_a_swap
     v2 = registry.save(large, tok, ModelCard(config=large.config), make_current=False)
 
     async def main() -> list[tuple[int | None, int]]:
-        resources = Resources(WorkerSettings(registry=tmp_path, redis_url=None, model_version=v1, devices="cpu"))
+        settings = WorkerSettings(registry=tmp_path, redis_url=None, model_version=v1, devices="cpu", decode_threads=3)
+        resources = Resources(settings)
         await resources.start()
         try:
-            assert resources.fetcher is not None
+            assert resources.fetcher is not None and resources.fetcher.config.decode_workers == 3
             sides = [(resources.fetcher.config.model_side, resources.fetcher.config.max_side)]
             await resources.swap(v2)
             sides.append((resources.fetcher.config.model_side, resources.fetcher.config.max_side))
