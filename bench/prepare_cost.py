@@ -1,13 +1,14 @@
-"""Where a post's image preparation runs, and what it costs the serving process.
+"""Where a post's image resize runs, and what each stage costs per post.
 
-The worker's serving process prepares every batch (tokenise, image to the model's square
-input, uint8 tensor) under one GIL, feeding a GPU that runs the forward at 10-12k posts/s
-(BENCHMARKS, GPU). The decode pool (separate processes) already decodes each image bounded
-to twice the model's side; with FetchConfig.model_side it also makes the model's input, so
-the serving process only copies pixels. Same pixels either way (tests/unit/test_media.py).
+The device pool prepares every batch (tokenise, image to the model's square input, uint8
+tensor) while the previous batch runs on a GPU that does the forward at 10-12k posts/s
+(BENCHMARKS, GPU); that preparation held the pool at 1.5k posts/s. The media decode threads
+already decode each image bounded to twice the model's side; with FetchConfig.model_side
+they also make the model's input, so batch preparation only copies pixels. Same pixels
+either way (tests/unit/test_media.py).
 
-Two stages, per post, one thread each, for both placements:
-  decode pool   stream.media.decode_and_read on the encoded image (a worker process's work)
+Two stages, per post, for both placements:
+  decode        stream.media.decode_and_read on the encoded image (one decode thread's work)
   serving       models.inference.Predictor.prepare on a batch of decoded posts, single-threaded
                 and on a pool of resize threads, as stream.device_pool runs it on a GPU
 
@@ -87,8 +88,8 @@ def main() -> None:
     predictor = Predictor(model, tokenizer, ModelCard(config=model.config, version="bench"), torch.device("cpu"))
     texts, blobs = encoded_posts(args.posts)
     placements = {
-        "before: the predictor resizes (decode pool bounds to 2x side)": FetchConfig(max_side=2 * side),
-        "now: the decode pool makes the model's input": FetchConfig(max_side=2 * side, model_side=side),
+        "before: the predictor resizes (decode bounds to 2x side)": FetchConfig(max_side=2 * side),
+        "now: the decode threads make the model's input": FetchConfig(max_side=2 * side, model_side=side),
     }
     rows = []
     with ThreadPoolExecutor(args.threads) as threads:
@@ -103,7 +104,7 @@ def main() -> None:
             row = {
                 "placement": name,
                 "image_side_handed_on": max(im.size[0] for im in images if im is not None),
-                "decode_pool_ms_per_image": per_post(decode, len(with_image), args.seconds) * 1e3,
+                "decode_ms_per_image": per_post(decode, len(with_image), args.seconds) * 1e3,
                 "serving_ms_per_post_1_thread": per_post(
                     lambda images=images: predictor.prepare(texts, images), len(texts), args.seconds
                 )

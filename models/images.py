@@ -170,8 +170,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def model_input(image: Image.Image, size: int) -> Image.Image:
     """The whole image as the model's RGB `size` x `size` square (no crop: text printed on
     memes sits at the edges). Idempotent: an image already in that form is returned as is, so
-    the worker's decode pool can apply it off the serving process (stream.media) and
-    models.preprocess.ImagePreprocessor then only copies pixels, with the same result."""
+    the worker's media decode threads can apply it as each post's media arrives (stream.media)
+    and models.preprocess.ImagePreprocessor then only copies pixels, with the same result."""
     if image.mode == "RGB" and image.size == (size, size):
         return image
     return image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)

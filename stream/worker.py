@@ -89,7 +89,8 @@ def predictor_factory(registry: ModelRegistry, version: str) -> Any:
 
 def _decode_for(card: ModelCard, base: FetchConfig) -> FetchConfig:
     """`base` with the decode pool's image sizes for this model: bounded to twice its input
-    side (memory per post), then made its square input there, off the serving process."""
+    side (memory per post), then made its square input by the decode threads, so the device
+    pool's batch preparation only copies pixels."""
     side = card.config.image_size
     return replace(base, max_side=2 * side, model_side=side)
 
