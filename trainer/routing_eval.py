@@ -2,10 +2,11 @@
 
 Two stages, so the expensive one runs once and the cheap one can be re-run freely:
 
-1. `run_folds`: per fold x seed, train the default recipe (task+ITC+ITM, frozen encoders,
-   default TrainConfig) on the fold's training pool, calibrate on its validation split and
-   record the raw outputs (task logits, labels, ITM match) of validation and test posts.
-   One `.npz` per run under `out_dir`, so an interrupted run resumes.
+1. `run_folds`: per fold x seed, train the default recipe (task+ITC+ITM, frozen encoders
+   unless the model config fine-tunes the text encoder, default TrainConfig) on the fold's
+   training pool, calibrate on its validation split and record the raw outputs (task
+   logits, labels, ITM match) of validation and test posts. One `.npz` per run under
+   `out_dir`, so an interrupted run resumes.
 2. `compare`: per run, fit every policy on validation (the combination's coefficients and
    each policy's review cut for a budget) and apply it to the test fold; then, pooling test
    posts over runs, each policy's error recall, review precision and lift at each budget,
