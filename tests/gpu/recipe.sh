@@ -14,6 +14,9 @@
 #
 # The device call carries what tests.gpu.assets --recipe packed: var/gpu-pack-data (first
 # call, with run_all.sh) and var/gpu-pack-text (this call; the 64 MiB tree limit keeps them apart).
+# The second call must follow the first within the machine's 30 s warm window, or the data is gone.
+# To resume a cut grid, unpack the last runs.tgz here and carry var/A-gpu and
+# var/bench/routing/runs-fit-text-all as well (a few hundred KB): done runs are not redone.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 BUDGET=${1:-420}
