@@ -363,8 +363,12 @@ def run_ablation(
     """Runs (or resumes, from out_dir/runs.jsonl) the grid and writes results.{json,md,png}."""
     started = time.perf_counter()
     chosen = select_variants(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
     dev = pick_device(device)
+    if dev.type == "cuda" and cfg.jobs > 1:
+        # _execute forks its workers after this process has initialised CUDA, which a forked
+        # child cannot use; one process keeps a GPU busy with these small runs anyway.
+        raise AblationSetupError(f"--jobs {cfg.jobs} forks workers, which cannot use CUDA: use --jobs 1 on a GPU")
+    out_dir.mkdir(parents=True, exist_ok=True)
     base_model, tokenizer = model_and_tokenizer or build_model(model_config)
     base_model.to(dev)
     _check_trainable_parts(base_model, cfg)

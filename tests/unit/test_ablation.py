@@ -87,3 +87,15 @@ def test_a_top_n_split_that_leaves_nothing_frozen_is_refused_before_encoding(tmp
     with pytest.raises(AblationSetupError, match=r"has 2 layers.*'all'"):
         run_ablation(synthetic_small, cfg, ablation, tmp_path / "abl", model_and_tokenizer=tiny_model(cfg))
     assert not (tmp_path / "abl" / "grid.json").exists()
+
+
+def test_parallel_jobs_on_a_gpu_are_refused_before_touching_it(tmp_path, synthetic_small):
+    import pytest
+
+    from trainer.ablation import AblationSetupError
+
+    cfg = tiny_config()
+    ablation = AblationConfig(folds=2, seeds=(0,), only=("task",), jobs=2)
+    with pytest.raises(AblationSetupError, match="--jobs 1 on a GPU"):  # raised before any CUDA call
+        run_ablation(synthetic_small, cfg, ablation, tmp_path / "abl", device="cuda", model_and_tokenizer=tiny_model())
+    assert not (tmp_path / "abl").exists()
