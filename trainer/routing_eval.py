@@ -422,7 +422,6 @@ def compare(
     tasks: Sequence[str],
     budgets: Sequence[float] = BUDGETS,
     n_boot: int = 1000,
-    random_draws: int = 200,
     neighbour_sweep: Sequence[float] = (),
 ) -> dict[str, Any]:
     """policy -> budget -> task -> pooled stats with intervals, plus per-run values."""

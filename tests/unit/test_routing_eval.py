@@ -172,7 +172,7 @@ def test_runs_through_fit_score_the_served_model_and_measure_its_card_policy(tmp
         # probabilities sum to 1 before temperature (a head's raw logits do not).
         np.testing.assert_allclose(np.exp(run.test.logits["hate"]).sum(1), 1.0, atol=1e-4)
         assert run.card_policy and run.card_policy["budget"] == 0.1
-    result = compare(runs, list(cfg.tasks), n_boot=20, random_draws=5)
+    result = compare(runs, list(cfg.tasks), n_boot=20)
     shipped_row = result["table"][SHIPPED_ROW]
     assert list(shipped_row) == ["0.1"]  # only at the budget the card's cut was set for
     assert shipped_row["0.1"]["hate"]["n_errors"] > 0
