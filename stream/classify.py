@@ -44,7 +44,7 @@ class LocalOrWebFetcher:
         try:
             data = _read_capped(path)
             digest = content_hash(data)
-            # Decoded as the web fetcher decodes (its max_side and model_side), on this thread.
+            # Decoded as the web fetcher decodes (its bounds), on this thread.
             image, text = decode_and_read(data, digest, self.web.config, self.web.ocr)
         except ImageError as exc:
             exc = ImageError(exc.reason, f"{path}: {exc}") if not str(exc).startswith(str(path)) else exc
@@ -108,10 +108,8 @@ async def classify_stream(
     policy = RoutingPolicy()
     print(f"model {loaded.card.version}: {policy.describe(loaded.card)}", file=sys.stderr)
     counts = {"labelled": 0, "review": 0, "dead_letter": 0}
-    # Decoded images are bounded to twice what the model looks at (see models.images), then
-    # made its input in the decode pool (FetchConfig.model_side).
-    side = loaded.model.image_encoder.image_size
-    fetch = FetchConfig(allow_loopback=allow_loopback, max_side=2 * side, model_side=side)
+    # Keep decoded images no larger than twice what the model looks at (see models.images).
+    fetch = FetchConfig(allow_loopback=allow_loopback, max_side=2 * loaded.model.image_encoder.image_size)
     await pool.start()
     try:
         async with MediaFetcher(fetch, ocr=reader) as web:

@@ -308,6 +308,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         devices=args.device,
         allow_loopback_media=args.allow_loopback_media,
         decode_threads=args.decode_threads,
+        decode_model_input=args.decode_model_input,
         ocr=args.ocr,
         policy=RoutingPolicy(
             itm_threshold=args.itm_threshold,
@@ -531,6 +532,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="image decode threads (0: min(4, cores)); about 5 ms of CPU per photo, so raise it on a GPU host",
+    )
+    p.add_argument(
+        "--decode-model-input",
+        action="store_true",
+        help="GPU workers: the decode threads make each image the model's input, so batch preparation only "
+        "copies pixels (0.2x its CPU; reposts pay the resize)",
     )
     _add_ocr(p)
     p.add_argument("--itm-threshold", type=float, help="override the card's ITM review threshold")

@@ -122,10 +122,11 @@ class FetchConfig:
     # Decoded images are shrunk in the decode pool to at most this side (about 2x the model's
     # input): a 40 MP upload must not sit in memory at full size until it is batched.
     max_side: int = MAX_SIDE
-    # The model's input side: the decode threads also make each image the model's square input
-    # (models.images.model_input) as its post arrives, so the device pool's batch preparation,
-    # on the device's critical path, only copies pixels. None leaves the resize to the
-    # predictor (same pixels).
+    # The model's input side, opt-in (the worker's --decode-model-input): the decode threads
+    # also make each image the model's square input (models.images.model_input) as its post
+    # arrives, so the device pool's batch preparation, on the device's critical path, only
+    # copies pixels; a repost, which skips the model, pays the resize anyway. None leaves the
+    # resize to the predictor (same pixels).
     model_side: int | None = None
     concurrency: int = 64  # downloads in flight, all hosts
     per_host: int = 8  # downloads in flight to one host

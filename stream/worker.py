@@ -54,6 +54,10 @@ class WorkerSettings:
     devices: str = "auto"
     allow_loopback_media: bool = False
     decode_threads: int = 0  # the media fetcher's decode threads; 0 keeps FetchConfig's default
+    # Opt-in: the decode threads make each image the model's input (FetchConfig.model_side).
+    # Batch preparation then costs 0.2x the CPU per post, but a repost pays the resize too: on
+    # the CPU worker it cost 15% of the repost throughput (BENCHMARKS). Meant for GPU workers.
+    decode_model_input: bool = False
     # Text inside images (stream.ocr): auto = when the model was trained with it, on, off.
     ocr: str = "auto"
     topic_partitions: int = 4
@@ -87,12 +91,12 @@ def predictor_factory(registry: ModelRegistry, version: str) -> Any:
     return build
 
 
-def _decode_for(card: ModelCard, base: FetchConfig) -> FetchConfig:
+def _decode_for(card: ModelCard, base: FetchConfig, model_input: bool) -> FetchConfig:
     """`base` with the decode pool's image sizes for this model: bounded to twice its input
-    side (memory per post), then made its square input by the decode threads, so the device
-    pool's batch preparation only copies pixels."""
+    side (memory per post) and, with `model_input`, made its square input by the decode
+    threads, so the device pool's batch preparation only copies pixels."""
     side = card.config.image_size
-    return replace(base, max_side=2 * side, model_side=side)
+    return replace(base, max_side=2 * side, model_side=side if model_input else None)
 
 
 def _created_at(outcome: Outcome) -> float | None:
@@ -152,7 +156,7 @@ class Resources:
             on_batch=self._observe_device_batch,
         )
         await self.pool.start()
-        fetch = _decode_for(self.card, FetchConfig(allow_loopback=s.allow_loopback_media))
+        fetch = _decode_for(self.card, FetchConfig(allow_loopback=s.allow_loopback_media), s.decode_model_input)
         if s.decode_threads > 0:
             fetch = replace(fetch, decode_workers=s.decode_threads)
         self.fetcher = MediaFetcher(fetch, ocr=ocr)
@@ -200,10 +204,10 @@ class Resources:
         # Known before the first label of the new version can come back from a replica.
         self.cards[card.version] = card
         await self.pool.swap(predictor_factory(self.registry, card.version))
-        if self.fetcher is not None and card.config.image_size != self.fetcher.config.model_side:
+        if self.fetcher is not None and 2 * card.config.image_size != self.fetcher.config.max_side:
             # Images decoded from now on fit the new model; the few in flight are resized again
             # by its preprocessor (right shape, a little softer).
-            self.fetcher.config = _decode_for(card, self.fetcher.config)
+            self.fetcher.config = _decode_for(card, self.fetcher.config, self.settings.decode_model_input)
         self.card = card
         self._announce()
 

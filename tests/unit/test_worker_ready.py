@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from models.card import ModelCard
 from models.inference import Predictor
 from stream.device_pool import BatcherConfig, DevicePool
+from stream.media import FetchConfig
 from stream.worker import Resources, WorkerSettings
 from tests.tiny import tiny_model
 
@@ -37,7 +39,7 @@ def test_resources_are_healthy_only_while_the_pool_serves(tmp_path: Path) -> Non
     assert asyncio.run(main()) == [False, False, True, False]
 
 
-def test_the_decode_pool_makes_images_the_served_models_input_and_follows_a_swap(tmp_path: Path) -> None:
+def test_the_decode_bounds_follow_the_served_model_and_a_swap_and_model_input_is_opt_in(tmp_path: Path) -> None:
     from models.registry import ModelRegistry
     from tests.tiny import tiny_config
 
@@ -47,17 +49,23 @@ def test_the_decode_pool_makes_images_the_served_models_input_and_follows_a_swap
     large, tok = tiny_model(tiny_config(image_size=48))
     v2 = registry.save(large, tok, ModelCard(config=large.config), make_current=False)
 
-    async def main() -> list[tuple[int | None, int]]:
-        settings = WorkerSettings(registry=tmp_path, redis_url=None, model_version=v1, devices="cpu", decode_threads=3)
+    async def sides(**options: Any) -> list[tuple[int | None, int, int]]:
+        settings = WorkerSettings(registry=tmp_path, redis_url=None, model_version=v1, devices="cpu", **options)
         resources = Resources(settings)
         await resources.start()
         try:
-            assert resources.fetcher is not None and resources.fetcher.config.decode_workers == 3
-            sides = [(resources.fetcher.config.model_side, resources.fetcher.config.max_side)]
-            await resources.swap(v2)
-            sides.append((resources.fetcher.config.model_side, resources.fetcher.config.max_side))
-            return sides
+            assert resources.fetcher is not None
+            seen = []
+            for version in (v1, v2):
+                await resources.swap(version)
+                cfg = resources.fetcher.config
+                seen.append((cfg.model_side, cfg.max_side, cfg.decode_workers))
+            return seen
         finally:
             await resources.close()
 
-    assert asyncio.run(main()) == [(32, 64), (48, 96)]
+    default_threads = FetchConfig().decode_workers
+    # By default the predictor makes the model's input; the bound follows the served model.
+    assert asyncio.run(sides()) == [(None, 64, default_threads), (None, 96, default_threads)]
+    # Opted in (GPU workers), the decode threads make it, for whichever model is served.
+    assert asyncio.run(sides(decode_model_input=True, decode_threads=3)) == [(32, 64, 3), (48, 96, 3)]
