@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import sys
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.gpu_throughput import default_model_random  # noqa: E402
+from bench.gpu_throughput import default_model_random, timed  # noqa: E402
 from models.card import ModelCard  # noqa: E402
 from models.inference import Predictor  # noqa: E402
 from stream.media import FetchConfig, decode_and_read  # noqa: E402
@@ -63,15 +62,8 @@ def encoded_posts(n: int, seed: int = 0) -> tuple[list[str], list[bytes | None]]
 
 
 def per_post(fn: Callable[[], object], n: int, min_seconds: float) -> float:
-    """Mean seconds per post of `fn` (which handles n posts), after a warm-up call."""
-    fn()
-    calls, started = 0, time.perf_counter()
-    while True:
-        fn()
-        calls += 1
-        elapsed = time.perf_counter() - started
-        if elapsed >= min_seconds and calls >= 2:
-            return elapsed / calls / n
+    """Mean seconds per post of `fn`, which handles n posts."""
+    return timed(fn, torch.device("cpu"), min_seconds, min_calls=2) / n
 
 
 def main() -> None:

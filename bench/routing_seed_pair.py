@@ -26,13 +26,7 @@ if str(ROOT) not in sys.path:
 
 from models.config import ModelConfig  # noqa: E402
 from trainer.importers import import_cm_off_meme  # noqa: E402
-from trainer.routing_eval import FoldOutputs, saved_runs  # noqa: E402
-
-
-def _probs(run: FoldOutputs, task: str) -> np.ndarray:
-    z = run.test.logits[task] / run.calibration.temperatures[task]
-    z = np.exp(z - z.max(1, keepdims=True))
-    return (z / z.sum(1, keepdims=True))[:, 1]
+from trainer.routing_eval import policy_inputs, saved_runs  # noqa: E402
 
 
 def _lift(score: np.ndarray, wrong: np.ndarray, budget: float) -> float:
@@ -67,11 +61,11 @@ def main() -> None:
     for task in tasks:
         per: dict[str, list[float]] = {}
         for a, b in zip(runs[::2], runs[1::2], strict=True):
-            y = a.test.labels[task]
-            ok = y >= 0
-            pa, pb, y = _probs(a, task)[ok], _probs(b, task)[ok], y[ok]
-            ta, tb = a.calibration.thresholds[task], b.calibration.thresholds[task]
-            wrong_a = ((pa >= ta).astype(int) != y).astype(float)
+            (in_a, truth_a), (in_b, _) = (policy_inputs(r.test, r.calibration, tasks) for r in (a, b))
+            ok = truth_a["labelled"][task]
+            pa, pb, y = in_a.scores[task][ok], in_b.scores[task][ok], a.test.labels[task][ok]
+            ta, tb = in_a.thresholds[task], in_b.thresholds[task]
+            wrong_a = truth_a["errors"][task][ok].astype(float)
             pm, tm = (pa + pb) / 2, (ta + tb) / 2
             wrong_m = ((pm >= tm).astype(int) != y).astype(float)
             scores = {

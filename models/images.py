@@ -118,7 +118,7 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS, max_side: int | N
                 img.load()
                 if max_side is None:
                     return _to_rgb(img)
-                return _bounded_rgb(img, max_side)
+                return bounded_rgb(img, max_side)
             except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
                 raise ImageError("decompression_bomb", f"image rejected as a decompression bomb: {exc}") from exc
             except Exception as exc:
@@ -138,7 +138,8 @@ def _classify(exc: BaseException, fmt: str = "image") -> ImageError:
 _REDUCIBLE_MODES = frozenset({"RGB", "RGBA", "L", "LA", "RGBa", "La"})
 
 
-def _bounded_rgb(img: Image.Image, max_side: int) -> Image.Image:
+def bounded_rgb(img: Image.Image, max_side: int) -> Image.Image:
+    """`img` as RGB, shrunk (aspect ratio kept) so neither side exceeds `max_side`."""
     if max(img.size) <= max_side:
         return _to_rgb(img)
     if img.mode not in _REDUCIBLE_MODES:

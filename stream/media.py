@@ -67,7 +67,7 @@ from aiohttp.abc import AbstractResolver
 from PIL import Image
 from yarl import URL
 
-from models.images import MAX_PIXELS, MAX_SIDE, ImageError, content_hash, decode_image, model_input
+from models.images import MAX_PIXELS, MAX_SIDE, ImageError, bounded_rgb, content_hash, decode_image, model_input
 from models.ocr import OCR_MAX_SIDE
 
 if TYPE_CHECKING:  # imported by the roles that read image text only: it registers the OCR metrics
@@ -527,10 +527,7 @@ def decode_and_read(
     else:
         image = decode_image(data, max_pixels=cfg.max_pixels, max_side=max(cfg.max_side, OCR_MAX_SIDE))
         text = ocr.read(image, digest)
-        if max(image.size) > cfg.max_side:  # the same size and filter decode_image's own bound gives
-            scale = cfg.max_side / max(image.size)
-            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-            image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+        image = bounded_rgb(image, cfg.max_side)  # the size and filter decode_image's own bound gives
     if cfg.model_side:
         image = model_input(image, cfg.model_side)
     return image, text

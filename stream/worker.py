@@ -204,7 +204,7 @@ class Resources:
         # Known before the first label of the new version can come back from a replica.
         self.cards[card.version] = card
         await self.pool.swap(predictor_factory(self.registry, card.version))
-        if self.fetcher is not None and 2 * card.config.image_size != self.fetcher.config.max_side:
+        if self.fetcher is not None:
             # Images decoded from now on fit the new model; the few in flight are resized again
             # by its preprocessor (right shape, a little softer).
             self.fetcher.config = _decode_for(card, self.fetcher.config, self.settings.decode_model_input)
