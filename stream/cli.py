@@ -320,6 +320,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             review_cut=args.review_cut,
         ),
         batcher=BatcherConfig(max_batch=args.device_batch, max_delay_s=args.device_delay),
+        stop_grace_s=args.stop_grace,
     )
     # faust's Worker reads sys.argv; give it only the program name.
     sys.argv = sys.argv[:1]
@@ -526,6 +527,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-wait", type=float, default=0.05, help="seconds to fill a micro-batch")
     p.add_argument("--device-batch", type=int, default=0, help="model batch per device (0: 8 on CPU, 256 on GPU)")
     p.add_argument("--device-delay", type=float, default=0.005)
+    p.add_argument(
+        "--stop-grace",
+        type=float,
+        default=20.0,
+        help="seconds from SIGTERM to exit whatever the worker waits on (0: wait for faust's own stop)",
+    )
     p.add_argument("--allow-loopback-media", action="store_true", help="demo/tests: fetch media from 127.0.0.1")
     p.add_argument(
         "--decode-threads",

@@ -2,6 +2,8 @@
 
 A DeadLetter's `raw` is the post exactly as it arrived (as text), so a replay re-sends it
 unchanged, keyed by its original post id: the worker labels it as if it came the first time.
+A dead letter of an oversized input keeps only a prefix (`raw_truncated`); it is never
+replayed and shows in the summary as "not selected ... by truncated".
 Repeating a replay is safe in the sense the sinks define (see docs/operations.md): the
 label topic is keyed by post id (one label per post after compaction, and a dedupe-cache hit
 gives the same scores) and the review stream enqueues a post once (ENQUEUE_ONCE in Redis).
@@ -57,6 +59,9 @@ class Selection:
 
     def why_not(self, letter: dict[str, Any]) -> str | None:
         """None when `letter` (a DeadLetter's JSON) is selected, else the criterion it misses."""
+        if letter.get("raw_truncated"):
+            # Only a prefix of an oversized input was kept: re-sending it would be another post.
+            return "truncated"
         if letter.get("stage") not in (self.stages or STAGES):
             return "stage"
         reason = str(letter.get("reason", ""))

@@ -17,9 +17,11 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# Up to past the longest timeout in use (an inference may take 60 s before it times out, a
+# fetch 10 s), so a p99 near a timeout is read from a bucket edge, not interpolated to 30 s.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120)
 
-POSTS = Counter("modstream_posts_total", "Posts finished, by outcome (auto, review, dead_letter)", ["outcome"])
+POSTS = Counter("modstream_posts_total", "Posts finished, by outcome (auto, review, dead_letter, lost)", ["outcome"])
 LABELS = Counter(
     "modstream_labels_total",
     "Labels acknowledged by the broker, by the model version that produced them and route (auto, review)",
@@ -46,11 +48,64 @@ BATCH_SIZE = Histogram(
 PRODUCE_TO_LABEL = Histogram(
     "modstream_produce_to_label_seconds",
     "From the post's created_at to its label acknowledged by the broker (posts carrying created_at)",
-    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+    # Steps of at most 1.5x past a minute: p99 read 288 s for a 140 s maximum with a 120 -> 300 jump.
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 240, 300, 450, 600, 900),
+)
+SEND_BLOCKED = Gauge(
+    "modstream_worker_send_blocked",
+    "1 while the worker resends records the broker has not acknowledged (it consumes nothing meanwhile)",
+    ["topic"],
 )
 
-for _outcome in ("auto", "review", "dead_letter"):  # series exist from the start: rate() and alerts see 0
-    POSTS.labels(_outcome)
+# Every series whose labels are known up front exists from the start at 0: a series born at 1
+# is invisible to increase() and rate(), so the first dead letter after a start fired nothing.
+# lost: not even a 1 KiB dead letter could be written (a broker whose record limit is tiny).
+POST_OUTCOMES = ("auto", "review", "dead_letter", "lost")
+# Dead-letter reasons as a closed set per stage (the free text is on the dead letter itself).
+DEAD_LETTER_REASONS: dict[str, tuple[str, ...]] = {
+    "parse": ("record", "v", "id", "text", "image_urls", "author", "created_at", "internal", "other"),
+    "classify": ("InferenceTimeout", "ReplicaFailed", "internal", "other"),
+    "sink": ("too_large", "other"),
+}
+DEPENDENCY_OPS = (("kafka", "send"), ("kafka", "consumer_lag"), ("redis", "dedupe_get"), ("redis", "dedupe_put"))
+OUTPUT_TOPICS = ("labels", "review", "dlq")
+
+
+def dead_letter_reason(stage: str, reason: str) -> str:
+    """The bounded metric label of a dead letter's free-text reason ("field: why" at parse,
+    the exception's repr at classify, "internal error: ..." anywhere)."""
+    head = reason.split(":", 1)[0].split("(", 1)[0].split("[", 1)[0].strip()
+    if head == "internal error":
+        head = "internal"
+    known = DEAD_LETTER_REASONS.get(stage, ())
+    return head if head in known else "other"
+
+
+def _create_known_series() -> None:
+    for outcome in POST_OUTCOMES:
+        POSTS.labels(outcome)
+    for stage, reasons in DEAD_LETTER_REASONS.items():
+        for reason in reasons:
+            DLQ.labels(stage, reason)
+    for dependency, op in DEPENDENCY_OPS:
+        DEPENDENCY_ERRORS.labels(dependency, op)
+    for topic in OUTPUT_TOPICS:
+        SEND_BLOCKED.labels(topic).set(0)
+
+
+def create_version_series(version: str, tasks: Sequence[str], media_statuses: Sequence[str] = ()) -> None:
+    """The series of a model version at 0, once it serves: the review-share and label-drift
+    alerts compare shares, and a share whose first review label started its series sees no jump."""
+    for route in ("auto", "review"):
+        LABELS.labels(version, route)
+    for task in tasks:
+        for decision in ("positive", "negative"):
+            TASK_DECISIONS.labels(version, task, decision)
+    INFERENCE_SUCCESS.labels(version)
+    INFERENCE_FAILURE.labels(version)
+    for status in media_statuses:
+        MEDIA.labels(status)
+
 
 # -- inference (Triton-style) -------------------------------------------------------------
 INFERENCE_SUCCESS = Counter(
@@ -95,6 +150,9 @@ CONSUMER_LAG = Gauge(
 CONSUMER_LAG_SUM = Gauge(
     "modstream_consumer_lag_sum", "Consumer lag summed over the topic's partitions", ["group", "topic"]
 )
+
+
+_create_known_series()
 
 
 class InstrumentedClassifier:

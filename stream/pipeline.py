@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -24,7 +23,7 @@ from models.card import ModelCard
 from models.inference import Prediction
 from models.preprocess import PostText
 from stream import metrics
-from stream.records import DeadLetter, Label, MediaInfo, Post, RecordError, ReviewItem
+from stream.records import DeadLetter, Label, MediaInfo, Post, RecordError, ReviewItem, decode_json
 from stream.routing import RoutingPolicy, route_scores
 
 log = logging.getLogger(__name__)
@@ -104,10 +103,6 @@ class Pipeline:
                         o.dead_letter = DeadLetter.from_raw(
                             o.raw, "classify", f"internal error: {exc!r}", o.post.id if o.post else None
                         )
-        for o in outcomes:
-            metrics.POSTS.labels("dead_letter" if o.dead_letter else (o.label.route if o.label else "lost")).inc()
-            if o.dead_letter:
-                metrics.DLQ.labels(o.dead_letter.stage, _reason_code(o.dead_letter.reason)).inc()
         return outcomes
 
     async def _label(self, outcomes: list[Outcome]) -> None:
@@ -264,20 +259,26 @@ class FetchedMedia:
 
 
 def parse(raw: bytes) -> Outcome:
+    """One Outcome per input whatever its bytes: a Post, or a dead letter at stage parse.
+    Anything the parser raises counts (a RecursionError from a nested post once escaped a
+    narrower `except` and crashed the agent past its ack, losing the whole micro-batch)."""
     try:
         return Outcome(raw, post=Post.from_json(raw))
     except RecordError as exc:
-        post_id = _salvage_id(raw)
-        return Outcome(raw, dead_letter=DeadLetter.from_raw(raw, "parse", str(exc), post_id))
+        reason = str(exc)
+    except Exception as exc:
+        log.exception("parsing a post failed unexpectedly")
+        reason = f"internal error: {exc!r}"
+    return Outcome(raw, dead_letter=DeadLetter.from_raw(raw, "parse", reason, _salvage_id(raw)))
 
 
 def _salvage_id(raw: bytes) -> str | None:
+    """The post's id from a record that failed its schema, for the dead letter's key."""
     try:
-        obj = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        value = decode_json(raw).get("id")
+    except Exception:
         return None
-    value = obj.get("id") if isinstance(obj, dict) else None
-    return value if isinstance(value, str) else None
+    return value if isinstance(value, str) and value.strip() else None
 
 
 def dedupe_key(text: str, content_hash: str | None) -> str:
@@ -285,7 +286,13 @@ def dedupe_key(text: str, content_hash: str | None) -> str:
     return hashlib.sha256(f"{content_hash or '-'}\0{text}".encode()).hexdigest()
 
 
-def _reason_code(reason: str) -> str:
-    """A bounded metric label from a free-text reason (field name or exception type)."""
-    head = reason.split(":", 1)[0].split("(", 1)[0].strip()
-    return head[:40] or "unknown"
+def count_finished(outcomes: Sequence[Outcome]) -> None:
+    """Posts finished, once their outputs are on the broker (a label the broker refused
+    becomes a dead letter at stage sink, so counting before the sends would count it twice)."""
+    for o in outcomes:
+        letter = o.dead_letter
+        if letter is not None:
+            metrics.POSTS.labels("dead_letter").inc()
+            metrics.DLQ.labels(letter.stage, metrics.dead_letter_reason(letter.stage, letter.reason)).inc()
+        elif o.label is not None:
+            metrics.POSTS.labels(o.label.route).inc()

@@ -7,16 +7,31 @@ with a reason a person can act on. Unknown fields are ignored (producers may add
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
+
+import orjson
 
 SCHEMA_VERSION = 1
 MAX_ID = 256
 MAX_TEXT = 20_000
 MAX_IMAGES = 4
 MAX_URL = 2048
+# A post's bytes on the wire. A valid post is far smaller (20,000 characters of text, four
+# URLs); anything bigger is refused before it is parsed, so no input costs more than this.
+MAX_POST_BYTES = 256 * 1024
+# Nesting of any record (the parser's own limit is 1024; ours are at most three deep).
+MAX_JSON_DEPTH = 64
+# Every record the project writes fits under the producer's request size with room to spare:
+# a record over the limit can never be sent, and retrying it would stall the partition.
+MAX_RECORD_BYTES = 1_000_000
+# A dead letter keeps its input whole (replayable) up to this size as JSON text, else a prefix.
+DEAD_LETTER_RAW_MAX = 512 * 1024
+DEAD_LETTER_PREFIX_BYTES = 16 * 1024  # at most 6x that once escaped (a NUL is \u0000)
+MAX_REASON = 2000
 
 
 class RecordError(ValueError):
@@ -55,6 +70,12 @@ def _string(
     return value
 
 
+def has_control(value: str) -> bool:
+    """Control characters (NUL, newlines, escapes) or lone surrogates: fine inside a post's
+    text, never in an id that becomes a Kafka key, a Redis key and a log line."""
+    return any(ord(c) < 32 or 0x7F <= ord(c) < 0xA0 or 0xD800 <= ord(c) < 0xE000 for c in value)
+
+
 def _known_fields(cls: Any, obj: dict[str, Any]) -> dict[str, Any]:
     """Drops fields this version does not know (producers may add them, see above)."""
     if not isinstance(obj, dict):
@@ -63,16 +84,42 @@ def _known_fields(cls: Any, obj: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in obj.items() if k in names}
 
 
-def decode_json(raw: bytes | str) -> dict[str, Any]:
-    """Bytes off the wire to a JSON object, or RecordError('record', why)."""
+def _depth(obj: Any) -> int:
+    """Nesting depth of parsed JSON, walked without recursion (the input is hostile)."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > MAX_JSON_DEPTH:
+            break
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return deepest
+
+
+def decode_json(raw: bytes | str, max_bytes: int = MAX_POST_BYTES) -> dict[str, Any]:
+    """Bytes off the wire to a JSON object, or RecordError('record', why).
+
+    orjson parses (strict UTF-8 and JSON, its own nesting limit of 1024 without touching
+    Python's recursion limit: the stdlib parser raised RecursionError on a 10,000-deep post,
+    which escaped every `except RecordError`); the size is checked before parsing and the
+    depth after."""
+    size = len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        raise RecordError("record", f"{size} bytes, larger than the limit of {max_bytes}")
+    if isinstance(raw, bytes):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RecordError("record", f"not UTF-8 ({exc.reason} at byte {exc.start})") from exc
     try:
-        obj = json.loads(raw)
-    except UnicodeDecodeError as exc:
-        raise RecordError("record", f"not UTF-8 ({exc.reason})") from exc
-    except json.JSONDecodeError as exc:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
         raise RecordError("record", f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
     if not isinstance(obj, dict):
         raise RecordError("record", f"expected a JSON object, got {type(obj).__name__}")
+    if _depth(obj) > MAX_JSON_DEPTH:
+        raise RecordError("record", f"nested deeper than {MAX_JSON_DEPTH} levels")
     return obj
 
 
@@ -94,6 +141,8 @@ class Post:
         obj = raw if isinstance(raw, dict) else decode_json(raw)
         _check_version(obj)
         post_id = _string(obj, "id", max_len=MAX_ID)
+        if post_id is not None and has_control(post_id):
+            raise RecordError("id", "must not contain control characters (it becomes the Kafka key)")
         text = _string(obj, "text", max_len=MAX_TEXT, empty_ok=True)
         urls = obj.get("image_urls", [])
         if urls is None:
@@ -293,21 +342,51 @@ DEAD_LETTER_STAGES = (*POST_STAGES, "review_sink", "dataset_sink")
 
 @dataclass
 class DeadLetter:
-    """An input that could not be labelled: the raw bytes (as text), where and why."""
+    """An input that could not be labelled: the raw bytes (as text), where and why.
+
+    `raw` is the whole input while it fits (DEAD_LETTER_RAW_MAX as JSON text), so `dlq
+    replay` can send it back; a bigger input keeps only a prefix, `raw_truncated` is true
+    and `raw_bytes` / `raw_sha256` name the whole. So a dead letter always fits under
+    MAX_RECORD_BYTES: one that did not was retried forever and stalled the worker."""
 
     raw: str
     stage: str  # one of DEAD_LETTER_STAGES
     reason: str
     post_id: str | None = None
     failed_at: str = field(default_factory=now_iso)
+    raw_bytes: int | None = None  # size of the whole input (None in records written before the cap)
+    raw_sha256: str | None = None
+    raw_truncated: bool = False
 
     @classmethod
-    def from_raw(cls, raw: bytes | str, stage: str, reason: str, post_id: str | None = None) -> DeadLetter:
-        text = raw.decode("utf-8", errors="backslashreplace") if isinstance(raw, bytes) else raw
-        return cls(text, stage, reason, post_id)
+    def from_raw(
+        cls, raw: bytes | str, stage: str, reason: str, post_id: str | None = None, *, keep: int | None = None
+    ) -> DeadLetter:
+        """`keep`: the most bytes of the input to keep (None: the whole input while it fits)."""
+        data = raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogatepass")
+        text = data.decode("utf-8", errors="backslashreplace")
+        limit = DEAD_LETTER_PREFIX_BYTES if keep is None else keep
+        whole = keep is None and len(data) <= DEAD_LETTER_RAW_MAX and _json_size(text) <= DEAD_LETTER_RAW_MAX
+        if not whole:
+            text = data[:limit].decode("utf-8", errors="backslashreplace")
+        if post_id is not None and (len(post_id) > MAX_ID or has_control(post_id)):
+            post_id = None  # salvaged from a hostile record: not fit for a key
+        return cls(
+            raw=text,
+            stage=stage,
+            reason=reason if len(reason) <= MAX_REASON else reason[:MAX_REASON] + "…",
+            post_id=post_id,
+            raw_bytes=len(data),
+            raw_sha256=hashlib.sha256(data).hexdigest(),
+            raw_truncated=not whole,
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {"v": SCHEMA_VERSION, **asdict(self)}
+
+
+def _json_size(text: str) -> int:
+    return len(json.dumps(text, ensure_ascii=False).encode("utf-8", "surrogatepass"))
 
 
 def encode(record: Post | Label | ReviewItem | DeadLetter | ReviewDecision) -> bytes:

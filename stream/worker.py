@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,10 +27,11 @@ from models.card import ModelCard
 from models.inference import Predictor
 from models.registry import ModelRegistry
 from stream import metrics
+from stream.delivery import dead_letter_batch, write_outcomes
 from stream.device_pool import BatcherConfig, DevicePool, visible_devices
 from stream.lag import LagMonitor
-from stream.pipeline import Outcome, Pipeline
-from stream.records import encode
+from stream.pipeline import Pipeline
+from stream.records import MAX_RECORD_BYTES
 from stream.redis_store import RedisStore
 from stream.routing import RoutingPolicy
 
@@ -64,6 +65,8 @@ class WorkerSettings:
     policy: RoutingPolicy = field(default_factory=RoutingPolicy)
     batcher: BatcherConfig = field(default_factory=BatcherConfig)
     send_retry_s: float = 1.0
+    # SIGTERM to exit, whatever the worker waits on; under Kubernetes' default grace of 30 s.
+    stop_grace_s: float = 20.0
     lag_interval_s: float = 5.0  # how often the group's consumer lag is read from the broker
     topics: dict[str, str] = field(
         default_factory=lambda: {
@@ -97,33 +100,6 @@ def _decode_for(card: ModelCard, base: FetchConfig, model_input: bool) -> FetchC
     threads, so the device pool's batch preparation only copies pixels."""
     side = card.config.image_size
     return replace(base, max_side=2 * side, model_side=side if model_input else None)
-
-
-def _created_at(outcome: Outcome) -> float | None:
-    """The post's created_at as a Unix time, for the produce-to-label latency (None: not given)."""
-    stamp = outcome.post.created_at if outcome.post is not None else None
-    if not stamp:
-        return None
-    try:
-        parsed = datetime.fromisoformat(stamp)
-    except ValueError:
-        return None
-    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
-
-
-def observe_labels_sent(outcomes: Sequence[Outcome]) -> None:
-    """After the broker acked the labels: counts per model version and produce-to-label latency."""
-    now = time.time()
-    for o in outcomes:
-        if o.label is None or o.dead_letter is not None:
-            continue
-        metrics.LABELS.labels(o.label.model_version, o.label.route).inc()
-        for task, value in o.label.labels.items():
-            decision = "positive" if value.get("decision") else "negative"
-            metrics.TASK_DECISIONS.labels(o.label.model_version, task, decision).inc()
-        created = _created_at(o)
-        if created is not None:
-            metrics.PRODUCE_TO_LABEL.observe(max(0.0, now - created))
 
 
 class Resources:
@@ -188,6 +164,9 @@ class Resources:
         assert self.card is not None
         policy = self.settings.policy
         metrics.MODEL.info({"version": self.card.version})
+        from stream.media import ERROR_CODES
+
+        metrics.create_version_series(self.card.version, list(self.card.tasks), ("ok", "none", *ERROR_CODES))
         metrics.ITM_ROUTING.set(1 if policy.itm_routes(self.card) else 0)
         log.warning("serving model %s; %s", self.card.version, policy.describe(self.card))
 
@@ -220,45 +199,25 @@ class Resources:
             await self.redis.close()
 
 
-async def send_all(topic: Any, records: Sequence[tuple[str | None, bytes]], retry_s: float) -> None:
-    """Send and wait for the broker's ack; on failure resend until it works (the agent stalls,
-    which is the backpressure we want during a broker outage: nothing is acked meanwhile)."""
-    pending = list(records)
-    while pending:
-        results: list[Any] = []
-        for key, value in pending:
-            try:  # send() itself can raise (buffer full, broker gone), not only its future
-                results.append(await topic.send(key=key.encode() if key else None, value=value, force=True))
-            except Exception as exc:
-                results.append(exc)
-        futures = [r for r in results if not isinstance(r, BaseException)]
-        acked = iter(await asyncio.gather(*futures, return_exceptions=True))
-        outcomes = [r if isinstance(r, BaseException) else next(acked) for r in results]
-        failed = [rec for rec, res in zip(pending, outcomes, strict=True) if isinstance(res, BaseException)]
-        if failed:
-            errors = [res for res in outcomes if isinstance(res, BaseException)]
-            metrics.DEPENDENCY_ERRORS.labels("kafka", "send").inc(len(failed))
-            log.warning("%d sends failed (%r); retrying in %.1f s", len(failed), errors[0], retry_s)
-            await asyncio.sleep(retry_s)
-        pending = failed
-
-
-async def write_outcomes(app_topics: dict[str, Any], outcomes: Sequence[Outcome], resources: Resources) -> None:
-    labels, reviews, dead = [], [], []
-    for o in outcomes:
-        if o.dead_letter is not None:
-            dead.append((o.dead_letter.post_id, encode(o.dead_letter)))
-        elif o.label is not None:
-            labels.append((o.label.post_id, encode(o.label)))
-            if o.review is not None:
-                reviews.append(o.review)
-    retry = resources.settings.send_retry_s
-    await send_all(app_topics["dlq"], dead, retry)
-    await send_all(app_topics["review"], [(r.post_id, encode(r)) for r in reviews], retry)
-    # Labels last: a post with a label has had its review item written too. The review
-    # topic is the source of truth; the review sink copies it into Redis.
-    await send_all(app_topics["labels"], labels, retry)
-    observe_labels_sent(outcomes)
+async def label_batch(pipeline: Pipeline, topics: dict[str, Any], raws: list[bytes], retry_s: float) -> None:
+    """The agent's body. Nothing may escape it: faust acks the batch in a `finally` after the
+    body, so an exception here skipped every post of the batch without a trace (a 10,000-deep
+    post took 10 valid ones with it). process() turns every failure into a dead letter; this
+    catches what a bug would still let through, and as a last resort logs what it cannot write."""
+    try:
+        outcomes = await pipeline.process(raws)
+    except Exception as exc:
+        log.exception("processing a batch of %d posts failed; dead-lettering them", len(raws))
+        outcomes = dead_letter_batch(raws, exc)
+    try:
+        await write_outcomes(topics, outcomes, retry_s)
+    except Exception as exc:
+        log.exception("writing the outcomes of %d posts failed; dead-lettering them", len(raws))
+        try:
+            await write_outcomes(topics, dead_letter_batch(raws, exc), retry_s)
+        except Exception:
+            log.critical("%d posts are lost: not even their dead letters could be written", len(raws), exc_info=True)
+            metrics.POSTS.labels("lost").inc(len(raws))
 
 
 def create_app(settings: WorkerSettings) -> tuple[faust.App, Resources]:
@@ -275,6 +234,9 @@ def create_app(settings: WorkerSettings) -> tuple[faust.App, Resources]:
         producer_acks=-1,
         broker_commit_every=settings.max_batch,
         broker_commit_interval=1.0,
+        # Every record we write is capped under this (stream.records.MAX_RECORD_BYTES); one
+        # over it is refused at once instead of retried.
+        producer_max_request_size=MAX_RECORD_BYTES + 64 * 1024,
     )
     resources = Resources(settings)
     names = settings.topics
@@ -291,9 +253,7 @@ def create_app(settings: WorkerSettings) -> tuple[faust.App, Resources]:
             assert resources.pipeline is not None
             started = time.perf_counter()
             metrics.BATCH_SIZE.labels("agent").observe(len(values))
-            # process() turns every failure into a dead letter; it does not raise.
-            outcomes = await resources.pipeline.process([bytes(v) for v in values])
-            await write_outcomes(topics, outcomes, resources)
+            await label_batch(resources.pipeline, topics, [bytes(v) for v in values], settings.send_retry_s)
             metrics.STAGE_SECONDS.labels("batch").observe(time.perf_counter() - started)
 
     @app.task
@@ -384,8 +344,32 @@ async def follow_updates(settings: WorkerSettings, resources: Resources) -> None
             await consumer.stop()
 
 
+class _Worker(faust.Worker):
+    """faust's worker, with a deadline on shutdown. faust stops gracefully: it waits for the
+    agent's current batch, which may be waiting on a broker that never answers; a worker
+    stalled that way ignored SIGTERM for about 30 s. After `grace_s` the process exits at
+    once. That is safe: offsets are committed only for batches whose outputs the broker
+    has acked, so whatever was unfinished is delivered again to the next member."""
+
+    def __init__(self, app: faust.App, *, grace_s: float, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.grace_s = grace_s
+
+    def _schedule_shutdown(self, signal: Any) -> None:
+        if not self._signal_stop_time and self.grace_s > 0:
+            timer = threading.Timer(self.grace_s, self._exit_now, args=(signal,))
+            timer.daemon = True
+            timer.start()
+        super()._schedule_shutdown(signal)
+
+    def _exit_now(self, signal: Any) -> None:
+        log.warning("still stopping %.0f s after %s: exiting now", self.grace_s, getattr(signal, "name", signal))
+        logging.shutdown()
+        os._exit(0)
+
+
 def run_worker(settings: WorkerSettings, loglevel: str = "warning") -> None:
     app, _ = create_app(settings)
     # Resources live as long as the process: a worker ends by exiting (or by SIGKILL, which
     # the at-least-once design tolerates), so there is nothing to flush at shutdown.
-    faust.Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()
+    _Worker(app, grace_s=settings.stop_grace_s, loglevel=loglevel, quiet=True).execute_from_commandline()

@@ -67,3 +67,14 @@ def test_the_sinks_dead_letters_are_never_replayed_as_posts():
     assert "review_sink" not in {c.stage for c in select(records, Selection()).selected}
     assert [c.offset for c in select(records, Selection()).selected if c.post_id == "b"] == [1]
     assert select(records, Selection(stages=frozenset({"parse"}))).selected[0].offset == 1
+
+
+def test_a_dead_letter_that_kept_only_a_prefix_is_never_replayed():
+    raw = json.dumps({"id": "big", "text": "a" * 600_000}).encode()
+    letter = DeadLetter.from_raw(raw, "parse", "record: too large", "big")
+    assert letter.raw_truncated
+    value = encode(letter)
+    whole = record("small", "parse", "record: too large", "2026-11-28T08:00:00+00:00", 1)
+    report = select([(_candidate(0, 0, value), value), whole], Selection())
+    assert [c.post_id for c in report.selected] == ["small"]
+    assert report.skipped == {"truncated": 1}
