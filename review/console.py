@@ -184,6 +184,12 @@ class Metrics:
         self.oldest.set(stats.oldest_age_s or 0)
         self.dead_depth.set(stats.dead_letters)
 
+    def stats_unknown(self) -> None:
+        """Redis did not answer: NaN, not the last value nor 0 (a queue depth of 0 while Redis
+        was down read as "all reviewed"). NaN compares false, so no queue alert fires on it."""
+        for gauge in (self.depth, self.oldest, self.dead_depth):
+            gauge.set(float("nan"))
+
 
 @dataclass
 class Identity:
@@ -1020,8 +1026,10 @@ class Handlers:
         return web.json_response({"status": "ok", "redis": True})
 
     async def metrics(self, request: web.Request) -> web.StreamResponse:
-        with contextlib.suppress(RedisError, OSError):
+        try:
             await self.c.stats()
+        except (RedisError, OSError):
+            self.c.metrics.stats_unknown()
         response = web.Response(body=generate_latest(self.c.metrics.registry))
         response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
         return response

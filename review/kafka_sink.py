@@ -341,7 +341,7 @@ def lag_monitor(settings: SinkSettings) -> LagMonitor:
         settings.group,
         [settings.topic],
         metrics.CONSUMER_LAG,
-        metrics.CONSUMER_LAG_SUM,
+        metrics.CONSUMER_TOPIC_LAG,
         metrics.DEPENDENCY_ERRORS,
         interval_s=settings.lag_interval_s,
     )

@@ -57,8 +57,8 @@ CONSUMER_LAG = Gauge(
     ["group", "topic", "partition"],
     registry=REGISTRY,
 )
-CONSUMER_LAG_SUM = Gauge(
-    "modstream_consumer_lag_sum",
+CONSUMER_TOPIC_LAG = Gauge(
+    "modstream_consumer_topic_lag",
     "Consumer lag summed over the topic's partitions",
     ["group", "topic"],
     registry=REGISTRY,

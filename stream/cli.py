@@ -603,6 +603,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     from stream.dlq import add_parsers as add_dlq_parsers
+    from stream.lag_exporter import add_parsers as add_lag_exporter_parsers
+
+    add_lag_exporter_parsers(sub)
 
     add_dlq_parsers(sub)
     p = sub.add_parser("schemas", help="write the JSON Schemas of the topic records (schemas/*.schema.json)")

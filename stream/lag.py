@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,11 @@ class LagMonitor:
     errors: Any
     interval_s: float = 5.0
     timeout_s: float = 30.0
+    # Optional (the lag exporter): committed offsets summed per topic, which stop changing
+    # when the group makes no progress, and the time of the last complete measurement.
+    committed: Any = None
+    measured_at: Any = None
+    last_committed: dict[tuple[str, int], int] = field(default_factory=dict, init=False, repr=False)
 
     async def measure(self, admin: Any, consumer: Any) -> dict[tuple[str, int], int]:
         from aiokafka import TopicPartition
@@ -50,6 +55,9 @@ class LagMonitor:
         committed = await admin.list_consumer_group_offsets(self.group, partitions=partitions)
         ends = await consumer.end_offsets(partitions)
         beginnings = await consumer.beginning_offsets(partitions)
+        self.last_committed = {
+            (tp.topic, tp.partition): max(0, committed[tp].offset) if tp in committed else 0 for tp in partitions
+        }
         return {
             (tp.topic, tp.partition): partition_lag(
                 ends[tp], committed[tp].offset if tp in committed else None, beginnings[tp]
@@ -64,6 +72,14 @@ class LagMonitor:
             sums[topic] = sums.get(topic, 0) + value
         for topic, total in sums.items():
             self.lag_sum.labels(self.group, topic).set(total)
+        if self.committed is not None:
+            positions: dict[str, int] = {}
+            for (topic, _), offset in self.last_committed.items():
+                positions[topic] = positions.get(topic, 0) + offset
+            for topic, total in positions.items():
+                self.committed.labels(self.group, topic).set(total)
+        if self.measured_at is not None:
+            self.measured_at.labels(self.group).set_to_current_time()
 
     async def run(self) -> None:
         """Until cancelled; reconnects after any failure (an outage must not end the task)."""

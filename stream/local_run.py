@@ -71,6 +71,7 @@ def run_local(registry_root: Path, cache: Path, home: Path, opts: RunOptions) ->
     _stack("start", opts)
     worker: subprocess.Popen[bytes] | None = None
     sink: subprocess.Popen[bytes] | None = None
+    exporter: subprocess.Popen[bytes] | None = None
     try:
         registry = ModelRegistry(registry_root)
         version = ensure_default_model(registry, cache, home)
@@ -91,6 +92,12 @@ def run_local(registry_root: Path, cache: Path, home: Path, opts: RunOptions) ->
              "--bootstrap", f"127.0.0.1:{opts.bootstrap_port}", "--redis", f"redis://127.0.0.1:{opts.redis_port}/0"],
             cwd=REPO_ROOT, stdout=(home / "review-sink.log").open("wb"), stderr=subprocess.STDOUT,
         )  # fmt: skip
+        # Both groups' lag from outside the consumers (deploy/prometheus/prometheus.yml scrapes :6070).
+        exporter = subprocess.Popen(
+            [sys.executable, "-m", "stream.cli", "lag-exporter", "--bootstrap", f"127.0.0.1:{opts.bootstrap_port}",
+             "--group", "modstream-run=posts", "--group", "modstream-review-sink=review"],
+            cwd=REPO_ROOT, stdout=(home / "lag-exporter.log").open("wb"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
         before = _wait_for_metrics(opts.web_port, worker)
         prefix = f"run{int(time.time())}"
         posts = synthetic_posts(examples, server.url, opts.posts, repost_rate=opts.repost_rate, prefix=prefix)
@@ -102,7 +109,7 @@ def run_local(registry_root: Path, cache: Path, home: Path, opts: RunOptions) ->
         _review_queue_summary(opts, int(final.get("review", 0) - before.get("review", 0)))
         return 0 if _done(final, before) >= opts.posts else 1
     finally:
-        for process in (worker, sink):
+        for process in (worker, sink, exporter):
             if process is not None:
                 process.terminate()
                 try:

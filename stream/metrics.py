@@ -147,8 +147,8 @@ CONSUMER_LAG = Gauge(
     "Messages past the group's committed offset, per partition (broker end offset - committed offset)",
     ["group", "topic", "partition"],
 )
-CONSUMER_LAG_SUM = Gauge(
-    "modstream_consumer_lag_sum", "Consumer lag summed over the topic's partitions", ["group", "topic"]
+CONSUMER_TOPIC_LAG = Gauge(
+    "modstream_consumer_topic_lag", "Consumer lag summed over the topic's partitions", ["group", "topic"]
 )
 
 

@@ -264,7 +264,7 @@ def create_app(settings: WorkerSettings) -> tuple[faust.App, Resources]:
             settings.app_id,
             [names["posts"]],
             metrics.CONSUMER_LAG,
-            metrics.CONSUMER_LAG_SUM,
+            metrics.CONSUMER_TOPIC_LAG,
             metrics.DEPENDENCY_ERRORS,
             interval_s=settings.lag_interval_s,
         )

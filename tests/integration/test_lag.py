@@ -1,5 +1,6 @@
-"""Consumer lag read from the broker (stream/lag.py) against a real worker: it rises while the
-worker is paused (SIGSTOP) and falls back to zero once it resumes (SIGCONT)."""
+"""Consumer lag read from the broker (stream/lag.py) against a real worker: the lag exporter,
+a process of its own, sees it rise while the worker is paused (SIGSTOP) and its own metrics
+are gone, and fall back to zero once it resumes (SIGCONT); so does the worker's own gauge."""
 
 from __future__ import annotations
 
@@ -7,18 +8,19 @@ import asyncio
 import signal
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.parser import text_string_to_metric_families
 
-from stream.lag import LagMonitor, partition_lag
+from stream.lag import partition_lag
 from stream.records import Post, encode
 from tests.integration.sink_harness import commit_to_end
-from tests.integration.stack import LocalStack
+from tests.integration.stack import LocalStack, free_loopback_ports
+from tests.integration.test_metric_catalogue import start, stop, wait_scrape
 from tests.integration.worker_harness import Worker, produce, register_tiny_model
 
 APP_ID = "it-lag-worker"
@@ -35,10 +37,10 @@ def test_partition_lag_counts_from_the_first_retained_offset() -> None:
 
 
 def worker_lag(worker: Worker) -> float | None:
-    """The worker's own modstream_consumer_lag_sum for its group on posts (None: not measured yet)."""
+    """The worker's own modstream_consumer_topic_lag for its group on posts (None: not measured yet)."""
     for family in text_string_to_metric_families(worker.metrics()):
         for sample in family.samples:
-            if sample.name == "modstream_consumer_lag_sum" and sample.labels == {"group": APP_ID, "topic": "posts"}:
+            if sample.name == "modstream_consumer_topic_lag" and sample.labels == {"group": APP_ID, "topic": "posts"}:
                 return sample.value
     return None
 
@@ -77,36 +79,33 @@ def slow_media() -> Iterator[str]:
         server.server_close()
 
 
-class Probe:
-    """The worker's LagMonitor code, run from the test against the worker's group, into its own
-    registry: it reads the broker while the worker itself cannot answer a scrape."""
+class Exporter:
+    """`modstream lag-exporter` as a real process, measuring the worker's group every second:
+    it reads the broker while the worker itself cannot answer a scrape."""
 
-    def __init__(self, bootstrap: str) -> None:
-        self.registry = CollectorRegistry()
-        lag = Gauge("lag", "", ["group", "topic", "partition"], registry=self.registry)
-        lag_sum = Gauge("lag_sum", "", ["group", "topic"], registry=self.registry)
-        errors = Counter("errors", "", ["dependency", "op"], registry=self.registry)
-        self.monitor = LagMonitor(bootstrap, APP_ID, ["posts"], lag, lag_sum, errors)
+    def __init__(self, stack: LocalStack, log_dir: Path) -> None:
+        (self.port,) = free_loopback_ports(1)
+        args = ["lag-exporter", "--bootstrap", stack.bootstrap, "--group", f"{APP_ID}=posts"]
+        args += ["--interval", "1", "--metrics-port", str(self.port)]
+        self.process = start(args, log_dir / "lag-exporter.log")
+        self.log = log_dir / "lag-exporter.log"
 
-    def read(self) -> float:
-        async def once() -> float:
-            from aiokafka import AIOKafkaConsumer
-            from aiokafka.admin import AIOKafkaAdminClient
+    def sample(self, name: str, **labels: str) -> float | None:
+        text = wait_scrape(self.port, self.process)
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == name and s.labels == labels:
+                    return s.value
+        return None
 
-            admin = AIOKafkaAdminClient(bootstrap_servers=self.monitor.bootstrap)
-            consumer = AIOKafkaConsumer(bootstrap_servers=self.monitor.bootstrap, group_id=None)
-            await admin.start()
-            await consumer.start()
-            try:
-                self.monitor.publish(await self.monitor.measure(admin, consumer))
-            finally:
-                await consumer.stop()
-                await admin.close()
-            value = self.registry.get_sample_value("lag_sum", {"group": APP_ID, "topic": "posts"})
-            assert value is not None, "no lag measured for the group"
-            return value
+    def lag(self) -> float | None:
+        return self.sample("modstream_consumer_topic_lag", group=APP_ID, topic="posts")
 
-        return asyncio.run(once())
+    def committed(self) -> float | None:
+        return self.sample("modstream_consumer_committed_offset", group=APP_ID, topic="posts")
+
+    def stop(self) -> None:
+        stop(self.process)
 
 
 @pytest.fixture
@@ -135,18 +134,30 @@ def test_lag_rises_while_the_worker_is_paused_and_falls_after_it_resumes(
     # Caught up first: the worker's own gauge says 0 once it has measured.
     wait_for(lambda: worker_lag(worker) == 0, 60, "the worker to report zero lag")
 
-    worker.process.send_signal(signal.SIGSTOP)
+    exporter = Exporter(stack, worker.log_dir)
     try:
-        asyncio.run(produce(stack.bootstrap, "posts", posts))
-        probe = Probe(stack.bootstrap)
-        paused = probe.read()
-        time.sleep(2)
-        assert probe.read() == paused == N_POSTS, "lag while paused should be every post produced meanwhile"
+        wait_for(lambda: exporter.lag() == 0, 60, "the exporter to measure the group caught up")
+        worker.process.send_signal(signal.SIGSTOP)
+        try:
+            asyncio.run(produce(stack.bootstrap, "posts", posts))
+            wait_for(lambda: exporter.lag() == N_POSTS, 30, f"the exporter to see a lag of {N_POSTS}")
+            frozen = exporter.committed()
+            with pytest.raises(OSError):  # the worker's own metrics are gone while it is frozen
+                urllib.request.urlopen(f"http://127.0.0.1:{worker.web_port}/metrics", timeout=2)
+            time.sleep(2)  # two more measurements: the backlog stays and the group does not move
+            assert exporter.lag() == N_POSTS and exporter.committed() == frozen
+        finally:
+            worker.process.send_signal(signal.SIGCONT)
+        worker_gauge_rises_and_drains(worker)
+        wait_for(lambda: exporter.lag() == 0, 60, "the exporter to see the backlog drained")
+        assert (exporter.committed() or 0) >= (frozen or 0) + N_POSTS
     finally:
-        worker.process.send_signal(signal.SIGCONT)
+        exporter.stop()
 
-    # The worker's own gauge: measured from the broker after the resume, it shows the backlog
-    # (or part of it) and then drains to zero as the worker commits.
+
+def worker_gauge_rises_and_drains(worker: Worker) -> None:
+    """The worker's own gauge: measured from the broker after the resume, it shows the backlog
+    (or part of it) and then drains to zero as the worker commits."""
     seen: list[float] = []
 
     def drained() -> bool:
@@ -162,4 +173,38 @@ def test_lag_rises_while_the_worker_is_paused_and_falls_after_it_resumes(
         state = [line for line in worker.metrics().splitlines() if line.startswith(STATE_METRICS)]
         raise AssertionError(f"{exc}; the worker's readings: {distinct}; {state}\n{worker.log_tail()}") from None
     assert max(seen) > 0, seen
-    assert probe.read() == 0
+
+
+class HangingMedia(BaseHTTPRequestHandler):
+    """Never answers within the fetch deadline: each micro-batch waits the full 10 s on it."""
+
+    def do_GET(self) -> None:
+        time.sleep(30)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_sigterm_stops_a_worker_within_its_grace_whatever_it_waits_on(stack: LocalStack, tmp_path: Path) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), HangingMedia)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    register_tiny_model(tmp_path / "registry")
+    app_id = "it-sigterm-worker"
+    asyncio.run(commit_to_end(stack.bootstrap, app_id, "posts"))
+    w = Worker(stack, tmp_path / "registry", tmp_path, app_id=app_id, extra_args=["--stop-grace", "2"])
+    w.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/x.png"
+        posts = [encode(Post(id=f"term-{i}", text="t", image_urls=(url,))) for i in range(50)]
+        asyncio.run(produce(stack.bootstrap, "posts", posts))
+        time.sleep(3)  # the agent is now inside a batch waiting on the media host
+        assert w.process is not None and w.alive
+        started = time.monotonic()
+        w.process.terminate()
+        w.process.wait(timeout=30)
+        assert time.monotonic() - started < 6, f"exit took {time.monotonic() - started:.1f} s\n{w.log_tail()}"
+    finally:
+        w.stop()
+        server.shutdown()
+        server.server_close()

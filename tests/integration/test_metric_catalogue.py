@@ -105,12 +105,12 @@ def test_worker_exports_its_catalogue(stack: LocalStack, tmp_path: Path) -> None
         deadline = time.monotonic() + 90
         text = worker.metrics()
         while time.monotonic() < deadline and not (
-            "modstream_labels_total{" in text and "modstream_consumer_lag_sum{" in text
+            "modstream_labels_total{" in text and "modstream_consumer_topic_lag{" in text
         ):
             time.sleep(0.5)
             text = worker.metrics()
         assert "modstream_labels_total{" in text, worker.log_tail()
-        assert "modstream_consumer_lag_sum{" in text, worker.log_tail()
+        assert "modstream_consumer_topic_lag{" in text, worker.log_tail()
         check_role("worker", text)
     finally:
         worker.stop()
@@ -131,7 +131,7 @@ def test_sinks_export_their_catalogue(stack: LocalStack, tmp_path: Path) -> None
         sink.start()
         try:
             deadline = time.monotonic() + 60  # the lag monitor's first reading
-            while "modstream_consumer_lag_sum{" not in sink.metrics() and time.monotonic() < deadline:
+            while "modstream_consumer_topic_lag{" not in sink.metrics() and time.monotonic() < deadline:
                 time.sleep(0.3)
             check_role(role, sink.metrics())
         finally:
@@ -174,5 +174,18 @@ def test_retrain_watch_exports_its_catalogue(tmp_path: Path) -> None:
     try:
         # After a first run has ended (skipped: no new decisions), its gauges carry samples too.
         check_role("retrain", wait_scrape(port, proc, until="modstream_retrain_last_run_timestamp_seconds "))
+    finally:
+        stop(proc)
+
+
+def test_lag_exporter_exports_its_catalogue(stack: LocalStack, tmp_path: Path) -> None:
+    (port,) = free_loopback_ports(1)
+    asyncio.run(commit_to_end(stack.bootstrap, "it-catalogue-exporter", "posts"))
+    args = ["lag-exporter", "--bootstrap", stack.bootstrap, "--group", "it-catalogue-exporter=posts"]
+    proc = start([*args, "--interval", "0.5", "--metrics-port", str(port)], tmp_path / "lag-exporter.log")
+    try:
+        check_role(
+            "lag-exporter", wait_scrape(port, proc, until="modstream_lag_exporter_last_success_timestamp_seconds{")
+        )
     finally:
         stop(proc)

@@ -84,6 +84,53 @@ def test_malformed_and_invalid_posts_go_to_the_dead_letter_topic(stack: LocalSta
     assert worker.alive
 
 
+def test_hostile_posts_each_get_one_outcome_and_the_posts_after_them_flow(
+    stack: LocalStack, worker: Worker, media: tuple[str, list]
+) -> None:
+    """The issue's reproduction: a 10,000-deep post made the agent crash past its ack (the 10
+    posts around it vanished); a 250 KB invalid-UTF-8 post and a 5 MB gzip-compressed one made
+    dead letters over the producer's limit, retried forever. One partition (one key), in order."""
+    run = uuid.uuid4().hex[:8]
+    good = _posts(f"hostile-{run}-good", 20, media)
+    hostile = {
+        "deep": b'{"id":"hostile-%s-deep","text":' % run.encode() + b"[" * 10_000 + b"]" * 10_000 + b"}",
+        "utf8": b'{"id":"hostile-%s-utf8","text":"' % run.encode() + b"\xff\xfe" * 125_000 + b'"}',
+        "huge": json.dumps({"id": f"hostile-{run}-huge", "text": "a" * 5_000_000}).encode(),
+    }
+    values = [*good[:10], *hostile.values(), *good[10:]]
+    started = time.monotonic()
+    # gzip: the broker takes the 5 MB post (a few KB compressed); the producer's own limit is raised for it.
+    asyncio.run(
+        produce(
+            stack.bootstrap,
+            "posts",
+            values,
+            keys=[f"hostile-{run}".encode()] * len(values),
+            compression_type="gzip",
+            max_request_size=8 * 1024 * 1024,
+        )
+    )
+    labels = _labels(stack, f"hostile-{run}-good", 20, timeout=90)
+    elapsed = time.monotonic() - started
+
+    def dead_done(records: list[dict]) -> bool:
+        return len(records) >= 3
+
+    dead = asyncio.run(collect(stack.bootstrap, "posts.dlq", dead_done, 60, lambda r: f"hostile-{run}-" in r["raw"]))
+    ids = Counter(r["post_id"] for r in labels)
+    assert len(ids) == 20 and max(ids.values()) == 1, worker.log_tail()
+    assert len(dead) == 3, worker.log_tail()
+    by_kind = {kind: d for d in dead for kind in hostile if f"hostile-{run}-{kind}" in d["raw"][:200]}
+    assert set(by_kind) == set(hostile)
+    assert all(d["stage"] == "parse" for d in dead)
+    assert "depth limit" in by_kind["deep"]["reason"] and not by_kind["deep"]["raw_truncated"]
+    assert by_kind["utf8"]["reason"].startswith("record: not UTF-8") and by_kind["utf8"]["raw_truncated"]
+    assert by_kind["huge"]["raw_truncated"] and by_kind["huge"]["raw_bytes"] == len(hostile["huge"])
+    assert all(len(json.dumps(d).encode()) < 1_000_000 for d in dead)
+    assert elapsed < 60, f"the posts after the hostile ones took {elapsed:.0f} s"
+    assert worker.alive
+
+
 def test_hostile_media_yields_media_status_and_the_worker_stays_up(
     stack: LocalStack, worker: Worker, media: tuple[str, list]
 ) -> None:

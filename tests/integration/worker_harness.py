@@ -117,10 +117,13 @@ class Worker:
             return "(no log)"
 
 
-async def produce(bootstrap: str, topic: str, values: list[bytes], keys: list[bytes | None] | None = None) -> None:
+async def produce(
+    bootstrap: str, topic: str, values: list[bytes], keys: list[bytes | None] | None = None, **options: Any
+) -> None:
+    """`options` go to AIOKafkaProducer (e.g. compression_type="gzip", max_request_size)."""
     from aiokafka import AIOKafkaProducer
 
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, **options)
     try:  # stop() also when start() fails (broker down), or aiokafka warns about a leak
         await producer.start()
         futures = [await producer.send(topic, value=v, key=(keys[i] if keys else None)) for i, v in enumerate(values)]

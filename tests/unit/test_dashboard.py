@@ -46,7 +46,7 @@ def test_dashboard_covers_what_operators_watch() -> None:
     exprs = " ".join(t["expr"] for t in targets())
     for metric in (
         "modstream_posts_total",  # throughput
-        "modstream_consumer_lag_sum",
+        "modstream_consumer_topic_lag",
         "modstream_produce_to_label_seconds_bucket",
         "modstream_dead_letters_total",
         "modstream_review_queue_depth",

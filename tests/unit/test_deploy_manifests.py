@@ -204,7 +204,7 @@ def test_images_have_modstream_as_entrypoint():
     assert "nvidia/cuda:" in (DEPLOY / "docker" / "Dockerfile.gpu").read_text()
 
 
-ROLES = {"worker", "review-sink", "dataset-sink", "review", "retrain", "demo"}
+ROLES = {"worker", "review-sink", "dataset-sink", "review", "retrain", "demo", "lag-exporter"}
 
 
 @pytest.mark.parametrize(("where", "argv"), modstream_commands(), ids=[w for w, _ in modstream_commands()])
@@ -217,8 +217,9 @@ def test_every_command_is_a_real_modstream_subcommand(where, argv):
 def test_every_role_is_deployed():
     compose_roles = {argv[0] for where, argv in modstream_commands() if where.startswith("compose:")}
     k8s_roles = {argv[0] for where, argv in modstream_commands() if not where.startswith("compose:")}
-    assert {"worker", "review-sink", "dataset-sink", "review", "retrain"} <= compose_roles
-    assert {"worker", "review-sink", "dataset-sink", "review", "retrain"} <= k8s_roles
+    roles = {"worker", "review-sink", "dataset-sink", "review", "retrain", "lag-exporter"}
+    assert roles <= compose_roles
+    assert roles <= k8s_roles
     retrain = next(argv for where, argv in modstream_commands() if where.startswith("compose:retrain"))
     assert build_parser().parse_args(retrain).watch
     cron = by_kind("CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"]

@@ -93,7 +93,7 @@ def test_rules_use_only_catalogued_metrics() -> None:
 
 def test_catalogue_parses_every_role() -> None:
     catalogue = read_catalogue()
-    assert set(catalogue) == {"worker", "review-sink", "dataset-sink", "review-console", "retrain"}
+    assert set(catalogue) == {"worker", "lag-exporter", "review-sink", "dataset-sink", "review-console", "retrain"}
     for role, entries in catalogue.items():
         assert entries, role
         for entry in entries.values():
