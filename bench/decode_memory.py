@@ -61,7 +61,7 @@ def run_classify(posts: Path, registry: Path, out: Path, device: str = "cpu") ->
     """Runs `modstream classify` in a child process; returns its peak RSS and wall time."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     command = [
-        sys.executable, "-m", "stream.cli", "classify", str(posts),
+        sys.executable, "-m", "modstream.cli", "classify", str(posts),
         "--registry", str(registry), "--device", device, "--allow-loopback-media", "--output", str(out),
     ]  # fmt: skip
     started = time.perf_counter()

@@ -25,8 +25,8 @@ from models.config import ModelConfig
 from models.inference import Predictor
 from models.preprocess import ImagePreprocessor, TextPreprocessor
 from models.registry import build_model
+from modstream.manifest import read_manifest
 from trainer.images import load_image
-from trainer.manifest import read_manifest
 from trainer.synthetic import write_synthetic
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)

@@ -25,8 +25,8 @@ from models.config import ModelConfig
 from models.inference import Predictor
 from models.neighbours import MAX_ROWS, NeighbourIndex
 from models.registry import build_model
+from modstream.manifest import read_manifest
 from trainer.images import load_image
-from trainer.manifest import read_manifest
 from trainer.synthetic import write_synthetic
 
 INDEX_ROWS = (2_000, MAX_ROWS)

@@ -35,10 +35,10 @@ import torch
 
 from models.config import ModelConfig
 from models.ocr import TesseractOcr
+from modstream.manifest import Example
 from trainer.ablation import AblationConfig, run_ablation
 from trainer.features import FeatureStore, load_inputs, read_image_texts
 from trainer.importers import import_cm_off_meme
-from trainer.manifest import Example
 from trainer.stats import corrected_paired_t, format_mean_std
 
 PAIRS = (

@@ -10,7 +10,7 @@ exactly once, on the API and on the `reviewed` topic.
         [--out var/bench/review_api_throughput.json]
 
 Starts its own Kafka + Redis (deploy/local-stack.sh, free loopback ports) and a console
-subprocess (`python -m stream.cli review serve`), and stops them.
+subprocess (`python -m modstream.cli review serve`), and stops them.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ sys.path.insert(0, str(REPO))
 
 import aiohttp  # noqa: E402
 
+from modstream.records import ReviewItem  # noqa: E402
 from review.auth import UserStore  # noqa: E402
-from stream.records import ReviewItem  # noqa: E402
 from stream.redis_store import RedisStore  # noqa: E402
 from tests.integration.stack import LocalStack, free_loopback_ports  # noqa: E402
 
@@ -137,7 +137,7 @@ async def count_on_topic(bootstrap: str, prefix: str, want: int, timeout: float 
 def start_console(stack: LocalStack, users: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
     (port,) = free_loopback_ports(1)
     cmd = [
-        sys.executable, "-m", "stream.cli", "review", "serve", "--port", str(port),
+        sys.executable, "-m", "modstream.cli", "review", "serve", "--port", str(port),
         "--bootstrap", stack.bootstrap, "--redis", stack.redis_url, "--users", str(users),
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT)

@@ -35,7 +35,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from stream.records import ReviewItem, encode  # noqa: E402
+from modstream.records import ReviewItem, encode  # noqa: E402
 from stream.redis_store import RedisStore  # noqa: E402
 from tests.integration.stack import LocalStack, free_loopback_ports  # noqa: E402
 
@@ -106,7 +106,7 @@ def time_sink(bootstrap: str, redis_port: int, db: int, run: str, n: int, max_re
     before = client.xlen(STREAM)
     last_before = client.xrevrange(STREAM, count=1)
     floor_id = last_before[0][0] if last_before else b"0-0"
-    cmd = [sys.executable, "-m", "stream.cli", "review-sink", "--bootstrap", bootstrap, "--topic", topic,
+    cmd = [sys.executable, "-m", "modstream.cli", "review-sink", "--bootstrap", bootstrap, "--topic", topic,
            "--group", f"bench-{run}-{max_records}", "--redis", f"redis://127.0.0.1:{redis_port}/{db}",
            "--max-records", str(max_records), "--metrics-port", str(free_loopback_ports(1)[0])]  # fmt: skip
     log = (logs / f"sink-{max_records}.log").open("wb")

@@ -40,11 +40,11 @@ from models.card import ModelCard  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
 from models.inference import Predictor  # noqa: E402
 from models.registry import ModelRegistry, build_model  # noqa: E402
+from modstream.manifest import Example, read_manifest  # noqa: E402
+from modstream.records import Post, encode  # noqa: E402
 from stream.media_server import BackgroundMediaServer  # noqa: E402
 from stream.producer import synthetic_posts  # noqa: E402
-from stream.records import Post, encode  # noqa: E402
 from trainer.images import load_image  # noqa: E402
-from trainer.manifest import Example, read_manifest  # noqa: E402
 from trainer.synthetic import write_synthetic  # noqa: E402
 
 LATENCY_S = 0.05
@@ -248,7 +248,7 @@ def main() -> None:
 
         web_port = free_ports(1)[0]
         worker = subprocess.Popen(
-            [sys.executable, "-m", "stream.cli", "worker", "--bootstrap", stack.bootstrap,
+            [sys.executable, "-m", "modstream.cli", "worker", "--bootstrap", stack.bootstrap,
              "--redis", f"redis://127.0.0.1:{stack.redis}/0", "--registry", str(tmp / "registry"),
              "--web-port", str(web_port), "--allow-loopback-media", "--app-id", "bench", "--device", "cpu",
              "--max-batch", "64"],

@@ -25,9 +25,9 @@ import torch
 
 from models.config import ModelConfig
 from models.registry import build_model
+from modstream.manifest import read_manifest
 from trainer.features import FeatureStore, LiveFeatures, build_features, load_inputs
 from trainer.importers import cm_off_meme_root, import_cm_off_meme
-from trainer.manifest import read_manifest
 from trainer.synthetic import write_synthetic
 from trainer.train import TrainConfig, _optimizer, _run_epoch, class_weights, label_tensors
 

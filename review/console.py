@@ -44,6 +44,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 
+from modstream.records import RecordError, ReviewDecision, ReviewItem
 from review.auth import User, UserStore, csrf_ok
 from review.decisions import (
     DecisionProducer,
@@ -57,7 +58,6 @@ from review.decisions import (
 from review.media_proxy import MediaError, MediaProxy
 from review.queue import Claim, NotClaimed, QueueError, QueueStats, ReviewQueue
 from review.sessions import LoginLimiter, Session, SessionStore
-from stream.records import RecordError, ReviewDecision, ReviewItem
 
 log = logging.getLogger(__name__)
 

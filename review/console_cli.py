@@ -157,9 +157,8 @@ def cmd_import_label_studio(args: argparse.Namespace) -> int:
     return 0 if not report.errors else 1
 
 
-def add_parsers(sub: Any, add_common: Any) -> None:
+def add_parsers(sub: Any) -> None:
     """Register this role's subcommands on the `modstream` parser."""
-    del add_common  # the model/registry options do not apply to the console
     review = sub.add_parser("review", help="the human review console and its tools")
     actions = review.add_subparsers(dest="review_action", required=True)
 

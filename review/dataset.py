@@ -3,7 +3,7 @@
 Layout (shared contract): `<folder>/manifest.jsonl`, one line per post id, each
 `{"id", "text", "image": "media/<sha256>.png" | null, "labels": {task: label | null},
 "meta": {decision_id, reviewer, decided_at, model_version, model_labels, reasons, ...}}`,
-readable with trainer.manifest.read_manifest; images under `<folder>/media/`.
+readable with modstream.manifest.read_manifest; images under `<folder>/media/`.
 
 Rules (`plan_batch`), all idempotent so a redelivered batch changes nothing:
 - a decision that labels no task (every task skipped or escalated) never becomes a line and
@@ -28,12 +28,12 @@ import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from stream.records import ReviewDecision
-from trainer.manifest import Example, complete_part, iter_manifest, read_complete_lines
+from modstream.manifest import Example, complete_part, iter_manifest, read_complete_lines
+from modstream.records import ReviewDecision, parse_iso
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +64,9 @@ def count_decisions(folder: Path) -> int:
 # -- the rules -------------------------------------------------------------------------------
 
 
-def decided_at(value: str) -> datetime:
-    """ISO 8601 to an aware datetime (naive values are taken as UTC); ValueError if not ISO."""
-    parsed = datetime.fromisoformat(value)
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
-
-
 def order_key(decision_id: str, when: str) -> tuple[datetime, str]:
     """Which of two decisions on a post is the latest (the id breaks ties deterministically)."""
-    return decided_at(when), decision_id
+    return parse_iso(when), decision_id
 
 
 def labels_something(decision: ReviewDecision) -> bool:

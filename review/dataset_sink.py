@@ -19,8 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from modstream.records import MAX_ID, MAX_URL, RecordError, ReviewDecision, decode_json, parse_iso
 from review import sink_metrics as metrics
-from review.dataset import Plan, ReviewedDataset, decided_at, manifest_line, plan_batch
+from review.dataset import Plan, ReviewedDataset, manifest_line, plan_batch
 from review.kafka_sink import (
     DeadLetters,
     Parsed,
@@ -31,7 +32,6 @@ from review.kafka_sink import (
     run_sink,
     split_batch,
 )
-from stream.records import MAX_ID, MAX_URL, RecordError, ReviewDecision, decode_json
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ DLQ_STAGE = "dataset_sink"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-class Fetcher(Protocol):
+class MediaSource(Protocol):
     """stream.media.MediaFetcher's `fetch` (tests pass a fake)."""
 
     async def fetch(self, url: str) -> Any: ...
@@ -72,7 +72,7 @@ def parse_decision(raw: bytes | None) -> ReviewDecision:
     if not isinstance(d.decided_at, str):
         raise RecordError("decided_at", "must be an ISO 8601 timestamp")
     try:
-        decided_at(d.decided_at)
+        parse_iso(d.decided_at)
     except ValueError as exc:
         raise RecordError("decided_at", f"not an ISO 8601 timestamp: {d.decided_at!r}") from exc
     if not d.decisions:
@@ -98,7 +98,7 @@ class DatasetSink:
 
     name = NAME
 
-    def __init__(self, dataset: ReviewedDataset, fetcher: Fetcher, dead_letters: DeadLetters | Any) -> None:
+    def __init__(self, dataset: ReviewedDataset, fetcher: MediaSource, dead_letters: DeadLetters | Any) -> None:
         self.dataset = dataset
         self.fetcher = fetcher
         self.dead_letters = dead_letters

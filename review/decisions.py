@@ -1,7 +1,7 @@
 """From a reviewer's choices to a `ReviewDecision`, and onto the `reviewed` topic.
 
 `build_decision` is pure (unit-tested): it checks every task of the item has a valid action
-and turns each into a TaskDecision with `stream.records.decide`, carrying the model's view
+and turns each into a TaskDecision with `modstream.records.reviewer_decision`, carrying the model's view
 (version, per-task labels, ITM match, reasons, media hash) so the dataset sink and audits
 need nothing else. `DecisionProducer` sends it with acks=all and waits for the broker; the
 caller acknowledges the Redis entry only after that returns.
@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from stream.records import ACTIONS, RecordError, ReviewDecision, ReviewItem, TaskDecision, decide, encode
+from modstream.records import ACTIONS, RecordError, ReviewDecision, ReviewItem, TaskDecision, encode, reviewer_decision
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def build_decision(
         if action not in ACTIONS:
             raise RecordError(f"decisions.{task}", f"action must be one of {', '.join(ACTIONS)}, not {action!r}")
         try:
-            decisions[task] = decide(action, labels, model_label(item, task), chosen or None)
+            decisions[task] = reviewer_decision(action, labels, model_label(item, task), chosen or None)
         except RecordError as exc:
             raise RecordError(f"decisions.{task}", exc.why) from exc
     if note is not None:

@@ -27,9 +27,9 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
+from modstream.records import DeadLetter, RecordError, encode
 from review import sink_metrics as metrics
 from stream.lag import LagMonitor
-from stream.records import DeadLetter, RecordError, encode
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modstream.records import RecordError, ReviewDecision, ReviewItem
 from review.decisions import build_decision, item_tasks, model_label
-from stream.records import RecordError, ReviewDecision, ReviewItem
 
 FLAG = "review_flag"
 NOTE = "note"

@@ -21,7 +21,7 @@ from PIL import Image
 
 from stream.media import FetchConfig, MediaFetcher
 
-MAX_SIDE = 1024
+DISPLAY_MAX_SIDE = 1024  # what reviewers see; not the model's decode bound (models.images.MAX_SIDE)
 PNG_LIMIT = 1_500_000  # bytes; above this a JPEG is smaller and fine for review
 
 
@@ -39,7 +39,7 @@ class MediaError(RuntimeError):
         self.reason = reason
 
 
-def reencode(image: Image.Image, max_side: int = MAX_SIDE) -> tuple[bytes, str]:
+def reencode(image: Image.Image, max_side: int = DISPLAY_MAX_SIDE) -> tuple[bytes, str]:
     img = image.convert("RGB")
     img.thumbnail((max_side, max_side))
     buf = io.BytesIO()
@@ -56,7 +56,7 @@ class MediaProxy:
         options: dict[str, Any] = {"allow_loopback": allow_loopback, "retries": 1}
         if "max_side" in {f.name for f in fields(FetchConfig)}:
             # The worker shrinks to about twice the model's input; a reviewer needs more detail.
-            options["max_side"] = MAX_SIDE
+            options["max_side"] = DISPLAY_MAX_SIDE
         self.fetcher = MediaFetcher(FetchConfig(**options))
         self.cache_bytes = cache_bytes
         self._cache: OrderedDict[str, ServedImage] = OrderedDict()

@@ -41,7 +41,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from stream.records import RecordError, ReviewItem
+from modstream.records import RecordError, ReviewItem
 
 STREAM = "modstream:review"
 GROUP = "reviewers"

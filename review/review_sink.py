@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from redis.exceptions import RedisError
 
+from modstream.records import MAX_ID, RecordError, ReviewItem, decode_json
 from review import sink_metrics as metrics
 from review.kafka_sink import (
     DeadLetters,
@@ -28,7 +29,6 @@ from review.kafka_sink import (
     run_sink,
     split_batch,
 )
-from stream.records import MAX_ID, RecordError, ReviewItem, decode_json
 
 log = logging.getLogger(__name__)
 

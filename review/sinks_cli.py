@@ -56,10 +56,8 @@ def _add_sink_options(p: argparse.ArgumentParser, topic: str, group: str, metric
     p.add_argument("--metrics-host", default="127.0.0.1", help="address /metrics listens on")
 
 
-def add_parsers(sub: Any, add_common: Any) -> None:
-    """Register this role's subcommands on the `modstream` parser (the sinks need none of the
-    common model options, so `add_common` is not used)."""
-    del add_common
+def add_parsers(sub: Any) -> None:
+    """Register this role's subcommands on the `modstream` parser."""
     p = sub.add_parser("review-sink", help="copy the review topic into the Redis review stream, once per post")
     _add_sink_options(p, "review", "modstream-review-sink", 6067)
     p.add_argument("--redis", default="redis://127.0.0.1:16379/0", help="Redis URL of the review stream")

@@ -21,11 +21,11 @@ from models.devices import pick_device
 from models.images import MAX_BYTES, ImageError, content_hash
 from models.inference import Predictor
 from models.registry import ModelRegistry
+from modstream.records import encode
 from stream.device_pool import DevicePool
 from stream.media import FetchConfig, MediaFetcher, MediaResult, decode_and_read
 from stream.ocr import reader_for
 from stream.pipeline import Pipeline
-from stream.records import encode
 from stream.routing import RoutingPolicy
 
 BATCH = 64

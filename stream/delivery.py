@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from modstream.records import DeadLetter, encode
 from stream import metrics
 from stream.pipeline import Outcome, count_finished
-from stream.records import DeadLetter, encode
 
 log = logging.getLogger(__name__)
 

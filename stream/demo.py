@@ -12,9 +12,9 @@ import torch
 
 from models.config import ModelConfig
 from models.registry import ModelRegistry
+from modstream.manifest import read_manifest
 from stream.classify import classify_file
 from trainer.fit import fit
-from trainer.manifest import read_manifest
 from trainer.synthetic import write_synthetic
 from trainer.train import TrainConfig
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from stream.records import POST_STAGES
+from modstream.records import POST_STAGES
 
 STAGES = POST_STAGES  # the sinks' dead letters hold review items or decisions, never posts
 REPLAY_HEADER = "modstream-replayed-from"

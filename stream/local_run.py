@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models.registry import ModelRegistry
+from modstream.manifest import read_manifest
 from stream.demo import ensure_default_model
 from stream.media_server import BackgroundMediaServer
 from stream.producer import encode_posts, produce, synthetic_posts
-from trainer.manifest import read_manifest
 from trainer.synthetic import write_synthetic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +80,7 @@ def run_local(registry_root: Path, cache: Path, home: Path, opts: RunOptions) ->
         log_path = home / "worker.log"
         print(f"starting a worker (model {version}); its log: {log_path}", file=sys.stderr)
         worker = subprocess.Popen(
-            [sys.executable, "-m", "stream.cli", "worker", "--registry", str(registry_root),
+            [sys.executable, "-m", "modstream.cli", "worker", "--registry", str(registry_root),
              "--bootstrap", f"127.0.0.1:{opts.bootstrap_port}", "--redis", f"redis://127.0.0.1:{opts.redis_port}/0",
              "--web-port", str(opts.web_port), "--allow-loopback-media",
              "--app-id", "modstream-run"],
@@ -88,13 +88,13 @@ def run_local(registry_root: Path, cache: Path, home: Path, opts: RunOptions) ->
         )  # fmt: skip
         # The review sink copies the `review` topic into the Redis stream reviewers claim from.
         sink = subprocess.Popen(
-            [sys.executable, "-m", "stream.cli", "review-sink",
+            [sys.executable, "-m", "modstream.cli", "review-sink",
              "--bootstrap", f"127.0.0.1:{opts.bootstrap_port}", "--redis", f"redis://127.0.0.1:{opts.redis_port}/0"],
             cwd=REPO_ROOT, stdout=(home / "review-sink.log").open("wb"), stderr=subprocess.STDOUT,
         )  # fmt: skip
         # Both groups' lag from outside the consumers (deploy/prometheus/prometheus.yml scrapes :6070).
         exporter = subprocess.Popen(
-            [sys.executable, "-m", "stream.cli", "lag-exporter", "--bootstrap", f"127.0.0.1:{opts.bootstrap_port}",
+            [sys.executable, "-m", "modstream.cli", "lag-exporter", "--bootstrap", f"127.0.0.1:{opts.bootstrap_port}",
              "--group", "modstream-run=posts", "--group", "modstream-review-sink=review"],
             cwd=REPO_ROOT, stdout=(home / "lag-exporter.log").open("wb"), stderr=subprocess.STDOUT,
         )  # fmt: skip

@@ -22,8 +22,8 @@ from PIL import Image
 from models.card import ModelCard
 from models.inference import Prediction
 from models.preprocess import PostText
+from modstream.records import DeadLetter, Label, MediaInfo, Post, RecordError, ReviewItem, decode_json
 from stream import metrics
-from stream.records import DeadLetter, Label, MediaInfo, Post, RecordError, ReviewItem, decode_json
 from stream.routing import RoutingPolicy, route_scores
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,10 @@ class Pipeline:
                         o.dead_letter = DeadLetter.from_raw(
                             o.raw, "classify", f"internal error: {exc!r}", o.post.id if o.post else None
                         )
+        for o in outcomes:  # the promise of this module, kept even against a bug above
+            if o.label is None and o.dead_letter is None:
+                post_id = o.post.id if o.post else None
+                o.dead_letter = DeadLetter.from_raw(o.raw, "classify", "internal error: no outcome", post_id)
         return outcomes
 
     async def _label(self, outcomes: list[Outcome]) -> None:

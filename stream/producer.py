@@ -15,10 +15,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from stream.records import Post, encode
+from modstream.records import Post, encode
 
 if TYPE_CHECKING:  # the synthetic firehose takes trainer Examples; the producer needs no training code
-    from trainer.manifest import Example
+    from modstream.manifest import Example
 
 
 def synthetic_posts(

@@ -15,7 +15,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from stream.records import ReviewItem, encode
+from modstream.records import ReviewItem, encode
 
 ENQUEUE_ONCE = """
 if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[3]) then

@@ -26,12 +26,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from models.card import ModelCard
 from models.inference import Predictor
 from models.registry import ModelRegistry
+from modstream.records import MAX_RECORD_BYTES
 from stream import metrics
 from stream.delivery import dead_letter_batch, write_outcomes
 from stream.device_pool import BatcherConfig, DevicePool, visible_devices
 from stream.lag import LagMonitor
 from stream.pipeline import Pipeline
-from stream.records import MAX_RECORD_BYTES
 from stream.redis_store import RedisStore
 from stream.routing import RoutingPolicy
 
@@ -234,7 +234,7 @@ def create_app(settings: WorkerSettings) -> tuple[faust.App, Resources]:
         producer_acks=-1,
         broker_commit_every=settings.max_batch,
         broker_commit_interval=1.0,
-        # Every record we write is capped under this (stream.records.MAX_RECORD_BYTES); one
+        # Every record we write is capped under this (modstream.records.MAX_RECORD_BYTES); one
         # over it is refused at once instead of retried.
         producer_max_request_size=MAX_RECORD_BYTES + 64 * 1024,
     )

@@ -12,7 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def synthetic_small(tmp_path_factory):
     """160 synthetic posts at 32 px (the tiny ViT's input size)."""
-    from trainer.manifest import read_manifest
+    from modstream.manifest import read_manifest
     from trainer.synthetic import write_synthetic
 
     out = tmp_path_factory.mktemp("synthetic")

@@ -35,6 +35,7 @@ from models.config import ModelConfig
 from models.losses import IGNORE_INDEX, NegativeSampling
 from models.objectives import ObjectiveConfig
 from models.registry import build_model
+from modstream.manifest import Example
 from trainer.calibration import calibrate, score
 from trainer.features import (
     FeatureStore,
@@ -48,7 +49,6 @@ from trainer.features import (
     text_prefix,
 )
 from trainer.fit import data_digest, merge_rare, pick_device, strata, stratified_split
-from trainer.manifest import Example
 from trainer.stats import (
     corrected_paired_t,
     format_diff,

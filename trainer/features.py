@@ -27,8 +27,8 @@ from models.classifier import MultimodalModel
 from models.encoders import EncodedSequence, masked_mean
 from models.ocr import OcrEngine, OcrError, TesseractOcr
 from models.preprocess import ImagePreprocessor, PostText, TextPreprocessor, ocr_of
+from modstream.manifest import Example
 from trainer.images import ImageError, content_hash, decode_image
-from trainer.manifest import Example
 
 log = logging.getLogger(__name__)
 ENCODE_BATCH = 32

@@ -30,10 +30,10 @@ from models.devices import pick_device  # re-exported: trainer modules import it
 from models.losses import IGNORE_INDEX
 from models.registry import build_model
 from models.routing_gate import GateFloors, decide_itm_routing
+from modstream.manifest import Example
 from trainer.calibration import Calibration, calibrate, score
 from trainer.curves import write_curves
 from trainer.features import FeatureStore, LiveFeatures, LoadedInputs, build_features, load_inputs, subset
-from trainer.manifest import Example
 from trainer.neighbour_fit import build_index, pooled_features
 from trainer.probe import BlendEvidence, LinearProbe, fit_probes, macro_f1
 from trainer.routing_fit import routing_block

@@ -85,7 +85,7 @@ def check(comparison: Comparison, margin: float, min_examples: int) -> Check:
     return Check(c.holdout, c.task, c.n, c.current, c.candidate, verdict)
 
 
-def decide(comparisons: Sequence[Comparison], margin: float = 0.02, min_examples: int = 20) -> GateDecision:
+def gate_verdict(comparisons: Sequence[Comparison], margin: float = 0.02, min_examples: int = 20) -> GateDecision:
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
     if min_examples < 1:

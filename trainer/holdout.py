@@ -12,9 +12,10 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 
-from trainer.manifest import Example
+from modstream.manifest import Example
+from modstream.records import parse_iso
 
 BASE_FRACTION = 0.1
 REVIEWED_FRACTION = 0.2
@@ -44,11 +45,9 @@ def decided_at(example: Example) -> datetime:
     if not isinstance(raw, str):
         raise ValueError(f"reviewed example {example.id!r} has no meta.decided_at")
     try:
-        when = datetime.fromisoformat(raw)
+        return parse_iso(raw)  # naive times are UTC, as the dataset sink reads them
     except ValueError as exc:
         raise ValueError(f"reviewed example {example.id!r}: meta.decided_at {raw!r} is not an ISO 8601 time") from exc
-    # Naive times are UTC, as the dataset sink reads them.
-    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 def split_reviewed(

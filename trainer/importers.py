@@ -18,8 +18,8 @@ from pathlib import Path, PurePath
 from typing import Literal
 
 from models.tasks import DEFAULT_TASKS
+from modstream.manifest import Example, write_manifest
 from trainer.images import ImageError, load_image
-from trainer.manifest import Example, write_manifest
 
 BadImagePolicy = Literal["text-only", "skip"]
 

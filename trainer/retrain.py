@@ -37,11 +37,12 @@ from models.config import ModelConfig
 from models.losses import IGNORE_INDEX
 from models.objectives import ObjectiveConfig
 from models.registry import CURRENT, CurrentMoved, ModelRegistry, RegistryError
+from modstream.manifest import Example, read_complete_lines, read_manifest
 from trainer import retrain_metrics as metrics
 from trainer.calibration import Calibration, score
 from trainer.features import FeatureStore, build_features, load_inputs
 from trainer.fit import fit, pick_device, trainable_tasks
-from trainer.gate import Comparison, GateDecision, decide
+from trainer.gate import Comparison, GateDecision, gate_verdict
 from trainer.holdout import (
     BASE_FRACTION,
     REVIEWED_FRACTION,
@@ -51,7 +52,6 @@ from trainer.holdout import (
     split_base,
     split_reviewed,
 )
-from trainer.manifest import Example, read_complete_lines, read_manifest
 from trainer.retrain_report import summary_table, write_json, write_plot
 from trainer.reviewed import (
     MANIFEST,
@@ -385,7 +385,7 @@ def _run(opts: RetrainOptions) -> RetrainOutcome:
         evaluation[h]["candidate"] = evaluate_model(
             fitted.model, fitted.tokenizer, fitted.card, holdouts[h], opts.cache_dir, opts.device, opts.progress
         )
-    decision = decide(comparisons(evaluation, list(tasks)), opts.margin, opts.min_holdout)
+    decision = gate_verdict(comparisons(evaluation, list(tasks)), opts.margin, opts.min_holdout)
     moved = registry.current()
     if decision.promoted and moved != parent:
         # An operator rolled CURRENT forward or back while this run trained: the candidate was

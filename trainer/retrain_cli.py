@@ -4,13 +4,12 @@ imports inside the handler)."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-# The same home as stream/cli.py (trainer/ may not import stream/).
-HOME = Path(os.environ.get("MODSTREAM_HOME", "var"))
+from modstream.options import DEFAULT_HOME as HOME
+from modstream.options import add_common
 
 
 def _positive_int(text: str) -> int:
@@ -27,7 +26,7 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-def add_parsers(sub: Any, add_common: Any) -> None:
+def add_parsers(sub: Any) -> None:
     """Register this role's subcommands on the `modstream` parser."""
     p = sub.add_parser(
         "retrain",

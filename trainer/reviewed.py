@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.registry import ModelRegistry
+from modstream.manifest import Example, read_complete_lines
 from trainer.holdout import decided_at
-from trainer.manifest import Example, read_complete_lines
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.jsonl"

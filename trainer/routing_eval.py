@@ -34,11 +34,11 @@ from models.classifier import MultimodalModel
 from models.config import ModelConfig
 from models.registry import build_model
 from models.routing_policy import BUDGETS, PolicyInputs, RoutingPolicySpec, itm_only, review_cut, uncertainty
+from modstream.manifest import Example
 from trainer.ablation import _fold_indices, run_model
 from trainer.calibration import Calibration, calibrate
 from trainer.features import FeatureStore, LiveFeatures, build_features, load_inputs, subset
 from trainer.fit import fit_features, keep_default_thresholds, pick_device, strata, stratified_split
-from trainer.manifest import Example
 from trainer.neighbour_fit import build_index, pooled_features
 from trainer.routing_fit import (  # noqa: F401  (re-exported: the comparison's building blocks)
     CHOSEN_POLICY,

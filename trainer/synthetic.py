@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from models.tasks import DEFAULT_TASKS
-from trainer.manifest import Example, read_manifest, write_manifest
+from modstream.manifest import Example, read_manifest, write_manifest
 
 # Bump when drawing or sampling changes, so cached datasets are regenerated.
 GENERATOR_VERSION = 1

@@ -21,9 +21,9 @@ from torch import Tensor
 from models.classifier import MultimodalModel
 from models.losses import IGNORE_INDEX
 from models.objectives import ObjectiveConfig, compute_losses
+from modstream.manifest import Example
 from trainer.evaluate import itm_auroc, task_report
 from trainer.features import LiveFeatures
-from trainer.manifest import Example
 
 log = logging.getLogger(__name__)
 Selection = Literal["auto", "auroc", "loss", "task", "task>itm", "task+itm"]

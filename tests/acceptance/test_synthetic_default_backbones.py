@@ -16,10 +16,10 @@ from sklearn.metrics import f1_score, roc_auc_score
 
 from models.config import ModelConfig
 from models.inference import Prediction, Predictor
+from modstream.manifest import Example, read_manifest
 from stream.demo import synthetic_training
 from trainer.fit import fit
 from trainer.images import load_image
-from trainer.manifest import Example, read_manifest
 from trainer.synthetic import write_synthetic
 
 pytestmark = pytest.mark.slow

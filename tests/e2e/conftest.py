@@ -1,6 +1,6 @@
 """Fixtures for browser tests of the review console: real headless Chromium (Debian's
 /usr/bin/chromium driven by Playwright), the real Kafka + Redis stack, the console as a real
-`python -m stream.cli review serve` subprocess, and a loopback media server."""
+`python -m modstream.cli review serve` subprocess, and a loopback media server."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from typing import Any, TypeVar
 
 import pytest
 
+from modstream.records import ReviewDecision, ReviewItem
 from stream.media_server import BackgroundMediaServer
-from stream.records import ReviewDecision, ReviewItem
 from tests.integration.stack import REPO_ROOT, LocalStack, free_loopback_ports
 
 T = TypeVar("T")
@@ -70,13 +70,13 @@ def users_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str
     path = tmp_path_factory.mktemp("review-users") / "users.json"
     for name, role in USERS.items():
         subprocess.run(
-            [sys.executable, "-m", "stream.cli", "review", "add-user", name, "--role", role, "--password-stdin",
+            [sys.executable, "-m", "modstream.cli", "review", "add-user", name, "--role", role, "--password-stdin",
              "--users", str(path)],
             input=PASSWORD + "\n", text=True, check=True, cwd=REPO_ROOT, capture_output=True,
         )  # fmt: skip
     tokens = {
         name: subprocess.run(
-            [sys.executable, "-m", "stream.cli", "review", "token", name, "--users", str(path)],
+            [sys.executable, "-m", "modstream.cli", "review", "token", name, "--users", str(path)],
             text=True, check=True, cwd=REPO_ROOT, capture_output=True,
         ).stdout.strip()
         for name in ("root", "alice")
@@ -235,7 +235,7 @@ def start_console(
         _flush_db(redis_url)
         log = open(tmp_path / f"console-{port}.log", "wb")  # noqa: SIM115 (closed with the process)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "stream.cli", "review", "serve", "--host", "127.0.0.1", "--port", str(port),
+            [sys.executable, "-m", "modstream.cli", "review", "serve", "--host", "127.0.0.1", "--port", str(port),
              "--bootstrap", bootstrap or stack.bootstrap, "--redis", redis_url, "--users", str(users_file[0]),
              "--claim-timeout", str(claim_timeout), "--max-deliveries", str(max_deliveries),
              "--allow-loopback-media"],

@@ -12,8 +12,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from modstream.records import ReviewDecision
 from review.queue import ReviewQueue
-from stream.records import ReviewDecision
 from tests.e2e.conftest import Console, run_async
 from tests.e2e.test_review_console import login
 from tests.integration.stack import free_loopback_ports

@@ -53,7 +53,7 @@ def test_login_is_rate_limited_per_user(start_console: Any) -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "stream.cli", "review", *args]
+    command = [sys.executable, "-m", "modstream.cli", "review", *args]
     return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
 
 
@@ -205,7 +205,7 @@ def test_a_password_change_ends_the_sessions_made_before_it(start_console: Any, 
     users = str(users_file[0])
     name, first, second = f"dave{free_loopback_ports(1)[0]}", "first password 123", "second password 456"
     done = subprocess.run(
-        [sys.executable, "-m", "stream.cli", "review", "add-user", name, "--password-stdin", "--users", users],
+        [sys.executable, "-m", "modstream.cli", "review", "add-user", name, "--password-stdin", "--users", users],
         cwd=REPO_ROOT, input=first + "\n", text=True, capture_output=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -220,7 +220,7 @@ def test_a_password_change_ends_the_sessions_made_before_it(start_console: Any, 
 
     assert queue_page().endswith("/review")  # the session works
     done = subprocess.run(
-        [sys.executable, "-m", "stream.cli", "review", "set-password", name, "--password-stdin", "--users", users],
+        [sys.executable, "-m", "modstream.cli", "review", "set-password", name, "--password-stdin", "--users", users],
         cwd=REPO_ROOT, input=second + "\n", text=True, capture_output=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr

@@ -66,7 +66,7 @@ routing() {  # $1 seeds, $2 seconds
 
 grid() {  # $1 seeds, $2 seconds; resumes var/A-gpu (seeds are not part of a grid's identity)
   echo "== recipe grid, seeds $1 ($2 s)" | tee -a "$LOG"
-  timeout "$2" "$PY" -m stream.cli -v ablate --preset cm-off-meme --folds 5 --seeds "$1" \
+  timeout "$2" "$PY" -m modstream.cli -v ablate --preset cm-off-meme --folds 5 --seeds "$1" \
     --unfreeze-text-layers all --aux-weights 0.05,0.1,0.2,0.3 \
     --only task --only "task (text encoder fine-tuned)" --only "task+itc+itm (text encoder fine-tuned)" \
     --only "task+itc+itm (aux 0.05)" --only "task+itc+itm (aux 0.1)" \

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from modstream.manifest import read_manifest
 from stream.media_server import BackgroundMediaServer
 from tests.integration.worker_harness import register_tiny_model
-from trainer.manifest import read_manifest
 from trainer.synthetic import write_synthetic
 
 _HERE = Path(__file__).resolve().parent

@@ -41,7 +41,7 @@ class SinkProcess:
     def start(self, timeout: float = 60.0) -> None:
         self.metrics_port = free_loopback_ports(1)[0]
         self.starts += 1
-        cmd = [sys.executable, "-m", "stream.cli", "-v", self.command, "--metrics-port", str(self.metrics_port),
+        cmd = [sys.executable, "-m", "modstream.cli", "-v", self.command, "--metrics-port", str(self.metrics_port),
                *self.args]  # fmt: skip
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with self.log_path.open("wb") as log:

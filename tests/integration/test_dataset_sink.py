@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from modstream.manifest import read_manifest
+from modstream.records import ReviewDecision, TaskDecision, encode
 from review.dataset import count_decisions, load_reviewed
 from stream.media_server import BackgroundMediaServer
-from stream.records import ReviewDecision, TaskDecision, encode
 from tests.integration.sink_harness import SinkProcess, wait_caught_up
 from tests.integration.stack import LocalStack
 from tests.integration.worker_harness import collect, produce
-from trainer.manifest import read_manifest
 from trainer.synthetic import write_synthetic
 
 GROUP = "it-dsink"

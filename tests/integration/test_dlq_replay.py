@@ -22,7 +22,7 @@ from pathlib import Path
 
 from models.card import ModelCard
 from models.registry import ModelRegistry
-from stream.records import Post, encode
+from modstream.records import Post, encode
 from tests.integration.sink_harness import commit_to_end, read_topic
 from tests.integration.stack import LocalStack
 from tests.integration.worker_harness import REPO_ROOT, Worker, collect, produce
@@ -42,7 +42,7 @@ def register(registry: Path, max_text_length: int) -> str:
 
 def replay_cli(stack: LocalStack, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
-    cmd = [sys.executable, "-m", "stream.cli", "dlq", "replay", "--bootstrap", stack.bootstrap, *args]
+    cmd = [sys.executable, "-m", "modstream.cli", "dlq", "replay", "--bootstrap", stack.bootstrap, *args]
     result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     return result

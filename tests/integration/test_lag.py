@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from modstream.records import Post, encode
 from stream.lag import partition_lag
-from stream.records import Post, encode
 from tests.integration.sink_harness import commit_to_end
 from tests.integration.stack import LocalStack, free_loopback_ports
 from tests.integration.test_metric_catalogue import start, stop, wait_scrape

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from stream.records import Post, encode
+from modstream.records import Post, encode
 from tests.integration.sink_harness import SinkProcess, commit_to_end
 from tests.integration.stack import LocalStack, free_loopback_ports
 from tests.integration.worker_harness import REPO_ROOT, Worker, produce, register_tiny_model
@@ -78,7 +78,7 @@ def wait_scrape(port: int, proc: subprocess.Popen[bytes], until: str = "", timeo
 def start(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     with log.open("wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "stream.cli", *args], cwd=REPO_ROOT, stdout=out,
+        return subprocess.Popen([sys.executable, "-m", "modstream.cli", *args], cwd=REPO_ROOT, stdout=out,
                                 stderr=subprocess.STDOUT, env=full_env)  # fmt: skip
 
 
@@ -141,7 +141,7 @@ def test_sinks_export_their_catalogue(stack: LocalStack, tmp_path: Path) -> None
 def test_review_console_exports_its_catalogue_on_the_ops_port(stack: LocalStack, tmp_path: Path) -> None:
     users = tmp_path / "users.json"
     subprocess.run(
-        [sys.executable, "-m", "stream.cli", "review", "add-user", "ops", "--password-stdin", "--users", str(users)],
+        [sys.executable, "-m", "modstream.cli", "review", "add-user", "ops", "--password-stdin", "--users", str(users)],
         input=b"a long enough password\n", cwd=REPO_ROOT, check=True, capture_output=True,
     )  # fmt: skip
     port, ops_port = free_loopback_ports(2)

@@ -17,10 +17,10 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
+from modstream.records import ReviewItem
 from review.auth import UserStore
 from review.console import ConsoleConfig, create_app
 from review.queue import QueueError, ReviewQueue
-from stream.records import ReviewItem
 from stream.redis_store import RedisStore
 from tests.integration.stack import LocalStack
 from tests.integration.test_review_queue import Env, _item, redis_only  # noqa: F401 (the module's redis-server fixture)

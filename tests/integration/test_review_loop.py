@@ -27,14 +27,14 @@ from typing import Any
 import pytest
 
 from models.registry import ModelRegistry
+from modstream.manifest import read_manifest
+from modstream.records import encode
 from review.dataset import load_reviewed
 from stream.media_server import BackgroundMediaServer
 from stream.producer import synthetic_posts
-from stream.records import encode
 from tests.integration.sink_harness import SinkProcess
 from tests.integration.stack import REPO_ROOT, LocalStack, free_loopback_ports
 from tests.integration.worker_harness import Worker, collect, produce, register_tiny_model
-from trainer.manifest import read_manifest
 from trainer.synthetic import write_synthetic
 
 REDIS_DB = 9  # this test's review stream, apart from the other tests' databases
@@ -43,7 +43,7 @@ PASSWORD = "loop test password 42"
 
 def _cli(*args: str, stdin: str | None = None) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "stream.cli", *args],
+        [sys.executable, "-m", "modstream.cli", *args],
         cwd=REPO_ROOT, input=stdin, text=True, capture_output=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, f"modstream {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
@@ -59,7 +59,7 @@ class Console:
         self.token = _cli("review", "token", "scripted", "--users", str(users)).strip()
         (self.port,) = free_loopback_ports(1)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "stream.cli", "review", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+            [sys.executable, "-m", "modstream.cli", "review", "serve", "--host", "127.0.0.1", "--port", str(self.port),
              "--users", str(users), "--allow-loopback-media", "--insecure-cookies", *args],
             cwd=REPO_ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
         )  # fmt: skip

@@ -16,8 +16,8 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 
+from modstream.records import ReviewItem
 from review.queue import NotClaimed, QueueError, ReviewQueue
-from stream.records import ReviewItem
 from stream.redis_store import RedisStore
 from tests.integration.stack import LocalStack, StackError
 

@@ -14,9 +14,9 @@ import json
 import time
 from pathlib import Path
 
+from modstream.records import RecordError, encode
 from review.review_sink import parse_review_item
 from stream.producer import synthetic_posts
-from stream.records import RecordError, encode
 from tests.integration.sink_harness import (
     SinkProcess,
     commit_to_end,

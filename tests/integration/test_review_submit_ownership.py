@@ -18,11 +18,11 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
+from modstream.records import ReviewDecision
 from review.auth import UserStore
 from review.console import CONSOLE_KEY, ConsoleConfig, create_app
 from review.decisions import DecisionProducer
 from review.queue import ReviewQueue
-from stream.records import ReviewDecision
 from stream.redis_store import RedisStore
 from tests.integration.stack import LocalStack
 from tests.integration.test_review_queue import _item, redis_only  # noqa: F401 (the fixture)

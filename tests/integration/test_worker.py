@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
+from modstream.records import encode
 from stream.producer import synthetic_posts
-from stream.records import encode
 from tests.integration.sink_harness import SinkProcess, stream_post_ids, wait_caught_up
 from tests.integration.stack import LocalStack
 from tests.integration.worker_harness import Worker, collect, produce

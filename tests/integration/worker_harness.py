@@ -61,7 +61,8 @@ class Worker:
         self.starts += 1
         log = (self.log_dir / f"worker-{self.app_id}-{self.starts}.log").open("wb")
         cmd = [
-            sys.executable, "-m", "stream.cli", "worker",
+            # As in a worker image without trainer/: importing it fails (tests/integration/no_trainer.py).
+            sys.executable, str(REPO_ROOT / "tests" / "integration" / "no_trainer.py"), "worker",
             "--bootstrap", self.stack.bootstrap, "--redis", self.stack.redis_url,
             "--registry", str(self.registry), "--app-id", self.app_id, "--web-port", str(self.web_port),
             "--max-batch", str(self.max_batch), "--max-wait", "0.05", "--device", "cpu",

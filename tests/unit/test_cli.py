@@ -4,7 +4,7 @@ import pytest
 
 from models.card import ModelCard
 from models.registry import ModelRegistry
-from stream.cli import main
+from modstream.cli import main
 from tests.tiny import tiny_model
 
 
@@ -76,7 +76,7 @@ def test_models_set_current_rolls_back_and_refuses_unknown_versions(tmp_path, ca
 
 
 def test_error_lines_never_show_a_redis_password():
-    from stream.cli import _redacted
+    from modstream.cli import _redacted
 
     assert _redacted("redis://:s3cret@redis:6379/0") == "redis://:***@redis:6379/0"
     assert _redacted("rediss://user:s3cret@redis/1") == "rediss://user:***@redis/1"
@@ -91,7 +91,7 @@ def _capture_ablation(monkeypatch):
         seen["cfg"] = cfg
         return {"variants": {}, "tasks": []}
 
-    monkeypatch.setattr("stream.cli._load_examples", lambda args: [])
+    monkeypatch.setattr("trainer.commands._load_examples", lambda args: [])
     monkeypatch.setattr("trainer.ablation.run_ablation", fake_run)
     return seen
 
@@ -146,7 +146,7 @@ def test_ablate_into_another_grids_folder_exits_1_with_the_reason(tmp_path, monk
     def refuse(*args, **kwargs):
         raise AblationSetupError(f"{tmp_path} holds runs of another grid (train.epochs: 25 -> 3)")
 
-    monkeypatch.setattr("stream.cli._load_examples", lambda args: [])
+    monkeypatch.setattr("trainer.commands._load_examples", lambda args: [])
     monkeypatch.setattr("trainer.ablation.run_ablation", refuse)
     assert main(["ablate", "--preset", "synthetic", "--out", str(tmp_path), "--device", "cpu"]) == 1
     err = capsys.readouterr().err
@@ -154,7 +154,8 @@ def test_ablate_into_another_grids_folder_exits_1_with_the_reason(tmp_path, monk
 
 
 def test_train_passes_the_neighbour_vote_and_refuses_a_bad_one(monkeypatch, capsys):
-    from stream import cli
+    from modstream import cli
+    from trainer import commands
 
     seen = {}
 
@@ -163,7 +164,7 @@ def test_train_passes_the_neighbour_vote_and_refuses_a_bad_one(monkeypatch, caps
         raise SystemExit(0)  # stop before training: only the config is under test
 
     monkeypatch.setattr("trainer.fit.fit", fake_fit)
-    monkeypatch.setattr(cli, "_load_examples", lambda args: [])  # no synthetic posts written
+    monkeypatch.setattr(commands, "_load_examples", lambda args: [])  # no synthetic posts written
     with pytest.raises(SystemExit):
         cli.main(["train", "--preset", "synthetic", "--neighbour-vote", "0.33"])
     assert seen["config"].neighbour_vote == 0.33

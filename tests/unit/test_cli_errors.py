@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 def modstream(*args: str, cwd: Path = REPO, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
     return subprocess.run(
-        [sys.executable, "-m", "stream.cli", *args],
+        [sys.executable, "-m", "modstream.cli", *args],
         cwd=cwd,
         env=env,
         capture_output=True,

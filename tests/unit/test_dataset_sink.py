@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from modstream.manifest import read_manifest
+from modstream.records import DeadLetter, RecordError, ReviewDecision, TaskDecision, encode
 from review.dataset import (
     DatasetError,
     ReviewedDataset,
@@ -23,8 +25,6 @@ from review.dataset import (
 from review.dataset_sink import DatasetSink, parse_decision
 from review.kafka_sink import SinkRecord, TransientError
 from stream.media import MediaResult
-from stream.records import DeadLetter, RecordError, ReviewDecision, TaskDecision, encode
-from trainer.manifest import read_manifest
 
 TASKS = {"hate": ["not_hateful", "hateful"], "sarcasm": ["not_sarcastic", "sarcastic"]}
 

@@ -30,7 +30,7 @@ import yaml
 from yamllint import linter
 from yamllint.config import YamlLintConfig
 
-from stream.cli import build_parser
+from modstream.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -288,3 +288,22 @@ def test_compose_commands_quote_cleanly():
         command = body.get("command")
         if command is not None:
             assert isinstance(command, list), f"{service}: use a list, not {shlex.quote(str(command))}"
+
+
+def test_images_copy_every_product_package_and_the_worker_target_drops_the_trainer():
+    import tomllib
+
+    include = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packages = [p.rstrip("*") for p in include["include"]]
+    assert "modstream" in packages
+    for dockerfile in ("Dockerfile", "Dockerfile.gpu"):
+        text = (DEPLOY / "docker" / dockerfile).read_text()
+        ignore = (DEPLOY / "docker" / f"{dockerfile}.dockerignore").read_text().splitlines()
+        for package in packages:
+            assert f"COPY {package} {package}" in text, (dockerfile, package)
+            assert f"!{package}/" in ignore, (dockerfile, package)
+        worker = text[text.index("AS worker") : text.index("AS full")]
+        assert "site-packages/trainer" in worker and "rm -rf" in worker
+        assert text.rstrip().endswith("FROM runtime AS full")  # the default target keeps every role
+    worker_image = by_kind("Deployment", "modstream-worker")["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert worker_image.endswith("modstream-gpu-worker:0.1.0")

@@ -8,8 +8,8 @@ import re
 
 import pytest
 
+from modstream.records import DeadLetter, encode
 from stream.dlq import Selection, _candidate, parse_time, select
-from stream.records import DeadLetter, encode
 
 
 def record(post_id: str | None, stage: str, reason: str, failed_at: str, offset: int) -> tuple:

@@ -1,8 +1,8 @@
 import torch
 
+from modstream.manifest import Example
 from tests.tiny import tiny_model
 from trainer.features import FeatureStore, encode_frozen, load_inputs
-from trainer.manifest import Example
 
 
 def test_bad_images_are_counted_and_become_text_only_or_skipped(tmp_path, synthetic_small):

@@ -14,9 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from modstream.records import MAX_POST_BYTES, MAX_RECORD_BYTES, DeadLetter, Post, encode
 from stream.delivery import write_outcomes
 from stream.pipeline import Outcome, parse
-from stream.records import MAX_POST_BYTES, MAX_RECORD_BYTES, DeadLetter, Post, encode
 from tests.unit.test_pipeline import _pipeline
 from tests.unit.test_worker_sends import SizeLimitedTopic
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from modstream.manifest import read_manifest
 from trainer.importers import (
     CM_OFF_MEME_ENV,
     DatasetImportError,
@@ -18,7 +19,6 @@ from trainer.importers import (
     import_hateful_memes,
     write_import,
 )
-from trainer.manifest import read_manifest
 
 MAPS: dict[str, dict[str, str | None]] = {
     "hate": {"off": "hateful", "non-off": "not_hateful"},

@@ -8,8 +8,8 @@ from PIL import Image
 
 from models.card import ModelCard
 from models.inference import Prediction, TaskPrediction
+from modstream.records import Post, encode
 from stream.pipeline import Pipeline, dedupe_key
-from stream.records import Post, encode
 from stream.routing import RoutingPolicy
 from tests.tiny import tiny_config
 

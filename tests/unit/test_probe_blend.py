@@ -17,11 +17,11 @@ from models.card import ModelCard
 from models.config import ModelConfig
 from models.inference import Predictor
 from models.registry import ModelRegistry
+from modstream.manifest import Example
 from tests.tiny import tiny_config, tiny_model
 from trainer.calibration import calibrate
 from trainer.features import FrozenSequences, LiveFeatures, LoadedInputs, subset
 from trainer.fit import fit_features, set_probes, strata, stratified_split
-from trainer.manifest import Example
 from trainer.probe import fit_probe, fit_probes, fold_standardisation, macro_f1, make_classifier
 from trainer.train import TrainConfig, evaluate_split
 

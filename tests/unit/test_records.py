@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from stream.records import DeadLetter, Label, MediaInfo, Post, RecordError, encode
+from modstream.records import DeadLetter, Label, MediaInfo, Post, RecordError, encode
 
 
 def test_post_round_trip_and_defaults():
@@ -48,7 +48,7 @@ def test_label_and_dead_letter_serialise():
 
 
 def test_review_decision_round_trip_and_training_labels():
-    from stream.records import ReviewDecision, TaskDecision
+    from modstream.records import ReviewDecision, TaskDecision
 
     decision = ReviewDecision(
         decision_id="d1",
@@ -68,7 +68,7 @@ def test_review_decision_round_trip_and_training_labels():
 def test_records_ignore_fields_a_newer_producer_added():
     import json
 
-    from stream.records import ReviewDecision, ReviewItem
+    from modstream.records import ReviewDecision, ReviewItem
 
     item = {"v": 1, "post_id": "p", "text": "t", "image_url": None, "reasons": [], "label": {}, "extra": 1}
     assert ReviewItem.from_json(json.dumps(item)).post_id == "p"
@@ -80,13 +80,13 @@ def test_records_ignore_fields_a_newer_producer_added():
 
 
 def test_decide_and_task_decision_refuse_what_makes_no_label():
-    from stream.records import TaskDecision, decide
+    from modstream.records import TaskDecision, reviewer_decision
 
     labels = ["not_hateful", "hateful"]
-    assert decide("confirm", labels, "hateful").label == "hateful"
-    assert decide("correct", labels, "hateful").label == "not_hateful"
-    assert decide("not_violating", labels, "hateful").label == "not_hateful"
-    assert decide("escalate", labels, "hateful").label is None
+    assert reviewer_decision("confirm", labels, "hateful").label == "hateful"
+    assert reviewer_decision("correct", labels, "hateful").label == "not_hateful"
+    assert reviewer_decision("not_violating", labels, "hateful").label == "not_hateful"
+    assert reviewer_decision("escalate", labels, "hateful").label is None
     with pytest.raises(RecordError, match="must be one of"):
         TaskDecision("approve", "hateful")
     with pytest.raises(RecordError, match="needs a label"):
@@ -94,9 +94,9 @@ def test_decide_and_task_decision_refuse_what_makes_no_label():
     with pytest.raises(RecordError, match="carries no label"):
         TaskDecision("skip", "hateful")
     with pytest.raises(RecordError, match="not one of"):
-        decide("correct", labels, "hateful", chosen="spam")
+        reviewer_decision("correct", labels, "hateful", chosen="spam")
     with pytest.raises(RecordError, match="must name the label"):
-        decide("correct", ["a", "b", "c"], "a")
+        reviewer_decision("correct", ["a", "b", "c"], "a")
 
 
 def test_label_carries_the_ocr_text_and_older_records_still_load():

@@ -20,10 +20,10 @@ import pytest
 from prometheus_client import REGISTRY
 
 from models.registry import ModelRegistry
+from modstream.manifest import Example, read_manifest
 from tests.tiny import tiny_config, tiny_model
 from trainer.fit import fit
 from trainer.holdout import ids_digest, in_base_holdout
-from trainer.manifest import Example, read_manifest
 from trainer.synthetic import generate
 from trainer.train import TrainConfig
 
@@ -259,7 +259,7 @@ def test_watch_counts_failed_runs_and_keeps_going(tmp_path):
 
 
 def test_cli_skips_and_reports_errors(home, capsys):
-    from stream.cli import main
+    from modstream.cli import main
 
     write_reviewed(home / "reviewed", 10, seed=11)
     common = ["retrain", "--registry", str(home / "registry"), "--cache", str(home / "cache"), "--device", "cpu"]
@@ -325,7 +325,7 @@ def test_a_second_run_on_the_same_registry_is_refused_while_one_runs(tmp_path):
 
 
 def test_cli_publish_current_reports_a_broker_it_cannot_reach(home, capsys):
-    from stream.cli import main
+    from modstream.cli import main
     from tests.integration.stack import free_loopback_ports
 
     (port,) = free_loopback_ports(1)
@@ -348,7 +348,7 @@ def test_cli_watch_serves_metrics_and_survives_failed_runs(tmp_path):
     from tests.integration.stack import free_loopback_ports
 
     (port,) = free_loopback_ports(1)
-    cmd = [sys.executable, "-m", "stream.cli", "retrain", "--registry", str(tmp_path / "empty"), "--watch"]
+    cmd = [sys.executable, "-m", "modstream.cli", "retrain", "--registry", str(tmp_path / "empty"), "--watch"]
     cmd += ["--interval", "0.2", "--metrics-port", str(port), "--reviewed", str(tmp_path / "reviewed"), "--quiet"]
     env = {**os.environ, "MODSTREAM_HOME": str(tmp_path)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from models.registry import ModelRegistry
+from modstream.manifest import Example
 from trainer.holdout import ids_digest, in_base_holdout, split_base, split_reviewed
-from trainer.manifest import Example
 from trainer.reviewed import last_seen, new_decisions, read_reviewed, write_seen
 
 TASKS = {"hate": ["not_hateful", "hateful"], "sarcasm": ["not_sarcastic", "sarcastic"]}

@@ -2,7 +2,7 @@
 
 import pytest
 
-from trainer.gate import Comparison, decide
+from trainer.gate import Comparison, gate_verdict
 
 
 def _c(holdout: str, task: str, n: int, current: float | None, candidate: float | None) -> Comparison:
@@ -10,7 +10,7 @@ def _c(holdout: str, task: str, n: int, current: float | None, candidate: float 
 
 
 def test_promotes_when_every_task_is_within_the_margin_and_names_the_closest_call():
-    decision = decide(
+    decision = gate_verdict(
         [
             _c("base", "hate", 120, 0.800, 0.850),
             _c("base", "sarcasm", 120, 0.700, 0.690),
@@ -27,15 +27,15 @@ def test_promotes_when_every_task_is_within_the_margin_and_names_the_closest_cal
 
 
 def test_a_drop_exactly_at_the_margin_passes_and_just_beyond_fails():
-    at_margin = decide([_c("base", "hate", 50, 0.80, 0.78)], margin=0.02, min_examples=20)
+    at_margin = gate_verdict([_c("base", "hate", 50, 0.80, 0.78)], margin=0.02, min_examples=20)
     assert at_margin.promoted, at_margin.why
-    beyond = decide([_c("base", "hate", 50, 0.80, 0.7799)], margin=0.02, min_examples=20)
+    beyond = gate_verdict([_c("base", "hate", 50, 0.80, 0.7799)], margin=0.02, min_examples=20)
     assert not beyond.promoted
     assert beyond.checks[0].verdict == "fail"
 
 
 def test_refusal_names_the_task_holdout_and_numbers_of_the_worst_drop():
-    decision = decide(
+    decision = gate_verdict(
         [
             _c("base", "hate", 100, 0.81, 0.80),
             _c("base", "sarcasm", 100, 0.75, 0.70),
@@ -53,7 +53,7 @@ def test_refusal_names_the_task_holdout_and_numbers_of_the_worst_drop():
 
 
 def test_a_holdout_below_the_minimum_is_not_enough_evidence_and_does_not_block():
-    decision = decide(
+    decision = gate_verdict(
         [
             _c("base", "hate", 100, 0.80, 0.81),
             _c("base", "sarcasm", 100, 0.80, 0.80),
@@ -71,13 +71,13 @@ def test_a_holdout_below_the_minimum_is_not_enough_evidence_and_does_not_block()
 
 
 def test_refused_when_no_holdout_has_enough_evidence():
-    decision = decide([_c("base", "hate", 10, 0.5, 0.9), _c("reviewed", "hate", 3, 0.5, 0.9)], 0.02, 20)
+    decision = gate_verdict([_c("base", "hate", 10, 0.5, 0.9), _c("reviewed", "hate", 3, 0.5, 0.9)], 0.02, 20)
     assert not decision.promoted
     assert "no holdout has 20 or more labelled examples" in decision.why
 
 
 def test_to_dict_carries_margin_minimum_and_checks():
-    decision = decide([_c("base", "hate", 30, 0.8, 0.5)], margin=0.05, min_examples=25)
+    decision = gate_verdict([_c("base", "hate", 30, 0.8, 0.5)], margin=0.05, min_examples=25)
     data = decision.to_dict()
     assert data["promoted"] is False and data["margin"] == 0.05 and data["min_holdout"] == 25
     assert data["checks"][0]["verdict"] == "fail" and data["checks"][0]["drop"] == pytest.approx(0.3)
@@ -85,6 +85,6 @@ def test_to_dict_carries_margin_minimum_and_checks():
 
 def test_bad_gate_settings_are_errors():
     with pytest.raises(ValueError, match="margin"):
-        decide([], margin=-0.1)
+        gate_verdict([], margin=-0.1)
     with pytest.raises(ValueError, match="min_examples"):
-        decide([], min_examples=0)
+        gate_verdict([], min_examples=0)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from stream.cli import build_parser, main
+from modstream.cli import build_parser, main
 
 
 def test_serve_defaults_match_the_documented_ones() -> None:

@@ -6,8 +6,8 @@ import uuid
 
 import pytest
 
+from modstream.records import RecordError, ReviewDecision, ReviewItem
 from review.decisions import build_decision, choices_from_form, choices_from_json
-from stream.records import RecordError, ReviewDecision, ReviewItem
 
 
 def make_item(**overrides: object) -> ReviewItem:

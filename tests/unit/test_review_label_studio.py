@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from modstream.records import RecordError, ReviewItem
 from review.label_studio import (
     annotation_choices,
     decision_for,
@@ -17,7 +18,6 @@ from review.label_studio import (
     task_sets_of,
     tasks_from_items,
 )
-from stream.records import RecordError, ReviewItem
 
 
 def item(post_id: str, hate: str = "hateful", sarcasm: str = "not_sarcastic", image: str | None = "http://cdn/x.png"):

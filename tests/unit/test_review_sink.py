@@ -9,9 +9,9 @@ from collections.abc import Sequence
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from modstream.records import DeadLetter, RecordError, ReviewItem, encode
 from review.kafka_sink import SinkRecord, TransientError
 from review.review_sink import ReviewSink, parse_review_item
-from stream.records import DeadLetter, RecordError, ReviewItem, encode
 
 
 def _item(post_id: str = "p1") -> ReviewItem:

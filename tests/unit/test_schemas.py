@@ -1,5 +1,5 @@
 """The committed JSON Schemas (schemas/*.schema.json) against the record types, both ways:
-the files equal what stream/schemas.py generates, records the code writes validate, and for a
+the files equal what modstream/schemas.py generates, records the code writes validate, and for a
 set of inputs the schema accepts exactly what the parser accepts."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from jsonschema import Draft202012Validator
 
-from stream.records import (
+from modstream.records import (
     DeadLetter,
     Label,
     MediaInfo,
@@ -20,9 +20,9 @@ from stream.records import (
     ReviewDecision,
     ReviewItem,
     TaskDecision,
-    decide,
+    reviewer_decision,
 )
-from stream.schemas import TOPIC_RECORDS, check_schemas, generated
+from modstream.schemas import TOPIC_RECORDS, check_schemas, generated
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 
@@ -84,11 +84,11 @@ PRODUCED: list[tuple[type, Any]] = [
     (
         ReviewDecision,
         _decision(
-            hate=decide("correct", ["not_hateful", "hateful"], "hateful"),
-            sarcasm=decide("skip", ["no", "yes"], "yes"),
+            hate=reviewer_decision("correct", ["not_hateful", "hateful"], "hateful"),
+            sarcasm=reviewer_decision("skip", ["no", "yes"], "yes"),
         ),
     ),
-    (ReviewDecision, _decision(hate=decide("escalate", ["not_hateful", "hateful"], "hateful"))),
+    (ReviewDecision, _decision(hate=reviewer_decision("escalate", ["not_hateful", "hateful"], "hateful"))),
 ]
 
 
@@ -156,7 +156,7 @@ def test_created_at_is_a_documented_format_only():
     assert not _parses(Post.from_json, {**GOOD_POST, "created_at": "yesterday"})
 
 
-DECISION = _decision(hate=decide("confirm", ["not_hateful", "hateful"], "hateful")).to_json()
+DECISION = _decision(hate=reviewer_decision("confirm", ["not_hateful", "hateful"], "hateful")).to_json()
 
 DECISION_CASES: list[tuple[str, Any]] = [
     ("valid", DECISION),

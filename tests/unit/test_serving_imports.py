@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-# Composition roots wire training and serving together on purpose (`modstream demo`, `run`,
-# the CLI); everything else, the producer included, must not load training code.
-NOT_RUNTIME = {"cli.py", "demo.py", "local_run.py", "__init__.py"}
+# `modstream demo` and `run` wire training and serving together on purpose (they train a
+# default model); everything else, the command modules and the producer included, must not.
+NOT_RUNTIME = {"demo.py", "local_run.py", "__init__.py"}
 
 
 def _runtime_modules() -> list[str]:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from modstream.cli import build_parser, main
 from review.dataset import ReviewedDataset
 from review.sinks_cli import cmd_dataset_sink, cmd_review_sink
-from stream.cli import build_parser, main
 
 
 def test_sink_subcommands_parse_with_the_documented_defaults() -> None:

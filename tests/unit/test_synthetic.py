@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer.manifest import Example, read_manifest
+from modstream.manifest import Example, read_manifest
 from trainer.synthetic import PLURALS, SHAPES, generate, write_synthetic
 
 SIZE = 48  # small images keep the tests fast; the rules do not depend on size

@@ -3,9 +3,9 @@ import json
 import pytest
 
 from models.objectives import ObjectiveConfig
+from modstream.manifest import Example
 from tests.tiny import tiny_config, tiny_model
 from trainer.fit import fit
-from trainer.manifest import Example
 from trainer.train import TrainConfig, label_tensors
 
 

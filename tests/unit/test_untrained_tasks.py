@@ -12,9 +12,9 @@ from PIL import Image
 
 from models.inference import Predictor
 from models.registry import ModelRegistry
+from modstream.manifest import Example
 from tests.tiny import tiny_config, tiny_model
 from trainer.fit import TaskDataError, fit, keep_tasks, trainable_tasks
-from trainer.manifest import Example
 from trainer.retrain import warn_untrained_tasks
 from trainer.train import TrainConfig
 

@@ -9,9 +9,9 @@ from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError
 from faust.exceptions import ProducerSendError
 from prometheus_client import REGISTRY
 
+from modstream.records import MAX_RECORD_BYTES, DeadLetter, Label, MediaInfo, Post, ReviewItem, encode
 from stream.delivery import LAST_RESORT_KEEP, is_permanent, send_all, write_outcomes
 from stream.pipeline import Outcome
-from stream.records import MAX_RECORD_BYTES, DeadLetter, Label, MediaInfo, Post, ReviewItem, encode
 from stream.worker import label_batch
 
 

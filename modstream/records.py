@@ -47,6 +47,12 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
+def parse_iso(value: str) -> datetime:
+    """An ISO 8601 time as an aware datetime (a naive one is UTC); ValueError if not ISO."""
+    parsed = datetime.fromisoformat(value)
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
 def _check_version(obj: dict[str, Any]) -> None:
     version = obj.get("v", SCHEMA_VERSION)
     if version != SCHEMA_VERSION:
@@ -267,7 +273,9 @@ class TaskDecision:
             raise RecordError("label", f"action {self.action!r} carries no label")
 
 
-def decide(action: str, labels: list[str], model_label: str | None, chosen: str | None = None) -> TaskDecision:
+def reviewer_decision(
+    action: str, labels: list[str], model_label: str | None, chosen: str | None = None
+) -> TaskDecision:
     """The label an action asserts for one task. `labels` is the task's label set, negative
     first. confirm: the model's label; not_violating: the negative label; correct: `chosen`,
     or for a binary task the label the model did not give."""

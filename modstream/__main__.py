@@ -1,0 +1,3 @@
+from modstream.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,30 @@
+"""What every role's command shares: the home folder, the usage error main() prints, and the
+model/registry options. argparse only: importing this loads no role."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+DEFAULT_HOME = Path(os.environ.get("MODSTREAM_HOME", "var"))
+
+
+class UsageError(Exception):
+    """A combination of options argparse cannot check; main() prints it and exits 2."""
+
+
+def registry_root(args: argparse.Namespace) -> Path:
+    return Path(args.registry) if args.registry else DEFAULT_HOME / "registry"
+
+
+def cache_root(args: argparse.Namespace) -> Path:
+    return Path(args.cache) if args.cache else DEFAULT_HOME / "cache"
+
+
+def add_common(p: argparse.ArgumentParser, *, cache: bool = True) -> None:
+    """`cache`: the command reads or writes the feature cache (serving commands do not)."""
+    p.add_argument("--registry", help="model registry folder (default var/registry)")
+    if cache:
+        p.add_argument("--cache", help="feature cache folder (default var/cache)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")

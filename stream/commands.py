@@ -1,0 +1,227 @@
+"""The serving side's commands: `modstream worker`, `produce`, `run`, `demo`, `classify`,
+`models`, plus `dlq` and `lag-exporter` (argparse only at module level; each command imports
+what it runs, and none of the worker's imports reaches `trainer/`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from modstream.options import DEFAULT_HOME, UsageError, add_common, cache_root, registry_root
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from models.registry import ModelRegistry
+
+    registry = ModelRegistry(registry_root(args))
+    if args.set_current:
+        # Roll forward or back: workers on `--model current` load it on their next start;
+        # `modstream retrain --publish-current` tells running workers now.
+        previous = registry.current()
+        registry.set_current(args.set_current)  # RegistryError (one line, exit 1) for an unknown version
+        print(f"CURRENT: {previous} -> {args.set_current}; announce it with `modstream retrain --publish-current`")
+        return 0
+    current = registry.current()
+    for version in registry.versions():
+        card = registry.card(version)
+        marker = "*" if version == current else " "
+        print(
+            f"{marker} {version}  {card.created_at}  macro-F1 {card.metrics.get('macro_f1')}  "
+            f"itm_auroc {card.metrics.get('itm_auroc')}"
+        )
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from stream.classify import classify_file
+
+    output = Path(args.output) if args.output else None
+    registry = registry_root(args)
+    Path(args.input).open("rb").close()  # a missing or unreadable input fails before the model loads
+    return classify_file(
+        Path(args.input), output, registry, args.model, args.device, args.allow_loopback_media, args.ocr
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from stream.demo import run_demo
+
+    return run_demo(registry_root(args), cache_root(args), DEFAULT_HOME)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from stream.device_pool import BatcherConfig
+    from stream.routing import RoutingPolicy
+    from stream.worker import WorkerSettings, run_worker
+
+    settings = WorkerSettings(
+        bootstrap=args.bootstrap,
+        redis_url=args.redis or None,
+        registry=registry_root(args),
+        model_version=args.model,
+        app_id=args.app_id,
+        web_host=args.web_host,
+        web_port=args.web_port,
+        max_batch=args.max_batch,
+        max_wait_s=args.max_wait,
+        devices=args.device,
+        allow_loopback_media=args.allow_loopback_media,
+        decode_threads=args.decode_threads,
+        decode_model_input=args.decode_model_input,
+        ocr=args.ocr,
+        policy=RoutingPolicy(
+            itm_threshold=args.itm_threshold,
+            min_itm_auroc=args.min_itm_auroc,
+            min_routing_lift=args.min_routing_lift,
+            min_itm_errors=args.min_itm_errors,
+            uncertainty_band=args.uncertainty_band,
+            use_card_policy=not args.no_card_policy,
+            review_cut=args.review_cut,
+        ),
+        batcher=BatcherConfig(max_batch=args.device_batch, max_delay_s=args.device_delay),
+        stop_grace_s=args.stop_grace,
+    )
+    # faust's Worker reads sys.argv; give it only the program name.
+    sys.argv = sys.argv[:1]
+    run_worker(settings, loglevel="info" if args.verbose else "warning")
+    return 0
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from modstream.manifest import read_manifest
+    from stream.producer import encode_posts, posts_from_jsonl, produce, synthetic_posts
+    from trainer.synthetic import write_synthetic
+
+    if args.input:
+        values = posts_from_jsonl(Path(args.input))
+    else:
+        if not args.media_url:
+            raise UsageError("synthetic posts need --media-url URL (where their images are served) or --input FILE")
+        examples = read_manifest(write_synthetic(DEFAULT_HOME / "firehose", n=min(args.n, 2000), seed=7))
+        values = encode_posts(synthetic_posts(examples, args.media_url, args.n, repost_rate=args.repost_rate))
+    sent = asyncio.run(produce(args.bootstrap, args.topic, values, rate=args.rate))
+    print(f"produced {sent} posts to {args.topic}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from stream.local_run import RunOptions, run_local
+
+    opts = RunOptions(posts=args.posts, keep_stack=args.keep_stack, repost_rate=args.repost_rate)
+    return run_local(registry_root(args), cache_root(args), DEFAULT_HOME, opts)
+
+
+def _add_ocr(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ocr",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="read text inside images with Tesseract: auto = when the model was trained with it (its card says); "
+        "on = also for other models (the text then only goes to the Label record's ocr_text); off",
+    )
+
+
+def add_parsers(sub: Any) -> None:
+    """Register this role's subcommands on the `modstream` parser."""
+    p = sub.add_parser("models", help="list registered model versions (or move CURRENT)")
+    add_common(p)
+    p.add_argument("--set-current", metavar="VERSION", help="make VERSION the current model (roll forward or back)")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("classify", help="classify posts from a JSONL file (no Kafka)")
+    add_common(p)
+    p.add_argument("input")
+    p.add_argument("--output", help="JSONL of labels and dead letters (default: stdout)")
+    p.add_argument("--allow-loopback-media", action="store_true", help="fetch image URLs on 127.0.0.1 too")
+    _add_ocr(p)
+    p.add_argument("--model", default="current")
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("worker", help="run a stream worker (Faust) on the posts topic")
+    add_common(p, cache=False)
+    p.add_argument("--bootstrap", default="127.0.0.1:19092")
+    p.add_argument("--redis", default="redis://127.0.0.1:16379/0", help="Redis URL ('' to run without Redis)")
+    p.add_argument("--model", default="current")
+    p.add_argument("--app-id", default="modstream-worker", help="consumer group / Faust app id")
+    p.add_argument("--web-host", default="127.0.0.1", help="address of /metrics and /ready (0.0.0.0 in a container)")
+    p.add_argument("--web-port", type=int, default=6066, help="port of /metrics and /ready")
+    p.add_argument("--max-batch", type=int, default=64, help="posts per agent micro-batch")
+    p.add_argument("--max-wait", type=float, default=0.05, help="seconds to fill a micro-batch")
+    p.add_argument("--device-batch", type=int, default=0, help="model batch per device (0: 8 on CPU, 256 on GPU)")
+    p.add_argument("--device-delay", type=float, default=0.005)
+    p.add_argument(
+        "--stop-grace",
+        type=float,
+        default=20.0,
+        help="seconds from SIGTERM to exit whatever the worker waits on (0: wait for faust's own stop)",
+    )
+    p.add_argument("--allow-loopback-media", action="store_true", help="demo/tests: fetch media from 127.0.0.1")
+    p.add_argument(
+        "--decode-threads",
+        type=int,
+        default=0,
+        help="image decode threads (0: min(4, cores)); about 5 ms of CPU per photo, so raise it on a GPU host",
+    )
+    p.add_argument(
+        "--decode-model-input",
+        action="store_true",
+        help="GPU workers: the decode threads make each image the model's input, so batch preparation only "
+        "copies pixels (0.2x its CPU; reposts pay the resize)",
+    )
+    _add_ocr(p)
+    p.add_argument("--itm-threshold", type=float, help="override the card's ITM review threshold")
+    p.add_argument("--min-itm-auroc", type=float, default=0.6)
+    p.add_argument("--min-routing-lift", type=float, default=1.0)
+    p.add_argument(
+        "--min-itm-errors",
+        type=int,
+        default=20,
+        help="validation errors a routing-lift estimate needs before it may switch ITM routing off",
+    )
+    p.add_argument("--uncertainty-band", type=float, default=0.0)
+    p.add_argument(
+        "--review-cut",
+        type=float,
+        default=None,
+        help="replace the card's review policy cut (higher: fewer posts reviewed)",
+    )
+    p.add_argument(
+        "--no-card-policy",
+        action="store_true",
+        help="route by the ITM gate even when the card carries a review policy",
+    )
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("run", help="the whole pipeline locally: stack, model, media, producer, worker, summary")
+    add_common(p)
+    p.add_argument("--posts", type=int, default=500)
+    p.add_argument("--repost-rate", type=float, default=0.2)
+    p.add_argument("--keep-stack", action="store_true", help="leave Kafka and Redis running afterwards")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("produce", help="send sample posts to the posts topic")
+    p.add_argument("--bootstrap", default="127.0.0.1:19092")
+    p.add_argument("--topic", default="posts")
+    p.add_argument("--input", help="JSONL of posts to send as they are")
+    p.add_argument("--media-url", help="base URL serving the synthetic images")
+    p.add_argument("-n", type=int, default=1000)
+    p.add_argument("--rate", type=float, default=0.0, help="posts per second (0: unlimited)")
+    p.add_argument("--repost-rate", type=float, default=0.0)
+    p.set_defaults(func=cmd_produce)
+
+    p = sub.add_parser(
+        "demo",
+        help="train the default model on synthetic data if needed, then classify the bundled sample",
+    )
+    add_common(p)
+    p.set_defaults(func=cmd_demo)
+
+    from stream.dlq import add_parsers as add_dlq_parsers
+    from stream.lag_exporter import add_parsers as add_lag_exporter_parsers
+
+    add_dlq_parsers(sub)
+    add_lag_exporter_parsers(sub)
