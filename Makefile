@@ -47,7 +47,6 @@ test: lint typecheck unit
 
 bench: venv
 	$(PY) bench/forward_throughput.py
-	$(PY) bench/unfrozen_epoch.py
 
 bench-stream: venv
 	$(PY) bench/stream_throughput.py

@@ -16,7 +16,7 @@ quantile that reviews the budgeted share of posts. Kinds:
   nearest labelled training posts with the model's decision (models/neighbours.py; a post
   without one, e.g. a label cached before the model had an index, counts as `neighbour_fill`).
 - "combined": per task a logistic model of "the model is wrong on this post" over features
-  of the scores and ITM (fitted on validation by trainer/routing_eval.py); the review
+  of the scores and ITM (fitted on validation by studies/routing_eval.py); the review
   score is the expected number of wrong task decisions (sum) or the likeliest one (max).
 
 Pure numpy on arrays of posts; `score_post` is the one-post form the worker calls.

@@ -147,7 +147,7 @@ def keep_default_thresholds(cal: Calibration, val_labels: Mapping[str, Tensor], 
     calibrated probability, i.e. the most likely class, which class weighting in training
     already balances. On CM-Off subsets of 300, 600 and 1,046 posts (5 folds, 2 tasks) 0.5
     scored better than the tuned threshold in 14 of 24 cells, worse in 7, by +0.010
-    macro-F1 on average (bench/small_data_recipe.py). Returns those tasks."""
+    macro-F1 on average (studies/small_data_recipe.py). Returns those tasks."""
     kept = []
     for task in list(cal.thresholds):
         y = val_labels[task]
@@ -264,7 +264,7 @@ class FitResult:
     calibration: Calibration
     # What the card was measured on: the served model's validation outputs before the probes
     # were refitted on validation, and the validation posts' neighbour shares (an index of the
-    # training split). Benchmarks score review policies on them (trainer/routing_eval.py).
+    # training split). Benchmarks score review policies on them (studies/routing_eval.py).
     validation: EvalOutput | None = None
     validation_shares: dict[str, dict[str, np.ndarray]] | None = None
 

@@ -9,7 +9,7 @@ a ~45-post validation split (the one that also chose the head's checkpoint) is n
 favours the head: still -0.014 / -0.026 at 300. Serving the mean of the two probabilities
 (the head's at its validation temperature), with the probe refitted on training +
 validation, was level with the bar: +0.001 / +0.001 at 300, +0.005 / -0.002 at 600, and
-needs no choice (notes in BENCHMARKS.md, bench/small_data_recipe.py).
+needs no choice (notes in BENCHMARKS.md, studies/small_data_recipe.py).
 
 The probe is fitted by sklearn and folded into an `nn.Linear` over the raw features
 (`MultimodalHead.probes`), so it is stored in the safetensors like every other weight;

@@ -2,7 +2,7 @@
 
 `routing_block` is what training calls to fill the card's `routing` section: the chosen
 policy fitted on the validation split, its review cut for the budget, and its curve.
-The comparison that chose the policy is trainer/routing_eval.py (bench/routing_policies.py).
+The comparison that chose the policy is studies/routing_eval.py (studies/routing_policies.py).
 This module imports nothing of trainer.fit / trainer.ablation, so fit() may import it.
 """
 

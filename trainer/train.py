@@ -51,7 +51,7 @@ class TrainConfig:
     # threshold 0.5); "task>itm" = the same, ties broken by ITM AUROC; "task+itm" = ITM AUROC
     # as one more term of the mean; "loss" = class-balanced validation cross-entropy;
     # "auroc" = mean validation task AUROC. "auto" = "task>itm" when the objective trains
-    # ITM, else "task". On CM-Off subsets (bench/small_data_recipe.py) "task+itm" let an ITM
+    # ITM, else "task". On CM-Off subsets (studies/small_data_recipe.py) "task+itm" let an ITM
     # AUROC that wanders near 0.5 carry training to epoch 25 at 600 posts, and "loss" /
     # "auroc" stopped at epoch 2-3 on some folds with a head that barely separated the
     # classes; "task" did best at 300 posts. On synthetic data the task saturates (F1 1.0

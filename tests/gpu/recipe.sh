@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 8's GPU measurements on CM-Off, in stages that each write to $OUT as they finish:
-#   1. routing on the whole-text-fine-tuned served model (bench/routing_policies.py
+#   1. routing on the whole-text-fine-tuned served model (studies/routing_policies.py
 #      --through-fit --unfreeze-text-layers all), 5 folds x 1 seed;
 #   2. the recipe grid: task frozen, task / task+ITC+ITM with the whole text encoder
 #      fine-tuned, and the loss-weight sweep (frozen encoders), 5 folds x 1 seed;
@@ -59,7 +59,7 @@ export MODSTREAM_CM_OFF_MEME="$DATA"
 
 routing() {  # $1 seeds, $2 seconds
   echo "== routing, whole text encoder fine-tuned, through fit, seeds $1 ($2 s)" | tee -a "$LOG"
-  timeout "$2" "$PY" bench/routing_policies.py --through-fit --unfreeze-text-layers all --device "$DEVICE" \
+  timeout "$2" "$PY" studies/routing_policies.py --through-fit --unfreeze-text-layers all --device "$DEVICE" \
     --seeds "$1" --boot 500 --out "$OUT_DIR/routing_text_all_seeds$1.json" 2>&1 | tee -a "$LOG"
   echo "routing seeds $1 rc=${PIPESTATUS[0]} at $((SECONDS - start)) s" | tee -a "$LOG"
 }

@@ -109,6 +109,20 @@ def test_the_contract_imports_no_role_at_module_level() -> None:
     assert package_graph(module_level_only=True)["modstream"] & set(ROLES) == set()
 
 
+def test_product_code_never_imports_bench_or_studies() -> None:
+    offenders = []
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module]
+                offenders += [
+                    f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in ("bench", "studies")
+                ]
+    assert offenders == []
+
+
 def test_trainer_never_imports_stream_or_review() -> None:
     assert package_graph()["trainer"] & {"stream", "review"} == set()
 

@@ -7,9 +7,7 @@ import pytest
 
 from models.card import ModelCard
 from models.routing_policy import PolicyInputs, RoutingPolicySpec
-from tests.tiny import tiny_config, tiny_model
-from trainer.calibration import Calibration
-from trainer.routing_eval import (
+from studies.routing_eval import (
     SHIPPED_ROW,
     FoldOutputs,
     catch_stats,
@@ -21,6 +19,8 @@ from trainer.routing_eval import (
     run_splits,
     saved_runs,
 )
+from tests.tiny import tiny_config, tiny_model
+from trainer.calibration import Calibration
 from trainer.routing_fit import CHOSEN_POLICY, FALLBACK_POLICY, NEIGHBOUR_WEIGHT
 from trainer.train import EvalOutput, TrainConfig
 
@@ -123,7 +123,7 @@ def test_run_folds_trains_once_and_resumes(tmp_path, synthetic_small, monkeypatc
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was retrained")
 
-    monkeypatch.setattr("trainer.routing_eval.train", no_training)
+    monkeypatch.setattr("studies.routing_eval.train", no_training)
     again = run_folds(synthetic_small, tmp_path, folds=2, train_config=train_cfg, model_and_tokenizer=tiny_model(cfg))
     np.testing.assert_array_equal(again[1].test.logits["hate"], runs[1].test.logits["hate"])
     assert again[0].calibration.thresholds == runs[0].calibration.thresholds
@@ -180,7 +180,7 @@ def test_runs_through_fit_score_the_served_model_and_measure_its_card_policy(tmp
     def no_fit(*args, **kwargs):
         raise AssertionError("a finished run was refitted")
 
-    monkeypatch.setattr("trainer.routing_eval.fit_features", no_fit)
+    monkeypatch.setattr("studies.routing_eval.fit_features", no_fit)
     again = run_folds(synthetic_small, tmp_path, model_and_tokenizer=tiny_model(cfg), **kwargs)
     assert again[1].card_policy == runs[1].card_policy
     with pytest.raises(ValueError, match="another"):  # head-only runs never mix with served ones
@@ -192,7 +192,7 @@ def test_runs_through_fit_fine_tune_a_fresh_text_encoder_each_run(tmp_path, synt
 
     import torch
 
-    import trainer.routing_eval as routing_eval
+    import studies.routing_eval as routing_eval
 
     base, tokenizer = tiny_model(dataclasses.replace(tiny_config(), text_trainable_layers=-1))
     pretrained = {k: v.clone() for k, v in base.text_encoder.state_dict().items()}
@@ -225,7 +225,7 @@ def test_runs_through_fit_fine_tune_a_fresh_text_encoder_each_run(tmp_path, synt
 
 
 def test_itm_weight_is_fitted_only_where_weak_matches_hold_errors():
-    from trainer.routing_eval import fit_itm_weight
+    from studies.routing_eval import fit_itm_weight
 
     ev = _split(1500, 4)  # hate errors are the weak-match posts
     x, truth = policy_inputs(ev, CAL, ["hate", "sarcasm"])
@@ -249,7 +249,7 @@ def test_routing_block_leaves_out_a_task_without_validation_labels():
 
 
 def test_runs_made_under_another_config_are_refused(tmp_path, synthetic_small):
-    from trainer.routing_eval import check_runs_dir, runs_config
+    from studies.routing_eval import check_runs_dir, runs_config
 
     cfg = tiny_config()
     config = runs_config(synthetic_small, TrainConfig(epochs=1), cfg, 2, 0.15)
@@ -344,6 +344,6 @@ def test_runs_saved_without_neighbour_shares_get_them_without_retraining(tmp_pat
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was retrained")
 
-    monkeypatch.setattr("trainer.routing_eval.train", no_training)
+    monkeypatch.setattr("studies.routing_eval.train", no_training)
     again = run_folds(synthetic_small, tmp_path, folds=2, train_config=train_cfg, model_and_tokenizer=tiny_model(cfg))
     np.testing.assert_allclose(again[1].shares["val"]["image"]["sarcasm"], runs[1].shares["val"]["image"]["sarcasm"])

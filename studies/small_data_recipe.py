@@ -9,7 +9,7 @@ class-balanced logistic regression on the same frozen pooled features (text + im
 text only), fitted on the same subset. Folds are `trainer.ablation._fold_indices`; every
 method sees the same subsets, so differences are paired by (fold, size).
 
-    nice -n 5 .venv/bin/python bench/small_data_recipe.py [--folds 5] [--sizes 300 600 full]
+    nice -n 5 .venv/bin/python studies/small_data_recipe.py [--folds 5] [--sizes 300 600 full]
         [--methods default probe probe-text] [--label before] [--out var/bench/small_data_recipe.json]
 
 Frozen encoder outputs come from the content-hash cache (var/cache); each recipe run trains

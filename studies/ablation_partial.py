@@ -5,7 +5,7 @@ over the runs it has, each Δ paired on the (fold, seed) runs both rows share.
 runs.jsonl a cut-short grid leaves (resumable there, but not here when the encoders'
 weights differ, e.g. MiniLM restored from float16 on a GPU machine).
 
-    python bench/ablation_partial.py var/A-gpu [--posts 1308] [--folds 5]
+    python studies/ablation_partial.py var/A-gpu [--posts 1308] [--folds 5]
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ OCR of every image runs once and is cached next to the features (var/cache/ocr-*
 content hash. Note: CM-Off's `Text` column is itself the meme's OCR text (transcribed by the
 dataset's authors), so (b) adds a second, noisier reading of the same words.
 
-    nice -n 5 .venv/bin/python bench/ocr_cm_off.py [--folds 5] [--seeds 0] [--limit N]
+    nice -n 5 .venv/bin/python studies/ocr_cm_off.py [--folds 5] [--seeds 0] [--limit N]
         [--cache var/cache] [--out var/bench/ocr_cm_off]
 """
 
@@ -32,6 +32,7 @@ from typing import Any
 os.environ.setdefault("OMP_THREAD_LIMIT", "1")
 
 import torch
+from sample import require_sample  # a sibling module: studies/ is on sys.path when run as a script
 
 from models.config import ModelConfig
 from models.ocr import TesseractOcr
@@ -77,6 +78,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("var/cache"))
     parser.add_argument("--out", type=Path, default=Path("var/bench/ocr_cm_off"))
     args = parser.parse_args()
+    require_sample()  # skips clearly when the data is absent
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
     started = time.perf_counter()

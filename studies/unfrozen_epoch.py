@@ -8,7 +8,7 @@ Posts come from the CM-Off-Meme sample in ../shared when it is there (real capti
 otherwise from the synthetic generator (short captions; the script says which). The image
 encoder is frozen and cached in every row, so the rows differ only in the text path.
 
-    .venv/bin/python bench/unfrozen_epoch.py [--layers 2] [--posts 320] [--out var/bench/unfrozen_epoch.json]
+    .venv/bin/python studies/unfrozen_epoch.py [--layers 2] [--posts 320] [--out var/bench/unfrozen_epoch.json]
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ fold's validation split and applied to the test fold.
 Posts: the 1,308 CM-Off-Meme posts with an image (the sample ships no image for the
 other 713 rows); --with-text-only adds those as text-only posts.
 
-    nice -n 5 .venv/bin/python bench/routing_policies.py [--seeds 2] [--runs-dir DIR] [--out FILE.json]
+    nice -n 5 .venv/bin/python studies/routing_policies.py [--seeds 2] [--runs-dir DIR] [--out FILE.json]
         [--neighbour-sweep 0.5 1 2 3 4 6] [--through-fit [--neighbour-vote W]]
         [--unfreeze-text-layers N|all --device cuda] [--saved-only [--units 0/0,1/0]]
 
@@ -41,9 +41,12 @@ from typing import Any
 
 import torch
 
+# A sibling module: studies/ is on sys.path when run as a script.
+from routing_eval import compare, run_folds, saved_runs
+from sample import require_sample  # a sibling module: studies/ is on sys.path when run as a script
+
 from models.config import ModelConfig
 from trainer.importers import import_cm_off_meme
-from trainer.routing_eval import compare, run_folds, saved_runs
 from trainer.train import TrainConfig
 
 
@@ -143,6 +146,7 @@ def main() -> None:
         help="with --saved-only: only these fold/seed runs, e.g. 0/0,1/0,2/0 (a baseline on the same runs)",
     )
     args = parser.parse_args()
+    require_sample()  # skips clearly when the data is absent
     if args.units and not args.saved_only:
         parser.error("--units needs --saved-only")
     if args.neighbour_vote and not args.through_fit:

@@ -8,7 +8,7 @@ Posts come from the CM-Off-Meme sample in ../shared when it is there, otherwise 
 synthetic generator (the script says which). The text encoder is frozen and cached in every
 row, so the rows differ only in the image path. Run it single-threaded on a shared machine:
 
-    OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python bench/image_prefix_epoch.py [--blocks 2] [--posts 128]
+    OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python studies/image_prefix_epoch.py [--blocks 2] [--posts 128]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from unfrozen_epoch import (  # a sibling script: bench/ is on sys.path when run as a script
+from unfrozen_epoch import (  # a sibling script: studies/ is on sys.path when run as a script
     epoch_seconds,
     posts,
     print_epoch_table,

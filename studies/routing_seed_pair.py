@@ -8,8 +8,8 @@ and measure the lift over seed 0's errors (and the averaged model's, for its own
   disagreement          abs(p0 - p1), the ensemble's epistemic signal
   both                  averaged margin + disagreement (z-scored)
 
-    python bench/routing_seed_pair.py [--runs-dir var/bench/routing/runs-fit]
-(after bench/routing_policies.py --through-fit --seeds 2)
+    python studies/routing_seed_pair.py [--runs-dir var/bench/routing/runs-fit]
+(after studies/routing_policies.py --through-fit --seeds 2)
 """
 
 from __future__ import annotations
@@ -24,9 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# Sibling modules: studies/ is on sys.path when run as a script.
+from routing_eval import policy_inputs, saved_runs  # noqa: E402
+from sample import require_sample  # noqa: E402
+
 from models.config import ModelConfig  # noqa: E402
 from trainer.importers import import_cm_off_meme  # noqa: E402
-from trainer.routing_eval import policy_inputs, saved_runs  # noqa: E402
 
 
 def _lift(score: np.ndarray, wrong: np.ndarray, budget: float) -> float:
@@ -44,6 +47,7 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--budget", type=float, default=0.10)
     args = parser.parse_args()
+    require_sample()  # skips clearly when the data is absent
     examples = import_cm_off_meme().examples
     runs = saved_runs(
         examples,

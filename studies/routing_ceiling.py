@@ -2,8 +2,8 @@
 
 The issue's goal is a lift of 2.0 at a 10% review budget for both tasks; the shipped policy
 (margin + labelled-neighbour disagreement, summed over tasks) reaches 1.69 / 1.64
-(bench/routing_policies.py). This bench asks whether any use of the same signals gets there,
-on the same runs (the trained-run outputs bench/routing_policies.py keeps under --runs-dir;
+(studies/routing_policies.py). This bench asks whether any use of the same signals gets there,
+on the same runs (the trained-run outputs studies/routing_policies.py keeps under --runs-dir;
 run that first):
 
 - the shipped policy's neighbour index varied: k = 5 and 20 instead of 10, and an index of
@@ -18,8 +18,8 @@ run that first):
   validation posts). Gradient boosting and logistic regression. It is an optimistic bound:
   no deployable policy over these signals has that much error data to learn from.
 
-    nice -n 5 .venv/bin/python bench/routing_ceiling.py [--runs-dir DIR] [--seeds 2] [--out FILE.json]
-        [--through-fit]   # the served model's runs (bench/routing_policies.py --through-fit)
+    nice -n 5 .venv/bin/python studies/routing_ceiling.py [--runs-dir DIR] [--seeds 2] [--out FILE.json]
+        [--through-fit]   # the served model's runs (studies/routing_policies.py --through-fit)
 
 Prints a table (variant x budget: pooled lift per task with 95% bootstrap intervals) and
 writes the JSON. Reads CM-Off from ../shared; skips with a message when it is absent.
@@ -41,6 +41,10 @@ from typing import Any
 
 import numpy as np
 import torch
+
+# A sibling module: studies/ is on sys.path when run as a script.
+from routing_eval import FoldOutputs, _bootstrap, catch_stats, policy_inputs, run_folds, run_splits
+from sample import require_sample  # a sibling module: studies/ is on sys.path when run as a script
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
@@ -53,10 +57,9 @@ from models.neighbours import NeighbourIndex
 from models.registry import build_model
 from models.routing_policy import BUDGETS, PolicyInputs, margin_uncertainty, review_cut
 from trainer.features import FeatureStore, build_features, load_inputs
-from trainer.importers import cm_off_meme_root, import_cm_off_meme
+from trainer.importers import import_cm_off_meme
 from trainer.neighbour_fit import pooled_features
 from trainer.probe import make_classifier
-from trainer.routing_eval import FoldOutputs, _bootstrap, catch_stats, policy_inputs, run_folds, run_splits
 from trainer.routing_fit import with_neighbours
 from trainer.train import label_tensors
 
@@ -198,7 +201,7 @@ def pooled(runs: Sequence[Run], scores: Sequence[Scores], budget: float, n_boot:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs-dir", default=None, help="bench/routing_policies.py's runs")
+    parser.add_argument("--runs-dir", default=None, help="studies/routing_policies.py's runs")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--cache", default="var/cache", help="encoded-feature cache")
@@ -208,15 +211,13 @@ def main() -> None:
     )
     parser.add_argument("--out", default=None, help="default var/bench/routing_ceiling[-fit].json")
     args = parser.parse_args()
-    if cm_off_meme_root() is None:
-        print("skipped: the CM-Off-Meme sample is not under ../shared/data", file=sys.stderr)
-        return
+    require_sample()  # skips clearly when the data is absent
     suffix = "-fit" if args.through_fit else ""
     runs_dir = Path(args.runs_dir or f"var/bench/routing/runs{suffix}")
     seeds = tuple(range(args.seeds))
     if not all((runs_dir / f"fold{f}-seed{s}.npz").is_file() for f in range(args.folds) for s in seeds):
         sys.exit(
-            f"{runs_dir} lacks some of {args.folds} folds x {args.seeds} seeds: run bench/routing_policies.py first"
+            f"{runs_dir} lacks some of {args.folds} folds x {args.seeds} seeds: run studies/routing_policies.py first"
         )
 
     torch.set_num_threads(1)
