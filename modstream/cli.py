@@ -157,7 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     """Usage errors exit 2 (argparse's own and UsageError), user errors 1 with one line on
     stderr (the traceback only with -v); anything unexpected keeps its traceback."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(argv)
+    from modstream.settings import SettingsError
+
+    try:  # the options' defaults come from the settings (environment, secrets, config file)
+        parser = build_parser(argv)
+    except SettingsError as exc:
+        print(f"modstream: error: {exc}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,

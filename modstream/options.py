@@ -22,6 +22,26 @@ def cache_root(args: argparse.Namespace) -> Path:
     return Path(args.cache) if args.cache else DEFAULT_HOME / "cache"
 
 
+def add_kafka(p: argparse.ArgumentParser, help: str = "Kafka bootstrap servers") -> None:
+    """--bootstrap, defaulting to MODSTREAM_KAFKA_BOOTSTRAP (modstream.settings)."""
+    from modstream.settings import current
+
+    p.add_argument("--bootstrap", default=current().kafka_bootstrap, help=f"{help} (env MODSTREAM_KAFKA_BOOTSTRAP)")
+
+
+def add_redis(p: argparse.ArgumentParser, help: str = "Redis URL") -> None:
+    """--redis, defaulting to MODSTREAM_REDIS_URL (or the secrets folder, or the config file).
+    Pass a password through those, never as a flag: flags are visible in the process table."""
+    from modstream.settings import current
+
+    p.add_argument(
+        "--redis",
+        default=current().redis_url.get_secret_value(),
+        help=f"{help} (env MODSTREAM_REDIS_URL or a file of that name in MODSTREAM_SECRETS_DIR; not as a flag "
+        "when it holds a password)",
+    )
+
+
 def add_common(p: argparse.ArgumentParser, *, cache: bool = True) -> None:
     """`cache`: the command reads or writes the feature cache (serving commands do not)."""
     p.add_argument("--registry", help="model registry folder (default var/registry)")

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from modstream.options import add_kafka, add_redis
+
 DEFAULT_USERS = "var/review-users.json"
-DEFAULT_BOOTSTRAP = "127.0.0.1:19092"
-DEFAULT_REDIS = "redis://127.0.0.1:16379/0"
 
 
 def _read_password(args: argparse.Namespace, *, confirm: bool = True) -> str:
@@ -169,8 +169,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--ops-port", type=int, default=0, help="also serve /healthz and /metrics without auth here")
-    p.add_argument("--bootstrap", default=DEFAULT_BOOTSTRAP)
-    p.add_argument("--redis", default=DEFAULT_REDIS)
+    add_kafka(p)
+    add_redis(p, "Redis URL of the review queue")
     p.add_argument("--topic", default="reviewed", help="Kafka topic for decisions")
     users_opt(p)
     p.add_argument("--claim-timeout", type=float, default=300.0, help="seconds before an abandoned claim is reclaimed")
@@ -207,13 +207,13 @@ def add_parsers(sub: Any) -> None:
     p = actions.add_parser("export-label-studio", help="write open review items as Label Studio tasks")
     p.add_argument("--out", required=True, help="tasks JSON file")
     p.add_argument("--config", help="labeling config XML (default: next to --out)")
-    p.add_argument("--redis", default=DEFAULT_REDIS)
+    add_redis(p, "Redis URL of the review queue")
     p.add_argument("--limit", type=int, default=10_000)
     p.set_defaults(func=cmd_export_label_studio)
 
     p = actions.add_parser("import-label-studio", help="read a Label Studio JSON export back as decisions")
     p.add_argument("source", help="Label Studio JSON export")
     p.add_argument("--reviewer", required=True, help="who annotated (recorded on the decisions)")
-    p.add_argument("--bootstrap", default=DEFAULT_BOOTSTRAP)
-    p.add_argument("--redis", default=DEFAULT_REDIS)
+    add_kafka(p)
+    add_redis(p, "Redis URL of the review queue")
     p.set_defaults(func=cmd_import_label_studio)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from modstream.options import add_kafka, add_redis
+
 
 def _settings(args: argparse.Namespace) -> Any:
     from review.kafka_sink import SinkSettings
@@ -47,7 +49,7 @@ def cmd_dataset_sink(args: argparse.Namespace) -> int:
 
 
 def _add_sink_options(p: argparse.ArgumentParser, topic: str, group: str, metrics_port: int) -> None:
-    p.add_argument("--bootstrap", default="127.0.0.1:19092", help="Kafka bootstrap servers")
+    add_kafka(p)
     p.add_argument("--topic", default=topic, help=f"topic to consume (default {topic})")
     p.add_argument("--group", default=group, help=f"consumer group (default {group})")
     p.add_argument("--dlq-topic", default="posts.dlq", help="dead-letter topic for malformed records")
@@ -60,7 +62,7 @@ def add_parsers(sub: Any) -> None:
     """Register this role's subcommands on the `modstream` parser."""
     p = sub.add_parser("review-sink", help="copy the review topic into the Redis review stream, once per post")
     _add_sink_options(p, "review", "modstream-review-sink", 6067)
-    p.add_argument("--redis", default="redis://127.0.0.1:16379/0", help="Redis URL of the review stream")
+    add_redis(p, "Redis URL of the review stream")
     p.set_defaults(func=cmd_review_sink)
 
     p = sub.add_parser("dataset-sink", help="turn reviewers' decisions (reviewed topic) into a labelled manifest")

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from modstream.options import DEFAULT_HOME, UsageError, add_common, cache_root, registry_root
+from modstream.options import DEFAULT_HOME, UsageError, add_common, add_kafka, add_redis, cache_root, registry_root
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -143,8 +143,8 @@ def add_parsers(sub: Any) -> None:
 
     p = sub.add_parser("worker", help="run a stream worker (Faust) on the posts topic")
     add_common(p, cache=False)
-    p.add_argument("--bootstrap", default="127.0.0.1:19092")
-    p.add_argument("--redis", default="redis://127.0.0.1:16379/0", help="Redis URL ('' to run without Redis)")
+    add_kafka(p)
+    add_redis(p, "Redis URL of the dedupe cache ('' to run without Redis)")
     p.add_argument("--model", default="current")
     p.add_argument("--app-id", default="modstream-worker", help="consumer group / Faust app id")
     p.add_argument("--web-host", default="127.0.0.1", help="address of /metrics and /ready (0.0.0.0 in a container)")
@@ -204,7 +204,7 @@ def add_parsers(sub: Any) -> None:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("produce", help="send sample posts to the posts topic")
-    p.add_argument("--bootstrap", default="127.0.0.1:19092")
+    add_kafka(p)
     p.add_argument("--topic", default="posts")
     p.add_argument("--input", help="JSONL of posts to send as they are")
     p.add_argument("--media-url", help="base URL serving the synthetic images")

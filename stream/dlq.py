@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from modstream.options import add_kafka
 from modstream.records import POST_STAGES
 
 STAGES = POST_STAGES  # the sinks' dead letters hold review items or decisions, never posts
@@ -259,7 +260,7 @@ def add_parsers(sub: Any) -> None:
         "Criteria combine with AND; with none, every dead letter is replayed. A post that dead-lettered "
         "more than once is sent once.",
     )
-    p.add_argument("--bootstrap", default="127.0.0.1:19092", help="Kafka bootstrap servers")
+    add_kafka(p)
     p.add_argument("--dlq-topic", default="posts.dlq", help="dead-letter topic to read (default posts.dlq)")
     p.add_argument("--to", default="posts", help="topic to send to (default posts)")
     p.add_argument("--stage", action="append", choices=STAGES, help="only this stage (repeatable)")

@@ -21,6 +21,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
+from modstream.options import add_kafka
 from stream.lag import LagMonitor
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,7 @@ def add_parsers(sub: Any) -> None:
         "lag-exporter",
         help="export every consumer group's lag from the broker (keeps going when a consumer is frozen or dead)",
     )
-    p.add_argument("--bootstrap", default="127.0.0.1:19092", help="Kafka bootstrap servers")
+    add_kafka(p)
     p.add_argument(
         "--group",
         action="append",

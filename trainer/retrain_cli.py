@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from modstream.options import DEFAULT_HOME as HOME
-from modstream.options import add_common
+from modstream.options import add_common, add_kafka
 
 
 def _positive_int(text: str) -> int:
@@ -48,7 +48,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--epochs", type=_positive_int, help="override the recipe's epochs")
     p.add_argument("--watch", action="store_true", help="keep checking every --interval seconds")
     p.add_argument("--interval", type=_non_negative_float, default=3600.0, help="seconds between checks (--watch)")
-    p.add_argument("--bootstrap", default="127.0.0.1:19092", help="Kafka for the model-updates message")
+    add_kafka(p, "Kafka for the model-updates message")
     p.add_argument("--no-publish", action="store_true", help="promote without publishing on model-updates")
     p.add_argument(
         "--publish-current", action="store_true", help="only re-send the current version on model-updates, then exit"

@@ -307,3 +307,16 @@ def test_images_copy_every_product_package_and_the_worker_target_drops_the_train
         assert text.rstrip().endswith("FROM runtime AS full")  # the default target keeps every role
     worker_image = by_kind("Deployment", "modstream-worker")["spec"]["template"]["spec"]["containers"][0]["image"]
     assert worker_image.endswith("modstream-gpu-worker:0.1.0")
+
+
+def test_no_address_or_secret_rides_on_a_command_line():
+    """Kafka and Redis come from the settings' environment (modstream/settings.py): a Redis URL
+    with a password in args would sit in the process table and in `kubectl describe`."""
+    for where, argv in modstream_commands():
+        assert "--redis" not in argv and "--bootstrap" not in argv, where
+    config = by_kind("ConfigMap")["data"]
+    assert config["MODSTREAM_KAFKA_BOOTSTRAP"]
+    redis = by_kind("Secret", "modstream-redis")["stringData"]
+    assert redis["MODSTREAM_REDIS_URL"].startswith("redis")
+    env = compose()["x-modstream"]["environment"]
+    assert {"MODSTREAM_KAFKA_BOOTSTRAP", "MODSTREAM_REDIS_URL"} <= set(env)

@@ -1,0 +1,72 @@
+"""Settings every role shares, from the environment, a secrets folder and a config file, so
+that nothing secret has to sit on a command line (the process table) or in a manifest's args.
+
+Precedence, highest first: a command-line flag; `MODSTREAM_<NAME>` in the environment; a file
+named `MODSTREAM_<NAME>` in `$MODSTREAM_SECRETS_DIR` (a mounted Kubernetes Secret, Docker
+secrets); the TOML file `$MODSTREAM_CONFIG`; the built-in default. pydantic-settings does the
+reading and validation; secrets are `SecretStr`, so printing the settings shows `**********`.
+
+    MODSTREAM_KAFKA_BOOTSTRAP   Kafka bootstrap servers            (127.0.0.1:19092)
+    MODSTREAM_REDIS_URL         Redis URL, may carry a password    (redis://127.0.0.1:16379/0)
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+CONFIG_ENV = "MODSTREAM_CONFIG"
+SECRETS_DIR_ENV = "MODSTREAM_SECRETS_DIR"
+
+
+class SettingsError(ValueError):
+    """A config file or setting that cannot be read; the message says which and why."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MODSTREAM_", extra="ignore", case_sensitive=False)
+
+    kafka_bootstrap: str = "127.0.0.1:19092"
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:16379/0")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources = [init_settings, env_settings, file_secret_settings]
+        config = os.environ.get(CONFIG_ENV)
+        if config:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config)))
+        return tuple(sources)
+
+
+def load() -> Settings:
+    """The settings as the environment says now (tests change it; roles read it once)."""
+    config = os.environ.get(CONFIG_ENV)
+    if config and not Path(config).is_file():
+        raise SettingsError(f"{CONFIG_ENV}={config}: no such file")
+    options: dict[str, Any] = {}
+    secrets = os.environ.get(SECRETS_DIR_ENV)
+    if secrets:
+        if not Path(secrets).is_dir():
+            raise SettingsError(f"{SECRETS_DIR_ENV}={secrets}: no such folder")
+        options["_secrets_dir"] = secrets
+    try:
+        return Settings(**options)
+    except Exception as exc:  # pydantic's ValidationError, a TOML syntax error
+        raise SettingsError(f"settings: {exc}") from exc
+
+
+@functools.cache
+def current() -> Settings:
+    return load()
