@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test-tools run demo test lint typecheck unit bench bench-stream bench-review ablate stack-up stack-down clean
+.PHONY: venv test-tools run review demo test lint typecheck unit bench bench-stream bench-review ablate stack-up stack-down clean
 
 venv: $(STAMP)
 
@@ -23,6 +23,11 @@ $(STAMP): pyproject.toml
 # The whole pipeline on this machine: Kafka + Redis, default model, media server, producer, worker.
 run: venv
 	$(VENV)/bin/modstream run
+
+# `make run`, then the review console on its stack with a demo reviewer (password printed once),
+# the posts' images served, until Ctrl-C.
+review: venv
+	$(VENV)/bin/modstream run --review
 
 # Offline only (no Kafka): classify the bundled sample posts.
 demo: venv

@@ -111,7 +111,18 @@ def cmd_produce(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from stream.local_run import RunOptions, run_local
 
-    opts = RunOptions(posts=args.posts, keep_stack=args.keep_stack, repost_rate=args.repost_rate)
+    opts = RunOptions(
+        posts=args.posts,
+        keep_stack=args.keep_stack,
+        repost_rate=args.repost_rate,
+        review=args.review,
+        bootstrap_port=args.kafka_port,
+        redis_port=args.redis_port,
+        web_port=args.web_port,
+        review_port=args.review_port,
+        exporter_port=args.exporter_port,
+        sink_port=args.sink_port,
+    )
     return run_local(registry_root(args), cache_root(args), DEFAULT_HOME, opts)
 
 
@@ -201,6 +212,18 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--posts", type=int, default=500)
     p.add_argument("--repost-rate", type=float, default=0.2)
     p.add_argument("--keep-stack", action="store_true", help="leave Kafka and Redis running afterwards")
+    p.add_argument(
+        "--review",
+        action="store_true",
+        help="then serve the review console on this run's stack with a demo reviewer (password printed once), "
+        "images shown, until Ctrl-C",
+    )
+    p.add_argument("--kafka-port", type=int, default=19092, help="the local stack's Kafka port")
+    p.add_argument("--redis-port", type=int, default=16379, help="the local stack's Redis port")
+    p.add_argument("--web-port", type=int, default=6066, help="the worker's /metrics port")
+    p.add_argument("--review-port", type=int, default=8080, help="the review console's port (--review)")
+    p.add_argument("--exporter-port", type=int, default=6070, help="the lag exporter's /metrics port")
+    p.add_argument("--sink-port", type=int, default=6067, help="the review sink's /metrics port")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("produce", help="send sample posts to the posts topic")

@@ -5,6 +5,11 @@ is registered (trained on synthetic posts the first time), serves synthetic medi
 loopback server, produces sample posts, runs a worker, shows live progress from the
 worker's /metrics and ends with a summary. The worker and the stack are stopped at the end
 (`--keep-stack` leaves Kafka and Redis running).
+
+`--review` (what `make review` does) then keeps everything up, media server included, and
+serves the review console on the run's stack with a demo admin whose password is printed
+once, so the items the run routed can be decided in a browser, images shown; Ctrl-C (or
+SIGTERM) stops it all.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -40,6 +47,10 @@ class RunOptions:
     mismatch_share: float = 0.1
     keep_stack: bool = False
     timeout_s: float = 600.0
+    review: bool = False  # then serve the console on the run's stack until interrupted
+    review_port: int = 8080
+    exporter_port: int = 6070
+    sink_port: int = 6067
 
 
 def _stack(command: str, opts: RunOptions) -> None:
@@ -72,6 +83,7 @@ def run_local(registry_root: Path, cache: Path, home: Path, opts: RunOptions) ->
     worker: subprocess.Popen[bytes] | None = None
     sink: subprocess.Popen[bytes] | None = None
     exporter: subprocess.Popen[bytes] | None = None
+    console: subprocess.Popen[bytes] | None = None
     try:
         registry = ModelRegistry(registry_root)
         version = ensure_default_model(registry, cache, home)
@@ -89,13 +101,15 @@ def run_local(registry_root: Path, cache: Path, home: Path, opts: RunOptions) ->
         # The review sink copies the `review` topic into the Redis stream reviewers claim from.
         sink = subprocess.Popen(
             [sys.executable, "-m", "modstream.cli", "review-sink",
-             "--bootstrap", f"127.0.0.1:{opts.bootstrap_port}", "--redis", f"redis://127.0.0.1:{opts.redis_port}/0"],
+             "--bootstrap", f"127.0.0.1:{opts.bootstrap_port}", "--redis", f"redis://127.0.0.1:{opts.redis_port}/0",
+             "--metrics-port", str(opts.sink_port)],
             cwd=REPO_ROOT, stdout=(home / "review-sink.log").open("wb"), stderr=subprocess.STDOUT,
         )  # fmt: skip
         # Both groups' lag from outside the consumers (deploy/prometheus/prometheus.yml scrapes :6070).
         exporter = subprocess.Popen(
             [sys.executable, "-m", "modstream.cli", "lag-exporter", "--bootstrap", f"127.0.0.1:{opts.bootstrap_port}",
-             "--group", "modstream-run=posts", "--group", "modstream-review-sink=review"],
+             "--group", "modstream-run=posts", "--group", "modstream-review-sink=review",
+             "--metrics-port", str(opts.exporter_port)],
             cwd=REPO_ROOT, stdout=(home / "lag-exporter.log").open("wb"), stderr=subprocess.STDOUT,
         )  # fmt: skip
         before = _wait_for_metrics(opts.web_port, worker)
@@ -107,9 +121,13 @@ def run_local(registry_root: Path, cache: Path, home: Path, opts: RunOptions) ->
         final = _follow(opts, worker, before, started)
         _summary(final, before, opts.posts, time.perf_counter() - started)
         _review_queue_summary(opts, int(final.get("review", 0) - before.get("review", 0)))
-        return 0 if _done(final, before) >= opts.posts else 1
+        ok = _done(final, before) >= opts.posts
+        if opts.review:
+            console = _serve_review(opts, home)
+            _wait_until_interrupted(console)
+        return 0 if ok else 1
     finally:
-        for process in (worker, sink, exporter):
+        for process in (console, worker, sink, exporter):
             if process is not None:
                 process.terminate()
                 try:
@@ -179,6 +197,61 @@ def _summary(now: dict[str, float], before: dict[str, float], total: int, second
     print("  labels are on the 'labels' topic; review items on 'review' and in the Redis stream modstream:review")
 
 
+DEMO_REVIEWER = "demo"
+
+
+def _serve_review(opts: RunOptions, home: Path) -> subprocess.Popen[bytes]:
+    """The console on the run's Redis and Kafka, with a fresh demo admin (a new random password
+    each run, printed once; the users file lives under the run's home) and the run's loopback
+    media server allowed, so the posts' images show."""
+    users = home / "run-review-users.json"
+    users.unlink(missing_ok=True)
+    password = secrets.token_urlsafe(12)
+    subprocess.run(
+        [sys.executable, "-m", "modstream", "review", "add-user", DEMO_REVIEWER, "--role", "admin",
+         "--password-stdin", "--users", str(users)],
+        input=password + "\n", text=True, check=True, cwd=REPO_ROOT, capture_output=True,
+    )  # fmt: skip
+    console = subprocess.Popen(
+        [sys.executable, "-m", "modstream", "review", "serve", "--port", str(opts.review_port),
+         "--users", str(users), "--bootstrap", f"127.0.0.1:{opts.bootstrap_port}",
+         "--redis", f"redis://127.0.0.1:{opts.redis_port}/0", "--allow-loopback-media"],
+        cwd=REPO_ROOT, stdout=(home / "review-console.log").open("wb"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if console.poll() is not None:
+            raise RuntimeError(f"the review console exited with {console.returncode}; see {home}/review-console.log")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{opts.review_port}/login", timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.3)
+    print(
+        f"\nreview console: http://localhost:{opts.review_port}/review  user {DEMO_REVIEWER}  password {password}"
+        "  (printed once; a new one each run)\n"
+        "decide the items routed above there; Ctrl-C stops the console, the worker and the stack",
+        flush=True,
+    )
+    return console
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _wait_until_interrupted(console: subprocess.Popen[bytes]) -> None:
+    """Until Ctrl-C, SIGTERM or the console's exit; the caller's `finally` stops everything."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        while console.poll() is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("stopping", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _review_queue_summary(opts: RunOptions, routed: int, timeout_s: float = 30.0) -> None:
     """Waits briefly for the review sink to copy this run's review items into Redis."""
     import redis
@@ -192,7 +265,10 @@ def _review_queue_summary(opts: RunOptions, routed: int, timeout_s: float = 30.0
             if length >= routed:
                 break
             time.sleep(0.5)
-        print(f"  review queue (Redis stream modstream:review): {length} items; see them with `modstream review serve`")
+        print(
+            f"  review queue (Redis stream modstream:review): {length} items; decide them in a browser: "
+            "`make review` (this run again, then the console with a demo reviewer, images shown)"
+        )
     except redis.RedisError as exc:
         print(f"  review queue: Redis unavailable ({exc})")
     finally:
