@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from models.config import ModelConfig
-from models.routing_policy import RoutingPolicySpec
+from models.routing.policy import RoutingPolicySpec
 
 CARD_SCHEMA = 1
 
@@ -30,7 +30,7 @@ class ModelCard:
     P(positive label) >= threshold, where the positive label is the last in its label list.
     `itm` carries the match threshold for review routing and whether ITM was trained.
     `metrics` holds validation numbers, including `itm_auroc` and `routing_lift`.
-    `routing` is the review policy chosen at training (models/routing_policy.py: kind,
+    `routing` is the review policy chosen at training (models/routing/policy.py: kind,
     coefficients, review cut, the budget it was tuned for and its validated curve); empty
     on cards made before it existed, which route by the ITM gate as they always did."""
 

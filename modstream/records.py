@@ -208,6 +208,9 @@ class Label:
     dedupe_hit: bool = False
     labelled_at: str = field(default_factory=now_iso)
     ocr_text: str | None = None  # absent from records written before OCR: loads as None
+    # What routed it: {"policy": name, "source": "card" | "worker", "overrides": {option: value}}
+    # (models.routing.route.RoutingPolicy.provenance); None in records written before.
+    routing: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"v": SCHEMA_VERSION, **asdict(self)}

@@ -21,12 +21,12 @@ from models.devices import pick_device
 from models.images import MAX_BYTES, ImageError, content_hash
 from models.inference import Predictor
 from models.registry import ModelRegistry
+from models.routing.route import RoutingPolicy
 from modstream.records import encode
 from stream.device_pool import DevicePool
 from stream.media import FetchConfig, MediaFetcher, MediaResult, decode_and_read
 from stream.ocr import reader_for
 from stream.pipeline import Pipeline
-from stream.routing import RoutingPolicy
 
 BATCH = 64
 

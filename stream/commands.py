@@ -52,8 +52,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from models.routing.route import RoutingPolicy
     from stream.device_pool import BatcherConfig
-    from stream.routing import RoutingPolicy
     from stream.worker import WorkerSettings, run_worker
 
     settings = WorkerSettings(

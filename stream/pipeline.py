@@ -22,9 +22,9 @@ from PIL import Image
 from models.card import ModelCard
 from models.inference import Prediction
 from models.preprocess import PostText
+from models.routing.route import RoutingPolicy, route_scores
 from modstream.records import DeadLetter, Label, MediaInfo, Post, RecordError, ReviewItem, decode_json
 from stream import metrics
-from stream.routing import RoutingPolicy, route_scores
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ class Pipeline:
     cache: LabelCache | None = None
     _trusted: dict[str, bool] = field(default_factory=dict, init=False, repr=False)
     _namespaces: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+    _provenance: dict[str, dict[str, Any]] = field(default_factory=dict, init=False, repr=False)
 
     def cache_namespace(self, version: str) -> str:
         """The dedupe cache's key prefix for a model: its version plus a digest of its card.
@@ -84,6 +85,11 @@ class Pipeline:
             digest = hashlib.sha256(self.card_of(version).to_json().encode()).hexdigest()[:12]
             self._namespaces[version] = f"{version}-{digest}"
         return self._namespaces[version]
+
+    def provenance(self, version: str) -> dict[str, Any]:
+        if version not in self._provenance:
+            self._provenance[version] = self.policy.provenance(self.card_of(version))
+        return self._provenance[version]
 
     def itm_trusted(self, version: str) -> bool:
         if version not in self._trusted:
@@ -181,6 +187,7 @@ class Pipeline:
                 timings=timings,
                 dedupe_hit=hit,
                 ocr_text=media.ocr_text,
+                routing=self.provenance(version),
             )
             if hit:
                 metrics.DEDUPE_HITS.inc()

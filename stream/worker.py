@@ -26,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from models.card import ModelCard
 from models.inference import Predictor
 from models.registry import ModelRegistry
+from models.routing.route import RoutingPolicy
 from modstream.records import MAX_RECORD_BYTES
 from stream import metrics
 from stream.delivery import dead_letter_batch, write_outcomes
@@ -33,7 +34,6 @@ from stream.device_pool import BatcherConfig, DevicePool, visible_devices
 from stream.lag import LagMonitor
 from stream.pipeline import Pipeline
 from stream.redis_store import RedisStore
-from stream.routing import RoutingPolicy
 
 if TYPE_CHECKING:
     from stream.media import FetchConfig

@@ -55,7 +55,7 @@ from models.config import ModelConfig
 from models.losses import IGNORE_INDEX
 from models.neighbours import NeighbourIndex
 from models.registry import build_model
-from models.routing_policy import BUDGETS, PolicyInputs, margin_uncertainty, review_cut
+from models.routing.policy import BUDGETS, PolicyInputs, margin_uncertainty, review_cut
 from trainer.features import FeatureStore, build_features, load_inputs
 from trainer.importers import import_cm_off_meme
 from trainer.neighbour_fit import pooled_features

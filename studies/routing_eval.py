@@ -33,7 +33,7 @@ from models.card import json_safe
 from models.classifier import MultimodalModel
 from models.config import ModelConfig
 from models.registry import build_model
-from models.routing_policy import BUDGETS, PolicyInputs, RoutingPolicySpec, itm_only, review_cut, uncertainty
+from models.routing.policy import BUDGETS, PolicyInputs, RoutingPolicySpec, itm_only, review_cut, uncertainty
 from modstream.manifest import Example
 from trainer.ablation import _fold_indices, run_model
 from trainer.calibration import Calibration, calibrate

@@ -29,7 +29,7 @@ from models.config import ModelConfig
 from models.devices import pick_device  # re-exported: trainer modules import it from here
 from models.losses import IGNORE_INDEX
 from models.registry import build_model
-from models.routing_gate import GateFloors, decide_itm_routing
+from models.routing.gate import GateFloors, decide_itm_routing
 from modstream.manifest import Example
 from trainer.calibration import Calibration, calibrate, score
 from trainer.curves import write_curves

@@ -1,4 +1,4 @@
-"""Fitting the review policy a model card ships (models/routing_policy.py) on validation.
+"""Fitting the review policy a model card ships (models/routing/policy.py) on validation.
 
 `routing_block` is what training calls to fill the card's `routing` section: the chosen
 policy fitted on the validation split, its review cut for the budget, and its curve.
@@ -19,8 +19,8 @@ import numpy as np
 from models.card import json_safe
 from models.losses import IGNORE_INDEX
 from models.neighbours import disagreement
-from models.routing_gate import MIN_ERRORS
-from models.routing_policy import (
+from models.routing.gate import MIN_ERRORS
+from models.routing.policy import (
     BUDGETS,
     Combine,
     PolicyInputs,

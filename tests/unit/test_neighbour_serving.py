@@ -10,8 +10,8 @@ from models.inference import Predictor
 from models.neighbours import NeighbourIndex, disagreement
 from models.preprocess import ImagePreprocessor, TextPreprocessor
 from models.registry import NEIGHBOURS_FILE, ModelRegistry, RegistryError
-from models.routing_policy import NEIGHBOURS_DISAGREE, RoutingPolicySpec
-from stream.routing import RoutingPolicy, route, route_scores
+from models.routing.policy import NEIGHBOURS_DISAGREE, RoutingPolicySpec
+from models.routing.route import RoutingPolicy, route, route_scores
 from tests.tiny import tiny_model
 
 TEXTS = ["a cat on a mat", "the dog barks", "hello world", "memes everywhere"]

@@ -7,7 +7,7 @@ import pytest
 
 from models.losses import IGNORE_INDEX
 from models.neighbours import NeighbourIndex, disagreement
-from models.routing_policy import NEIGHBOURS_DISAGREE, PolicyInputs, RoutingPolicySpec, uncertainty
+from models.routing.policy import NEIGHBOURS_DISAGREE, PolicyInputs, RoutingPolicySpec, uncertainty
 
 TEXT_DIM = 4
 

@@ -8,9 +8,9 @@ from PIL import Image
 
 from models.card import ModelCard
 from models.inference import Prediction, TaskPrediction
+from models.routing.route import RoutingPolicy
 from modstream.records import Post, encode
 from stream.pipeline import Pipeline, dedupe_key
-from stream.routing import RoutingPolicy
 from tests.tiny import tiny_config
 
 CARD = ModelCard(
@@ -287,3 +287,23 @@ def test_the_ocr_text_reaches_the_classifier_and_the_label_and_a_failure_loses_n
     assert b.label is not None and b.dead_letter is None  # OCR failed: labelled without OCR text
     assert sorted(seen) == [("bare", None), ("caption", "IMG TEXT"), ("other", None)]
     assert json.loads(encode(a.label))["ocr_text"] == "IMG TEXT"
+
+
+def test_every_label_records_what_routed_it_and_a_worker_override():
+    raws = [_raw("r1", "weak pair", "http://m/a.png"), _raw("r2", "text only")]
+    labels = [o.label for o in asyncio.run(_pipeline().process(raws))]
+    assert all(label is not None for label in labels)
+    assert {json.dumps(label.routing, sort_keys=True) for label in labels if label} == {
+        json.dumps({"overrides": {}, "policy": "itm_gate", "source": "card"}, sort_keys=True)
+    }
+    overridden = Pipeline(
+        FakeClassifier(), FakeFetcher(), lambda version: CARD, RoutingPolicy(itm_threshold=0.95, uncertainty_band=0.1)
+    )
+    (outcome,) = asyncio.run(overridden.process([_raw("r3", "weak pair", "http://m/b.png")]))
+    assert outcome.label is not None
+    assert outcome.label.routing == {
+        "policy": "itm_gate",
+        "source": "worker",
+        "overrides": {"itm_threshold": 0.95, "uncertainty_band": 0.1},
+    }
+    assert json.loads(encode(outcome.label))["routing"]["source"] == "worker"

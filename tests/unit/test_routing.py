@@ -4,7 +4,7 @@ import pytest
 
 from models.card import ModelCard
 from models.inference import Prediction, TaskPrediction
-from stream.routing import WEAK_MATCH, RoutingPolicy, route
+from models.routing.route import WEAK_MATCH, RoutingPolicy, route
 from tests.tiny import tiny_config
 
 
@@ -92,7 +92,7 @@ def test_a_card_with_a_malformed_policy_is_refused_at_load():
 
 
 def test_stored_label_values_route_by_the_card_policy_after_a_json_round_trip():
-    from stream.routing import route_scores
+    from models.routing.route import route_scores
 
     card = ModelCard.from_dict(json.loads(ModelCard(config=tiny_config(), itm=GOOD, routing=CARD_POLICY).to_json()))
     near, far = {"hate": (0.55, 0.5)}, {"hate": (0.99, 0.5)}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from models.card import ModelCard
-from models.routing_policy import PolicyInputs, RoutingPolicySpec
+from models.routing.policy import PolicyInputs, RoutingPolicySpec
 from studies.routing_eval import (
     SHIPPED_ROW,
     FoldOutputs,

@@ -1,6 +1,6 @@
 """The ITM routing gate decides from evidence: a lift from a handful of errors is not a lift of 0."""
 
-from models.routing_gate import GateFloors, decide_itm_routing
+from models.routing.gate import GateFloors, decide_itm_routing
 
 BASE = {"trained": True, "threshold": 0.3, "auroc": 0.85, "auroc_ci": [0.8, 0.9]}
 

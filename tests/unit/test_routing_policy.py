@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from models.routing_policy import (
+from models.routing.policy import (
     LIKELY_ERROR,
     WEAK_MATCH,
     PolicyInputs,

@@ -1,19 +1,19 @@
 """Routing: which labelled posts a human should review, and why (pure logic).
 
 A card that carries a review policy (`card.routing`, chosen and validated at training, see
-models/routing_policy.py) routes by it: review when the policy's score reaches its cut.
+models/routing/policy.py) routes by it: review when the policy's score reaches its cut.
 A card without one (made before policies existed) routes as it always did: weak ITM match,
-when the ITM gate trusts the card's evidence (models/routing_gate.py)."""
+when the ITM gate trusts the card's evidence (models/routing/gate.py)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from models.card import ModelCard
 from models.inference import Prediction
-from models.routing_gate import MIN_ERRORS, GateFloors, decide_itm_routing
-from models.routing_policy import WEAK_MATCH, PolicyInputs
+from models.routing.gate import MIN_ERRORS, GateFloors, decide_itm_routing
+from models.routing.policy import WEAK_MATCH, PolicyInputs
 
 __all__ = ["WEAK_MATCH", "RouteDecision", "RoutingPolicy", "route", "route_scores"]
 
@@ -23,7 +23,7 @@ class RoutingPolicy:
     """The operator's overrides. `use_card_policy=False` ignores the card's review policy
     and routes by the ITM gate; `review_cut` replaces the card policy's cut (higher: fewer
     reviews). ITM routing (cards without a policy) is trusted only when the card's
-    validation evidence clears the floors below (models/routing_gate.py)."""
+    validation evidence clears the floors below (models/routing/gate.py)."""
 
     use_card_policy: bool = True
     review_cut: float | None = None
@@ -36,7 +36,7 @@ class RoutingPolicy:
     min_itm_errors: int = MIN_ERRORS  # validation errors before a lift estimate may count against ITM
 
     def itm_trusted(self, card: ModelCard) -> tuple[bool, str]:
-        """The card's evidence judged with this worker's floors (models/routing_gate.py)."""
+        """The card's evidence judged with this worker's floors (models/routing/gate.py)."""
         itm = {**card.itm, "threshold": self.threshold(card)}
         floors = GateFloors(self.min_itm_auroc, self.min_routing_lift, self.min_itm_errors)
         return decide_itm_routing(itm, floors)
@@ -69,6 +69,22 @@ class RoutingPolicy:
 
     def threshold(self, card: ModelCard) -> float | None:
         return self.itm_threshold if self.itm_threshold is not None else card.itm.get("threshold")
+
+    def overrides(self) -> dict[str, Any]:
+        """The options this worker sets away from the defaults (what the card alone would do)."""
+        defaults = RoutingPolicy()
+        return {
+            f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != getattr(defaults, f.name)
+        }
+
+    def provenance(self, card: ModelCard) -> dict[str, Any]:
+        """What routed a label, recorded on it: the policy's name, where it came from (`card`,
+        or `worker` when this process overrides it) and the overrides in force. A Label
+        routed under an operator's flags says so, so review rates and audits can be told apart."""
+        spec = card.routing_policy() if self.use_card_policy else None
+        name = card.routing.get("name", spec.kind) if spec is not None else "itm_gate"
+        overrides = self.overrides()
+        return {"policy": str(name), "source": "worker" if overrides else "card", "overrides": overrides}
 
 
 @dataclass
