@@ -73,7 +73,7 @@ async def enqueue(redis_url: str, post_ids: list[str]) -> None:
     store = RedisStore(redis_url)
     try:
         for post_id in post_ids:
-            assert await store.enqueue_review(item(post_id))
+            assert (await store.enqueue_review_many([item(post_id)]))[0]
     finally:
         await store.close()
 

@@ -254,6 +254,31 @@ class ReviewItem:
             raise RecordError("review_item", str(exc)) from exc
 
 
+@dataclass(frozen=True)
+class ModelUpdate:
+    """On `model-updates` (one ordered stream every worker reads): `version` became CURRENT in
+    the registry; `parent` is the version it replaced, `reason` retrain or republish."""
+
+    version: str
+    parent: str | None = None
+    reason: str = "retrain"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"v": SCHEMA_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, raw: bytes | str | dict[str, Any]) -> ModelUpdate:
+        obj = dict(raw) if isinstance(raw, dict) else decode_json(raw)
+        _check_version(obj)
+        version = _string(obj, "version", max_len=MAX_ID)
+        assert version is not None
+        if has_control(version) or "/" in version or version.startswith("."):
+            raise RecordError("version", "must be a plain version name (no path, no control characters)")
+        parent = _string(obj, "parent", max_len=MAX_ID, required=False)
+        reason = _string(obj, "reason", max_len=64, required=False) or "retrain"
+        return cls(version, parent, reason)
+
+
 # What a reviewer can do with each task of an item. Only confirm, correct and not_violating
 # produce a training label; skip and escalate never do.
 ACTIONS = ("confirm", "correct", "not_violating", "skip", "escalate")
@@ -400,5 +425,5 @@ def _json_size(text: str) -> int:
     return len(json.dumps(text, ensure_ascii=False).encode("utf-8", "surrogatepass"))
 
 
-def encode(record: Post | Label | ReviewItem | DeadLetter | ReviewDecision) -> bytes:
+def encode(record: Post | Label | ReviewItem | DeadLetter | ReviewDecision | ModelUpdate) -> bytes:
     return json.dumps(record.to_json(), ensure_ascii=False, separators=(",", ":")).encode()

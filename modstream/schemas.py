@@ -32,6 +32,7 @@ from modstream.records import (
     DeadLetter,
     Label,
     MediaInfo,
+    ModelUpdate,
     Post,
     ReviewDecision,
     ReviewItem,
@@ -47,6 +48,7 @@ TOPIC_RECORDS: dict[type, tuple[str, str]] = {
     ReviewItem: ("review-item", "review (keyed by post id); also the `item` field of the Redis review stream"),
     DeadLetter: ("dead-letter", "posts.dlq (keyed by post id when one could be read)"),
     ReviewDecision: ("review-decision", "reviewed (keyed by post id)"),
+    ModelUpdate: ("model-update", "model-updates (one partition, no key: every worker reads all of it)"),
 }
 NESTED = (MediaInfo, TaskDecision)
 

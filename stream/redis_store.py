@@ -59,16 +59,12 @@ class RedisStore:
         keys = [f"{self.prefix}:reviewed-once:{item.post_id}", self.review_stream]
         return keys, [item.post_id, encode(item), self.review_key_ttl_s]
 
-    async def enqueue_review(self, item: ReviewItem) -> bool:
-        """True when added now, False when this post was already queued. Raises RedisError
-        (or OSError) while Redis is unreachable: the caller decides whether to retry."""
-        keys, args = self._review_call(item)
-        return bool(await self._enqueue(keys=keys, args=args))
-
     async def enqueue_review_many(self, items: Sequence[ReviewItem]) -> list[bool]:
-        """`enqueue_review` for a batch in one round trip (a non-transactional pipeline, in
-        order). Each script call is atomic on its own, so a batch cut short by a failure is
-        simply retried whole: the items already added answer False the second time."""
+        """Per item: True when added now, False when its post was already queued. One round
+        trip (a non-transactional pipeline, in order). Each script call is atomic on its own,
+        so a batch cut short by a failure is simply retried whole: the items already added
+        answer False the second time. Raises RedisError (or OSError) while Redis is
+        unreachable: the caller decides whether to retry."""
         if not items:
             return []
         async with self.client.pipeline(transaction=False) as pipe:

@@ -11,7 +11,6 @@ redelivered batch (crash, rebalance) rewrites the same keys with the same conten
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import threading
@@ -27,7 +26,7 @@ from models.card import ModelCard
 from models.inference import Predictor
 from models.registry import ModelRegistry
 from models.routing.route import RoutingPolicy
-from modstream.records import MAX_RECORD_BYTES
+from modstream.records import MAX_RECORD_BYTES, ModelUpdate
 from stream import metrics
 from stream.delivery import dead_letter_batch, write_outcomes
 from stream.device_pool import BatcherConfig, DevicePool, visible_devices
@@ -331,8 +330,8 @@ async def follow_updates(settings: WorkerSettings, resources: Resources) -> None
             await catch_up_with_registry(settings, resources)
             async for message in consumer:
                 try:
-                    update = json.loads(message.value or b"{}")
-                    await resources.swap(str(update["version"]))
+                    update = ModelUpdate.from_json(message.value or b"")
+                    await resources.swap(update.version)
                 except Exception as exc:  # a bad update must not stop the worker
                     log.error("ignoring model update %r: %r", message.value, exc)
         except asyncio.CancelledError:

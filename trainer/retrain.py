@@ -38,6 +38,7 @@ from models.losses import IGNORE_INDEX
 from models.objectives import ObjectiveConfig
 from models.registry import CURRENT, CurrentMoved, ModelRegistry, RegistryError
 from modstream.manifest import Example, read_complete_lines, read_manifest
+from modstream.records import ModelUpdate
 from trainer import retrain_metrics as metrics
 from trainer.calibration import Calibration, score
 from trainer.features import FeatureStore, build_features, load_inputs
@@ -496,7 +497,7 @@ def _run(opts: RetrainOptions) -> RetrainOutcome:
             return outcome
         if opts.publisher is not None:
             try:
-                opts.publisher({"version": version, "parent": parent, "reason": "retrain"})
+                opts.publisher(ModelUpdate(version, parent, "retrain").to_json())
                 outcome.published = True
             except Exception as exc:
                 log.error("%s is CURRENT but its update could not be published on %s: %r", version, UPDATES_TOPIC, exc)

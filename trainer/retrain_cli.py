@@ -63,6 +63,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     import logging
 
     from models.registry import ModelRegistry
+    from modstream.records import ModelUpdate
     from trainer.retrain import (
         RetrainError,
         RetrainOptions,
@@ -78,7 +79,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         try:
             version = reg.resolve("current")
             parent = reg.card(version).training.get("parent_version")
-            kafka_publisher(args.bootstrap)({"version": version, "parent": parent, "reason": "republish"})
+            kafka_publisher(args.bootstrap)(ModelUpdate(version, parent, "republish").to_json())
         except Exception as exc:  # no model, unreadable card, Kafka down: say which, exit 1
             print(f"could not publish the current model: {exc!r}", file=sys.stderr)
             return 1

@@ -192,7 +192,7 @@ class Console:
         async def put() -> None:
             store = RedisStore(self.redis_url)
             try:
-                assert await store.enqueue_review(item)
+                assert (await store.enqueue_review_many([item]))[0]
             finally:
                 await store.close()
 

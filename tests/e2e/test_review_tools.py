@@ -66,7 +66,7 @@ def test_label_studio_round_trip_through_the_cli(stack: LocalStack, tmp_path: Pa
         store = RedisStore(redis_url)
         try:
             for post_id in posts:
-                assert await store.enqueue_review(review_item(post_id, f"text {post_id}", None))
+                assert (await store.enqueue_review_many([review_item(post_id, f"text {post_id}", None)]))[0]
         finally:
             await store.close()
         queue = ReviewQueue(aioredis.Redis.from_url(redis_url))

@@ -72,7 +72,7 @@ def test_promoted_candidate_publishes_its_version_on_model_updates(stack: LocalS
     assert ModelRegistry(home / "registry").current() == "v0002"
     records = _run(_records_since(stack.bootstrap, start))
     assert [(key, json.loads(value or b"")) for key, value in records] == [
-        (b"v0002", {"version": "v0002", "parent": "v0001", "reason": "retrain"})
+        (b"v0002", {"v": 1, "version": "v0002", "parent": "v0001", "reason": "retrain"})
     ]
 
 

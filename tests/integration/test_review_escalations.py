@@ -129,7 +129,7 @@ async def admin(redis_only: LocalStack, tmp_path: Path) -> AsyncIterator[Admin]:
     queue = ReviewQueue(aioredis.Redis.from_url(url))
     store = RedisStore(url)
     try:
-        assert await store.enqueue_review(_item("p-1"))
+        assert (await store.enqueue_review_many([_item("p-1")]))[0]
         await queue.ensure_group()
         claim = await queue.claim("alice")
         assert claim is not None

@@ -63,7 +63,7 @@ class Env:
     async def enqueue(self, n: int) -> list[str]:
         ids = [f"{self.prefix}-p{i:03d}" for i in range(n)]
         for post_id in ids:
-            assert await self.store.enqueue_review(_item(post_id))
+            assert (await self.store.enqueue_review_many([_item(post_id)]))[0]
         return ids
 
     async def close(self) -> None:

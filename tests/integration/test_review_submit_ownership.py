@@ -100,7 +100,7 @@ async def harness(redis_only: LocalStack, tmp_path: Path) -> AsyncIterator[Harne
     store = RedisStore(url)
     try:
         for post_id in ("p-1", "p-2"):
-            assert await store.enqueue_review(_item(post_id))
+            assert (await store.enqueue_review_many([_item(post_id)]))[0]
         assert console.config.claim_timeout_s == CLAIM_TIMEOUT
         yield Harness(client, producer, queue, tokens)
     finally:

@@ -106,3 +106,14 @@ def test_label_carries_the_ocr_text_and_older_records_still_load():
     old = json.loads(encode(label))
     del old["ocr_text"]  # written before OCR existed
     assert Label.from_json(json.dumps(old)).ocr_text is None
+
+
+def test_a_model_update_names_a_plain_version_and_refuses_paths_and_junk():
+    from modstream.records import ModelUpdate, RecordError, encode
+
+    update = ModelUpdate.from_json(encode(ModelUpdate("v0002", "v0001", "retrain")))
+    assert update == ModelUpdate("v0002", "v0001", "retrain")
+    assert ModelUpdate.from_json(b'{"version": "v0003"}').reason == "retrain"  # older messages carry no v
+    for bad in (b'{"version": "../../etc"}', b'{"version": "v1\\u0000"}', b'{"version": 7}', b"{}", b"[1]"):
+        with pytest.raises(RecordError):
+            ModelUpdate.from_json(bad)

@@ -159,7 +159,7 @@ def test_promoted_candidate_becomes_current_then_is_published_and_its_card_expla
     registry = ModelRegistry(home / "registry")
     assert registry.current() == "v0002" == outcome.version
     # Published once, after CURRENT already named the new version.
-    assert recorder.sent == [({"version": "v0002", "parent": "v0001", "reason": "retrain"}, "v0002")]
+    assert recorder.sent == [({"v": 1, "version": "v0002", "parent": "v0001", "reason": "retrain"}, "v0002")]
 
     card = registry.card("v0002")
     training, promotion = card.training, card.metrics["promotion"]
