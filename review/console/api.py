@@ -1,0 +1,159 @@
+"""The JSON API and the operations routes."""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from redis.exceptions import RedisError
+
+from modstream.records import RecordError
+from review.console.base import (
+    ClaimLostAfterProduce,
+    HandlerBase,
+    SettledElsewhere,
+    _ident,
+    _require_admin,
+    claim_decision_id,
+)
+from review.console.middlewares import _json_error
+from review.decisions import (
+    KafkaUnavailable,
+    build_decision,
+    choices_from_json,
+)
+from review.queue import NotClaimed, QueueError
+
+
+class ApiHandlers(HandlerBase):
+    """The JSON API (/api/v1, bearer tokens) and the operations routes (/healthz, /metrics)."""
+
+    async def api_claim(self, request: web.Request) -> web.StreamResponse:
+        claim = await self.c.queue.claim(_ident(request).user.name)
+        self.c.metrics.sync_queue(self.c.queue)
+        if claim is None:
+            return web.json_response({"item": None})
+        return web.json_response(claim.to_json())
+
+    async def api_item(self, request: web.Request) -> web.StreamResponse:
+        user = _ident(request).user
+        try:
+            claim = await self.c.queue.get_claimed(request.match_info["entry_id"], user.name, admin=user.is_admin)
+        except NotClaimed as exc:
+            return _json_error(404, str(exc))
+        return web.json_response(claim.to_json())
+
+    async def api_decision(self, request: web.Request) -> web.StreamResponse:
+        user = _ident(request).user
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _json_error(400, "body must be JSON")
+        try:
+            choices, note = choices_from_json(body)
+        except RecordError as exc:
+            return _json_error(400, str(exc))
+        try:
+            claim = await self.c.queue.get_claimed(request.match_info["entry_id"], user.name)
+        except NotClaimed as exc:
+            self.c.metrics.claims_lost.labels("submit").inc()
+            return _json_error(409, str(exc), recorded=False)
+        try:
+            decision = build_decision(claim.item, user.name, choices, note=note, decision_id=claim_decision_id(claim))
+        except RecordError as exc:
+            return _json_error(400, str(exc))
+        try:
+            await self._commit(claim, decision)
+        except ClaimLostAfterProduce as exc:
+            return _json_error(409, str(exc), recorded=True, decision_id=decision.decision_id)
+        except NotClaimed as exc:
+            return _json_error(409, str(exc), recorded=False)
+        except KafkaUnavailable as exc:
+            return _json_error(503, str(exc), retry=True)
+        return web.json_response({"decision": decision.to_json()}, status=201)
+
+    async def api_renew(self, request: web.Request) -> web.StreamResponse:
+        return await self._renew(request)
+
+    async def api_stats(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response((await self.c.stats()).to_json())
+
+    async def api_escalated(self, request: web.Request) -> web.StreamResponse:
+        _require_admin(request)
+        try:
+            count = max(1, min(1000, int(request.query.get("count", "100"))))
+        except ValueError:
+            return _json_error(400, "count must be an integer")
+        return web.json_response({"escalated": await self.c.queue.escalated(count)})
+
+    async def api_escalated_decide(self, request: web.Request) -> web.StreamResponse:
+        admin = _require_admin(request)
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _json_error(400, "body must be JSON")
+        if not isinstance(body, dict):
+            return _json_error(400, 'expected {"labels": {task: label or null}, "note"?}')
+        try:
+            decision = await self._decide_escalation(
+                request.match_info["esc_id"], admin.name, body.get("labels"), body.get("note")
+            )
+        except SettledElsewhere as exc:
+            return _json_error(409, str(exc), recorded=True)
+        except QueueError as exc:
+            return _json_error(404, str(exc), recorded=False)
+        except RecordError as exc:
+            return _json_error(400, str(exc))
+        except KafkaUnavailable as exc:
+            return _json_error(503, str(exc), retry=True)
+        return web.json_response({"decision": decision.to_json()}, status=201)
+
+    async def api_escalated_dismiss(self, request: web.Request) -> web.StreamResponse:
+        admin = _require_admin(request)
+        try:
+            await self._dismiss_escalation(request.match_info["esc_id"], admin.name)
+        except QueueError as exc:
+            return _json_error(404, str(exc))
+        return web.json_response({"dismissed": request.match_info["esc_id"]})
+
+    async def api_dead(self, request: web.Request) -> web.StreamResponse:
+        _require_admin(request)
+        try:
+            count = max(1, min(1000, int(request.query.get("count", "100"))))
+        except ValueError:
+            return _json_error(400, "count must be an integer")
+        return web.json_response({"dead_letters": await self.c.queue.dead_letters(count)})
+
+    async def api_dead_requeue(self, request: web.Request) -> web.StreamResponse:
+        _require_admin(request)
+        try:
+            new_id = await self.c.queue.requeue_dead(request.match_info["dead_id"])
+        except QueueError as exc:
+            return _json_error(404, str(exc))
+        return web.json_response({"entry_id": new_id})
+
+    async def api_dead_delete(self, request: web.Request) -> web.StreamResponse:
+        _require_admin(request)
+        try:
+            deleted = await self.c.queue.delete_dead(request.match_info["dead_id"])
+        except QueueError as exc:
+            return _json_error(404, str(exc))
+        return web.json_response({"deleted": deleted}, status=200 if deleted else 404)
+
+    async def healthz(self, request: web.Request) -> web.StreamResponse:
+        try:
+            await self.c.redis.ping()
+        except (RedisError, OSError):
+            return web.json_response({"status": "degraded", "redis": False}, status=503)
+        return web.json_response({"status": "ok", "redis": True})
+
+    async def metrics(self, request: web.Request) -> web.StreamResponse:
+        try:
+            await self.c.stats()
+        except (RedisError, OSError):
+            self.c.metrics.stats_unknown()
+        response = web.Response(body=generate_latest(self.c.metrics.registry))
+        response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+        return response

@@ -1,0 +1,285 @@
+"""What every group of handlers shares: small helpers and the operations on claims and
+escalations that a page and the API both perform."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+
+from modstream.records import RecordError, ReviewDecision, ReviewItem
+from review.auth import User
+from review.console.core import IDENTITY, Console, Identity
+from review.console.middlewares import _json_error, _wants_json
+from review.decisions import (
+    KafkaUnavailable,
+    build_decision,
+    item_tasks,
+    model_label,
+)
+from review.queue import Claim, NotClaimed, QueueError
+
+log = logging.getLogger(__name__)
+
+
+class ClaimLostAfterProduce(NotClaimed):
+    """The decision reached Kafka, but the submitter no longer held the item when it was to
+    be closed (the produce outlasted the claim timeout): the item stays with its new holder."""
+
+
+RENEW_FLOOR_MS = 250  # a heartbeat no more often than this, however short the claim timeout
+
+
+def renew_interval_ms(claim_timeout_s: float) -> int:
+    """Three heartbeats per claim timeout: two can be lost (a slow network, a throttled
+    background tab) before the claim lapses."""
+    return max(RENEW_FLOOR_MS, int(claim_timeout_s * 1000 / 3))
+
+
+LOST_TITLE = "Item reassigned"
+
+LOST_MESSAGE = (
+    "This item was reassigned to another reviewer (or closed) before your decision was saved: "
+    "your claim on it lapsed. Nothing was recorded for it."
+)
+
+LOST_AFTER_PRODUCE_MESSAGE = (
+    "Your decision was written to the decision log, but this item had been reassigned to another "
+    "reviewer before it could be closed; it stays with them, and the later decision is the one kept."
+)
+
+
+def claim_decision_id(claim: Claim) -> str:
+    """One id per claim: a submit retried after a Kafka timeout (whose first attempt may have
+    reached the topic after all) is recognised downstream as the same decision."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"modstream-review:{claim.entry_id}:{claim.reviewer}:{claim.deliveries}"))
+
+
+def _ident(request: web.Request) -> Identity:
+    ident: Identity = request[IDENTITY]
+    return ident
+
+
+def _require_admin(request: web.Request) -> User:
+    user = _ident(request).user
+    if not user.is_admin:
+        if _wants_json(request):
+            raise web.HTTPForbidden(text=json.dumps({"error": "admin role required"}), content_type="application/json")
+        raise web.HTTPForbidden(text="admin role required")
+    return user
+
+
+def _task_rows(claim: Claim, chosen: dict[str, tuple[str, str | None]] | None = None) -> list[dict[str, Any]]:
+    item = claim.item
+    rows = []
+    for index, (task, labels) in enumerate(item_tasks(item).items()):
+        value = (item.label.get("labels") or {}).get(task) or {}
+        action, label = (chosen or {}).get(task, ("", None))
+        rows.append(
+            {
+                "index": index + 1,
+                "name": task,
+                "labels": labels,
+                "model_label": model_label(item, task),
+                "score": value.get("score"),
+                "threshold": value.get("threshold"),
+                "decision": value.get("decision"),
+                "action": action,
+                "chosen": label,
+            }
+        )
+    return rows
+
+
+def _fmt_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class SettledElsewhere(QueueError):
+    """The admin's decision reached Kafka, but another admin settled or dismissed the
+    escalation during the produce: nothing more is changed in Redis."""
+
+
+def escalation_decision_id(escalation_id: str, admin: str) -> str:
+    """One id per (escalation, admin): a decide retried after a Kafka timeout is recognised
+    downstream as the same decision."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"modstream-escalation:{escalation_id}:{admin}"))
+
+
+def admin_choices(item: ReviewItem, labels: Any) -> dict[str, tuple[str, str | None]]:
+    """An admin's final labels (task -> label name, or empty / None for no label) as the
+    choices `build_decision` takes: the model's label is a confirm, the task's first
+    (negative) label not_violating, any other label a correction; no label a skip. RecordError
+    for a task or label the item does not have, or when nothing at all is labelled."""
+    if not isinstance(labels, Mapping):
+        raise RecordError("labels", "expected {task: label or null}")
+    tasks = item_tasks(item)
+    unknown = sorted(set(labels) - set(tasks))
+    if unknown:
+        raise RecordError("labels", f"unknown task(s) {', '.join(map(str, unknown))}; this item has {', '.join(tasks)}")
+    choices: dict[str, tuple[str, str | None]] = {}
+    for task, names in tasks.items():
+        chosen = labels.get(task)
+        if chosen is not None and not isinstance(chosen, str):
+            raise RecordError(f"labels.{task}", "must be a label name or null")
+        if not chosen:
+            choices[task] = ("skip", None)
+        elif chosen not in names:
+            raise RecordError(f"labels.{task}", f"{chosen!r} is not one of {names}")
+        elif chosen == model_label(item, task):
+            choices[task] = ("confirm", None)
+        elif chosen == names[0]:
+            choices[task] = ("not_violating", None)
+        else:
+            choices[task] = ("correct", chosen)
+    if all(action == "skip" for action, _ in choices.values()):
+        raise RecordError("labels", "choose a label for at least one task (or dismiss the escalation)")
+    return choices
+
+
+def _escalation_row(entry: dict[str, Any]) -> dict[str, Any]:
+    """What the escalations page shows of one entry; an unreadable item can only be dismissed."""
+    item: ReviewItem | None = None
+    error = ""
+    try:
+        item = ReviewItem.from_json(entry.get("item", ""))
+    except RecordError as exc:
+        error = f"unreadable item: {exc}"
+    tasks = []
+    if item is not None:
+        for task, names in item_tasks(item).items():
+            value = (item.label.get("labels") or {}).get(task) or {}
+            tasks.append(
+                {"name": task, "labels": names, "model_label": model_label(item, task), "score": value.get("score")}
+            )
+    try:
+        at_ms = int(entry.get("escalated_at", ""))
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at_ms / 1000))
+        age: float | None = max(0.0, time.time() - at_ms / 1000)
+    except ValueError:
+        when, age = "?", None
+    return {
+        "id": entry["id"],
+        "post_id": entry.get("post_id", ""),
+        "text": item.text if item else "",
+        "tasks": tasks,
+        "reviewer": entry.get("reviewer", ""),
+        "note": entry.get("note", ""),
+        "when": when,
+        "age": age,
+        "error": error,
+    }
+
+
+class HandlerBase:
+    """What the pages and the API share: the console's services and the operations on claims
+    and escalations that both a form and a JSON request perform."""
+
+    def __init__(self, console: Console) -> None:
+        self.c = console
+
+    async def _commit(self, claim: Claim, decision: ReviewDecision) -> None:
+        """The claim is renewed first (owner-checked: NotClaimed, nothing produced, if the
+        submitter lost it), so it cannot lapse during the produce. Then Kafka (acks=all,
+        awaited: every decision is on record), then Redis: a decision that labels something or
+        escalates ends the item (mark decided + XACK; an escalation is also copied to the
+        escalated stream for admins); one that only skips puts the item back in the queue for
+        another reviewer. Each Redis step checks the owner again: ClaimLostAfterProduce when the
+        item changed hands during the produce (nothing acked; it stays with its holder)."""
+        try:
+            await self.c.queue.hold(claim.entry_id, decision.reviewer)
+        except NotClaimed:
+            self.c.metrics.claims_lost.labels("submit").inc()
+            raise
+        try:
+            await self.c.producer.send(decision)
+        except KafkaUnavailable:
+            self.c.metrics.kafka_errors.inc()
+            raise
+        labels = any(label is not None for label in decision.training_labels().values())
+        try:
+            if decision.escalated:
+                await self.c.queue.escalate(claim.entry_id, decision.reviewer, decision.decision_id, decision.note)
+            if labels or decision.escalated:
+                await self.c.queue.complete(claim.entry_id, claim.item.post_id, decision.reviewer, decision.decision_id)
+            else:
+                await self.c.queue.release(claim.entry_id, decision.reviewer)
+        except NotClaimed as exc:
+            self.c.metrics.claims_lost.labels("close").inc()
+            log.warning("decision %s produced, but %s", decision.decision_id, exc)
+            raise ClaimLostAfterProduce(str(exc)) from exc
+        for task_decision in decision.decisions.values():
+            self.c.metrics.decisions.labels(task_decision.action).inc()
+        self.c.metrics.items_decided.inc()
+
+    async def _renew(self, request: web.Request) -> web.Response:
+        """The heartbeat: 200 while the caller holds the item (its idle clock reset), 409 once
+        it is lost (taken over, decided elsewhere, or never theirs); changes nothing then."""
+        user = _ident(request).user
+        entry_id = request.match_info["entry_id"]
+        interval = renew_interval_ms(self.c.config.claim_timeout_s)
+        if await self.c.queue.renew(entry_id, user.name):
+            self.c.metrics.renewals.inc()
+            return web.json_response({"held": True, "entry_id": entry_id, "renew_interval_ms": interval})
+        self.c.metrics.claims_lost.labels("renew").inc()
+        return _json_error(
+            409,
+            f"item {entry_id} is no longer claimed by {user.name}: it was reassigned or closed",
+            held=False,
+            next="/review",
+        )
+
+    async def _decide_escalation(self, escalation_id: str, admin: str, labels: Any, note: Any) -> ReviewDecision:
+        """The admin's final decision: checked, produced to Kafka (acks=all, awaited), then the
+        escalation settled in Redis. QueueError (gone), RecordError (bad choice) and
+        KafkaUnavailable change nothing."""
+        entry = await self.c.queue.escalation(escalation_id)
+        item = ReviewItem.from_json(entry.get("item", ""))
+        if note is not None and not isinstance(note, str):
+            raise RecordError("note", "must be a string")
+        choices = admin_choices(item, labels)
+        decision_id = escalation_decision_id(escalation_id, admin)
+        decision = build_decision(item, admin, choices, note=note, decision_id=decision_id)
+        try:
+            await self.c.producer.send(decision)
+        except KafkaUnavailable:
+            self.c.metrics.kafka_errors.inc()
+            raise
+        try:
+            await self.c.queue.settle_escalation(escalation_id, item.post_id, decision.decision_id, admin)
+        except QueueError as exc:
+            log.warning("decision %s produced, but %s", decision.decision_id, exc)
+            raise SettledElsewhere(
+                f"{exc}: another admin settled it while your decision was being saved; your decision "
+                f"{decision.decision_id} is on the decision log all the same"
+            ) from exc
+        for task_decision in decision.decisions.values():
+            self.c.metrics.decisions.labels(task_decision.action).inc()
+        self.c.metrics.escalations_settled.labels("decided").inc()
+        log.info("escalation %s (post %s) decided by %s: %s", escalation_id, item.post_id, admin, decision_id)
+        return decision
+
+    async def _dismiss_escalation(self, escalation_id: str, admin: str) -> None:
+        entry = await self.c.queue.escalation(escalation_id)
+        if not await self.c.queue.dismiss_escalation(escalation_id):
+            raise QueueError(f"no open escalation {escalation_id} (settled or dismissed already?)")
+        self.c.metrics.escalations_settled.labels("dismissed").inc()
+        # Warning level, so it is logged by default: a dismissal leaves no record on Kafka.
+        log.warning(
+            "escalation %s (post %s, escalated by %s) dismissed without a label by %s",
+            escalation_id,
+            entry.get("post_id", ""),
+            entry.get("reviewer", ""),
+            admin,
+        )

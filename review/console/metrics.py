@@ -1,0 +1,75 @@
+"""The console's Prometheus metrics, in a registry of its own."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from review.queue import QueueStats, ReviewQueue
+
+
+class Metrics:
+    """The console's own registry, so several apps in one process (tests) do not collide."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.decisions = Counter(
+            "modstream_review_decisions_total", "Task decisions written to Kafka, by action", ["action"], registry=r
+        )
+        self.items_decided = Counter("modstream_review_items_decided_total", "Review items decided", registry=r)
+        self.claims = Counter("modstream_review_claims_total", "New review items handed to a reviewer", registry=r)
+        self.reclaims = Counter(
+            "modstream_review_reclaims_total", "Abandoned claims taken over by another reviewer", registry=r
+        )
+        self.dead = Counter("modstream_review_dead_lettered_total", "Items moved to the dead-letter stream", registry=r)
+        self.renewals = Counter(
+            "modstream_review_renewals_total", "Claims renewed by their holder (page heartbeat or API)", registry=r
+        )
+        self.claims_lost = Counter(
+            "modstream_review_claims_lost_total",
+            "Requests refused because the caller did not hold the item: a renewal, a submit (nothing "
+            "recorded), or the close after the decision was produced (item left to its new holder)",
+            ["stage"],
+            registry=r,
+        )
+        self.kafka_errors = Counter(
+            "modstream_review_kafka_errors_total", "Decisions that could not be written to Kafka", registry=r
+        )
+        self.depth = Gauge("modstream_review_queue_depth", "Review entries not yet acknowledged", registry=r)
+        self.oldest = Gauge("modstream_review_oldest_item_age_seconds", "Age of the oldest open item", registry=r)
+        self.escalations_settled = Counter(
+            "modstream_review_escalations_settled_total",
+            "Escalated items settled by an admin: decided (a labelled decision written to Kafka) or dismissed",
+            ["outcome"],
+            registry=r,
+        )
+        self.dead_depth = Gauge(
+            "modstream_review_dead_letter_depth", "Items in the review dead-letter stream", registry=r
+        )
+        self.latency = Histogram(
+            "modstream_review_request_seconds",
+            "Console request latency by route",
+            ["route", "method"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self._seen = (0, 0, 0)
+
+    def sync_queue(self, queue: ReviewQueue) -> None:
+        events = queue.events
+        claims, reclaims, dead = events.claims, events.reclaims, events.dead_lettered
+        self.claims.inc(claims - self._seen[0])
+        self.reclaims.inc(reclaims - self._seen[1])
+        self.dead.inc(dead - self._seen[2])
+        self._seen = (claims, reclaims, dead)
+
+    def set_stats(self, stats: QueueStats) -> None:
+        self.depth.set(stats.depth)
+        self.oldest.set(stats.oldest_age_s or 0)
+        self.dead_depth.set(stats.dead_letters)
+
+    def stats_unknown(self) -> None:
+        """Redis did not answer: NaN, not the last value nor 0 (a queue depth of 0 while Redis
+        was down read as "all reviewed"). NaN compares false, so no queue alert fires on it."""
+        for gauge in (self.depth, self.oldest, self.dead_depth):
+            gauge.set(float("nan"))
