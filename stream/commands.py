@@ -17,11 +17,30 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     registry = ModelRegistry(registry_root(args))
     if args.set_current:
-        # Roll forward or back: workers on `--model current` load it on their next start;
-        # `modstream retrain --publish-current` tells running workers now.
+        # Roll forward or back: CURRENT moves, then running workers are told on model-updates
+        # (they follow CURRENT, so this update cannot be overtaken by an older one).
+        from modstream.records import ModelUpdate
+        from modstream.updates import kafka_publisher
+
         previous = registry.current()
         registry.set_current(args.set_current)  # RegistryError (one line, exit 1) for an unknown version
-        print(f"CURRENT: {previous} -> {args.set_current}; announce it with `modstream retrain --publish-current`")
+        print(f"CURRENT: {previous} -> {args.set_current}")
+        if args.no_publish:
+            print("not published: running workers switch on their next start or update")
+            return 0
+        reason = "rollback" if previous is not None and args.set_current < previous else "set-current"
+        try:
+            kafka_publisher(args.bootstrap, timeout_s=args.publish_timeout)(
+                ModelUpdate(args.set_current, previous, reason).to_json()
+            )
+        except Exception as exc:  # CURRENT has moved: say what is left to do, exit 1
+            print(
+                f"CURRENT moved, but the update was not published ({exc!r}); running workers keep their model "
+                "until `modstream retrain --publish-current` reaches Kafka",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"published on model-updates: running workers switch to {args.set_current}")
         return 0
     current = registry.current()
     for version in registry.versions():
@@ -140,7 +159,14 @@ def add_parsers(sub: Any) -> None:
     """Register this role's subcommands on the `modstream` parser."""
     p = sub.add_parser("models", help="list registered model versions (or move CURRENT)")
     add_common(p)
-    p.add_argument("--set-current", metavar="VERSION", help="make VERSION the current model (roll forward or back)")
+    p.add_argument(
+        "--set-current",
+        metavar="VERSION",
+        help="make VERSION the current model (roll forward or back) and tell running workers on model-updates",
+    )
+    add_kafka(p, "Kafka for the model-updates message (--set-current)")
+    p.add_argument("--no-publish", action="store_true", help="with --set-current: move CURRENT only")
+    p.add_argument("--publish-timeout", type=float, default=30.0, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("classify", help="classify posts from a JSONL file (no Kafka)")

@@ -289,15 +289,22 @@ def create_app(settings: WorkerSettings) -> tuple[faust.App, Resources]:
     return app, resources
 
 
-async def catch_up_with_registry(settings: WorkerSettings, resources: Resources) -> None:
-    """An update published before this worker subscribed is not delivered to it ("latest"),
-    but the retrain job moves CURRENT before it publishes: re-reading CURRENT once the
-    subscription's positions are fixed closes that gap."""
+async def follow_current(settings: WorkerSettings, resources: Resources, update: ModelUpdate | None = None) -> None:
+    """Serve the registry's CURRENT. An update message only says "look again": the version it
+    names may be older than CURRENT (updates from two retrain runs, or a rollback published
+    after a newer promotion), so the registry, not the message, decides; an older update
+    never replaces a newer model. Called once the subscription's positions are fixed too: an
+    update published before this worker subscribed is not delivered to it ("latest"), but
+    CURRENT moved before it was published."""
     if settings.model_version != "current":
-        return  # pinned to a version by the operator
+        if update is not None:
+            log.warning("pinned to %s: ignoring the update to %s", settings.model_version, update.version)
+        return
     current = resources.registry.current()
+    if update is not None and update.version != current:
+        log.warning("the update names %s but CURRENT is %s: following CURRENT", update.version, current)
     if current is not None and resources.card is not None and current != resources.card.version:
-        log.warning("registry moved to %s while this worker started; switching", current)
+        log.warning("switching to the registry's CURRENT, %s", current)
         await resources.swap(current)
 
 
@@ -327,13 +334,12 @@ async def follow_updates(settings: WorkerSettings, resources: Resources) -> None
         try:
             await consumer.start()
             await _fix_positions(consumer)
-            await catch_up_with_registry(settings, resources)
+            await follow_current(settings, resources)
             async for message in consumer:
                 try:
-                    update = ModelUpdate.from_json(message.value or b"")
-                    await resources.swap(update.version)
+                    await follow_current(settings, resources, ModelUpdate.from_json(message.value or b""))
                 except Exception as exc:  # a bad update must not stop the worker
-                    log.error("ignoring model update %r: %r", message.value, exc)
+                    log.error("ignoring model update %r: %r", (message.value or b"")[:200], exc)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -18,11 +18,9 @@ One run:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import fcntl
-import json
 import logging
 import threading
 from collections import Counter
@@ -39,6 +37,7 @@ from models.objectives import ObjectiveConfig
 from models.registry import CURRENT, CurrentMoved, ModelRegistry, RegistryError
 from modstream.manifest import Example, read_complete_lines, read_manifest
 from modstream.records import ModelUpdate
+from modstream.updates import UPDATES_TOPIC, Publisher
 from trainer import retrain_metrics as metrics
 from trainer.calibration import Calibration, score
 from trainer.features import FeatureStore, build_features, load_inputs
@@ -67,9 +66,7 @@ from trainer.reviewed import (
 from trainer.train import TrainConfig, evaluate_split, label_tensors
 
 log = logging.getLogger(__name__)
-UPDATES_TOPIC = "model-updates"
 HOLDOUTS = ("base", "reviewed")
-Publisher = Callable[[dict[str, Any]], None]
 Status = Literal["skipped", "promoted", "refused"]
 
 
@@ -262,28 +259,6 @@ def lineage_saw_base_holdout(
 
 
 # ------------------------------------------------------------------------------- publishing
-
-
-async def publish_update(
-    bootstrap: str, message: dict[str, Any], topic: str = UPDATES_TOPIC, timeout_s: float = 30
-) -> None:
-    """Send one update with acks=all and wait for the broker to confirm it."""
-    from aiokafka import AIOKafkaProducer
-
-    async with asyncio.timeout(timeout_s):
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", request_timeout_ms=int(timeout_s * 1000))
-        try:
-            await producer.start()
-            await producer.send_and_wait(topic, json.dumps(message).encode(), key=str(message["version"]).encode())
-        finally:
-            await producer.stop()
-
-
-def kafka_publisher(bootstrap: str, topic: str = UPDATES_TOPIC, timeout_s: float = 30) -> Publisher:
-    def publish(message: dict[str, Any]) -> None:
-        asyncio.run(publish_update(bootstrap, message, topic, timeout_s))
-
-    return publish
 
 
 # ------------------------------------------------------------------------------------ a run

@@ -64,11 +64,11 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
     from models.registry import ModelRegistry
     from modstream.records import ModelUpdate
+    from modstream.updates import kafka_publisher
     from trainer.retrain import (
         RetrainError,
         RetrainOptions,
         describe,
-        kafka_publisher,
         run_retrain,
         watch,
     )

@@ -12,9 +12,10 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from models.registry import ModelRegistry
+from modstream.updates import UPDATES_KEY, UPDATES_TOPIC, kafka_publisher
 from tests.integration.stack import LocalStack
 from tests.unit.test_retrain import home, options, seeded, write_reviewed
-from trainer.retrain import UPDATES_TOPIC, describe, kafka_publisher, run_retrain
+from trainer.retrain import describe, run_retrain
 
 pytestmark = pytest.mark.integration
 
@@ -72,7 +73,7 @@ def test_promoted_candidate_publishes_its_version_on_model_updates(stack: LocalS
     assert ModelRegistry(home / "registry").current() == "v0002"
     records = _run(_records_since(stack.bootstrap, start))
     assert [(key, json.loads(value or b"")) for key, value in records] == [
-        (b"v0002", {"v": 1, "version": "v0002", "parent": "v0001", "reason": "retrain"})
+        (UPDATES_KEY, {"v": 1, "version": "v0002", "parent": "v0001", "reason": "retrain"})
     ]
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
@@ -18,7 +20,7 @@ from modstream.records import encode
 from stream.producer import synthetic_posts
 from tests.integration.sink_harness import SinkProcess, stream_post_ids, wait_caught_up
 from tests.integration.stack import LocalStack
-from tests.integration.worker_harness import Worker, collect, produce
+from tests.integration.worker_harness import REPO_ROOT, Worker, collect, produce
 
 
 @pytest.fixture(scope="module")
@@ -183,32 +185,49 @@ def test_kill_9_mid_stream_loses_nothing(
             assert other["labels"] == first["labels"] and other["route"] == first["route"]
 
 
-def test_model_update_switches_versions_without_losing_posts(
+def test_model_update_switches_versions_without_losing_posts_and_follows_current(
     stack: LocalStack, worker: Worker, registry: Path, media: tuple[str, list]
 ) -> None:
+    """A promotion (CURRENT moves, then its update), then a stale update naming the old
+    version (two retrain runs' messages, reordered): the worker serves CURRENT and the late
+    update brings nothing back. Then a rollback with `modstream models --set-current`, which
+    publishes it: the worker returns to v0001. No post is lost or labelled twice."""
     from models.card import ModelCard
     from models.registry import ModelRegistry
+    from modstream.records import ModelUpdate
     from tests.tiny import tiny_model
 
     model, tokenizer = tiny_model(seed=1)
     card = ModelCard(
         config=model.config, itm={"trained": True, "auroc": 0.9, "routing_lift": {"hate": 1.5}, "threshold": 0.5}
     )
-    new_version = ModelRegistry(registry).save(model, tokenizer, card, make_current=False)
+    new_version = ModelRegistry(registry).save(model, tokenizer, card, make_current=True)
     values = _posts("swap-", 400, media)
     asyncio.run(produce(stack.bootstrap, "posts", values[:200]))
-    asyncio.run(produce(stack.bootstrap, "model-updates", [json.dumps({"version": new_version}).encode()]))
+    updates = [encode(ModelUpdate(new_version, "v0001")), encode(ModelUpdate("v0001", None, "retrain"))]
+    asyncio.run(produce(stack.bootstrap, "model-updates", updates, keys=[b"current", b"current"]))
     _labels(stack, "swap-", 200, timeout=120)
     deadline = time.monotonic() + 60
-    while new_version not in worker.metrics() and time.monotonic() < deadline:
+    while f'modstream_model_info{{version="{new_version}"}}' not in worker.metrics() and time.monotonic() < deadline:
         time.sleep(0.5)
     asyncio.run(produce(stack.bootstrap, "posts", values[200:]))
     labels = _labels(stack, "swap-", 400, timeout=120)
     ids = Counter(r["post_id"] for r in labels)
     assert len(ids) == 400 and max(ids.values()) == 1, worker.log_tail()
     late = [r for r in labels if int(r["post_id"].split("-")[-1]) >= 200]
-    assert {r["model_version"] for r in late} == {new_version}
+    assert {r["model_version"] for r in late} == {new_version}, "a stale update brought an older model back"
     assert {r["model_version"] for r in labels} <= {"v0001", new_version}
+
+    rollback = subprocess.run(
+        [sys.executable, "-m", "modstream", "models", "--registry", str(registry), "--set-current", "v0001",
+         "--bootstrap", stack.bootstrap],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert rollback.returncode == 0, rollback.stderr
+    deadline = time.monotonic() + 60
+    while 'modstream_model_info{version="v0001"}' not in worker.metrics() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert 'modstream_model_info{version="v0001"}' in worker.metrics(), worker.log_tail()
 
 
 def _produce_in_background(stack: LocalStack, values: list[bytes], rate: float) -> Any:

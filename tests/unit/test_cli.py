@@ -67,12 +67,26 @@ def test_models_set_current_rolls_back_and_refuses_unknown_versions(tmp_path, ca
     registry.save(model, tok, ModelCard(config=model.config))
     registry.save(model, tok, ModelCard(config=model.config))
     assert registry.current() == "v0002"
-    assert main(["models", "--registry", str(registry.root), "--set-current", "v0001"]) == 0
+    assert main(["models", "--registry", str(registry.root), "--set-current", "v0001", "--no-publish"]) == 0
     assert registry.current() == "v0001"
     assert "v0002 -> v0001" in capsys.readouterr().out
-    assert main(["models", "--registry", str(registry.root), "--set-current", "v0099"]) == 1
+    assert main(["models", "--registry", str(registry.root), "--set-current", "v0099", "--no-publish"]) == 1
     assert registry.current() == "v0001"
     assert "'v0099' not found" in capsys.readouterr().err
+
+
+def test_models_set_current_says_when_running_workers_were_not_told(tmp_path, capsys):
+    from tests.integration.stack import free_loopback_ports
+
+    model, tok = tiny_model()
+    registry = ModelRegistry(tmp_path / "registry")
+    registry.save(model, tok, ModelCard(config=model.config))
+    registry.save(model, tok, ModelCard(config=model.config))
+    (closed,) = free_loopback_ports(1)  # nothing listens: the publish fails
+    argv = ["models", "--registry", str(registry.root), "--set-current", "v0001", "--bootstrap", f"127.0.0.1:{closed}"]
+    assert main([*argv, "--publish-timeout", "3"]) == 1
+    assert registry.current() == "v0001"  # CURRENT moved; the message says the update is missing
+    assert "not published" in capsys.readouterr().err
 
 
 def test_error_lines_never_show_a_redis_password():

@@ -300,8 +300,8 @@ def test_a_failed_publish_leaves_the_promotion_in_place_and_is_counted(home):
 def test_kafka_publisher_raises_when_no_broker_answers():
     from aiokafka.errors import KafkaConnectionError
 
+    from modstream.updates import kafka_publisher
     from tests.integration.stack import free_loopback_ports
-    from trainer.retrain import kafka_publisher
 
     (port,) = free_loopback_ports(1)
     with pytest.raises(KafkaConnectionError, match="Unable to bootstrap"):
