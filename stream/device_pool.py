@@ -290,14 +290,20 @@ class DevicePool:
         (every post a cache hit would never reach a replica, and the swap would never land)."""
         if not self.replicas:
             return "unloaded"
-        replica = self.replicas[0]
-        return (replica._next or replica.predictor).version
+        return self.versions[0]
+
+    @property
+    def versions(self) -> list[str]:
+        """Per replica, the version its next batch is served by. They differ only for the
+        moment between a swap's load and its staging; lasting, it is a bug `healthy` reports."""
+        return [(r._next or r.predictor).version for r in self.replicas]
 
     @property
     def healthy(self) -> bool:
         """Every replica serves and the supervisor watches them."""
         supervised = self._supervisor is not None and not self._supervisor.done()
-        return supervised and bool(self.replicas) and all(r.healthy for r in self.replicas)
+        serving = bool(self.replicas) and all(r.healthy for r in self.replicas)
+        return supervised and serving and len(set(self.versions)) == 1
 
     @property
     def failure(self) -> str | None:
@@ -307,6 +313,8 @@ class DevicePool:
         reasons = [
             f"{r.predictor.device}: {r.failure or 'batch past its deadline'}" for r in self.replicas if not r.healthy
         ]
+        if len(set(self.versions)) > 1:
+            reasons.append(f"replicas serve different versions: {', '.join(self.versions)}")
         return "; ".join(reasons) or ("not started" if not self.replicas else "supervisor stopped")
 
     @staticmethod
@@ -346,7 +354,16 @@ class DevicePool:
         log.error("replica on %s is unhealthy (%s); rebuilding it", old.predictor.device, self.last_failure)
         # Stop the old batcher first so it takes nothing more from the queue it hands over.
         await old.close()
-        predictor = await asyncio.to_thread(self._build, self.factory, self.devices[index])
+        factory = self.factory
+        predictor = await asyncio.to_thread(self._build, factory, self.devices[index])
+        while self.factory is not factory:
+            # A swap finished while this replica was being built from the model it replaced:
+            # it staged the new model on the replica being retired, so build the new one here.
+            factory = self.factory
+            log.warning(
+                "a swap happened while the replica on %s was rebuilt; loading the new model", old.predictor.device
+            )
+            predictor = await asyncio.to_thread(self._build, factory, self.devices[index])
         replica = Replica(predictor, self.config, self._on_batch, queue=old.queue)
         replica.start()
         self.replicas[index] = replica

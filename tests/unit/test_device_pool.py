@@ -217,3 +217,55 @@ def test_pool_is_not_healthy_before_start_or_after_close():
         return before, running, pool.healthy
 
     assert asyncio.run(main()) == (False, True, False)
+
+
+def test_a_replica_rebuilt_while_a_swap_loads_serves_the_new_model():
+    """The race: the supervisor starts rebuilding a failed replica from the old factory; a swap
+    loads the new model meanwhile and stages it on the replica being retired. Before the fix
+    the rebuilt replica came up with the old model and kept serving it."""
+    import threading
+
+    release_rebuild = threading.Event()
+    old = _factory("v1")
+    builds: list[str] = []
+
+    def slow_old(device):
+        builds.append("v1")
+        if len(builds) > 1:  # the rebuild (not the start): wait until the swap has landed
+            release_rebuild.wait(10)
+        return old(device)
+
+    new = _factory("v2", seed=1)
+
+    async def main():
+        config = BatcherConfig(max_batch=2, max_delay_s=0.01, check_interval_s=0.05)
+        pool = DevicePool(slow_old, [torch.device("cpu")], config)
+        await pool.start()
+        pool.replicas[0].failure = "injected"
+        await _wait_until(lambda: len(builds) == 2)  # the rebuild from the old factory is under way
+        assert await pool.swap(new) == "v2"
+        release_rebuild.set()
+        await _wait_until(lambda: pool.healthy and pool.restarts == 1)
+        served = await pool.predict(["a", "b", "c"], [None, None, None])
+        versions = pool.versions
+        await pool.close()
+        return served, versions
+
+    served, versions = asyncio.run(main())
+    assert versions == ["v2"]
+    assert {r.model_version for r in served} == {"v2"}
+
+
+def test_replicas_on_different_versions_make_the_pool_unhealthy_and_say_so():
+    async def main():
+        pool = DevicePool(_factory("v1"), [torch.device("cpu"), torch.device("cpu")], BatcherConfig())
+        await pool.start()
+        assert pool.healthy and pool.versions == ["v1", "v1"]
+        pool.replicas[1].stage_swap(_factory("v2", seed=1)(torch.device("cpu")))  # one replica only
+        state = (pool.healthy, pool.failure, pool.versions)
+        await pool.close()
+        return state
+
+    healthy, failure, versions = asyncio.run(main())
+    assert healthy is False and versions == ["v1", "v2"]
+    assert "different versions: v1, v2" in (failure or "")
