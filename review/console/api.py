@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from aiohttp import web
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -17,6 +15,7 @@ from review.console.base import (
     _ident,
     _require_admin,
     claim_decision_id,
+    json_body,
 )
 from review.console.middlewares import _json_error
 from review.decisions import (
@@ -47,10 +46,9 @@ class ApiHandlers(HandlerBase):
 
     async def api_decision(self, request: web.Request) -> web.StreamResponse:
         user = _ident(request).user
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return _json_error(400, "body must be JSON")
+        body = await json_body(request)
+        if isinstance(body, web.Response):
+            return body
         try:
             choices, note = choices_from_json(body)
         except RecordError as exc:
@@ -90,12 +88,9 @@ class ApiHandlers(HandlerBase):
 
     async def api_escalated_decide(self, request: web.Request) -> web.StreamResponse:
         admin = _require_admin(request)
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return _json_error(400, "body must be JSON")
-        if not isinstance(body, dict):
-            return _json_error(400, 'expected {"labels": {task: label or null}, "note"?}')
+        body = await json_body(request)
+        if isinstance(body, web.Response):
+            return body
         try:
             decision = await self._decide_escalation(
                 request.match_info["esc_id"], admin.name, body.get("labels"), body.get("note")

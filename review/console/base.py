@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from modstream.records import RecordError, ReviewDecision, ReviewItem
+from modstream.records import RecordError, ReviewDecision, ReviewItem, decode_json
 from review.auth import User
 from review.console.core import IDENTITY, Console, Identity
 from review.console.middlewares import _json_error, _wants_json
@@ -25,6 +25,18 @@ from review.decisions import (
 from review.queue import Claim, NotClaimed, QueueError
 
 log = logging.getLogger(__name__)
+
+
+MAX_BODY_BYTES = 1024 * 1024  # the app's client_max_size too
+
+
+async def json_body(request: web.Request) -> dict[str, Any] | web.Response:
+    """The request's JSON object, or the 400 response to return: bounded in size and depth
+    (a body of 100,000 nested brackets made the stdlib parser raise RecursionError: a 500)."""
+    try:
+        return decode_json(await request.read(), max_bytes=MAX_BODY_BYTES)
+    except RecordError as exc:
+        return _json_error(400, f"body must be a JSON object: {exc.why}")
 
 
 class ClaimLostAfterProduce(NotClaimed):

@@ -175,3 +175,27 @@ async def test_a_claim_lost_during_the_produce_stays_with_its_new_holder(harness
     assert await harness.queue.owner(entry_id) == "bob"  # nothing acked: bob still holds it
     assert await harness.queue.client.get(harness.queue.decided_key("p-1")) is None
     assert await harness.metric('modstream_review_claims_lost_total{stage="close"}') == 1.0
+
+
+async def test_hostile_json_bodies_get_400_and_the_claim_stays(harness: Harness) -> None:
+    """A body of 100,000 nested brackets made the stdlib parser raise RecursionError (a 500);
+    a body deeper than the records' limit, not an object, not UTF-8 or not JSON: 400 each."""
+    alice = await harness.claim("alice")
+    path = f"/api/v1/items/{alice['entry_id']}/decision"
+    headers = {"Authorization": f"Bearer {harness.tokens['alice']}", "Content-Type": "application/json"}
+    bodies = {
+        "nested": b"[" * 100_000 + b"]" * 100_000,
+        "deep object": b'{"decisions":' + b'{"a":' * 200 + b"1" + b"}" * 201,
+        "array": b"[1, 2]",
+        "not utf-8": b'{"decisions": "\xff"}',
+        "not json": b"{decisions",
+    }
+    for name, raw in bodies.items():
+        async with harness.client.post(path, data=raw, headers=headers) as resp:
+            status, answer = resp.status, await resp.json()
+        assert status == 400, (name, status, answer)
+        assert "JSON object" in answer["error"], (name, answer)
+    assert harness.producer.sent == []
+    assert await harness.queue.owner(alice["entry_id"]) == "alice"  # still hers: decide properly now
+    status, body = await harness.call("POST", path, "alice", DECISION)
+    assert status == 201, body
