@@ -59,7 +59,9 @@ class ApiHandlers(HandlerBase):
             self.c.metrics.claims_lost.labels("submit").inc()
             return _json_error(409, str(exc), recorded=False)
         try:
-            decision = build_decision(claim.item, user.name, choices, note=note, decision_id=claim_decision_id(claim))
+            decision = build_decision(
+                claim.item, user.name, choices, note=note, decision_id=claim_decision_id(claim, choices, note)
+            )
         except RecordError as exc:
             return _json_error(400, str(exc))
         try:

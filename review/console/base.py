@@ -3,6 +3,7 @@ escalations that a page and the API both perform."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -66,10 +67,23 @@ LOST_AFTER_PRODUCE_MESSAGE = (
 )
 
 
-def claim_decision_id(claim: Claim) -> str:
-    """One id per claim: a submit retried after a Kafka timeout (whose first attempt may have
-    reached the topic after all) is recognised downstream as the same decision."""
-    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"modstream-review:{claim.entry_id}:{claim.reviewer}:{claim.deliveries}"))
+def decision_id_for(scope: str, choices: Mapping[str, tuple[str, str | None]], note: str | None) -> str:
+    """A decision's id from where it was made (`scope`) and what it says. An identical retry
+    after a Kafka timeout (whose first attempt may have reached the topic after all) gets the
+    same id, which the dataset sink recognises as a replay; a resubmit with other labels or
+    another note is a new decision, and being the later one, its labels win. (One id per
+    claim made the dataset keep the first labels of a corrected resubmit.)"""
+    content = json.dumps(
+        {"choices": sorted([task, action, label] for task, (action, label) in choices.items()), "note": note or ""},
+        sort_keys=True,
+        ensure_ascii=False,
+    )
+    digest = hashlib.sha256(content.encode()).hexdigest()
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"modstream-review:{scope}:{digest}"))
+
+
+def claim_decision_id(claim: Claim, choices: Mapping[str, tuple[str, str | None]], note: str | None) -> str:
+    return decision_id_for(f"{claim.entry_id}:{claim.reviewer}:{claim.deliveries}", choices, note)
 
 
 def _ident(request: web.Request) -> Identity:
@@ -123,10 +137,12 @@ class SettledElsewhere(QueueError):
     escalation during the produce: nothing more is changed in Redis."""
 
 
-def escalation_decision_id(escalation_id: str, admin: str) -> str:
-    """One id per (escalation, admin): a decide retried after a Kafka timeout is recognised
-    downstream as the same decision."""
-    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"modstream-escalation:{escalation_id}:{admin}"))
+def escalation_decision_id(
+    escalation_id: str, admin: str, choices: Mapping[str, tuple[str, str | None]], note: str | None
+) -> str:
+    """As `decision_id_for`, per (escalation, admin): an identical retry is the same decision,
+    a changed one a new decision."""
+    return decision_id_for(f"escalation:{escalation_id}:{admin}", choices, note)
 
 
 def admin_choices(item: ReviewItem, labels: Any) -> dict[str, tuple[str, str | None]]:
@@ -261,7 +277,7 @@ class HandlerBase:
         if note is not None and not isinstance(note, str):
             raise RecordError("note", "must be a string")
         choices = admin_choices(item, labels)
-        decision_id = escalation_decision_id(escalation_id, admin)
+        decision_id = escalation_decision_id(escalation_id, admin, choices, note)
         decision = build_decision(item, admin, choices, note=note, decision_id=decision_id)
         try:
             await self.c.producer.send(decision)

@@ -94,7 +94,9 @@ class ReviewerPages(HandlerBase):
         form = await request.post()
         choices, note = choices_from_form(form, list(item_tasks(claim.item)))
         try:
-            decision = build_decision(claim.item, user.name, choices, note=note, decision_id=claim_decision_id(claim))
+            decision = build_decision(
+                claim.item, user.name, choices, note=note, decision_id=claim_decision_id(claim, choices, note)
+            )
         except RecordError as exc:
             stats = await self.c.stats()
             return self._item_page(

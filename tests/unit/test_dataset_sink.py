@@ -262,3 +262,28 @@ def test_malformed_decisions_name_the_field(patch: dict, field: str) -> None:
 def test_unknown_decision_fields_are_ignored() -> None:
     obj = {**decision("d1", "p1").to_json(), "console_version": "2"}
     assert parse_decision(json.dumps(obj).encode()) == decision("d1", "p1")
+
+
+def test_a_changed_resubmit_on_one_claim_wins_and_an_identical_retry_stays_one_example() -> None:
+    """The console's decision ids (review.console.base.decision_id_for): one claim, a first
+    submit whose Kafka outcome was unknown, then the reviewer changes a label and submits
+    again. One id per claim made the sink call the second a replay and keep the first labels."""
+    from review.console.base import decision_id_for
+
+    scope = "1700000000000-0:alice:1"
+    first = {"hate": ("confirm", None), "sarcasm": ("not_violating", None)}
+    changed = {"hate": ("correct", "not_hateful"), "sarcasm": ("not_violating", None)}
+    id1, id2 = decision_id_for(scope, first, None), decision_id_for(scope, changed, None)
+    assert id1 == decision_id_for(scope, dict(reversed(list(first.items()))), None)  # same content, same id
+    assert id1 != id2 and id1 != decision_id_for(scope, first, "a note") != decision_id_for(
+        "other:alice:1", first, None
+    )
+    batch = [
+        decision(id1, "p1", decided_at="2026-11-28T10:00:00+00:00"),
+        decision(id1, "p1", decided_at="2026-11-28T10:00:01+00:00"),  # the identical retry
+        decision(id2, "p1", hate=("correct", "not_hateful"), decided_at="2026-11-28T10:00:05+00:00"),
+    ]
+    plan = plan_batch(batch, {})
+    assert plan.outcomes == ["added", "replayed", "replaced"]
+    assert plan.winners["p1"].decision_id == id2
+    assert plan.winners["p1"].training_labels()["hate"] == "not_hateful"
