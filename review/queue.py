@@ -103,9 +103,16 @@ _RELEASE = (
 local entries = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
 if #entries == 0 then return {-1, ''} end
 local flat = entries[1][2]
-local fields = {post_id = '', item = ''}
+local fields = {post_id = '', item = '', prior = '0'}
 for i = 1, #flat, 2 do fields[flat[i]] = flat[i + 1] end
-local new_id = redis.call('XADD', KEYS[1], '*', 'post_id', fields['post_id'], 'item', fields['item'])
+-- The new entry carries the deliveries of every entry before it, so an item every reviewer
+-- skips reaches the dead-letter stream after max_deliveries instead of cycling forever.
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+local delivered = 1
+if #pending > 0 then delivered = tonumber(pending[1][4]) end
+local prior = (tonumber(fields['prior']) or 0) + delivered
+local new_id = redis.call('XADD', KEYS[1], '*', 'post_id', fields['post_id'], 'item', fields['item'],
+  'prior', tostring(prior))
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 return {1, new_id}
 """
@@ -194,6 +201,14 @@ class QueueEvents:
     reclaims: int = 0
     dead_lettered: int = 0
     skipped_decided: int = 0
+
+
+def _int(value: Any) -> int:
+    """A stream field as a count (absent or unreadable: 0)."""
+    try:
+        return max(0, int(value))
+    except (TypeError, ValueError):
+        return 0
 
 
 def _str(value: Any) -> str:
@@ -341,9 +356,14 @@ class ReviewQueue:
         return None
 
     async def _accept(self, entry_id: str, fields: dict[str, str], reviewer: str, deliveries: int) -> Claim | None:
-        """A Claim for a delivered entry, or None after acking one that needs no review."""
+        """A Claim for a delivered entry, or None after acking one that needs no review.
+        `deliveries` counts this entry's; a skipped item's earlier entries add theirs (`prior`)."""
         if not fields:  # deleted from the stream while pending
             await self.client.xack(self.stream, self.group, entry_id)
+            return None
+        deliveries += _int(fields.get("prior"))
+        if deliveries > self.max_deliveries:
+            await self._dead_letter(entry_id, fields, deliveries, "max_deliveries")
             return None
         try:
             item = ReviewItem.from_json(fields.get("item", ""))
@@ -448,7 +468,8 @@ class ReviewQueue:
     async def release(self, entry_id: str, reviewer: str) -> str:
         """A skipped item goes back to the queue for another reviewer: a fresh entry at the end
         (XADD) and the old one acked, in one script, only if `reviewer` holds it (else
-        NotClaimed, nothing changed); no decided marker. Returns the new id."""
+        NotClaimed, nothing changed); no decided marker. The new entry keeps the count of
+        deliveries so far (`prior`), so skips count toward max_deliveries. Returns the new id."""
         status, value = await self._owned(self._release_script, entry_id, reviewer, [], [])
         if status == -1:
             raise QueueError(f"item {entry_id} is no longer in the review stream")

@@ -180,6 +180,28 @@ async def test_item_delivered_too_often_goes_to_the_dead_letter_stream(env: Env)
     assert await queue.dead_letters() == []
 
 
+async def test_an_item_every_reviewer_skips_reaches_the_dead_letter_stream(env: Env) -> None:
+    """A skip re-adds the item as a fresh entry; its deliveries so far travel with it, so it
+    is dead-lettered after max_deliveries instead of cycling forever (a fresh entry used to
+    start again at one delivery)."""
+    (post,) = await env.enqueue(1)
+    queue = env.queue(max_deliveries=3)
+    await queue.ensure_group()
+    seen = []
+    for reviewer in ("r1", "r2", "r3"):
+        claim = await queue.claim(reviewer)
+        assert claim is not None and claim.item.post_id == post, reviewer
+        seen.append(claim.deliveries)
+        await queue.release(claim.entry_id, reviewer)  # skip
+    assert seen == [1, 2, 3]
+    assert await queue.claim("r4") is None  # a fourth delivery > 3: dead-lettered
+    dead = await queue.dead_letters()
+    assert [d["post_id"] for d in dead] == [post] and dead[0]["reason"] == "max_deliveries"
+    assert dead[0]["deliveries"] == "4"
+    stats = await queue.stats()
+    assert stats.depth == 0 and stats.dead_letters == 1
+
+
 async def test_ack_only_after_the_decision(env: Env) -> None:
     posts = await env.enqueue(3)
     queue = env.queue()
