@@ -2,8 +2,8 @@
 
 Export (Label Studio's JSON import format): a list of tasks
 `{"id", "data": {"text", "image", "post_id"}, "meta": {...}, "predictions": [...]}`; `meta`
-carries the whole ReviewItem so an import needs nothing else, and `predictions` pre-fill
-the model's labels (Label Studio shows them as a starting point). The labeling config has
+carries the whole ReviewItem for reference, and `predictions` pre-fill the model's labels
+(Label Studio shows them as a starting point). The labeling config has
 one `<Choices name=TASK toName="text">` per task with the task's labels, a
 `<Choices name="review_flag">` with `escalate`, and a `<TextArea name="note">`.
 
@@ -11,9 +11,13 @@ Import (Label Studio's JSON export): for each task, the newest annotation that w
 cancelled; each `result[]` entry of type `choices` whose `from_name` is a task gives the
 label chosen. The label becomes an action the way the console would record it: the model's
 label -> confirm, the negative label -> not_violating, another label -> correct; a task
-left unanswered -> skip; `review_flag: escalate` -> escalate for every task. The decision id
-is derived from the Label Studio task and annotation ids, so importing a file twice gives
-the same ids (and the second time the posts are already decided and skipped).
+left unanswered -> skip; `review_flag: escalate` -> escalate for every task, and the item
+goes to the escalated stream for admins, as from the console. An annotation that chooses
+nothing is refused (the item stays queued). Only posts in the review queue are decided, and
+always from the queue's own copy of the item: a file's `meta` is never trusted (a forged task
+is refused). The decision id is derived from the Label Studio task and annotation ids, so
+importing a file twice gives the same ids (and the second time the posts are already decided
+and skipped).
 
 Note: Label Studio's browser loads `data.image` itself; the post URL is exported as is.
 """
@@ -277,15 +281,17 @@ async def import_export_file(source: Path, reviewer: str, *, bootstrap: str, red
                 break
             start = "(" + rows[-1][0]
         for one in annotated:
-            entry_id: str | None = None
-            item = one.item
-            if one.post_id in live:
-                entry_id, item = live[one.post_id]
-            if item is None:
-                report.errors.append(f"post {one.post_id}: not in the review stream and no meta.review_item")
-                continue
             if await client.exists(queue.decided_key(one.post_id)):
                 report.skipped.append(f"post {one.post_id}: already decided")
+                continue
+            if one.post_id not in live:
+                # Only what the queue holds can be decided, and only from the queue's own copy:
+                # the file's meta.review_item could be anything (a forged post, another image).
+                report.errors.append(f"post {one.post_id}: not in the review queue (never routed?): refused")
+                continue
+            entry_id, item = live[one.post_id]
+            if not one.escalate and not one.chosen:
+                report.errors.append(f"post {one.post_id}: the annotation chooses nothing: refused, still queued")
                 continue
             try:
                 decision = decision_for(one, item, reviewer)
@@ -293,6 +299,8 @@ async def import_export_file(source: Path, reviewer: str, *, bootstrap: str, red
                 report.errors.append(f"post {one.post_id}: {exc}")
                 continue
             await producer.send(decision)  # KafkaUnavailable ends the import here
+            if decision.escalated:
+                await queue.add_escalation(entry_id, item, reviewer, decision.decision_id, one.note)
             await queue.mark_decided(one.post_id, decision.decision_id, reviewer, entry_id=entry_id)
             report.imported.append(one.post_id)
     finally:

@@ -41,7 +41,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from modstream.records import RecordError, ReviewItem
+from modstream.records import RecordError, ReviewItem, encode
 
 STREAM = "modstream:review"
 GROUP = "reviewers"
@@ -486,6 +486,23 @@ class ReviewQueue:
         status, owner = await self._owned(self._escalate_script, entry_id, reviewer, [self.escalated_stream], args)
         if status != 1:
             raise NotClaimed(self._lost(entry_id, reviewer, owner) + "; nothing was escalated")
+
+    async def add_escalation(
+        self, entry_id: str, item: ReviewItem, reviewer: str, decision_id: str, note: str | None
+    ) -> str:
+        """An escalation decided outside the console (Label Studio), on the escalated stream with
+        the fields `escalate` writes, for admins to settle; the caller then marks the post
+        decided. Returns the escalation's id."""
+        fields = {
+            "post_id": item.post_id,
+            "item": encode(item).decode(),
+            "entry_id": entry_id,
+            "reviewer": reviewer,
+            "decision_id": decision_id,
+            "note": note or "",
+            "escalated_at": str(int(time.time() * 1000)),
+        }
+        return _str(await self.client.xadd(self.escalated_stream, fields))  # type: ignore[arg-type]
 
     async def escalated(self, count: int = 100) -> list[dict[str, Any]]:
         rows: Any = await self.client.xrevrange(self.escalated_stream, "+", "-", count=count)

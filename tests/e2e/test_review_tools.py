@@ -60,7 +60,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_label_studio_round_trip_through_the_cli(stack: LocalStack, tmp_path: Path) -> None:
     redis_url = f"redis://127.0.0.1:{stack.redis_port}/{LS_DB}"
     redis.Redis.from_url(redis_url).flushdb()
-    posts = [f"ls-{i}-{tmp_path.name[-8:]}" for i in range(3)]
+    # 0 and 2 annotated, 1 left alone, 3 escalated, 4 annotated with no choice at all.
+    posts = [f"ls-{i}-{tmp_path.name[-8:]}" for i in range(5)]
 
     async def setup() -> str:
         store = RedisStore(redis_url)
@@ -82,14 +83,29 @@ def test_label_studio_round_trip_through_the_cli(stack: LocalStack, tmp_path: Pa
     assert result.returncode == 0, result.stderr
     tasks = json.loads(out.read_text())
     assert [t["data"]["post_id"] for t in tasks] == posts
+    # A forged task: a post never routed, with a review item of its own making in meta.
+    forged_item = review_item(f"forged-{tmp_path.name[-8:]}", "<script>alert(1)</script>", "http://169.254.169.254/")
+    tasks.append({**tasks[0], "data": {**tasks[0]["data"], "post_id": forged_item.post_id},
+                  "meta": {"review_item": forged_item.to_json()}})  # fmt: skip
     config = ET.fromstring((tmp_path / "tasks.labeling-config.xml").read_text())
     assert {c.get("name") for c in config.iter("Choices")} == {"hate", "sarcasm", "review_flag"}
 
-    # What Label Studio exports after annotation (its ids, our data and meta): posts 0 and 2.
+    # What Label Studio exports after annotation (its ids, our data and meta): every post but 1.
     export = []
     for ls_id, task in enumerate(tasks, start=40):
         exported = {**task, "id": ls_id, "project": 2, "predictions": [], "drafts": []}
         exported["annotations"] = []
+        answers = [
+            {"id": "a1", "type": "choices", "from_name": "hate", "to_name": "text", "origin": "manual",
+             "value": {"choices": ["not_hateful"]}},
+            {"id": "a2", "type": "choices", "from_name": "sarcasm", "to_name": "text", "origin": "manual",
+             "value": {"choices": ["sarcastic"]}},
+        ]  # fmt: skip
+        if task["data"]["post_id"] == posts[3]:
+            answers = [{"id": "f", "type": "choices", "from_name": "review_flag", "to_name": "text",
+                       "origin": "manual", "value": {"choices": ["escalate"]}}]  # fmt: skip
+        if task["data"]["post_id"] == posts[4]:
+            answers = []
         if task["data"]["post_id"] != posts[1]:
             exported["annotations"] = [
                 {
@@ -102,24 +118,7 @@ def test_label_studio_round_trip_through_the_cli(stack: LocalStack, tmp_path: Pa
                     "lead_time": 4.2,
                     "task": ls_id,
                     "project": 2,
-                    "result": [
-                        {
-                            "id": "a1",
-                            "type": "choices",
-                            "from_name": "hate",
-                            "to_name": "text",
-                            "origin": "manual",
-                            "value": {"choices": ["not_hateful"]},
-                        },
-                        {
-                            "id": "a2",
-                            "type": "choices",
-                            "from_name": "sarcasm",
-                            "to_name": "text",
-                            "origin": "manual",
-                            "value": {"choices": ["sarcastic"]},
-                        },
-                    ],
+                    "result": answers,
                 }
             ]
         export.append(exported)
@@ -128,8 +127,12 @@ def test_label_studio_round_trip_through_the_cli(stack: LocalStack, tmp_path: Pa
 
     args = ("import-label-studio", str(export_path), "--reviewer", "ls-team")
     result = _cli(*args, "--bootstrap", stack.bootstrap, "--redis", redis_url)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "imported 2, skipped 1, errors 0" in result.stdout
+    assert result.returncode == 1, result.stdout + result.stderr  # errors were reported: exit 1
+    assert "imported 3, skipped 1, errors 2" in result.stdout, result.stdout
+    assert f"post {forged_item.post_id}: not in the review queue" in result.stdout
+    assert f"post {posts[4]}: the annotation chooses nothing" in result.stdout
+    escalated = read_decision(stack.bootstrap, posts[3])
+    assert {d.action for d in escalated.decisions.values()} == {"escalate"}
     for post_id in (posts[0], posts[2]):
         decision = read_decision(stack.bootstrap, post_id)
         assert decision.reviewer == "ls-team"
@@ -150,11 +153,21 @@ def test_label_studio_round_trip_through_the_cli(stack: LocalStack, tmp_path: Pa
         finally:
             await queue.client.aclose()
 
+    async def escalations() -> list[str]:
+        queue = ReviewQueue(aioredis.Redis.from_url(redis_url))
+        try:
+            return [e["post_id"] for e in await queue.escalated()]
+        finally:
+            await queue.client.aclose()
+
+    assert run_async(escalations()) == [posts[3]], "the escalation must reach the admins' stream"
     owner, seen = run_async(after())
     assert owner is None, "the imported pending item must be acked"
-    assert seen == [posts[1]], "only the post Label Studio left unannotated is still to review"
+    assert seen == [posts[1], posts[4]], "the unannotated post and the one with no choice are still to review"
+    assert forged_item.post_id not in seen
     again = _cli(*args, "--bootstrap", stack.bootstrap, "--redis", redis_url)
-    assert again.returncode == 0 and "imported 0" in again.stdout and again.stdout.count("already decided") == 2
+    # 0, 2 and 3 imported, 1 and 4 decided by bob above; the forged task is refused again.
+    assert again.returncode == 1 and "imported 0" in again.stdout and again.stdout.count("already decided") == 4
 
 
 def test_kafka_failure_keeps_the_claim_and_loses_nothing(start_console: Any) -> None:
