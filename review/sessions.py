@@ -84,45 +84,63 @@ class SessionStore:
 
 
 class LoginLimiter:
-    """At most `per_user` failed logins per name and `per_addr` per client in `window_s`.
-    Behind a reverse proxy every client shares the proxy's address: size `per_addr` for that
-    (the per-user limit is what stops password guessing against one account)."""
+    """Failed logins, limited per (name, client address), per address, and per name overall.
+
+    At most `per_user_addr` failures for one name from one address, `per_addr` from one address
+    for any names, and `per_user` for one name from all addresses together, in `window_s`. A
+    stranger guessing from one address is stopped after `per_user_addr` tries but cannot lock
+    the real reviewer out: their own address has its own count (a limit per name alone let five
+    wrong passwords from anyone keep a whole team out). Only attempts an address was still
+    allowed to make count toward the name's overall limit, so one address adds at most
+    `per_addr` to it: locking a name out everywhere takes `per_user / per_addr` addresses.
+    Behind a reverse proxy every client shares the proxy's address: size `per_addr` for that."""
 
     def __init__(
         self,
         client: aioredis.Redis,
         *,
         prefix: str = "modstream:review",
-        per_user: int = 5,
+        per_user_addr: int = 5,
         per_addr: int = 20,
+        per_user: int = 200,
         window_s: int = 900,
     ) -> None:
         self.client = client
         self.prefix = prefix
-        self.per_user = per_user
+        self.per_user_addr = per_user_addr
         self.per_addr = per_addr
+        self.per_user = per_user
         self.window_s = window_s
 
-    def _keys(self, user: str, addr: str) -> tuple[str, str]:
+    def _keys(self, user: str, addr: str) -> tuple[str, str, str]:
+        name = hashlib.sha256(user.encode()).hexdigest()[:32]
         return (
-            f"{self.prefix}:login-fail:user:{hashlib.sha256(user.encode()).hexdigest()[:32]}",
+            f"{self.prefix}:login-fail:user-addr:{name}:{addr}",
             f"{self.prefix}:login-fail:addr:{addr}",
+            f"{self.prefix}:login-fail:user:{name}",
         )
 
     async def attempt(self, user: str, addr: str) -> bool:
         """Counts this attempt before the password is checked, so parallel tries cannot all
         slip past a check made before any failure was recorded; False when over a limit."""
+        pair_key, addr_key, user_key = self._keys(user, addr)
         pipe = self.client.pipeline(transaction=True)
-        for key in self._keys(user, addr):
+        for key in (pair_key, addr_key):
             pipe.incr(key)
             pipe.expire(key, self.window_s, nx=True)
-        by_user, _, by_addr, _ = await pipe.execute()
-        return int(by_user) <= self.per_user and int(by_addr) <= self.per_addr
+        by_pair, _, by_addr, _ = await pipe.execute()
+        if int(by_pair) > self.per_user_addr or int(by_addr) > self.per_addr:
+            return False
+        pipe = self.client.pipeline(transaction=True)
+        pipe.incr(user_key)
+        pipe.expire(user_key, self.window_s, nx=True)
+        by_user, _ = await pipe.execute()
+        return int(by_user) <= self.per_user
 
     async def succeeded(self, user: str, addr: str) -> None:
-        """A good login clears the user's count and takes its own attempt off the address's."""
-        user_key, addr_key = self._keys(user, addr)
+        """A good login clears the name's counts and takes its own attempt off the address's."""
+        pair_key, addr_key, user_key = self._keys(user, addr)
         pipe = self.client.pipeline(transaction=True)
-        pipe.delete(user_key)
+        pipe.delete(pair_key, user_key)
         pipe.decr(addr_key)
         await pipe.execute()

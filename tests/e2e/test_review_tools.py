@@ -3,6 +3,8 @@ and the Label Studio round trip through the real CLI against real Kafka + Redis.
 
 from __future__ import annotations
 
+import functools
+import http.client
 import http.cookiejar
 import json
 import re
@@ -38,18 +40,39 @@ def _post_login(opener: urllib.request.OpenerDirector, port: int, user: str, pas
         return exc.code
 
 
-def test_login_is_rate_limited_per_user(start_console: Any) -> None:
-    console = start_console()
+class _FromAddress(urllib.request.HTTPHandler):
+    """Connects from another loopback address (127.0.0.0/8), as a second client would."""
+
+    def __init__(self, source: str) -> None:
+        super().__init__()
+        self.source = source
+
+    def http_open(self, req: Any) -> Any:
+        return self.do_open(functools.partial(http.client.HTTPConnection, source_address=(self.source, 0)), req)
+
+
+def _opener(source: str | None = None) -> urllib.request.OpenerDirector:
     jar = http.cookiejar.CookieJar()
     # The console sets Secure cookies; a plain-http client must be told to send them back.
     jar.set_policy(http.cookiejar.DefaultCookiePolicy(secure_protocols=("http", "https")))
-    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
-    for _ in range(5):
-        assert _post_login(opener, console.port, "carol", "wrong password!") == 401
-    # Sixth try: refused even with the right password until the window ends.
-    assert _post_login(opener, console.port, "carol", PASSWORD) == 429
-    # Other users are not locked out by carol's failures.
-    assert _post_login(opener, console.port, "bob", PASSWORD) == 200  # redirected to the (empty) queue
+    handlers: list[Any] = [urllib.request.HTTPCookieProcessor(jar)]
+    if source is not None:
+        handlers.append(_FromAddress(source))
+    return urllib.request.build_opener(*handlers)
+
+
+def test_failed_logins_stop_the_guesser_not_the_reviewer(start_console: Any) -> None:
+    console = start_console()
+    stranger = _opener()  # 127.0.0.1
+    codes = [_post_login(stranger, console.port, "carol", "wrong password!") for _ in range(50)]
+    assert codes[:5] == [401] * 5 and set(codes[5:]) == {429}
+    # Refused from the guesser's address even with the right password until the window ends...
+    assert _post_login(stranger, console.port, "carol", PASSWORD) == 429
+    # ...but carol, from her own address, logs in (a limit per name alone locked her out).
+    assert _post_login(_opener("127.0.0.2"), console.port, "carol", PASSWORD) == 200
+    # Other users are not locked out by carol's failures, except from the guesser's address,
+    # which has used up its attempts for every name.
+    assert _post_login(_opener("127.0.0.3"), console.port, "bob", PASSWORD) == 200
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
