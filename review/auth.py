@@ -202,10 +202,16 @@ class UserStore:
             raise AuthError(f"no user {name!r}")
         self._save()
 
-    def set_password(self, name: str, password: str) -> None:
+    def set_password(self, name: str, password: str) -> int:
+        """A new password ends everything the old one stood behind: sessions (their user
+        fingerprint changes) and API tokens (revoked here; a leaked token must not outlive the
+        password change it prompted). Returns the number of tokens revoked."""
         user = self._require(name)
         user.password_hash = hash_password(password)
+        revoked = len(user.tokens)
+        user.tokens = []
         self._save()
+        return revoked
 
     def set_role(self, name: str, role: str) -> None:
         user = self._require(name)

@@ -106,10 +106,10 @@ def cmd_set_password(args: argparse.Namespace) -> int:
         store = _users(args)
         if store.get(args.name) is None:
             raise AuthError(f"no user {args.name!r}")
-        store.set_password(args.name, _read_password(args))
+        revoked = store.set_password(args.name, _read_password(args))
     except AuthError as exc:
         return _fail(exc)
-    print(f"password of {args.name} changed")
+    print(f"password of {args.name} changed; sessions ended, {revoked} API token(s) revoked (issue new ones)")
     return 0
 
 

@@ -64,7 +64,10 @@ def test_short_password_and_duplicate_user_are_refused(store: UserStore) -> None
 
 def test_set_password_and_remove(store: UserStore) -> None:
     store.add("alice", "reviewer", PASSWORD)
-    store.set_password("alice", "another long password")
+    token = store.issue_token("alice")
+    assert store.user_for_token(token) is not None
+    assert store.set_password("alice", "another long password") == 1
+    assert store.user_for_token(token) is None  # a token must not outlive the password change
     assert store.authenticate("alice", PASSWORD) is None
     assert store.authenticate("alice", "another long password") is not None
     store.remove("alice")
