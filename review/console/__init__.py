@@ -9,7 +9,9 @@ Security model, in short:
   double-submit cookie); a missing or wrong token is 403. The API takes no cookies, so it
   needs no CSRF token.
 - Headers on every response: a CSP with no inline script or style (JS and CSS are static
-  files), frame-ancestors 'none' + X-Frame-Options DENY, Referrer-Policy no-referrer, nosniff.
+  files), frame-ancestors 'none' + X-Frame-Options DENY, Referrer-Policy same-origin (nothing leaves
+  the console; with no-referrer a browser sends `Origin: null` on its own forms), nosniff; a
+  POST whose Origin is another origin (another port included) is refused.
 - Post text is rendered by jinja2 with autoescape on; images only through /media (see
   media_proxy.py), and only to the reviewer who holds the item, or an admin.
 - A decision goes to Kafka (acks=all, awaited) before its Redis entry is acknowledged: when

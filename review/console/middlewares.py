@@ -87,6 +87,28 @@ def build_middlewares(console: Console) -> list[Any]:
         return response
 
     @web.middleware
+    async def same_origin(request: web.Request, handler: Handler) -> web.StreamResponse:
+        """A browser POST from another origin is refused before anything else looks at it.
+        Cookies do not separate ports, so a page on another port of the same host could plant
+        the login form's CSRF cookie with a token of its own and log the victim's browser in
+        as the attacker (login CSRF); browsers send Origin on every POST, and it names the
+        port. Requests without Origin (API clients, curl) keep their other checks."""
+        origin = request.headers.get("Origin")
+        changes = request.method not in ("GET", "HEAD", "OPTIONS")
+        if changes and origin is not None and (origin == "null" or urlsplit(origin).netloc != request.host):
+            log.warning("refused a %s to %s from origin %r", request.method, request.path, origin)
+            if _wants_json(request):
+                return _json_error(403, "cross-origin request refused")
+            return console.render(
+                request,
+                "error.html",
+                status=403,
+                title="Refused",
+                message="This form was sent from another site. Open the console's own page and try again.",
+            )
+        return await handler(request)
+
+    @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         if _is_public(request):
             return await handler(request)
@@ -114,4 +136,4 @@ def build_middlewares(console: Console) -> list[Any]:
                 )
         return await handler(request)
 
-    return [timing, headers, auth]
+    return [timing, headers, same_origin, auth]

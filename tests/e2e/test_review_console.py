@@ -107,7 +107,7 @@ def test_every_route_refuses_anonymous_requests(start_console: Any, tmp_path: Pa
         assert resp.status == 200
         csp = resp.headers["Content-Security-Policy"]
         assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp
-        assert resp.headers["X-Frame-Options"] == "DENY" and resp.headers["Referrer-Policy"] == "no-referrer"
+        assert resp.headers["X-Frame-Options"] == "DENY" and resp.headers["Referrer-Policy"] == "same-origin"
         assert resp.headers["X-Content-Type-Options"] == "nosniff"
 
 
@@ -326,3 +326,50 @@ def test_admin_requeues_a_dead_letter_from_the_page(browser: Any, start_console:
     assert shown_post_id(alice) == post_id
     alice.context.close()
     root.context.close()
+
+
+def test_a_page_on_another_port_cannot_log_the_browser_in_as_its_account(browser: Any, start_console: Any) -> None:
+    """Login CSRF by cookie tossing: cookies do not separate ports, so a page on another port
+    of the same host sets the login form's CSRF cookie to a token of its own and auto-submits
+    the login form with it and the attacker's credentials. The console refuses the cross-origin
+    POST (its Origin names the other port): the victim's browser stays logged out."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    console = start_console()
+    token = "attacker-chosen-token-0123456789abcdef"
+    page = f"""<!doctype html><form id=f method=post action="{console.url}/login">
+<input name=csrf_token value="{token}"><input name=username value=bob>
+<input name=password value="{PASSWORD}"></form><script>document.getElementById('f').submit()</script>"""
+
+    class Attacker(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = page.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Set-Cookie", f"modstream_login_csrf={token}; Path=/login")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Attacker)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    context = browser.new_context()
+    try:
+        victim = context.new_page()
+        statuses: list[int] = []
+        victim.on("response", lambda r: statuses.append(r.status) if r.url.endswith("/login") else None)
+        victim.goto(f"http://localhost:{server.server_address[1]}/")
+        victim.wait_for_load_state("networkidle")
+        assert 403 in statuses, statuses
+        assert "Refused" in victim.content()
+        victim.goto(f"{console.url}/review")
+        assert "/login" in victim.url, "the browser was logged in as the attacker's account"
+        assert not [c for c in context.cookies() if "modstream_session" in c["name"]]
+    finally:
+        context.close()
+        server.shutdown()
+        server.server_close()
