@@ -433,6 +433,42 @@ class ReviewQueue:
             return False
         return status == 1
 
+    # -- one submit at a time per item -----------------------------------------------------
+
+    SUBMIT_LOCK_MS = 120_000  # past any produce (its timeout is 30 s): a crashed submit frees it
+
+    def _submitting_key(self, entry_id: str) -> str:
+        return f"{self.prefix}:review:submitting:{entry_id}"
+
+    async def begin_submit(self, entry_id: str, decision_id: str) -> str | None:
+        """Claims the right to record a decision on `entry_id`: None when granted, else the
+        decision id of the submit already under way (two simultaneous submits of one item made
+        two records; now the second is told the first is being recorded)."""
+        key = self._submitting_key(entry_id)
+        if await self.client.set(key, decision_id, nx=True, px=self.SUBMIT_LOCK_MS):
+            return None
+        holder = await self.client.get(key)
+        return _str(holder) if holder is not None else ""
+
+    async def end_submit(self, entry_id: str, decision_id: str) -> None:
+        """Releases `begin_submit`'s claim if it is still this decision's."""
+        key = self._submitting_key(entry_id)
+        holder = await self.client.get(key)
+        if holder is not None and _str(holder) == decision_id:
+            await self.client.delete(key)
+
+    async def decided_decision(self, entry_id: str) -> tuple[str, str] | None:
+        """(post id, decision id) when the post of `entry_id` is decided already, else None: a
+        submit that finds its claim gone can tell "already recorded" from "lost"."""
+        if not _ENTRY_ID.match(entry_id):
+            return None
+        rows = await self._range(self.stream, entry_id, entry_id, count=1)
+        post_id = rows[0][1].get("post_id") if rows else None
+        if not post_id:
+            return None
+        decided = await self.client.get(self.decided_key(post_id))
+        return (post_id, _str(decided)) if decided is not None else None
+
     async def hold(self, entry_id: str, reviewer: str) -> None:
         """`renew`, raising NotClaimed when the claim is lost: the submit path calls it right
         before producing the decision, so the claim cannot lapse during the produce."""

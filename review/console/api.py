@@ -12,6 +12,7 @@ from review.console.base import (
     ClaimLostAfterProduce,
     HandlerBase,
     SettledElsewhere,
+    SubmitInProgress,
     _ident,
     _require_admin,
     claim_decision_id,
@@ -57,6 +58,9 @@ class ApiHandlers(HandlerBase):
             claim = await self.c.queue.get_claimed(request.match_info["entry_id"], user.name)
         except NotClaimed as exc:
             self.c.metrics.claims_lost.labels("submit").inc()
+            decided = await self.c.queue.decided_decision(request.match_info["entry_id"])
+            if decided is not None:  # a retry after the first submit went through: say so
+                return _json_error(409, f"already decided: {exc}", recorded=True, decision_id=decided[1])
             return _json_error(409, str(exc), recorded=False)
         try:
             decision = build_decision(
@@ -66,6 +70,8 @@ class ApiHandlers(HandlerBase):
             return _json_error(400, str(exc))
         try:
             await self._commit(claim, decision)
+        except SubmitInProgress as exc:
+            return _json_error(409, str(exc), recorded="in progress", decision_id=exc.decision_id)
         except ClaimLostAfterProduce as exc:
             return _json_error(409, str(exc), recorded=True, decision_id=decision.decision_id)
         except NotClaimed as exc:

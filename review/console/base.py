@@ -40,6 +40,19 @@ async def json_body(request: web.Request) -> dict[str, Any] | web.Response:
         return _json_error(400, f"body must be a JSON object: {exc.why}")
 
 
+class SubmitInProgress(QueueError):
+    """Another request is recording a decision on this item right now (a double submit)."""
+
+    def __init__(self, decision_id: str, same: bool) -> None:
+        super().__init__(
+            "the same decision is being recorded by another request"
+            if same
+            else f"another decision ({decision_id}) is being recorded for this item"
+        )
+        self.decision_id = decision_id
+        self.same = same
+
+
 class ClaimLostAfterProduce(NotClaimed):
     """The decision reached Kafka, but the submitter no longer held the item when it was to
     be closed (the produce outlasted the claim timeout): the item stays with its new holder."""
@@ -224,7 +237,18 @@ class HandlerBase:
         escalates ends the item (mark decided + XACK; an escalation is also copied to the
         escalated stream for admins); one that only skips puts the item back in the queue for
         another reviewer. Each Redis step checks the owner again: ClaimLostAfterProduce when the
-        item changed hands during the produce (nothing acked; it stays with its holder)."""
+        item changed hands during the produce (nothing acked; it stays with its holder).
+        One submit at a time per item: a second one meanwhile gets SubmitInProgress and records
+        nothing (two simultaneous submits made two records with one id)."""
+        under_way = await self.c.queue.begin_submit(claim.entry_id, decision.decision_id)
+        if under_way is not None:
+            raise SubmitInProgress(under_way, same=under_way == decision.decision_id)
+        try:
+            await self._commit_held(claim, decision)
+        finally:
+            await self.c.queue.end_submit(claim.entry_id, decision.decision_id)
+
+    async def _commit_held(self, claim: Claim, decision: ReviewDecision) -> None:
         try:
             await self.c.queue.hold(claim.entry_id, decision.reviewer)
         except NotClaimed:

@@ -13,6 +13,7 @@ from review.console.base import (
     LOST_TITLE,
     ClaimLostAfterProduce,
     HandlerBase,
+    SubmitInProgress,
     _fmt_age,
     _ident,
     _task_rows,
@@ -90,6 +91,9 @@ class ReviewerPages(HandlerBase):
             claim = await self.c.queue.get_claimed(entry_id, user.name)
         except NotClaimed:
             self.c.metrics.claims_lost.labels("submit").inc()
+            decided = await self.c.queue.decided_decision(entry_id)
+            if decided is not None:  # a double submit whose first went through: not "nothing recorded"
+                raise web.HTTPSeeOther("/review?done=" + quote(decided[0], safe="")) from None
             return self._lost_page(request, LOST_MESSAGE)
         form = await request.post()
         choices, note = choices_from_form(form, list(item_tasks(claim.item)))
@@ -104,6 +108,17 @@ class ReviewerPages(HandlerBase):
             )
         try:
             await self._commit(claim, decision)
+        except SubmitInProgress as exc:
+            # The page was sent twice (or from two tabs): the first request is recording; this
+            # one recorded nothing, and says so rather than claiming an outcome it cannot know.
+            message = (
+                "Your first submit of this decision is still being recorded; this one recorded nothing more."
+                if exc.same
+                else f"Not saved: {exc}."
+            )
+            return self.c.render(
+                request, "error.html", status=409, title="Being recorded", message=message + " Reload to see."
+            )
         except ClaimLostAfterProduce:
             return self._lost_page(request, LOST_AFTER_PRODUCE_MESSAGE)
         except NotClaimed:

@@ -199,3 +199,23 @@ async def test_hostile_json_bodies_get_400_and_the_claim_stays(harness: Harness)
     assert await harness.queue.owner(alice["entry_id"]) == "alice"  # still hers: decide properly now
     status, body = await harness.call("POST", path, "alice", DECISION)
     assert status == 201, body
+
+
+async def test_simultaneous_submits_make_one_record_and_both_answers_are_honest(harness: Harness) -> None:
+    """Two API submits of the same decision at once made two records with one decision id;
+    a retry after the first had gone through was told "nothing was recorded"."""
+    alice = await harness.claim("alice")
+    path = f"/api/v1/items/{alice['entry_id']}/decision"
+    harness.producer.delay = 0.5  # the first produce is still under way when the second arrives
+    first, second = await asyncio.gather(
+        harness.call("POST", path, "alice", DECISION), harness.call("POST", path, "alice", DECISION)
+    )
+    answers = sorted([first, second], key=lambda a: a[0])
+    assert answers[0][0] == 201, answers
+    assert answers[1][0] == 409 and answers[1][1]["recorded"] == "in progress", answers
+    assert len(harness.producer.sent) == 1  # one record, not two with one id
+    # A retry after it went through: told it is recorded, with the id, and nothing more is sent.
+    status, body = await harness.call("POST", path, "alice", DECISION)
+    assert status == 409 and body["recorded"] is True
+    assert body["decision_id"] == harness.producer.sent[0].decision_id
+    assert len(harness.producer.sent) == 1
