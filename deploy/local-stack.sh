@@ -14,6 +14,9 @@
 #   KAFKA_PORT             19092         client listener (bootstrap 127.0.0.1:$KAFKA_PORT)
 #   KAFKA_CONTROLLER_PORT  19093         KRaft controller listener
 #   REDIS_PORT             16379
+#   REDIS_APPENDFSYNC      always        Redis AOF fsync policy: `always` means a write Redis has
+#                                        answered is on disk, so the review sink's offset commit
+#                                        never runs ahead of what a host crash would keep
 #   TOPICS                 "posts labels review posts.dlq model-updates reviewed"
 #   TOPIC_PARTITIONS       4             partitions of the topics above (and of auto-created ones)
 #   KAFKA_HEAP             "-Xmx512m -Xms256m"
@@ -37,6 +40,7 @@ STATE_DIR=${MODSTREAM_STACK_DIR:-$REPO_ROOT/var/stack}
 KAFKA_PORT=${KAFKA_PORT:-19092}
 KAFKA_CONTROLLER_PORT=${KAFKA_CONTROLLER_PORT:-19093}
 REDIS_PORT=${REDIS_PORT:-16379}
+REDIS_APPENDFSYNC=${REDIS_APPENDFSYNC:-always}
 TOPICS=${TOPICS:-posts labels review posts.dlq model-updates reviewed}
 TOPIC_PARTITIONS=${TOPIC_PARTITIONS:-4}
 KAFKA_HEAP=${KAFKA_HEAP:--Xmx512m -Xms256m}
@@ -71,6 +75,10 @@ for _var in KAFKA_PORT KAFKA_CONTROLLER_PORT REDIS_PORT TOPIC_PARTITIONS START_T
   [[ ${!_var} =~ ^[0-9]+$ ]] || die "$_var must be a number, got '${!_var}'"
 done
 unset _var
+case $REDIS_APPENDFSYNC in
+  always | everysec | no) ;;
+  *) die "REDIS_APPENDFSYNC must be always, everysec or no, got '$REDIS_APPENDFSYNC'" ;;
+esac
 
 # ---------------------------------------------------------------------------------------------- helpers
 
@@ -488,8 +496,11 @@ launch_redis() {
   mkdir -p "$REDIS_DIR"
   printf '\n===== %s starting redis-server on %s:%s =====\n' "$(date -u +%FT%TZ)" "$HOST" "$REDIS_PORT" >>"$REDIS_LOG"
   # Append-only file: the review stream must survive a Redis restart (outage drills restart it).
+  # fsync always: the review sink commits offsets once Redis answered, which must mean on disk
+  # (Debian's Redis 7.0 has no WAITAOF; `everysec` could lose the last second on a host crash).
   redis-server --port "$REDIS_PORT" --bind "$HOST" --protected-mode yes --dir "$REDIS_DIR" \
-    --save '' --appendonly yes --appendfsync everysec --daemonize no --logfile '' </dev/null >>"$REDIS_LOG" 2>&1 &
+    --save '' --appendonly yes --appendfsync "$REDIS_APPENDFSYNC" --daemonize no --logfile '' \
+    </dev/null >>"$REDIS_LOG" 2>&1 &
   printf '%s\n' "$!" >"$REDIS_PID"
   log "Redis starting (pid $!), log: $REDIS_LOG"
 }
