@@ -113,14 +113,14 @@ def decode_json(raw: bytes | str, max_bytes: int = MAX_POST_BYTES) -> dict[str, 
     size = len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8", "surrogatepass"))
     if size > max_bytes:
         raise RecordError("record", f"{size} bytes, larger than the limit of {max_bytes}")
-    if isinstance(raw, bytes):
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise RecordError("record", f"not UTF-8 ({exc.reason} at byte {exc.start})") from exc
     try:
-        obj = orjson.loads(raw)
+        obj = orjson.loads(raw)  # validates UTF-8 itself: the check below runs on failures only
     except orjson.JSONDecodeError as exc:
+        if isinstance(raw, bytes):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                raise RecordError("record", f"not UTF-8 ({bad.reason} at byte {bad.start})") from bad
         raise RecordError("record", f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
     if not isinstance(obj, dict):
         raise RecordError("record", f"expected a JSON object, got {type(obj).__name__}")
@@ -400,10 +400,11 @@ class DeadLetter:
     ) -> DeadLetter:
         """`keep`: the most bytes of the input to keep (None: the whole input while it fits)."""
         data = raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogatepass")
-        text = data.decode("utf-8", errors="backslashreplace")
         limit = DEAD_LETTER_PREFIX_BYTES if keep is None else keep
-        whole = keep is None and len(data) <= DEAD_LETTER_RAW_MAX and _json_size(text) <= DEAD_LETTER_RAW_MAX
-        if not whole:
+        whole = keep is None and len(data) <= DEAD_LETTER_RAW_MAX
+        text = (data if whole else data[:limit]).decode("utf-8", errors="backslashreplace")
+        if whole and _json_size(text) > DEAD_LETTER_RAW_MAX:  # escaping can grow it up to 6x
+            whole = False
             text = data[:limit].decode("utf-8", errors="backslashreplace")
         if post_id is not None and (len(post_id) > MAX_ID or has_control(post_id)):
             post_id = None  # salvaged from a hostile record: not fit for a key

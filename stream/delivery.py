@@ -15,10 +15,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any
 
-from modstream.records import DeadLetter, encode
+from modstream.records import DeadLetter, encode, parse_iso
 from stream import metrics
 from stream.pipeline import Outcome, count_finished
 
@@ -137,10 +136,9 @@ def _created_at(outcome: Outcome) -> float | None:
     if not stamp:
         return None
     try:
-        parsed = datetime.fromisoformat(stamp)
+        return parse_iso(stamp).timestamp()
     except ValueError:
         return None
-    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
 
 
 def observe_labels_sent(outcomes: Sequence[Outcome]) -> None:

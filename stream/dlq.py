@@ -22,11 +22,11 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from modstream.options import add_kafka
-from modstream.records import POST_STAGES
+from modstream.records import POST_STAGES, parse_iso
 
 STAGES = POST_STAGES  # the sinks' dead letters hold review items or decisions, never posts
 REPLAY_HEADER = "modstream-replayed-from"
@@ -35,10 +35,9 @@ REPLAY_HEADER = "modstream-replayed-from"
 def parse_time(text: str) -> datetime:
     """An ISO 8601 time for --since/--until; without a zone it is UTC."""
     try:
-        value = datetime.fromisoformat(text)
+        return parse_iso(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r} (e.g. 2026-11-28T08:00:00Z)") from exc
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def parse_regex(text: str) -> re.Pattern[str]:

@@ -272,24 +272,20 @@ class FetchedMedia:
 def parse(raw: bytes) -> Outcome:
     """One Outcome per input whatever its bytes: a Post, or a dead letter at stage parse.
     Anything the parser raises counts (a RecursionError from a nested post once escaped a
-    narrower `except` and crashed the agent past its ack, losing the whole micro-batch)."""
+    narrower `except` and crashed the agent past its ack, losing the whole micro-batch).
+    The bytes are decoded once; a record that fails its schema still names its id."""
+    obj: dict[str, Any] | None = None
     try:
-        return Outcome(raw, post=Post.from_json(raw))
+        obj = decode_json(raw)
+        return Outcome(raw, post=Post.from_json(obj))
     except RecordError as exc:
         reason = str(exc)
     except Exception as exc:
         log.exception("parsing a post failed unexpectedly")
         reason = f"internal error: {exc!r}"
-    return Outcome(raw, dead_letter=DeadLetter.from_raw(raw, "parse", reason, _salvage_id(raw)))
-
-
-def _salvage_id(raw: bytes) -> str | None:
-    """The post's id from a record that failed its schema, for the dead letter's key."""
-    try:
-        value = decode_json(raw).get("id")
-    except Exception:
-        return None
-    return value if isinstance(value, str) and value.strip() else None
+    value = obj.get("id") if obj is not None else None
+    post_id = value if isinstance(value, str) and value.strip() else None
+    return Outcome(raw, dead_letter=DeadLetter.from_raw(raw, "parse", reason, post_id))
 
 
 def dedupe_key(text: str, content_hash: str | None) -> str:
