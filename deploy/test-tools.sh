@@ -20,6 +20,22 @@ for pkg in tesseract-ocr tesseract-ocr-eng tesseract-ocr-hin; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 
+# S3Proxy (Apache-2.0, from Maven Central): a real S3-compatible server for the evidence store's
+# S3 integration test (tests/integration/test_evidence_s3.py). One self-contained jar, pinned by
+# its sha256; it runs on the Java the Kafka broker already needs.
+S3PROXY_VERSION=4.1.0
+S3PROXY_SHA256=a4d025969aaf796616ed4b1e2491d87d455ce84bb28cb9db086b2e6aaa68b48d
+S3PROXY_JAR=${MODSTREAM_S3PROXY_JAR:-$HOME/.cache/modstream/s3proxy-$S3PROXY_VERSION.jar}
+if [[ ! -f $S3PROXY_JAR ]] || ! echo "$S3PROXY_SHA256  $S3PROXY_JAR" | sha256sum -c --quiet - >/dev/null 2>&1; then
+  echo "downloading S3Proxy $S3PROXY_VERSION from Maven Central into $S3PROXY_JAR" >&2
+  mkdir -p "$(dirname "$S3PROXY_JAR")"
+  url=https://repo1.maven.org/maven2/org/gaul/s3proxy/$S3PROXY_VERSION/s3proxy-$S3PROXY_VERSION-jar-with-dependencies.jar
+  python3 -c 'import sys, urllib.request; urllib.request.urlretrieve(sys.argv[1], sys.argv[2])' "$url" "$S3PROXY_JAR.partial"
+  echo "$S3PROXY_SHA256  $S3PROXY_JAR.partial" | sha256sum -c --quiet - ||
+    { rm -f "$S3PROXY_JAR.partial"; echo "S3Proxy jar does not match its pinned sha256" >&2; exit 1; }
+  mv -f "$S3PROXY_JAR.partial" "$S3PROXY_JAR"
+fi
+
 if ((${#missing[@]} == 0)); then
   exit 0
 fi

@@ -42,6 +42,17 @@ def add_redis(p: argparse.ArgumentParser, help: str = "Redis URL") -> None:
     )
 
 
+def add_evidence(p: argparse.ArgumentParser, help: str = "evidence store: the media bytes the model scored") -> None:
+    """--evidence, defaulting to MODSTREAM_EVIDENCE, else <home>/evidence (stream/evidence.py)."""
+    from modstream.settings import current
+
+    p.add_argument(
+        "--evidence",
+        default=current().evidence or str(DEFAULT_HOME / "evidence"),
+        help=f"{help}: a folder or s3://bucket/prefix (env MODSTREAM_EVIDENCE; default var/evidence)",
+    )
+
+
 def add_common(p: argparse.ArgumentParser, *, cache: bool = True) -> None:
     """`cache`: the command reads or writes the feature cache (serving commands do not)."""
     p.add_argument("--registry", help="model registry folder (default var/registry)")

@@ -344,6 +344,10 @@ class ReviewDecision:
     queued_at: str | None = None
     decided_at: str = field(default_factory=now_iso)
     note: str | None = None
+    # The hash of the image the reviewer was shown: the scored bytes from the evidence store
+    # (== media_hash), or None when shown none ("media unavailable", or a tool that showed the
+    # post's URL instead). Only an image the reviewer saw becomes a training image.
+    seen_media_hash: str | None = None
 
     def training_labels(self) -> dict[str, str | None]:
         """task -> label for the dataset; None where the reviewer asserted nothing."""

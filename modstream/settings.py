@@ -8,6 +8,10 @@ reading and validation; secrets are `SecretStr`, so printing the settings shows 
 
     MODSTREAM_KAFKA_BOOTSTRAP   Kafka bootstrap servers            (127.0.0.1:19092)
     MODSTREAM_REDIS_URL         Redis URL, may carry a password    (redis://127.0.0.1:16379/0)
+    MODSTREAM_EVIDENCE          evidence store: a folder or s3://bucket/prefix  ($MODSTREAM_HOME/evidence)
+    MODSTREAM_S3_ENDPOINT       S3-compatible endpoint URL (unset: AWS)
+    MODSTREAM_S3_REGION         its region                          (unset: boto3's default)
+    MODSTREAM_S3_ACCESS_KEY_ID, MODSTREAM_S3_SECRET_ACCESS_KEY   (unset: boto3's chain, e.g. a pod role)
 """
 
 from __future__ import annotations
@@ -33,6 +37,11 @@ class Settings(BaseSettings):
 
     kafka_bootstrap: str = "127.0.0.1:19092"
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:16379/0")
+    evidence: str | None = None  # None: <MODSTREAM_HOME>/evidence (modstream.options.evidence_location)
+    s3_endpoint: str | None = None
+    s3_region: str | None = None
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
 
     @classmethod
     def settings_customise_sources(

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from modstream.options import add_kafka, add_redis
+from modstream.options import add_evidence, add_kafka, add_redis
 
 DEFAULT_USERS = "var/review-users.json"
 
@@ -65,7 +65,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         users_path=users_path,
         claim_timeout_s=args.claim_timeout,
         max_deliveries=args.max_deliveries,
-        allow_loopback_media=args.allow_loopback_media,
+        evidence=args.evidence,
         secure_cookies=not args.insecure_cookies,
         topic=args.topic,
     )
@@ -175,7 +175,7 @@ def add_parsers(sub: Any) -> None:
     users_opt(p)
     p.add_argument("--claim-timeout", type=float, default=300.0, help="seconds before an abandoned claim is reclaimed")
     p.add_argument("--max-deliveries", type=int, default=5, help="deliveries before an item is dead-lettered")
-    p.add_argument("--allow-loopback-media", action="store_true", help="tests/demo: fetch images from 127.0.0.1")
+    add_evidence(p, "where the worker keeps the media it scored (the console shows only those bytes)")
     p.add_argument("--insecure-cookies", action="store_true", help="drop the Secure cookie flag (plain-http use)")
     p.set_defaults(func=cmd_serve)
 

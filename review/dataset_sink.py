@@ -2,11 +2,15 @@
 
 Per batch: parse (malformed records go to `posts.dlq`, stage `dataset_sink`), plan with the
 dataset rules (review/dataset.py: replays and older decisions are no-ops, skip/escalate-only
-decisions never become lines), fetch the winners' images through the SSRF-guarded
-MediaFetcher and save them as `media/<sha256>.png`, then write the manifest and fsync it;
-the loop in review/kafka_sink.py commits the offsets only after that. An image that cannot
-be fetched makes the example text-only with the error in `meta.media_error`: the decision
-is kept. A disk failure is retried (nothing committed meanwhile).
+decisions never become lines), read the winners' images from the evidence store by the hash
+the model scored (stream/evidence.py; the post's URL is never fetched: it may serve other
+bytes now) and save them as `media/<sha256>.png`, then write the manifest and fsync it; the
+loop in review/kafka_sink.py commits the offsets only after that.
+
+An image becomes a training image only when the reviewer was shown those very bytes
+(`seen_media_hash == media_hash`) and the store still holds them, verified. Otherwise the
+example is text-only with the reason in `meta.media_error`: the decision is kept. A disk or
+an unreachable store is retried (nothing committed meanwhile).
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+from models.images import MAX_PIXELS, MAX_SIDE, ImageError, decode_image
 from modstream.records import MAX_ID, MAX_URL, RecordError, ReviewDecision, decode_json, parse_iso
 from review import sink_metrics as metrics
 from review.dataset import Plan, ReviewedDataset, manifest_line, plan_batch
@@ -32,18 +37,14 @@ from review.kafka_sink import (
     run_sink,
     split_batch,
 )
+from stream.evidence import UNAVAILABLE, EvidenceError, EvidenceStore, open_store
 
 log = logging.getLogger(__name__)
 
 NAME = "dataset"
 DLQ_STAGE = "dataset_sink"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-class MediaSource(Protocol):
-    """stream.media.MediaFetcher's `fetch` (tests pass a fake)."""
-
-    async def fetch(self, url: str) -> Any: ...
+MEDIA_OUTCOMES = ("ok", "not_scored", "not_seen", "missing", "mismatch", "undecodable")
 
 
 def _text(value: Any, name: str, *, max_len: int, required: bool = True) -> None:
@@ -67,8 +68,10 @@ def parse_decision(raw: bytes | None) -> ReviewDecision:
     if not isinstance(d.text, str):
         raise RecordError("text", "must be a string")
     _text(d.image_url, "image_url", max_len=MAX_URL, required=False)
-    if d.media_hash is not None and not (isinstance(d.media_hash, str) and _SHA256.fullmatch(d.media_hash)):
-        raise RecordError("media_hash", "must be a lowercase hex sha256 or null")
+    for name in ("media_hash", "seen_media_hash"):
+        value = getattr(d, name)
+        if value is not None and not (isinstance(value, str) and _SHA256.fullmatch(value)):
+            raise RecordError(name, "must be a lowercase hex sha256 or null")
     if not isinstance(d.decided_at, str):
         raise RecordError("decided_at", "must be an ISO 8601 timestamp")
     try:
@@ -98,10 +101,12 @@ class DatasetSink:
 
     name = NAME
 
-    def __init__(self, dataset: ReviewedDataset, fetcher: MediaSource, dead_letters: DeadLetters | Any) -> None:
+    def __init__(self, dataset: ReviewedDataset, evidence: EvidenceStore, dead_letters: DeadLetters | Any) -> None:
         self.dataset = dataset
-        self.fetcher = fetcher
+        self.evidence = evidence
         self.dead_letters = dead_letters
+        for outcome in MEDIA_OUTCOMES:  # every series from 0, so the first failure shows in rate()
+            metrics.MEDIA.labels(outcome)
 
     async def apply(self, records: Sequence[SinkRecord]) -> None:
         parsed = parse_batch(records)
@@ -128,39 +133,46 @@ class DatasetSink:
         """(image path relative to the folder, extra meta) for a decision's image."""
         if not d.image_url:
             return None, None
-        if d.media_hash and self.dataset.has_media(d.media_hash):
+        if not d.media_hash:
+            return self._no_image(d, "not_scored", "the worker read no image for this post")
+        if d.seen_media_hash != d.media_hash:
+            return self._no_image(d, "not_seen", "the reviewer was not shown the image the model scored")
+        if self.dataset.has_media(d.media_hash):
+            metrics.MEDIA.labels("ok").inc()
             return self.dataset.media_name(d.media_hash), None
-        result = await self.fetcher.fetch(d.image_url)
-        metrics.MEDIA.labels(result.status).inc()
-        if not result.ok:
-            log.warning("dataset sink: %s kept text-only, image %s: %s %s", d.post_id, d.image_url,
-                        result.status, result.reason)  # fmt: skip
-            return None, {"media_error": {"status": result.status, "reason": result.reason}}
-        name, extra = str(result.content_hash), None
-        if d.media_hash and d.media_hash != result.content_hash:
-            # The URL now serves other bytes than the model saw: name the file by what it holds.
-            extra = {"media_changed": {"classified_hash": d.media_hash, "fetched_hash": result.content_hash}}
-        elif d.media_hash:
-            name = d.media_hash
+        blob = await self.evidence.get(d.media_hash)
+        if blob.status == UNAVAILABLE:  # the store is down, not the blob gone: retry the batch
+            raise TransientError("evidence", "read", EvidenceError(blob.reason))
+        if not blob.ok or blob.data is None:
+            return self._no_image(d, blob.status, blob.reason)
         try:
-            image = await asyncio.to_thread(self.dataset.save_media, name, result.image)
+            image = await asyncio.to_thread(decode_image, blob.data, max_pixels=MAX_PIXELS, max_side=MAX_SIDE)
+        except ImageError as exc:
+            return self._no_image(d, "undecodable", str(exc))
+        try:
+            path = await asyncio.to_thread(self.dataset.save_media, d.media_hash, image)
         except OSError as exc:
             raise TransientError("disk", "media_write", exc) from exc
-        return image, extra
+        finally:
+            image.close()
+        metrics.MEDIA.labels("ok").inc()
+        return path, None
+
+    def _no_image(self, d: ReviewDecision, status: str, reason: str) -> tuple[None, dict[str, Any]]:
+        metrics.MEDIA.labels(status).inc()
+        log.warning("dataset sink: %s kept text-only: %s (%s)", d.post_id, status, reason)
+        return None, {"media_error": {"status": status, "reason": reason}}
 
 
-async def run_dataset_sink(settings: SinkSettings, folder: Path, *, allow_loopback_media: bool = False) -> int:
-    from stream.media import FetchConfig, MediaFetcher
-
+async def run_dataset_sink(settings: SinkSettings, folder: Path, *, evidence: str | None = None) -> int:
     dataset = ReviewedDataset(folder)  # DatasetError when another sink holds the folder
-    fetcher = MediaFetcher(FetchConfig(allow_loopback=allow_loopback_media))
-    await fetcher.start()
+    store = open_store(evidence)
 
     async def build(dead_letters: DeadLetters) -> DatasetSink:
-        return DatasetSink(dataset, fetcher, dead_letters)
+        return DatasetSink(dataset, store, dead_letters)
 
     try:
         return await run_sink(settings, build, name=NAME, dlq_stage=DLQ_STAGE)
     finally:
-        await fetcher.close()
+        store.close()
         dataset.close()

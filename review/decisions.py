@@ -47,8 +47,10 @@ def build_decision(
     *,
     note: str | None = None,
     decision_id: str | None = None,
+    seen_media_hash: str | None = None,
 ) -> ReviewDecision:
-    """`choices`: task -> (action, chosen label or None). Every task needs an action."""
+    """`choices`: task -> (action, chosen label or None). Every task needs an action.
+    `seen_media_hash`: the hash of the image the reviewer was shown (None: none shown)."""
     tasks = item_tasks(item)
     unknown = sorted(set(choices) - set(tasks))
     if unknown:
@@ -82,6 +84,7 @@ def build_decision(
         reasons=list(item.reasons),
         queued_at=item.queued_at,
         note=note,
+        seen_media_hash=seen_media_hash,
     )
 
 

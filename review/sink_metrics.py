@@ -72,7 +72,12 @@ DEPENDENCY_ERRORS = Counter(
 DLQ = Counter(
     "modstream_dead_letters_total", "Records sent to the dead-letter topic", ["stage", "reason"], registry=REGISTRY
 )
-MEDIA = Counter("modstream_media_fetch_total", "Media fetches by status", ["status"], registry=REGISTRY)
+MEDIA = Counter(
+    "modstream_dataset_media_total",
+    "Decisions' images read from the evidence store for the manifest, by outcome",
+    ["outcome"],
+    registry=REGISTRY,
+)
 
 
 def serve(port: int, host: str = "127.0.0.1") -> tuple[Any, threading.Thread] | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from modstream.options import add_kafka, add_redis
+from modstream.options import add_evidence, add_kafka, add_redis
 
 
 def _settings(args: argparse.Namespace) -> Any:
@@ -40,9 +40,7 @@ def cmd_dataset_sink(args: argparse.Namespace) -> int:
     from review.dataset_sink import run_dataset_sink
 
     try:
-        return asyncio.run(
-            run_dataset_sink(_settings(args), Path(args.out), allow_loopback_media=args.allow_loopback_media)
-        )
+        return asyncio.run(run_dataset_sink(_settings(args), Path(args.out), evidence=args.evidence))
     except DatasetError as exc:
         print(f"modstream dataset-sink: {exc}", file=sys.stderr)
         return 2
@@ -68,5 +66,5 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser("dataset-sink", help="turn reviewers' decisions (reviewed topic) into a labelled manifest")
     _add_sink_options(p, "reviewed", "modstream-dataset-sink", 6068)
     p.add_argument("--out", default="var/reviewed", help="dataset folder (manifest.jsonl + media/)")
-    p.add_argument("--allow-loopback-media", action="store_true", help="tests/demo: fetch images from 127.0.0.1")
+    add_evidence(p, "where the worker keeps the media it scored (training images come only from there)")
     p.set_defaults(func=cmd_dataset_sink)

@@ -9,7 +9,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from modstream.options import DEFAULT_HOME, UsageError, add_common, add_kafka, add_redis, cache_root, registry_root
+from modstream.options import (
+    DEFAULT_HOME,
+    UsageError,
+    add_common,
+    add_evidence,
+    add_kafka,
+    add_redis,
+    cache_root,
+    registry_root,
+)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -87,6 +96,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         max_wait_s=args.max_wait,
         devices=args.device,
         allow_loopback_media=args.allow_loopback_media,
+        evidence=args.evidence,
         decode_threads=args.decode_threads,
         decode_model_input=args.decode_model_input,
         ocr=args.ocr,
@@ -182,6 +192,7 @@ def add_parsers(sub: Any) -> None:
     add_common(p, cache=False)
     add_kafka(p)
     add_redis(p, "Redis URL of the dedupe cache ('' to run without Redis)")
+    add_evidence(p, "where the scored media of routed posts are kept for reviewers and training")
     p.add_argument("--model", default="current")
     p.add_argument("--app-id", default="modstream-worker", help="consumer group / Faust app id")
     p.add_argument("--web-host", default="127.0.0.1", help="address of /metrics and /ready (0.0.0.0 in a container)")

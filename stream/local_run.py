@@ -94,7 +94,7 @@ def run_local(registry_root: Path, cache: Path, home: Path, opts: RunOptions) ->
         worker = subprocess.Popen(
             [sys.executable, "-m", "modstream.cli", "worker", "--registry", str(registry_root),
              "--bootstrap", f"127.0.0.1:{opts.bootstrap_port}", "--redis", f"redis://127.0.0.1:{opts.redis_port}/0",
-             "--web-port", str(opts.web_port), "--allow-loopback-media",
+             "--web-port", str(opts.web_port), "--allow-loopback-media", "--evidence", str(home / "evidence"),
              "--app-id", "modstream-run"],
             cwd=REPO_ROOT, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
         )  # fmt: skip
@@ -202,8 +202,8 @@ DEMO_REVIEWER = "demo"
 
 def _serve_review(opts: RunOptions, home: Path) -> subprocess.Popen[bytes]:
     """The console on the run's Redis and Kafka, with a fresh demo admin (a new random password
-    each run, printed once; the users file lives under the run's home) and the run's loopback
-    media server allowed, so the posts' images show."""
+    each run, printed once; the users file lives under the run's home), showing the images the
+    worker scored from the run's evidence folder."""
     users = home / "run-review-users.json"
     users.unlink(missing_ok=True)
     password = secrets.token_urlsafe(12)
@@ -215,7 +215,7 @@ def _serve_review(opts: RunOptions, home: Path) -> subprocess.Popen[bytes]:
     console = subprocess.Popen(
         [sys.executable, "-m", "modstream", "review", "serve", "--port", str(opts.review_port),
          "--users", str(users), "--bootstrap", f"127.0.0.1:{opts.bootstrap_port}",
-         "--redis", f"redis://127.0.0.1:{opts.redis_port}/0", "--allow-loopback-media"],
+         "--redis", f"redis://127.0.0.1:{opts.redis_port}/0", "--evidence", str(home / "evidence")],
         cwd=REPO_ROOT, stdout=(home / "review-console.log").open("wb"), stderr=subprocess.STDOUT,
     )  # fmt: skip
     deadline = time.monotonic() + 60

@@ -154,6 +154,7 @@ class MediaResult:
     attempts: int = 0
     elapsed_s: float = 0.0
     ocr_text: str | None = None  # text read from the image; None: OCR off or failed
+    body: bytes | None = None  # the bytes `content_hash` names, only when status == "ok" (the evidence)
 
     @property
     def ok(self) -> bool:
@@ -401,6 +402,7 @@ class MediaFetcher:
             result.size = len(body.data)
             result.content_hash = content_hash(body.data)
             result.image, result.ocr_text = await self._decode(body, result.content_hash)
+            result.body = body.data
         except _Failure as failure:
             result.status, result.reason = failure.status, failure.reason
         result.elapsed_s = time.monotonic() - started

@@ -51,6 +51,11 @@ PRODUCE_TO_LABEL = Histogram(
     # Steps of at most 1.5x past a minute: p99 read 288 s for a 140 s maximum with a 120 -> 300 jump.
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 240, 300, 450, 600, 900),
 )
+EVIDENCE = Counter(
+    "modstream_evidence_writes_total",
+    "Scored media bytes of review items written to the evidence store, by outcome (stored, present, failed)",
+    ["outcome"],
+)
 SEND_BLOCKED = Gauge(
     "modstream_worker_send_blocked",
     "1 while the worker resends records the broker has not acknowledged (it consumes nothing meanwhile)",
@@ -69,6 +74,7 @@ DEAD_LETTER_REASONS: dict[str, tuple[str, ...]] = {
 }
 DEPENDENCY_OPS = (("kafka", "send"), ("kafka", "consumer_lag"), ("redis", "dedupe_get"), ("redis", "dedupe_put"))
 OUTPUT_TOPICS = ("labels", "review", "dlq")
+EVIDENCE_OUTCOMES = ("stored", "present", "failed")
 
 
 def dead_letter_reason(stage: str, reason: str) -> str:
@@ -91,6 +97,8 @@ def _create_known_series() -> None:
         DEPENDENCY_ERRORS.labels(dependency, op)
     for topic in OUTPUT_TOPICS:
         SEND_BLOCKED.labels(topic).set(0)
+    for outcome in EVIDENCE_OUTCOMES:
+        EVIDENCE.labels(outcome)
 
 
 def create_version_series(version: str, tasks: Sequence[str], media_statuses: Sequence[str] = ()) -> None:

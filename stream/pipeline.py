@@ -25,6 +25,7 @@ from models.preprocess import PostText
 from models.routing.route import RoutingPolicy, route_scores
 from modstream.records import DeadLetter, Label, MediaInfo, Post, RecordError, ReviewItem, decode_json
 from stream import metrics
+from stream.evidence import EvidenceError, EvidenceStore
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,9 @@ class Pipeline:
     card_of: Callable[[str], ModelCard]
     policy: RoutingPolicy = field(default_factory=RoutingPolicy)
     cache: LabelCache | None = None
+    # Where the bytes of routed posts' media are kept for reviewers and training (None: not kept,
+    # as in `classify` and benchmarks without review).
+    evidence: EvidenceStore | None = None
     _trusted: dict[str, bool] = field(default_factory=dict, init=False, repr=False)
     _namespaces: dict[str, str] = field(default_factory=dict, init=False, repr=False)
     _provenance: dict[str, dict[str, Any]] = field(default_factory=dict, init=False, repr=False)
@@ -195,6 +199,7 @@ class Pipeline:
             if label.route == "review":
                 for reason in label.reasons:
                     metrics.REVIEW.labels(reason).inc()
+                await self._keep_evidence(post, media)
                 outcome.review = ReviewItem(
                     post.id, post.text, post.image_url, label.reasons, label.to_json(), tasks=dict(card.tasks)
                 )
@@ -234,7 +239,24 @@ class Pipeline:
         metrics.MEDIA.labels(result.status).inc()
         info = MediaInfo(result.status, url=url, content_hash=result.content_hash, reason=result.reason or None)
         ok = result.status == "ok"
-        return FetchedMedia(info, result.image if ok else None, getattr(result, "ocr_text", None) if ok else None)
+        if not ok:
+            return FetchedMedia(info)
+        body = getattr(result, "body", None) if self.evidence is not None else None
+        return FetchedMedia(info, result.image, getattr(result, "ocr_text", None), body)
+
+    async def _keep_evidence(self, post: Post, media: FetchedMedia) -> None:
+        """Store the scored bytes before the review item can be sent. A store that fails costs
+        the reviewer the image ("media unavailable"), never the post: it is still labelled and
+        still reviewed on its text, and the failure is counted (alert WorkerEvidenceFailing)."""
+        if self.evidence is None or media.body is None or media.content_hash is None:
+            return
+        try:
+            stored = await self.evidence.put(media.content_hash, media.body)
+        except (EvidenceError, ValueError) as exc:
+            log.warning("post %s: scored media not kept as evidence: %s", post.id, exc)
+            metrics.EVIDENCE.labels("failed").inc()
+            return
+        metrics.EVIDENCE.labels("stored" if stored else "present").inc()
 
     async def _cached(self, version: str, keys: list[str]) -> list[dict[str, Any] | None]:
         if self.cache is None:
@@ -263,6 +285,7 @@ class FetchedMedia:
     info: MediaInfo
     image: Image.Image | None = None
     ocr_text: str | None = None
+    body: bytes | None = None  # the fetched bytes, kept only while an evidence store wants them
 
     @property
     def content_hash(self) -> str | None:

@@ -30,6 +30,7 @@ from modstream.records import MAX_RECORD_BYTES, ModelUpdate
 from stream import metrics
 from stream.delivery import dead_letter_batch, write_outcomes
 from stream.device_pool import BatcherConfig, DevicePool, visible_devices
+from stream.evidence import EvidenceStore, open_store
 from stream.lag import LagMonitor
 from stream.pipeline import Pipeline
 from stream.redis_store import RedisStore
@@ -53,6 +54,9 @@ class WorkerSettings:
     max_wait_s: float = 0.05
     devices: str = "auto"
     allow_loopback_media: bool = False
+    # The evidence store (stream/evidence.py: a folder or s3://bucket/prefix) that keeps the
+    # bytes of every routed post's image; None keeps nothing (reviewers then see "media unavailable").
+    evidence: str | None = None
     decode_threads: int = 0  # the media fetcher's decode threads; 0 keeps FetchConfig's default
     # Opt-in: the decode threads make each image the model's input (FetchConfig.model_side).
     # Batch preparation then costs 0.2x the CPU per post, but a repost pays the resize too: on
@@ -112,6 +116,7 @@ class Resources:
         self.redis: RedisStore | None = None
         self.fetcher: Any = None
         self.pipeline: Pipeline | None = None
+        self.evidence: EvidenceStore | None = None
         self.card: ModelCard | None = None  # the card of the version being served now
         self.cards: dict[str, ModelCard] = {}  # every version served, for routing its labels
 
@@ -140,7 +145,10 @@ class Resources:
             self.redis = RedisStore(s.redis_url)
         metrics.register_gpu_collector(visible_devices(s.devices))
         classifier = metrics.InstrumentedClassifier(self.pool)
-        self.pipeline = Pipeline(classifier, self.fetcher, self.card_of, s.policy, self.redis)
+        if s.evidence:
+            self.evidence = open_store(s.evidence)
+            log.warning("keeping the scored media of routed posts in %s", self.evidence.description)
+        self.pipeline = Pipeline(classifier, self.fetcher, self.card_of, s.policy, self.redis, self.evidence)
         self._announce()
         self.ready.set()
         metrics.READY.set(1)
@@ -196,6 +204,8 @@ class Resources:
             await self.fetcher.close()
         if self.redis:
             await self.redis.close()
+        if self.evidence:
+            self.evidence.close()
 
 
 async def label_batch(pipeline: Pipeline, topics: dict[str, Any], raws: list[bytes], retry_s: float) -> None:

@@ -64,7 +64,12 @@ class ApiHandlers(HandlerBase):
             return _json_error(409, str(exc), recorded=False)
         try:
             decision = build_decision(
-                claim.item, user.name, choices, note=note, decision_id=claim_decision_id(claim, choices, note)
+                claim.item,
+                user.name,
+                choices,
+                note=note,
+                decision_id=claim_decision_id(claim, choices, note),
+                seen_media_hash=await self.shown_media(claim.item),
             )
         except RecordError as exc:
             return _json_error(400, str(exc))

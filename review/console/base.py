@@ -292,6 +292,14 @@ class HandlerBase:
             next="/review",
         )
 
+    async def shown_media(self, item: ReviewItem) -> str | None:
+        """The hash of the image this console shows for `item` (the scored bytes from the
+        evidence store), None when it shows none: what a decision records as seen."""
+        if not item.image_url:
+            return None
+        content_hash = (item.label.get("media") or {}).get("content_hash")
+        return content_hash if await self.c.media.has(content_hash) else None
+
     async def _decide_escalation(self, escalation_id: str, admin: str, labels: Any, note: Any) -> ReviewDecision:
         """The admin's final decision: checked, produced to Kafka (acks=all, awaited), then the
         escalation settled in Redis. QueueError (gone), RecordError (bad choice) and
@@ -302,7 +310,9 @@ class HandlerBase:
             raise RecordError("note", "must be a string")
         choices = admin_choices(item, labels)
         decision_id = escalation_decision_id(escalation_id, admin, choices, note)
-        decision = build_decision(item, admin, choices, note=note, decision_id=decision_id)
+        decision = build_decision(
+            item, admin, choices, note=note, decision_id=decision_id, seen_media_hash=await self.shown_media(item)
+        )
         try:
             await self.c.producer.send(decision)
         except KafkaUnavailable:

@@ -21,9 +21,10 @@ from review.console.metrics import Metrics
 from review.decisions import (
     DecisionProducer,
 )
-from review.media_proxy import MediaProxy
+from review.evidence_images import EvidenceImages
 from review.queue import QueueStats, ReviewQueue
 from review.sessions import LoginLimiter, Session, SessionStore
+from stream.evidence import open_store
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,8 @@ class ConsoleConfig:
     users_path: Path = Path("var/review-users.json")
     claim_timeout_s: float = 300.0
     max_deliveries: int = 5
-    allow_loopback_media: bool = False
+    # The evidence store the worker keeps scored media in (a folder or s3://bucket/prefix).
+    evidence: str = "var/evidence"
     secure_cookies: bool = True
     topic: str = "reviewed"
     session_idle_s: int = 8 * 3600
@@ -124,7 +126,7 @@ class Console:
                 config.claim_timeout_s,
                 self.producer.timeout_s,
             )
-        self.media = MediaProxy(allow_loopback=config.allow_loopback_media)
+        self.media = EvidenceImages(open_store(config.evidence))
         self.metrics = Metrics()
         self.templates = jinja2.Environment(
             loader=jinja2.FileSystemLoader(TEMPLATES),
@@ -136,7 +138,6 @@ class Console:
     # -- lifecycle --------------------------------------------------------------------------
 
     async def on_startup(self, app: web.Application) -> None:
-        await self.media.start()
         try:
             await self.queue.ensure_group()
         except (RedisError, OSError) as exc:  # Redis may come later; pages answer 503 meanwhile
@@ -149,7 +150,7 @@ class Console:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._stats_task
         await self.producer.close()
-        await self.media.close()
+        self.media.close()
         await self.redis.aclose()
 
     async def _refresh_stats(self) -> None:

@@ -28,7 +28,7 @@ from review.decisions import (
     choices_from_form,
     item_tasks,
 )
-from review.media_proxy import MediaError
+from review.evidence_images import MediaError
 from review.queue import Claim, NotClaimed, QueueStats
 
 
@@ -45,9 +45,9 @@ class ReviewerPages(HandlerBase):
         done = request.query.get("done")
         if claim is None:
             return self.c.render(request, "empty.html", stats=stats, fmt_age=_fmt_age, done=done)
-        return self._item_page(request, claim, stats, done=done)
+        return await self._item_page(request, claim, stats, done=done)
 
-    def _item_page(
+    async def _item_page(
         self,
         request: web.Request,
         claim: Claim,
@@ -61,6 +61,7 @@ class ReviewerPages(HandlerBase):
     ) -> web.Response:
         item = claim.item
         media = item.label.get("media") or {}
+        shown = await self.shown_media(item)
         return self.c.render(
             request,
             "item.html",
@@ -70,6 +71,7 @@ class ReviewerPages(HandlerBase):
             tasks=_task_rows(claim, chosen),
             media=media,
             has_image=bool(item.image_url),
+            media_shown=shown is not None,
             itm_match=item.label.get("itm_match"),
             model_version=item.label.get("model_version", ""),
             stats=stats,
@@ -99,11 +101,16 @@ class ReviewerPages(HandlerBase):
         choices, note = choices_from_form(form, list(item_tasks(claim.item)))
         try:
             decision = build_decision(
-                claim.item, user.name, choices, note=note, decision_id=claim_decision_id(claim, choices, note)
+                claim.item,
+                user.name,
+                choices,
+                note=note,
+                decision_id=claim_decision_id(claim, choices, note),
+                seen_media_hash=await self.shown_media(claim.item),
             )
         except RecordError as exc:
             stats = await self.c.stats()
-            return self._item_page(
+            return await self._item_page(
                 request, claim, stats, status=400, error=f"Not submitted: {exc}", chosen=choices, note=note
             )
         try:
@@ -125,7 +132,7 @@ class ReviewerPages(HandlerBase):
             return self._lost_page(request, LOST_MESSAGE)
         except KafkaUnavailable as exc:
             stats = await self.c.stats()
-            return self._item_page(
+            return await self._item_page(
                 request,
                 claim,
                 stats,
@@ -147,11 +154,14 @@ class ReviewerPages(HandlerBase):
             return _json_error(404, "no such item claimed by you")
         if not claim.item.image_url:
             return _json_error(404, "this post has no image")
-        media = claim.item.label.get("media") or {}
+        content_hash = (claim.item.label.get("media") or {}).get("content_hash")
+        if not content_hash:
+            return _json_error(404, "media unavailable: the worker read no image for this post")
         try:
-            image = await self.c.media.get(claim.item.image_url, media.get("content_hash"))
+            image = await self.c.media.get(content_hash)
         except MediaError as exc:
-            return _json_error(502, f"image unavailable: {exc.status}", reason=exc.reason)
+            status = 503 if exc.status == "unavailable" else 404
+            return _json_error(status, f"media unavailable: {exc.status}", reason=exc.reason)
         response = web.Response(body=image.body, content_type=image.content_type)
         response.headers["Content-Disposition"] = "inline"
         return response

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import subprocess
@@ -104,14 +105,39 @@ def make_image(path: Path, seed: int) -> None:
     img.save(path, format="PNG")
 
 
+@dataclass
+class Media:
+    """The posts' host (a loopback server the console must never ask) and the evidence folder
+    where a worker would have kept the bytes it scored: each synthetic image is in both."""
+
+    server: BackgroundMediaServer
+    root: Path
+    evidence: Path
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def keep(self, data: bytes) -> str:
+        """Store `data` as a worker would; returns its hash."""
+        from stream.evidence import LocalBackend
+
+        digest = hashlib.sha256(data).hexdigest()
+        LocalBackend(self.evidence).put(digest, data)
+        return digest
+
+
 @pytest.fixture(scope="session")
-def media(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def media(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Media]:
     root = tmp_path_factory.mktemp("review-media")
+    files = tmp_path_factory.mktemp("review-evidence")
+    server = BackgroundMediaServer(root)
+    kept = Media(server, root, files)
     for seed in range(4):
         make_image(root / f"synthetic-{seed}.png", seed)
-    server = BackgroundMediaServer(root)
+        kept.keep((root / f"synthetic-{seed}.png").read_bytes())
     try:
-        yield server.url
+        yield kept
     finally:
         server.stop()
 
@@ -147,7 +173,7 @@ def read_decision(bootstrap: str, post_id: str, timeout: float = 30.0) -> Review
     return run_async(consume())
 
 
-def review_item(post_id: str, text: str, image_url: str | None) -> ReviewItem:
+def review_item(post_id: str, text: str, image_url: str | None, content_hash: str | None = None) -> ReviewItem:
     return ReviewItem(
         post_id=post_id,
         text=text,
@@ -165,7 +191,8 @@ def review_item(post_id: str, text: str, image_url: str | None) -> ReviewItem:
             "itm_match": 0.183,
             "route": "review",
             "reasons": ["weak_image_text_match", "uncertain_sarcasm"],
-            "media": {"status": "ok" if image_url else "none", "url": image_url, "content_hash": None, "reason": None},
+            "media": {"status": "ok" if image_url else "none", "url": image_url, "content_hash": content_hash,
+                      "reason": None},
             "model_version": "v0004",
         },
         tasks={"hate": ["not_hateful", "hateful"], "sarcasm": ["not_sarcastic", "sarcastic"]},
@@ -180,14 +207,31 @@ class Console:
     bootstrap: str
     token: str  # root's (admin)
     reviewer_token: str  # alice's
-    media_url: str
+    media: Media
     prefix: str = field(default_factory=lambda: f"e2e-{uuid.uuid4().hex[:8]}")
 
-    def enqueue(self, text: str, *, image: str | None = "synthetic-0.png", post_id: str | None = None) -> str:
+    @property
+    def media_url(self) -> str:
+        return self.media.url
+
+    def enqueue(
+        self,
+        text: str,
+        *,
+        image: str | None = "synthetic-0.png",
+        post_id: str | None = None,
+        scored: bytes | None = None,
+    ) -> str:
+        """A review item for a post whose image URL is `image` on the media server; the worker
+        scored the bytes `scored` (default: the file's bytes), kept in the evidence folder."""
         from stream.redis_store import RedisStore
 
         post_id = post_id or f"{self.prefix}-{uuid.uuid4().hex[:6]}"
-        item = review_item(post_id, text, f"{self.media_url}/{image}" if image else None)
+        digest = None
+        if image:
+            data = scored if scored is not None else (self.media.root / image).read_bytes()
+            digest = self.media.keep(data)
+        item = review_item(post_id, text, f"{self.media_url}/{image}" if image else None, digest)
 
         async def put() -> None:
             store = RedisStore(self.redis_url)
@@ -224,7 +268,7 @@ def _flush_db(redis_url: str) -> None:
 
 @pytest.fixture
 def start_console(
-    stack: LocalStack, users_file: tuple[Path, dict[str, str]], media: str, tmp_path: Path
+    stack: LocalStack, users_file: tuple[Path, dict[str, str]], media: Media, tmp_path: Path
 ) -> Iterator[Callable[..., Console]]:
     """Starts `modstream review serve` on a free port against a flushed Redis database."""
     procs: list[subprocess.Popen[bytes]] = []
@@ -238,7 +282,7 @@ def start_console(
             [sys.executable, "-m", "modstream.cli", "review", "serve", "--host", "127.0.0.1", "--port", str(port),
              "--bootstrap", bootstrap or stack.bootstrap, "--redis", redis_url, "--users", str(users_file[0]),
              "--claim-timeout", str(claim_timeout), "--max-deliveries", str(max_deliveries),
-             "--allow-loopback-media"],
+             "--evidence", str(media.evidence)],
             cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         procs.append(proc)

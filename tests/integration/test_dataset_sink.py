@@ -1,6 +1,7 @@
 """The dataset sink as a real subprocess against the real broker: reviewers' decisions on the
 `reviewed` topic become one manifest line per post with the latest labels and the image
-saved by hash; replays change nothing; malformed decisions are dead-lettered.
+the reviewer saw, read from the evidence store by hash (the post's URL is never fetched);
+replays change nothing; malformed decisions are dead-lettered.
 
 The `reviewed` topic is shared by the session, so the sink may also see other tests'
 decisions: assertions look at this test's post ids (`dsink-`), and the manifest as a whole
@@ -19,6 +20,7 @@ from PIL import Image
 from modstream.manifest import read_manifest
 from modstream.records import ReviewDecision, TaskDecision, encode
 from review.dataset import count_decisions, load_reviewed
+from stream.evidence import LocalBackend
 from stream.media_server import BackgroundMediaServer
 from tests.integration.sink_harness import SinkProcess, wait_caught_up
 from tests.integration.stack import LocalStack
@@ -29,12 +31,12 @@ GROUP = "it-dsink"
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, list[Path]]]:
+def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BackgroundMediaServer, list[Path]]]:
     root = tmp_path_factory.mktemp("dsink-media")
     examples = read_manifest(write_synthetic(root, n=6, seed=9, image_size=40))
-    server = BackgroundMediaServer(root / "images")
+    server = BackgroundMediaServer(root / "images")  # the posts' host: the sink must never ask it
     try:
-        yield server.url, [ex.image for ex in examples if ex.image is not None]
+        yield server, [ex.image for ex in examples if ex.image is not None]
     finally:
         server.stop()
 
@@ -46,6 +48,7 @@ def _decision(
     image: tuple[str, Path] | None,
     decided_at: str,
     with_hash: bool = True,
+    seen: bool = True,
 ) -> ReviewDecision:
     url = f"{image[0]}/{image[1].name}" if image else None
     media_hash = hashlib.sha256(image[1].read_bytes()).hexdigest() if image and with_hash else None
@@ -63,29 +66,35 @@ def _decision(
         text=f"the text of {post_id}",
         image_url=url,
         media_hash=media_hash,
+        seen_media_hash=media_hash if seen else None,
         reasons=["itm_low"],
         decided_at=decided_at,
     )
 
 
 def test_decisions_become_one_line_per_post_with_the_latest_labels_and_replays_are_no_ops(
-    stack: LocalStack, images: tuple[str, list[Path]], tmp_path: Path
+    stack: LocalStack, images: tuple[BackgroundMediaServer, list[Path]], tmp_path: Path
 ) -> None:
-    url, files = images
-    out = tmp_path / "reviewed"
+    server, files = images
+    url = server.url
+    out, evidence = tmp_path / "reviewed", tmp_path / "evidence"
+    kept = LocalBackend(evidence)  # what the worker kept of p1's and p2's images; p4's was not kept
+    for source in files[:3]:
+        kept.put(hashlib.sha256(source.read_bytes()).hexdigest(), source.read_bytes())
     t = "2026-11-28T08:{:02d}:00+00:00".format
     d1 = _decision("dsink-d1", "dsink-p1", ("confirm", "hateful"), (url, files[0]), t(1))
-    d2 = _decision("dsink-d2", "dsink-p2", ("not_violating", "not_hateful"), (url, files[1]), t(2), with_hash=False)
+    d2 = _decision("dsink-d2", "dsink-p2", ("not_violating", "not_hateful"), (url, files[1]), t(2))
     d3 = _decision("dsink-d3", "dsink-p3", ("skip", None), (url, files[2]), t(3))  # labels nothing
-    d4 = _decision("dsink-d4", "dsink-p4", ("confirm", "hateful"), (url, Path("gone.png")), t(4), with_hash=False)
+    d4 = _decision("dsink-d4", "dsink-p4", ("confirm", "hateful"), (url, files[3]), t(4))
     d5 = _decision("dsink-d5", "dsink-p1", ("correct", "not_hateful"), (url, files[0]), t(5))  # re-decided
     d6 = _decision("dsink-d6", "dsink-p2", ("escalate", None), (url, files[1]), t(6))  # leaves p2 alone
-    # d4's image is not on the server (404)
-    first = [d1, d2, d3, d1, d4, d5, d2, d6]  # d1 and d2 replayed
+    # the reviewer of p7 was shown no image (media unavailable at the time): no training image
+    d7 = _decision("dsink-d7", "dsink-p7", ("confirm", "hateful"), (url, files[2]), t(7), seen=False)
+    first = [d1, d2, d3, d1, d4, d5, d2, d6, d7]  # d1 and d2 replayed
     values = [encode(d) for d in first] + [b'{"v": 1, "decision_id": "dsink-bad", "post_id": "dsink-p9"}']
     keys = [d.post_id.encode() for d in first] + [b"dsink-p9"]
     sink = SinkProcess("dataset-sink", ["--bootstrap", stack.bootstrap, "--group", GROUP, "--out", str(out),
-                                        "--allow-loopback-media"], tmp_path, GROUP)  # fmt: skip
+                                        "--evidence", str(evidence)], tmp_path, GROUP)  # fmt: skip
     sink.start()
     try:
         asyncio.run(produce(stack.bootstrap, "reviewed", values, keys))
@@ -103,8 +112,8 @@ def test_decisions_become_one_line_per_post_with_the_latest_labels_and_replays_a
     finally:
         exit_code = sink.stop()
 
-    assert set(examples) == {"dsink-p1", "dsink-p2", "dsink-p4"}, sink.log_tail()
-    p1, p2, p4 = examples["dsink-p1"], examples["dsink-p2"], examples["dsink-p4"]
+    assert set(examples) == {"dsink-p1", "dsink-p2", "dsink-p4", "dsink-p7"}, sink.log_tail()
+    p1, p2, p4, p7 = (examples[f"dsink-p{i}"] for i in (1, 2, 4, 7))
     assert p1.labels == {"hate": "not_hateful", "sarcasm": "not_sarcastic"} and p1.meta["decision_id"] == "dsink-d5"
     assert p1.meta["revision"] == 2
     assert p2.labels == {"hate": "not_hateful", "sarcasm": "not_sarcastic"} and p2.meta["decision_id"] == "dsink-d2"
@@ -114,8 +123,10 @@ def test_decisions_become_one_line_per_post_with_the_latest_labels_and_replays_a
         with Image.open(ex.image) as saved, Image.open(source) as original:
             assert saved.format == "PNG" and saved.size == original.size
             assert saved.convert("RGB").tobytes() == original.convert("RGB").tobytes()
-    assert p4.image is None and p4.meta["media_error"]["status"] == "http_error"
+    assert p4.image is None and p4.meta["media_error"]["status"] == "missing"
     assert p4.labels["hate"] == "hateful"
+    assert p7.image is None and p7.meta["media_error"]["status"] == "not_seen"
+    assert server.server.hits == 0, "the dataset sink fetched a post's URL"
     for key in ("decision_id", "reviewer", "decided_at", "model_version", "model_labels", "reasons"):
         assert key in p1.meta
 
@@ -123,7 +134,7 @@ def test_decisions_become_one_line_per_post_with_the_latest_labels_and_replays_a
     # First run: d1 and d2 again; second run: d2, d4, d5, d2 again, d1 (twice) older than d5.
     assert replays >= 2 + 4 and superseded >= 2
     mine = [ex for ex in load_reviewed(out) if ex.id.startswith("dsink-")]
-    assert len(mine) == 3 and count_decisions(out) >= 4
+    assert len(mine) == 4 and count_decisions(out) >= 4
     assert exit_code == 0, sink.log_tail()
 
     def bad(record: dict) -> bool:

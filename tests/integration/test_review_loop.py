@@ -60,7 +60,7 @@ class Console:
         (self.port,) = free_loopback_ports(1)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "modstream.cli", "review", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-             "--users", str(users), "--allow-loopback-media", "--insecure-cookies", *args],
+             "--users", str(users), "--insecure-cookies", *args],
             cwd=REPO_ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
         )  # fmt: skip
         deadline = time.monotonic() + 60
@@ -156,7 +156,7 @@ def test_reviewed_decisions_retrain_promote_and_switch_the_worker_without_losing
     dataset_sink = SinkProcess(
         "dataset-sink",
         ["--bootstrap", stack.bootstrap, "--topic", decisions_topic, "--group", f"loop-ds-{run}",
-         "--out", str(loop_dirs["reviewed"]), "--allow-loopback-media"],
+         "--out", str(loop_dirs["reviewed"]), "--evidence", str(logs / "evidence")],
         logs, "dataset-sink",
     )  # fmt: skip
     console: Console | None = None
@@ -165,7 +165,8 @@ def test_reviewed_decisions_retrain_promote_and_switch_the_worker_without_losing
         review_sink.start()
         dataset_sink.start()
         console = Console(
-            ["--bootstrap", stack.bootstrap, "--redis", redis_url, "--topic", decisions_topic],
+            ["--bootstrap", stack.bootstrap, "--redis", redis_url, "--topic", decisions_topic,
+             "--evidence", str(logs / "evidence")],
             logs / "console.log", logs / "users.json",
         )  # fmt: skip
 

@@ -52,6 +52,7 @@ class Worker:
     app_id: str
     max_batch: int = 32
     extra_args: list[str] = field(default_factory=list)
+    evidence: Path | None = None  # where it keeps routed posts' media (default: <log_dir>/evidence)
     process: subprocess.Popen[bytes] | None = None
     web_port: int = 0
     starts: int = 0
@@ -66,7 +67,8 @@ class Worker:
             "--bootstrap", self.stack.bootstrap, "--redis", self.stack.redis_url,
             "--registry", str(self.registry), "--app-id", self.app_id, "--web-port", str(self.web_port),
             "--max-batch", str(self.max_batch), "--max-wait", "0.05", "--device", "cpu",
-            "--allow-loopback-media", *self.extra_args,
+            "--allow-loopback-media", "--evidence", str(self.evidence or self.log_dir / "evidence"),
+            *self.extra_args,
         ]  # fmt: skip
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -1,5 +1,5 @@
 """The reviewed dataset's rules and the dataset sink's stage in a temporary folder, with a
-fake media fetcher and no Kafka."""
+local evidence store and no Kafka."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from review.dataset import (
 )
 from review.dataset_sink import DatasetSink, parse_decision
 from review.kafka_sink import SinkRecord, TransientError
-from stream.media import MediaResult
+from stream.evidence import EvidenceStore, LocalBackend
 
 TASKS = {"hate": ["not_hateful", "hateful"], "sarcasm": ["not_sarcastic", "sarcastic"]}
 
@@ -43,6 +43,7 @@ def decision(
     decided_at: str = "2026-11-28T10:00:00+00:00",
     image_url: str | None = None,
     media_hash: str | None = None,
+    seen: bool = True,
 ) -> ReviewDecision:
     return ReviewDecision(
         decision_id=decision_id,
@@ -54,6 +55,7 @@ def decision(
         text=f"text of {post_id}",
         image_url=image_url,
         media_hash=media_hash,
+        seen_media_hash=media_hash if seen else None,
         reasons=["itm_low"],
         decided_at=decided_at,
     )
@@ -63,18 +65,27 @@ SKIP = ("skip", None)
 ESCALATE = ("escalate", None)
 
 
-class FakeFetcher:
-    def __init__(self, bodies: dict[str, bytes]) -> None:
-        self.bodies = bodies
-        self.calls: list[str] = []
+class CountingBackend(LocalBackend):
+    """The real folder backend, counting reads (a replay must not read the store again)."""
 
-    async def fetch(self, url: str) -> MediaResult:
-        self.calls.append(url)
-        body = self.bodies.get(url)
-        if body is None:
-            return MediaResult(url, "http_error", "HTTP 404")
-        image = Image.open(io.BytesIO(body)).convert("RGB")
-        return MediaResult(url, "ok", image=image, content_hash=hashlib.sha256(body).hexdigest(), size=len(body))
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.reads = 0
+        self.down = False
+
+    def get(self, digest: str) -> bytes | None:
+        self.reads += 1
+        if self.down:
+            raise OSError(5, "Input/output error")
+        return super().get(digest)
+
+
+async def _store(root: Path, *blobs: bytes) -> tuple[EvidenceStore, CountingBackend]:
+    backend = CountingBackend(root)
+    store = EvidenceStore(backend)
+    for blob in blobs:
+        await store.put(hashlib.sha256(blob).hexdigest(), blob)
+    return store, backend
 
 
 class FakeDeadLetters:
@@ -183,51 +194,79 @@ def test_a_corrupt_complete_line_is_an_error_not_silently_dropped(tmp_path: Path
 
 
 @pytest.mark.asyncio
-async def test_sink_saves_media_by_hash_keeps_text_only_on_fetch_errors_and_ignores_replays(tmp_path: Path) -> None:
-    red, blue = _png((255, 0, 0)), _png((0, 0, 255))
-    red_hash = hashlib.sha256(red).hexdigest()
-    fetcher = FakeFetcher({"http://m/red.png": red, "http://m/blue.png": blue})
+async def test_sink_takes_images_only_from_the_evidence_the_reviewer_saw(tmp_path: Path) -> None:
+    red, blue, green = _png((255, 0, 0)), _png((0, 0, 255)), _png((0, 255, 0))
+    red_hash, blue_hash, green_hash = (hashlib.sha256(x).hexdigest() for x in (red, blue, green))
+    store, backend = await _store(tmp_path / "evidence", red, green)
+    # green's blob overwritten with other bytes: the store must not hand them out as green
+    (backend.path(green_hash)).write_bytes(blue)
     dead = FakeDeadLetters()
-    ds = ReviewedDataset(tmp_path)
-    sink = DatasetSink(ds, fetcher, dead)
+    ds = ReviewedDataset(tmp_path / "reviewed")
+    sink = DatasetSink(ds, store, dead)
     first = decision("d1", "p1", image_url="http://m/red.png", media_hash=red_hash)
     batch = _records(
         first,
-        decision("d2", "p2", image_url="http://m/blue.png"),  # no hash in the decision: the fetch's
-        decision("d3", "p3", image_url="http://m/gone.png"),  # 404: kept text-only
-        decision("d4", "p4", hate=SKIP, sarcasm=SKIP),
+        decision("d2", "p2", image_url="http://m/red.png", media_hash=red_hash, seen=False),  # shown none
+        decision("d3", "p3", image_url="http://m/blue.png", media_hash=blue_hash),  # never kept
+        decision("d4", "p4", image_url="http://m/green.png", media_hash=green_hash),  # tampered blob
+        decision("d5", "p5", image_url="http://m/x.png"),  # the worker read no image
+        decision("d6", "p6", hate=SKIP, sarcasm=SKIP),
         b'{"v": 1, "decision_id": "bad"}',
     )
     await sink.apply(batch)
-    lines = _manifest(tmp_path)
-    assert set(lines) == {"p1", "p2", "p3"}
+    lines = _manifest(tmp_path / "reviewed")
+    assert set(lines) == {"p1", "p2", "p3", "p4", "p5"}
     assert lines["p1"]["image"] == f"media/{red_hash}.png"
-    assert lines["p2"]["image"] == f"media/{hashlib.sha256(blue).hexdigest()}.png"
-    with Image.open(tmp_path / lines["p1"]["image"]) as img:
+    with Image.open(tmp_path / "reviewed" / lines["p1"]["image"]) as img:
         assert img.format == "PNG" and img.getpixel((0, 0)) == (255, 0, 0)
-    assert lines["p3"]["image"] is None and lines["p3"]["meta"]["media_error"]["status"] == "http_error"
+    errors = {p: (lines[p]["image"], lines[p]["meta"].get("media_error", {}).get("status")) for p in lines}
+    assert errors == {
+        "p1": (f"media/{red_hash}.png", None),
+        "p2": (None, "not_seen"),
+        "p3": (None, "missing"),
+        "p4": (None, "mismatch"),
+        "p5": (None, "not_scored"),
+    }
+    assert not (tmp_path / "reviewed" / "media" / f"{green_hash}.png").exists()
     assert [d.stage for d in dead.sent] == ["dataset_sink"]
 
-    before = (tmp_path / "manifest.jsonl").read_bytes()
-    calls = len(fetcher.calls)
+    before = (tmp_path / "reviewed" / "manifest.jsonl").read_bytes()
+    reads = backend.reads
     await sink.apply(batch)  # redelivered
-    assert (tmp_path / "manifest.jsonl").read_bytes() == before
-    assert len(fetcher.calls) == calls, "a replay fetched media again"
+    assert (tmp_path / "reviewed" / "manifest.jsonl").read_bytes() == before
+    assert backend.reads == reads, "a replay read the evidence store again"
 
-    redo = decision("d5", "p1", hate=("correct", "not_hateful"), decided_at="2026-11-28T13:00:00+00:00",
+    redo = decision("d7", "p1", hate=("correct", "not_hateful"), decided_at="2026-11-28T13:00:00+00:00",
                     image_url="http://m/red.png", media_hash=red_hash)  # fmt: skip
-    await sink.apply(_records(redo, decision("d6", "p1", hate=SKIP, sarcasm=SKIP, decided_at="2026-11-29T00:00:00Z")))
-    lines = _manifest(tmp_path)
+    await sink.apply(_records(redo, decision("d8", "p1", hate=SKIP, sarcasm=SKIP, decided_at="2026-11-29T00:00:00Z")))
+    lines = _manifest(tmp_path / "reviewed")
     assert lines["p1"]["labels"] == {"hate": "not_hateful", "sarcasm": "not_sarcastic"}
-    assert lines["p1"]["meta"]["decision_id"] == "d5" and lines["p1"]["image"] == f"media/{red_hash}.png"
-    assert len(fetcher.calls) == calls, "the image already saved under its hash was fetched again"
+    assert lines["p1"]["meta"]["decision_id"] == "d7" and lines["p1"]["image"] == f"media/{red_hash}.png"
+    assert backend.reads == reads, "the image already saved under its hash was read again"
+    ds.close()
+
+
+@pytest.mark.asyncio
+async def test_an_unreachable_evidence_store_retries_the_batch(tmp_path: Path) -> None:
+    red = _png((255, 0, 0))
+    red_hash = hashlib.sha256(red).hexdigest()
+    store, backend = await _store(tmp_path / "evidence", red)
+    backend.down = True
+    ds = ReviewedDataset(tmp_path / "reviewed")
+    sink = DatasetSink(ds, store, FakeDeadLetters())
+    with pytest.raises(TransientError) as info:
+        await sink.apply(_records(decision("d1", "p1", image_url="http://m/red.png", media_hash=red_hash)))
+    assert info.value.dependency == "evidence" and ds.lines == {}, "a store outage made the example text-only"
+    backend.down = False
+    await sink.apply(_records(decision("d1", "p1", image_url="http://m/red.png", media_hash=red_hash)))
+    assert ds.lines["p1"]["image"] == f"media/{red_hash}.png"
     ds.close()
 
 
 @pytest.mark.asyncio
 async def test_a_disk_failure_raises_so_the_batch_is_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ds = ReviewedDataset(tmp_path)
-    sink = DatasetSink(ds, FakeFetcher({}), FakeDeadLetters())
+    sink = DatasetSink(ds, EvidenceStore(LocalBackend(tmp_path / "evidence")), FakeDeadLetters())
 
     def full(*args: object) -> None:
         raise OSError(28, "No space left on device")

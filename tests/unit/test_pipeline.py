@@ -307,3 +307,54 @@ def test_every_label_records_what_routed_it_and_a_worker_override():
         "overrides": {"itm_threshold": 0.95, "uncertainty_band": 0.1},
     }
     assert json.loads(encode(outcome.label))["routing"]["source"] == "worker"
+
+
+class BodyFetcher:
+    """Real bytes per URL (the content hash is their sha256), as MediaFetcher returns them."""
+
+    def __init__(self, bodies):
+        self.bodies = bodies
+
+    async def fetch_many(self, urls):
+        import hashlib
+
+        out = []
+        for u in urls:
+            body = self.bodies[u]
+            out.append(FakeResult("ok", Image.new("RGB", (4, 4)), hashlib.sha256(body).hexdigest()))
+            out[-1].body = body
+        return out
+
+
+def test_the_scored_bytes_of_a_routed_post_are_kept_as_evidence_before_its_review_item(tmp_path):
+    import hashlib
+
+    from stream import metrics
+    from stream.evidence import EvidenceStore, LocalBackend
+
+    bodies = {"http://m/weak.png": b"weak pair bytes", "http://m/fine.png": b"fine bytes"}
+    store = EvidenceStore(LocalBackend(tmp_path / "evidence"))
+    pipeline = Pipeline(FakeClassifier(), BodyFetcher(bodies), lambda version: CARD, RoutingPolicy(), evidence=store)
+    weak, fine = asyncio.run(
+        pipeline.process([_raw("w", "weak pair", "http://m/weak.png"), _raw("f", "fine", "http://m/fine.png")])
+    )
+    assert weak.review is not None and fine.review is None
+    weak_hash = hashlib.sha256(b"weak pair bytes").hexdigest()
+    assert weak.review.label["media"]["content_hash"] == weak_hash
+    blob = asyncio.run(store.get(weak_hash))
+    assert blob.ok and blob.data == b"weak pair bytes"
+    assert not asyncio.run(store.get(hashlib.sha256(b"fine bytes").hexdigest())).ok, "an auto post was kept"
+
+    # A store that fails costs the image, never the post: still labelled and routed, and counted.
+    class FullDisk(LocalBackend):
+        def put(self, digest, data):
+            raise OSError(28, "No space left on device")
+
+    failed = metrics.EVIDENCE.labels("failed")._value.get()
+    full = EvidenceStore(FullDisk(tmp_path / "full"))
+    blocked = Pipeline(
+        FakeClassifier(), BodyFetcher({"http://m/x.png": b"x"}), lambda v: CARD, RoutingPolicy(), evidence=full
+    )
+    (out,) = asyncio.run(blocked.process([_raw("x", "weak pair", "http://m/x.png")]))
+    assert out.label.route == "review" and out.review is not None and out.dead_letter is None
+    assert metrics.EVIDENCE.labels("failed")._value.get() == failed + 1

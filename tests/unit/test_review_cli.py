@@ -20,7 +20,7 @@ def test_serve_defaults_match_the_documented_ones() -> None:
         "redis://127.0.0.1:16379/0",
     )
     assert (args.users, args.claim_timeout, args.max_deliveries) == ("var/review-users.json", 300.0, 5)
-    assert not args.allow_loopback_media and not args.insecure_cookies
+    assert args.evidence == "var/evidence" and not args.insecure_cookies
 
 
 def test_review_needs_an_action() -> None:

@@ -1,83 +1,87 @@
-"""The console's image proxy: SSRF guard, re-encoding to plain pixels, bounded cache, one fetch per URL."""
+"""The console's images: only the scored bytes from the evidence store, verified, re-encoded
+to plain pixels; a bounded cache; one read per hash; never a URL."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 from pathlib import Path
 
 import pytest
 from PIL import Image, PngImagePlugin
 
-from review.media_proxy import MediaError, MediaProxy, reencode
-from stream.media_server import MediaServer
+from review.evidence_images import EvidenceImages, MediaError, reencode
+from stream.evidence import EvidenceStore, LocalBackend
 
 
-def _png(path: Path, color: tuple[int, int, int], size: tuple[int, int] = (64, 48)) -> None:
+def _png(color: tuple[int, int, int], size: tuple[int, int] = (64, 48)) -> bytes:
     info = PngImagePlugin.PngInfo()
     info.add_text("Comment", "secret metadata <script>")
-    Image.new("RGB", size, color).save(path, format="PNG", pnginfo=info)
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+async def _kept(root: Path, *blobs: bytes) -> tuple[EvidenceStore, list[str]]:
+    store = EvidenceStore(LocalBackend(root))
+    hashes = [hashlib.sha256(b).hexdigest() for b in blobs]
+    for digest, blob in zip(hashes, blobs, strict=True):
+        await store.put(digest, blob)
+    return store, hashes
 
 
 @pytest.mark.asyncio
-async def test_image_is_refetched_never_and_reencoded_without_metadata(tmp_path: Path) -> None:
-    _png(tmp_path / "a.png", (200, 30, 30), size=(3000, 1500))
-    server = MediaServer(tmp_path)
-    url = await server.start()
-    proxy = MediaProxy(allow_loopback=True)
-    await proxy.start()
-    try:
-        first, second = await asyncio.gather(proxy.get(f"{url}/a.png"), proxy.get(f"{url}/a.png"))
-        assert server.hits == 1 and proxy.fetches == 1  # concurrent requests share one fetch
-        assert first is second
-        again = await proxy.get(f"{url}/a.png", first.content_hash)
-        assert again is first and server.hits == 1  # the content hash finds it in the cache
-        img = Image.open(io.BytesIO(first.body))
-        assert img.format == "PNG" and max(img.size) == 1024  # scaled down for review
-        assert "Comment" not in img.info and b"secret metadata" not in first.body
-        assert first.content_type == "image/png"
-    finally:
-        await proxy.close()
-        await server.stop()
+async def test_the_scored_image_is_read_once_and_reencoded_without_metadata(tmp_path: Path) -> None:
+    store, (digest,) = await _kept(tmp_path, _png((200, 30, 30), size=(3000, 1500)))
+    images = EvidenceImages(store)
+    first, second = await asyncio.gather(images.get(digest), images.get(digest))
+    assert images.reads == 1 and first is second  # concurrent requests share one read
+    img = Image.open(io.BytesIO(first.body))
+    assert img.format == "PNG" and max(img.size) == 1024  # scaled down for review
+    assert "Comment" not in img.info and b"secret metadata" not in first.body
+    assert img.getpixel((10, 10)) == (200, 30, 30)
 
 
 @pytest.mark.asyncio
-async def test_loopback_is_refused_unless_allowed(tmp_path: Path) -> None:
-    _png(tmp_path / "a.png", (0, 0, 0))
-    server = MediaServer(tmp_path)
-    url = await server.start()
-    proxy = MediaProxy(allow_loopback=False)
-    await proxy.start()
-    try:
+async def test_missing_tampered_or_undecodable_evidence_is_never_shown(tmp_path: Path) -> None:
+    red, blue = _png((255, 0, 0)), _png((0, 0, 255))
+    script = b"<script>alert(1)</script>"
+    store, (red_hash, blue_hash, script_hash) = await _kept(tmp_path, red, blue, script)
+    images = EvidenceImages(store)
+    assert isinstance(store.backend, LocalBackend)
+    store.backend.path(blue_hash).write_bytes(red)  # the blob now holds other bytes
+    await store.delete(red_hash)
+    for digest, status in ((red_hash, "missing"), (blue_hash, "mismatch"), (script_hash, "undecodable")):
         with pytest.raises(MediaError) as err:
-            await proxy.get(f"{url}/a.png")
-        assert err.value.status == "blocked_address"
-        assert server.hits == 0
-        with pytest.raises(MediaError) as err:
-            await proxy.get("file:///etc/passwd")
-        assert err.value.status == "blocked_scheme"
-    finally:
-        await proxy.close()
-        await server.stop()
+            await images.get(digest)
+        assert err.value.status == status
+        assert await images.has(digest) is False
+    assert await images.has(None) is False
 
 
 @pytest.mark.asyncio
 async def test_cache_is_bounded(tmp_path: Path) -> None:
-    for i in range(4):
-        _png(tmp_path / f"{i}.png", (i * 60, 10, 10))
-    server = MediaServer(tmp_path)
-    url = await server.start()
-    sizes = [len(reencode(Image.open(tmp_path / f"{i}.png"))[0]) for i in range(4)]
-    proxy = MediaProxy(allow_loopback=True, cache_bytes=sizes[2] + sizes[3])  # room for the last two
-    await proxy.start()
-    try:
-        hashes = [(await proxy.get(f"{url}/{i}.png")).content_hash for i in range(4)]
-        assert len(set(hashes)) == 4
-        assert proxy._size <= proxy.cache_bytes and len(proxy._cache) == 2
-        assert list(proxy._cache) == hashes[2:]  # least recently used went first
-    finally:
-        await proxy.close()
-        await server.stop()
+    blobs = [_png((i * 60, 10, 10)) for i in range(4)]
+    store, hashes = await _kept(tmp_path, *blobs)
+    sizes = [len(reencode(Image.open(io.BytesIO(b)))[0]) for b in blobs]
+    images = EvidenceImages(store, cache_bytes=sizes[2] + sizes[3])  # room for the last two
+    for digest in hashes:
+        await images.get(digest)
+    assert images._size <= images.cache_bytes and list(images._cache) == hashes[2:]  # LRU went first
+    images.forget(hashes[3])
+    assert list(images._cache) == hashes[2:3]
+
+
+@pytest.mark.asyncio
+async def test_a_blob_removed_elsewhere_stops_showing_once_its_cache_entry_is_old(tmp_path: Path) -> None:
+    store, (digest,) = await _kept(tmp_path, _png((1, 2, 3)))
+    images = EvidenceImages(store, max_age_s=0.2)
+    await images.get(digest)
+    await EvidenceStore(LocalBackend(tmp_path)).delete(digest)  # a purge in another process
+    assert await images.has(digest) is True  # still cached
+    await asyncio.sleep(0.3)
+    assert await images.has(digest) is False and images.reads == 2
 
 
 def test_large_photos_become_jpeg() -> None:

@@ -18,11 +18,12 @@ def test_sink_subcommands_parse_with_the_documented_defaults() -> None:
     assert (review.bootstrap, review.redis, review.group, review.topic) == (
         "127.0.0.1:19092", "redis://127.0.0.1:16379/0", "modstream-review-sink", "review",
     )  # fmt: skip
-    dataset = build_parser().parse_args(["dataset-sink", "--out", "x", "--allow-loopback-media", "--metrics-port", "0"])
+    dataset = build_parser().parse_args(["dataset-sink", "--out", "x", "--evidence", "s3://b/p", "--metrics-port", "0"])
     assert dataset.func is cmd_dataset_sink
-    assert (dataset.group, dataset.topic, dataset.out, dataset.allow_loopback_media, dataset.metrics_port) == (
-        "modstream-dataset-sink", "reviewed", "x", True, 0,
+    assert (dataset.group, dataset.topic, dataset.out, dataset.evidence, dataset.metrics_port) == (
+        "modstream-dataset-sink", "reviewed", "x", "s3://b/p", 0,
     )  # fmt: skip
+    assert build_parser().parse_args(["dataset-sink"]).evidence == "var/evidence"
     assert build_parser().parse_args(["dataset-sink"]).out == "var/reviewed"
 
 
