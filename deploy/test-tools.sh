@@ -7,7 +7,8 @@
 # Debian's `prometheus` package (2.42), for the alert rules' unit tests. That package ships a
 # Prometheus server service: it must not be left running, so services are kept from starting
 # during the install (policy-rc.d) and, under systemd, disabled and stopped after it.
-# Idempotent: installs only what is missing; needs root (or passwordless sudo) the first time.
+# Also the S3Proxy jar (below). Idempotent: installs only what is missing; needs root (or
+# passwordless sudo) the first time for the Debian packages.
 set -euo pipefail
 
 missing=()
