@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
@@ -279,6 +280,63 @@ class ModelUpdate:
         return cls(version, parent, reason)
 
 
+# What people do besides deciding items, each recorded on `audit` before it takes effect.
+AUDIT_ACTIONS = (
+    "escalation_dismissed",
+    "dead_requeued",
+    "dead_dropped",
+    "user_added",
+    "user_removed",
+    "password_set",
+    "token_issued",
+    "token_revoked",
+    "post_purged",
+)
+MAX_AUDIT_DETAIL = 4096  # characters of the detail's JSON: ids and counts, never post text
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """On `audit` (append-only, keyed by `subject`): one act of a person other than a decision
+    (those are on `reviewed`). `actor` is the console user, or `cli:<os user>` for a command;
+    `subject` the post id or user name acted on; `detail` ids and counts (never post text, so
+    an erased post stays erased here too)."""
+
+    action: str
+    actor: str
+    subject: str
+    detail: dict[str, Any] = field(default_factory=dict)
+    event_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    at: str = field(default_factory=now_iso)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"v": SCHEMA_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, raw: bytes | str | dict[str, Any]) -> AuditEvent:
+        obj = dict(raw) if isinstance(raw, dict) else decode_json(raw)
+        _check_version(obj)
+        action = _string(obj, "action", max_len=64)
+        if action not in AUDIT_ACTIONS:
+            raise RecordError("action", f"must be one of {', '.join(AUDIT_ACTIONS)}")
+        values = {
+            name: _string(obj, name, max_len=MAX_ID, required=name in ("actor", "subject"))
+            for name in ("actor", "subject", "event_id", "at")
+        }
+        for name, value in values.items():
+            if value is not None and has_control(value):
+                raise RecordError(name, "must not contain control characters")
+        detail = obj.get("detail", {})
+        if not isinstance(detail, dict) or len(json.dumps(detail, default=str)) > MAX_AUDIT_DETAIL:
+            raise RecordError("detail", f"must be an object of at most {MAX_AUDIT_DETAIL} characters")
+        event = cls(action, str(values["actor"]), str(values["subject"]), detail)
+        if values["event_id"] is not None:
+            object.__setattr__(event, "event_id", values["event_id"])
+        if values["at"] is not None:
+            object.__setattr__(event, "at", values["at"])
+        return event
+
+
 # What a reviewer can do with each task of an item. Only confirm, correct and not_violating
 # produce a training label; skip and escalate never do.
 ACTIONS = ("confirm", "correct", "not_violating", "skip", "escalate")
@@ -430,5 +488,5 @@ def _json_size(text: str) -> int:
     return len(json.dumps(text, ensure_ascii=False).encode("utf-8", "surrogatepass"))
 
 
-def encode(record: Post | Label | ReviewItem | DeadLetter | ReviewDecision | ModelUpdate) -> bytes:
+def encode(record: Post | Label | ReviewItem | DeadLetter | ReviewDecision | ModelUpdate | AuditEvent) -> bytes:
     return json.dumps(record.to_json(), ensure_ascii=False, separators=(",", ":")).encode()

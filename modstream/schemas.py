@@ -22,6 +22,7 @@ from typing import Any
 from modstream import records
 from modstream.records import (
     ACTIONS,
+    AUDIT_ACTIONS,
     DEAD_LETTER_STAGES,
     LABELLING_ACTIONS,
     MAX_ID,
@@ -29,6 +30,7 @@ from modstream.records import (
     MAX_TEXT,
     MAX_URL,
     SCHEMA_VERSION,
+    AuditEvent,
     DeadLetter,
     Label,
     MediaInfo,
@@ -49,6 +51,7 @@ TOPIC_RECORDS: dict[type, tuple[str, str]] = {
     DeadLetter: ("dead-letter", "posts.dlq (keyed by post id when one could be read)"),
     ReviewDecision: ("review-decision", "reviewed (keyed by post id)"),
     ModelUpdate: ("model-update", "model-updates (one partition, no key: every worker reads all of it)"),
+    AuditEvent: ("audit-event", "audit (append-only, keyed by subject: a post id or user name)"),
 }
 NESTED = (MediaInfo, TaskDecision)
 
@@ -68,6 +71,9 @@ _RULES: dict[tuple[type, str], dict[str, Any]] = {
     (Label, "route"): {"enum": ["auto", "review"]},
     (DeadLetter, "stage"): {"enum": list(DEAD_LETTER_STAGES)},
     (TaskDecision, "action"): {"enum": list(ACTIONS)},
+    (AuditEvent, "action"): {"enum": list(AUDIT_ACTIONS)},
+    (AuditEvent, "actor"): {"minLength": 1, "maxLength": MAX_ID, **_NON_EMPTY},
+    (AuditEvent, "subject"): {"minLength": 1, "maxLength": MAX_ID, **_NON_EMPTY},
 }
 
 # Fields the parser accepts as missing although the dataclass has no default (or the reverse).

@@ -38,6 +38,16 @@ def _fail(exc: Exception) -> int:
     return 2
 
 
+def _audit(args: argparse.Namespace, action: str, subject: str, **detail: Any) -> None:
+    """Write the audit record before the change (review/audit.py); AuditUnavailable stops it."""
+    if args.no_audit:
+        print(f"warning: --no-audit: {action} on {subject} leaves no record on the audit topic", file=sys.stderr)
+        return
+    from review.audit import record_from_cli
+
+    record_from_cli(args.bootstrap, action, subject, topic=args.audit_topic, timeout_s=args.audit_timeout, **detail)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     import contextlib
@@ -68,6 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         evidence=args.evidence,
         secure_cookies=not args.insecure_cookies,
         topic=args.topic,
+        audit_topic=args.audit_topic,
     )
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(config, args.host, args.port, args.ops_port or None))
@@ -75,55 +86,73 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_add_user(args: argparse.Namespace) -> int:
-    from review.auth import AuthError, check_name, check_role
+    from review.audit import AuditUnavailable
+    from review.auth import AuthError, check_name, check_password, check_role
 
     try:
         check_name(args.name)
         check_role(args.role)
         store = _users(args)
-        store.add(args.name, args.role, _read_password(args))
-    except AuthError as exc:
+        if store.get(args.name) is not None:
+            raise AuthError(f"user {args.name!r} exists already")
+        password = check_password(_read_password(args))
+        _audit(args, "user_added", args.name, role=args.role)
+        store.add(args.name, args.role, password)
+    except (AuthError, AuditUnavailable) as exc:
         return _fail(exc)
     print(f"added {args.role} {args.name} to {args.users}")
     return 0
 
 
 def cmd_remove_user(args: argparse.Namespace) -> int:
-    from review.auth import AuthError
-
-    try:
-        _users(args).remove(args.name)
-    except AuthError as exc:
-        return _fail(exc)
-    print(f"removed {args.name}; their sessions end on their next request")
-    return 0
-
-
-def cmd_set_password(args: argparse.Namespace) -> int:
+    from review.audit import AuditUnavailable
     from review.auth import AuthError
 
     try:
         store = _users(args)
         if store.get(args.name) is None:
             raise AuthError(f"no user {args.name!r}")
-        revoked = store.set_password(args.name, _read_password(args))
-    except AuthError as exc:
+        _audit(args, "user_removed", args.name)
+        store.remove(args.name)
+    except (AuthError, AuditUnavailable) as exc:
+        return _fail(exc)
+    print(f"removed {args.name}; their sessions end on their next request")
+    return 0
+
+
+def cmd_set_password(args: argparse.Namespace) -> int:
+    from review.audit import AuditUnavailable
+    from review.auth import AuthError, check_password
+
+    try:
+        store = _users(args)
+        if store.get(args.name) is None:
+            raise AuthError(f"no user {args.name!r}")
+        password = check_password(_read_password(args))
+        _audit(args, "password_set", args.name)
+        revoked = store.set_password(args.name, password)
+    except (AuthError, AuditUnavailable) as exc:
         return _fail(exc)
     print(f"password of {args.name} changed; sessions ended, {revoked} API token(s) revoked (issue new ones)")
     return 0
 
 
 def cmd_token(args: argparse.Namespace) -> int:
+    from review.audit import AuditUnavailable
     from review.auth import AuthError
 
     try:
         store = _users(args)
+        if store.get(args.name) is None:
+            raise AuthError(f"no user {args.name!r}")
         if args.revoke:
+            _audit(args, "token_revoked", args.name, token_id=args.revoke)
             store.revoke_token(args.name, args.revoke)
             print(f"token {args.revoke} of {args.name} revoked")
             return 0
+        _audit(args, "token_issued", args.name, label=args.label or "")
         token = store.issue_token(args.name, args.label or "")
-    except AuthError as exc:
+    except (AuthError, AuditUnavailable) as exc:
         return _fail(exc)
     print(token)
     print("(shown once; only its hash is stored)", file=sys.stderr)
@@ -162,8 +191,20 @@ def add_parsers(sub: Any) -> None:
     review = sub.add_parser("review", help="the human review console and its tools")
     actions = review.add_subparsers(dest="review_action", required=True)
 
-    def users_opt(p: argparse.ArgumentParser) -> None:
+    def users_opt(p: argparse.ArgumentParser, *, audited: bool = True) -> None:
         p.add_argument("--users", default=DEFAULT_USERS, help=f"users file (default {DEFAULT_USERS})")
+        if audited:  # a user change is recorded on the audit topic first (review/audit.py)
+            add_kafka(p, "Kafka bootstrap servers of the audit topic")
+            audit_topic_opt(p)
+            p.add_argument("--audit-timeout", type=float, default=15.0, help="seconds to wait for the audit record")
+            p.add_argument(
+                "--no-audit",
+                action="store_true",
+                help="change users without an audit record (first set-up before Kafka runs); says so on stderr",
+            )
+
+    def audit_topic_opt(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--audit-topic", default="audit", help="append-only topic of people's acts (default audit)")
 
     p = actions.add_parser("serve", help="run the review console (web pages + JSON API)")
     p.add_argument("--host", default="127.0.0.1")
@@ -172,7 +213,8 @@ def add_parsers(sub: Any) -> None:
     add_kafka(p)
     add_redis(p, "Redis URL of the review queue")
     p.add_argument("--topic", default="reviewed", help="Kafka topic for decisions")
-    users_opt(p)
+    audit_topic_opt(p)
+    users_opt(p, audited=False)
     p.add_argument("--claim-timeout", type=float, default=300.0, help="seconds before an abandoned claim is reclaimed")
     p.add_argument("--max-deliveries", type=int, default=5, help="deliveries before an item is dead-lettered")
     add_evidence(p, "where the worker keeps the media it scored (the console shows only those bytes)")

@@ -15,11 +15,21 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from modstream.records import ACTIONS, RecordError, ReviewDecision, ReviewItem, TaskDecision, encode, reviewer_decision
+from modstream.records import (
+    ACTIONS,
+    AuditEvent,
+    RecordError,
+    ReviewDecision,
+    ReviewItem,
+    TaskDecision,
+    encode,
+    reviewer_decision,
+)
 
 log = logging.getLogger(__name__)
 
 REVIEWED_TOPIC = "reviewed"
+AUDIT_TOPIC = "audit"  # append-only: every act of a person besides decisions (AuditEvent)
 MAX_NOTE = 2000
 
 
@@ -158,14 +168,22 @@ class DecisionProducer:
             return self._producer
 
     async def send(self, decision: ReviewDecision) -> None:
+        await self._send(self.topic, decision.post_id, encode(decision), f"decision {decision.decision_id}")
+
+    async def send_audit(self, event: AuditEvent, topic: str = AUDIT_TOPIC) -> None:
+        """Record a person's act on the audit topic; KafkaUnavailable (the act must not happen) if not."""
+        await self._send(topic, event.subject, encode(event), f"audit event {event.action} on {event.subject}")
+
+    async def _send(self, topic: str, key: str, value: bytes, what: str) -> None:
         try:
             async with asyncio.timeout(self.timeout_s):
                 producer = await self._get()
-                await producer.send_and_wait(self.topic, encode(decision), key=decision.post_id.encode())
+                await producer.send_and_wait(topic, value, key=key.encode())
         except Exception as exc:
-            log.warning("decision %s not produced: %r", decision.decision_id, exc)
+            log.warning("%s not produced: %r", what, exc)
             await self._reset()
-            raise KafkaUnavailable(f"could not write the decision to Kafka ({type(exc).__name__}: {exc})") from exc
+            kind = what.split(" ")[0]
+            raise KafkaUnavailable(f"could not write the {kind} record to Kafka ({type(exc).__name__}: {exc})") from exc
 
     async def _reset(self) -> None:
         async with self._lock:

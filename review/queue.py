@@ -650,6 +650,15 @@ class ReviewQueue:
         rows: Any = await self.client.xrevrange(self.dead, "+", "-", count=count)
         return [{"id": _str(i), **_fields(f)} for i, f in rows or []]
 
+    async def dead_entry(self, dead_id: str) -> dict[str, Any]:
+        """One entry of the dead-letter stream; QueueError when the id is malformed or it is gone."""
+        if not _ENTRY_ID.match(dead_id):
+            raise QueueError(f"{dead_id!r} is not a dead-letter id")
+        rows = await self._range(self.dead, dead_id, dead_id, count=1)
+        if not rows:
+            raise QueueError(f"no dead letter {dead_id}")
+        return {"id": rows[0][0], **rows[0][1]}
+
     async def requeue_dead(self, dead_id: str) -> str:
         """Put a dead-lettered item back on the review stream as a fresh entry."""
         try:

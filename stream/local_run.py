@@ -209,7 +209,7 @@ def _serve_review(opts: RunOptions, home: Path) -> subprocess.Popen[bytes]:
     password = secrets.token_urlsafe(12)
     subprocess.run(
         [sys.executable, "-m", "modstream", "review", "add-user", DEMO_REVIEWER, "--role", "admin",
-         "--password-stdin", "--users", str(users)],
+         "--password-stdin", "--users", str(users), "--bootstrap", f"127.0.0.1:{opts.bootstrap_port}"],
         input=password + "\n", text=True, check=True, cwd=REPO_ROOT, capture_output=True,
     )  # fmt: skip
     console = subprocess.Popen(

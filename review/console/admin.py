@@ -31,17 +31,15 @@ class AdminPages(HandlerBase):
         return self.c.render(request, "dead.html", letters=rows, stats=await self.c.stats(), fmt_age=_fmt_age)
 
     async def dead_action_page(self, request: web.Request) -> web.StreamResponse:
-        _require_admin(request)
-        dead_id, action = request.match_info["dead_id"], request.match_info["action"]
+        admin = _require_admin(request)
         try:
-            if action == "requeue":
-                await self.c.queue.requeue_dead(dead_id)
-            elif action == "delete":
-                await self.c.queue.delete_dead(dead_id)
-            else:
-                raise web.HTTPNotFound()
+            await self._dead_action(request.match_info["dead_id"], request.match_info["action"], admin.name)
         except QueueError as exc:
             raise web.HTTPNotFound(text=str(exc)) from exc
+        except KafkaUnavailable as exc:
+            return self.c.render(
+                request, "error.html", status=503, title="Not done", message=f"{exc}. Nothing changed; try again."
+            )
         raise web.HTTPSeeOther("/admin/dead")
 
     async def escalated_page(

@@ -124,6 +124,8 @@ class ApiHandlers(HandlerBase):
             await self._dismiss_escalation(request.match_info["esc_id"], admin.name)
         except QueueError as exc:
             return _json_error(404, str(exc))
+        except KafkaUnavailable as exc:
+            return _json_error(503, str(exc), retry=True)
         return web.json_response({"dismissed": request.match_info["esc_id"]})
 
     async def api_dead(self, request: web.Request) -> web.StreamResponse:
@@ -135,20 +137,22 @@ class ApiHandlers(HandlerBase):
         return web.json_response({"dead_letters": await self.c.queue.dead_letters(count)})
 
     async def api_dead_requeue(self, request: web.Request) -> web.StreamResponse:
-        _require_admin(request)
-        try:
-            new_id = await self.c.queue.requeue_dead(request.match_info["dead_id"])
-        except QueueError as exc:
-            return _json_error(404, str(exc))
-        return web.json_response({"entry_id": new_id})
+        return await self._api_dead(request, "requeue")
 
     async def api_dead_delete(self, request: web.Request) -> web.StreamResponse:
-        _require_admin(request)
+        return await self._api_dead(request, "delete")
+
+    async def _api_dead(self, request: web.Request, action: str) -> web.StreamResponse:
+        admin = _require_admin(request)
         try:
-            deleted = await self.c.queue.delete_dead(request.match_info["dead_id"])
+            outcome = await self._dead_action(request.match_info["dead_id"], action, admin.name)
         except QueueError as exc:
             return _json_error(404, str(exc))
-        return web.json_response({"deleted": deleted}, status=200 if deleted else 404)
+        except KafkaUnavailable as exc:
+            return _json_error(503, str(exc), retry=True)
+        if action == "requeue":
+            return web.json_response({"entry_id": outcome})
+        return web.json_response({"deleted": outcome}, status=200 if outcome else 404)
 
     async def healthz(self, request: web.Request) -> web.StreamResponse:
         try:

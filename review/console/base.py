@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from modstream.records import RecordError, ReviewDecision, ReviewItem, decode_json
+from modstream.records import AuditEvent, RecordError, ReviewDecision, ReviewItem, decode_json
 from review.auth import User
 from review.console.core import IDENTITY, Console, Identity
 from review.console.middlewares import _json_error, _wants_json
@@ -332,16 +332,40 @@ class HandlerBase:
         log.info("escalation %s (post %s) decided by %s: %s", escalation_id, item.post_id, admin, decision_id)
         return decision
 
+    async def _audit(self, action: str, actor: str, subject: str, **detail: Any) -> None:
+        """Record the act on the audit topic before it takes effect (review/audit.py);
+        KafkaUnavailable means it must not happen."""
+        try:
+            await self.c.producer.send_audit(AuditEvent(action, actor, subject, detail), self.c.config.audit_topic)
+        except KafkaUnavailable:
+            self.c.metrics.kafka_errors.inc()
+            raise
+
     async def _dismiss_escalation(self, escalation_id: str, admin: str) -> None:
+        """QueueError (gone) and KafkaUnavailable (not audited) change nothing."""
         entry = await self.c.queue.escalation(escalation_id)
+        post_id = str(entry.get("post_id") or escalation_id)
+        await self._audit(
+            "escalation_dismissed",
+            admin,
+            post_id,
+            escalation_id=escalation_id,
+            escalated_by=entry.get("reviewer", ""),
+            entry_id=entry.get("entry_id", ""),
+        )
         if not await self.c.queue.dismiss_escalation(escalation_id):
             raise QueueError(f"no open escalation {escalation_id} (settled or dismissed already?)")
         self.c.metrics.escalations_settled.labels("dismissed").inc()
-        # Warning level, so it is logged by default: a dismissal leaves no record on Kafka.
-        log.warning(
-            "escalation %s (post %s, escalated by %s) dismissed without a label by %s",
-            escalation_id,
-            entry.get("post_id", ""),
-            entry.get("reviewer", ""),
-            admin,
-        )
+        log.info("escalation %s (post %s) dismissed without a label by %s", escalation_id, post_id, admin)
+
+    async def _dead_action(self, dead_id: str, action: str, admin: str) -> str | bool:
+        """Requeue (returns the new entry id) or drop (returns whether it was there) a dead-
+        lettered review item, audited first. QueueError and KafkaUnavailable change nothing."""
+        if action not in ("requeue", "delete"):
+            raise web.HTTPNotFound()
+        entry = await self.c.queue.dead_entry(dead_id)
+        post_id = str(entry.get("post_id") or dead_id)
+        await self._audit("dead_requeued" if action == "requeue" else "dead_dropped", admin, post_id, dead_id=dead_id)
+        if action == "requeue":
+            return await self.c.queue.requeue_dead(dead_id)
+        return await self.c.queue.delete_dead(dead_id)

@@ -87,6 +87,7 @@ class ConsoleConfig:
     evidence: str = "var/evidence"
     secure_cookies: bool = True
     topic: str = "reviewed"
+    audit_topic: str = "audit"
     session_idle_s: int = 8 * 3600
 
     @property

@@ -66,18 +66,20 @@ def browser() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="session")
-def users_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    """Users added through the real CLI; returns the file and API tokens of root and alice."""
+def users_file(stack: LocalStack, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """Users added through the real CLI (each change recorded on the audit topic); returns the
+    file and API tokens of root and alice."""
     path = tmp_path_factory.mktemp("review-users") / "users.json"
     for name, role in USERS.items():
         subprocess.run(
             [sys.executable, "-m", "modstream.cli", "review", "add-user", name, "--role", role, "--password-stdin",
-             "--users", str(path)],
+             "--users", str(path), "--bootstrap", stack.bootstrap],
             input=PASSWORD + "\n", text=True, check=True, cwd=REPO_ROOT, capture_output=True,
         )  # fmt: skip
     tokens = {
         name: subprocess.run(
-            [sys.executable, "-m", "modstream.cli", "review", "token", name, "--users", str(path)],
+            [sys.executable, "-m", "modstream.cli", "review", "token", name, "--users", str(path),
+             "--bootstrap", stack.bootstrap],
             text=True, check=True, cwd=REPO_ROOT, capture_output=True,
         ).stdout.strip()
         for name in ("root", "alice")
@@ -171,6 +173,24 @@ def read_decision(bootstrap: str, post_id: str, timeout: float = 30.0) -> Review
             await consumer.stop()
 
     return run_async(consume())
+
+
+def audit_records(bootstrap: str, subject: str, count: int, timeout: float = 30.0) -> list[dict[str, Any]]:
+    """The `audit` topic's records about `subject` (read from the start), each checked against
+    the committed schema and the parser."""
+    from jsonschema import Draft202012Validator
+
+    from modstream.records import AuditEvent
+    from tests.integration.worker_harness import collect
+
+    schema = json.loads((REPO_ROOT / "schemas" / "audit-event.schema.json").read_text())
+    records = run_async(
+        collect(bootstrap, "audit", lambda r: len(r) >= count, timeout, lambda r: r.get("subject") == subject)
+    )
+    for record in records:
+        assert list(Draft202012Validator(schema).iter_errors(record)) == [], record
+        AuditEvent.from_json(record)
+    return records
 
 
 def review_item(post_id: str, text: str, image_url: str | None, content_hash: str | None = None) -> ReviewItem:

@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 
 from modstream.records import ReviewDecision
 from review.queue import ReviewQueue
-from tests.e2e.conftest import Console, run_async
+from tests.e2e.conftest import Console, audit_records, run_async
 from tests.e2e.test_review_console import login
 from tests.integration.stack import free_loopback_ports
 
@@ -143,8 +143,12 @@ def test_dismiss_drops_an_escalation_without_a_decision_and_needs_the_csrf_token
     assert console.api("GET", "/api/v1/admin/escalated")[1] == {"escalated": []}
     assert [d.reviewer for d in decisions_for(console.bootstrap, post_id)] == ["alice"], "dismiss produces nothing"
     assert console.api("POST", "/api/v1/claim")[1] == {"item": None}, "a dismissed post does not come back"
-    log = (tmp_path / f"console-{console.port}.log").read_text()  # the start_console fixture's log
-    assert f"(post {post_id}, escalated by alice) dismissed without a label by root" in log
+    (record,) = audit_records(console.bootstrap, post_id, 1)  # the dismissal's only record
+    assert (record["action"], record["actor"], record["detail"]["escalated_by"]) == (
+        "escalation_dismissed",
+        "root",
+        "alice",
+    )
     root.context.close()
 
 

@@ -241,7 +241,8 @@ def test_a_password_change_ends_the_sessions_made_before_it(start_console: Any, 
     users = str(users_file[0])
     name, first, second = f"dave{free_loopback_ports(1)[0]}", "first password 123", "second password 456"
     done = subprocess.run(
-        [sys.executable, "-m", "modstream.cli", "review", "add-user", name, "--password-stdin", "--users", users],
+        [sys.executable, "-m", "modstream.cli", "review", "add-user", name, "--password-stdin", "--users", users,
+         "--bootstrap", console.bootstrap],
         cwd=REPO_ROOT, input=first + "\n", text=True, capture_output=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -256,7 +257,8 @@ def test_a_password_change_ends_the_sessions_made_before_it(start_console: Any, 
 
     assert queue_page().endswith("/review")  # the session works
     done = subprocess.run(
-        [sys.executable, "-m", "modstream.cli", "review", "set-password", name, "--password-stdin", "--users", users],
+        [sys.executable, "-m", "modstream.cli", "review", "set-password", name, "--password-stdin", "--users", users,
+         "--bootstrap", console.bootstrap],
         cwd=REPO_ROOT, input=second + "\n", text=True, capture_output=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr

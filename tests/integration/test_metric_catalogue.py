@@ -141,7 +141,8 @@ def test_sinks_export_their_catalogue(stack: LocalStack, tmp_path: Path) -> None
 def test_review_console_exports_its_catalogue_on_the_ops_port(stack: LocalStack, tmp_path: Path) -> None:
     users = tmp_path / "users.json"
     subprocess.run(
-        [sys.executable, "-m", "modstream.cli", "review", "add-user", "ops", "--password-stdin", "--users", str(users)],
+        [sys.executable, "-m", "modstream.cli", "review", "add-user", "ops", "--password-stdin", "--users", str(users),
+         "--bootstrap", stack.bootstrap],
         input=b"a long enough password\n", cwd=REPO_ROOT, check=True, capture_output=True,
     )  # fmt: skip
     port, ops_port = free_loopback_ports(2)

@@ -54,9 +54,10 @@ class Console:
     """`modstream review serve` as a subprocess, and a JSON API client with a bearer token."""
 
     def __init__(self, args: list[str], log: Path, users: Path) -> None:
+        bootstrap = args[args.index("--bootstrap") + 1]  # user changes are recorded on its audit topic
         _cli("review", "add-user", "scripted", "--role", "reviewer", "--password-stdin", "--users", str(users),
-             stdin=PASSWORD + "\n")  # fmt: skip
-        self.token = _cli("review", "token", "scripted", "--users", str(users)).strip()
+             "--bootstrap", bootstrap, stdin=PASSWORD + "\n")  # fmt: skip
+        self.token = _cli("review", "token", "scripted", "--users", str(users), "--bootstrap", bootstrap).strip()
         (self.port,) = free_loopback_ports(1)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "modstream.cli", "review", "serve", "--host", "127.0.0.1", "--port", str(self.port),

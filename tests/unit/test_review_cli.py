@@ -31,16 +31,32 @@ def test_review_needs_an_action() -> None:
 def test_add_user_token_remove(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     users = str(tmp_path / "users.json")
     monkeypatch.setattr("sys.stdin", io.StringIO("a long enough password\n"))
-    assert main(["review", "add-user", "dana", "--role", "admin", "--password-stdin", "--users", users]) == 0
+    add = ["review", "add-user", "dana", "--role", "admin", "--password-stdin", "--users", users, "--no-audit"]
+    assert main(add) == 0
+    assert "leaves no record on the audit topic" in capsys.readouterr().err
     record = json.loads(Path(users).read_text())["users"]["dana"]
     assert record["role"] == "admin" and record["password_hash"].startswith("$argon2id$")
     capsys.readouterr()
-    assert main(["review", "token", "dana", "--users", users]) == 0
+    assert main(["review", "token", "dana", "--users", users, "--no-audit"]) == 0
     token = capsys.readouterr().out.strip()
     assert token.startswith("mst_") and token not in Path(users).read_text()
-    assert main(["review", "remove-user", "dana", "--users", users]) == 0
-    assert main(["review", "remove-user", "dana", "--users", users]) == 2
+    assert main(["review", "remove-user", "dana", "--users", users, "--no-audit"]) == 0
+    assert main(["review", "remove-user", "dana", "--users", users, "--no-audit"]) == 2
     assert "no user 'dana'" in capsys.readouterr().err
+
+
+def test_a_user_change_that_cannot_be_audited_is_not_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from tests.integration.stack import free_loopback_ports
+
+    users = str(tmp_path / "users.json")
+    (dead,) = free_loopback_ports(1)  # no broker listens there
+    monkeypatch.setattr("sys.stdin", io.StringIO("a long enough password\n"))
+    args = ["review", "add-user", "mallory", "--password-stdin", "--users", users]
+    assert main([*args, "--bootstrap", f"127.0.0.1:{dead}", "--audit-timeout", "2"]) == 2
+    assert "nothing was changed" in capsys.readouterr().err
+    assert not Path(users).exists(), "a user was added without an audit record"
 
 
 def test_bad_input_is_a_clear_error(

@@ -12,6 +12,7 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from modstream.records import (
+    AuditEvent,
     DeadLetter,
     Label,
     MediaInfo,
@@ -211,3 +212,28 @@ def test_dead_letter_schema_refuses_an_unknown_stage_and_a_missing_raw():
     assert check.is_valid(good)
     assert not check.is_valid({**good, "stage": "somewhere"})
     assert not check.is_valid({k: v for k, v in good.items() if k != "raw"})
+
+
+AUDIT = AuditEvent("dead_dropped", "root", "post-1", {"dead_id": "1-0"}).to_json()
+AUDIT_CASES: list[tuple[str, Any]] = [
+    ("valid", AUDIT),
+    ("minimal", {"v": 1, "action": "user_added", "actor": "cli:ops", "subject": "alice"}),
+    ("unknown action", {**AUDIT, "action": "decided"}),
+    ("actor missing", {k: v for k, v in AUDIT.items() if k != "actor"}),
+    ("blank subject", {**AUDIT, "subject": " "}),
+    ("subject too long", {**AUDIT, "subject": "x" * 257}),
+    ("detail a list", {**AUDIT, "detail": ["post text"]}),
+    ("version 2", {**AUDIT, "v": 2}),
+]
+
+
+@pytest.mark.parametrize(("name", "obj"), AUDIT_CASES, ids=[c[0] for c in AUDIT_CASES])
+def test_audit_event_schema_agrees_with_the_parser(name, obj):
+    assert validator(AuditEvent).is_valid(obj) == _parses(AuditEvent.from_json, obj)
+
+
+def test_an_audit_event_refuses_control_characters_and_a_large_detail():
+    with pytest.raises(RecordError, match="subject"):
+        AuditEvent.from_json({**AUDIT, "subject": "a\nforged log line"})
+    with pytest.raises(RecordError, match="detail"):
+        AuditEvent.from_json({**AUDIT, "detail": {"text": "x" * 5000}})
