@@ -35,6 +35,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "review-sink": ("review.sinks_cli", "copy the review topic into the Redis review stream"),
     "dataset-sink": ("review.sinks_cli", "append reviewers' decisions to the reviewed dataset"),
     "review": ("review.console_cli", "the human review console and its tools"),
+    "purge": ("review.retention_cli", "erase one post's text and media from Redis, the evidence store and the dataset"),
+    "retention": ("review.retention_cli", "trim the review streams and expire evidence by age"),
     "train": ("trainer.commands", "train, calibrate and register a model"),
     "ablate": ("trainer.commands", "task vs +ITC vs +ITM vs +ITC+ITM over k folds x seeds"),
     "import": ("trainer.commands", "convert a dataset to a JSONL manifest"),

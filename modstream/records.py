@@ -291,6 +291,7 @@ AUDIT_ACTIONS = (
     "token_issued",
     "token_revoked",
     "post_purged",
+    "retention_applied",
 )
 MAX_AUDIT_DETAIL = 4096  # characters of the detail's JSON: ids and counts, never post text
 

@@ -247,6 +247,27 @@ class ReviewedDataset:
             self.lines.update({line["id"]: line for line in lines})
         return len(lines) - replaced, replaced
 
+    def erase(self, post_ids: Sequence[str]) -> tuple[int, list[str]]:
+        """Remove the posts' lines (the manifest rewritten atomically, so their text is gone
+        from the file) and their image files that no remaining line uses: (lines removed,
+        image files removed). Idempotent; raises OSError leaving the state as it was."""
+        gone = {p for p in post_ids if p in self.lines}
+        if not gone:
+            return 0, []
+        kept = {k: v for k, v in self.lines.items() if k not in gone}
+        images = {self.lines[p]["image"] for p in gone if self.lines[p].get("image")}
+        still_used = {line.get("image") for line in kept.values()}
+        self._rewrite(kept.values())
+        self.lines = kept
+        removed = []
+        for name in sorted(images - still_used):
+            with contextlib.suppress(FileNotFoundError):
+                (self.folder / name).unlink()
+                removed.append(name)
+        if removed:
+            _fsync_dir(self.media)
+        return len(gone), removed
+
     def _append(self, lines: Sequence[Mapping[str, Any]]) -> None:
         payload = b"".join(_dump(line) for line in lines)
         with self.manifest.open("ab") as fh:

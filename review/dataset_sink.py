@@ -7,6 +7,9 @@ the model scored (stream/evidence.py; the post's URL is never fetched: it may se
 bytes now) and save them as `media/<sha256>.png`, then write the manifest and fsync it; the
 loop in review/kafka_sink.py commits the offsets only after that.
 
+A tombstone (a null value keyed by a post id, sent by `modstream purge`) erases that post's
+line and its image file (when no other line uses it).
+
 An image becomes a training image only when the reviewer was shown those very bytes
 (`seen_media_hash == media_hash`) and the store still holds them, verified. Otherwise the
 example is text-only with the reason in `meta.media_error`: the decision is kept. A disk or
@@ -109,6 +112,29 @@ class DatasetSink:
             metrics.MEDIA.labels(outcome)
 
     async def apply(self, records: Sequence[SinkRecord]) -> None:
+        """Decisions in order; a tombstone (null value keyed by a post id: `modstream purge`)
+        erases that post's line and image where it stands in the batch."""
+        run: list[SinkRecord] = []
+        for record in records:
+            if record.value is None and record.key_text:
+                await self._decisions(run)
+                run = []
+                await self._erase(record.key_text)
+            else:
+                run.append(record)
+        await self._decisions(run)
+
+    async def _erase(self, post_id: str) -> None:
+        try:
+            erased, media = await asyncio.to_thread(self.dataset.erase, [post_id])
+        except OSError as exc:
+            raise TransientError("disk", "manifest_write", exc) from exc
+        metrics.RECORDS.labels(NAME, "erased" if erased else "erase_absent").inc()
+        log.warning("dataset sink: erased post %s (%d line, %d image file)", post_id, erased, len(media))
+
+    async def _decisions(self, records: Sequence[SinkRecord]) -> None:
+        if not records:
+            return
         parsed = parse_batch(records)
         await self.dead_letters.send(parsed.dead, parsed.reasons)
         plan = plan_batch(parsed.good, self.dataset.lines)

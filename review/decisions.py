@@ -174,7 +174,11 @@ class DecisionProducer:
         """Record a person's act on the audit topic; KafkaUnavailable (the act must not happen) if not."""
         await self._send(topic, event.subject, encode(event), f"audit event {event.action} on {event.subject}")
 
-    async def _send(self, topic: str, key: str, value: bytes, what: str) -> None:
+    async def send_tombstone(self, topic: str, key: str) -> None:
+        """A null value keyed `key`: on `reviewed`, the dataset sink erases that post."""
+        await self._send(topic, key, None, f"tombstone for {key}")
+
+    async def _send(self, topic: str, key: str, value: bytes | None, what: str) -> None:
         try:
             async with asyncio.timeout(self.timeout_s):
                 producer = await self._get()

@@ -326,3 +326,27 @@ def test_a_changed_resubmit_on_one_claim_wins_and_an_identical_retry_stays_one_e
     assert plan.outcomes == ["added", "replayed", "replaced"]
     assert plan.winners["p1"].decision_id == id2
     assert plan.winners["p1"].training_labels()["hate"] == "not_hateful"
+
+
+@pytest.mark.asyncio
+async def test_a_tombstone_erases_the_post_where_it_stands_in_the_batch(tmp_path: Path) -> None:
+    red, blue = _png((255, 0, 0)), _png((0, 0, 255))
+    red_hash, blue_hash = (hashlib.sha256(x).hexdigest() for x in (red, blue))
+    store, _ = await _store(tmp_path / "evidence", red, blue)
+    ds = ReviewedDataset(tmp_path / "reviewed")
+    sink = DatasetSink(ds, store, FakeDeadLetters())
+    shared = decision("d1", "p1", image_url="http://m/r.png", media_hash=red_hash)
+    same_image = decision("d2", "p2", image_url="http://m/r2.png", media_hash=red_hash)
+    alone = decision("d3", "p3", image_url="http://m/b.png", media_hash=blue_hash)
+    tomb = [SinkRecord("reviewed", 0, 9, b"p1", None), SinkRecord("reviewed", 0, 10, b"p3", None)]
+    again = decision("d4", "p3", image_url="http://m/b.png", media_hash=blue_hash, decided_at="2026-12-01T00:00:00Z")
+    await sink.apply([*_records(shared, same_image, alone), *tomb])
+    lines = _manifest(tmp_path / "reviewed")
+    assert set(lines) == {"p2"}
+    assert "text of p1" not in (tmp_path / "reviewed" / "manifest.jsonl").read_text()
+    assert (tmp_path / "reviewed" / "media" / f"{red_hash}.png").is_file(), "an image another line uses was deleted"
+    assert not (tmp_path / "reviewed" / "media" / f"{blue_hash}.png").exists()
+    # A decision after the tombstone (a re-decision) counts again; a tombstone for nothing is a no-op.
+    await sink.apply([*_records(again), SinkRecord("reviewed", 0, 11, b"nobody", None)])
+    assert set(_manifest(tmp_path / "reviewed")) == {"p2", "p3"}
+    ds.close()

@@ -204,7 +204,7 @@ def test_images_have_modstream_as_entrypoint():
     assert "nvidia/cuda:" in (DEPLOY / "docker" / "Dockerfile.gpu").read_text()
 
 
-ROLES = {"worker", "review-sink", "dataset-sink", "review", "retrain", "demo", "lag-exporter"}
+ROLES = {"worker", "review-sink", "dataset-sink", "review", "retrain", "demo", "lag-exporter", "retention"}
 
 
 @pytest.mark.parametrize(("where", "argv"), modstream_commands(), ids=[w for w, _ in modstream_commands()])
@@ -222,8 +222,10 @@ def test_every_role_is_deployed():
     assert roles <= k8s_roles
     retrain = next(argv for where, argv in modstream_commands() if where.startswith("compose:retrain"))
     assert build_parser().parse_args(retrain).watch
-    cron = by_kind("CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert not build_parser().parse_args(cron).watch  # one-shot under cron
+    cron = by_kind("CronJob", "modstream-retrain")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert not build_parser().parse_args(cron["containers"][0]["args"]).watch  # one-shot under cron
+    retention = by_kind("CronJob", "modstream-retention")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert build_parser().parse_args(retention["containers"][0]["args"]).command == "retention"
 
 
 def test_kustomization_lists_every_manifest():
