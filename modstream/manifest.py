@@ -5,6 +5,10 @@
 
 `image` is a path relative to the manifest's folder (or absolute). A task's label is null
 when the source does not label that task; the task loss ignores it.
+
+Ids are unique, except in an append-only manifest (the reviewed dataset: a re-decided post
+gets a new line at the end): read it with `latest=True`, where a later line for an id replaces
+the earlier one.
 """
 
 from __future__ import annotations
@@ -67,8 +71,16 @@ def _parse(obj: Any, root: Path, where: str) -> Example:
     return Example(id=obj["id"], text=obj["text"], image=path, labels=dict(labels), meta=meta)
 
 
-def read_manifest(path: Path) -> list[Example]:
-    return list(iter_manifest(path))
+def read_manifest(path: Path, *, latest: bool = False) -> list[Example]:
+    """Every example; `latest`: an append-only manifest, the last line per id (in the order
+    of those last lines)."""
+    if not latest:
+        return list(iter_manifest(path))
+    last: dict[str, Example] = {}
+    for example in iter_manifest(path, duplicates=True):
+        last.pop(example.id, None)  # re-inserted at the end: the order of the latest lines
+        last[example.id] = example
+    return list(last.values())
 
 
 def complete_part(path: Path) -> tuple[bytes, bool]:
@@ -79,16 +91,16 @@ def complete_part(path: Path) -> tuple[bytes, bool]:
     return data[:end], end != len(data)
 
 
-def read_complete_lines(path: Path) -> list[Example]:
+def read_complete_lines(path: Path, *, latest: bool = False) -> list[Example]:
     """Like read_manifest, but safe while a writer appends: a partial last line is left out
     until it is whole. Image paths resolve against `path`'s folder either way."""
     data, cut = complete_part(path)
     if not cut:
-        return read_manifest(path)
+        return read_manifest(path, latest=latest)
     with tempfile.TemporaryDirectory() as tmp:
         snapshot = Path(tmp) / path.name
         snapshot.write_bytes(data)
-        examples = read_manifest(snapshot)
+        examples = read_manifest(snapshot, latest=latest)
     root = Path(tmp)
     return [
         dataclasses.replace(ex, image=path.parent / ex.image.relative_to(root))
@@ -98,7 +110,8 @@ def read_complete_lines(path: Path) -> list[Example]:
     ]
 
 
-def iter_manifest(path: Path) -> Iterator[Example]:
+def iter_manifest(path: Path, *, duplicates: bool = False) -> Iterator[Example]:
+    """Every line as an Example; a repeated id is an error unless `duplicates`."""
     root = path.parent
     seen: set[str] = set()
     with path.open(encoding="utf-8") as fh:
@@ -111,7 +124,7 @@ def iter_manifest(path: Path) -> Iterator[Example]:
             except json.JSONDecodeError as exc:
                 raise ManifestError(f"{where}: invalid JSON ({exc.msg})") from exc
             example = _parse(obj, root, where)
-            if example.id in seen:
+            if example.id in seen and not duplicates:
                 raise ManifestError(f"{where}: duplicate id {example.id!r}")
             seen.add(example.id)
             yield example

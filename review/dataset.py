@@ -1,9 +1,11 @@
 """The reviewed dataset: reviewers' decisions as training data, in the project's manifest format.
 
-Layout (shared contract): `<folder>/manifest.jsonl`, one line per post id, each
+Layout (shared contract): `<folder>/manifest.jsonl`, an append-only manifest: each line
 `{"id", "text", "image": "media/<sha256>.png" | null, "labels": {task: label | null},
 "meta": {decision_id, reviewer, decided_at, model_version, model_labels, reasons, ...}}`,
-readable with modstream.manifest.read_manifest; images under `<folder>/media/`.
+and a post re-decided later gets a new line at the end that replaces its earlier one; read it
+with modstream.manifest.read_manifest(..., latest=True) (load_reviewed does). Images under
+`<folder>/media/`.
 
 Rules (`plan_batch`), all idempotent so a redelivered batch changes nothing:
 - a decision that labels no task (every task skipped or escalated) never becomes a line and
@@ -13,9 +15,12 @@ Rules (`plan_batch`), all idempotent so a redelivered batch changes nothing:
 - `meta.revision` counts the labelling decisions that took effect on the line, so
   `count_decisions` grows with re-decisions too (what the retraining trigger counts).
 
-`ReviewedDataset` is the folder's single writer (an flock on `<folder>/.lock`): new posts
-are appended, and a batch that changes an existing post's line rewrites the manifest to a
-temporary file that replaces it atomically; both are fsynced before `commit` returns.
+`ReviewedDataset` is the folder's single writer (an flock on `<folder>/.lock`). It keeps
+only a small index in memory (per post: the winning decision's id, time, revision, image and
+where its line starts), never the lines themselves. Every commit is an fsynced append; when
+replaced lines make up more than half the file, it is compacted: the current lines copied, by
+their offsets, to a temporary file that replaces the manifest atomically. Erasing a post
+(`erase`) rewrites the file the same way without any of its lines.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ def load_reviewed(folder: Path) -> list[Example]:
     """The reviewed examples (image paths absolute), [] when nothing was reviewed yet. Safe
     while the dataset sink writes: a line being appended is left out until it is whole."""
     path = Path(folder) / MANIFEST
-    return read_complete_lines(path) if path.exists() else []
+    return read_complete_lines(path, latest=True) if path.exists() else []
 
 
 def count_decisions(folder: Path) -> int:
@@ -74,6 +79,29 @@ def labels_something(decision: ReviewDecision) -> bool:
 
 
 @dataclass
+class IndexEntry:
+    """What the writer remembers of a post's current line (what plan_batch needs, and where
+    the line is). `meta` holds decision_id, decided_at and revision; never the text."""
+
+    offset: int
+    image: str | None
+    meta: dict[str, Any]
+
+
+def _index_entry(line: Mapping[str, Any], offset: int) -> IndexEntry:
+    meta = line.get("meta") or {}
+    kept = {k: meta[k] for k in ("decision_id", "decided_at", "revision") if k in meta}
+    return IndexEntry(offset, line.get("image"), kept)
+
+
+def _meta_of(current: Any) -> Mapping[str, Any]:
+    """A post's current meta, from the writer's index or from a manifest line (tests)."""
+    if isinstance(current, IndexEntry):
+        return current.meta
+    return current.get("meta") or {} if current is not None else {}
+
+
+@dataclass
 class Plan:
     """What a batch of decisions does to the dataset."""
 
@@ -82,34 +110,40 @@ class Plan:
     revisions: dict[str, int] = field(default_factory=dict)  # post id -> meta.revision of its new line
 
 
-def plan_batch(decisions: Sequence[ReviewDecision], lines: Mapping[str, Mapping[str, Any]]) -> Plan:
-    """Apply the rules to `decisions` in order against the current `lines` (post id -> line).
-    Outcomes: added, replaced, replayed, superseded (older than the post's line), no_labels."""
+def plan_batch(decisions: Sequence[ReviewDecision], current: Mapping[str, Any]) -> Plan:
+    """Apply the rules to `decisions` in order against `current` (post id -> the writer's
+    IndexEntry, or a manifest line). Looks up only the batch's posts, so a batch costs the
+    same however large the dataset grew. Outcomes: added, replaced, replayed, superseded
+    (older than the post's line), no_labels."""
     plan = Plan()
-    best: dict[str, tuple[str, tuple[datetime, str]]] = {}  # post id -> (decision id, order key)
-    for post_id, line in lines.items():
-        meta = line.get("meta") or {}
-        if meta.get("decision_id") and meta.get("decided_at"):
-            best[post_id] = (meta["decision_id"], order_key(meta["decision_id"], meta["decided_at"]))
+    best: dict[str, tuple[str, tuple[datetime, str]] | None] = {}  # post id -> (decision id, order key)
+
+    def best_of(post_id: str) -> tuple[str, tuple[datetime, str]] | None:
+        if post_id not in best:
+            meta = _meta_of(current.get(post_id))
+            found = meta.get("decision_id") and meta.get("decided_at")
+            best[post_id] = (meta["decision_id"], order_key(meta["decision_id"], meta["decided_at"])) if found else None
+        return best[post_id]
+
     for d in decisions:
         if not labels_something(d):
             plan.outcomes.append("no_labels")
             continue
         key = order_key(d.decision_id, d.decided_at)
-        current = best.get(d.post_id)
-        if current is not None and current[0] == d.decision_id:
+        now = best_of(d.post_id)
+        if now is not None and now[0] == d.decision_id:
             plan.outcomes.append("replayed")
             continue
-        if current is not None and key < current[1]:
+        if now is not None and key < now[1]:
             plan.outcomes.append("superseded")
             continue
-        existed = d.post_id in lines or d.post_id in plan.winners
+        existed = d.post_id in current or d.post_id in plan.winners
         plan.outcomes.append("replaced" if existed else "added")
         best[d.post_id] = (d.decision_id, key)
         plan.winners[d.post_id] = d
         if d.post_id not in plan.revisions:
-            existing = lines.get(d.post_id)
-            plan.revisions[d.post_id] = int((existing.get("meta") or {}).get("revision", 1)) if existing else 0
+            existing = current.get(d.post_id)
+            plan.revisions[d.post_id] = int(_meta_of(existing).get("revision", 1)) if existing is not None else 0
         plan.revisions[d.post_id] += 1
     return plan
 
@@ -163,38 +197,54 @@ def _dump(line: Mapping[str, Any]) -> bytes:
 
 
 class ReviewedDataset:
-    """The single writer of a reviewed dataset folder; keeps the lines in memory."""
+    """The single writer of a reviewed dataset folder (see the module docstring)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, *, compact_min_lines: int = 1000) -> None:
         self.folder = Path(folder)
         self.manifest = self.folder / MANIFEST
         self.media = self.folder / MEDIA_DIR
         self.media.mkdir(parents=True, exist_ok=True)
+        self.compact_min_lines = compact_min_lines
         self._lock = (self.folder / LOCK).open("a")
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
             self._lock.close()
             raise DatasetError(f"{self.folder} is being written by another dataset sink") from exc
-        self.lines: dict[str, dict[str, Any]] = self._load()
+        self.index: dict[str, IndexEntry] = {}
+        self.total_lines = 0  # lines in the file, replaced ones included
+        self.size = 0  # bytes of the file
+        self.compactions = 0
+        self._load()
 
-    def _load(self) -> dict[str, dict[str, Any]]:
+    def _load(self) -> None:
         if not self.manifest.exists():
-            return {}
-        data, cut = complete_part(self.manifest)
-        if cut:
-            # Only an append cut short by a crash leaves a partial last line, and its batch
-            # was never committed: it will be delivered again.
-            log.warning("%s: dropping a partial last line (an interrupted append)", self.manifest)
-            with self.manifest.open("r+b") as fh:
-                fh.truncate(len(data))
-                os.fsync(fh.fileno())
+            return
+        with self.manifest.open("rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            partial = size > 0 and fh.seek(size - 1) >= 0 and fh.read(1) != b"\n"
+            if partial:
+                # Only an append cut short by a crash leaves a partial last line, and its batch
+                # was never committed: it will be delivered again.
+                data, _ = complete_part(self.manifest)
+                log.warning("%s: dropping a partial last line (an interrupted append)", self.manifest)
+                with self.manifest.open("r+b") as out:
+                    out.truncate(len(data))
+                    os.fsync(out.fileno())
         try:
-            for _ in iter_manifest(self.manifest):  # the format check the trainer will apply
+            for _ in iter_manifest(self.manifest, duplicates=True):  # the format check the trainer applies
                 pass
         except ValueError as exc:
             raise DatasetError(f"reviewed dataset manifest is corrupt: {exc}") from exc
-        return {line["id"]: line for line in map(json.loads, data.decode().splitlines()) if line}
+        offset = 0
+        with self.manifest.open("rb") as fh:
+            for raw in fh:  # streamed: memory is the index, not the file
+                if raw.strip():
+                    line = json.loads(raw)
+                    self.index[line["id"]] = _index_entry(line, offset)
+                    self.total_lines += 1
+                offset += len(raw)
+        self.size = offset
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -230,50 +280,60 @@ class ReviewedDataset:
         return name
 
     # -- manifest ----------------------------------------------------------------------------
+    @property
+    def replaced_lines(self) -> int:
+        return self.total_lines - len(self.index)
+
     def commit(self, lines: Sequence[dict[str, Any]]) -> tuple[int, int]:
-        """Write `lines` (one per post id) durably: (appended, replaced). Appends when all are
-        new posts, else rewrites the whole manifest atomically. Raises OSError on failure,
-        leaving the file and the in-memory state as they were."""
+        """Append `lines` (one per post id) durably: (added, replaced). A line for a post
+        already in the dataset replaces its earlier line for readers (latest=True). Raises
+        OSError on failure, leaving the file and the index as they were."""
         if not lines:
             return 0, 0
-        replaced = sum(1 for line in lines if line["id"] in self.lines)
-        if replaced:
-            merged = dict(self.lines)
-            merged.update({line["id"]: line for line in lines})
-            self._rewrite(merged.values())
-            self.lines = merged
-        else:
-            self._append(lines)
-            self.lines.update({line["id"]: line for line in lines})
+        replaced = sum(1 for line in lines if line["id"] in self.index)
+        payloads = [_dump(line) for line in lines]
+        start = self._append(payloads)
+        offset = start
+        for line, payload in zip(lines, payloads, strict=True):
+            self.index[line["id"]] = _index_entry(line, offset)
+            offset += len(payload)
+        self.total_lines += len(lines)
+        self.size = offset
+        if self.replaced_lines > max(self.compact_min_lines, len(self.index)):
+            self.compact()
         return len(lines) - replaced, replaced
 
+    def compact(self) -> None:
+        """Rewrite the manifest with only each post's current line (streamed, by offset)."""
+        self._rewrite(keep=set(self.index))
+        self.compactions += 1
+        log.info("%s compacted to %d lines", self.manifest, len(self.index))
+
     def erase(self, post_ids: Sequence[str]) -> tuple[int, list[str]]:
-        """Remove the posts' lines (the manifest rewritten atomically, so their text is gone
-        from the file) and their image files that no remaining line uses: (lines removed,
-        image files removed). Idempotent; raises OSError leaving the state as it was."""
-        gone = {p for p in post_ids if p in self.lines}
+        """Remove every line of the posts (the manifest rewritten atomically, so their text is
+        gone from the file) and their image files that no remaining line uses: (posts
+        removed, image files removed). Idempotent; raises OSError leaving the state as it was."""
+        gone = {p for p in post_ids if p in self.index}
         if not gone:
             return 0, []
-        kept = {k: v for k, v in self.lines.items() if k not in gone}
-        images = {self.lines[p]["image"] for p in gone if self.lines[p].get("image")}
-        still_used = {line.get("image") for line in kept.values()}
-        self._rewrite(kept.values())
-        self.lines = kept
+        images = {self.index[p].image for p in gone if self.index[p].image}
+        still_used = {entry.image for post, entry in self.index.items() if post not in gone}
+        self._rewrite(keep=set(self.index) - gone)
         removed = []
-        for name in sorted(images - still_used):
+        for name in sorted(images - still_used):  # type: ignore[type-var]
             with contextlib.suppress(FileNotFoundError):
-                (self.folder / name).unlink()
-                removed.append(name)
+                (self.folder / str(name)).unlink()
+                removed.append(str(name))
         if removed:
             _fsync_dir(self.media)
         return len(gone), removed
 
-    def _append(self, lines: Sequence[Mapping[str, Any]]) -> None:
-        payload = b"".join(_dump(line) for line in lines)
+    def _append(self, payloads: Sequence[bytes]) -> int:
+        """Append and fsync; returns the offset the payload starts at."""
         with self.manifest.open("ab") as fh:
             size = fh.tell()
             try:
-                fh.write(payload)
+                fh.write(b"".join(payloads))
                 fh.flush()
                 os.fsync(fh.fileno())
             except OSError:
@@ -282,17 +342,33 @@ class ReviewedDataset:
                 raise
         if size == 0:
             _fsync_dir(self.folder)  # the manifest file itself is new
+        return size
 
-    def _rewrite(self, lines: Any) -> None:
+    def _rewrite(self, keep: set[str]) -> None:
+        """Copy the current lines of the posts in `keep` to a new file that replaces the
+        manifest; the index and counters follow only once it is in place."""
+        current = {entry.offset: post for post, entry in self.index.items() if post in keep}
+        new_index: dict[str, IndexEntry] = {}
         fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".manifest-", suffix=".tmp")
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(b"".join(_dump(line) for line in lines))
-                fh.flush()
-                os.fsync(fh.fileno())
+            with os.fdopen(fd, "wb") as out, self.manifest.open("rb") as src:
+                offset = written = 0
+                for raw in src:
+                    post = current.get(offset)
+                    if post is not None:
+                        out.write(raw)
+                        old = self.index[post]
+                        new_index[post] = IndexEntry(written, old.image, old.meta)
+                        written += len(raw)
+                    offset += len(raw)
+                out.flush()
+                os.fsync(out.fileno())
             os.replace(tmp, self.manifest)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
         _fsync_dir(self.folder)
+        self.index = new_index
+        self.total_lines = len(new_index)
+        self.size = written

@@ -137,7 +137,7 @@ class DatasetSink:
             return
         parsed = parse_batch(records)
         await self.dead_letters.send(parsed.dead, parsed.reasons)
-        plan = plan_batch(parsed.good, self.dataset.lines)
+        plan = plan_batch(parsed.good, self.dataset.index)
         lines = await self._lines(plan)
         try:
             await asyncio.to_thread(self.dataset.commit, lines)

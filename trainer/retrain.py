@@ -159,7 +159,7 @@ def warn_untrained_tasks(folder: Path, tasks: Mapping[str, Sequence[str]]) -> Co
     manifest = Path(folder) / MANIFEST
     other: Counter[str] = Counter()
     if manifest.is_file():
-        for ex in read_complete_lines(manifest):
+        for ex in read_complete_lines(manifest, latest=True):
             other.update(t for t, v in ex.labels.items() if v is not None and t not in tasks)
     if other:
         log.warning(

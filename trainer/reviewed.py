@@ -40,7 +40,7 @@ def read_reviewed(folder: Path, tasks: Mapping[str, Sequence[str]]) -> list[Exam
         log.info("no reviewed dataset at %s yet", manifest)
         return []
     out = []
-    for ex in read_complete_lines(manifest):
+    for ex in read_complete_lines(manifest, latest=True):
         labels: dict[str, str | None] = {}
         for task, label in ex.labels.items():
             if task not in tasks:

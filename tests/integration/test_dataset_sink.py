@@ -101,7 +101,7 @@ def test_decisions_become_one_line_per_post_with_the_latest_labels_and_replays_a
         wait_caught_up(stack.bootstrap, GROUP, "reviewed", timeout=120, sink=sink)
         manifest = out / "manifest.jsonl"
         before = manifest.read_bytes()
-        examples = {ex.id: ex for ex in read_manifest(manifest) if ex.id.startswith("dsink-")}
+        examples = {ex.id: ex for ex in read_manifest(manifest, latest=True) if ex.id.startswith("dsink-")}
 
         # The whole history again (a console that re-sent everything): nothing changes.
         asyncio.run(produce(stack.bootstrap, "reviewed", values[:-1], keys[:-1]))

@@ -103,8 +103,8 @@ def _records(*decisions: ReviewDecision | bytes) -> list[SinkRecord]:
 
 
 def _manifest(folder: Path) -> dict[str, dict]:
+    """The current line per post (an append-only manifest: the latest line wins)."""
     lines = [json.loads(x) for x in (folder / "manifest.jsonl").read_text().splitlines()]
-    assert len({x["id"] for x in lines}) == len(lines), "more than one line for a post"
     return {x["id"]: x for x in lines}
 
 
@@ -138,18 +138,38 @@ def test_a_skipped_or_escalated_task_has_a_null_label() -> None:
 # -- the folder ------------------------------------------------------------------------------
 
 
-def test_new_posts_append_changed_posts_rewrite_and_the_trainer_reads_it(tmp_path: Path) -> None:
-    ds = ReviewedDataset(tmp_path)
+def test_every_commit_appends_the_latest_line_wins_and_compaction_keeps_only_current_lines(tmp_path: Path) -> None:
+    ds = ReviewedDataset(tmp_path, compact_min_lines=3)
+    manifest = tmp_path / "manifest.jsonl"
     assert ds.commit([manifest_line(decision("d1", "p1"), None, 1)]) == (1, 0)
     assert ds.commit([manifest_line(decision("d2", "p2"), None, 1)]) == (1, 0)
-    inode = (tmp_path / "manifest.jsonl").stat().st_ino
+    before = manifest.read_bytes()
+    inode = manifest.stat().st_ino
     assert ds.commit([manifest_line(decision("d3", "p2"), None, 2)]) == (0, 1)
-    assert (tmp_path / "manifest.jsonl").stat().st_ino != inode, "a change must replace the file, not edit it"
-    ds.close()
-    examples = read_manifest(tmp_path / "manifest.jsonl")
+    assert manifest.stat().st_ino == inode and manifest.read_bytes().startswith(before), "a re-decision appends"
+    examples = read_manifest(manifest, latest=True)
     assert [e.id for e in examples] == ["p1", "p2"] and examples[1].meta["decision_id"] == "d3"
     assert count_decisions(tmp_path) == 3
-    assert ReviewedDataset(tmp_path).lines["p2"]["meta"]["decision_id"] == "d3"  # state reloads from disk
+    with pytest.raises(ValueError, match="duplicate id"):
+        read_manifest(manifest)  # a reader that ignores the append-only contract is told, not misled
+    ds.close()
+    reloaded = ReviewedDataset(tmp_path, compact_min_lines=3)  # the index reloads from disk
+    assert reloaded.index["p2"].meta["decision_id"] == "d3" and reloaded.replaced_lines == 1
+    assert "text" not in reloaded.index["p2"].meta, "the index holds no post text"
+    for i in range(4, 7):  # more replaced lines than the minimum and than current ones: compacted
+        reloaded.commit([manifest_line(decision(f"d{i}", "p1", decided_at=f"2026-11-29T0{i}:00:00Z"), None, i)])
+    assert reloaded.compactions == 1 and manifest.stat().st_ino != inode
+    assert {e.id: e.meta["decision_id"] for e in read_manifest(manifest)} == {"p1": "d6", "p2": "d3"}
+    # offsets stay right after compacting: more appends, then a reload, then an erase
+    reloaded.commit([manifest_line(decision("d7", "p1", decided_at="2026-11-29T07:00:00Z"), None, 7)])
+    reloaded.commit([manifest_line(decision("d9", "p3"), None, 1)])
+    reloaded.close()
+    latest = {e.id: e.meta["decision_id"] for e in load_reviewed(tmp_path)}
+    assert latest == {"p1": "d7", "p2": "d3", "p3": "d9"}
+    again = ReviewedDataset(tmp_path)
+    assert again.erase(["p1"]) == (1, []) and "text of p1" not in manifest.read_text()
+    assert {e.id for e in load_reviewed(tmp_path)} == {"p2", "p3"}
+    again.close()
 
 
 def test_a_second_writer_is_refused(tmp_path: Path) -> None:
@@ -168,7 +188,7 @@ def test_an_interrupted_append_is_dropped_on_start_and_ignored_by_readers(tmp_pa
         fh.write(b'{"id": "p2", "text": "half a li')  # kill -9 in the middle of an append
     assert [e.id for e in load_reviewed(tmp_path)] == ["p1"]
     ds = ReviewedDataset(tmp_path)
-    assert list(ds.lines) == ["p1"]
+    assert list(ds.index) == ["p1"]
     assert (tmp_path / "manifest.jsonl").read_bytes().endswith(b"}\n")
     ds.close()
 
@@ -256,10 +276,10 @@ async def test_an_unreachable_evidence_store_retries_the_batch(tmp_path: Path) -
     sink = DatasetSink(ds, store, FakeDeadLetters())
     with pytest.raises(TransientError) as info:
         await sink.apply(_records(decision("d1", "p1", image_url="http://m/red.png", media_hash=red_hash)))
-    assert info.value.dependency == "evidence" and ds.lines == {}, "a store outage made the example text-only"
+    assert info.value.dependency == "evidence" and ds.index == {}, "a store outage made the example text-only"
     backend.down = False
     await sink.apply(_records(decision("d1", "p1", image_url="http://m/red.png", media_hash=red_hash)))
-    assert ds.lines["p1"]["image"] == f"media/{red_hash}.png"
+    assert ds.index["p1"].image == f"media/{red_hash}.png"
     ds.close()
 
 
@@ -274,7 +294,7 @@ async def test_a_disk_failure_raises_so_the_batch_is_retried(tmp_path: Path, mon
     monkeypatch.setattr(ds, "_append", full)
     with pytest.raises(TransientError) as info:
         await sink.apply(_records(decision("d1", "p1")))
-    assert info.value.dependency == "disk" and ds.lines == {}
+    assert info.value.dependency == "disk" and ds.index == {}
     ds.close()
 
 
