@@ -42,10 +42,14 @@ def itm_objective(
     negatives: NegativeSampling,
     generator: torch.Generator | None = None,
     same_content: Tensor | None = None,
+    pair_target: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """ITM over the rows with an image: each text gets a negative image and each image a
     negative text, sampled from ITC similarity (hard) or uniformly (random). `same_content`
-    ([B, B], symmetric) marks pairs that would be false negatives (a repost's image)."""
+    ([B, B], symmetric) marks pairs that would be false negatives (a repost's image).
+    `pair_target` ([B]: 1 match, 0 mismatch, NaN unknown) says which rows' own pairs are
+    positives: a known mismatch is a negative, an unknown pair is neither (it still lends its
+    text and image to the sampled negatives). None: every own pair is a positive."""
     idx = out.image_present.nonzero().squeeze(1)
     n = len(idx)
     if n < 2:
@@ -65,7 +69,11 @@ def itm_objective(
     text_idx = torch.cat([idx, idx[neg_text]])
     image_idx = torch.cat([idx[neg_image], idx])
     negative_logits = head.pair_itm_logits(out, text_idx, image_idx)
-    return itm_loss(out.itm_logits[idx], negative_logits)
+    own = out.itm_logits[idx]
+    if pair_target is None:
+        return itm_loss(own, negative_logits)
+    target = pair_target[idx]
+    return itm_loss(own[target == 1], torch.cat([negative_logits, own[target == 0]]))
 
 
 def compute_losses(
@@ -78,6 +86,7 @@ def compute_losses(
     class_weights: Mapping[str, Tensor] | None = None,
     generator: torch.Generator | None = None,
     same_content: Tensor | None = None,
+    pair_target: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor], ClassifierOutput]:
     """Returns (weighted total, every named loss, the head's output)."""
     out = head(text, image, image_present)
@@ -85,5 +94,5 @@ def compute_losses(
     if objective.uses_itc:
         losses.update(itc_loss(out.text_embed, out.image_embed, out.logit_scale, image_present))
     if objective.uses_itm:
-        losses.update(itm_objective(head, out, objective.negatives, generator, same_content))
+        losses.update(itm_objective(head, out, objective.negatives, generator, same_content, pair_target))
     return weighted_total(losses, objective.weights), losses, out

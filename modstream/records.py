@@ -407,6 +407,10 @@ class ReviewDecision:
     # (== media_hash), or None when shown none ("media unavailable", or a tool that showed the
     # post's URL instead). Only an image the reviewer saw becomes a training image.
     seen_media_hash: str | None = None
+    # The reviewer's answer to "do this image and text belong together?" (None: not asked or
+    # not answered). Only this becomes an ITM training target for the post's pair: a routed
+    # post's pair is not assumed to match (trainer/reviewed.py).
+    image_text_match: bool | None = None
 
     def training_labels(self) -> dict[str, str | None]:
         """task -> label for the dataset; None where the reviewer asserted nothing."""

@@ -166,6 +166,9 @@ def manifest_line(
         "itm_match": decision.itm_match,
         "image_url": decision.image_url,
         "media_hash": decision.media_hash,
+        "seen_media_hash": decision.seen_media_hash,
+        # The reviewer's image-text answer: the only ITM target a reviewed pair gets.
+        "image_text_match": decision.image_text_match,
         "revision": revision,
     }
     if decision.note:

@@ -58,6 +58,7 @@ def build_decision(
     note: str | None = None,
     decision_id: str | None = None,
     seen_media_hash: str | None = None,
+    image_text_match: bool | None = None,
 ) -> ReviewDecision:
     """`choices`: task -> (action, chosen label or None). Every task needs an action.
     `seen_media_hash`: the hash of the image the reviewer was shown (None: none shown)."""
@@ -95,7 +96,21 @@ def build_decision(
         queued_at=item.queued_at,
         note=note,
         seen_media_hash=seen_media_hash,
+        image_text_match=image_text_match if item.image_url else None,
     )
+
+
+PAIR_ANSWERS = {"match": True, "mismatch": False, "": None}
+
+
+def pair_answer(value: Any) -> bool | None:
+    """The reviewer's image-text answer from an API body (true, false, null) or the page's
+    form ("match", "mismatch", ""); RecordError for anything else."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value in PAIR_ANSWERS:
+        return PAIR_ANSWERS[value]
+    raise RecordError("image_text_match", "must be true, false or null (the form: match, mismatch or empty)")
 
 
 def choices_from_json(obj: Any) -> tuple[dict[str, tuple[str, str | None]], str | None]:

@@ -73,7 +73,7 @@ def score(
     routing lift (error rate among the `review_fraction` lowest-ITM posts / overall)."""
     out: dict[str, Any] = {
         "itm_auroc": split.itm_auroc(),
-        "itm_auroc_ci": itm_auroc_interval(split.itm_match, split.itm_swapped),
+        "itm_auroc_ci": itm_auroc_interval(*split.itm_pairs()),
         "tasks": {},
     }
     for task, labels in tasks.items():

@@ -277,20 +277,47 @@ def _lift_interval(err: np.ndarray, s: np.ndarray, fraction: float, n_boot: int 
     return [float(np.quantile(lifts, 0.025)), float(np.quantile(lifts, 0.975))]
 
 
+def auroc_drop_interval(
+    current: tuple[npt.ArrayLike, npt.ArrayLike],
+    candidate: tuple[npt.ArrayLike, npt.ArrayLike],
+    n_boot: int = 500,
+    seed: int = 0,
+) -> list[float]:
+    """95% interval of current AUROC minus candidate AUROC on the same pairs: (true-pair scores,
+    non-pair scores) of each model, in the same order; the pairs are resampled together for
+    both models (a paired, stratified bootstrap), so what the two share cancels out."""
+    cur_pos, cur_neg = (np.asarray(x, dtype=np.float64).ravel() for x in current)
+    cand_pos, cand_neg = (np.asarray(x, dtype=np.float64).ravel() for x in candidate)
+    if cur_pos.shape != cand_pos.shape or cur_neg.shape != cand_neg.shape or cur_pos.size < 2 or cur_neg.size < 2:
+        return [math.nan, math.nan]
+    rng = np.random.default_rng(seed)
+    drops = []
+    for _ in range(n_boot):
+        i, j = rng.integers(0, cur_pos.size, cur_pos.size), rng.integers(0, cur_neg.size, cur_neg.size)
+        drop = itm_auroc(cur_pos[i], cur_neg[j]) - itm_auroc(cand_pos[i], cand_neg[j])
+        if math.isfinite(drop):
+            drops.append(drop)
+    if not drops:
+        return [math.nan, math.nan]
+    return [float(np.quantile(drops, 0.025)), float(np.quantile(drops, 0.975))]
+
+
 def itm_auroc_interval(
     match_scores_pos: npt.ArrayLike, match_scores_neg: npt.ArrayLike, n_boot: int = 500, seed: int = 0
 ) -> list[float]:
-    """95% percentile bootstrap interval of `itm_auroc`, resampling posts (each post gives
-    one matched and one swapped pair, so the two sides are resampled together)."""
+    """95% percentile bootstrap interval of `itm_auroc`, resampling the true pairs and the
+    non-pairs each within its own group (a stratified bootstrap: the two groups need not have
+    the same size, as they do not once text-only posts, known mismatches or unknown pairs are
+    in the split; the paired version returned no interval at all then)."""
     pos = np.asarray(match_scores_pos, dtype=np.float64).ravel()
     neg = np.asarray(match_scores_neg, dtype=np.float64).ravel()
-    if pos.shape != neg.shape or np.isnan(pos).all():
+    pos, neg = pos[~np.isnan(pos)], neg[~np.isnan(neg)]
+    if pos.size < 2 or neg.size < 2:
         return [math.nan, math.nan]
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(n_boot):
-        i = rng.integers(0, len(pos), size=len(pos))
-        value = itm_auroc(pos[i], neg[i])
+        value = itm_auroc(pos[rng.integers(0, pos.size, pos.size)], neg[rng.integers(0, neg.size, neg.size)])
         if math.isfinite(value):
             values.append(value)
     if not values:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,6 +49,18 @@ class LoadedInputs:
     @property
     def image_present(self) -> Tensor:
         return torch.tensor([im is not None for im in self.images], dtype=torch.bool)
+
+    @property
+    def pair_targets(self) -> Tensor:
+        """Per post, whether its text and image belong together (the ITM target): 1 for data
+        published as pairs (the default), 0 where a reviewer said they do not, NaN where no
+        one said (a reviewed post: routed because the pair looked weak, so not assumed a match);
+        `meta["itm_target"]` carries the answer (trainer/reviewed.py sets it)."""
+        values = []
+        for example in self.examples:
+            target = example.meta.get("itm_target", True)
+            values.append(math.nan if target is None else float(bool(target)))
+        return torch.tensor(values, dtype=torch.float32)
 
     def text_of(self, i: int) -> str:
         """Post i's text for the tokenizer, carrying its OCR text when OCR is used."""
@@ -237,6 +250,7 @@ class LiveFeatures:
         self.text_prefix = text_prefix
         self.image_prefix = image_prefix
         self.present = inputs.image_present
+        self.targets = inputs.pair_targets
 
     def __len__(self) -> int:
         return len(self.inputs.examples)
@@ -261,6 +275,10 @@ class LiveFeatures:
 
     def batch(self, idx: Sequence[int]) -> tuple[EncodedSequence, EncodedSequence, Tensor]:
         return self.text(idx), self.image(idx), self.present[list(idx)].to(self.device)
+
+    def pair_target(self, idx: Sequence[int]) -> Tensor:
+        """[B] ITM targets of the posts' own pairs (1 match, 0 mismatch, NaN unknown)."""
+        return self.targets[list(idx)].to(self.device)
 
     def same_content(self, idx: Sequence[int]) -> Tensor:
         """[B, B] True where two posts share their image bytes or their text: pairing one's

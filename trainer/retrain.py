@@ -29,6 +29,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from models.card import ModelCard
 from models.classifier import MultimodalModel
 from models.config import ModelConfig
@@ -40,6 +42,7 @@ from modstream.records import ModelUpdate
 from modstream.updates import UPDATES_TOPIC, Publisher
 from trainer import retrain_metrics as metrics
 from trainer.calibration import Calibration, score
+from trainer.evaluate import auroc_drop_interval
 from trainer.features import FeatureStore, build_features, load_inputs
 from trainer.fit import fit, pick_device, trainable_tasks
 from trainer.gate import Comparison, GateDecision, gate_verdict
@@ -85,6 +88,7 @@ class RetrainOptions:
     base_source: dict[str, Any] | None = None
     min_new: int = 50
     margin: float = 0.02
+    itm_margin: float = 0.02  # largest ITM AUROC drop allowed on a holdout
     min_holdout: int = 20
     force: bool = False
     epochs: int | None = None
@@ -202,7 +206,7 @@ def evaluate_model(
     """One model on one holdout under its own card's calibration (temperatures, thresholds):
     {"n": task -> labelled examples, "macro_f1": task -> F1, "itm_auroc", "tasks": reports}."""
     tasks = card.tasks
-    empty: dict[str, Any] = {"n": {t: 0 for t in tasks}, "macro_f1": {}, "itm_auroc": None, "tasks": {}}
+    empty: dict[str, Any] = {"n": {t: 0 for t in tasks}, "macro_f1": {}, "itm_auroc": None, "n_itm": 0, "tasks": {}}
     if not examples:
         return empty
     dev = pick_device(device)
@@ -216,14 +220,41 @@ def evaluate_model(
     return {
         "n": {t: int((y != IGNORE_INDEX).sum()) for t, y in labels.items()},
         "macro_f1": scores["macro_f1"],
-        "itm_auroc": scores["itm_auroc"],
+        "itm_auroc": scores["itm_auroc"] if card.itm.get("trained") else None,
+        "itm_auroc_ci": scores["itm_auroc_ci"] if card.itm.get("trained") else None,
+        # Pairs with a known target that the ITM AUROC rests on (true pairs; reviewed ones only
+        # where the reviewer answered), the evidence the gate's ITM check counts.
+        "n_itm": int(np.isfinite(split.itm_pairs()[0]).sum()),
         "tasks": scores["tasks"],
+        # The scores behind the ITM AUROC, for the gate's paired interval (not written to cards).
+        ITM_PAIRS: split.itm_pairs(),
     }
 
 
+ITM_PAIRS = "_itm_pairs"
+
+
 def comparisons(evaluation: dict[str, dict[str, Any]], tasks: Sequence[str]) -> list[Comparison]:
+    """Per holdout: each task's macro-F1, and the ITM AUROC (routing rests on it) with the
+    paired interval of its drop."""
     out = []
     for holdout, models in evaluation.items():
+        cur, cand = models["current"], models["candidate"]
+        drop_ci = None
+        if cur.get(ITM_PAIRS) is not None and cand.get(ITM_PAIRS) is not None:
+            low, high = auroc_drop_interval(cur[ITM_PAIRS], cand[ITM_PAIRS])
+            drop_ci = (low, high) if np.isfinite(low) and np.isfinite(high) else None
+        out.append(
+            Comparison(
+                holdout,
+                "itm",
+                int(cand.get("n_itm", 0)),
+                cur.get("itm_auroc"),
+                cand.get("itm_auroc"),
+                metric="itm_auroc",
+                drop_ci=drop_ci,
+            )
+        )
         for task in tasks:
             out.append(
                 Comparison(
@@ -361,7 +392,10 @@ def _run(opts: RetrainOptions) -> RetrainOutcome:
         evaluation[h]["candidate"] = evaluate_model(
             fitted.model, fitted.tokenizer, fitted.card, holdouts[h], opts.cache_dir, opts.device, opts.progress
         )
-    decision = gate_verdict(comparisons(evaluation, list(tasks)), opts.margin, opts.min_holdout)
+    decision = gate_verdict(comparisons(evaluation, list(tasks)), opts.margin, opts.min_holdout, opts.itm_margin)
+    for models in evaluation.values():  # the raw scores served the gate; cards keep the numbers
+        for result in models.values():
+            result.pop(ITM_PAIRS, None)
     moved = registry.current()
     if decision.promoted and moved != parent:
         # An operator rolled CURRENT forward or back while this run trained: the candidate was
@@ -434,6 +468,7 @@ def _run(opts: RetrainOptions) -> RetrainOutcome:
         "promoted": decision.promoted,
         "why": decision.why,
         "margin": decision.margin,
+        "itm_margin": decision.to_dict()["itm_margin"],
         "min_holdout": decision.min_examples,
         "checks": decision.to_dict()["checks"],
         "evaluation": card.metrics["evaluation"],

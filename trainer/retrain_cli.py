@@ -42,6 +42,12 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--min-new", type=int, default=50, help="new labelled decisions needed to train")
     p.add_argument("--margin", type=_non_negative_float, default=0.02, help="largest macro-F1 drop allowed")
     p.add_argument(
+        "--itm-margin",
+        type=_non_negative_float,
+        default=0.02,
+        help="largest ITM AUROC drop allowed on a holdout (routing rests on it) (default 0.02)",
+    )
+    p.add_argument(
         "--min-holdout", type=_positive_int, default=20, help="labelled examples a holdout needs to gate a task"
     )
     p.add_argument("--force", action="store_true", help="train even with fewer than --min-new new decisions")
@@ -99,6 +105,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         base_source=source,
         min_new=args.min_new,
         margin=args.margin,
+        itm_margin=args.itm_margin,
         min_holdout=args.min_holdout,
         force=args.force,
         epochs=args.epochs,

@@ -20,9 +20,18 @@ def _change(c: Check) -> str:
 
 def summary_table(decision: GateDecision, current: str, candidate: str) -> str:
     """Both models x both holdouts x tasks, then the decision and why."""
-    header = ("holdout", "task", "n", f"current {current}", f"candidate {candidate}", "change", "verdict")
+    header = ("holdout", "check", "n", f"current {current}", f"candidate {candidate}", "change", "verdict")
     rows = [
-        (c.holdout, c.task, str(c.n), _f1(c.current), _f1(c.candidate), _change(c), c.verdict) for c in decision.checks
+        (
+            c.holdout,
+            "ITM AUROC" if c.metric == "itm_auroc" else f"{c.task} F1",
+            str(c.n),
+            _f1(c.current),
+            _f1(c.candidate),
+            _change(c),
+            c.verdict,
+        )
+        for c in decision.checks
     ]
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in (header, *rows)]
@@ -34,8 +43,8 @@ def summary_table(decision: GateDecision, current: str, candidate: str) -> str:
 
 
 def write_plot(decision: GateDecision, current: str, candidate: str, path: Path) -> Path:
-    """Grouped bars per holdout: current vs candidate macro-F1 per task, the margin line,
-    and each check's verdict and n under its task."""
+    """Grouped bars per holdout: current vs candidate macro-F1 per task and the ITM AUROC,
+    each with its margin line, and each check's verdict and n under it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -53,12 +62,13 @@ def write_plot(decision: GateDecision, current: str, candidate: str, path: Path)
         for x, c in zip(xs, checks, strict=True):
             if c.current is not None:
                 # The lowest candidate score the gate accepts.
-                floor = c.current - decision.margin
+                floor = c.current - c.margin
                 ax.hlines(floor, x - 0.4, x + 0.4, colors="#c03030", linestyles="dashed", linewidth=1)
-        ax.set_xticks(list(xs), [f"{c.task}\n{c.verdict}\nn={c.n}" for c in checks])
+        names = ["ITM AUROC" if c.metric == "itm_auroc" else f"{c.task} F1" for c in checks]
+        ax.set_xticks(list(xs), [f"{name}\n{c.verdict}\nn={c.n}" for name, c in zip(names, checks, strict=True)])
         ax.set_ylim(0, 1.2)  # headroom for the legend
         ax.set_title(f"{holdout} holdout")
-        ax.set_ylabel("macro-F1")
+        ax.set_ylabel("macro-F1 / ITM AUROC")
     axes[0][0].legend(loc="upper left", ncol=2, fontsize="small")
     verdict = "promoted" if decision.promoted else "refused"
     fig.suptitle(f"{candidate} vs {current}: {verdict} (dashed: current - margin {decision.margin:.2f})")

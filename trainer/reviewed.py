@@ -54,7 +54,11 @@ def read_reviewed(folder: Path, tasks: Mapping[str, Sequence[str]]) -> list[Exam
         if not any(v is not None for v in labels.values()):
             continue
         decided_at(ex)  # validated here, before any training starts
-        out.append(Example(ex.id, ex.text, ex.image, labels, ex.meta))
+        # A reviewed post was routed because its pair looked weak: its own pair is an ITM
+        # target only when the reviewer said whether image and text belong together.
+        answer = ex.meta.get("image_text_match")
+        meta = {**ex.meta, "itm_target": answer if isinstance(answer, bool) else None}
+        out.append(Example(ex.id, ex.text, ex.image, labels, meta))
     return out
 
 

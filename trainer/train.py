@@ -81,12 +81,23 @@ class TrainConfig:
 class EvalOutput:
     """logits: task -> [N, C]; labels: task -> [N] (IGNORE_INDEX where unknown);
     itm_match: [N] match probability of the actual pair (NaN without image);
-    itm_swapped: match probability of pairs with a swapped image."""
+    itm_swapped: match probability of pairs with a swapped image;
+    itm_target: [N] whether each actual pair is a match (1), a known mismatch (0) or unknown
+    (NaN); None: every actual pair is a match."""
 
     logits: dict[str, np.ndarray]
     labels: dict[str, np.ndarray]
     itm_match: np.ndarray
     itm_swapped: np.ndarray
+    itm_target: np.ndarray | None = None
+
+    def itm_pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """(scores of true pairs, scores of non-pairs): the actual pairs known to match, and
+        the swapped pairs plus the actual pairs known not to (an unknown pair is neither)."""
+        if self.itm_target is None:
+            return self.itm_match, self.itm_swapped
+        target = self.itm_target
+        return self.itm_match[target == 1], np.concatenate([self.itm_swapped, self.itm_match[target == 0]])
 
     def macro_f1(self, task: str, labels: Sequence[str]) -> float:
         y = self.labels[task]
@@ -94,7 +105,7 @@ class EvalOutput:
         return task_report(y[keep], self.logits[task][keep].argmax(1), labels).macro_f1
 
     def itm_auroc(self) -> float:
-        return itm_auroc(self.itm_match, self.itm_swapped)
+        return itm_auroc(*self.itm_pairs())
 
 
 @dataclass
@@ -186,6 +197,7 @@ def evaluate_split(
         labels={task: y.numpy() for task, y in labels.items()},
         itm_match=torch.cat(match).numpy() if match else np.zeros(0),
         itm_swapped=torch.cat(swapped).numpy() if swapped else np.zeros(0),
+        itm_target=features.targets.numpy(),
     )
 
 
@@ -294,6 +306,7 @@ def _run_epoch(
                 weights,
                 generator,
                 features.same_content(idx),
+                features.pair_target(idx),
             )
         optimizer.zero_grad(set_to_none=True)
         total.backward()

@@ -23,6 +23,7 @@ from review.decisions import (
     KafkaUnavailable,
     build_decision,
     choices_from_json,
+    pair_answer,
 )
 from review.queue import NotClaimed, QueueError
 
@@ -52,6 +53,7 @@ class ApiHandlers(HandlerBase):
             return body
         try:
             choices, note = choices_from_json(body)
+            pair = pair_answer(body.get("image_text_match"))
         except RecordError as exc:
             return _json_error(400, str(exc))
         try:
@@ -68,8 +70,9 @@ class ApiHandlers(HandlerBase):
                 user.name,
                 choices,
                 note=note,
-                decision_id=claim_decision_id(claim, choices, note),
+                decision_id=claim_decision_id(claim, choices, note, pair),
                 seen_media_hash=await self.shown_media(claim.item),
+                image_text_match=pair,
             )
         except RecordError as exc:
             return _json_error(400, str(exc))

@@ -80,23 +80,29 @@ LOST_AFTER_PRODUCE_MESSAGE = (
 )
 
 
-def decision_id_for(scope: str, choices: Mapping[str, tuple[str, str | None]], note: str | None) -> str:
+def decision_id_for(
+    scope: str, choices: Mapping[str, tuple[str, str | None]], note: str | None, pair: bool | None = None
+) -> str:
     """A decision's id from where it was made (`scope`) and what it says. An identical retry
     after a Kafka timeout (whose first attempt may have reached the topic after all) gets the
     same id, which the dataset sink recognises as a replay; a resubmit with other labels or
     another note is a new decision, and being the later one, its labels win. (One id per
     claim made the dataset keep the first labels of a corrected resubmit.)"""
-    content = json.dumps(
-        {"choices": sorted([task, action, label] for task, (action, label) in choices.items()), "note": note or ""},
-        sort_keys=True,
-        ensure_ascii=False,
-    )
+    said: dict[str, Any] = {
+        "choices": sorted([task, action, label] for task, (action, label) in choices.items()),
+        "note": note or "",
+    }
+    if pair is not None:  # absent when unanswered, so ids made before the question are unchanged
+        said["image_text_match"] = pair
+    content = json.dumps(said, sort_keys=True, ensure_ascii=False)
     digest = hashlib.sha256(content.encode()).hexdigest()
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"modstream-review:{scope}:{digest}"))
 
 
-def claim_decision_id(claim: Claim, choices: Mapping[str, tuple[str, str | None]], note: str | None) -> str:
-    return decision_id_for(f"{claim.entry_id}:{claim.reviewer}:{claim.deliveries}", choices, note)
+def claim_decision_id(
+    claim: Claim, choices: Mapping[str, tuple[str, str | None]], note: str | None, pair: bool | None = None
+) -> str:
+    return decision_id_for(f"{claim.entry_id}:{claim.reviewer}:{claim.deliveries}", choices, note, pair)
 
 
 def _ident(request: web.Request) -> Identity:

@@ -60,6 +60,7 @@ SHORTCUTS = (
     ("e", "escalate"),
     ("a", "confirm all undecided tasks"),
     ("v", "reveal / hide the image"),
+    ("m / u", "image and text belong together / are unrelated (again: not sure)"),
     ("Enter", "submit when all tasks are decided"),
     ("?", "show / hide this help"),
     ("Esc", "leave the note field"),

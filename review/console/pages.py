@@ -27,6 +27,7 @@ from review.decisions import (
     build_decision,
     choices_from_form,
     item_tasks,
+    pair_answer,
 )
 from review.evidence_images import MediaError
 from review.queue import Claim, NotClaimed, QueueStats
@@ -99,14 +100,17 @@ class ReviewerPages(HandlerBase):
             return self._lost_page(request, LOST_MESSAGE)
         form = await request.post()
         choices, note = choices_from_form(form, list(item_tasks(claim.item)))
+        raw_pair = form.get("pair", "")
         try:
+            pair = pair_answer(raw_pair if isinstance(raw_pair, str) else None)
             decision = build_decision(
                 claim.item,
                 user.name,
                 choices,
                 note=note,
-                decision_id=claim_decision_id(claim, choices, note),
+                decision_id=claim_decision_id(claim, choices, note, pair),
                 seen_media_hash=await self.shown_media(claim.item),
+                image_text_match=pair,
             )
         except RecordError as exc:
             stats = await self.c.stats()

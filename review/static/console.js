@@ -124,6 +124,16 @@
         ev.preventDefault();
         return;
       }
+      if (key === "m" || key === "u") {  // the image-text answer; the same key again clears it
+        const value = key === "m" ? "match" : "mismatch";
+        const radio = $("#pair input[value=" + value + "]");
+        if (radio) {
+          const clear = $("#pair input[value='']");
+          (radio.checked && clear ? clear : radio).checked = true;
+          ev.preventDefault();
+        }
+        return;
+      }
       const action = ACTION_KEYS[key];
       if (action) {
         const t = tasks[active];

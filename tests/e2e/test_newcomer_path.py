@@ -65,7 +65,7 @@ def test_from_the_end_of_make_run_to_a_decision_on_one_of_its_posts(browser: Any
         page.wait_for_url(re.compile(r"/review"))
         post_id = page.locator(".meta dd code").first.inner_text()
         assert post_id.startswith("run"), post_id  # one of the run's own posts
-        # The image comes from the run's media server through the console's media proxy.
+        # The image is the bytes the worker scored, kept in the run's evidence folder.
         page.wait_for_function("document.getElementById('post-image').naturalWidth > 0", timeout=30_000)
         page.keyboard.press("a")  # confirm every task
         page.keyboard.press("Enter")
@@ -76,6 +76,7 @@ def test_from_the_end_of_make_run_to_a_decision_on_one_of_its_posts(browser: Any
         decision = read_decision(f"127.0.0.1:{kafka}", post_id)
         assert decision.reviewer == "demo"
         assert {d.action for d in decision.decisions.values()} == {"confirm"}
+        assert decision.media_hash and decision.seen_media_hash == decision.media_hash, "reviewer saw other bytes"
     finally:
         if run.poll() is None:
             run.send_signal(signal.SIGTERM)

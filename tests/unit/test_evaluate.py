@@ -220,3 +220,26 @@ def test_routing_lift_interval_separates_a_real_lift_from_chance() -> None:
     assert lo < 1.0 < hi
     # No errors: no interval.
     assert all(math.isnan(v) for v in routing_lift(np.zeros(10, dtype=bool), scores[:10])["lift_ci"])
+
+
+def test_the_itm_auroc_interval_survives_unequal_groups_and_respects_known_mismatches():
+    """Text-only posts, unknown reviewed pairs and known mismatches make the two groups differ
+    in size; the paired bootstrap returned [nan, nan] then (v0002's card in issue 24)."""
+    import math
+
+    import numpy as np
+
+    from trainer.evaluate import itm_auroc_interval
+    from trainer.train import EvalOutput
+
+    rng = np.random.default_rng(0)
+    match = np.concatenate([rng.uniform(0.5, 1.0, 80), [np.nan] * 10, rng.uniform(0.0, 0.4, 10), [0.99] * 5])
+    target = np.concatenate([np.ones(80), [np.nan] * 10, np.zeros(10), [np.nan] * 5])
+    swapped = rng.uniform(0.0, 0.6, 85)
+    split = EvalOutput({}, {}, match, swapped, target)
+    pos, neg = split.itm_pairs()
+    assert len(pos) == 80 and len(neg) == 95, "unknown pairs are neither; known mismatches are negatives"
+    low, high = itm_auroc_interval(pos, neg)
+    assert math.isfinite(low) and math.isfinite(high) and low <= split.itm_auroc() <= high
+    # Taking every actual pair as a match (no targets) scores the known mismatches as misses.
+    assert split.itm_auroc() > EvalOutput({}, {}, match, swapped).itm_auroc() + 0.02

@@ -144,3 +144,29 @@ def test_text_encoder_split_reproduces_the_whole_forward():
     assert encoder.supports_split(ids, mask, 1)
     # Layer 0 leaves nothing to cache; layer 2 (of 2) leaves nothing to train.
     assert not encoder.supports_split(ids, mask, 0) and not encoder.supports_split(ids, mask, 2)
+
+
+def test_itm_targets_make_a_known_mismatch_a_negative_and_leave_an_unknown_pair_out():
+    """Reviewed pairs are not ITM positives by default (issue 24): a pair the reviewer called
+    unrelated pushes its match score down, an unanswered one is not pushed at all."""
+    from models.objectives import itm_objective
+
+    model, tok = tiny_model()
+    images = [Image.new("RGB", (16, 16), c) for c in ("red", "blue", "green", "white")]
+    ids, mask, pixels, present = _inputs(model, tok, ["a", "b", "c", "d"], images)
+    text, image = model.encode(ids, mask, pixels)
+
+    def own_pair_gradient(target: torch.Tensor | None) -> torch.Tensor:
+        out = model.head(text, image, present)
+        out.itm_logits.retain_grad()
+        losses = itm_objective(model.head, out, "random", torch.Generator().manual_seed(0), None, target)
+        losses["itm_loss"].backward()
+        assert out.itm_logits.grad is not None
+        return out.itm_logits.grad
+
+    g = own_pair_gradient(torch.tensor([1.0, 1.0, 0.0, float("nan")]))
+    assert g[0] < 0 and g[1] < 0, "a known match is pushed towards 'match'"
+    assert g[2] > 0, "a pair the reviewer called unrelated is pushed towards 'mismatch'"
+    assert g[3] == 0, "an unanswered reviewed pair is trained as neither"
+    old = own_pair_gradient(None)  # without targets every own pair is a positive
+    assert (old < 0).all()

@@ -190,7 +190,12 @@ def test_promoted_candidate_becomes_current_then_is_published_and_its_card_expla
     assert promotion["why"].startswith("Promoted") and "holdout" in promotion["why"]
 
     gate = json.loads((registry.root / "v0002" / "gate.json").read_text())
-    assert gate["promoted"] and gate["version"] == "v0002" and len(gate["checks"]) == 4
+    assert gate["promoted"] and gate["version"] == "v0002" and len(gate["checks"]) == 6  # 2 holdouts x (2 F1 + ITM)
+    itm = [c for c in gate["checks"] if c["metric"] == "itm_auroc"]
+    assert [c["holdout"] for c in itm] == ["base", "reviewed"] and itm[0]["drop_ci"] is not None
+    # Reviewed pairs carry no image-text answer here: no known pairs, so not gated on them.
+    assert itm[1]["n"] == 0 and itm[1]["verdict"] == "not enough evidence"
+    assert "_itm_pairs" not in json.dumps(gate), "raw scores stay out of the report"
     assert (registry.root / "v0002" / "gate.png").stat().st_size > 5000
     # The summary table shows both models on both holdouts.
     table = retrain.describe(outcome)

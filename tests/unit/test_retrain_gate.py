@@ -88,3 +88,75 @@ def test_bad_gate_settings_are_errors():
         gate_verdict([], margin=-0.1)
     with pytest.raises(ValueError, match="min_examples"):
         gate_verdict([], min_examples=0)
+
+
+def _itm(holdout: str, n: int, current: float | None, candidate: float | None) -> Comparison:
+    return Comparison(holdout, "itm", n, current, candidate, metric="itm_auroc")
+
+
+def test_equal_labels_but_eroded_itm_auroc_is_refused_and_says_which():
+    """The promotion issue 24 found: every task F1 equal, ITM AUROC 0.887 -> 0.851 on base."""
+    labels = [_c("base", "hate", 120, 0.80, 0.80), _c("base", "sarcasm", 120, 0.70, 0.70)]
+    decision = gate_verdict([*labels, _itm("base", 240, 0.887, 0.851)], margin=0.02, min_examples=20)
+    assert not decision.promoted
+    assert "ITM AUROC on the base holdout" in decision.why and "0.036" in decision.why, decision.why
+    assert [c.verdict for c in decision.checks] == ["pass", "pass", "fail"]
+    # Within its own margin it passes; a looser ITM margin is the operator's call.
+    assert gate_verdict([*labels, _itm("base", 240, 0.887, 0.870)]).promoted
+    assert gate_verdict([*labels, _itm("base", 240, 0.887, 0.851)], itm_margin=0.05).promoted
+
+
+def test_itm_with_too_few_known_pairs_or_no_itm_head_does_not_block_but_says_so():
+    labels = [_c("base", "hate", 120, 0.80, 0.81)]
+    thin = gate_verdict([*labels, _itm("reviewed", 5, 0.9, 0.1)], min_examples=20)
+    assert thin.promoted and "itm on reviewed (n=5)" in thin.why
+    untrained = gate_verdict([*labels, _itm("base", 200, None, None)])
+    assert untrained.promoted and "ITM AUROC not gated" in untrained.why
+    # ITM evidence alone never promotes: no label check with enough examples is a refusal.
+    only_itm = gate_verdict([_c("base", "hate", 3, 0.8, 0.8), _itm("base", 200, 0.8, 0.9)], min_examples=20)
+    assert not only_itm.promoted and "no holdout has 20" in only_itm.why
+
+
+def test_the_report_table_and_json_name_the_itm_check():
+    from trainer.retrain_report import summary_table
+
+    decision = gate_verdict([_c("base", "hate", 120, 0.8, 0.8), _itm("base", 240, 0.887, 0.851)])
+    table = summary_table(decision, "v0001", "v0002")
+    assert "ITM AUROC" in table and "hate F1" in table and "-0.036" in table
+    as_json = decision.to_dict()
+    assert as_json["itm_margin"] == 0.02 and as_json["checks"][1]["metric"] == "itm_auroc"
+
+
+def test_an_itm_drop_beyond_the_margin_refuses_only_when_its_interval_is_above_zero():
+    labels = [_c("base", "hate", 120, 0.80, 0.80)]
+    noisy = Comparison("base", "itm", 40, 0.544, 0.521, metric="itm_auroc", drop_ci=(-0.05, 0.09))
+    real = Comparison("base", "itm", 600, 0.887, 0.851, metric="itm_auroc", drop_ci=(0.02, 0.05))
+    assert gate_verdict([*labels, noisy]).promoted, "a drop the pairs cannot tell from chance"
+    refused = gate_verdict([*labels, real])
+    assert not refused.promoted and "drop 95% CI [0.020, 0.050]" in refused.why
+
+
+def test_a_candidate_that_learnt_reviewed_weak_pairs_as_matches_is_caught_on_real_scores():
+    """The scores, not a hand-made number: a candidate that scores mismatched pairs as matches
+    (what taking routed pairs as ITM positives teaches) against the current model, on the same
+    pairs, through the same paired interval the retrain job computes."""
+    import numpy as np
+
+    from trainer.evaluate import auroc_drop_interval, itm_auroc
+
+    rng = np.random.default_rng(3)
+    pos = rng.uniform(0.4, 1.0, 300)  # true pairs
+    neg = rng.uniform(0.0, 0.6, 300)  # swapped pairs
+    current = (pos, neg)
+    # The eroded candidate: a third of the non-pairs now look like matches.
+    eroded_neg = neg.copy()
+    eroded_neg[:100] = rng.uniform(0.6, 1.0, 100)
+    candidate = (pos, eroded_neg)
+    low, high = auroc_drop_interval(current, candidate)
+    comparison = Comparison(
+        "base", "itm", 300, itm_auroc(*current), itm_auroc(*candidate), metric="itm_auroc", drop_ci=(low, high)
+    )
+    decision = gate_verdict([_c("base", "hate", 120, 0.8, 0.8), comparison])
+    assert low > 0.02 and not decision.promoted, decision.why
+    same = auroc_drop_interval(current, current)
+    assert same == [0.0, 0.0]

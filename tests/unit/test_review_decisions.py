@@ -125,3 +125,45 @@ def test_form_parsing_ignores_undecided_tasks() -> None:
     choices, note = choices_from_form(form, ["hate", "sarcasm", "topic"])
     assert choices == {"hate": ("confirm", None), "topic": ("correct", "none")}
     assert note == "n"
+
+
+def test_the_image_text_answer_changes_the_decision_id_and_unanswered_keeps_the_old_one() -> None:
+    from review.console.base import decision_id_for
+    from review.decisions import pair_answer
+
+    choices = {"hate": ("confirm", None)}
+    unanswered = decision_id_for("entry:alice:1", choices, None)
+    assert decision_id_for("entry:alice:1", choices, None, None) == unanswered  # ids made before the question
+    ids = {decision_id_for("entry:alice:1", choices, None, answer) for answer in (True, False)}
+    assert len(ids | {unanswered}) == 3, "a changed answer is a new decision (its answer wins)"
+    assert [pair_answer(v) for v in ("match", "mismatch", "", None, True, False)] == [
+        True,
+        False,
+        None,
+        None,
+        True,
+        False,
+    ]
+    for hostile in ("yes", "MATCH", 0, 1, [], {}):
+        with pytest.raises(RecordError):
+            pair_answer(hostile)
+
+
+def test_reviewed_pairs_are_itm_targets_only_where_the_reviewer_answered(tmp_path) -> None:
+    import json
+
+    from trainer.features import LoadedInputs
+    from trainer.reviewed import read_reviewed
+
+    tasks = {"hate": ["not_hateful", "hateful"]}
+    lines = []
+    for i, answer in enumerate((True, False, None, "yes")):
+        meta = {"decision_id": f"d{i}", "decided_at": "2026-12-01T00:00:00+00:00"}
+        if answer is not None:
+            meta["image_text_match"] = answer
+        lines.append({"id": f"p{i}", "text": "t", "image": None, "labels": {"hate": "hateful"}, "meta": meta})
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    examples = read_reviewed(tmp_path, tasks)
+    assert [e.meta["itm_target"] for e in examples] == [True, False, None, None]
+    targets = LoadedInputs(examples, [None] * 4, [None] * 4).pair_targets.tolist()
+    assert targets[:2] == [1.0, 0.0] and all(t != t for t in targets[2:]), "unanswered pairs are NaN (neither)"
