@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "classify": ("stream.commands", "classify posts from a JSONL file (no Kafka)"),
     "models": ("stream.commands", "list registered model versions (or move CURRENT)"),
     "dlq": ("stream.commands", "inspect and replay the dead-letter topic"),
+    "labels": ("stream.commands", "print labels from the labels topic (filter by route, version, post id)"),
     "lag-exporter": ("stream.commands", "export every consumer group's lag from the broker"),
     "review-sink": ("review.sinks_cli", "copy the review topic into the Redis review stream"),
     "dataset-sink": ("review.sinks_cli", "append reviewers' decisions to the reviewed dataset"),
@@ -45,7 +46,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 # Commands that talk to Kafka once and exit (a long-running role keeps aiokafka's own logs).
-ONE_SHOT_KAFKA = {"produce", "dlq"}
+ONE_SHOT_KAFKA = {"produce", "dlq", "labels", "purge", "retention"}
 
 
 def add_parsers(sub: Any) -> None:
@@ -62,6 +63,39 @@ def _command_in(argv: list[str]) -> str | None:
         if not word.startswith("-"):
             return word if word in COMMANDS else None
     return None
+
+
+# Options whose default is a secret (a Redis URL may carry a password): --help never shows it.
+SECRET_DESTS = frozenset({"redis"})
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, except secrets, flags and options without one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (
+            action.dest in SECRET_DESTS
+            or action.default is None
+            or action.default is False  # identity: a default of 0 or 0.0 is shown
+            or action.default is argparse.SUPPRESS
+            or "default" in text
+            or not action.option_strings
+        ):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _with_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every command's (and sub-command's) --help shows defaults."""
+    parser.formatter_class = DefaultsHelpFormatter
+    for action in parser._actions:
+        shown = action.default is not None and action.default is not False and action.default is not argparse.SUPPRESS
+        if action.help is None and action.option_strings and shown and action.dest not in SECRET_DESTS:
+            action.help = "default: %(default)s"  # argparse prints no help line at all for help=None
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _with_defaults(child)
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
@@ -83,6 +117,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     # -v works after the command too (`modstream classify -v ...`); SUPPRESS keeps the top-level value.
     for subparser in sub.choices.values():
         subparser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
+    _with_defaults(parser)
     return parser
 
 

@@ -5,7 +5,9 @@ what it runs, and none of the worker's imports reaches `trainer/`)."""
 from __future__ import annotations
 
 import argparse
+import secrets
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -131,10 +133,20 @@ def cmd_produce(args: argparse.Namespace) -> int:
         if not args.media_url:
             raise UsageError("synthetic posts need --media-url URL (where their images are served) or --input FILE")
         examples = read_manifest(write_synthetic(DEFAULT_HOME / "firehose", n=min(args.n, 2000), seed=7))
-        values = encode_posts(synthetic_posts(examples, args.media_url, args.n, repost_rate=args.repost_rate))
+        prefix = args.id_prefix or f"post-{time.strftime('%Y%m%d%H%M%S')}-{secrets.token_hex(2)}"
+        values = encode_posts(
+            synthetic_posts(examples, args.media_url, args.n, repost_rate=args.repost_rate, prefix=prefix)
+        )
+        print(f"post ids: {prefix}-0000000 ...", file=sys.stderr)
     sent = asyncio.run(produce(args.bootstrap, args.topic, values, rate=args.rate))
     print(f"produced {sent} posts to {args.topic}")
     return 0
+
+
+def cmd_labels(args: argparse.Namespace) -> int:
+    from stream.labels_reader import cmd_labels as run
+
+    return run(args)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -270,8 +282,25 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--media-url", help="base URL serving the synthetic images")
     p.add_argument("-n", type=int, default=1000)
     p.add_argument("--rate", type=float, default=0.0, help="posts per second (0: unlimited)")
-    p.add_argument("--repost-rate", type=float, default=0.0)
+    p.add_argument("--repost-rate", type=float, default=0.0, help="share of posts that repeat an earlier one")
+    p.add_argument(
+        "--id-prefix",
+        help="synthetic post ids are PREFIX-0000000...; default: post-<time>-<random>, new every run, so a second "
+        "run's posts are new posts (the review sink queues a post id once)",
+    )
     p.set_defaults(func=cmd_produce)
+
+    p = sub.add_parser("labels", help="print labels from the labels topic (filter by route, version, post id)")
+    add_kafka(p)
+    p.add_argument("--topic", default="labels")
+    p.add_argument("--route", choices=["auto", "review"], help="only labels with this route")
+    p.add_argument("--version", help="only labels of this model version")
+    p.add_argument("--post-prefix", help="only posts whose id starts with this")
+    p.add_argument("--new", action="store_true", help="only labels written from now on (default: from the start)")
+    p.add_argument("-f", "--follow", action="store_true", help="keep reading new labels until Ctrl-C")
+    p.add_argument("-n", "--limit", type=int, help="stop after this many")
+    p.add_argument("--json", action="store_true", help="the records as they are, one per line")
+    p.set_defaults(func=cmd_labels)
 
     p = sub.add_parser(
         "demo",

@@ -185,3 +185,26 @@ def test_train_passes_the_neighbour_vote_and_refuses_a_bad_one(monkeypatch, caps
     with pytest.raises(SystemExit) as refused:
         cli.main(["train", "--preset", "synthetic", "--neighbour-vote", "1.5"])
     assert refused.value.code == 2 and "--neighbour-vote: expected a weight in [0, 1)" in capsys.readouterr().err
+
+
+def test_help_shows_defaults_but_never_a_secret(monkeypatch) -> None:
+    """--help says what a run uses unless told otherwise; the Redis URL (it may carry a
+    password, from the environment or a secrets file) is never printed."""
+    from modstream import settings
+    from modstream.cli import build_parser
+
+    monkeypatch.setenv("MODSTREAM_REDIS_URL", "redis://:hunter2-secret@redis.internal:6379/0")
+    settings.current.cache_clear()
+    try:
+        parser = build_parser()
+        commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+        produce = commands["produce"].format_help()
+        assert "(default: 1000)" in " ".join(produce.split()) or "default: 1000" in produce
+        assert "(default: 0.0)" in " ".join(produce.split())  # a zero default is shown too
+        for name, sub in commands.items():
+            text = sub.format_help()
+            assert "hunter2" not in text, f"modstream {name} --help prints the Redis password"
+        serve = commands["review"]._subparsers._group_actions[0].choices["serve"].format_help()  # type: ignore[union-attr]
+        assert "(default: 300.0)" in " ".join(serve.split()) and "hunter2" not in serve
+    finally:
+        settings.current.cache_clear()
