@@ -3,8 +3,10 @@
 - Base data: an example is held out when a hash of its id falls below `fraction`, so the
   choice never depends on the order, size or growth of the dataset, and every run (and every
   candidate) holds out the same examples.
-- Reviewed data: the newest `fraction` of decisions by `meta.decided_at` (at least
-  `minimum`), i.e. the data most like what the model will see next.
+- Reviewed data: the same rule with its own salt, on the post id: a reviewed post is in the
+  holdout for good, so no version ever trains on it (the "newest 20%" rule it replaced moved
+  last round's holdout into this round's training, so the current model had seen the
+  holdout it was judged on). `resolvable_drop` says how small a drop a holdout of n can tell.
 """
 
 from __future__ import annotations
@@ -19,13 +21,28 @@ from modstream.records import parse_iso
 
 BASE_FRACTION = 0.1
 REVIEWED_FRACTION = 0.2
-REVIEWED_MINIMUM = 5
 _SALT = b"modstream-base-holdout\0"
+_REVIEWED_SALT = b"modstream-reviewed-holdout\0"
+
+
+def _below(salt: bytes, example_id: str, fraction: float) -> bool:
+    digest = hashlib.sha256(salt + example_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2**64
 
 
 def in_base_holdout(example_id: str, fraction: float = BASE_FRACTION) -> bool:
-    digest = hashlib.sha256(_SALT + example_id.encode()).digest()
-    return int.from_bytes(digest[:8], "big") < fraction * 2**64
+    return _below(_SALT, example_id, fraction)
+
+
+def in_reviewed_holdout(post_id: str, fraction: float = REVIEWED_FRACTION) -> bool:
+    return _below(_REVIEWED_SALT, post_id, fraction)
+
+
+def resolvable_drop(n: int) -> float | None:
+    """Roughly the smallest difference between two scores in [0, 1] measured on n examples
+    that 95% of repeats would not produce by chance (1.96 * sqrt(2 * 0.25 / n), the worst
+    case of two proportions): a margin below it judges noise. None for n = 0."""
+    return round(1.96 * math.sqrt(0.5 / n), 3) if n > 0 else None
 
 
 def split_base(examples: Sequence[Example], fraction: float = BASE_FRACTION) -> tuple[list[Example], list[Example]]:
@@ -51,17 +68,19 @@ def decided_at(example: Example) -> datetime:
 
 
 def split_reviewed(
-    examples: Sequence[Example], fraction: float = REVIEWED_FRACTION, minimum: int = REVIEWED_MINIMUM
+    examples: Sequence[Example], fraction: float = REVIEWED_FRACTION
 ) -> tuple[list[Example], list[Example]]:
-    """(train, holdout): the holdout is the newest `fraction` of the decisions, at least
-    `minimum` of them (all of them when there are fewer); ties in time break on the id."""
+    """(train, holdout) by a hash of the post id: the same posts every run, whatever the
+    order or growth of the data, and none of them ever trained on. Every example needs a
+    valid decision time (checked here, before any training starts)."""
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"reviewed holdout fraction must be in (0, 1), got {fraction}")
-    ordered = sorted(examples, key=lambda ex: (decided_at(ex), ex.id))
-    # Round before ceil: 0.2 * 35 is 7.000000000000001 in floating point.
-    k = min(len(ordered), max(minimum, math.ceil(round(fraction * len(ordered), 9))))
-    cut = len(ordered) - k
-    return ordered[:cut], ordered[cut:]
+    train: list[Example] = []
+    holdout: list[Example] = []
+    for ex in examples:
+        decided_at(ex)
+        (holdout if in_reviewed_holdout(ex.id, fraction) else train).append(ex)
+    return train, holdout
 
 
 def ids_digest(ids: Iterable[str]) -> str:

@@ -6,8 +6,8 @@ One run:
    means nothing to do (unless forced);
 2. rebuild the current version's recipe (its card's ModelConfig and TrainConfig), load base
    data (what the current card records, or a manifest / preset given by the operator) and
-   the reviewed data; hold out a fixed hash-chosen share of the base data and the newest
-   reviewed decisions;
+   the reviewed data; hold out a fixed hash-chosen share of the base data and of the reviewed
+   posts (never trained on by any version);
 3. score the current model on both holdouts, fine-tune a candidate from the current
    version's weights on everything else, score it the same way (each model with its own
    card's temperatures and thresholds);
@@ -49,9 +49,9 @@ from trainer.gate import Comparison, GateDecision, gate_verdict
 from trainer.holdout import (
     BASE_FRACTION,
     REVIEWED_FRACTION,
-    REVIEWED_MINIMUM,
     decided_at,
     ids_digest,
+    resolvable_drop,
     split_base,
     split_reviewed,
 )
@@ -94,7 +94,6 @@ class RetrainOptions:
     epochs: int | None = None
     base_fraction: float = BASE_FRACTION
     reviewed_fraction: float = REVIEWED_FRACTION
-    reviewed_minimum: int = REVIEWED_MINIMUM
     progress: bool = False
     # Called with the update message once CURRENT names the promoted version; None: offline.
     publisher: Publisher | None = None
@@ -349,9 +348,7 @@ def _run(opts: RetrainOptions) -> RetrainOutcome:
     model_cfg, train_cfg = recipe(parent_card, opts.epochs, opts.progress)
     base = load_base(source, opts.work_dir)
     base_train, base_holdout = split_base(base, opts.base_fraction)
-    rev_train, rev_holdout = (
-        split_reviewed(reviewed, opts.reviewed_fraction, opts.reviewed_minimum) if reviewed else ([], [])
-    )
+    rev_train, rev_holdout = split_reviewed(reviewed, opts.reviewed_fraction) if reviewed else ([], [])
     held = {ex.id for ex in base_holdout} | {ex.id for ex in rev_holdout}
     reviewed_ids = {ex.id for ex in reviewed}
     # Nothing held out is trained on, whichever source an id also appears in; a post that is
@@ -432,6 +429,7 @@ def _run(opts: RetrainOptions) -> RetrainOutcome:
                     "fraction": opts.base_fraction,
                     "rule": "sha256 of a salt and the example id below the fraction (trainer/holdout.py)",
                     "n": len(base_holdout),
+                    "resolvable_drop": resolvable_drop(len(base_holdout)),
                     "digest": ids_digest(ex.id for ex in base_holdout),
                     "current_may_have_seen": seen_by is not None,
                     "note": (
@@ -444,9 +442,10 @@ def _run(opts: RetrainOptions) -> RetrainOutcome:
                 },
                 "reviewed": {
                     "fraction": opts.reviewed_fraction,
-                    "minimum": opts.reviewed_minimum,
-                    "rule": "the newest decisions by meta.decided_at",
+                    "rule": "sha256 of a salt and the post id below the fraction (trainer/holdout.py)",
                     "n": len(rev_holdout),
+                    # The smallest F1 drop a holdout this size tells from chance, beside the margin.
+                    "resolvable_drop": resolvable_drop(len(rev_holdout)),
                     "ids": sorted(ex.id for ex in rev_holdout),
                     "digest": ids_digest(ex.id for ex in rev_holdout),
                     "oldest_decided_at": min(decided_at(ex) for ex in rev_holdout).isoformat() if rev_holdout else None,

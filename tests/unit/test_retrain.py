@@ -23,7 +23,7 @@ from models.registry import ModelRegistry
 from modstream.manifest import Example, read_manifest
 from tests.tiny import tiny_config, tiny_model
 from trainer.fit import fit
-from trainer.holdout import ids_digest, in_base_holdout
+from trainer.holdout import ids_digest, in_base_holdout, in_reviewed_holdout, resolvable_drop
 from trainer.synthetic import generate
 from trainer.train import TrainConfig
 
@@ -165,17 +165,17 @@ def test_promoted_candidate_becomes_current_then_is_published_and_its_card_expla
     training, promotion = card.training, card.metrics["promotion"]
     assert training["parent_version"] == "v0001" and training["data_source"] == BASE_SOURCE
     assert len(training["data_digest"]) == 64
-    # Holdouts: the newest 20% of the reviews (120), a tenth of the base data by id hash.
-    newest = sorted(reviewed, key=lambda e: e.meta["decided_at"])[-120:]
-    assert training["holdouts"]["reviewed"]["ids"] == sorted(e.id for e in newest)
-    assert training["reviewed"]["holdout_digest"] == ids_digest(e.id for e in newest)
-    assert training["reviewed"]["n_used"] == 480 and training["reviewed"]["new_decisions"] == 600
-    assert training["reviewed"]["newest_decided_at"] < min(e.meta["decided_at"] for e in newest)
+    # Holdouts: a fifth of the reviewed posts and a tenth of the base data, each by a hash of the id.
+    held = [e for e in reviewed if in_reviewed_holdout(e.id)]
+    assert training["holdouts"]["reviewed"]["ids"] == sorted(e.id for e in held)
+    assert training["reviewed"]["holdout_digest"] == ids_digest(e.id for e in held)
+    assert training["reviewed"]["n_used"] == 600 - len(held) and training["reviewed"]["new_decisions"] == 600
+    assert training["holdouts"]["reviewed"]["resolvable_drop"] == resolvable_drop(len(held))
     base_holdout = training["holdouts"]["base"]
     assert 20 <= base_holdout["n"] <= 60
     assert base_holdout["current_may_have_seen"] and "v0001" in base_holdout["note"]
     # Nothing held out was trained on.
-    assert len(trained) == 400 - base_holdout["n"] + 480
+    assert len(trained) == 400 - base_holdout["n"] + 600 - len(held)
     assert not set(trained) & set(training["holdouts"]["reviewed"]["ids"])
     assert not any(in_base_holdout(i) for i in trained if i.startswith("syn-"))
 

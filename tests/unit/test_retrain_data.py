@@ -8,7 +8,14 @@ import pytest
 
 from models.registry import ModelRegistry
 from modstream.manifest import Example
-from trainer.holdout import ids_digest, in_base_holdout, split_base, split_reviewed
+from trainer.holdout import (
+    ids_digest,
+    in_base_holdout,
+    in_reviewed_holdout,
+    resolvable_drop,
+    split_base,
+    split_reviewed,
+)
 from trainer.reviewed import last_seen, new_decisions, read_reviewed, write_seen
 
 TASKS = {"hate": ["not_hateful", "hateful"], "sarcasm": ["not_sarcastic", "sarcastic"]}
@@ -35,27 +42,26 @@ def test_base_holdout_is_fixed_by_id_whatever_the_order_or_size():
     assert all(in_base_holdout(e.id) for e in holdout)
 
 
-def test_reviewed_holdout_is_the_newest_fifth_with_a_minimum():
-    examples = [_ex(i) for i in range(50)]
-    random.Random(2).shuffle(examples)
+def test_reviewed_holdout_is_a_stable_hash_share_that_growth_never_moves():
+    examples = [_ex(i) for i in range(2000)]
     train, holdout = split_reviewed(examples)
-    assert sorted(e.id for e in holdout) == sorted(f"p{i}" for i in range(40, 50))
-    assert len(train) == 40 and not {e.id for e in train} & {e.id for e in holdout}
-    # Few decisions: at least `minimum` are held out (all of them when fewer exist).
-    assert len(split_reviewed([_ex(i) for i in range(8)])[1]) == 5
-    assert split_reviewed([_ex(i) for i in range(3)]) == ([], [_ex(i) for i in range(3)])
+    assert 300 <= len(holdout) <= 500 and len(train) + len(holdout) == 2000  # about a fifth
+    assert not {e.id for e in train} & {e.id for e in holdout}
+    shuffled = examples[:]
+    random.Random(2).shuffle(shuffled)
+    assert {e.id for e in split_reviewed(shuffled)[1]} == {e.id for e in holdout}
+    # A post held out stays held out as decisions arrive (the newest-fifth rule let last
+    # round's holdout become this round's training data).
+    assert {e.id for e in split_reviewed(examples[:500])[1]} == {e.id for e in holdout if int(e.id[1:]) < 500}
+    assert all(in_reviewed_holdout(e.id) for e in holdout)
+    # Not the base holdout's choice (another salt): a post in both data sets is not held out twice alike.
+    assert {e.id for e in holdout} != {e.id for e in examples if in_base_holdout(e.id, 0.2)}
 
 
-def test_reviewed_holdout_orders_by_time_not_by_text_and_breaks_ties_on_the_id():
-    # A later time with another UTC offset sorts by the instant, not the string.
-    late = _ex(1, meta_note=None)
-    late = Example(late.id, late.text, None, late.labels, {**late.meta, "decided_at": "2026-03-01T09:00:00+05:00"})
-    early = _ex(2, minutes=0)
-    early = Example(early.id, early.text, None, early.labels, {**early.meta, "decided_at": "2026-03-01T05:00:00+00:00"})
-    _, holdout = split_reviewed([late, early] + [_ex(10 + i, minutes=-100 + i) for i in range(8)], 0.1, 1)
-    assert [e.id for e in holdout] == ["p2"]  # 05:00 UTC is after 04:00 UTC
-    ties = [_ex(i, minutes=0) for i in range(10)]
-    assert [e.id for e in split_reviewed(ties, 0.2, 1)[1]] == ["p8", "p9"]
+def test_resolvable_drop_shrinks_with_the_holdout():
+    assert resolvable_drop(0) is None
+    assert resolvable_drop(38) == 0.225 and resolvable_drop(2400) == 0.028
+    assert resolvable_drop(9604) == 0.014
 
 
 def test_missing_decision_time_is_an_error_naming_the_example():
