@@ -315,6 +315,36 @@ def fit(
     )
 
 
+def validation_by_source(
+    model: MultimodalModel,
+    inputs: LoadedInputs,
+    features: LiveFeatures,
+    val_idx: Sequence[int],
+    labels: dict[str, Tensor],
+    tasks: dict[str, list[str]],
+    cal: Calibration,
+) -> dict[str, Any]:
+    """Validation metrics of the base examples and of the reviewed ones (those carrying a
+    decision id) apart, when both are there: reviewed posts are the model's hardest, so a
+    card whose F1 mixes them in cannot be compared with one that did not (issue 24)."""
+    groups: dict[str, list[int]] = {"base": [], "reviewed": []}
+    for i in val_idx:
+        groups["reviewed" if "decision_id" in inputs.examples[i].meta else "base"].append(int(i))
+    if not groups["base"] or not groups["reviewed"]:
+        return {}
+    out: dict[str, Any] = {}
+    for name, idx in groups.items():
+        part = evaluate_split(model, subset(features, idx), {t: y[idx] for t, y in labels.items()})
+        scored = score(part, tasks, cal)
+        out[name] = {
+            "n": len(idx),
+            "macro_f1": scored["macro_f1"],
+            "itm_auroc": scored["itm_auroc"],
+            "itm_auroc_ci": scored["itm_auroc_ci"],
+        }
+    return out
+
+
 def fit_features(
     model: MultimodalModel,
     tokenizer: Any,
@@ -374,6 +404,9 @@ def fit_features(
     metrics["best_epoch"] = result.best_epoch
     metrics["probe_blend"] = probe_metrics(evidence, probe_blend, model_config, len(inputs.examples))
     metrics["task_source"] = {t: "blend" if t in model_config.probe_tasks else "head" for t in tasks}
+    by_source = validation_by_source(model, inputs, features, val_idx, labels, tasks, cal)
+    if by_source:
+        metrics["by_source"] = by_source
     val_neighbours = model.neighbours.label_shares(x[val_idx], present[val_idx])
     card = ModelCard(
         config=model_config,

@@ -179,6 +179,12 @@ def test_promoted_candidate_becomes_current_then_is_published_and_its_card_expla
     assert not set(trained) & set(training["holdouts"]["reviewed"]["ids"])
     assert not any(in_base_holdout(i) for i in trained if i.startswith("syn-"))
 
+    # Cards stay comparable: validation reported per source, and the ITM interval kept.
+    by_source = card.metrics["by_source"]
+    assert by_source["base"]["n"] > 0 and by_source["reviewed"]["n"] > 0
+    assert set(by_source["reviewed"]["macro_f1"]) == {"hate", "sarcasm"}
+    assert all(isinstance(v, float) and v == v for v in card.itm["auroc_ci"]), card.itm["auroc_ci"]
+
     evaluation = card.metrics["evaluation"]
     for holdout in ("base", "reviewed"):
         for model in ("current", "candidate"):
