@@ -15,9 +15,12 @@ left unanswered -> skip; `review_flag: escalate` -> escalate for every task, and
 goes to the escalated stream for admins, as from the console. An annotation that chooses
 nothing is refused (the item stays queued). Only posts in the review queue are decided, and
 always from the queue's own copy of the item: a file's `meta` is never trusted (a forged task
-is refused). The decision id is derived from the Label Studio task and annotation ids, so
-importing a file twice gives the same ids (and the second time the posts are already decided
-and skipped).
+is refused). An item a console reviewer holds right now (a live claim) is skipped, saying by
+whom, and so is a post decided in the console. The decision id is derived from the Label
+Studio task, the annotation, its update time and what it says: importing a file twice gives
+the same ids (the second time: "already imported"), and an annotation edited after an import
+is a new decision, whose labels win downstream (the ids Label Studio decisions got per post
+are kept in Redis, so an edit is told from a console decision).
 
 Note: Label Studio's browser loads `data.image` itself; the post URL is exported as is.
 """
@@ -44,34 +47,58 @@ _NAMESPACE = uuid.UUID("6f1c7a52-1d0e-4a4e-9f43-5d1e4a8b2c11")
 # -- export ---------------------------------------------------------------------------------
 
 
+def confidence(task_label: dict[str, Any]) -> float | None:
+    """The model's confidence in the label it gives a task: the probability of that label
+    (`score` is the positive class's probability; a negative label's is 1 - score)."""
+    score = task_label.get("score")
+    if not isinstance(score, int | float) or isinstance(score, bool):
+        return None
+    return float(score) if task_label.get("decision") else 1.0 - float(score)
+
+
 def item_to_task(task_id: int, entry_id: str, item: ReviewItem) -> dict[str, Any]:
+    """One Label Studio task. `predictions[].score` is what Label Studio reads as confidence:
+    the model's least confident pre-filled choice; each task's positive-class probability and
+    threshold are in `meta.model_scores`. A text-only post has no `image` field."""
     labels = item.label.get("labels") or {}
     result = []
-    scores = []
+    confidences = []
+    model_scores: dict[str, Any] = {}
     for task in item_tasks(item):
         label = model_label(item, task)
         if label is None:
             continue
         result.append({"from_name": task, "to_name": "text", "type": "choices", "value": {"choices": [label]}})
-        score = (labels.get(task) or {}).get("score")
-        if isinstance(score, int | float):
-            scores.append(float(score))
+        task_label = labels.get(task) or {}
+        sure = confidence(task_label)
+        if sure is not None:
+            confidences.append(sure)
+        model_scores[task] = {
+            "label": label,
+            "confidence": None if sure is None else round(sure, 4),
+            "positive_probability": task_label.get("score"),
+            "threshold": task_label.get("threshold"),
+        }
+    data: dict[str, Any] = {"text": item.text, "post_id": item.post_id}
+    if item.image_url:
+        data["image"] = item.image_url
     ls_task: dict[str, Any] = {
         "id": task_id,
-        "data": {"text": item.text, "image": item.image_url or "", "post_id": item.post_id},
+        "data": data,
         "meta": {
             "post_id": item.post_id,
             "entry_id": entry_id,
             "model_version": item.label.get("model_version"),
             "itm_match": item.label.get("itm_match"),
             "reasons": list(item.reasons),
+            "model_scores": model_scores,
             "review_item": item.to_json(),
         },
     }
     if result:
         prediction: dict[str, Any] = {"model_version": str(item.label.get("model_version", "")), "result": result}
-        if scores:
-            prediction["score"] = round(min(scores), 4)
+        if confidences:
+            prediction["score"] = round(min(confidences), 4)
         ls_task["predictions"] = [prediction]
     return ls_task
 
@@ -144,6 +171,7 @@ class Annotated:
     escalate: bool
     note: str | None
     item: ReviewItem | None  # from the export's meta, when present
+    updated_at: str = ""
 
 
 @dataclass
@@ -154,6 +182,7 @@ class ImportReport:
 
     def summary(self) -> str:
         lines = [f"imported {len(self.imported)}, skipped {len(self.skipped)}, errors {len(self.errors)}"]
+        lines += [f"  imported: post {s}" for s in self.imported]
         lines += [f"  skipped: {s}" for s in self.skipped]
         lines += [f"  error: {e}" for e in self.errors]
         return "\n".join(lines)
@@ -213,7 +242,8 @@ def parse_export(export: Any) -> tuple[list[Annotated], list[str], list[str]]:
             except RecordError as exc:
                 errors.append(f"{where}: meta.review_item is not a review item ({exc})")
                 continue
-        out.append(Annotated(post_id, task.get("id"), annotation.get("id"), chosen, escalate, note, item))
+        updated = str(annotation.get("updated_at") or annotation.get("created_at") or "")
+        out.append(Annotated(post_id, task.get("id"), annotation.get("id"), chosen, escalate, note, item, updated))
     return out, skipped, errors
 
 
@@ -241,8 +271,17 @@ def annotation_choices(annotated: Annotated, item: ReviewItem) -> dict[str, tupl
     return choices
 
 
+def decision_id_of(annotated: Annotated) -> str:
+    """Same annotation, same id; an edit (a new update time, other choices or note) a new one."""
+    said = json.dumps(
+        {"chosen": annotated.chosen, "escalate": annotated.escalate, "note": annotated.note or ""}, sort_keys=True
+    )
+    key = f"{annotated.post_id}:{annotated.ls_task_id}:{annotated.annotation_id}:{annotated.updated_at}:{said}"
+    return str(uuid.uuid5(_NAMESPACE, key))
+
+
 def decision_for(annotated: Annotated, item: ReviewItem, reviewer: str) -> ReviewDecision:
-    decision_id = str(uuid.uuid5(_NAMESPACE, f"{annotated.post_id}:{annotated.ls_task_id}:{annotated.annotation_id}"))
+    decision_id = decision_id_of(annotated)
     return build_decision(
         item, reviewer, annotation_choices(annotated, item), note=annotated.note, decision_id=decision_id
     )
@@ -281,9 +320,6 @@ async def import_export_file(source: Path, reviewer: str, *, bootstrap: str, red
                 break
             start = "(" + rows[-1][0]
         for one in annotated:
-            if await client.exists(queue.decided_key(one.post_id)):
-                report.skipped.append(f"post {one.post_id}: already decided")
-                continue
             if one.post_id not in live:
                 # Only what the queue holds can be decided, and only from the queue's own copy:
                 # the file's meta.review_item could be anything (a forged post, another image).
@@ -298,11 +334,28 @@ async def import_export_file(source: Path, reviewer: str, *, bootstrap: str, red
             except RecordError as exc:
                 report.errors.append(f"post {one.post_id}: {exc}")
                 continue
+            marker = await client.get(queue.decided_key(one.post_id))
+            decided = marker.decode() if isinstance(marker, bytes) else marker
+            ours = queue.prefix + ":review:label-studio:" + one.post_id  # the ids this import gave the post
+            if decided == decision.decision_id:
+                report.skipped.append(f"post {one.post_id}: already imported (this annotation, unchanged)")
+                continue
+            if decided is not None and not await client.sismember(ours, decided):
+                report.skipped.append(f"post {one.post_id}: already decided in the console (decision {decided})")
+                continue
+            holder = await queue.holder(entry_id) if decided is None else None
+            if holder is not None:
+                report.skipped.append(
+                    f"post {one.post_id}: held by {holder} in the console right now: import again once they are done"
+                )
+                continue
             await producer.send(decision)  # KafkaUnavailable ends the import here
+            await client.sadd(ours, decision.decision_id)
+            await client.expire(ours, queue.decided_ttl_s)
             if decision.escalated:
                 await queue.add_escalation(entry_id, item, reviewer, decision.decision_id, one.note)
             await queue.mark_decided(one.post_id, decision.decision_id, reviewer, entry_id=entry_id)
-            report.imported.append(one.post_id)
+            report.imported.append(one.post_id + (" (an edit of an earlier import: its labels win)" if decided else ""))
     finally:
         await producer.close()
         await client.aclose()

@@ -270,7 +270,12 @@ class ReviewQueue:
     ) -> list[dict[str, Any]]:
         rows: Any = await self.client.xpending_range(self.stream, self.group, start, end, count, consumername=consumer)
         return [
-            {"id": _str(r["message_id"]), "consumer": _str(r["consumer"]), "deliveries": int(r["times_delivered"])}
+            {
+                "id": _str(r["message_id"]),
+                "consumer": _str(r["consumer"]),
+                "deliveries": int(r["times_delivered"]),
+                "idle_ms": int(r.get("time_since_delivered", 0)),
+            }
             for r in rows or []
         ]
 
@@ -403,6 +408,14 @@ class ReviewQueue:
         self.events.dead_lettered += 1
 
     # -- ownership and acknowledgement -------------------------------------------------------
+
+    async def holder(self, entry_id: str) -> str | None:
+        """The reviewer whose claim on `entry_id` is live (pending, idle less than the claim
+        timeout), or None: an abandoned claim is anyone's to take."""
+        rows = await self._pending_rows(entry_id, entry_id, 1)
+        if rows and rows[0]["idle_ms"] < self.claim_timeout_ms:
+            return str(rows[0]["consumer"])
+        return None
 
     async def owner(self, entry_id: str) -> str | None:
         """The consumer holding `entry_id`, or None when it is not pending."""

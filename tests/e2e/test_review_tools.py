@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 from review.queue import ReviewQueue
 from stream.redis_store import RedisStore
 from tests.e2e.conftest import PASSWORD, read_decision, review_item, run_async
+from tests.e2e.test_review_escalations import decisions_for
 from tests.integration.stack import REPO_ROOT, LocalStack, free_loopback_ports
 
 LS_DB = 8  # this test's own Redis database
@@ -151,12 +152,14 @@ def test_label_studio_round_trip_through_the_cli(stack: LocalStack, tmp_path: Pa
     args = ("import-label-studio", str(export_path), "--reviewer", "ls-team")
     result = _cli(*args, "--bootstrap", stack.bootstrap, "--redis", redis_url)
     assert result.returncode == 1, result.stdout + result.stderr  # errors were reported: exit 1
-    assert "imported 3, skipped 1, errors 2" in result.stdout, result.stdout
+    # posts[0] is held by alice in the console right now: not taken from her, and said so.
+    assert "imported 2, skipped 2, errors 2" in result.stdout, result.stdout
+    assert f"post {posts[0]}: held by alice in the console" in result.stdout
     assert f"post {forged_item.post_id}: not in the review queue" in result.stdout
     assert f"post {posts[4]}: the annotation chooses nothing" in result.stdout
     escalated = read_decision(stack.bootstrap, posts[3])
     assert {d.action for d in escalated.decisions.values()} == {"escalate"}
-    for post_id in (posts[0], posts[2]):
+    for post_id in (posts[2],):
         decision = read_decision(stack.bootstrap, post_id)
         assert decision.reviewer == "ls-team"
         assert {t: (d.action, d.label) for t, d in decision.decisions.items()} == {
@@ -185,12 +188,38 @@ def test_label_studio_round_trip_through_the_cli(stack: LocalStack, tmp_path: Pa
 
     assert run_async(escalations()) == [posts[3]], "the escalation must reach the admins' stream"
     owner, seen = run_async(after())
-    assert owner is None, "the imported pending item must be acked"
+    assert owner == "alice", "an item a console reviewer holds stays hers"
     assert seen == [posts[1], posts[4]], "the unannotated post and the one with no choice are still to review"
     assert forged_item.post_id not in seen
     again = _cli(*args, "--bootstrap", stack.bootstrap, "--redis", redis_url)
-    # 0, 2 and 3 imported, 1 and 4 decided by bob above; the forged task is refused again.
-    assert again.returncode == 1 and "imported 0" in again.stdout and again.stdout.count("already decided") == 4
+    # 2 and 3 imported before, 0 still alice's, 1 unannotated, 4 still chooses nothing.
+    assert again.returncode == 1 and "imported 0, skipped 4, errors 2" in again.stdout, again.stdout
+    assert again.stdout.count("already imported") == 2 and f"post {posts[0]}: held by alice" in again.stdout
+
+    # An annotation edited in Label Studio after the import: a new decision whose labels win.
+    # posts[4], decided by bob in the console meanwhile, now answered in Label Studio: bob's stands.
+    for task in export:
+        if task["data"]["post_id"] == posts[2]:
+            task["annotations"][0]["updated_at"] = "2026-11-29T09:00:00.000000Z"
+            task["annotations"][0]["result"][1]["value"] = {"choices": ["not_sarcastic"]}
+        if task["data"]["post_id"] == posts[4]:
+            task["annotations"][0]["result"] = [
+                {
+                    "id": "b",
+                    "type": "choices",
+                    "from_name": "hate",
+                    "to_name": "text",
+                    "value": {"choices": ["hateful"]},
+                }
+            ]
+    export_path.write_text(json.dumps(export))
+    edited = _cli(*args, "--bootstrap", stack.bootstrap, "--redis", redis_url)
+    assert f"{posts[2]} (an edit of an earlier import" in edited.stdout, edited.stdout
+    assert f"post {posts[4]}: already decided in the console" in edited.stdout, edited.stdout
+    decisions = decisions_for(stack.bootstrap, posts[2])
+    assert len(decisions) == 2 and decisions[0].decision_id != decisions[1].decision_id
+    assert decisions[1].training_labels()["sarcasm"] == "not_sarcastic"  # was sarcastic
+    assert decisions[1].decided_at > decisions[0].decided_at, "the edit is the later decision, so its labels win"
 
 
 def test_kafka_failure_keeps_the_claim_and_loses_nothing(start_console: Any) -> None:

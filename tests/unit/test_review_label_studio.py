@@ -12,6 +12,7 @@ import pytest
 from modstream.records import RecordError, ReviewItem
 from review.label_studio import (
     annotation_choices,
+    confidence,
     decision_for,
     labeling_config,
     parse_export,
@@ -50,6 +51,7 @@ def test_tasks_are_in_label_studio_import_format() -> None:
     first = tasks[0]
     assert first["id"] == 1
     assert first["data"] == {"text": "caption of post-a & <friends>", "image": "http://cdn/x.png", "post_id": "post-a"}
+    assert confidence({"score": 0.2, "decision": False}) == 0.8 and confidence({"score": "x"}) is None
     assert first["meta"]["entry_id"] == "1795849801844-0"
     assert first["meta"]["model_version"] == "v0003"
     assert ReviewItem.from_json(first["meta"]["review_item"]) == ITEMS[0][1]
@@ -60,7 +62,13 @@ def test_tasks_are_in_label_studio_import_format() -> None:
         "sarcasm": ["not_sarcastic"],
     }
     assert all(r["to_name"] == "text" and r["type"] == "choices" for r in prediction["result"])
-    assert tasks[1]["data"]["image"] == ""
+    assert "image" not in tasks[1]["data"], "a text-only post has no image field"
+    # Label Studio reads `score` as the confidence in the pre-filled choices: the least sure
+    # task's probability of the label given (hate: 0.71 positive; sarcasm: 1 - 0.33 negative).
+    assert prediction["score"] == 0.67
+    scores = first["meta"]["model_scores"]
+    assert scores["hate"] == {"label": "hateful", "confidence": 0.71, "positive_probability": 0.71, "threshold": 0.5}
+    assert scores["sarcasm"]["confidence"] == 0.67 and scores["sarcasm"]["positive_probability"] == 0.33
 
 
 def test_labeling_config_has_one_choices_block_per_task_matching_the_tasks() -> None:
@@ -195,6 +203,14 @@ def test_export_is_read_back_as_decisions() -> None:
     assert decision.reviewer == "ls-team" and decision.note == "irony, not hate"
     assert decision.model_version == "v0003" and decision.media_hash == "cd" * 32
     assert decision_for(first, ITEMS[0][1], "ls-team").decision_id == decision.decision_id  # stable on re-import
+    # An annotation edited in Label Studio after the import is a new decision: by its update
+    # time, and by what it says (an edit that keeps the time still changes the id).
+    import dataclasses
+
+    later = dataclasses.replace(first, updated_at="2026-12-24T10:00:00Z")
+    relabelled = dataclasses.replace(first, chosen={"hate": "hateful", "sarcasm": "sarcastic"})
+    ids = {decision_for(x, ITEMS[0][1], "ls-team").decision_id for x in (first, later, relabelled)}
+    assert len(ids) == 3
     escalated = decision_for(second, ITEMS[1][1], "ls-team")
     assert {d.action for d in escalated.decisions.values()} == {"escalate"}
 
