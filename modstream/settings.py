@@ -12,6 +12,7 @@ reading and validation; secrets are `SecretStr`, so printing the settings shows 
     MODSTREAM_S3_ENDPOINT       S3-compatible endpoint URL (unset: AWS)
     MODSTREAM_S3_REGION         its region                          (unset: boto3's default)
     MODSTREAM_S3_ACCESS_KEY_ID, MODSTREAM_S3_SECRET_ACCESS_KEY   (unset: boto3's chain, e.g. a pod role)
+    MODSTREAM_MEDIA_LINK_KEY    signs Label Studio's media links (a secret; unset: none are made or served)
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ class Settings(BaseSettings):
     s3_region: str | None = None
     s3_access_key_id: str | None = None
     s3_secret_access_key: SecretStr | None = None
+    # Signs the links Label Studio loads scored media by (review/media_links.py); the exporting
+    # command and the console need the same one. Unset: no such links (the console refuses them).
+    media_link_key: SecretStr | None = None
 
     @classmethod
     def settings_customise_sources(

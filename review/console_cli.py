@@ -48,6 +48,14 @@ def _audit(args: argparse.Namespace, action: str, subject: str, **detail: Any) -
     record_from_cli(args.bootstrap, action, subject, topic=args.audit_topic, timeout_s=args.audit_timeout, **detail)
 
 
+def _media_link_key() -> str | None:
+    """MODSTREAM_MEDIA_LINK_KEY (a secret: environment, secrets folder or config file, never a flag)."""
+    from modstream.settings import current
+
+    key = current().media_link_key
+    return key.get_secret_value() if key is not None else None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     import contextlib
@@ -79,6 +87,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         secure_cookies=not args.insecure_cookies,
         topic=args.topic,
         audit_topic=args.audit_topic,
+        media_link_key=_media_link_key(),
+        media_link_origin=args.media_link_origin,
     )
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(config, args.host, args.port, args.ops_port or None))
@@ -164,8 +174,18 @@ def cmd_export_label_studio(args: argparse.Namespace) -> int:
 
     from review.label_studio import export_open_items
 
+    links = None
+    if args.media_base_url:
+        from review.label_studio import MediaLinks
+
+        key = _media_link_key()
+        if not key:
+            return _fail(ValueError("--media-base-url needs MODSTREAM_MEDIA_LINK_KEY (the console must have the same)"))
+        links = MediaLinks(key, args.media_base_url, args.media_ttl)
     count, config_path = asyncio.run(
-        export_open_items(args.redis, Path(args.out), Path(args.config) if args.config else None, limit=args.limit)
+        export_open_items(
+            args.redis, Path(args.out), Path(args.config) if args.config else None, limit=args.limit, links=links
+        )
     )
     print(f"wrote {count} Label Studio tasks to {args.out} and the labeling config to {config_path}")
     return 0
@@ -218,6 +238,12 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--claim-timeout", type=float, default=300.0, help="seconds before an abandoned claim is reclaimed")
     p.add_argument("--max-deliveries", type=int, default=5, help="deliveries before an item is dead-lettered")
     add_evidence(p, "where the worker keeps the media it scored (the console shows only those bytes)")
+    p.add_argument(
+        "--media-link-origin",
+        default="*",
+        help="Access-Control-Allow-Origin of /ls-media/ images (Label Studio's origin); links need "
+        "MODSTREAM_MEDIA_LINK_KEY",
+    )
     p.add_argument("--insecure-cookies", action="store_true", help="drop the Secure cookie flag (plain-http use)")
     p.set_defaults(func=cmd_serve)
 
@@ -251,6 +277,12 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--config", help="labeling config XML (default: next to --out)")
     add_redis(p, "Redis URL of the review queue")
     p.add_argument("--limit", type=int, default=10_000)
+    p.add_argument(
+        "--media-base-url",
+        help="the review console's URL: images become signed links to the scored bytes it serves (needs "
+        "MODSTREAM_MEDIA_LINK_KEY); without it, tasks carry the post's own image URL",
+    )
+    p.add_argument("--media-ttl", type=float, default=7 * 86400, help="seconds a media link stays valid")
     p.set_defaults(func=cmd_export_label_studio)
 
     p = actions.add_parser("import-label-studio", help="read a Label Studio JSON export back as decisions")

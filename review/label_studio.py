@@ -22,7 +22,10 @@ the same ids (the second time: "already imported"), and an annotation edited aft
 is a new decision, whose labels win downstream (the ids Label Studio decisions got per post
 are kept in Redis, so an edit is told from a console decision).
 
-Note: Label Studio's browser loads `data.image` itself; the post URL is exported as is.
+Media: Label Studio's browser loads `data.image` itself. With `--media-base-url` (and
+MODSTREAM_MEDIA_LINK_KEY), the export points it at signed, expiring links to the console's
+copy of the bytes the model scored (review/media_links.py: CORS-enabled, no session needed);
+without, at the post's own URL (which may serve other bytes by now, and rarely sends CORS).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from typing import Any
 
 from modstream.records import RecordError, ReviewDecision, ReviewItem
 from review.decisions import build_decision, item_tasks, model_label
+from stream.evidence import DIGEST
 
 FLAG = "review_flag"
 NOTE = "note"
@@ -56,10 +60,26 @@ def confidence(task_label: dict[str, Any]) -> float | None:
     return float(score) if task_label.get("decision") else 1.0 - float(score)
 
 
-def item_to_task(task_id: int, entry_id: str, item: ReviewItem) -> dict[str, Any]:
+@dataclass(frozen=True)
+class MediaLinks:
+    """Signed links to the console's copy of the scored bytes (review/media_links.py)."""
+
+    key: str
+    base_url: str
+    ttl_s: float
+
+    def link(self, digest: str) -> str:
+        from review.media_links import sign
+
+        return sign(self.key, self.base_url, digest, self.ttl_s)
+
+
+def item_to_task(task_id: int, entry_id: str, item: ReviewItem, links: MediaLinks | None = None) -> dict[str, Any]:
     """One Label Studio task. `predictions[].score` is what Label Studio reads as confidence:
     the model's least confident pre-filled choice; each task's positive-class probability and
-    threshold are in `meta.model_scores`. A text-only post has no `image` field."""
+    threshold are in `meta.model_scores`. A text-only post has no `image` field. With `links`,
+    the image is a signed link to the bytes the model scored (none when the worker read none),
+    else the post's own URL."""
     labels = item.label.get("labels") or {}
     result = []
     confidences = []
@@ -80,7 +100,11 @@ def item_to_task(task_id: int, entry_id: str, item: ReviewItem) -> dict[str, Any
             "threshold": task_label.get("threshold"),
         }
     data: dict[str, Any] = {"text": item.text, "post_id": item.post_id}
-    if item.image_url:
+    scored = (item.label.get("media") or {}).get("content_hash")
+    if links is not None:
+        if item.image_url and isinstance(scored, str) and DIGEST.fullmatch(scored):
+            data["image"] = links.link(scored)
+    elif item.image_url:
         data["image"] = item.image_url
     ls_task: dict[str, Any] = {
         "id": task_id,
@@ -103,8 +127,8 @@ def item_to_task(task_id: int, entry_id: str, item: ReviewItem) -> dict[str, Any
     return ls_task
 
 
-def tasks_from_items(items: Sequence[tuple[str, ReviewItem]]) -> list[dict[str, Any]]:
-    return [item_to_task(i + 1, entry_id, item) for i, (entry_id, item) in enumerate(items)]
+def tasks_from_items(items: Sequence[tuple[str, ReviewItem]], links: MediaLinks | None = None) -> list[dict[str, Any]]:
+    return [item_to_task(i + 1, entry_id, item, links) for i, (entry_id, item) in enumerate(items)]
 
 
 def labeling_config(task_sets: dict[str, list[str]]) -> str:
@@ -136,7 +160,7 @@ def task_sets_of(items: Iterable[ReviewItem]) -> dict[str, list[str]]:
 
 
 async def export_open_items(
-    redis_url: str, out: Path, config_out: Path | None, *, limit: int = 10_000
+    redis_url: str, out: Path, config_out: Path | None, *, limit: int = 10_000, links: MediaLinks | None = None
 ) -> tuple[int, Path]:
     import redis.asyncio as aioredis
 
@@ -149,7 +173,7 @@ async def export_open_items(
         items = await queue.open_items(limit)
     finally:
         await client.aclose()
-    tasks = tasks_from_items(items)
+    tasks = tasks_from_items(items, links)
     config_path = config_out or out.with_name(out.stem + ".labeling-config.xml")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(tasks, ensure_ascii=False, indent=1))

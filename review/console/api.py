@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from aiohttp import web
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -26,6 +28,8 @@ from review.decisions import (
     pair_answer,
 )
 from review.queue import NotClaimed, QueueError
+
+log = logging.getLogger(__name__)
 
 
 class ApiHandlers(HandlerBase):
@@ -156,6 +160,30 @@ class ApiHandlers(HandlerBase):
         if action == "requeue":
             return web.json_response({"entry_id": outcome})
         return web.json_response({"deleted": outcome}, status=200 if outcome else 404)
+
+    async def signed_media(self, request: web.Request) -> web.StreamResponse:
+        """The scored image behind a signed link (Label Studio's annotators): no session, the
+        link is the credential; CORS-enabled, so Label Studio's page on its own origin can load it."""
+        from review.evidence_images import MediaError
+        from review.media_links import LinkError, verify
+
+        key = self.c.config.media_link_key
+        if not key:
+            return _json_error(404, "signed media links are not enabled on this console")
+        digest = request.match_info["digest"]
+        try:
+            verify(key, digest, request.query.get("expires"), request.query.get("sig"))
+        except LinkError as exc:
+            log.info("refused a media link for %s: %s", digest[:80], exc)
+            return _json_error(403, "this media link is not valid (expired or not signed by this deployment)")
+        try:
+            image = await self.c.media.get(digest)
+        except MediaError as exc:
+            return _json_error(404 if exc.status != "unavailable" else 503, f"media unavailable: {exc.status}")
+        response = web.Response(body=image.body, content_type=image.content_type)
+        response.headers["Access-Control-Allow-Origin"] = self.c.config.media_link_origin
+        response.headers["Content-Disposition"] = "inline"
+        return response
 
     async def healthz(self, request: web.Request) -> web.StreamResponse:
         try:

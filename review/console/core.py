@@ -89,6 +89,9 @@ class ConsoleConfig:
     secure_cookies: bool = True
     topic: str = "reviewed"
     audit_topic: str = "audit"
+    # Signed links to scored media for Label Studio (review/media_links.py); None: not served.
+    media_link_key: str | None = None
+    media_link_origin: str = "*"  # Access-Control-Allow-Origin of those images (Label Studio's origin)
     session_idle_s: int = 8 * 3600
 
     @property

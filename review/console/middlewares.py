@@ -19,14 +19,15 @@ log = logging.getLogger(__name__)
 
 
 def _is_public(request: web.Request) -> bool:
-    return request.path == "/login" or request.path.startswith("/static/")
+    # /ls-media/ carries its own credential: a signed, expiring link (review/media_links.py).
+    return request.path == "/login" or request.path.startswith(("/static/", "/ls-media/"))
 
 
 def _wants_json(request: web.Request) -> bool:
     return (
         request.path.startswith("/api/")
         or request.path in ("/metrics", "/healthz")
-        or request.path.startswith("/media/")
+        or request.path.startswith(("/media/", "/ls-media/"))
         or (request.path.startswith("/review/") and request.path.endswith("/renew"))  # the page's heartbeat
     )
 
@@ -80,6 +81,9 @@ def build_middlewares(console: Console) -> list[Any]:
                     message="The review queue (Redis) is unavailable. Nothing was lost; try again shortly.",
                 )
         response.headers.update(SECURITY_HEADERS)
+        if request.path.startswith("/ls-media/"):
+            # Loaded by Label Studio's page on its own origin: allowed to cross, for a valid link only.
+            response.headers["Cross-Origin-Resource-Policy"] = "cross-origin"
         if not request.path.startswith("/static/"):
             response.headers["Cache-Control"] = "no-store"
         if isinstance(response, web.HTTPException):

@@ -293,7 +293,13 @@ def start_console(
     """Starts `modstream review serve` on a free port against a flushed Redis database."""
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(*, claim_timeout: float = 300, max_deliveries: int = 5, bootstrap: str | None = None) -> Console:
+    def start(
+        *,
+        claim_timeout: float = 300,
+        max_deliveries: int = 5,
+        bootstrap: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Console:
         (port,) = free_loopback_ports(1)
         redis_url = f"redis://127.0.0.1:{stack.redis_port}/{REDIS_DB}"
         _flush_db(redis_url)
@@ -303,7 +309,7 @@ def start_console(
              "--bootstrap", bootstrap or stack.bootstrap, "--redis", redis_url, "--users", str(users_file[0]),
              "--claim-timeout", str(claim_timeout), "--max-deliveries", str(max_deliveries),
              "--evidence", str(media.evidence)],
-            cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
         )  # fmt: skip
         procs.append(proc)
         deadline = time.monotonic() + 30
