@@ -37,6 +37,24 @@ if [[ ! -f $S3PROXY_JAR ]] || ! echo "$S3PROXY_SHA256  $S3PROXY_JAR" | sha256sum
   mv -f "$S3PROXY_JAR.partial" "$S3PROXY_JAR"
 fi
 
+# Label Studio 1.23.2 (Apache-2.0, from PyPI) in a venv of its own (its Django pins must not meet
+# the project's): a real server for the Label Studio round trip (tests/e2e/test_label_studio_server.py).
+# A failed install is not fatal: that test then skips, naming this log.
+LABEL_STUDIO_VERSION=1.23.2
+LABEL_STUDIO_VENV=${MODSTREAM_LABEL_STUDIO_VENV:-$HOME/.cache/modstream/label-studio-$LABEL_STUDIO_VERSION}
+if [[ ! -f $LABEL_STUDIO_VENV/.complete ]]; then
+  echo "installing Label Studio $LABEL_STUDIO_VERSION from PyPI into $LABEL_STUDIO_VENV" >&2
+  rm -rf "$LABEL_STUDIO_VENV"
+  mkdir -p "$(dirname "$LABEL_STUDIO_VENV")"
+  if python3 -m venv "$LABEL_STUDIO_VENV" &&
+    "$LABEL_STUDIO_VENV/bin/pip" install -q --disable-pip-version-check "label-studio==$LABEL_STUDIO_VERSION" \
+      >"$LABEL_STUDIO_VENV.log" 2>&1; then
+    touch "$LABEL_STUDIO_VENV/.complete"
+  else
+    echo "warning: Label Studio could not be installed (log: $LABEL_STUDIO_VENV.log); its test will skip" >&2
+  fi
+fi
+
 if ((${#missing[@]} == 0)); then
   exit 0
 fi

@@ -73,13 +73,17 @@ class MediaLinks:
 
         return sign(self.key, self.base_url, digest, self.ttl_s)
 
+    def no_image(self) -> str:
+        return f"{self.base_url.rstrip('/')}/ls-media/none.png"
+
 
 def item_to_task(task_id: int, entry_id: str, item: ReviewItem, links: MediaLinks | None = None) -> dict[str, Any]:
     """One Label Studio task. `predictions[].score` is what Label Studio reads as confidence:
     the model's least confident pre-filled choice; each task's positive-class probability and
-    threshold are in `meta.model_scores`. A text-only post has no `image` field. With `links`,
-    the image is a signed link to the bytes the model scored (none when the worker read none),
-    else the post's own URL."""
+    threshold are in `meta.model_scores`. With `links`, the image is a signed link to the bytes
+    the model scored, or the console's "no image" placeholder for a post the model saw as text
+    only; without, the post's own URL ("" for none). Every task has an `image` key: a real Label
+    Studio server refuses to import a task without the key its Image tag names."""
     labels = item.label.get("labels") or {}
     result = []
     confidences = []
@@ -104,8 +108,10 @@ def item_to_task(task_id: int, entry_id: str, item: ReviewItem, links: MediaLink
     if links is not None:
         if item.image_url and isinstance(scored, str) and DIGEST.fullmatch(scored):
             data["image"] = links.link(scored)
-    elif item.image_url:
-        data["image"] = item.image_url
+        else:  # Label Studio refuses a task without its Image tag's key: a placeholder says why
+            data["image"] = links.no_image()
+    else:
+        data["image"] = item.image_url or ""
     ls_task: dict[str, Any] = {
         "id": task_id,
         "data": data,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from aiohttp import web
@@ -30,6 +31,19 @@ from review.decisions import (
 from review.queue import NotClaimed, QueueError
 
 log = logging.getLogger(__name__)
+
+
+@functools.cache
+def no_image_png() -> bytes:
+    import io
+
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (360, 90), (236, 238, 242))
+    ImageDraw.Draw(image).text((20, 36), "No image in this post (text only)", fill=(90, 98, 112))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 class ApiHandlers(HandlerBase):
@@ -183,6 +197,13 @@ class ApiHandlers(HandlerBase):
         response = web.Response(body=image.body, content_type=image.content_type)
         response.headers["Access-Control-Allow-Origin"] = self.c.config.media_link_origin
         response.headers["Content-Disposition"] = "inline"
+        return response
+
+    async def no_image(self, request: web.Request) -> web.StreamResponse:
+        """What Label Studio shows for a text-only post: its Image tag needs an image in every
+        task (the server refuses a task without one), so a plain placeholder, public and CORS-enabled."""
+        response = web.Response(body=no_image_png(), content_type="image/png")
+        response.headers["Access-Control-Allow-Origin"] = self.c.config.media_link_origin
         return response
 
     async def healthz(self, request: web.Request) -> web.StreamResponse:

@@ -38,6 +38,7 @@ def create_app(config: ConsoleConfig, *, producer: DecisionProducer | None = Non
     r.add_post("/review/{entry_id}/decision", h.submit_page)
     r.add_post("/review/{entry_id}/renew", h.renew_page)
     r.add_get("/media/{entry_id}", h.media)
+    r.add_get("/ls-media/none.png", h.no_image)  # before the dynamic route, which would match it too
     r.add_get("/ls-media/{digest}", h.signed_media)
     r.add_get("/admin/dead", h.dead_page)
     r.add_post("/admin/dead/{dead_id}/{action}", h.dead_action_page)

@@ -50,7 +50,10 @@ def test_exported_images_are_signed_links_that_load_cross_origin_and_nothing_els
     tasks = {t["data"]["post_id"]: t for t in exported}
     link = tasks[post_id]["data"]["image"]
     assert link.startswith(f"{console.url}/ls-media/") and "sig=" in link and "expires=" in link
-    assert "image" not in tasks[text_only]["data"]
+    placeholder = tasks[text_only]["data"]["image"]
+    assert placeholder == f"{console.url}/ls-media/none.png"
+    status, headers, body = _get(placeholder.replace("localhost", "127.0.0.1"))
+    assert status == 200 and body.startswith(b"\x89PNG") and headers["Access-Control-Allow-Origin"] == "*"
     shown = json.dumps([t["data"] for t in exported])  # what Label Studio loads (meta is only kept)
     assert console.media_url not in shown, "the post's own host is not what the annotator's browser loads"
 
