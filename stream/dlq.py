@@ -137,7 +137,9 @@ def _candidate(partition: int, offset: int, value: bytes | None) -> Candidate | 
 async def read_dead_letters(bootstrap: str, topic: str, timeout_s: float = 60.0) -> list[tuple[Candidate | None, Any]]:
     """Every record of `topic` from the beginning up to its end offsets now: (candidate or
     None when unreadable, the raw JSON object or None)."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka import AIOKafkaConsumer
+
+    from stream.topic_partitions import assign_all
 
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest"
@@ -145,13 +147,7 @@ async def read_dead_letters(bootstrap: str, topic: str, timeout_s: float = 60.0)
     out: list[tuple[Candidate | None, Any]] = []
     try:
         await consumer.start()
-        # consumer.topics() does not refresh what partitions_for_topic reads: ask the cluster.
-        cluster = await consumer._client.fetch_all_metadata()
-        partitions = cluster.partitions_for_topic(topic)
-        if not partitions:
-            raise LookupError(f"topic {topic!r} does not exist on {bootstrap}")
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
+        tps = await assign_all(consumer, topic, bootstrap)
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
         deadline = time.monotonic() + timeout_s

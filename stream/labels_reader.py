@@ -69,18 +69,15 @@ async def read_labels(
 ) -> int:
     """Emit matching labels; returns how many. Without `follow`, stops at the end offsets as
     they were when it started."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka import AIOKafkaConsumer
+
+    from stream.topic_partitions import assign_all
 
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
     shown = 0
     try:
         await consumer.start()
-        cluster = await consumer._client.fetch_all_metadata()
-        partitions = cluster.partitions_for_topic(topic)
-        if not partitions:
-            raise LookupError(f"topic {topic!r} does not exist on {bootstrap}")
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
+        tps = await assign_all(consumer, topic, bootstrap)
         if from_beginning:
             await consumer.seek_to_beginning(*tps)
         else:

@@ -18,13 +18,11 @@ from review.console.base import (
     SubmitInProgress,
     _ident,
     _require_admin,
-    claim_decision_id,
     json_body,
 )
 from review.console.middlewares import _json_error
 from review.decisions import (
     KafkaUnavailable,
-    build_decision,
     choices_from_json,
     pair_answer,
 )
@@ -83,15 +81,7 @@ class ApiHandlers(HandlerBase):
                 return _json_error(409, f"already decided: {exc}", recorded=True, decision_id=decided[1])
             return _json_error(409, str(exc), recorded=False)
         try:
-            decision = build_decision(
-                claim.item,
-                user.name,
-                choices,
-                note=note,
-                decision_id=claim_decision_id(claim, choices, note, pair),
-                seen_media_hash=await self.shown_media(claim.item),
-                image_text_match=pair,
-            )
+            decision = await self.claim_decision(claim, user.name, choices, note, pair)
         except RecordError as exc:
             return _json_error(400, str(exc))
         try:

@@ -298,6 +298,27 @@ class HandlerBase:
             next="/review",
         )
 
+    async def claim_decision(
+        self,
+        claim: Claim,
+        reviewer: str,
+        choices: Mapping[str, tuple[str, str | None]],
+        note: str | None,
+        pair: bool | None,
+    ) -> ReviewDecision:
+        """A reviewer's decision on their claim, from the page or the API alike: its id from the
+        claim and what it says, the image the console showed, the image-text answer.
+        RecordError for choices the item does not allow."""
+        return build_decision(
+            claim.item,
+            reviewer,
+            choices,
+            note=note,
+            decision_id=claim_decision_id(claim, choices, note, pair),
+            seen_media_hash=await self.shown_media(claim.item),
+            image_text_match=pair,
+        )
+
     async def shown_media(self, item: ReviewItem) -> str | None:
         """The hash of the image this console shows for `item` (the scored bytes from the
         evidence store), None when it shows none: what a decision records as seen."""

@@ -17,14 +17,12 @@ from review.console.base import (
     _fmt_age,
     _ident,
     _task_rows,
-    claim_decision_id,
     renew_interval_ms,
 )
 from review.console.core import ACTION_KEYS, ACTION_TITLES, SHORTCUTS
 from review.console.middlewares import _json_error
 from review.decisions import (
     KafkaUnavailable,
-    build_decision,
     choices_from_form,
     item_tasks,
     pair_answer,
@@ -103,15 +101,7 @@ class ReviewerPages(HandlerBase):
         raw_pair = form.get("pair", "")
         try:
             pair = pair_answer(raw_pair if isinstance(raw_pair, str) else None)
-            decision = build_decision(
-                claim.item,
-                user.name,
-                choices,
-                note=note,
-                decision_id=claim_decision_id(claim, choices, note, pair),
-                seen_media_hash=await self.shown_media(claim.item),
-                image_text_match=pair,
-            )
+            decision = await self.claim_decision(claim, user.name, choices, note, pair)
         except RecordError as exc:
             stats = await self.c.stats()
             return await self._item_page(

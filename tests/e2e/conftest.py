@@ -175,6 +175,27 @@ def read_decision(bootstrap: str, post_id: str, timeout: float = 30.0) -> Review
     return run_async(consume())
 
 
+def escalate_behind_the_console(console: Console, post_id: str) -> None:
+    """What the console does when alice escalates `post_id`, done in Redis directly: for
+    consoles whose Kafka is down (the escalation happened while it was up)."""
+    import redis.asyncio as aioredis
+
+    from review.queue import ReviewQueue
+
+    async def escalate() -> None:
+        queue = ReviewQueue(aioredis.Redis.from_url(console.redis_url))
+        try:
+            await queue.ensure_group()
+            claim = await queue.claim("alice")
+            assert claim is not None and claim.item.post_id == post_id
+            await queue.escalate(claim.entry_id, "alice", "d-esc", "check")
+            await queue.complete(claim.entry_id, post_id, "alice", "d-esc")
+        finally:
+            await queue.client.aclose()
+
+    run_async(escalate())
+
+
 def audit_records(bootstrap: str, subject: str, count: int, timeout: float = 30.0) -> list[dict[str, Any]]:
     """The `audit` topic's records about `subject` (read from the start), each checked against
     the committed schema and the parser."""

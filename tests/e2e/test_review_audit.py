@@ -13,10 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import redis.asyncio as aioredis
-
-from review.queue import ReviewQueue
-from tests.e2e.conftest import PASSWORD, Console, audit_records, run_async
+from tests.e2e.conftest import PASSWORD, Console, audit_records, escalate_behind_the_console
 from tests.e2e.test_review_escalations import escalate
 from tests.integration.stack import REPO_ROOT, free_loopback_ports
 
@@ -81,18 +78,7 @@ def test_with_kafka_down_a_dismissal_or_a_drop_is_refused_and_changes_nothing(
     console = start_console(bootstrap=f"127.0.0.1:{nothing_there}", claim_timeout=1, max_deliveries=1)
     post_id = console.enqueue("escalated before Kafka went away", image=None)
 
-    async def escalate_in_redis() -> None:  # what the console did while Kafka was up
-        queue = ReviewQueue(aioredis.Redis.from_url(console.redis_url))
-        try:
-            await queue.ensure_group()
-            claim = await queue.claim("alice")
-            assert claim is not None and claim.item.post_id == post_id
-            await queue.escalate(claim.entry_id, "alice", "d-esc", "check")
-            await queue.complete(claim.entry_id, post_id, "alice", "d-esc")
-        finally:
-            await queue.client.aclose()
-
-    run_async(escalate_in_redis())
+    escalate_behind_the_console(console, post_id)  # while Kafka was up
     (entry,) = console.api("GET", "/api/v1/admin/escalated")[1]["escalated"]
     status, answer = console.api("POST", f"/api/v1/admin/escalated/{entry['id']}/dismiss")
     assert status == 503 and answer["retry"] is True and "audit" in answer["error"], answer

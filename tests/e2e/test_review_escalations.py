@@ -10,11 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from modstream.records import ReviewDecision
-from review.queue import ReviewQueue
-from tests.e2e.conftest import Console, audit_records, run_async
+from tests.e2e.conftest import Console, audit_records, escalate_behind_the_console, run_async
 from tests.e2e.test_review_console import login
 from tests.integration.stack import free_loopback_ports
 
@@ -157,18 +154,7 @@ def test_a_decide_while_kafka_is_down_changes_nothing(start_console: Any) -> Non
     console = start_console(bootstrap=f"127.0.0.1:{nothing_there}")
     post_id = console.enqueue("escalated before Kafka went away", image=None)
 
-    async def escalate_in_redis() -> None:  # what the console did while Kafka was up
-        queue = ReviewQueue(aioredis.Redis.from_url(console.redis_url))
-        try:
-            await queue.ensure_group()
-            claim = await queue.claim("alice")
-            assert claim is not None and claim.item.post_id == post_id
-            await queue.escalate(claim.entry_id, "alice", "d-esc", "check")
-            await queue.complete(claim.entry_id, post_id, "alice", "d-esc")
-        finally:
-            await queue.client.aclose()
-
-    run_async(escalate_in_redis())
+    escalate_behind_the_console(console, post_id)  # while Kafka was up
     (entry,) = console.api("GET", "/api/v1/admin/escalated")[1]["escalated"]
     status, answer = console.api(
         "POST", f"/api/v1/admin/escalated/{entry['id']}/decide", {"labels": {"hate": "hateful"}}
