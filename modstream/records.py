@@ -18,6 +18,7 @@ import orjson
 
 SCHEMA_VERSION = 1
 MAX_ID = 256
+REVIEW_KINDS = ("routed", "audit")  # why a post is in review (ReviewItem.kind)
 MAX_TEXT = 20_000
 MAX_IMAGES = 4
 MAX_URL = 2048
@@ -241,14 +242,27 @@ class ReviewItem:
     label: dict[str, Any]
     tasks: dict[str, list[str]] = field(default_factory=dict)
     queued_at: str = field(default_factory=now_iso)
+    # "routed": the model was unsure; "audit": a blind random sample of confident (auto) labels,
+    # shown without the model's output, that measures the live model (stream/audit_sampling.py).
+    kind: str = "routed"
 
     def to_json(self) -> dict[str, Any]:
         return {"v": SCHEMA_VERSION, **asdict(self)}
+
+    def blinded(self) -> dict[str, Any]:
+        """The item as an audit reviewer may see it: no label, score, decision or ITM match."""
+        out = self.to_json()
+        if self.kind == "audit":
+            out["label"] = {"media": self.label.get("media"), "post_id": self.post_id}
+            out["reasons"] = ["audit"]
+        return out
 
     @classmethod
     def from_json(cls, raw: bytes | str | dict[str, Any]) -> ReviewItem:
         obj = dict(raw) if isinstance(raw, dict) else decode_json(raw)
         _check_version(obj)
+        if obj.get("kind", "routed") not in REVIEW_KINDS:
+            raise RecordError("kind", f"must be one of {', '.join(REVIEW_KINDS)}")
         try:
             return cls(**_known_fields(cls, obj))
         except TypeError as exc:
@@ -411,6 +425,7 @@ class ReviewDecision:
     # not answered). Only this becomes an ITM training target for the post's pair: a routed
     # post's pair is not assumed to match (trainer/reviewed.py).
     image_text_match: bool | None = None
+    kind: str = "routed"  # the item's: "audit" decisions measure the live model (review/live_quality.py)
 
     def training_labels(self) -> dict[str, str | None]:
         """task -> label for the dataset; None where the reviewer asserted nothing."""

@@ -29,6 +29,7 @@ from modstream.records import (
     MAX_IMAGES,
     MAX_TEXT,
     MAX_URL,
+    REVIEW_KINDS,
     SCHEMA_VERSION,
     AuditEvent,
     DeadLetter,
@@ -72,6 +73,8 @@ _RULES: dict[tuple[type, str], dict[str, Any]] = {
     (DeadLetter, "stage"): {"enum": list(DEAD_LETTER_STAGES)},
     (TaskDecision, "action"): {"enum": list(ACTIONS)},
     (AuditEvent, "action"): {"enum": list(AUDIT_ACTIONS)},
+    (ReviewItem, "kind"): {"enum": list(REVIEW_KINDS)},
+    (ReviewDecision, "kind"): {"enum": list(REVIEW_KINDS)},
     (AuditEvent, "actor"): {"minLength": 1, "maxLength": MAX_ID, **_NON_EMPTY},
     (AuditEvent, "subject"): {"minLength": 1, "maxLength": MAX_ID, **_NON_EMPTY},
 }

@@ -13,6 +13,7 @@ reading and validation; secrets are `SecretStr`, so printing the settings shows 
     MODSTREAM_S3_REGION         its region                          (unset: boto3's default)
     MODSTREAM_S3_ACCESS_KEY_ID, MODSTREAM_S3_SECRET_ACCESS_KEY   (unset: boto3's chain, e.g. a pod role)
     MODSTREAM_MEDIA_LINK_KEY    signs Label Studio's media links (a secret; unset: none are made or served)
+    MODSTREAM_AUDIT_KEY         keys the blind audit sample (a secret; unset: a development key)
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ class Settings(BaseSettings):
     # Signs the links Label Studio loads scored media by (review/media_links.py); the exporting
     # command and the console need the same one. Unset: no such links (the console refuses them).
     media_link_key: SecretStr | None = None
+    # Keys the blind audit sample (stream/audit_sampling.py): posters cannot tell audited posts.
+    audit_key: SecretStr | None = None
 
     @classmethod
     def settings_customise_sources(

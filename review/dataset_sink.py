@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from models.images import MAX_PIXELS, MAX_SIDE, ImageError, decode_image
-from modstream.records import MAX_ID, MAX_URL, RecordError, ReviewDecision, decode_json, parse_iso
+from modstream.records import MAX_ID, MAX_URL, REVIEW_KINDS, RecordError, ReviewDecision, decode_json, parse_iso
 from review import sink_metrics as metrics
 from review.dataset import Plan, ReviewedDataset, manifest_line, plan_batch
 from review.kafka_sink import (
@@ -40,6 +40,7 @@ from review.kafka_sink import (
     run_sink,
     split_batch,
 )
+from review.live_quality import task_outcomes
 from stream.evidence import UNAVAILABLE, EvidenceError, EvidenceStore, open_store
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ def parse_decision(raw: bytes | None) -> ReviewDecision:
         value = getattr(d, name)
         if value is not None and not (isinstance(value, str) and _SHA256.fullmatch(value)):
             raise RecordError(name, "must be a lowercase hex sha256 or null")
+    if d.kind not in REVIEW_KINDS:
+        raise RecordError("kind", f"must be one of {', '.join(REVIEW_KINDS)}")
     if not isinstance(d.decided_at, str):
         raise RecordError("decided_at", "must be an ISO 8601 timestamp")
     try:
@@ -145,6 +148,10 @@ class DatasetSink:
             raise TransientError("disk", "manifest_write", exc) from exc
         for outcome, count in Counter(plan.outcomes).items():
             metrics.RECORDS.labels(NAME, outcome).inc(count)
+        for decision, outcome in zip(parsed.good, plan.outcomes, strict=True):
+            if outcome == "added":  # a post's first verdict, counted once it is on disk
+                for task, result in task_outcomes(decision):
+                    metrics.LIVE.labels(decision.kind, task, decision.model_version, result).inc()
         metrics.RECORDS.labels(NAME, "dead_letter").inc(len(parsed.dead))
 
     async def _lines(self, plan: Plan) -> list[dict[str, Any]]:

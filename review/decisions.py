@@ -17,6 +17,7 @@ from typing import Any
 
 from modstream.records import (
     ACTIONS,
+    REVIEW_KINDS,
     AuditEvent,
     RecordError,
     ReviewDecision,
@@ -97,7 +98,28 @@ def build_decision(
         note=note,
         seen_media_hash=seen_media_hash,
         image_text_match=image_text_match if item.image_url else None,
+        kind=item.kind if item.kind in REVIEW_KINDS else "routed",
     )
+
+
+def audit_choices(item: ReviewItem, choices: Mapping[str, tuple[str, str | None]]) -> dict[str, tuple[str, str | None]]:
+    """An audit item's reviewer never saw the model's labels, so they give a label per task
+    (action "label" with the label, the page's "label:<name>"), or not_violating, skip,
+    escalate; confirm and correct presuppose the model's view and are refused. The label is
+    recorded as the console would: the model's label -> confirm, another -> correct."""
+    out: dict[str, tuple[str, str | None]] = {}
+    for task, (action, label) in choices.items():
+        if action.startswith("label:"):
+            action, label = "label", action.removeprefix("label:")
+        if action in ("confirm", "correct"):
+            raise RecordError(f"decisions.{task}", "an audit item takes a label (action 'label'), not confirm/correct")
+        if action == "label":
+            if not label:
+                raise RecordError(f"decisions.{task}", "action 'label' needs a label")
+            out[task] = ("confirm", None) if label == model_label(item, task) else ("correct", label)
+        else:
+            out[task] = (action, label)
+    return out
 
 
 PAIR_ANSWERS = {"match": True, "mismatch": False, "": None}

@@ -163,7 +163,7 @@ class Claim:
             "entry_id": self.entry_id,
             "reviewer": self.reviewer,
             "deliveries": self.deliveries,
-            "item": self.item.to_json(),
+            "item": self.item.blinded(),  # an audit item without the model's output
         }
 
 

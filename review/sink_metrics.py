@@ -72,6 +72,13 @@ DEPENDENCY_ERRORS = Counter(
 DLQ = Counter(
     "modstream_dead_letters_total", "Records sent to the dead-letter topic", ["stage", "reason"], registry=REGISTRY
 )
+LIVE = Counter(
+    "modstream_live_outcomes_total",
+    "Reviewers' verdicts against the model, per task (tp, fp, fn, tn), by the item's kind (audit: a blind "
+    "random sample; routed: what routing picked) and model version; each post's first labelling decision",
+    ["kind", "task", "model_version", "outcome"],
+    registry=REGISTRY,
+)
 MEDIA = Counter(
     "modstream_dataset_media_total",
     "Decisions' images read from the evidence store for the manifest, by outcome",

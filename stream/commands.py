@@ -99,6 +99,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         devices=args.device,
         allow_loopback_media=args.allow_loopback_media,
         evidence=args.evidence,
+        audit_rate=args.audit_rate,
         decode_threads=args.decode_threads,
         decode_model_input=args.decode_model_input,
         ocr=args.ocr,
@@ -205,6 +206,13 @@ def add_parsers(sub: Any) -> None:
     add_kafka(p)
     add_redis(p, "Redis URL of the dedupe cache ('' to run without Redis)")
     add_evidence(p, "where the scored media of routed posts are kept for reviewers and training")
+    p.add_argument(
+        "--audit-rate",
+        type=float,
+        default=0.01,
+        help="share of auto-labelled posts that also go to review, blind, to measure the live model "
+        "(keyed by MODSTREAM_AUDIT_KEY; 0: none)",
+    )
     p.add_argument("--model", default="current")
     p.add_argument("--app-id", default="modstream-worker", help="consumer group / Faust app id")
     p.add_argument("--web-host", default="127.0.0.1", help="address of /metrics and /ready (0.0.0.0 in a container)")

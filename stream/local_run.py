@@ -95,6 +95,9 @@ def run_local(registry_root: Path, cache: Path, home: Path, opts: RunOptions) ->
             [sys.executable, "-m", "modstream.cli", "worker", "--registry", str(registry_root),
              "--bootstrap", f"127.0.0.1:{opts.bootstrap_port}", "--redis", f"redis://127.0.0.1:{opts.redis_port}/0",
              "--web-port", str(opts.web_port), "--allow-loopback-media", "--evidence", str(home / "evidence"),
+             # The demo's queue holds what routing chose; blind audit items (a production
+             # default of 1%) would mix in items without the model's view.
+             "--audit-rate", "0",
              "--app-id", "modstream-run"],
             cwd=REPO_ROOT, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
         )  # fmt: skip

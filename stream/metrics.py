@@ -51,6 +51,15 @@ PRODUCE_TO_LABEL = Histogram(
     # Steps of at most 1.5x past a minute: p99 read 288 s for a 140 s maximum with a 120 -> 300 jump.
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 240, 300, 450, 600, 900),
 )
+CARD_F1 = Gauge(
+    "modstream_model_card_macro_f1",
+    "Validation macro-F1 per task from the serving model's card (what live quality is held against)",
+    ["model_version", "task"],
+)
+AUDIT_SAMPLED = Counter(
+    "modstream_audit_sampled_total",
+    "Posts labelled auto that also went to review as blind audit items (stream/audit_sampling.py)",
+)
 EVIDENCE = Counter(
     "modstream_evidence_writes_total",
     "Scored media bytes of review items written to the evidence store, by outcome (stored, present, failed)",

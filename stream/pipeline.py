@@ -25,6 +25,7 @@ from models.preprocess import PostText
 from models.routing.route import RoutingPolicy, route_scores
 from modstream.records import DeadLetter, Label, MediaInfo, Post, RecordError, ReviewItem, decode_json
 from stream import metrics
+from stream.audit_sampling import AuditSampler
 from stream.evidence import EvidenceError, EvidenceStore
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,8 @@ class Pipeline:
     # Where the bytes of routed posts' media are kept for reviewers and training (None: not kept,
     # as in `classify` and benchmarks without review).
     evidence: EvidenceStore | None = None
+    # Blind audit sampling of `auto` labels (stream/audit_sampling.py); None: no audit items.
+    audit: AuditSampler | None = None
     _trusted: dict[str, bool] = field(default_factory=dict, init=False, repr=False)
     _namespaces: dict[str, str] = field(default_factory=dict, init=False, repr=False)
     _provenance: dict[str, dict[str, Any]] = field(default_factory=dict, init=False, repr=False)
@@ -202,6 +205,13 @@ class Pipeline:
                 await self._keep_evidence(post, media)
                 outcome.review = ReviewItem(
                     post.id, post.text, post.image_url, label.reasons, label.to_json(), tasks=dict(card.tasks)
+                )
+            elif self.audit is not None and self.audit.picks(post.id):
+                # The label stands as the model gave it; a reviewer checks it blind.
+                metrics.AUDIT_SAMPLED.inc()
+                await self._keep_evidence(post, media)
+                outcome.review = ReviewItem(
+                    post.id, post.text, post.image_url, ["audit"], label.to_json(), tasks=dict(card.tasks), kind="audit"
                 )
 
         pairs = [(o, o.post) for o in outcomes if o.post is not None]

@@ -28,6 +28,7 @@ from models.registry import ModelRegistry
 from models.routing.route import RoutingPolicy
 from modstream.records import MAX_RECORD_BYTES, ModelUpdate
 from stream import metrics
+from stream.audit_sampling import AuditSampler
 from stream.delivery import dead_letter_batch, write_outcomes
 from stream.device_pool import BatcherConfig, DevicePool, visible_devices
 from stream.evidence import EvidenceStore, open_store
@@ -57,6 +58,8 @@ class WorkerSettings:
     # The evidence store (stream/evidence.py: a folder or s3://bucket/prefix) that keeps the
     # bytes of every routed post's image; None keeps nothing (reviewers then see "media unavailable").
     evidence: str | None = None
+    # Share of `auto` labels that also go to review, blind, to measure the live model (0: none).
+    audit_rate: float = 0.0
     decode_threads: int = 0  # the media fetcher's decode threads; 0 keeps FetchConfig's default
     # Opt-in: the decode threads make each image the model's input (FetchConfig.model_side).
     # Batch preparation then costs 0.2x the CPU per post, but a repost pays the resize too: on
@@ -148,7 +151,13 @@ class Resources:
         if s.evidence:
             self.evidence = open_store(s.evidence)
             log.warning("keeping the scored media of routed posts in %s", self.evidence.description)
-        self.pipeline = Pipeline(classifier, self.fetcher, self.card_of, s.policy, self.redis, self.evidence)
+        audit = None
+        if s.audit_rate > 0:
+            from modstream.settings import current
+
+            key = current().audit_key
+            audit = AuditSampler(s.audit_rate, key.get_secret_value() if key is not None else None)
+        self.pipeline = Pipeline(classifier, self.fetcher, self.card_of, s.policy, self.redis, self.evidence, audit)
         self._announce()
         self.ready.set()
         metrics.READY.set(1)
@@ -175,6 +184,9 @@ class Resources:
 
         metrics.create_version_series(self.card.version, list(self.card.tasks), ("ok", "none", *ERROR_CODES))
         metrics.ITM_ROUTING.set(1 if policy.itm_routes(self.card) else 0)
+        for task, f1 in (self.card.metrics.get("macro_f1") or {}).items():
+            if isinstance(f1, int | float):
+                metrics.CARD_F1.labels(self.card.version, task).set(float(f1))
         log.warning("serving model %s; %s", self.card.version, policy.describe(self.card))
 
     async def swap(self, version: str) -> None:

@@ -19,6 +19,7 @@ from review.console.core import IDENTITY, Console, Identity
 from review.console.middlewares import _json_error, _wants_json
 from review.decisions import (
     KafkaUnavailable,
+    audit_choices,
     build_decision,
     item_tasks,
     model_label,
@@ -119,18 +120,21 @@ def _require_admin(request: web.Request) -> User:
     return user
 
 
-def _task_rows(claim: Claim, chosen: dict[str, tuple[str, str | None]] | None = None) -> list[dict[str, Any]]:
+def _task_rows(
+    claim: Claim, chosen: dict[str, tuple[str, str | None]] | None = None, *, blind: bool = False
+) -> list[dict[str, Any]]:
+    """The page's rows per task; `blind` (an audit item): without the model's label and score."""
     item = claim.item
     rows = []
     for index, (task, labels) in enumerate(item_tasks(item).items()):
-        value = (item.label.get("labels") or {}).get(task) or {}
+        value = {} if blind else (item.label.get("labels") or {}).get(task) or {}
         action, label = (chosen or {}).get(task, ("", None))
         rows.append(
             {
                 "index": index + 1,
                 "name": task,
                 "labels": labels,
-                "model_label": model_label(item, task),
+                "model_label": None if blind else model_label(item, task),
                 "score": value.get("score"),
                 "threshold": value.get("threshold"),
                 "decision": value.get("decision"),
@@ -309,6 +313,8 @@ class HandlerBase:
         """A reviewer's decision on their claim, from the page or the API alike: its id from the
         claim and what it says, the image the console showed, the image-text answer.
         RecordError for choices the item does not allow."""
+        if claim.item.kind == "audit":
+            choices = audit_choices(claim.item, choices)
         return build_decision(
             claim.item,
             reviewer,

@@ -59,6 +59,7 @@ class ReviewerPages(HandlerBase):
         done: str | None = None,
     ) -> web.Response:
         item = claim.item
+        audit = item.kind == "audit"  # blind: nothing of the model's output reaches the page
         media = item.label.get("media") or {}
         shown = await self.shown_media(item)
         return self.c.render(
@@ -67,12 +68,13 @@ class ReviewerPages(HandlerBase):
             status=status,
             claim=claim,
             item=item,
-            tasks=_task_rows(claim, chosen),
+            tasks=_task_rows(claim, chosen, blind=item.kind == "audit"),
             media=media,
             has_image=bool(item.image_url),
             media_shown=shown is not None,
-            itm_match=item.label.get("itm_match"),
-            model_version=item.label.get("model_version", ""),
+            itm_match=None if audit else item.label.get("itm_match"),
+            model_version="" if audit else item.label.get("model_version", ""),
+            audit=audit,
             stats=stats,
             fmt_age=_fmt_age,
             error=error,

@@ -214,7 +214,9 @@ def audit_records(bootstrap: str, subject: str, count: int, timeout: float = 30.
     return records
 
 
-def review_item(post_id: str, text: str, image_url: str | None, content_hash: str | None = None) -> ReviewItem:
+def review_item(
+    post_id: str, text: str, image_url: str | None, content_hash: str | None = None, kind: str = "routed"
+) -> ReviewItem:
     return ReviewItem(
         post_id=post_id,
         text=text,
@@ -237,6 +239,7 @@ def review_item(post_id: str, text: str, image_url: str | None, content_hash: st
             "model_version": "v0004",
         },
         tasks={"hate": ["not_hateful", "hateful"], "sarcasm": ["not_sarcastic", "sarcastic"]},
+        kind=kind,
     )  # fmt: skip
 
 
@@ -262,6 +265,7 @@ class Console:
         image: str | None = "synthetic-0.png",
         post_id: str | None = None,
         scored: bytes | None = None,
+        kind: str = "routed",
     ) -> str:
         """A review item for a post whose image URL is `image` on the media server; the worker
         scored the bytes `scored` (default: the file's bytes), kept in the evidence folder."""
@@ -272,7 +276,7 @@ class Console:
         if image:
             data = scored if scored is not None else (self.media.root / image).read_bytes()
             digest = self.media.keep(data)
-        item = review_item(post_id, text, f"{self.media_url}/{image}" if image else None, digest)
+        item = review_item(post_id, text, f"{self.media_url}/{image}" if image else None, digest, kind)
 
         async def put() -> None:
             store = RedisStore(self.redis_url)

@@ -358,3 +358,34 @@ def test_the_scored_bytes_of_a_routed_post_are_kept_as_evidence_before_its_revie
     (out,) = asyncio.run(blocked.process([_raw("x", "weak pair", "http://m/x.png")]))
     assert out.label.route == "review" and out.review is not None and out.dead_letter is None
     assert metrics.EVIDENCE.labels("failed")._value.get() == failed + 1
+
+
+def test_a_sampled_auto_post_also_goes_to_review_as_a_blind_audit_item(tmp_path):
+    import hashlib
+
+    from stream import metrics
+    from stream.audit_sampling import AuditSampler
+    from stream.evidence import EvidenceStore, LocalBackend
+
+    bodies = {"http://m/fine.png": b"fine bytes", "http://m/weak.png": b"weak bytes"}
+    store = EvidenceStore(LocalBackend(tmp_path / "evidence"))
+    sampled = metrics.AUDIT_SAMPLED._value.get()
+    every = AuditSampler(1.0, "test key")
+    pipeline = Pipeline(
+        FakeClassifier(), BodyFetcher(bodies), lambda v: CARD, RoutingPolicy(), evidence=store, audit=every
+    )
+    fine, weak, text = asyncio.run(
+        pipeline.process(
+            [_raw("f", "fine", "http://m/fine.png"), _raw("w", "weak pair", "http://m/weak.png"), _raw("t", "no image")]
+        )
+    )
+    assert fine.label.route == "auto" and fine.review.kind == "audit" and fine.review.reasons == ["audit"]
+    assert text.label.route == "auto" and text.review.kind == "audit"
+    assert weak.label.route == "review" and weak.review.kind == "routed", "a routed post is not also an audit item"
+    assert metrics.AUDIT_SAMPLED._value.get() == sampled + 2
+    assert asyncio.run(store.get(hashlib.sha256(b"fine bytes").hexdigest())).ok, "the audited image is kept too"
+    none = Pipeline(
+        FakeClassifier(), BodyFetcher(bodies), lambda v: CARD, RoutingPolicy(), audit=AuditSampler(0.0, "k")
+    )
+    (plain,) = asyncio.run(none.process([_raw("f2", "fine", "http://m/fine.png")]))
+    assert plain.review is None
