@@ -169,6 +169,7 @@ def manifest_line(
         "seen_media_hash": decision.seen_media_hash,
         # The reviewer's image-text answer: the only ITM target a reviewed pair gets.
         "image_text_match": decision.image_text_match,
+        "kind": decision.kind,  # audit verdicts are the retrain gate's unbiased holdout
         "revision": revision,
     }
     if decision.note:

@@ -69,7 +69,9 @@ from trainer.reviewed import (
 from trainer.train import TrainConfig, evaluate_split, label_tensors
 
 log = logging.getLogger(__name__)
-HOLDOUTS = ("base", "reviewed")
+# audit: the blind audit verdicts (stream/audit_sampling.py), a sample of the stream as it is
+# rather than of what routing found hard; never trained on, so it judges both models fairly.
+HOLDOUTS = ("base", "reviewed", "audit")
 Status = Literal["skipped", "promoted", "refused"]
 
 
@@ -348,15 +350,17 @@ def _run(opts: RetrainOptions) -> RetrainOutcome:
     model_cfg, train_cfg = recipe(parent_card, opts.epochs, opts.progress)
     base = load_base(source, opts.work_dir)
     base_train, base_holdout = split_base(base, opts.base_fraction)
-    rev_train, rev_holdout = split_reviewed(reviewed, opts.reviewed_fraction) if reviewed else ([], [])
-    held = {ex.id for ex in base_holdout} | {ex.id for ex in rev_holdout}
+    audit_holdout = [ex for ex in reviewed if ex.meta.get("kind") == "audit"]
+    routed = [ex for ex in reviewed if ex.meta.get("kind") != "audit"]
+    rev_train, rev_holdout = split_reviewed(routed, opts.reviewed_fraction) if routed else ([], [])
+    held = {ex.id for ex in base_holdout} | {ex.id for ex in rev_holdout} | {ex.id for ex in audit_holdout}
     reviewed_ids = {ex.id for ex in reviewed}
     # Nothing held out is trained on, whichever source an id also appears in; a post that is
     # both base data and reviewed trains with the reviewer's (later) label.
     base_train = [ex for ex in base_train if ex.id not in held and ex.id not in reviewed_ids]
     set_aside = [ex for ex in rev_train if ex.id in held]
     rev_train = [ex for ex in rev_train if ex.id not in held]
-    holdouts = {"base": base_holdout, "reviewed": rev_holdout}
+    holdouts = {"base": base_holdout, "reviewed": rev_holdout, "audit": audit_holdout}
     steps.set_postfix_str(f"{len(base_train)} base + {len(rev_train)} reviewed to train")
     steps.update()
 
@@ -439,6 +443,12 @@ def _run(opts: RetrainOptions) -> RetrainOutcome:
                         if seen_by
                         else "no version in the current model's ancestry trained on this holdout"
                     ),
+                },
+                "audit": {
+                    "rule": "every blind audit verdict (meta.kind audit): never trained on",
+                    "n": len(audit_holdout),
+                    "resolvable_drop": resolvable_drop(len(audit_holdout)),
+                    "digest": ids_digest(ex.id for ex in audit_holdout),
                 },
                 "reviewed": {
                     "fraction": opts.reviewed_fraction,

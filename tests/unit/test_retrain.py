@@ -33,10 +33,18 @@ T0 = datetime(2026, 3, 1, 12, tzinfo=UTC)
 
 
 def write_reviewed(
-    folder: Path, n: int, seed: int, *, flip: bool = False, first: int = 0, image_size: int = 32
+    folder: Path,
+    n: int,
+    seed: int,
+    *,
+    flip: bool = False,
+    first: int = 0,
+    image_size: int = 32,
+    audit_every: int = 0,
 ) -> list[Example]:
     """A reviewed dataset as the dataset sink writes it: media/<sha256>.png, one line per post,
-    meta.decision_id and meta.decided_at (one minute apart, in order). Appends to an existing one."""
+    meta.decision_id and meta.decided_at (one minute apart, in order); with `audit_every`, every
+    such line is a blind audit verdict (meta.kind audit). Appends to an existing one."""
     generated = generate(first + n, seed, folder / ".generated", image_size=image_size)[first:]
     (folder / "media").mkdir(parents=True, exist_ok=True)
     manifest = folder / "manifest.jsonl"
@@ -52,6 +60,7 @@ def write_reviewed(
             "decided_at": (T0 + timedelta(minutes=i)).isoformat(timespec="milliseconds"),
             "reviewer": "alice",
             "model_version": "v0001",
+            "kind": "audit" if audit_every and i % audit_every == 0 else "routed",
         }
         lines.append(
             {"id": f"post-{seed}-{i}", "text": ex.text, "image": f"media/{digest}.png", "labels": labels, "meta": meta}
@@ -144,7 +153,8 @@ def test_promoted_candidate_becomes_current_then_is_published_and_its_card_expla
     """Also the acceptance claim's second half: correct review labels give a promoted candidate."""
     import trainer.retrain as retrain
 
-    reviewed = write_reviewed(home / "reviewed", 600, seed=11)
+    reviewed = write_reviewed(home / "reviewed", 600, seed=11, audit_every=10)
+    audited = {e.id for e in reviewed if e.meta["kind"] == "audit"}
     trained: list[str] = []
 
     def spy_fit(examples, *args, **kwargs):
@@ -166,16 +176,18 @@ def test_promoted_candidate_becomes_current_then_is_published_and_its_card_expla
     assert training["parent_version"] == "v0001" and training["data_source"] == BASE_SOURCE
     assert len(training["data_digest"]) == 64
     # Holdouts: a fifth of the reviewed posts and a tenth of the base data, each by a hash of the id.
-    held = [e for e in reviewed if in_reviewed_holdout(e.id)]
+    held = [e for e in reviewed if in_reviewed_holdout(e.id) and e.id not in audited]
     assert training["holdouts"]["reviewed"]["ids"] == sorted(e.id for e in held)
     assert training["reviewed"]["holdout_digest"] == ids_digest(e.id for e in held)
-    assert training["reviewed"]["n_used"] == 600 - len(held) and training["reviewed"]["new_decisions"] == 600
+    assert training["reviewed"]["n_used"] == 540 - len(held) and training["reviewed"]["new_decisions"] == 600
+    # The blind audit verdicts are a holdout of their own, never trained on.
+    assert training["holdouts"]["audit"]["n"] == len(audited) == 60 and not audited & set(trained)
     assert training["holdouts"]["reviewed"]["resolvable_drop"] == resolvable_drop(len(held))
     base_holdout = training["holdouts"]["base"]
     assert 20 <= base_holdout["n"] <= 60
     assert base_holdout["current_may_have_seen"] and "v0001" in base_holdout["note"]
     # Nothing held out was trained on.
-    assert len(trained) == 400 - base_holdout["n"] + 600 - len(held)
+    assert len(trained) == 400 - base_holdout["n"] + 540 - len(held)
     assert not set(trained) & set(training["holdouts"]["reviewed"]["ids"])
     assert not any(in_base_holdout(i) for i in trained if i.startswith("syn-"))
 
@@ -186,7 +198,7 @@ def test_promoted_candidate_becomes_current_then_is_published_and_its_card_expla
     assert all(isinstance(v, float) and v == v for v in card.itm["auroc_ci"]), card.itm["auroc_ci"]
 
     evaluation = card.metrics["evaluation"]
-    for holdout in ("base", "reviewed"):
+    for holdout in ("base", "reviewed", "audit"):
         for model in ("current", "candidate"):
             assert set(evaluation[holdout][model]["macro_f1"]) == {"hate", "sarcasm"}
         assert evaluation[holdout]["current_version"] == "v0001"
@@ -196,9 +208,10 @@ def test_promoted_candidate_becomes_current_then_is_published_and_its_card_expla
     assert promotion["why"].startswith("Promoted") and "holdout" in promotion["why"]
 
     gate = json.loads((registry.root / "v0002" / "gate.json").read_text())
-    assert gate["promoted"] and gate["version"] == "v0002" and len(gate["checks"]) == 6  # 2 holdouts x (2 F1 + ITM)
+    assert gate["promoted"] and gate["version"] == "v0002" and len(gate["checks"]) == 9  # 3 holdouts x (2 F1 + ITM)
+    assert {c["verdict"] for c in gate["checks"] if c["holdout"] == "audit" and c["metric"] == "macro_f1"} == {"pass"}
     itm = [c for c in gate["checks"] if c["metric"] == "itm_auroc"]
-    assert [c["holdout"] for c in itm] == ["base", "reviewed"] and itm[0]["drop_ci"] is not None
+    assert [c["holdout"] for c in itm] == ["base", "reviewed", "audit"] and itm[0]["drop_ci"] is not None
     # Reviewed pairs carry no image-text answer here: no known pairs, so not gated on them.
     assert itm[1]["n"] == 0 and itm[1]["verdict"] == "not enough evidence"
     assert "_itm_pairs" not in json.dumps(gate), "raw scores stay out of the report"
