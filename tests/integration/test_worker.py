@@ -25,7 +25,8 @@ from tests.integration.worker_harness import REPO_ROOT, Worker, collect, produce
 
 @pytest.fixture(scope="module")
 def worker(stack: LocalStack, registry: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
-    w = Worker(stack, registry, tmp_path_factory.mktemp("logs"), app_id="it-worker")
+    # A fifth of the auto labels also go to review as blind audit items (the development key).
+    w = Worker(stack, registry, tmp_path_factory.mktemp("logs"), app_id="it-worker", extra_args=["--audit-rate", "0.2"])
     w.start()
     try:
         yield w
@@ -58,6 +59,29 @@ def test_every_post_gets_exactly_one_label(stack: LocalStack, worker: Worker, me
     assert worker.alive
     text = worker.metrics()
     assert "modstream_posts_total" in text and 'modstream_model_info{version="v0001"}' in text
+
+
+def test_blind_audit_items_are_exactly_the_keyed_share_of_auto_labels(
+    stack: LocalStack, worker: Worker, media: tuple[str, list]
+) -> None:
+    from stream.audit_sampling import AuditSampler
+
+    n = 400
+    asyncio.run(produce(stack.bootstrap, "posts", _posts("audit-", n, media)))
+    labels = {r["post_id"]: r for r in _labels(stack, "audit-", n, timeout=240)}
+    auto = {p for p, r in labels.items() if r["route"] == "auto"}
+    routed = {p for p, r in labels.items() if r["route"] == "review"}
+    expected = {p for p in auto if AuditSampler(0.2, None).picks(p)}
+
+    def done(records: list[dict]) -> bool:
+        return {r["post_id"] for r in records} >= expected | routed
+
+    items = asyncio.run(collect(stack.bootstrap, "review", done, 120, lambda r: r["post_id"].startswith("audit-")))
+    audited = {r["post_id"] for r in items if r.get("kind") == "audit"}
+    assert audited == expected, "audit items are the keyed choice among auto labels, no more, no less"
+    assert 0.1 * len(auto) < len(audited) < 0.3 * len(auto), (len(audited), len(auto))
+    assert not audited & routed and {r["post_id"] for r in items if r.get("kind", "routed") == "routed"} == routed
+    assert all(r["reasons"] == ["audit"] for r in items if r.get("kind") == "audit")
 
 
 def test_malformed_and_invalid_posts_go_to_the_dead_letter_topic(stack: LocalStack, worker: Worker) -> None:

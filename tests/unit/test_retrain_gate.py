@@ -160,3 +160,18 @@ def test_a_candidate_that_learnt_reviewed_weak_pairs_as_matches_is_caught_on_rea
     assert low > 0.02 and not decision.promoted, decision.why
     same = auroc_drop_interval(current, current)
     assert same == [0.0, 0.0]
+
+
+def test_a_candidate_worse_on_the_audit_holdout_is_refused_though_the_routed_one_is_fine():
+    """The audit holdout is a sample of the stream as it is: a candidate that improved on the
+    hard, routed posts at the expense of the ordinary ones is caught there."""
+    decision = gate_verdict(
+        [
+            _c("base", "hate", 120, 0.80, 0.80),
+            _c("reviewed", "hate", 60, 0.55, 0.70),  # better on what routing found hard
+            _c("audit", "hate", 80, 0.90, 0.82),  # worse on the stream as it is
+        ]
+    )
+    assert not decision.promoted and "hate on the audit holdout" in decision.why, decision.why
+    thin = gate_verdict([_c("base", "hate", 120, 0.80, 0.80), _c("audit", "hate", 8, 0.90, 0.10)])
+    assert thin.promoted and "hate on audit (n=8)" in thin.why, "a young audit holdout does not block yet"
