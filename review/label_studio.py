@@ -125,6 +125,13 @@ def item_to_task(task_id: int, entry_id: str, item: ReviewItem, links: MediaLink
             "review_item": item.to_json(),
         },
     }
+    if item.kind == "audit":
+        # A blind audit item: the annotator must not see the model's labels (no predictions to
+        # pre-fill, no scores in meta, the item in meta blinded).
+        ls_task["meta"].update(model_version=None, itm_match=None, reasons=["audit"], model_scores={})
+        ls_task["meta"]["review_item"] = item.blinded()
+        ls_task["meta"]["kind"] = "audit"
+        return ls_task
     if result:
         prediction: dict[str, Any] = {"model_version": str(item.label.get("model_version", "")), "result": result}
         if confidences:

@@ -231,3 +231,15 @@ def test_choice_mapping_confirm_skip_and_bad_labels() -> None:
 def test_not_an_export_is_refused() -> None:
     with pytest.raises(ValueError, match="list of tasks"):
         parse_export({"tasks": []})
+
+
+def test_an_audit_item_is_exported_blind() -> None:
+    import dataclasses
+
+    audit = dataclasses.replace(item("post-audit"), kind="audit")
+    (task,) = tasks_from_items([("1795849801999-0", audit)])
+    assert "predictions" not in task, "no pre-filled model labels for a blind audit"
+    text = json.dumps(task)
+    assert "0.71" not in text and "0.33" not in text and '"score"' not in text, "no model output anywhere"
+    assert '"label": "hateful"' not in text and '"decision"' not in text
+    assert task["meta"]["kind"] == "audit" and task["data"]["post_id"] == "post-audit"
