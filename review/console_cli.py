@@ -77,6 +77,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"warning: no users in {users_path}; add one with `modstream review add-user NAME --role admin`",
             file=sys.stderr,
         )
+    link_key = _media_link_key()
+    if link_key is not None:
+        from review.media_links import check_key
+
+        try:
+            check_key(link_key)
+        except ValueError as exc:
+            return _fail(ValueError(f"MODSTREAM_MEDIA_LINK_KEY: {exc}"))
     config = ConsoleConfig(
         bootstrap=args.bootstrap,
         redis_url=args.redis,
@@ -87,7 +95,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         secure_cookies=not args.insecure_cookies,
         topic=args.topic,
         audit_topic=args.audit_topic,
-        media_link_key=_media_link_key(),
+        media_link_key=link_key,
         media_link_origin=args.media_link_origin,
     )
     with contextlib.suppress(KeyboardInterrupt):

@@ -31,7 +31,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -320,11 +320,11 @@ class ReviewedDataset:
         gone = {p for p in post_ids if p in self.index}
         if not gone:
             return 0, []
-        images = {self.index[p].image for p in gone if self.index[p].image}
         still_used = {entry.image for post, entry in self.index.items() if post not in gone}
-        self._rewrite(keep=set(self.index) - gone)
+        # Every line of the posts goes, earlier (replaced) lines too: so do all their images.
+        images = self._rewrite(keep=set(self.index) - gone, images_of=gone)
         removed = []
-        for name in sorted(images - still_used):  # type: ignore[type-var]
+        for name in sorted(images - still_used):
             with contextlib.suppress(FileNotFoundError):
                 (self.folder / str(name)).unlink()
                 removed.append(str(name))
@@ -348,17 +348,23 @@ class ReviewedDataset:
             _fsync_dir(self.folder)  # the manifest file itself is new
         return size
 
-    def _rewrite(self, keep: set[str]) -> None:
+    def _rewrite(self, keep: set[str], images_of: Collection[str] = ()) -> set[str]:
         """Copy the current lines of the posts in `keep` to a new file that replaces the
-        manifest; the index and counters follow only once it is in place."""
+        manifest; the index and counters follow only once it is in place. Returns the image
+        names of every line (current or replaced) of the posts in `images_of`."""
         current = {entry.offset: post for post, entry in self.index.items() if post in keep}
         new_index: dict[str, IndexEntry] = {}
+        images: set[str] = set()
         fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".manifest-", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as out, self.manifest.open("rb") as src:
                 offset = written = 0
                 for raw in src:
                     post = current.get(offset)
+                    if images_of and post is None and raw.strip():
+                        line = json.loads(raw)
+                        if line.get("id") in images_of and line.get("image"):
+                            images.add(str(line["image"]))
                     if post is not None:
                         out.write(raw)
                         old = self.index[post]
@@ -376,3 +382,4 @@ class ReviewedDataset:
         self.index = new_index
         self.total_lines = len(new_index)
         self.size = written
+        return images

@@ -13,17 +13,24 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
 from urllib.parse import urlencode
 
 from stream.evidence import DIGEST
 
+_EXPIRES = re.compile(r"[0-9]{1,12}")  # ASCII digits only (str.isdigit also takes "²")
 MAX_TTL_S = 30 * 86400  # a link older than this is refused whatever its expiry says
 MIN_KEY_BYTES = 16
 
 
 class LinkError(ValueError):
     """A link that must not be served (the message says why, for logs; clients get 403)."""
+
+
+def check_key(key: str | bytes) -> None:
+    """Raise ValueError for a key too short to sign with (checked when the console starts)."""
+    _key(key)
 
 
 def _key(key: str | bytes) -> bytes:
@@ -52,7 +59,7 @@ def verify(key: str | bytes, digest: str, expires: str | None, sig: str | None, 
     """Raise LinkError unless the link is well formed, signed with `key`, and not expired."""
     if not DIGEST.fullmatch(digest):
         raise LinkError("not a media hash")
-    if not expires or not expires.isdigit() or len(expires) > 12 or not sig or len(sig) != 64:
+    if not expires or not _EXPIRES.fullmatch(expires) or not sig or not DIGEST.fullmatch(sig):
         raise LinkError("malformed link")
     when = int(expires)
     current = time.time() if now is None else now

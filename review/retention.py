@@ -141,10 +141,23 @@ class PurgeReport:
     escalated_entries: list[str] = field(default_factory=list)
     dead_entries: list[str] = field(default_factory=list)
     blobs_deleted: list[str] = field(default_factory=list)
+    blobs_shared: list[str] = field(default_factory=list)  # kept: other posts carry the same bytes
     tombstone_sent: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+async def hashes_in_use(queue: ReviewQueue, lines: Iterable[dict[str, Any]], post_id: str) -> set[str]:
+    """Evidence hashes other posts still need: named by their entries in the three streams or
+    by their reviewed lines (a reposted meme shares one blob with every copy)."""
+    used: set[str] = set()
+    for key in (queue.stream, queue.escalated_stream, queue.dead):
+        for _, fields in await _entries(queue, key):
+            if fields.get("post_id") != post_id and (h := media_hash_of(fields.get("item"))):
+                used.add(h)
+    used |= {h for line in lines if line.get("id") != post_id and (h := line_media_hash(line))}
+    return used
 
 
 async def purge_redis(queue: ReviewQueue, post_id: str, report: PurgeReport) -> set[str]:
@@ -171,16 +184,17 @@ async def purge_redis(queue: ReviewQueue, post_id: str, report: PurgeReport) -> 
     return hashes
 
 
+def line_media_hash(line: dict[str, Any]) -> str | None:
+    """The hash a reviewed manifest line's image is named by (`media/<sha256>.png`), if any."""
+    if not line.get("image"):
+        return None
+    stem = str(line["image"]).rsplit("/", 1)[-1].removesuffix(".png")
+    return stem if DIGEST.fullmatch(stem) else None
+
+
 def dataset_media_hashes(lines: Iterable[dict[str, Any]], post_id: str) -> set[str]:
-    """Media hashes of the post's lines in a reviewed manifest (`media/<sha256>.png`)."""
-    out = set()
-    for line in lines:
-        if line.get("id") != post_id or not line.get("image"):
-            continue
-        stem = str(line["image"]).rsplit("/", 1)[-1].removesuffix(".png")
-        if DIGEST.fullmatch(stem):
-            out.add(stem)
-    return out
+    """Media hashes of the post's lines in a reviewed manifest."""
+    return {h for line in lines if line.get("id") == post_id and (h := line_media_hash(line))}
 
 
 def read_manifest_lines(path: Any) -> list[dict[str, Any]]:
@@ -192,10 +206,10 @@ def read_manifest_lines(path: Any) -> list[dict[str, Any]]:
     except FileNotFoundError:
         return []
     out = []
-    for raw in data.decode().splitlines():
+    for raw in data.split(b"\n"):  # not str.splitlines: post text may hold U+2028 raw
         if raw.strip():
             try:
-                out.append(decode_json(raw.encode()))
+                out.append(decode_json(raw))
             except Exception:
                 continue
     return out

@@ -44,7 +44,13 @@ def cmd_purge(args: argparse.Namespace) -> int:
     from modstream.records import MAX_ID, has_control
     from review.audit import AuditUnavailable
     from review.decisions import DecisionProducer, KafkaUnavailable
-    from review.retention import PurgeReport, dataset_media_hashes, purge_redis, read_manifest_lines
+    from review.retention import (
+        PurgeReport,
+        dataset_media_hashes,
+        hashes_in_use,
+        purge_redis,
+        read_manifest_lines,
+    )
     from stream.evidence import EvidenceError, check_digest, open_store
 
     post_id = args.post
@@ -68,10 +74,14 @@ def cmd_purge(args: argparse.Namespace) -> int:
         store = open_store(args.evidence)
         producer = DecisionProducer(args.bootstrap)
         try:
+            lines = read_manifest_lines(Path(args.dataset) / "manifest.jsonl")
             hashes = await purge_redis(queue, post_id, report) | extra
-            hashes |= dataset_media_hashes(read_manifest_lines(Path(args.dataset) / "manifest.jsonl"), post_id)
+            hashes |= dataset_media_hashes(lines, post_id)
+            shared = await hashes_in_use(queue, lines, post_id)
             for digest in sorted(hashes):
-                if await store.delete(digest):
+                if digest in shared and digest not in extra:  # --media-hash says: delete it anyway
+                    report.blobs_shared.append(digest)
+                elif await store.delete(digest):
                     report.blobs_deleted.append(digest)
             await producer.send_tombstone(args.reviewed_topic, post_id)
             report.tombstone_sent = True
@@ -137,7 +147,10 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser("purge", help="erase one post's text and media from Redis, the evidence store and the dataset")
     p.add_argument("--post", required=True, help="the post id to erase")
     p.add_argument(
-        "--media-hash", action="append", default=[], help="also delete this evidence blob (sha256; repeatable)"
+        "--media-hash",
+        action="append",
+        default=[],
+        help="also delete this evidence blob (sha256; repeatable), even when other posts carry the same bytes",
     )
     p.add_argument("--dataset", default=str(DEFAULT_HOME / "reviewed"), help="reviewed dataset folder (read only)")
     p.add_argument("--reviewed-topic", default="reviewed", help="topic the dataset sink reads (gets the tombstone)")

@@ -180,7 +180,11 @@ class LocalBackend:
     def put(self, digest: str, data: bytes) -> bool:
         path = self.path(digest)
         if path.exists():
-            return False
+            # Seen again (a repost routed anew): its age restarts, so retention keeps it for the
+            # new item as long as for a new blob.
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(path)
+                return False
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         try:
@@ -260,14 +264,19 @@ class S3Backend:
     def put(self, digest: str, data: bytes) -> bool:
         from botocore.exceptions import ClientError
 
+        key = self._key(digest)
         try:
-            self.client.head_object(Bucket=self.bucket, Key=self._key(digest))
-            return False
+            self.client.head_object(Bucket=self.bucket, Key=key)
         except ClientError as exc:
             if not self._missing(exc):
                 raise
-        self.client.put_object(Bucket=self.bucket, Key=self._key(digest), Body=data)
-        return True
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
+            return True
+        # Seen again: copy it onto itself so LastModified (what retention reads) restarts.
+        self.client.copy_object(
+            Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": key}, MetadataDirective="REPLACE"
+        )
+        return False
 
     def get(self, digest: str) -> bytes | None:
         from botocore.exceptions import ClientError

@@ -65,8 +65,8 @@ class Check:
         subject = METRIC_NAMES[self.metric] if self.metric == "itm_auroc" else self.task
         interval = f", drop 95% CI [{self.drop_ci[0]:.3f}, {self.drop_ci[1]:.3f}]" if self.drop_ci else ""
         return (
-            f"{subject} on the {self.holdout} holdout: candidate {self.candidate:.3f} "
-            f"vs current {self.current:.3f} (n={self.n}{interval})"
+            f"{subject} on the {self.holdout} holdout: candidate {_num(self.candidate)} "
+            f"vs current {_num(self.current)} (n={self.n}{interval})"
         )
 
 
@@ -90,14 +90,22 @@ class GateDecision:
         }
 
 
+def _num(value: float | None) -> str:
+    return f"{value:.3f}" if _finite(value) else "none"
+
+
 def _finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
 
 
 def check(comparison: Comparison, margin: float, min_examples: int) -> Check:
     c = comparison
-    if c.n < min_examples or not (_finite(c.current) and _finite(c.candidate)):
-        verdict: Verdict = "not enough evidence"
+    if c.metric == "itm_auroc" and c.n >= min_examples and _finite(c.current) and not _finite(c.candidate):
+        # The current model detects mismatches and the candidate cannot (no ITM head trained,
+        # or no score): routing would lose its signal, the erosion this check exists for.
+        verdict: Verdict = "fail"
+    elif c.n < min_examples or not (_finite(c.current) and _finite(c.candidate)):
+        verdict = "not enough evidence"
     else:
         assert c.current is not None and c.candidate is not None
         beyond = c.candidate < c.current - margin - _TOLERANCE
@@ -119,7 +127,10 @@ def gate_verdict(
     if min_examples < 1:
         raise ValueError(f"min_examples must be >= 1, got {min_examples}")
     checks = [check(c, itm_margin if c.metric == "itm_auroc" else margin, min_examples) for c in comparisons]
-    failed = sorted((c for c in checks if c.verdict == "fail"), key=lambda c: -(c.drop - c.margin))
+    failed = sorted(
+        (c for c in checks if c.verdict == "fail"),
+        key=lambda c: -(c.drop - c.margin) if math.isfinite(c.drop) else -math.inf,  # no score: worst
+    )
     passed = sorted((c for c in checks if c.verdict == "pass"), key=lambda c: -c.drop)
     label_passed = [c for c in passed if c.metric == "macro_f1"]
     thin = [c for c in checks if c.verdict == "not enough evidence"]
@@ -130,7 +141,12 @@ def gate_verdict(
     if failed:
         worst = failed[0]
         why = (
-            f"Refused: {worst.describe()}, a drop of {worst.drop:.3f}, more than the margin {worst.margin:.3f}."
+            f"Refused: {worst.describe()}, "
+            + (
+                f"a drop of {worst.drop:.3f}, more than the margin {worst.margin:.3f}."
+                if math.isfinite(worst.drop)
+                else "the candidate has no score where the current model has one."
+            )
             + (
                 " Also below the margin: " + "; ".join(c.describe() for c in failed[1:]) + "."
                 if len(failed) > 1

@@ -3,6 +3,7 @@ escalations that a page and the API both perform."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -126,7 +127,10 @@ def _task_rows(
     """The page's rows per task; `blind` (an audit item): without the model's label and score."""
     item = claim.item
     rows = []
-    for index, (task, labels) in enumerate(item_tasks(item).items()):
+    tasks = item_tasks(item)
+    for index, (task, labels) in enumerate(tasks.items()):
+        if blind:  # only the item's own label sets: one made from the model's label would show it
+            labels = list(item.tasks.get(task, []))
         value = {} if blind else (item.label.get("labels") or {}).get(task) or {}
         action, label = (chosen or {}).get(task, ("", None))
         rows.append(
@@ -309,6 +313,7 @@ class HandlerBase:
         choices: Mapping[str, tuple[str, str | None]],
         note: str | None,
         pair: bool | None,
+        shown: str | None = None,
     ) -> ReviewDecision:
         """A reviewer's decision on their claim, from the page or the API alike: its id from the
         claim and what it says, the image the console showed, the image-text answer.
@@ -321,9 +326,16 @@ class HandlerBase:
             choices,
             note=note,
             decision_id=claim_decision_id(claim, choices, note, pair),
-            seen_media_hash=await self.shown_media(claim.item),
+            seen_media_hash=await self.shown_media(claim.item) if shown is None else self.page_shown(claim.item, shown),
             image_text_match=pair,
         )
+
+    @staticmethod
+    def page_shown(item: ReviewItem, shown: str) -> str | None:
+        """What the item page showed, as it recorded when it was rendered (a form field): the
+        scored hash, or "" for "media unavailable". Anything but the item's hash is no image."""
+        content_hash = (item.label.get("media") or {}).get("content_hash")
+        return shown if shown and item.image_url and shown == content_hash else None
 
     async def shown_media(self, item: ReviewItem) -> str | None:
         """The hash of the image this console shows for `item` (the scored bytes from the
@@ -343,9 +355,11 @@ class HandlerBase:
             raise RecordError("note", "must be a string")
         choices = admin_choices(item, labels)
         decision_id = escalation_decision_id(escalation_id, admin, choices, note)
-        decision = build_decision(
-            item, admin, choices, note=note, decision_id=decision_id, seen_media_hash=await self.shown_media(item)
-        )
+        # The escalated page shows no image (so the admin saw none: no training image from this
+        # decision) and shows the model's view (so a decided audit item is no blind verdict).
+        decision = build_decision(item, admin, choices, note=note, decision_id=decision_id, seen_media_hash=None)
+        if decision.kind == "audit":
+            decision = dataclasses.replace(decision, kind="routed")
         try:
             await self.c.producer.send(decision)
         except KafkaUnavailable:

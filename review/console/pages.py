@@ -72,6 +72,7 @@ class ReviewerPages(HandlerBase):
             media=media,
             has_image=bool(item.image_url),
             media_shown=shown is not None,
+            shown_hash=shown or "",
             itm_match=None if audit else item.label.get("itm_match"),
             model_version="" if audit else item.label.get("model_version", ""),
             audit=audit,
@@ -103,7 +104,9 @@ class ReviewerPages(HandlerBase):
         raw_pair = form.get("pair", "")
         try:
             pair = pair_answer(raw_pair if isinstance(raw_pair, str) else None)
-            decision = await self.claim_decision(claim, user.name, choices, note, pair)
+            raw_shown = form.get("shown_media", "")
+            shown = raw_shown if isinstance(raw_shown, str) else ""
+            decision = await self.claim_decision(claim, user.name, choices, note, pair, shown=shown)
         except RecordError as exc:
             stats = await self.c.stats()
             return await self._item_page(

@@ -102,6 +102,20 @@ async def test_expiry_removes_old_blobs_but_spares_kept_ones(store: EvidenceStor
 
 
 @pytest.mark.asyncio
+async def test_storing_a_kept_blob_again_restarts_its_age(store: EvidenceStore) -> None:
+    """A repost routed anew needs the blob as long as a new one: retention must not expire it
+    by the first copy's age."""
+    import asyncio
+
+    await store.put(HA, A)
+    await store.put(HB, B)
+    await asyncio.sleep(3.2)
+    assert await store.put(HA, A) is False  # already there: its age restarts
+    assert await store.expire(2.0) == 1
+    assert (await store.get(HA)).ok and (await store.get(HB)).status == MISSING
+
+
+@pytest.mark.asyncio
 async def test_an_unreachable_store_reads_as_unavailable_and_fails_writes_loudly(s3proxy: S3Proxy) -> None:
     from tests.integration.stack import free_loopback_ports
 

@@ -251,3 +251,25 @@ def test_the_retention_command_reports_and_is_audited_first(stack: LocalStack, r
     assert any(r["detail"] == {"max_age_s": 604800, "evidence_max_age_s": 172800} for r in records), records
     refused = _cli("retention", "--max-age", "0", "--bootstrap", stack.bootstrap)
     assert refused.returncode == 2 and "positive duration" in refused.stderr
+
+
+def test_purge_keeps_bytes_another_post_still_needs_until_that_one_goes_too(
+    stack: LocalStack, redis_url: str, tmp_path: Path
+) -> None:
+    run = tmp_path.name[-8:].replace("_", "")
+    image = _png(7)
+    digest = hashlib.sha256(image).hexdigest()
+    evidence = tmp_path / "evidence"
+    LocalBackend(evidence).put(digest, image)
+    first, twin = f"meme-{run}-a", f"meme-{run}-b"  # one meme, posted twice
+    asyncio.run(_enqueue(redis_url, [_item(first, "first copy", digest), _item(twin, "second copy", digest)]))
+    common = ["--redis", redis_url, "--bootstrap", stack.bootstrap, "--evidence", str(evidence),
+              "--dataset", str(tmp_path / "none")]  # fmt: skip
+    done = _cli("purge", "--post", first, *common)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["blobs_shared"] == [digest] and report["blobs_deleted"] == []
+    assert LocalBackend(evidence).path(digest).exists(), "the twin's reviewer would see 'media unavailable'"
+    done = _cli("purge", "--post", twin, *common)
+    assert done.returncode == 0 and json.loads(done.stdout)["blobs_deleted"] == [digest], done.stdout
+    assert not LocalBackend(evidence).path(digest).exists()

@@ -370,3 +370,18 @@ async def test_a_tombstone_erases_the_post_where_it_stands_in_the_batch(tmp_path
     await sink.apply([*_records(again), SinkRecord("reviewed", 0, 11, b"nobody", None)])
     assert set(_manifest(tmp_path / "reviewed")) == {"p2", "p3"}
     ds.close()
+
+
+def test_erasing_a_post_removes_the_images_of_its_earlier_lines_too(tmp_path: Path) -> None:
+    ds = ReviewedDataset(tmp_path)
+    media = tmp_path / "media"
+    (media / "old.png").write_bytes(b"x")
+    (media / "shared.png").write_bytes(b"y")
+    ds.commit([manifest_line(decision("d1", "p1"), "media/old.png", 1)])  # later re-decided text-only
+    ds.commit([manifest_line(decision("d2", "p1", decided_at="2026-11-29T00:00:00Z"), None, 2)])
+    ds.commit([manifest_line(decision("d3", "p2"), "media/shared.png", 1)])
+    ds.commit([manifest_line(decision("d4", "p1", decided_at="2026-11-30T00:00:00Z"), "media/shared.png", 3)])
+    assert ds.erase(["p1"]) == (1, ["media/old.png"])
+    assert not (media / "old.png").exists() and (media / "shared.png").exists(), "p2 still uses shared.png"
+    assert "text of p1" not in (tmp_path / "manifest.jsonl").read_text()
+    ds.close()

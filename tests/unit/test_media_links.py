@@ -56,3 +56,10 @@ def test_a_forged_far_future_link_is_refused_even_when_signed() -> None:
         sign(KEY, "http://c", H1, MAX_TTL_S + 1)
     with pytest.raises(ValueError, match="at least"):
         sign("short", "http://c", H1, 60)
+
+
+def test_odd_characters_are_malformed_not_a_crash() -> None:
+    digest, _, sig = _parts(sign(KEY, "http://c", H1, 3600, now=NOW))
+    for e, s in (("²" * 3, sig), ("1800000100", "é" * 64), ("1800000100", sig.upper()), (" 1800000100", sig)):
+        with pytest.raises(LinkError, match="malformed"):
+            verify(KEY, digest, e, s, now=NOW)

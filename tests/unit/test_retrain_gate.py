@@ -175,3 +175,10 @@ def test_a_candidate_worse_on_the_audit_holdout_is_refused_though_the_routed_one
     assert not decision.promoted and "hate on the audit holdout" in decision.why, decision.why
     thin = gate_verdict([_c("base", "hate", 120, 0.80, 0.80), _c("audit", "hate", 8, 0.90, 0.10)])
     assert thin.promoted and "hate on audit (n=8)" in thin.why, "a young audit holdout does not block yet"
+
+
+def test_a_candidate_without_an_itm_score_fails_where_the_current_model_has_one():
+    """A candidate trained without the ITM head (or with no score) would leave routing blind."""
+    decision = gate_verdict([_c("base", "hate", 120, 0.80, 0.85), _itm("base", 240, 0.887, None)])
+    assert not decision.promoted and "no score where the current model has one" in decision.why, decision.why
+    assert "candidate none vs current 0.887" in decision.why
