@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "classify": ("stream.commands", "classify posts from a JSONL file (no Kafka)"),
     "models": ("stream.commands", "list registered model versions (or move CURRENT)"),
     "dlq": ("stream.commands", "inspect and replay the dead-letter topic"),
+    "serve-media": ("stream.commands", "serve the synthetic firehose's images on loopback (for produce --media-url)"),
     "labels": ("stream.commands", "print labels from the labels topic (filter by route, version, post id)"),
     "lag-exporter": ("stream.commands", "export every consumer group's lag from the broker"),
     "review-sink": ("review.sinks_cli", "copy the review topic into the Redis review stream"),

@@ -132,7 +132,10 @@ def cmd_produce(args: argparse.Namespace) -> int:
         values = posts_from_jsonl(Path(args.input))
     else:
         if not args.media_url:
-            raise UsageError("synthetic posts need --media-url URL (where their images are served) or --input FILE")
+            raise UsageError(
+                "synthetic posts need --media-url URL (where their images are served; `modstream serve-media` "
+                "serves them) or --input FILE"
+            )
         examples = read_manifest(write_synthetic(DEFAULT_HOME / "firehose", n=min(args.n, 2000), seed=7))
         prefix = args.id_prefix or f"post-{time.strftime('%Y%m%d%H%M%S')}-{secrets.token_hex(2)}"
         values = encode_posts(
@@ -141,6 +144,41 @@ def cmd_produce(args: argparse.Namespace) -> int:
         print(f"post ids: {prefix}-0000000 ...", file=sys.stderr)
     sent = asyncio.run(produce(args.bootstrap, args.topic, values, rate=args.rate))
     print(f"produced {sent} posts to {args.topic}")
+    return 0
+
+
+def cmd_serve_media(args: argparse.Namespace) -> int:
+    """The synthetic firehose's images on a loopback port, until Ctrl-C: what `produce
+    --media-url` points posts at when running the loop by hand."""
+    import asyncio
+    import contextlib
+    import signal
+
+    from stream.media_server import MediaServer
+
+    root = Path(args.root)
+    if not root.is_dir():
+        if args.root != str(DEFAULT_HOME / "firehose" / "images"):
+            raise UsageError(f"--root {root}: no such folder")
+        from trainer.synthetic import write_synthetic
+
+        write_synthetic(DEFAULT_HOME / "firehose", n=2000, seed=7)  # what `produce` sends
+
+    async def serve() -> None:
+        server = MediaServer(root, host="127.0.0.1", port=args.port)
+        url = await server.start()
+        print(f"serving {root} at {url} (workers need --allow-loopback-media); Ctrl-C to stop", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await server.stop()
+
+    asyncio.run(serve())
     return 0
 
 
@@ -297,6 +335,13 @@ def add_parsers(sub: Any) -> None:
         "run's posts are new posts (the review sink queues a post id once)",
     )
     p.set_defaults(func=cmd_produce)
+
+    p = sub.add_parser(
+        "serve-media", help="serve the synthetic firehose's images on loopback (for produce --media-url)"
+    )
+    p.add_argument("--root", default=str(DEFAULT_HOME / "firehose" / "images"), help="folder of images")
+    p.add_argument("--port", type=int, default=18080, help="loopback port (0: any free one)")
+    p.set_defaults(func=cmd_serve_media)
 
     p = sub.add_parser("labels", help="print labels from the labels topic (filter by route, version, post id)")
     add_kafka(p)

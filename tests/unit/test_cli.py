@@ -208,3 +208,45 @@ def test_help_shows_defaults_but_never_a_secret(monkeypatch) -> None:
         assert "(default: 300.0)" in " ".join(serve.split()) and "hunter2" not in serve
     finally:
         settings.current.cache_clear()
+
+
+def test_serve_media_serves_a_folder_on_loopback_until_terminated(tmp_path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    from PIL import Image
+
+    from tests.integration.stack import REPO_ROOT, free_loopback_ports
+
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "x.png")
+    (port,) = free_loopback_ports(1)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "modstream.cli", "serve-media", "--root", str(tmp_path), "--port", str(port)],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert f"http://127.0.0.1:{port}/img" in line, line
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/img/x.png", timeout=10) as resp:
+            assert resp.status == 200 and resp.read().startswith(b"\x89PNG")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/img/..%2F..%2Fetc%2Fpasswd", timeout=10)
+            raise AssertionError("a path outside the folder was served")
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 404
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert proc.returncode == 0
+    missing = subprocess.run(
+        [sys.executable, "-m", "modstream.cli", "serve-media", "--root", str(tmp_path / "nope")],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert missing.returncode == 2 and "no such folder" in missing.stderr
