@@ -76,7 +76,10 @@ def test_blind_audit_items_are_exactly_the_keyed_share_of_auto_labels(
     def done(records: list[dict]) -> bool:
         return {r["post_id"] for r in records} >= expected | routed
 
-    items = asyncio.run(collect(stack.bootstrap, "review", done, 120, lambda r: r["post_id"].startswith("audit-")))
+    def mine(record: dict) -> bool:  # other tests write malformed records to `review` on purpose
+        return isinstance(record, dict) and str(record.get("post_id", "")).startswith("audit-")
+
+    items = asyncio.run(collect(stack.bootstrap, "review", done, 120, mine))
     audited = {r["post_id"] for r in items if r.get("kind") == "audit"}
     assert audited == expected, "audit items are the keyed choice among auto labels, no more, no less"
     assert 0.1 * len(auto) < len(audited) < 0.3 * len(auto), (len(audited), len(auto))
