@@ -148,23 +148,13 @@ class PurgeReport:
         return dict(self.__dict__)
 
 
-async def hashes_in_use(queue: ReviewQueue, lines: Iterable[dict[str, Any]], post_id: str) -> set[str]:
-    """Evidence hashes other posts still need: named by their entries in the three streams or
-    by their reviewed lines (a reposted meme shares one blob with every copy)."""
-    used: set[str] = set()
-    for key in (queue.stream, queue.escalated_stream, queue.dead):
-        for _, fields in await _entries(queue, key):
-            if fields.get("post_id") != post_id and (h := media_hash_of(fields.get("item"))):
-                used.add(h)
-    used |= {h for line in lines if line.get("id") != post_id and (h := line_media_hash(line))}
-    return used
-
-
-async def purge_redis(queue: ReviewQueue, post_id: str, report: PurgeReport) -> set[str]:
+async def purge_redis(queue: ReviewQueue, post_id: str, report: PurgeReport) -> tuple[set[str], set[str]]:
     """Remove the post's entries from the review, escalated and dead streams (a pending one is
-    acked first, so no reviewer's claim points at a deleted entry). Returns the media hashes
-    those entries named."""
+    acked first, so no reviewer's claim points at a deleted entry). Returns (the media hashes
+    those entries named, the hashes other posts' entries still need: a reposted meme shares
+    one blob with every copy), from the one scan of the streams."""
     hashes: set[str] = set()
+    others: set[str] = set()
     for key, found in (
         (queue.stream, report.review_entries),
         (queue.escalated_stream, report.escalated_entries),
@@ -172,6 +162,8 @@ async def purge_redis(queue: ReviewQueue, post_id: str, report: PurgeReport) -> 
     ):
         for entry_id, fields in await _entries(queue, key):
             if fields.get("post_id") != post_id:
+                if h := media_hash_of(fields.get("item")):
+                    others.add(h)
                 continue
             if h := media_hash_of(fields.get("item")):
                 hashes.add(h)
@@ -181,7 +173,7 @@ async def purge_redis(queue: ReviewQueue, post_id: str, report: PurgeReport) -> 
             pipe.xdel(key, entry_id)
             await pipe.execute()
             found.append(entry_id)
-    return hashes
+    return hashes, others
 
 
 def line_media_hash(line: dict[str, Any]) -> str | None:

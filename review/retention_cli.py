@@ -47,7 +47,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
     from review.retention import (
         PurgeReport,
         dataset_media_hashes,
-        hashes_in_use,
+        line_media_hash,
         purge_redis,
         read_manifest_lines,
     )
@@ -75,9 +75,9 @@ def cmd_purge(args: argparse.Namespace) -> int:
         producer = DecisionProducer(args.bootstrap)
         try:
             lines = read_manifest_lines(Path(args.dataset) / "manifest.jsonl")
-            hashes = await purge_redis(queue, post_id, report) | extra
-            hashes |= dataset_media_hashes(lines, post_id)
-            shared = await hashes_in_use(queue, lines, post_id)
+            hashes, shared = await purge_redis(queue, post_id, report)
+            hashes |= extra | dataset_media_hashes(lines, post_id)
+            shared |= {h for line in lines if line.get("id") != post_id and (h := line_media_hash(line))}
             for digest in sorted(hashes):
                 if digest in shared and digest not in extra:  # --media-hash says: delete it anyway
                     report.blobs_shared.append(digest)

@@ -218,6 +218,7 @@ def evaluate_model(
     split = evaluate_split(model, features, labels)
     cal = Calibration(dict(card.temperatures), dict(card.thresholds), card.itm.get("threshold"))
     scores = score(split, tasks, cal)
+    pairs = split.itm_pairs()
     return {
         "n": {t: int((y != IGNORE_INDEX).sum()) for t, y in labels.items()},
         "macro_f1": scores["macro_f1"],
@@ -225,10 +226,10 @@ def evaluate_model(
         "itm_auroc_ci": scores["itm_auroc_ci"] if card.itm.get("trained") else None,
         # Pairs with a known target that the ITM AUROC rests on (true pairs; reviewed ones only
         # where the reviewer answered), the evidence the gate's ITM check counts.
-        "n_itm": int(np.isfinite(split.itm_pairs()[0]).sum()),
+        "n_itm": int(np.isfinite(pairs[0]).sum()),
         "tasks": scores["tasks"],
         # The scores behind the ITM AUROC, for the gate's paired interval (not written to cards).
-        ITM_PAIRS: split.itm_pairs(),
+        ITM_PAIRS: pairs,
     }
 
 
