@@ -5,12 +5,16 @@ A candidate is promoted only when, on every holdout, for every task with at leas
 and, where the holdout has at least `min_examples` image-text pairs with a known target, its
 ITM AUROC is at least the current model's minus `itm_margin`: routing to review rests on the
 ITM score, so a candidate whose labels are as good but whose mismatch detection eroded is
-refused (a retrain on reviewed pairs taken as matches did exactly that). An AUROC from a few
-hundred pairs moves by more than 0.02 by chance, so with `drop_ci` (the 95% interval of the
-drop from a paired bootstrap on the same pairs) a drop beyond the margin refuses only when the
-interval lies above zero; the check says "within noise" otherwise. A check with fewer
-examples is "not enough evidence" and does not block; if no label check has enough evidence,
-the candidate is refused: nothing shows it is as good as the model it would replace.
+refused (a retrain on reviewed pairs taken as matches did exactly that). Likewise, where both
+models make at least `min_examples` wrong decisions on a holdout, the routing lift of each
+card's review policy at its budget (trainer/routing_quality.py) must be at least the current
+one's minus `lift_margin`. An AUROC from a few hundred pairs, and a lift from a few dozen
+errors, move by more than their margins by chance, so with `drop_ci` (the 95% interval of the
+drop from a paired bootstrap on the same posts) such a drop refuses only when the interval
+lies above zero. Macro-F1 drops beyond the margin refuse whatever their interval (the
+interval is reported): labels are what the product sells. A check with fewer examples is
+"not enough evidence" and does not block; if no label check has enough evidence, the
+candidate is refused: nothing shows it is as good as the model it would replace.
 """
 
 from __future__ import annotations
@@ -25,13 +29,18 @@ Verdict = Literal["pass", "fail", "not enough evidence"]
 _TOLERANCE = 1e-9
 
 
-METRIC_NAMES = {"macro_f1": "macro-F1", "itm_auroc": "ITM AUROC"}
+METRIC_NAMES = {"macro_f1": "macro-F1", "itm_auroc": "ITM AUROC", "routing_lift": "routing lift"}
+# Checks whose drop refuses only when its paired interval lies above zero (see above).
+NOISE_TOLERANT = ("itm_auroc", "routing_lift")
+_ORDER = {"macro_f1": 0, "itm_auroc": 1, "routing_lift": 2}
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """Both models' `metric` on one task of one holdout (task "itm" for the ITM AUROC); `n`
-    labelled examples of the task (image-text pairs with a known target for ITM)."""
+    """Both models' `metric` on one task of one holdout (task "itm" for the ITM AUROC,
+    "routing" for the routing lift); `n` the evidence: labelled examples of the task,
+    image-text pairs with a known target for ITM, the fewer wrong decisions of the two models
+    for routing."""
 
     holdout: str
     task: str
@@ -62,7 +71,7 @@ class Check:
         return self.current - self.candidate
 
     def describe(self) -> str:
-        subject = METRIC_NAMES[self.metric] if self.metric == "itm_auroc" else self.task
+        subject = self.task if self.metric == "macro_f1" else METRIC_NAMES[self.metric]
         interval = f", drop 95% CI [{self.drop_ci[0]:.3f}, {self.drop_ci[1]:.3f}]" if self.drop_ci else ""
         return (
             f"{subject} on the {self.holdout} holdout: candidate {_num(self.candidate)} "
@@ -78,6 +87,7 @@ class GateDecision:
     min_examples: int
     checks: list[Check]
     itm_margin: float | None = None
+    lift_margin: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -85,6 +95,7 @@ class GateDecision:
             "why": self.why,
             "margin": self.margin,
             "itm_margin": self.margin if self.itm_margin is None else self.itm_margin,
+            "lift_margin": self.lift_margin,
             "min_holdout": self.min_examples,
             "checks": [{**asdict(c), "drop": c.drop} for c in self.checks],
         }
@@ -100,16 +111,20 @@ def _finite(value: float | None) -> bool:
 
 def check(comparison: Comparison, margin: float, min_examples: int) -> Check:
     c = comparison
-    if c.metric == "itm_auroc" and c.n >= min_examples and _finite(c.current) and not _finite(c.candidate):
-        # The current model detects mismatches and the candidate cannot (no ITM head trained,
-        # or no score): routing would lose its signal, the erosion this check exists for.
+    if c.metric in NOISE_TOLERANT and c.n >= min_examples and _finite(c.current) and not _finite(c.candidate):
+        # The current model detects mismatches (or routes errors) and the candidate cannot (no
+        # ITM head trained, no score): routing would lose its signal, the erosion checked for.
         verdict: Verdict = "fail"
     elif c.n < min_examples or not (_finite(c.current) and _finite(c.candidate)):
         verdict = "not enough evidence"
     else:
         assert c.current is not None and c.candidate is not None
         beyond = c.candidate < c.current - margin - _TOLERANCE
-        noise = c.drop_ci is not None and not (math.isfinite(c.drop_ci[0]) and c.drop_ci[0] > 0)
+        noise = (
+            c.metric in NOISE_TOLERANT
+            and c.drop_ci is not None
+            and not (math.isfinite(c.drop_ci[0]) and c.drop_ci[0] > 0)
+        )
         verdict = "fail" if beyond and not noise else "pass"
     return Check(c.holdout, c.task, c.n, c.current, c.candidate, verdict, c.metric, margin, c.drop_ci)
 
@@ -119,25 +134,30 @@ def gate_verdict(
     margin: float = 0.02,
     min_examples: int = 20,
     itm_margin: float | None = None,
+    lift_margin: float = 0.1,
 ) -> GateDecision:
-    """`itm_margin`: the largest ITM AUROC drop allowed (default: `margin`)."""
+    """`itm_margin`: the largest ITM AUROC drop allowed (default: `margin`); `lift_margin`:
+    the largest routing lift drop allowed (lift is a ratio, 1 = no better than chance)."""
     itm_margin = margin if itm_margin is None else itm_margin
-    if margin < 0 or itm_margin < 0:
-        raise ValueError(f"margins must be >= 0, got {margin} and {itm_margin}")
+    if margin < 0 or itm_margin < 0 or lift_margin < 0:
+        raise ValueError(f"margins must be >= 0, got {margin}, {itm_margin} and {lift_margin}")
     if min_examples < 1:
         raise ValueError(f"min_examples must be >= 1, got {min_examples}")
-    checks = [check(c, itm_margin if c.metric == "itm_auroc" else margin, min_examples) for c in comparisons]
+    margins = {"macro_f1": margin, "itm_auroc": itm_margin, "routing_lift": lift_margin}
+    checks = [check(c, margins[c.metric], min_examples) for c in comparisons]
+    # The reason leads with labels, then ITM, then routing (the metrics have different scales,
+    # so drops are compared within one); within a metric the largest excess first, no score worst.
     failed = sorted(
         (c for c in checks if c.verdict == "fail"),
-        key=lambda c: -(c.drop - c.margin) if math.isfinite(c.drop) else -math.inf,  # no score: worst
+        key=lambda c: (_ORDER[c.metric], -(c.drop - c.margin) if math.isfinite(c.drop) else -math.inf),
     )
-    passed = sorted((c for c in checks if c.verdict == "pass"), key=lambda c: -c.drop)
+    passed = sorted((c for c in checks if c.verdict == "pass"), key=lambda c: (_ORDER[c.metric], -c.drop))
     label_passed = [c for c in passed if c.metric == "macro_f1"]
     thin = [c for c in checks if c.verdict == "not enough evidence"]
     thin_note = ""
     if thin:
         listed = ", ".join(f"{c.task} on {c.holdout} (n={c.n})" for c in thin)
-        thin_note = f" Not enough evidence (fewer than {min_examples} labelled examples), not gated: {listed}."
+        thin_note = f" Not enough evidence (fewer than {min_examples} examples or errors), not gated: {listed}."
     if failed:
         worst = failed[0]
         why = (
@@ -154,13 +174,13 @@ def gate_verdict(
             )
             + thin_note
         )
-        return GateDecision(False, why, margin, min_examples, checks, itm_margin)
+        return GateDecision(False, why, margin, min_examples, checks, itm_margin, lift_margin)
     if not label_passed:
         why = (
             f"Refused: no holdout has {min_examples} or more labelled examples of any task, so nothing "
             f"shows the candidate is as good as the current model." + thin_note
         )
-        return GateDecision(False, why, margin, min_examples, checks, itm_margin)
+        return GateDecision(False, why, margin, min_examples, checks, itm_margin, lift_margin)
     closest = passed[0]
     itm_checked = sum(1 for c in passed if c.metric == "itm_auroc")
     itm_note = (
@@ -168,8 +188,15 @@ def gate_verdict(
         if itm_checked
         else " (ITM AUROC not gated: no holdout has enough pairs with a known target)"
     )
+    lift_checked = sum(1 for c in passed if c.metric == "routing_lift")
+    lift_note = (
+        f" and routing lift no more than {lift_margin:.2f} below on {lift_checked} holdout(s)"
+        if lift_checked
+        else " (routing lift not gated: no holdout has enough errors of both models)"
+    )
     why = (
         f"Promoted: macro-F1 is no more than {margin:.3f} below the current model on every task and holdout "
-        f"with enough evidence ({len(label_passed)} checked){itm_note}; closest: {closest.describe()}." + thin_note
+        f"with enough evidence ({len(label_passed)} checked){itm_note}{lift_note}; closest: {closest.describe()}."
+        + thin_note
     )
-    return GateDecision(True, why, margin, min_examples, checks, itm_margin)
+    return GateDecision(True, why, margin, min_examples, checks, itm_margin, lift_margin)

@@ -41,8 +41,8 @@ from modstream.manifest import Example, read_complete_lines, read_manifest
 from modstream.records import ModelUpdate
 from modstream.updates import UPDATES_TOPIC, Publisher
 from trainer import retrain_metrics as metrics
-from trainer.calibration import Calibration, score
-from trainer.evaluate import auroc_drop_interval
+from trainer.calibration import Calibration, decisions, score
+from trainer.evaluate import auroc_drop_interval, macro_f1_drop_interval
 from trainer.features import FeatureStore, build_features, load_inputs
 from trainer.fit import fit, pick_device, trainable_tasks
 from trainer.gate import Comparison, GateDecision, gate_verdict
@@ -55,6 +55,7 @@ from trainer.holdout import (
     split_base,
     split_reviewed,
 )
+from trainer.neighbour_fit import pooled_features
 from trainer.retrain_report import summary_table, write_json, write_plot
 from trainer.reviewed import (
     MANIFEST,
@@ -66,6 +67,8 @@ from trainer.reviewed import (
     read_seen,
     write_seen,
 )
+from trainer.routing_fit import policy_inputs
+from trainer.routing_quality import RoutedHoldout, card_policy, lift_drop_interval, routing_summary
 from trainer.train import TrainConfig, evaluate_split, label_tensors
 
 log = logging.getLogger(__name__)
@@ -91,6 +94,7 @@ class RetrainOptions:
     min_new: int = 50
     margin: float = 0.02
     itm_margin: float = 0.02  # largest ITM AUROC drop allowed on a holdout
+    lift_margin: float = 0.1  # largest routing lift drop allowed on a holdout
     min_holdout: int = 20
     force: bool = False
     epochs: int | None = None
@@ -204,10 +208,15 @@ def evaluate_model(
     device: str = "auto",
     progress: bool = False,
 ) -> dict[str, Any]:
-    """One model on one holdout under its own card's calibration (temperatures, thresholds):
-    {"n": task -> labelled examples, "macro_f1": task -> F1, "itm_auroc", "tasks": reports}."""
+    """One model on one holdout under its own card's calibration (temperatures, thresholds)
+    and its own review policy: {"n": task -> labelled examples, "macro_f1": task -> F1,
+    "itm_auroc", "routing": the policy's lift at its budget (trainer/routing_quality.py),
+    "tasks": reports}, plus private arrays (keys starting "_") for the gate's paired
+    intervals, dropped before the numbers are written to a card."""
     tasks = card.tasks
-    empty: dict[str, Any] = {"n": {t: 0 for t in tasks}, "macro_f1": {}, "itm_auroc": None, "n_itm": 0, "tasks": {}}
+    empty: dict[str, Any] = {
+        "n": {t: 0 for t in tasks}, "macro_f1": {}, "itm_auroc": None, "n_itm": 0, "routing": None, "tasks": {},
+    }  # fmt: skip
     if not examples:
         return empty
     dev = pick_device(device)
@@ -219,6 +228,11 @@ def evaluate_model(
     cal = Calibration(dict(card.temperatures), dict(card.thresholds), card.itm.get("threshold"))
     scores = score(split, tasks, cal)
     pairs = split.itm_pairs()
+    predictions = {
+        t: (split.labels[t], decisions(split.logits[t], cal.temperatures.get(t, 1.0), cal.thresholds.get(t))[1])
+        for t in tasks
+    }
+    routed = _routed(model, card, split, cal, features)
     return {
         "n": {t: int((y != IGNORE_INDEX).sum()) for t, y in labels.items()},
         "macro_f1": scores["macro_f1"],
@@ -227,25 +241,47 @@ def evaluate_model(
         # Pairs with a known target that the ITM AUROC rests on (true pairs; reviewed ones only
         # where the reviewer answered), the evidence the gate's ITM check counts.
         "n_itm": int(np.isfinite(pairs[0]).sum()),
+        "routing": routing_summary(*routed) if routed else None,
         "tasks": scores["tasks"],
-        # The scores behind the ITM AUROC, for the gate's paired interval (not written to cards).
         ITM_PAIRS: pairs,
+        PREDICTIONS: predictions,
+        ROUTED: routed[0] if routed else None,
     }
 
 
-ITM_PAIRS = "_itm_pairs"
+# The arrays behind the numbers, for the gate's paired intervals (not written to cards).
+ITM_PAIRS, PREDICTIONS, ROUTED = "_itm_pairs", "_predictions", "_routed"
 
 
-def comparisons(evaluation: dict[str, dict[str, Any]], tasks: Sequence[str]) -> list[Comparison]:
-    """Per holdout: each task's macro-F1, and the ITM AUROC (routing rests on it) with the
-    paired interval of its drop."""
+def _routed(
+    model: MultimodalModel, card: ModelCard, split: Any, cal: Calibration, features: Any
+) -> tuple[RoutedHoldout, str] | None:
+    """The holdout as the card's review policy routes it: each post's review score from what
+    the worker would see (calibrated scores, ITM match, the labelled neighbours' disagreement
+    where the model has a neighbour index) and how many of its decisions are wrong."""
+    chosen = card_policy(card)
+    binary = [t for t in card.tasks if t in cal.thresholds]
+    if chosen is None or not binary:
+        return None
+    spec, budget = chosen
+    shares = None
+    if model.neighbours is not None:
+        pooled, present = pooled_features(features, range(len(split.itm_match)))
+        shares = model.neighbours.label_shares(pooled, present)
+    inputs, truth = policy_inputs(split, cal, binary, shares)
+    routed = RoutedHoldout.of(spec, budget, inputs, truth["errors"], truth["labelled"])
+    return routed, str(card.routing.get("name", spec.kind)) if card.routing else "weak ITM match"
+
+
+def comparisons(evaluation: dict[str, dict[str, Any]], tasks: Mapping[str, Sequence[str]]) -> list[Comparison]:
+    """Per holdout: the ITM AUROC (routing rests on it), the card policy's routing lift at its
+    budget, and each task's macro-F1, each with the paired interval of its drop."""
     out = []
     for holdout, models in evaluation.items():
         cur, cand = models["current"], models["candidate"]
         drop_ci = None
         if cur.get(ITM_PAIRS) is not None and cand.get(ITM_PAIRS) is not None:
-            low, high = auroc_drop_interval(cur[ITM_PAIRS], cand[ITM_PAIRS])
-            drop_ci = (low, high) if np.isfinite(low) and np.isfinite(high) else None
+            drop_ci = _finite_interval(auroc_drop_interval(cur[ITM_PAIRS], cand[ITM_PAIRS]))
         out.append(
             Comparison(
                 holdout,
@@ -257,17 +293,54 @@ def comparisons(evaluation: dict[str, dict[str, Any]], tasks: Sequence[str]) -> 
                 drop_ci=drop_ci,
             )
         )
-        for task in tasks:
+        out.append(_lift_comparison(holdout, cur, cand))
+        for task, labels in tasks.items():
+            f1_ci = None
+            if task in cur.get(PREDICTIONS, {}) and task in cand.get(PREDICTIONS, {}):
+                y, pred_cur = cur[PREDICTIONS][task]
+                pred_cand = cand[PREDICTIONS][task][1]
+                f1_ci = _finite_interval(macro_f1_drop_interval(y, pred_cur, pred_cand, len(labels)))
             out.append(
                 Comparison(
                     holdout,
                     task,
-                    int(models["candidate"]["n"].get(task, 0)),
-                    models["current"]["macro_f1"].get(task),
-                    models["candidate"]["macro_f1"].get(task),
+                    int(cand["n"].get(task, 0)),
+                    cur["macro_f1"].get(task),
+                    cand["macro_f1"].get(task),
+                    drop_ci=f1_ci,
                 )
             )
     return out
+
+
+def _lift_comparison(holdout: str, cur: dict[str, Any], cand: dict[str, Any]) -> Comparison:
+    """The routing check: its evidence is the fewer wrong decisions of the two models (a lift
+    from a handful of errors is noise)."""
+    cur_routing, cand_routing = cur.get("routing") or {}, cand.get("routing") or {}
+    n = int(min(cur_routing.get("n_errors", 0), cand_routing.get("n_errors", 0)))
+    if cur.get(ROUTED) is None:  # nothing routed the current model's posts: nothing to erode
+        n = 0
+    drop_ci = None
+    if cur.get(ROUTED) is not None and cand.get(ROUTED) is not None:
+        drop_ci = _finite_interval(lift_drop_interval(cur[ROUTED], cand[ROUTED]))
+    return Comparison(
+        holdout,
+        "routing",
+        n,
+        _finite_or_none(cur_routing.get("lift")),
+        _finite_or_none(cand_routing.get("lift")),
+        metric="routing_lift",
+        drop_ci=drop_ci,
+    )
+
+
+def _finite_interval(interval: Sequence[float]) -> tuple[float, float] | None:
+    low, high = interval
+    return (low, high) if np.isfinite(low) and np.isfinite(high) else None
+
+
+def _finite_or_none(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and np.isfinite(value) else None
 
 
 def lineage_saw_base_holdout(
@@ -394,10 +467,13 @@ def _run(opts: RetrainOptions) -> RetrainOutcome:
         evaluation[h]["candidate"] = evaluate_model(
             fitted.model, fitted.tokenizer, fitted.card, holdouts[h], opts.cache_dir, opts.device, opts.progress
         )
-    decision = gate_verdict(comparisons(evaluation, list(tasks)), opts.margin, opts.min_holdout, opts.itm_margin)
-    for models in evaluation.values():  # the raw scores served the gate; cards keep the numbers
+    decision = gate_verdict(
+        comparisons(evaluation, tasks), opts.margin, opts.min_holdout, opts.itm_margin, opts.lift_margin
+    )
+    for models in evaluation.values():  # the raw arrays served the gate; cards keep the numbers
         for result in models.values():
-            result.pop(ITM_PAIRS, None)
+            for key in (ITM_PAIRS, PREDICTIONS, ROUTED):
+                result.pop(key, None)
     moved = registry.current()
     if decision.promoted and moved != parent:
         # An operator rolled CURRENT forward or back while this run trained: the candidate was
@@ -479,6 +555,7 @@ def _run(opts: RetrainOptions) -> RetrainOutcome:
         "why": decision.why,
         "margin": decision.margin,
         "itm_margin": decision.to_dict()["itm_margin"],
+        "lift_margin": decision.lift_margin,
         "min_holdout": decision.min_examples,
         "checks": decision.to_dict()["checks"],
         "evaluation": card.metrics["evaluation"],

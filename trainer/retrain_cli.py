@@ -48,6 +48,12 @@ def add_parsers(sub: Any) -> None:
         help="largest ITM AUROC drop allowed on a holdout (routing rests on it) (default 0.02)",
     )
     p.add_argument(
+        "--lift-margin",
+        type=_non_negative_float,
+        default=0.1,
+        help="largest drop allowed in the card policy's routing lift on a holdout (lift 1 = chance)",
+    )
+    p.add_argument(
         "--min-holdout", type=_positive_int, default=20, help="labelled examples a holdout needs to gate a task"
     )
     p.add_argument("--force", action="store_true", help="train even with fewer than --min-new new decisions")
@@ -106,6 +112,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         min_new=args.min_new,
         margin=args.margin,
         itm_margin=args.itm_margin,
+        lift_margin=args.lift_margin,
         min_holdout=args.min_holdout,
         force=args.force,
         epochs=args.epochs,
