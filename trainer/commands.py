@@ -65,11 +65,25 @@ def _train_config(args: argparse.Namespace, objective: Any = None) -> Any:
     )
 
 
+def _data_source(args: argparse.Namespace) -> dict[str, Any]:
+    """What `modstream retrain` reloads as this model's base data (card training.data_source)."""
+    if args.preset == "cm-off-meme":
+        return {"preset": "cm-off-meme", "with_text_only": bool(args.with_text_only)}
+    if args.preset == "synthetic":
+        return {"preset": "synthetic", "n": args.synthetic_n, "seed": 0}
+    return {"manifest": str(Path(args.manifest).resolve())}
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from models.registry import ModelRegistry
     from trainer.fit import fit
+    from trainer.holdout import reserve_base_holdout
 
     examples = _load_examples(args)
+    recorded: dict[str, Any] = {"data_source": _data_source(args)}
+    if args.base_holdout > 0:
+        # Set aside for good: retrained versions are gated on it and no version trains on it.
+        examples, recorded = reserve_base_holdout(examples, recorded["data_source"], args.base_holdout)
     fitted = fit(
         examples,
         _model_config(args),
@@ -79,11 +93,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         device=args.device,
         on_bad_image=args.on_bad_image,
     )
+    fitted.card.training.update(recorded)
     version = ModelRegistry(registry_root(args)).save(fitted.model, fitted.tokenizer, fitted.card)
     print(
         json.dumps(
             {
                 "version": version,
+                "base_holdout": recorded.get("holdouts", {}).get("base"),
                 "metrics": fitted.card.metrics["macro_f1"],
                 "itm": fitted.card.itm,
             },
@@ -233,6 +249,13 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _holdout_fraction(raw: str) -> float:
+    value = float(raw)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"a holdout fraction is in [0, 1), got {raw}")
+    return value
+
+
 def _add_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", help="JSONL manifest (id, text, image, labels)")
     p.add_argument("--preset", choices=["cm-off-meme", "synthetic"])
@@ -290,6 +313,14 @@ def add_parsers(sub: Any) -> None:
     _add_model(p)
     _add_train(p)
     p.add_argument("--out", help="folder for curves.json / curves.png")
+    p.add_argument(
+        "--base-holdout",
+        type=_holdout_fraction,
+        default=0.1,
+        metavar="FRACTION",
+        help="share of the data set aside (chosen by a hash of each id) and never trained on by this or any "
+        "retrained version: the retrain gate judges candidates on it; 0 trains on everything",
+    )
     p.add_argument(
         "--neighbour-vote",
         type=_vote_weight,

@@ -15,6 +15,7 @@ import hashlib
 import math
 from collections.abc import Iterable, Sequence
 from datetime import datetime
+from typing import Any
 
 from modstream.manifest import Example
 from modstream.records import parse_iso
@@ -54,6 +55,31 @@ def split_base(examples: Sequence[Example], fraction: float = BASE_FRACTION) -> 
     for ex in examples:
         (holdout if in_base_holdout(ex.id, fraction) else train).append(ex)
     return train, holdout
+
+
+def reserve_base_holdout(
+    examples: Sequence[Example], source: dict[str, Any], fraction: float = BASE_FRACTION
+) -> tuple[list[Example], dict[str, Any]]:
+    """A first training's share of the base data: (the examples to train on, the card's
+    `training` entries recording the data source and the holdout set aside). Every later
+    retrain holds out the same examples (`split_base`), so none of them has ever been trained
+    on by any version and the gate judges both models on data neither saw."""
+    train, holdout = split_base(examples, fraction)
+    return train, {
+        "data_source": source,
+        "holdouts": {
+            "base": {
+                "fraction": fraction,
+                "rule": BASE_RULE,
+                "n": len(holdout),
+                "digest": ids_digest(ex.id for ex in holdout),
+                "reserved_from": "the first training",
+            }
+        },
+    }
+
+
+BASE_RULE = "sha256 of a salt and the example id below the fraction (trainer/holdout.py)"
 
 
 def decided_at(example: Example) -> datetime:

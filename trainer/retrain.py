@@ -48,6 +48,7 @@ from trainer.fit import fit, pick_device, trainable_tasks
 from trainer.gate import Comparison, GateDecision, gate_verdict
 from trainer.holdout import (
     BASE_FRACTION,
+    BASE_RULE,
     REVIEWED_FRACTION,
     decided_at,
     ids_digest,
@@ -508,7 +509,7 @@ def _run(opts: RetrainOptions) -> RetrainOutcome:
             "holdouts": {
                 "base": {
                     "fraction": opts.base_fraction,
-                    "rule": "sha256 of a salt and the example id below the fraction (trainer/holdout.py)",
+                    "rule": BASE_RULE,
                     "n": len(base_holdout),
                     "resolvable_drop": resolvable_drop(len(base_holdout)),
                     "digest": ids_digest(ex.id for ex in base_holdout),

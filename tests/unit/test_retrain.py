@@ -208,7 +208,7 @@ def test_promoted_candidate_becomes_current_then_is_published_and_its_card_expla
     assert promotion["why"].startswith("Promoted") and "holdout" in promotion["why"]
 
     gate = json.loads((registry.root / "v0002" / "gate.json").read_text())
-    assert gate["promoted"] and gate["version"] == "v0002" and len(gate["checks"]) == 12  # 3 holdouts x (2 F1 + ITM + routing lift)
+    assert gate["promoted"] and gate["version"] == "v0002" and len(gate["checks"]) == 12  # 3 x (2 F1, ITM, lift)
     assert {c["verdict"] for c in gate["checks"] if c["holdout"] == "audit" and c["metric"] == "macro_f1"} == {"pass"}
     itm = [c for c in gate["checks"] if c["metric"] == "itm_auroc"]
     assert [c["holdout"] for c in itm] == ["base", "reviewed", "audit"] and itm[0]["drop_ci"] is not None

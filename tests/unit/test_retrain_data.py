@@ -132,3 +132,45 @@ def test_new_decisions_count_what_the_newest_retrained_version_did_not_see(tmp_p
     # The newest retrained version wins, refused or not.
     write_seen(registry.root / "v0003", [f"d{i}" for i in range(9)], [])
     assert new_decisions(examples, last_seen(registry)) == ["d9"]
+
+
+def test_a_first_training_reserves_the_base_holdout_and_retrains_know_no_version_saw_it(tmp_path):
+    """`modstream train` and the demo model set the base holdout aside from the first training
+    and record it; the retrain job then finds no ancestor that trained on it."""
+    from models.card import ModelCard
+    from tests.tiny import tiny_model
+    from trainer.holdout import reserve_base_holdout
+    from trainer.retrain import lineage_saw_base_holdout
+
+    source = {"preset": "synthetic", "n": 1000, "seed": 0}
+    examples = [Example(f"syn-{i}", "t", None) for i in range(1000)]
+    train, recorded = reserve_base_holdout(examples, source)
+    _, holdout = split_base(examples)
+    assert {e.id for e in train}.isdisjoint(e.id for e in holdout) and len(train) + len(holdout) == 1000
+    assert recorded["holdouts"]["base"]["digest"] == ids_digest(e.id for e in holdout)
+    assert recorded["holdouts"]["base"]["n"] == len(holdout) and recorded["data_source"] == source
+
+    registry = ModelRegistry(tmp_path / "registry")
+    model, tokenizer = tiny_model()
+    reserved = registry.save(model, tokenizer, ModelCard(config=model.config, training=dict(recorded)))
+    assert lineage_saw_base_holdout(registry, reserved, source, 0.1) is None
+    # A first model trained on everything (no holdout recorded) is named as having seen it,
+    # and so is one whose data source differs from the one the retrain reloads.
+    everything = registry.save(model, tokenizer, ModelCard(config=model.config, training={"data_source": source}))
+    assert lineage_saw_base_holdout(registry, everything, source, 0.1) == everything
+    assert lineage_saw_base_holdout(registry, reserved, {**source, "n": 2000}, 0.1) == reserved
+
+
+def test_train_records_where_its_base_data_comes_from(tmp_path):
+    import argparse
+
+    from trainer.commands import _data_source, _holdout_fraction
+
+    manifest = tmp_path / "m.jsonl"
+    args = argparse.Namespace(preset=None, manifest=str(manifest), with_text_only=False, synthetic_n=1200)
+    assert _data_source(args) == {"manifest": str(manifest.resolve())}
+    args.preset = "synthetic"
+    assert _data_source(args) == {"preset": "synthetic", "n": 1200, "seed": 0}
+    with pytest.raises(argparse.ArgumentTypeError):
+        _holdout_fraction("1.0")
+    assert _holdout_fraction("0") == 0.0
