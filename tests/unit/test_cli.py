@@ -250,3 +250,38 @@ def test_serve_media_serves_a_folder_on_loopback_until_terminated(tmp_path) -> N
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert missing.returncode == 2 and "no such folder" in missing.stderr
+
+
+def test_the_documented_loop_by_hand_parses_command_by_command():
+    """docs/review.md's "whole loop by hand" is what a newcomer types: every modstream command
+    in it must parse with today's options (the roles themselves run the same loop in
+    tests/integration/test_retrain_rounds.py), and produce's media URL must be where
+    serve-media serves by default."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from modstream.cli import build_parser
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "review.md").read_text()
+    block = doc.split("**The whole loop by hand**", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    commands = []
+    for line in block.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if "modstream" not in line:
+            continue
+        command = line.split("|")[-1].strip()
+        argv = shlex.split(command)
+        assert argv[0] == ".venv/bin/modstream", line
+        commands.append(argv[1:])
+    names = [argv[0] for argv in commands]
+    for needed in ("demo", "worker", "review-sink", "dataset-sink", "review", "serve-media", "produce", "labels"):
+        assert needed in names, f"the loop by hand lacks `modstream {needed}`"
+    assert "retrain" in names
+    parser = build_parser()
+    parsed = {}
+    for argv in commands:
+        parsed.setdefault(argv[0], parser.parse_args(argv))
+    media = parsed["serve-media"]
+    produce = parsed["produce"]
+    assert re.fullmatch(rf"http://127\.0\.0\.1:{media.port}/img", produce.media_url), (media, produce.media_url)
