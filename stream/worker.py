@@ -27,7 +27,7 @@ from models.inference import Predictor
 from models.registry import ModelRegistry
 from models.routing.route import RoutingPolicy
 from modstream.records import MAX_RECORD_BYTES, ModelUpdate
-from stream import metrics
+from stream import first_fetch_grace, metrics
 from stream.audit_sampling import AuditSampler
 from stream.delivery import dead_letter_batch, write_outcomes
 from stream.device_pool import BatcherConfig, DevicePool, visible_devices
@@ -397,6 +397,7 @@ class _Worker(faust.Worker):
 
 def run_worker(settings: WorkerSettings, loglevel: str = "warning") -> None:
     app, _ = create_app(settings)
+    first_fetch_grace.install()  # a rebalance's harmless "has not sent fetch request" is a WARNING
     # Resources live as long as the process: a worker ends by exiting (or by SIGKILL, which
     # the at-least-once design tolerates), so there is nothing to flush at shutdown.
     _Worker(app, grace_s=settings.stop_grace_s, loglevel=loglevel, quiet=True).execute_from_commandline()
