@@ -24,6 +24,12 @@
 #   MODSTREAM_PYTHON       a Python with aiokafka for topic admin (default: <repo>/.venv/bin/python, then
 #                          python3); without one (or with MODSTREAM_PYTHON=none), Kafka's own TopicCommand is
 #                          used (slower: one JVM per call)
+#   MODSTREAM_STACK_SECURE 0             1: Kafka speaks only SASL_SSL (SCRAM-SHA-512 over TLS) with an ACL per
+#                                        role (modstream/kafka_acls.py); the CA, the broker's certificate and
+#                                        one credentials folder per role (admin, worker, review-sink,
+#                                        dataset-sink, console, retrain) are made at the first start under
+#                                        $MODSTREAM_STACK_DIR/{tls,credentials}; a role runs with
+#                                        MODSTREAM_SECRETS_DIR=<credentials>/<role> (docs/operations.md)
 #   MODSTREAM_STACK_START_TIMEOUT  90    seconds to wait for readiness
 #   MODSTREAM_STACK_STOP_TIMEOUT   20    seconds to wait after SIGTERM before SIGKILL
 set -euo pipefail
@@ -58,6 +64,11 @@ case $KAFKA_LIBS in
 esac
 KAFKA_DIR="$STATE_DIR/kafka"
 REDIS_DIR="$STATE_DIR/redis"
+SECURE=${MODSTREAM_STACK_SECURE:-0}
+TLS_DIR="$STATE_DIR/tls"
+CREDENTIALS_DIR="$STATE_DIR/credentials"
+# admin is the super user the stack's own tooling runs as (topics, ACLs); the others are the roles.
+KAFKA_PRINCIPALS="admin worker review-sink dataset-sink console retrain"
 KAFKA_PID="$STATE_DIR/kafka.pid"
 REDIS_PID="$STATE_DIR/redis.pid"
 KAFKA_LOG="$STATE_DIR/kafka.log"
@@ -75,6 +86,10 @@ for _var in KAFKA_PORT KAFKA_CONTROLLER_PORT REDIS_PORT TOPIC_PARTITIONS START_T
   [[ ${!_var} =~ ^[0-9]+$ ]] || die "$_var must be a number, got '${!_var}'"
 done
 unset _var
+case $SECURE in
+  0 | 1) ;;
+  *) die "MODSTREAM_STACK_SECURE must be 0 or 1, got '$SECURE'" ;;
+esac
 case $REDIS_APPENDFSYNC in
   always | everysec | no) ;;
   *) die "REDIS_APPENDFSYNC must be always, everysec or no, got '$REDIS_APPENDFSYNC'" ;;
@@ -246,12 +261,9 @@ write_server_properties() {
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@$HOST:$KAFKA_CONTROLLER_PORT
-listeners=PLAINTEXT://$HOST:$KAFKA_PORT,CONTROLLER://$HOST:$KAFKA_CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://$HOST:$KAFKA_PORT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
 controller.listener.names=CONTROLLER
-inter.broker.listener.name=PLAINTEXT
 log.dirs=$KAFKA_DIR/data
+$(listener_properties)
 
 num.partitions=$TOPIC_PARTITIONS
 default.replication.factor=1
@@ -274,6 +286,86 @@ log.segment.bytes=134217728
 EOF
 }
 
+listener_properties() {
+  if [[ $SECURE == 0 ]]; then
+    cat <<EOF
+listeners=PLAINTEXT://$HOST:$KAFKA_PORT,CONTROLLER://$HOST:$KAFKA_CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://$HOST:$KAFKA_PORT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+EOF
+    return 0
+  fi
+  # Clients (and the broker to itself) speak SCRAM over TLS; the KRaft controller listener takes only
+  # the broker's own certificate (mutual TLS: SCRAM cannot authenticate controllers). No ACL, no access.
+  cat <<EOF
+listeners=SASL_SSL://$HOST:$KAFKA_PORT,CONTROLLER://$HOST:$KAFKA_CONTROLLER_PORT
+advertised.listeners=SASL_SSL://$HOST:$KAFKA_PORT
+listener.security.protocol.map=SASL_SSL:SASL_SSL,CONTROLLER:SSL
+inter.broker.listener.name=SASL_SSL
+sasl.enabled.mechanisms=SCRAM-SHA-512
+sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="admin" password="$(<"$CREDENTIALS_DIR/admin/MODSTREAM_KAFKA_PASSWORD")";
+ssl.keystore.type=PEM
+ssl.keystore.location=$TLS_DIR/broker-keystore.pem
+ssl.truststore.type=PEM
+ssl.truststore.location=$TLS_DIR/ca.pem
+listener.name.controller.ssl.client.auth=required
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+super.users=User:admin;User:CN=modstream-broker
+allow.everyone.if.no.acl.found=false
+EOF
+}
+
+# The CA and the broker's certificate (for 127.0.0.1 and localhost), made once with openssl.
+make_tls() {
+  [[ -s $TLS_DIR/ca.pem && -s $TLS_DIR/broker-keystore.pem ]] && return 0
+  command -v openssl >/dev/null 2>&1 || die "openssl not found (Debian: apt-get install -y openssl)"
+  log "making a local CA and the broker's TLS certificate in $TLS_DIR"
+  (
+    umask 077
+    mkdir -p "$TLS_DIR"
+    cd "$TLS_DIR"
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 825 \
+      -subj "/CN=modstream local CA" >/dev/null 2>&1
+    openssl req -newkey rsa:2048 -nodes -keyout broker.key -out broker.csr -subj "/CN=modstream-broker" >/dev/null 2>&1
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >broker.ext
+    openssl x509 -req -in broker.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out broker.crt -days 825 \
+      -extfile broker.ext >/dev/null 2>&1
+    cat broker.key broker.crt >broker-keystore.pem # Kafka's PEM keystore: the key, then its certificate
+    chmod 644 ca.pem                                # clients read the CA; the keys stay private
+    rm -f broker.csr broker.ext
+  ) || die "openssl could not make the certificates in $TLS_DIR"
+}
+
+# One folder per principal, readable as a MODSTREAM_SECRETS_DIR: its name, a random password, the
+# protocol and the CA. Made once; the broker learns the passwords when its storage is formatted.
+make_credentials() {
+  local who dir
+  for who in $KAFKA_PRINCIPALS; do
+    dir="$CREDENTIALS_DIR/$who"
+    [[ -s $dir/MODSTREAM_KAFKA_PASSWORD ]] && continue
+    (
+      umask 077
+      mkdir -p "$dir"
+      printf '%s' "$who" >"$dir/MODSTREAM_KAFKA_USERNAME"
+      printf '%s' "$(head -c 24 /dev/urandom | base64 | tr -d '/+=\n')" >"$dir/MODSTREAM_KAFKA_PASSWORD"
+      printf 'SASL_SSL' >"$dir/MODSTREAM_KAFKA_SECURITY_PROTOCOL"
+      printf '%s' "$TLS_DIR/ca.pem" >"$dir/MODSTREAM_KAFKA_CA_FILE"
+    )
+  done
+}
+
+# StorageTool takes SCRAM users only as arguments: they are visible in the process table for the
+# second the format runs, once, when the stack is first made (the running roles never pass one).
+scram_arguments() {
+  local who
+  [[ $SECURE == 1 ]] || return 0
+  for who in $KAFKA_PRINCIPALS; do
+    printf -- '--add-scram\nSCRAM-SHA-512=[name=%s,password=%s]\n' "$who" "$(<"$CREDENTIALS_DIR/$who/MODSTREAM_KAFKA_PASSWORD")"
+  done
+}
+
 format_storage() {
   [[ -f $KAFKA_DIR/data/meta.properties ]] && return 0
   local cluster_id
@@ -290,7 +382,10 @@ format_storage() {
   fi
   log "formatting KRaft storage in $KAFKA_DIR/data (cluster id $cluster_id)"
   # (No Log4j configuration here: Log4j's default prints errors only, not the whole config dump.)
-  if ! java -cp "$KAFKA_LIBS/*" kafka.tools.StorageTool format -t "$cluster_id" -c "$SERVER_PROPERTIES" >>"$KAFKA_LOG" 2>&1; then
+  local -a scram=()
+  mapfile -t scram < <(scram_arguments)
+  if ! java -cp "$KAFKA_LIBS/*" kafka.tools.StorageTool format -t "$cluster_id" -c "$SERVER_PROPERTIES" "${scram[@]}" \
+    >>"$KAFKA_LOG" 2>&1; then
     tail_log "$KAFKA_LOG"
     die "kafka.tools.StorageTool format failed"
   fi
@@ -313,7 +408,16 @@ launch_kafka() {
     die "port $HOST:$KAFKA_CONTROLLER_PORT is already in use by another process (set KAFKA_CONTROLLER_PORT)"
   fi
   mkdir -p "$KAFKA_DIR"
-  write_server_properties
+  if [[ $SECURE == 1 ]]; then
+    make_tls
+    make_credentials
+  elif [[ -f $KAFKA_DIR/data/meta.properties && -d $CREDENTIALS_DIR ]]; then
+    die "$STATE_DIR holds a secured stack: start it with MODSTREAM_STACK_SECURE=1 (or use another MODSTREAM_STACK_DIR)"
+  fi
+  (
+    umask 077 # the secured variant's properties hold the broker's own password
+    write_server_properties
+  )
   format_storage
   local -a heap jvm_opts
   read -r -a heap <<<"$KAFKA_HEAP"
@@ -344,6 +448,11 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 logging.basicConfig(level=logging.CRITICAL)
 bootstrap, partitions, deadline, pid_file = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 topics = sys.argv[5:]
+options = {}
+if os.environ.get("MODSTREAM_STACK_SECURE") == "1":  # as the admin (MODSTREAM_SECRETS_DIR), over TLS
+    from modstream.kafka_auth import client_options
+
+    options = client_options()
 
 
 def broker_alive() -> bool:
@@ -356,7 +465,7 @@ def broker_alive() -> bool:
 
 
 async def attempt() -> tuple[list, list[str]]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000, **options)
     try:
         await admin.start()
         existing = set(await admin.list_topics())
@@ -405,6 +514,15 @@ sys.exit(asyncio.run(main()))
 PY
 }
 
+# In a subshell: makes the Python that follows the stack's super user (its credentials folder),
+# whatever Kafka settings the caller's environment has.
+admin_environment() {
+  unset MODSTREAM_KAFKA_USERNAME MODSTREAM_KAFKA_PASSWORD MODSTREAM_KAFKA_SECURITY_PROTOCOL MODSTREAM_KAFKA_CA_FILE
+  unset MODSTREAM_CONFIG
+  export MODSTREAM_STACK_SECURE=1 MODSTREAM_SECRETS_DIR="$CREDENTIALS_DIR/admin"
+  export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+}
+
 # Fallback without Python/aiokafka: Kafka's own TopicCommand (one JVM per call).
 topics_with_java() {
   local deadline=$1 topic
@@ -439,7 +557,17 @@ wait_kafka() {
     fi
     sleep 0.5
   done
-  if python=$(pick_python); then
+  if [[ $SECURE == 1 ]]; then
+    python=$(pick_python) || die "the secured stack needs a Python with aiokafka (set MODSTREAM_PYTHON)"
+    if ! (admin_environment && topics_with_python "$python" "$deadline"); then
+      tail_log "$KAFKA_LOG"
+      die "Kafka topics not ready (log: $KAFKA_LOG; '$0 stop' cleans up)"
+    fi
+    if ! (admin_environment && cd "$REPO_ROOT" && "$python" -m modstream.cli kafka-acls --bootstrap "$HOST:$KAFKA_PORT"); then
+      die "could not grant the roles' ACLs (log: $KAFKA_LOG)"
+    fi
+    log "Kafka is SASL_SSL only: each role runs with MODSTREAM_SECRETS_DIR=$CREDENTIALS_DIR/<role>"
+  elif python=$(pick_python); then
     if ! topics_with_python "$python" "$deadline"; then
       tail_log "$KAFKA_LOG"
       die "Kafka topics not ready (log: $KAFKA_LOG; '$0 stop' cleans up)"

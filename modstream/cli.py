@@ -44,10 +44,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import": ("trainer.commands", "convert a dataset to a JSONL manifest"),
     "retrain": ("trainer.retrain_cli", "retrain on reviewers' decisions, gate, promote and announce"),
     "schemas": ("modstream.cli", "write the JSON Schemas of the topic records (schemas/*.schema.json)"),
+    "kafka-acls": ("modstream.kafka_acls", "grant each role's Kafka principal its topics and groups (as a super user)"),
 }
 
 # Commands that talk to Kafka once and exit (a long-running role keeps aiokafka's own logs).
-ONE_SHOT_KAFKA = {"produce", "dlq", "labels", "purge", "retention"}
+ONE_SHOT_KAFKA = {"produce", "dlq", "labels", "purge", "retention", "kafka-acls"}
 
 
 def add_parsers(sub: Any) -> None:

@@ -7,6 +7,10 @@ secrets); the TOML file `$MODSTREAM_CONFIG`; the built-in default. pydantic-sett
 reading and validation; secrets are `SecretStr`, so printing the settings shows `**********`.
 
     MODSTREAM_KAFKA_BOOTSTRAP   Kafka bootstrap servers            (127.0.0.1:19092)
+    MODSTREAM_KAFKA_SECURITY_PROTOCOL  PLAINTEXT or SASL_SSL        (PLAINTEXT)
+    MODSTREAM_KAFKA_SASL_MECHANISM     SCRAM-SHA-512 or SCRAM-SHA-256 (SCRAM-SHA-512)
+    MODSTREAM_KAFKA_USERNAME, MODSTREAM_KAFKA_PASSWORD   this role's Kafka principal (a secret: a file)
+    MODSTREAM_KAFKA_CA_FILE     the CA that signed the brokers' certificates (unset: the system's)
     MODSTREAM_REDIS_URL         Redis URL, may carry a password    (redis://127.0.0.1:16379/0)
     MODSTREAM_EVIDENCE          evidence store: a folder or s3://bucket/prefix  ($MODSTREAM_HOME/evidence)
     MODSTREAM_S3_ENDPOINT       S3-compatible endpoint URL (unset: AWS)
@@ -21,7 +25,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
@@ -38,6 +42,13 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MODSTREAM_", extra="ignore", case_sensitive=False)
 
     kafka_bootstrap: str = "127.0.0.1:19092"
+    # Authenticated transport (modstream/kafka_auth.py): one principal per role, its password a
+    # secret (a file in $MODSTREAM_SECRETS_DIR, never a flag), TLS verified against the CA.
+    kafka_security_protocol: Literal["PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256"] = "SCRAM-SHA-512"
+    kafka_username: str | None = None
+    kafka_password: SecretStr | None = None
+    kafka_ca_file: str | None = None
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:16379/0")
     evidence: str | None = None  # None: <MODSTREAM_HOME>/evidence (modstream.options.evidence_location)
     s3_endpoint: str | None = None

@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+from modstream.kafka_auth import client_options
 from modstream.records import ModelUpdate, encode
 
 UPDATES_TOPIC = "model-updates"
@@ -28,7 +29,9 @@ async def publish_update(
 
     update = ModelUpdate.from_json(message)
     async with asyncio.timeout(timeout_s):
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", request_timeout_ms=int(timeout_s * 1000))
+        producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap, acks="all", request_timeout_ms=int(timeout_s * 1000), **client_options()
+        )
         try:
             await producer.start()
             await producer.send_and_wait(topic, encode(update), key=UPDATES_KEY)

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from modstream.kafka_auth import client_options
 from modstream.records import (
     ACTIONS,
     REVIEW_KINDS,
@@ -195,6 +196,7 @@ class DecisionProducer:
                     enable_idempotence=True,
                     request_timeout_ms=int(self.timeout_s * 1000),
                     linger_ms=0,
+                    **client_options(),
                 )
                 try:
                     await producer.start()

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
+from modstream.kafka_auth import client_options
 from modstream.records import DeadLetter, RecordError, encode
 from review import sink_metrics as metrics
 from stream.lag import LagMonitor
@@ -358,7 +359,9 @@ async def run_sink(
     stop = asyncio.Event()
     install_stop_signals(stop)
     server = metrics.serve(settings.metrics_port, settings.metrics_host)
-    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, acks="all", enable_idempotence=True)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.bootstrap, acks="all", enable_idempotence=True, **client_options()
+    )
     consumer = AIOKafkaConsumer(
         settings.topic,
         bootstrap_servers=settings.bootstrap,
@@ -367,6 +370,7 @@ async def run_sink(
         auto_offset_reset="earliest",  # a new group copies the whole topic: it is the source of truth
         max_poll_interval_ms=settings.max_poll_interval_ms,
         client_id=settings.group,
+        **client_options(),
     )
     lag_task = asyncio.create_task(lag_monitor(settings).run(), name=f"{name}-consumer-lag")
     try:

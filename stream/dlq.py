@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from modstream.kafka_auth import client_options
 from modstream.options import add_kafka
 from modstream.records import POST_STAGES, parse_iso
 
@@ -142,7 +143,11 @@ async def read_dead_letters(bootstrap: str, topic: str, timeout_s: float = 60.0)
     from stream.topic_partitions import assign_all
 
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest"
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        **client_options(),
     )
     out: list[tuple[Candidate | None, Any]] = []
     try:
@@ -204,7 +209,7 @@ async def replay(
         return report
     from aiokafka import AIOKafkaProducer
 
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, **client_options())
     try:  # stop() also when start() fails, or aiokafka warns of an unclosed producer
         await producer.start()
         futures = []

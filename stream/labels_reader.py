@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from modstream.kafka_auth import client_options
 from modstream.records import RecordError, decode_json
 
 
@@ -73,7 +74,9 @@ async def read_labels(
 
     from stream.topic_partitions import assign_all
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, **client_options()
+    )
     shown = 0
     try:
         await consumer.start()

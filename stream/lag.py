@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from modstream.kafka_auth import client_options
+
 log = logging.getLogger(__name__)
 
 
@@ -87,8 +89,10 @@ class LagMonitor:
         from aiokafka.admin import AIOKafkaAdminClient
 
         while True:
-            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
-            consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False)
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, **client_options())
+            consumer = AIOKafkaConsumer(
+                bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False, **client_options()
+            )
             try:
                 await admin.start()
                 await consumer.start()

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from modstream.kafka_auth import client_options
 from modstream.records import Post, encode
 
 if TYPE_CHECKING:  # the synthetic firehose takes trainer Examples; the producer needs no training code
@@ -55,7 +56,7 @@ async def produce(bootstrap: str, topic: str, values: Iterator[bytes], *, rate: 
     """Send every value (keyed by post id when it parses) and wait for the acks."""
     from aiokafka import AIOKafkaProducer
 
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, **client_options())
     sent = 0
     started = time.perf_counter()
     try:  # stop() also when start() fails (broker unreachable), or aiokafka warns of an unclosed producer

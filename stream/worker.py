@@ -26,6 +26,7 @@ from models.card import ModelCard
 from models.inference import Predictor
 from models.registry import ModelRegistry
 from models.routing.route import RoutingPolicy
+from modstream.kafka_auth import client_options, kafka_auth
 from modstream.records import MAX_RECORD_BYTES, ModelUpdate
 from stream import first_fetch_grace, metrics
 from stream.audit_sampling import AuditSampler
@@ -258,6 +259,7 @@ def create_app(settings: WorkerSettings) -> tuple[faust.App, Resources]:
         # Every record we write is capped under this (modstream.records.MAX_RECORD_BYTES); one
         # over it is refused at once instead of retried.
         producer_max_request_size=MAX_RECORD_BYTES + 64 * 1024,
+        broker_credentials=kafka_auth().faust_credentials(),  # None on the plaintext local stack
     )
     resources = Resources(settings)
     names = settings.topics
@@ -351,7 +353,11 @@ async def follow_updates(settings: WorkerSettings, resources: Resources) -> None
     while True:  # an app task that raises would crash the whole worker: retry instead
         # Subscribing without a group assigns every partition; "latest": only new updates.
         consumer = AIOKafkaConsumer(
-            settings.topics["updates"], bootstrap_servers=settings.bootstrap, group_id=None, auto_offset_reset="latest"
+            settings.topics["updates"],
+            bootstrap_servers=settings.bootstrap,
+            group_id=None,
+            auto_offset_reset="latest",
+            **client_options(),
         )
         try:
             await consumer.start()

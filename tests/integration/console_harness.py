@@ -4,6 +4,7 @@ and the `modstream` CLI run the way a user runs it (for the loop tests)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -17,10 +18,11 @@ from tests.integration.stack import REPO_ROOT, free_loopback_ports
 PASSWORD = "loop test password 42"
 
 
-def cli(*args: str, stdin: str | None = None) -> str:
+def cli(*args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> str:
+    """`modstream ARGS` as a user runs it; `env` adds to the environment (a role's credentials)."""
     done = subprocess.run(
         [sys.executable, "-m", "modstream.cli", *args],
-        cwd=REPO_ROOT, input=stdin, text=True, capture_output=True, timeout=600,
+        cwd=REPO_ROOT, input=stdin, text=True, capture_output=True, timeout=600, env={**os.environ, **(env or {})},
     )  # fmt: skip
     assert done.returncode == 0, f"modstream {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout
@@ -29,16 +31,17 @@ def cli(*args: str, stdin: str | None = None) -> str:
 class Console:
     """`modstream review serve` as a subprocess, and a JSON API client with a bearer token."""
 
-    def __init__(self, args: list[str], log: Path, users: Path) -> None:
+    def __init__(self, args: list[str], log: Path, users: Path, env: dict[str, str] | None = None) -> None:
         bootstrap = args[args.index("--bootstrap") + 1]  # user changes are recorded on its audit topic
         cli("review", "add-user", "scripted", "--role", "reviewer", "--password-stdin", "--users", str(users),
-             "--bootstrap", bootstrap, stdin=PASSWORD + "\n")  # fmt: skip
-        self.token = cli("review", "token", "scripted", "--users", str(users), "--bootstrap", bootstrap).strip()
+             "--bootstrap", bootstrap, stdin=PASSWORD + "\n", env=env)  # fmt: skip
+        self.token = cli("review", "token", "scripted", "--users", str(users), "--bootstrap", bootstrap,
+                         env=env).strip()  # fmt: skip
         (self.port,) = free_loopback_ports(1)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "modstream.cli", "review", "serve", "--host", "127.0.0.1", "--port", str(self.port),
              "--users", str(users), "--insecure-cookies", *args],
-            cwd=REPO_ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
         )  # fmt: skip
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -30,6 +30,7 @@ class SinkProcess:
     log_dir: Path
     name: str
     process: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)  # e.g. a secured stack's role_env
     metrics_port: int = 0
     starts: int = 0
     exit_codes: list[int] = field(default_factory=list)
@@ -43,7 +44,7 @@ class SinkProcess:
         self.starts += 1
         cmd = [sys.executable, "-m", "modstream.cli", "-v", self.command, "--metrics-port", str(self.metrics_port),
                *self.args]  # fmt: skip
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout

@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "deploy" / "local-stack.sh"
@@ -71,6 +72,9 @@ class LocalStack:
     partitions: int = 4
     topics: tuple[str, ...] = TOPICS
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Kafka SASL_SSL with an ACL per role (MODSTREAM_STACK_SECURE=1): every client then needs
+    # a role's credentials (role_env for processes, client_options in the test's own clients).
+    secure: bool = False
 
     @classmethod
     def with_free_ports(cls, state_dir: Path, **kwargs) -> LocalStack:
@@ -96,9 +100,32 @@ class LocalStack:
             TOPIC_PARTITIONS=str(self.partitions),
             TOPICS=" ".join(self.topics),
             MODSTREAM_PYTHON=sys.executable,
+            MODSTREAM_STACK_SECURE="1" if self.secure else "0",
         )
         env.update(self.extra_env)
         return env
+
+    def credentials(self, role: str) -> Path:
+        """The role's credentials folder (a MODSTREAM_SECRETS_DIR) on a secured stack."""
+        return self.state_dir / "credentials" / role
+
+    def role_env(self, role: str) -> dict[str, str]:
+        """Environment that makes a modstream process run as `role` (nothing on a plain stack)."""
+        return {"MODSTREAM_SECRETS_DIR": str(self.credentials(role))} if self.secure else {}
+
+    def client_options(self, role: str = "admin") -> dict[str, Any]:
+        """aiokafka options for the test's own clients, as `role` (admin: the super user)."""
+        if not self.secure:
+            return {}
+        from modstream.kafka_auth import KafkaAuth
+
+        folder = self.credentials(role)
+        return KafkaAuth(
+            "SASL_SSL",
+            username=(folder / "MODSTREAM_KAFKA_USERNAME").read_text(),
+            password=(folder / "MODSTREAM_KAFKA_PASSWORD").read_text(),
+            ca_file=(folder / "MODSTREAM_KAFKA_CA_FILE").read_text(),
+        ).client_options()
 
     def run(self, command: str, timeout: float = START_TIMEOUT_S) -> str:
         """Runs `local-stack.sh COMMAND` with this stack's settings; raises StackError with the logs on failure."""

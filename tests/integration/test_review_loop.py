@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,8 @@ def _labels(stack: LocalStack, prefix: str, want: int, timeout: float = 180) -> 
     def done(records: list[dict]) -> bool:
         return len({r["post_id"] for r in records}) >= want
 
-    return asyncio.run(collect(stack.bootstrap, "labels", done, timeout, lambda r: r["post_id"].startswith(prefix)))
+    keep = lambda r: r["post_id"].startswith(prefix)  # noqa: E731
+    return asyncio.run(collect(stack.bootstrap, "labels", done, timeout, keep, **stack.client_options()))
 
 
 def _review_everything(console: Console, prefix: str, expected: int, timeout: float = 120) -> dict[str, dict]:
@@ -82,12 +84,23 @@ def loop_dirs(tmp_path: Path) -> dict[str, Path]:
 def test_reviewed_decisions_retrain_promote_and_switch_the_worker_without_losing_a_post(
     stack: LocalStack, loop_dirs: dict[str, Path]
 ) -> None:
+    run_review_loop(stack, loop_dirs)
+
+
+def run_review_loop(
+    stack: LocalStack, loop_dirs: dict[str, Path], while_running: Callable[[], None] | None = None
+) -> None:
+    """The loop; on a secured stack (tests/integration/test_secure_transport.py) every process
+    runs as its role's Kafka principal, and the test's own clients as the stack's admin.
+    `while_running` is called once every role is up and has handled posts."""
     import redis
 
     run = uuid.uuid4().hex[:6]
     redis_url = f"redis://127.0.0.1:{stack.redis_port}/{REDIS_DB}"
     redis.Redis(port=stack.redis_port, db=REDIS_DB).flushdb()
-    decisions_topic = f"reviewed-loop-{run}"
+    # The roles' ACLs name the real topic; the shared plain stack gives each run its own.
+    decisions_topic = "reviewed" if stack.secure else f"reviewed-loop-{run}"
+    admin = stack.client_options()
     registry = ModelRegistry(loop_dirs["registry"])
     first = register_tiny_model(registry.root)
     base = write_synthetic(loop_dirs["base"], n=160, seed=5, image_size=32)
@@ -95,16 +108,18 @@ def test_reviewed_decisions_retrain_promote_and_switch_the_worker_without_losing
     server = BackgroundMediaServer(loop_dirs["media"] / "images")
     logs = loop_dirs["logs"]
 
-    worker = Worker(stack, registry.root, logs, app_id=f"loop-worker-{run}")
+    # Group names start with each role's ACL prefix (modstream/kafka_acls.py).
+    worker = Worker(stack, registry.root, logs, app_id=f"modstream-worker-loop-{run}")
     review_sink = SinkProcess(
-        "review-sink", ["--bootstrap", stack.bootstrap, "--redis", redis_url, "--group", f"loop-rs-{run}"],
-        logs, "review-sink",
+        "review-sink",
+        ["--bootstrap", stack.bootstrap, "--redis", redis_url, "--group", f"modstream-review-sink-loop-{run}"],
+        logs, "review-sink", env=stack.role_env("review-sink"),
     )  # fmt: skip
     dataset_sink = SinkProcess(
         "dataset-sink",
-        ["--bootstrap", stack.bootstrap, "--topic", decisions_topic, "--group", f"loop-ds-{run}",
+        ["--bootstrap", stack.bootstrap, "--topic", decisions_topic, "--group", f"modstream-dataset-sink-loop-{run}",
          "--out", str(loop_dirs["reviewed"]), "--evidence", str(logs / "evidence")],
-        logs, "dataset-sink",
+        logs, "dataset-sink", env=stack.role_env("dataset-sink"),
     )  # fmt: skip
     console: Console | None = None
     try:
@@ -114,13 +129,13 @@ def test_reviewed_decisions_retrain_promote_and_switch_the_worker_without_losing
         console = Console(
             ["--bootstrap", stack.bootstrap, "--redis", redis_url, "--topic", decisions_topic,
              "--evidence", str(logs / "evidence")],
-            logs / "console.log", logs / "users.json",
+            logs / "console.log", logs / "users.json", env=stack.role_env("console"),
         )  # fmt: skip
 
         # 1. Posts in; the weakly matching ones reach review.
         prefix = f"loop-{run}-a-"
         posts = list(synthetic_posts(examples, server.url, 80, prefix=prefix))
-        asyncio.run(produce(stack.bootstrap, "posts", [encode(p) for p in posts]))
+        asyncio.run(produce(stack.bootstrap, "posts", [encode(p) for p in posts], **admin))
         labels = _labels(stack, prefix, 80)
         routed = {r["post_id"] for r in labels if r["route"] == "review"}
         assert len(routed) >= 10, f"only {len(routed)} of 80 posts were routed to review"
@@ -141,16 +156,20 @@ def test_reviewed_decisions_retrain_promote_and_switch_the_worker_without_losing
             assert ex.labels["sarcasm"] == decided[post_id]["model_labels"]["sarcasm"]["label"]
             assert ex.image is not None and ex.image.is_file()  # media saved by content hash
 
+        if while_running is not None:
+            while_running()
+
         # 3. Retraining is triggered by the new decisions, promoted, published; meanwhile posts
         #    keep flowing, and none is lost or labelled twice around the switch.
         during = f"loop-{run}-b-"
         pool = list(synthetic_posts(examples, server.url, 2000, prefix=during))
-        trickle = Trickle(stack.bootstrap, pool)
+        trickle = Trickle(stack.bootstrap, pool, options=admin)
         trickle.start()
         out = cli("retrain", "--registry", str(registry.root), "--cache", str(loop_dirs["cache"]),
                    "--reviewed", str(loop_dirs["reviewed"]), "--base-manifest", str(base),
                    "--min-new", str(len(routed)), "--margin", "1.0", "--min-holdout", "10", "--epochs", "2",
-                   "--device", "cpu", "--bootstrap", stack.bootstrap, "--quiet")  # fmt: skip
+                   "--device", "cpu", "--bootstrap", stack.bootstrap, "--quiet",
+                   env=stack.role_env("retrain"))  # fmt: skip
         second = registry.current()
         assert second is not None and second != first, out
         card = registry.card(second)
@@ -176,7 +195,7 @@ def test_reviewed_decisions_retrain_promote_and_switch_the_worker_without_losing
         # 4. Later posts carry the new version.
         after = f"loop-{run}-c-"
         later = list(synthetic_posts(examples, server.url, 30, prefix=after))
-        asyncio.run(produce(stack.bootstrap, "posts", [encode(p) for p in later]))
+        asyncio.run(produce(stack.bootstrap, "posts", [encode(p) for p in later], **admin))
         assert {r["model_version"] for r in _labels(stack, after, 30)} == {second}
     finally:
         if console is not None:
@@ -191,8 +210,16 @@ class Trickle:
     """Posts produced in small steady batches from a thread until stopped, so that the model
     switch lands while posts are in flight. `stop()` returns the ids of the posts sent."""
 
-    def __init__(self, bootstrap: str, posts: list[Any], batch: int = 4, interval_s: float = 0.3) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        posts: list[Any],
+        batch: int = 4,
+        interval_s: float = 0.3,
+        options: dict[str, Any] | None = None,
+    ) -> None:
         self.bootstrap, self.posts, self.batch, self.interval_s = bootstrap, posts, batch, interval_s
+        self.options = options or {}
         self.sent: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
@@ -203,7 +230,7 @@ class Trickle:
     async def _run(self) -> None:
         from aiokafka import AIOKafkaProducer
 
-        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all")
+        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", **self.options)
         await producer.start()
         try:
             for start in range(0, len(self.posts), self.batch):

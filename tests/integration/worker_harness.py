@@ -72,6 +72,7 @@ class Worker:
             *self.extra_args,
         ]  # fmt: skip
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+        env.update(self.stack.role_env("worker"))
         self.process = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
         if wait_ready:
             self.wait_ready()
@@ -142,13 +143,17 @@ async def collect(
     until: Callable[[list[dict[str, Any]]], bool],
     timeout: float,
     keep: Callable[[dict[str, Any]], bool] = lambda record: True,
+    **options: Any,
 ) -> list[dict[str, Any]]:
     """Every record of `topic` from the beginning that `keep` accepts, read until `until`
-    holds or `timeout` passes (then returns what it has; the caller asserts)."""
+    holds or `timeout` passes (then returns what it has; the caller asserts). `options` go to
+    AIOKafkaConsumer (a secured stack's credentials)."""
     from aiokafka import AIOKafkaConsumer
 
     # No group: every partition, from the earliest offset.
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest")
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest", **options
+    )
     await consumer.start()
     records: list[dict[str, Any]] = []
     try:
