@@ -712,6 +712,9 @@ cmd_status() {
   else
     log "Redis: stopped ($HOST:$REDIS_PORT)"
   fi
+  if [[ -d $CREDENTIALS_DIR ]]; then
+    log "Kafka is SASL_SSL (MODSTREAM_STACK_SECURE=1): a role runs with MODSTREAM_SECRETS_DIR=$CREDENTIALS_DIR/<role>"
+  fi
   log "state: $STATE_DIR; jars: $KAFKA_LIBS ($(libs_complete && echo cached || echo 'not fetched'))"
 }
 

@@ -426,6 +426,10 @@ class ReviewDecision:
     # post's pair is not assumed to match (trainer/reviewed.py).
     image_text_match: bool | None = None
     kind: str = "routed"  # the item's: "audit" decisions measure the live model (review/live_quality.py)
+    # The Kafka principal of the console that wrote it (on a secured cluster, where the ACLs let
+    # only consoles write `reviewed`); None on a plaintext one. Consumers cannot see who produced
+    # a record, so the console states it and the broker's ACL is what makes it true.
+    recorded_by: str | None = None
 
     def training_labels(self) -> dict[str, str | None]:
         """task -> label for the dataset; None where the reviewer asserted nothing."""

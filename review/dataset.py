@@ -174,6 +174,8 @@ def manifest_line(
     }
     if decision.note:
         meta["note"] = decision.note
+    if decision.recorded_by:
+        meta["recorded_by"] = decision.recorded_by  # the console's Kafka principal
     if media_meta:
         meta.update(media_meta)
     return {

@@ -68,6 +68,7 @@ def parse_decision(raw: bytes | None) -> ReviewDecision:
     _text(d.decision_id, "decision_id", max_len=MAX_ID)
     _text(d.post_id, "post_id", max_len=MAX_ID)
     _text(d.reviewer, "reviewer", max_len=MAX_ID)
+    _text(d.recorded_by, "recorded_by", max_len=MAX_ID, required=False)
     _text(d.model_version, "model_version", max_len=MAX_ID)
     if not isinstance(d.text, str):
         raise RecordError("text", "must be a string")

@@ -10,12 +10,13 @@ caller acknowledges the Redis entry only after that returns.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from modstream.kafka_auth import client_options
+from modstream.kafka_auth import client_options, kafka_auth
 from modstream.records import (
     ACTIONS,
     REVIEW_KINDS,
@@ -207,6 +208,9 @@ class DecisionProducer:
             return self._producer
 
     async def send(self, decision: ReviewDecision) -> None:
+        principal = kafka_auth().username if kafka_auth().secured else None
+        if principal:
+            decision = dataclasses.replace(decision, recorded_by=principal)
         await self._send(self.topic, decision.post_id, encode(decision), f"decision {decision.decision_id}")
 
     async def send_audit(self, event: AuditEvent, topic: str = AUDIT_TOPIC) -> None:

@@ -155,6 +155,8 @@ def run_review_loop(
             assert ex.labels["hate"] != model_hate  # "correct" flipped the model's label
             assert ex.labels["sarcasm"] == decided[post_id]["model_labels"]["sarcasm"]["label"]
             assert ex.image is not None and ex.image.is_file()  # media saved by content hash
+            # Who wrote the decision: the console's principal on a secured cluster, none on a plain one.
+            assert ex.meta.get("recorded_by") == ("console" if stack.secure else None)
 
         if while_running is not None:
             while_running()
