@@ -69,6 +69,8 @@ TLS_DIR="$STATE_DIR/tls"
 CREDENTIALS_DIR="$STATE_DIR/credentials"
 # admin is the super user the stack's own tooling runs as (topics, ACLs); the others are the roles.
 KAFKA_PRINCIPALS="admin worker review-sink dataset-sink console retrain"
+# Redis ACL users (modstream/redis_acls.py); admin is Redis's `default` user, the operator.
+REDIS_USERS="admin worker review-sink console"
 KAFKA_PID="$STATE_DIR/kafka.pid"
 REDIS_PID="$STATE_DIR/redis.pid"
 KAFKA_LOG="$STATE_DIR/kafka.log"
@@ -109,7 +111,8 @@ redis_ping() {
   # shellcheck disable=SC2016  # $1 and $line are expanded by the inner bash
   reply=$(timeout 3 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1" && printf "PING\r\n" >&3 && IFS= read -r line <&3 &&
     printf "%s" "$line"' _ "$1" 2>/dev/null) || return 1
-  [[ $reply == "+PONG"* ]]
+  # A secured Redis answers an unauthenticated PING with NOAUTH: it is up.
+  [[ $reply == "+PONG"* || $reply == "-NOAUTH"* ]]
 }
 
 # True when pid $1 is a live (not zombie) process whose command line contains every further argument.
@@ -354,6 +357,29 @@ make_credentials() {
       printf '%s' "$TLS_DIR/ca.pem" >"$dir/MODSTREAM_KAFKA_CA_FILE"
     )
   done
+}
+
+# Each Redis user's URL (its password in the URL, the URL a secret file), written on every start
+# (the port may change), and the server's ACL file (password hashes only) from them.
+make_redis_users() {
+  local who dir user password
+  for who in $REDIS_USERS; do
+    dir="$CREDENTIALS_DIR/$who"
+    (
+      umask 077
+      mkdir -p "$dir"
+      [[ -s $dir/redis.password ]] || printf '%s' "$(head -c 24 /dev/urandom | base64 | tr -d '/+=\n')" >"$dir/redis.password"
+      user=$who
+      [[ $who == admin ]] && user=default
+      password=$(<"$dir/redis.password")
+      printf 'redis://%s:%s@%s:%s/0' "$user" "$password" "$HOST" "$REDIS_PORT" >"$dir/MODSTREAM_REDIS_URL"
+    )
+  done
+  local python
+  python=$(pick_python) || die "the secured stack needs a Python with the project installed (set MODSTREAM_PYTHON)"
+  (cd "$REPO_ROOT" && PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}" \
+    "$python" -m modstream.cli redis-acls --credentials "$CREDENTIALS_DIR" --aclfile "$REDIS_DIR/users.acl") ||
+    die "could not write the Redis ACL file"
 }
 
 # StorageTool takes SCRAM users only as arguments: they are visible in the process table for the
@@ -622,12 +648,18 @@ launch_redis() {
   fi
   ensure_redis_server
   mkdir -p "$REDIS_DIR"
+  local -a acl=()
+  if [[ $SECURE == 1 ]]; then
+    make_credentials
+    make_redis_users
+    acl=(--aclfile "$REDIS_DIR/users.acl")
+  fi
   printf '\n===== %s starting redis-server on %s:%s =====\n' "$(date -u +%FT%TZ)" "$HOST" "$REDIS_PORT" >>"$REDIS_LOG"
   # Append-only file: the review stream must survive a Redis restart (outage drills restart it).
   # fsync always: the review sink commits offsets once Redis answered, which must mean on disk
   # (Debian's Redis 7.0 has no WAITAOF; `everysec` could lose the last second on a host crash).
   redis-server --port "$REDIS_PORT" --bind "$HOST" --protected-mode yes --dir "$REDIS_DIR" \
-    --save '' --appendonly yes --appendfsync "$REDIS_APPENDFSYNC" --daemonize no --logfile '' \
+    --save '' --appendonly yes --appendfsync "$REDIS_APPENDFSYNC" --daemonize no --logfile '' "${acl[@]}" \
     </dev/null >>"$REDIS_LOG" 2>&1 &
   printf '%s\n' "$!" >"$REDIS_PID"
   log "Redis starting (pid $!), log: $REDIS_LOG"

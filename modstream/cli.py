@@ -45,6 +45,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "retrain": ("trainer.retrain_cli", "retrain on reviewers' decisions, gate, promote and announce"),
     "schemas": ("modstream.cli", "write the JSON Schemas of the topic records (schemas/*.schema.json)"),
     "kafka-acls": ("modstream.kafka_acls", "grant each role's Kafka principal its topics and groups (as a super user)"),
+    "redis-acls": ("modstream.redis_acls", "write the review Redis's ACL file from the roles' credentials folders"),
 }
 
 # Commands that talk to Kafka once and exit (a long-running role keeps aiokafka's own logs).

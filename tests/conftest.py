@@ -3,7 +3,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.stack import LocalStack, StackError
+from tests.integration.stack import LocalStack
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -27,15 +27,5 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     ~/.cache/modstream); installs Debian's redis-server when missing and running as root.
     Fails (never skips) when the stack cannot be had: CI must run these tests.
     """
-    local = LocalStack.with_free_ports(tmp_path_factory.mktemp("stack"))
-    try:
-        error = None
-        try:
-            local.start()
-        except StackError as exc:
-            error = str(exc)
-        if error is not None:  # outside the except block: no chained traceback, just the script's story
-            pytest.fail(f"could not start the local Kafka + Redis stack: {error}", pytrace=False)
+    with LocalStack.with_free_ports(tmp_path_factory.mktemp("stack")).started() as local:
         yield local
-    finally:
-        local.shutdown()

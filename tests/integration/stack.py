@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,18 @@ class LocalStack:
         """Environment that makes a modstream process run as `role` (nothing on a plain stack)."""
         return {"MODSTREAM_SECRETS_DIR": str(self.credentials(role))} if self.secure else {}
 
+    def redis_url_for(self, role: str = "admin") -> str:
+        """The Redis URL a role connects with: on a secured stack its ACL user's (with its
+        password: never pass it as a flag), else the plain one."""
+        if not self.secure:
+            return self.redis_url
+        return (self.credentials(role) / "MODSTREAM_REDIS_URL").read_text()
+
+    def redis_flags(self, url: str) -> list[str]:
+        """`--redis URL` on a plain stack; nothing on a secured one, where each role's settings
+        hold its own URL (a flag would put the password in the process table)."""
+        return [] if self.secure else ["--redis", url]
+
     def client_options(self, role: str = "admin") -> dict[str, Any]:
         """aiokafka options for the test's own clients, as `role` (admin: the super user)."""
         if not self.secure:
@@ -202,6 +215,25 @@ class LocalStack:
         while self.pids() and time.monotonic() < deadline:
             time.sleep(0.1)
         return leftovers
+
+    @contextlib.contextmanager
+    def started(self, what: str = "start") -> Iterator[LocalStack]:
+        """For a fixture: runs `local-stack.sh WHAT` (start, start-redis), yields the stack and
+        shuts it down; a stack that cannot start fails the test with the script's story, never
+        skips it (CI must run these tests)."""
+        try:
+            error = None
+            try:
+                self.start() if what == "start" else self.run(what)
+            except StackError as exc:
+                error = str(exc)
+            if error is not None:  # outside the except block: no chained traceback
+                import pytest
+
+                pytest.fail(f"could not {what} the local stack ({self.state_dir}): {error}", pytrace=False)
+            yield self
+        finally:
+            self.shutdown()
 
     def shutdown(self) -> None:
         """`stop`, and if that fails or leaves a process behind, kill it; raises StackError in that case."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -51,16 +50,6 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (centre - half, centre + half)
 
 
-def _ready_model(worker: Worker) -> str | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{worker.web_port}/ready", timeout=2) as resp:
-            import json
-
-            return json.loads(resp.read()).get("model")
-    except (OSError, ValueError):
-        return None
-
-
 class Round:
     """One round's posts: produced with fresh ids, labelled, and the routed share of the
     truly mismatched ones."""
@@ -77,7 +66,7 @@ class Round:
                 "labels",
                 lambda records: len({r["post_id"] for r in records}) >= want,
                 300,
-                lambda r: r["post_id"].startswith(prefix),
+                lambda r: str(r.get("post_id", "")).startswith(prefix),
             )
         )
         self.routed = {r["post_id"] for r in self.labels if r["route"] == "review"}
@@ -198,10 +187,7 @@ def test_two_rounds_of_review_and_retraining_do_not_erode_routing_of_mismatched_
             assert now is not None
             if promotion["promoted"]:
                 assert now == candidate != serving
-                deadline = time.monotonic() + 120
-                while time.monotonic() < deadline and _ready_model(worker) != now:
-                    time.sleep(0.5)
-                assert _ready_model(worker) == now, worker.log_tail()
+                worker.wait_model(now)
             else:
                 # Refused: the card says which check and why; the serving model stays.
                 assert now == serving and promotion["why"].startswith("Refused: "), promotion["why"]

@@ -12,11 +12,8 @@ tests/unit/test_retrain.py. This test is about the plumbing: nothing lost, nothi
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -46,7 +43,7 @@ def _labels(stack: LocalStack, prefix: str, want: int, timeout: float = 180) -> 
     def done(records: list[dict]) -> bool:
         return len({r["post_id"] for r in records}) >= want
 
-    keep = lambda r: r["post_id"].startswith(prefix)  # noqa: E731
+    keep = lambda r: str(r.get("post_id", "")).startswith(prefix)  # noqa: E731
     return asyncio.run(collect(stack.bootstrap, "labels", done, timeout, keep, **stack.client_options()))
 
 
@@ -96,8 +93,9 @@ def run_review_loop(
     import redis
 
     run = uuid.uuid4().hex[:6]
-    redis_url = f"redis://127.0.0.1:{stack.redis_port}/{REDIS_DB}"
-    redis.Redis(port=stack.redis_port, db=REDIS_DB).flushdb()
+    # A secured stack's roles each use their own Redis user on db 0 (an ACL user may not SELECT).
+    redis_url = stack.redis_url_for("admin") if stack.secure else f"redis://127.0.0.1:{stack.redis_port}/{REDIS_DB}"
+    redis.Redis.from_url(redis_url).flushdb()
     # The roles' ACLs name the real topic; the shared plain stack gives each run its own.
     decisions_topic = "reviewed" if stack.secure else f"reviewed-loop-{run}"
     admin = stack.client_options()
@@ -112,7 +110,7 @@ def run_review_loop(
     worker = Worker(stack, registry.root, logs, app_id=f"modstream-worker-loop-{run}")
     review_sink = SinkProcess(
         "review-sink",
-        ["--bootstrap", stack.bootstrap, "--redis", redis_url, "--group", f"modstream-review-sink-loop-{run}"],
+        ["--bootstrap", stack.bootstrap, *stack.redis_flags(redis_url), "--group", f"modstream-review-sink-loop-{run}"],
         logs, "review-sink", env=stack.role_env("review-sink"),
     )  # fmt: skip
     dataset_sink = SinkProcess(
@@ -127,7 +125,7 @@ def run_review_loop(
         review_sink.start()
         dataset_sink.start()
         console = Console(
-            ["--bootstrap", stack.bootstrap, "--redis", redis_url, "--topic", decisions_topic,
+            ["--bootstrap", stack.bootstrap, *stack.redis_flags(redis_url), "--topic", decisions_topic,
              "--evidence", str(logs / "evidence")],
             logs / "console.log", logs / "users.json", env=stack.role_env("console"),
         )  # fmt: skip
@@ -179,10 +177,7 @@ def run_review_loop(
         assert card.training["parent_version"] == first
         assert card.training["reviewed"]["n_used"] + card.training["reviewed"]["holdout_n"] == len(routed)
 
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and _ready_model(worker) != second:
-            time.sleep(0.5)
-        assert _ready_model(worker) == second, worker.log_tail()
+        worker.wait_model(second)
         time.sleep(2)  # a few more posts after the switch
         sent = trickle.stop()
         assert sent, "the trickle produced nothing"
@@ -250,11 +245,3 @@ class Trickle:
         self._thread.join(timeout=60)
         assert not self._thread.is_alive()
         return self.sent
-
-
-def _ready_model(worker: Worker) -> str | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{worker.web_port}/ready", timeout=2) as resp:
-            return json.loads(resp.read()).get("model")
-    except (OSError, ValueError):
-        return None

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from modstream.records import ReviewItem
 from review.queue import NotClaimed, QueueError, ReviewQueue
 from stream.redis_store import RedisStore
-from tests.integration.stack import LocalStack, StackError
+from tests.integration.stack import LocalStack
 
 pytestmark = pytest.mark.asyncio
 
@@ -75,18 +75,8 @@ class Env:
 @pytest.fixture(scope="module")
 def redis_only(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     """A redis-server of this module's own (deploy/local-stack.sh start-redis), no Kafka."""
-    local = LocalStack.with_free_ports(tmp_path_factory.mktemp("redis-only"))
-    try:
-        error = None
-        try:
-            local.start_redis()
-        except StackError as exc:
-            error = str(exc)
-        if error is not None:
-            pytest.fail(f"could not start redis-server: {error}", pytrace=False)
+    with LocalStack.with_free_ports(tmp_path_factory.mktemp("redis-only")).started("start-redis") as local:
         yield local
-    finally:
-        local.shutdown()
 
 
 @pytest_asyncio.fixture

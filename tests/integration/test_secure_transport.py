@@ -1,11 +1,15 @@
-"""Authenticated transport on a real secured broker (deploy/local-stack.sh with
-MODSTREAM_STACK_SECURE=1: SASL_SSL only, SCRAM-SHA-512, StandardAuthorizer, an ACL per role).
+"""Authenticated transport on a real secured stack (deploy/local-stack.sh with
+MODSTREAM_STACK_SECURE=1: Kafka SASL_SSL only, SCRAM-SHA-512, StandardAuthorizer, an ACL per
+role; redis-server with an ACL user per role, modstream/redis_acls.py).
 
 - a client without credentials, with a wrong password, or that does not trust the stack's CA
   cannot connect: the broker (or TLS) refuses, and the test shows the error;
 - each role's principal can write exactly the topics modstream/kafka_acls.py grants it (the
   worker cannot forge a decision on `reviewed`), and read only its own;
 - the whole review loop of test_review_loop.py passes with every process as its own principal;
+- Redis refuses a client without credentials; the review sink's user cannot acknowledge,
+  delete or trim, the worker's cannot touch the queue, the console's cannot delete from the
+  review stream;
 - no password appears in the process table or in any log while the roles run.
 """
 
@@ -22,7 +26,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, TopicAuthorizationFailedError
 
 from modstream.kafka_acls import ROLES, TOPIC, WRITE, allowed, plan
-from tests.integration.stack import TOPICS, LocalStack, StackError
+from tests.integration.stack import TOPICS, LocalStack
 from tests.integration.test_review_loop import run_review_loop
 
 ROLE_NAMES = tuple(ROLES)
@@ -30,18 +34,8 @@ ROLE_NAMES = tuple(ROLES)
 
 @pytest.fixture(scope="module")
 def secure_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    local = LocalStack.with_free_ports(tmp_path_factory.mktemp("secure-stack"), secure=True)
-    try:
-        error = None
-        try:
-            local.start()
-        except StackError as exc:
-            error = str(exc)
-        if error is not None:
-            pytest.fail(f"could not start the secured stack: {error}", pytrace=False)
+    with LocalStack.with_free_ports(tmp_path_factory.mktemp("secure-stack"), secure=True).started() as local:
         yield local
-    finally:
-        local.shutdown()
 
 
 def _passwords(stack: LocalStack) -> dict[str, str]:
@@ -154,3 +148,57 @@ def test_the_review_loop_runs_with_every_role_as_its_own_principal_and_no_secret
         text = path.read_text(errors="replace")
         leaked = [role for role, password in secrets.items() if password in text]
         assert not leaked, f"{path} holds the password of {leaked}"
+
+
+def test_redis_users_can_do_only_what_their_role_needs(secure_stack: LocalStack) -> None:
+    import redis
+    from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
+
+    with pytest.raises((AuthenticationError, ResponseError), match=r"(?i)auth"):
+        redis.Redis(port=secure_stack.redis_port).ping()
+    with pytest.raises(AuthenticationError):
+        redis.Redis(port=secure_stack.redis_port, username="review-sink", password="not the password").ping()
+
+    operator = redis.Redis.from_url(secure_stack.redis_url_for("admin"))
+    operator.flushdb()  # the loop test's queue and group, if it ran first
+    entry = operator.xadd("modstream:review", {"post_id": "acl-probe"})
+    operator.xadd("modstream:review:dead", {"post_id": "acl-probe"})
+    operator.xgroup_create("modstream:review", "reviewers", id="0", mkstream=True)
+
+    sink = redis.Redis.from_url(secure_stack.redis_url_for("review-sink"))
+    sink.xadd("modstream:review", {"post_id": "acl-probe-2"})  # its job
+    for forbidden in (
+        lambda: sink.xack("modstream:review", "reviewers", entry),
+        lambda: sink.xdel("modstream:review", entry),
+        lambda: sink.xtrim("modstream:review", maxlen=0),
+        lambda: sink.delete("modstream:review"),
+        lambda: sink.xreadgroup("reviewers", "sink", {"modstream:review": ">"}),
+    ):
+        with pytest.raises(NoPermissionError):
+            forbidden()
+
+    worker = redis.Redis.from_url(secure_stack.redis_url_for("worker"))
+    worker.set("modstream:dedupe:probe", "1", ex=60)
+    assert worker.mget(["modstream:dedupe:probe"]) == [b"1"]
+    for forbidden in (
+        lambda: worker.xadd("modstream:review", {"post_id": "forged"}),
+        lambda: worker.xrange("modstream:review"),
+        lambda: worker.set("modstream:review:decided:x", "1"),
+    ):
+        with pytest.raises(NoPermissionError):
+            forbidden()
+
+    console = redis.Redis.from_url(secure_stack.redis_url_for("console"))
+    claimed = console.xreadgroup("reviewers", "alice", {"modstream:review": ">"}, count=1)
+    assert claimed and console.xack("modstream:review", "reviewers", claimed[0][1][0][0]) == 1
+    assert console.xdel("modstream:review:dead", operator.xrange("modstream:review:dead")[0][0]) == 1
+    for forbidden in (
+        lambda: console.xdel("modstream:review", entry),
+        lambda: console.xtrim("modstream:review", maxlen=0),
+        lambda: console.delete("modstream:review"),
+        lambda: console.xgroup_destroy("modstream:review", "reviewers"),
+    ):
+        with pytest.raises(NoPermissionError):
+            forbidden()
+    assert operator.xlen("modstream:review") == 2, "nothing the roles tried deleted an item"
+    operator.delete("modstream:review", "modstream:review:dead", "modstream:dedupe:probe")

@@ -64,7 +64,7 @@ class Worker:
         cmd = [
             # As in a worker image without trainer/: importing it fails (tests/integration/no_trainer.py).
             sys.executable, str(REPO_ROOT / "tests" / "integration" / "no_trainer.py"), "worker",
-            "--bootstrap", self.stack.bootstrap, "--redis", self.stack.redis_url,
+            "--bootstrap", self.stack.bootstrap, *self.stack.redis_flags(self.stack.redis_url),
             "--registry", str(self.registry), "--app-id", self.app_id, "--web-port", str(self.web_port),
             "--max-batch", str(self.max_batch), "--max-wait", "0.05", "--device", "cpu",
             "--allow-loopback-media", "--evidence", str(self.evidence or self.log_dir / "evidence"),
@@ -91,6 +91,21 @@ class Worker:
                 pass
             time.sleep(0.5)
         raise TimeoutError(f"worker not ready after {timeout} s:\n{self.log_tail()}")
+
+    def ready_model(self) -> str | None:
+        """The model version /ready reports, or None while it does not answer."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}/ready", timeout=2) as resp:
+                return json.loads(resp.read()).get("model")
+        except (OSError, ValueError):
+            return None
+
+    def wait_model(self, version: str, timeout: float = 120.0) -> None:
+        """Until the worker serves `version` (after a promotion); fails with its log otherwise."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.ready_model() != version:
+            time.sleep(0.5)
+        assert self.ready_model() == version, self.log_tail()
 
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}/metrics", timeout=5) as resp:

@@ -85,3 +85,32 @@ def test_a_deployment_can_rename_topics():
     bindings = plan(topics={"reviewed": "prod.reviewed"})
     assert allowed(bindings, "console", TOPIC, "prod.reviewed", WRITE)
     assert not allowed(bindings, "console", TOPIC, "reviewed", WRITE)
+
+
+def test_the_redis_acl_file_holds_password_hashes_and_one_rule_per_role(tmp_path):
+    import hashlib
+
+    from modstream.redis_acls import aclfile_lines, credentials_from_url
+
+    lines = aclfile_lines({"worker": "w-secret", "review-sink": "s-secret"}, "operator-secret")
+    text = "\n".join(lines)
+    assert "secret" not in text, "only hashes in the file"
+    assert lines[0].startswith("user default on #" + hashlib.sha256(b"operator-secret").hexdigest())
+    worker = next(line for line in lines if line.startswith("user worker "))
+    assert "~modstream:dedupe:*" in worker and "+xadd" not in worker and "~modstream:review" not in worker
+    sink = next(line for line in lines if line.startswith("user review-sink "))
+    assert "+xack" not in sink and "+xdel" not in sink and "+xtrim" not in sink and "+del" not in sink
+    with pytest.raises(ValueError, match="no Redis ACL rule"):
+        aclfile_lines({"mallory": "x"}, "operator")
+    assert credentials_from_url("redis://review-sink:p%40ss@127.0.0.1:1/0") == ("review-sink", "p%40ss")
+    with pytest.raises(ValueError, match="no password"):
+        credentials_from_url("redis://127.0.0.1:1/0")
+
+
+def test_the_console_deletes_only_from_the_escalation_and_dead_streams():
+    from modstream.redis_acls import REVIEW, RULES
+
+    selectors = [part.strip("( ") for part in RULES["console"].split(")") if "+xdel" in part]
+    assert len(selectors) == 1
+    keys = {token for token in selectors[0].split() if token.startswith("~")}
+    assert keys == {f"~{REVIEW}:dead", f"~{REVIEW}:escalated"}
