@@ -42,7 +42,8 @@ from tests.integration.stack import LocalStack, free_loopback_ports  # noqa: E40
 STREAM = "modstream:review"
 
 
-def review_items(run: str, n: int) -> list[ReviewItem]:
+def review_items(prefix: str, n: int) -> list[ReviewItem]:
+    """`n` review items like the worker's (about 1 KiB), post ids `<prefix>-<i>`."""
     label = {
         "v": 1,
         "post_id": "",
@@ -59,7 +60,7 @@ def review_items(run: str, n: int) -> list[ReviewItem]:
     }
     items = []
     for i in range(n):
-        post_id = f"bench-{run}-{i:07d}"
+        post_id = f"{prefix}-{i:07d}"
         items.append(
             ReviewItem(
                 post_id,
@@ -100,7 +101,7 @@ def time_sink(bootstrap: str, redis_port: int, db: int, run: str, n: int, max_re
     import redis
 
     topic = f"bench-review-{run}-{max_records}"
-    items = review_items(f"{run}-{max_records}", n)
+    items = review_items(f"bench-{run}-{max_records}", n)
     asyncio.run(produce(bootstrap, topic, items))
     client = redis.Redis(port=redis_port, db=db)
     before = client.xlen(STREAM)
@@ -132,7 +133,7 @@ def time_sink(bootstrap: str, redis_port: int, db: int, run: str, n: int, max_re
 
 async def direct_floor(redis_port: int, db: int, run: str, n: int, batch: int = 500) -> dict:
     store = RedisStore(f"redis://127.0.0.1:{redis_port}/{db}")
-    items = review_items(f"{run}-direct", n)
+    items = review_items(f"bench-{run}-direct", n)
     started = time.perf_counter()
     try:
         for i in range(0, n, batch):
@@ -188,7 +189,7 @@ def main() -> None:
         "benchmark": "review_sink_throughput",
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "item_bytes": len(encode(review_items(run, 1)[0])),
+        "item_bytes": len(encode(review_items(f"bench-{run}", 1)[0])),
         "sink": rows,
         "redis_script_only": floor,
     }

@@ -156,12 +156,13 @@ async def group_lag(bootstrap: str, group: str, topic: str) -> int:
         await consumer.stop()
 
 
-async def commit_to_end(bootstrap: str, group: str, topic: str) -> None:
+async def commit_to_end(bootstrap: str, group: str, topic: str, **options: Any) -> None:
     """Start a new consumer group at the end of `topic` (what earlier tests left there is
-    none of its business), by committing the end offsets before its first member joins."""
+    none of its business), by committing the end offsets before its first member joins.
+    `options`: a secured stack's client options."""
     from aiokafka import AIOKafkaConsumer
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False, **options)
     await consumer.start()
     try:
         partitions = await _partitions(consumer, topic)
