@@ -27,7 +27,7 @@
 #   MODSTREAM_STACK_SECURE 0             1: Kafka speaks only SASL_SSL (SCRAM-SHA-512 over TLS) with an ACL per
 #                                        role (modstream/kafka_acls.py); the CA, the broker's certificate and
 #                                        one credentials folder per role (admin, worker, review-sink,
-#                                        dataset-sink, console, retrain) are made at the first start under
+#                                        dataset-sink, console, retrain, retention, lag-exporter) are made at the first start under
 #                                        $MODSTREAM_STACK_DIR/{tls,credentials}; a role runs with
 #                                        MODSTREAM_SECRETS_DIR=<credentials>/<role> (docs/operations.md)
 #   MODSTREAM_STACK_START_TIMEOUT  90    seconds to wait for readiness
@@ -68,7 +68,7 @@ SECURE=${MODSTREAM_STACK_SECURE:-0}
 TLS_DIR="$STATE_DIR/tls"
 CREDENTIALS_DIR="$STATE_DIR/credentials"
 # admin is the super user the stack's own tooling runs as (topics, ACLs); the others are the roles.
-KAFKA_PRINCIPALS="admin worker review-sink dataset-sink console retrain"
+KAFKA_PRINCIPALS="admin worker review-sink dataset-sink console retrain retention lag-exporter"
 # Redis ACL users (modstream/redis_acls.py); admin is Redis's `default` user, the operator.
 REDIS_USERS="admin worker review-sink console"
 KAFKA_PID="$STATE_DIR/kafka.pid"

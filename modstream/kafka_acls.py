@@ -7,6 +7,8 @@ to a cluster through the admin API (as a super user), and `modstream kafka-acls`
     dataset-sink  reads reviewed; writes posts.dlq
     console       writes reviewed and the audit topic (decisions, user and queue changes)
     retrain       reads reviewed; writes model-updates
+    retention     writes the audit topic and tombstones on reviewed (`retention`, `purge`)
+    lag-exporter  describes every topic and consumer group (offsets and lag), reads nothing
 
 Topics are literal names (a prefix "posts" would also match "posts.dlq"); consumer groups are
 prefixes (`modstream-worker` covers `modstream-worker` and `modstream-worker-eu`), and so are a
@@ -38,6 +40,7 @@ class Grants:
     writes: tuple[str, ...] = ()
     groups: tuple[str, ...] = ()  # consumer group prefixes
     own_topics: tuple[str, ...] = ()  # topic prefixes the role may create, read and write (faust's own)
+    describe_all: bool = False  # Describe on every topic and group (the lag exporter)
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,10 @@ ROLES: dict[str, Grants] = {
     "dataset-sink": Grants(reads=("reviewed",), writes=("posts.dlq",), groups=("modstream-dataset-sink",)),
     "console": Grants(writes=("reviewed", "audit")),
     "retrain": Grants(reads=("reviewed",), writes=("model-updates",)),
+    "retention": Grants(writes=("audit", "reviewed")),
+    "lag-exporter": Grants(describe_all=True),
 }
+ANY = "*"  # Kafka's wildcard resource name (a literal pattern that matches every name)
 
 
 @dataclass
@@ -91,6 +97,9 @@ def plan(roles: Mapping[str, Grants] = ROLES, topics: Mapping[str, str] | None =
             out.add(GROUP, prefix, PREFIXED, principal, READ, DESCRIBE)
         for prefix in grants.own_topics:
             out.add(TOPIC, prefix, PREFIXED, principal, READ, WRITE, CREATE, DESCRIBE)
+        if grants.describe_all:
+            out.add(TOPIC, ANY, LITERAL, principal, DESCRIBE)
+            out.add(GROUP, ANY, LITERAL, principal, DESCRIBE)
     return out.bindings
 
 
@@ -101,7 +110,8 @@ def allowed(bindings: Iterable[Binding], role: str, resource_type: int, name: st
     for b in bindings:
         if b.principal != principal or b.resource_type != resource_type or b.operation != operation:
             continue
-        if (b.pattern == LITERAL and b.name == name) or (b.pattern == PREFIXED and name.startswith(b.name)):
+        literal = b.pattern == LITERAL and b.name in (name, ANY)
+        if literal or (b.pattern == PREFIXED and name.startswith(b.name)):
             return True
     return False
 

@@ -37,7 +37,7 @@ DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
 COMPOSE = DEPLOY / "compose" / "compose.yaml"
 KUBERNETES_VERSION = "1.33.0"  # bundled by kubernetes-validate 1.37.0 (pinned in pyproject.toml)
-NOT_CORE = {"Kustomization", "ScaledObject"}  # no schema in kubernetes-validate: checked below
+NOT_CORE = {"Kustomization", "ScaledObject", "TriggerAuthentication"}  # no schema in kubernetes-validate: below
 
 LINT_RULES = """
 extends: default
@@ -142,7 +142,7 @@ def test_scaledobject_scales_the_worker_on_its_consumer_lag():
     assert meta["consumerGroup"] == parsed.app_id  # the faust app id is the consumer group
     assert meta["topic"] == "posts"
     assert int(meta["lagThreshold"]) > 0
-    assert meta["bootstrapServers"] == by_kind("ConfigMap")["data"]["KAFKA_BOOTSTRAP"]
+    assert meta["bootstrapServers"] == by_kind("ConfigMap", "modstream-config")["data"]["KAFKA_BOOTSTRAP"]
     behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
     assert behavior["scaleDown"]["stabilizationWindowSeconds"] >= 300
 
@@ -154,7 +154,7 @@ def compose() -> dict[str, Any]:
 def test_scaledobject_is_capped_at_the_partition_count():
     """More workers than partitions of `posts` would sit idle (and hold a GPU each)."""
     cap = by_kind("ScaledObject")["spec"]["maxReplicaCount"]
-    k8s_partitions = int(by_kind("ConfigMap")["data"]["TOPIC_PARTITIONS"])
+    k8s_partitions = int(by_kind("ConfigMap", "modstream-config")["data"]["TOPIC_PARTITIONS"])
     topic_job = by_kind("Job", "modstream-topics")["spec"]["template"]["spec"]["containers"][0]
     assert "--partitions" in topic_job["args"][0] and "TOPIC_PARTITIONS" in topic_job["args"][0]
     compose_default = compose()["services"]["topic-init"]["environment"]["TOPIC_PARTITIONS"]
@@ -204,7 +204,17 @@ def test_images_have_modstream_as_entrypoint():
     assert "nvidia/cuda:" in (DEPLOY / "docker" / "Dockerfile.gpu").read_text()
 
 
-ROLES = {"worker", "review-sink", "dataset-sink", "review", "retrain", "demo", "lag-exporter", "retention"}
+ROLES = {
+    "worker",
+    "review-sink",
+    "dataset-sink",
+    "review",
+    "retrain",
+    "demo",
+    "lag-exporter",
+    "retention",
+    "kafka-acls",
+}
 
 
 @pytest.mark.parametrize(("where", "argv"), modstream_commands(), ids=[w for w, _ in modstream_commands()])
@@ -316,9 +326,48 @@ def test_no_address_or_secret_rides_on_a_command_line():
     with a password in args would sit in the process table and in `kubectl describe`."""
     for where, argv in modstream_commands():
         assert "--redis" not in argv and "--bootstrap" not in argv, where
-    config = by_kind("ConfigMap")["data"]
+    config = by_kind("ConfigMap", "modstream-config")["data"]
     assert config["MODSTREAM_KAFKA_BOOTSTRAP"]
     redis = by_kind("Secret", "modstream-redis")["stringData"]
     assert redis["MODSTREAM_REDIS_URL"].startswith("redis")
     env = compose()["x-modstream"]["environment"]
     assert {"MODSTREAM_KAFKA_BOOTSTRAP", "MODSTREAM_REDIS_URL"} <= set(env)
+
+
+def test_every_role_runs_as_its_own_principal_from_files():
+    """Each modstream pod reads its Kafka principal (and Redis user) from its own Secret mounted
+    as files (MODSTREAM_SECRETS_DIR), never from args or a shared env Secret; the brokers are
+    reached over SASL_SSL and verified against the CA; KEDA authenticates the same way."""
+    config = by_kind("ConfigMap", "modstream-config")["data"]
+    assert config["MODSTREAM_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+    assert config["MODSTREAM_KAFKA_CA_FILE"].startswith("/run/secrets/modstream/")
+    principals = set()
+    for where, doc in k8s_documents():
+        spec = doc.get("spec", {})
+        pod = spec.get("jobTemplate", {}).get("spec", spec).get("template", {}).get("spec")
+        if not pod:
+            continue
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for container in pod["containers"]:
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            assert env.get("MODSTREAM_SECRETS_DIR") == "/run/secrets/modstream", (where, container["name"])
+            mounts = {m["name"]: m for m in container.get("volumeMounts", [])}
+            assert mounts["credentials"]["mountPath"] == "/run/secrets/modstream" and mounts["credentials"]["readOnly"]
+            sources = volumes["credentials"]["projected"]["sources"]
+            secret = next(s["secret"]["name"] for s in sources if "secret" in s)
+            assert any(s.get("configMap", {}).get("name") == "modstream-kafka-ca" for s in sources)
+            role = secret.removeprefix("modstream-credentials-")
+            credentials = by_kind("Secret", secret)["stringData"]
+            assert credentials["MODSTREAM_KAFKA_USERNAME"] == role
+            principals.add(role)
+            shared = [r.get("secretRef", {}).get("name") for r in container.get("envFrom", [])]
+            # The environment wins over files: a shared Redis URL would replace the role's own.
+            if "MODSTREAM_REDIS_URL" in credentials:
+                assert "modstream-redis" not in shared, (where, container["name"])
+    from modstream.kafka_acls import ROLES
+
+    assert set(ROLES) | {"admin"} <= principals
+    trigger = by_kind("ScaledObject")["spec"]["triggers"][0]
+    auth = by_kind("TriggerAuthentication", trigger["authenticationRef"]["name"])["spec"]
+    params = {r["parameter"] for r in auth["secretTargetRef"]} | {r["parameter"] for r in auth["configMapTargetRef"]}
+    assert {"sasl", "tls", "username", "password", "ca"} <= params

@@ -78,7 +78,23 @@ def test_topics_are_literal_and_groups_prefixes():
     assert all(b.pattern == LITERAL for b in bindings if b.resource_type == TOPIC and b.name in ROLES["worker"].reads)
     assert allowed(bindings, "worker", GROUP, "modstream-worker-eu", READ)
     assert not allowed(bindings, "worker", GROUP, "modstream-dataset-sink", READ)
-    assert {b.pattern for b in bindings if b.resource_type == GROUP} == {PREFIXED}
+    assert {b.pattern for b in bindings if b.resource_type == GROUP and b.principal != "User:lag-exporter"} == {
+        PREFIXED
+    }
+
+
+def test_the_lag_exporter_describes_everything_and_reads_nothing():
+    from modstream.kafka_acls import DESCRIBE
+
+    bindings = plan()
+    assert allowed(bindings, "lag-exporter", TOPIC, "posts", DESCRIBE)
+    assert allowed(bindings, "lag-exporter", GROUP, "modstream-worker", DESCRIBE)
+    for topic in ("posts", "reviewed", "labels"):
+        assert not allowed(bindings, "lag-exporter", TOPIC, topic, READ)
+        assert not allowed(bindings, "lag-exporter", TOPIC, topic, WRITE)
+    assert allowed(bindings, "retention", TOPIC, "reviewed", WRITE)
+    assert allowed(bindings, "retention", TOPIC, "audit", WRITE)
+    assert not allowed(bindings, "retention", TOPIC, "model-updates", WRITE)
 
 
 def test_a_deployment_can_rename_topics():
