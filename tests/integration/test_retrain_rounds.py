@@ -33,7 +33,7 @@ from stream.producer import synthetic_posts
 from tests.integration.console_harness import Console, cli
 from tests.integration.sink_harness import SinkProcess
 from tests.integration.stack import LocalStack
-from tests.integration.worker_harness import Worker, collect, produce
+from tests.integration.worker_harness import Worker, collect, produce, stop_all
 from trainer.synthetic import write_synthetic
 
 REDIS_DB = 12  # this test's review stream, apart from the other tests' databases
@@ -203,10 +203,5 @@ def test_two_rounds_of_review_and_retraining_do_not_erode_routing_of_mismatched_
         # two refusals would prove only the gate's caution.
         assert any("promoted" in o for o in outcomes), "\n".join(outcomes)
     finally:
-        if console is not None:
-            console.stop()
-        for sink in (review_sink, dataset_sink):
-            sink.stop()
-        worker.stop()
-        server.stop()
+        stop_all(console, review_sink, dataset_sink, worker, server)
     print("\n".join(outcomes))

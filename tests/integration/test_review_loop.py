@@ -31,7 +31,7 @@ from stream.producer import synthetic_posts
 from tests.integration.console_harness import Console, cli
 from tests.integration.sink_harness import SinkProcess
 from tests.integration.stack import LocalStack
-from tests.integration.worker_harness import Worker, collect, produce, register_tiny_model
+from tests.integration.worker_harness import Worker, collect, produce, register_tiny_model, stop_all
 from trainer.synthetic import write_synthetic
 
 REDIS_DB = 9  # this test's review stream, apart from the other tests' databases
@@ -195,12 +195,7 @@ def run_review_loop(
         asyncio.run(produce(stack.bootstrap, "posts", [encode(p) for p in later], **admin))
         assert {r["model_version"] for r in _labels(stack, after, 30)} == {second}
     finally:
-        if console is not None:
-            console.stop()
-        for sink in (review_sink, dataset_sink):
-            sink.stop()
-        worker.stop()
-        server.stop()
+        stop_all(console, review_sink, dataset_sink, worker, server)
 
 
 class Trickle:

@@ -137,6 +137,14 @@ class Worker:
             return "(no log)"
 
 
+def stop_all(*parts: Any) -> None:
+    """Stops every started part of a test's loop (a console, sinks, a worker, a media server)
+    in the order given; parts not yet made (None) are passed over."""
+    for part in parts:
+        if part is not None:
+            part.stop()
+
+
 async def produce(
     bootstrap: str, topic: str, values: list[bytes], keys: list[bytes | None] | None = None, **options: Any
 ) -> None:
