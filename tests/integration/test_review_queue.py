@@ -368,14 +368,16 @@ async def test_a_renewal_racing_a_takeover_leaves_exactly_one_holder(env: Env) -
     one script, so a takeover cannot fall between them either; that window is too narrow to
     hit reliably from a test.)"""
     await env.enqueue(40)
-    alice_q, bob_q = env.queue(claim_timeout_s=0.05), env.queue(claim_timeout_s=0.05)
+    # A timeout far above the renewal's delays: with 50 ms, a loaded machine let it elapse again
+    # between alice's renewal and bob's claim, so bob took the item fairly and the test failed.
+    alice_q, bob_q = env.queue(claim_timeout_s=0.3), env.queue(claim_timeout_s=0.3)
     await alice_q.ensure_group()
     outcomes: Counter[str] = Counter()
     for _ in range(40):
         held = await alice_q.claim("alice")
         if held is None:
             break
-        await asyncio.sleep(0.06)  # idle past the timeout: open to a takeover
+        await asyncio.sleep(0.31)  # idle past the timeout: open to a takeover
 
         async def renew_after(delay: float, entry_id: str = held.entry_id) -> bool:
             await asyncio.sleep(delay)
