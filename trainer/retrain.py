@@ -318,9 +318,8 @@ def _lift_comparison(holdout: str, cur: dict[str, Any], cand: dict[str, Any]) ->
     """The routing check: its evidence is the fewer wrong decisions of the two models (a lift
     from a handful of errors is noise)."""
     cur_routing, cand_routing = cur.get("routing") or {}, cand.get("routing") or {}
+    # No routing for the current model (its routing is None): n = 0, nothing to erode.
     n = int(min(cur_routing.get("n_errors", 0), cand_routing.get("n_errors", 0)))
-    if cur.get(ROUTED) is None:  # nothing routed the current model's posts: nothing to erode
-        n = 0
     drop_ci = None
     if cur.get(ROUTED) is not None and cand.get(ROUTED) is not None:
         drop_ci = _finite_interval(lift_drop_interval(cur[ROUTED], cand[ROUTED]))

@@ -189,10 +189,11 @@ def fit_itm_weight(
 
 
 def catch_stats(reviewed: np.ndarray, errors: np.ndarray) -> dict[str, float]:
-    """Error recall (share of errors reviewed), review precision (error rate among reviewed
-    posts), the reviewed share and lift = recall / reviewed share (= precision / base rate)."""
+    """Error recall (share of errors reviewed), review precision (errors per reviewed post),
+    the reviewed share and lift = recall / reviewed share (= precision / base rate). `errors`
+    per post: whether it is wrong, or how many of its task decisions are (pooled over tasks)."""
     n, n_err, n_rev = len(errors), int(errors.sum()), int(reviewed.sum())
-    caught = int((reviewed & errors).sum())
+    caught = int(errors[reviewed].sum())
     share = n_rev / n if n else math.nan
     recall = caught / n_err if n_err else math.nan
     return {

@@ -29,6 +29,7 @@ import numpy.typing as npt
 from models.card import ModelCard
 from models.routing.policy import PolicyInputs, RoutingPolicySpec, itm_only, review_cut
 from trainer.calibration import DEFAULT_REVIEW_FRACTION
+from trainer.routing_fit import catch_stats
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -74,24 +75,14 @@ class RoutedHoldout:
     def take(self, idx: npt.NDArray[np.int64]) -> RoutedHoldout:
         return RoutedHoldout(self.scores[idx], self.wrong[idx], self.labelled[idx], self.budget)
 
-    @property
-    def n_errors(self) -> int:
-        return int(self.wrong[self.labelled].sum())
-
 
 def lift_at_budget(routed: RoutedHoldout) -> dict[str, float]:
     """{"lift", "recall", "reviewed_share", "n", "n_errors"} over the labelled posts; lift and
     recall are NaN without an error or without a post the policy can review."""
     scores, wrong = routed.scores[routed.labelled], routed.wrong[routed.labelled]
-    n, n_errors = int(scores.size), float(wrong.sum())
-    nan = math.nan
-    if n == 0:
-        return {"lift": nan, "recall": nan, "reviewed_share": nan, "n": 0.0, "n_errors": 0.0}
     reviewed = np.isfinite(scores) & (scores >= review_cut(scores, routed.budget))
-    share = float(reviewed.mean())
-    recall = float(wrong[reviewed].sum()) / n_errors if n_errors else nan
-    lift = recall / share if n_errors and share > 0 else nan
-    return {"lift": lift, "recall": recall, "reviewed_share": share, "n": float(n), "n_errors": n_errors}
+    stats = catch_stats(reviewed, wrong)
+    return {k: stats[k] for k in ("lift", "recall", "reviewed_share", "n", "n_errors")}
 
 
 def lift_interval(routed: RoutedHoldout, n_boot: int = 500, seed: int = 0) -> list[float]:
