@@ -25,6 +25,7 @@ import pytest
 
 from modstream.records import ReviewDecision, ReviewItem
 from stream.media_server import BackgroundMediaServer
+from tests.integration.console_harness import json_api
 from tests.integration.stack import REPO_ROOT, LocalStack, free_loopback_ports
 
 T = TypeVar("T")
@@ -289,16 +290,7 @@ class Console:
         return post_id
 
     def api(self, method: str, path: str, body: Any = None, token: str | None = None) -> tuple[int, Any]:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method=method)
-        req.add_header("Authorization", f"Bearer {token or self.token}")
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(req, timeout=20) as resp:
-                return resp.status, json.loads(resp.read() or b"null")
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read() or b"null")
+        return json_api(self.port, token or self.token, method, path, body, timeout=20)
 
 
 def _flush_db(redis_url: str) -> None:

@@ -18,6 +18,20 @@ from tests.integration.stack import REPO_ROOT, free_loopback_ports
 PASSWORD = "loop test password 42"
 
 
+def json_api(port: int, token: str, method: str, path: str, body: Any = None, timeout: float = 30) -> tuple[int, Any]:
+    """One call of the console's JSON API on loopback with a bearer token: (status, body)."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method)
+    req.add_header("Authorization", f"Bearer {token}")
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
 def cli(*args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> str:
     """`modstream ARGS` as a user runs it; `env` adds to the environment (a role's credentials)."""
     done = subprocess.run(
@@ -54,15 +68,7 @@ class Console:
         raise TimeoutError("the console did not start")
 
     def api(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method=method)
-        req.add_header("Authorization", f"Bearer {self.token}")
-        req.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(req, timeout=30) as resp:
-                return resp.status, json.loads(resp.read() or b"null")
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read() or b"null")
+        return json_api(self.port, self.token, method, path, body)
 
     def stop(self) -> None:
         self.process.terminate()

@@ -131,14 +131,10 @@ class LocalStack:
         if not self.secure:
             return {}
         from modstream.kafka_auth import KafkaAuth
+        from modstream.settings import Settings
 
-        folder = self.credentials(role)
-        return KafkaAuth(
-            "SASL_SSL",
-            username=(folder / "MODSTREAM_KAFKA_USERNAME").read_text(),
-            password=(folder / "MODSTREAM_KAFKA_PASSWORD").read_text(),
-            ca_file=(folder / "MODSTREAM_KAFKA_CA_FILE").read_text(),
-        ).client_options()
+        # As a role process reads its folder (MODSTREAM_SECRETS_DIR), through the settings.
+        return KafkaAuth.from_settings(Settings(_secrets_dir=str(self.credentials(role)))).client_options()
 
     def run(self, command: str, timeout: float = START_TIMEOUT_S) -> str:
         """Runs `local-stack.sh COMMAND` with this stack's settings; raises StackError with the logs on failure."""

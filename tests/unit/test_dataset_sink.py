@@ -308,6 +308,8 @@ async def test_a_disk_failure_raises_so_the_batch_is_retried(tmp_path: Path, mon
         ({"decisions": {}}, "decisions"),
         ({"decisions": {"hate": {"action": "confirm"}}}, "label"),
         ({"decisions": {"hate": {"action": "approve", "label": "x"}}}, "action"),
+        ({"recorded_by": {"principal": "console"}}, "recorded_by"),
+        ({"recorded_by": "console" * 2000}, "recorded_by"),
     ],
 )
 def test_malformed_decisions_name_the_field(patch: dict, field: str) -> None:
