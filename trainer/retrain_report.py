@@ -56,7 +56,11 @@ def write_plot(decision: GateDecision, current: str, candidate: str, path: Path)
 
     holdouts = list(dict.fromkeys(c.holdout for c in decision.checks)) or ["(none)"]
     fig, axes = plt.subplots(
-        2, len(holdouts), figsize=(4.8 * len(holdouts), 7), squeeze=False, gridspec_kw={"height_ratios": [3, 2]}
+        2,
+        len(holdouts),
+        figsize=(max(6.0, 4.8 * len(holdouts)), 7.4),
+        squeeze=False,
+        gridspec_kw={"height_ratios": [3, 2]},
     )
     for col, holdout in enumerate(holdouts):
         checks = [c for c in decision.checks if c.holdout == holdout]
@@ -75,7 +79,7 @@ def write_plot(decision: GateDecision, current: str, candidate: str, path: Path)
                 ax.set_ylabel("routing lift at budget")
     axes[0][0].legend(loc="upper left", ncol=2, fontsize="small")
     verdict = "promoted" if decision.promoted else "refused"
-    fig.suptitle(f"{candidate} vs {current}: {verdict} (dashed: current - margin; CI: the drop's 95% interval)")
+    fig.suptitle(f"{candidate} vs {current}: {verdict}\n(dashed: current - margin; CI: the drop's 95% interval)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -94,6 +98,10 @@ def _bars(ax: Any, checks: list[Check], current: str, candidate: str) -> None:
             ax.hlines(c.current - c.margin, x - 0.4, x + 0.4, colors="#c03030", linestyles="dashed", linewidth=1)
     labels = [f"{check_name(c)}\n{c.verdict}\nn={c.n}" + (f"\nCI {_interval(c)}" if c.drop_ci else "") for c in checks]
     ax.set_xticks(list(xs), labels, fontsize="small")
+    for tick, c in zip(ax.get_xticklabels(), checks, strict=True):
+        if c.verdict == "fail":  # the check that refused stands out
+            tick.set_color("#c03030")
+            tick.set_fontweight("bold")
     if not checks:
         ax.text(0.5, 0.5, "no routing to judge", ha="center", va="center", transform=ax.transAxes)
 
