@@ -25,7 +25,8 @@
 #                          python3); without one (or with MODSTREAM_PYTHON=none), Kafka's own TopicCommand is
 #                          used (slower: one JVM per call)
 #   MODSTREAM_STACK_SECURE 0             1: Kafka speaks only SASL_SSL (SCRAM-SHA-512 over TLS) with an ACL per
-#                                        role (modstream/kafka_acls.py); the CA, the broker's certificate and
+#                                        role (modstream/kafka_acls.py), Redis only TLS with an ACL user per
+#                                        role (modstream/redis_acls.py); the CA, the servers' certificates and
 #                                        one credentials folder per role (admin, worker, review-sink,
 #                                        dataset-sink, console, retrain, retention, lag-exporter) are made at the first start under
 #                                        $MODSTREAM_STACK_DIR/{tls,credentials}; a role runs with
@@ -67,10 +68,13 @@ REDIS_DIR="$STATE_DIR/redis"
 SECURE=${MODSTREAM_STACK_SECURE:-0}
 TLS_DIR="$STATE_DIR/tls"
 CREDENTIALS_DIR="$STATE_DIR/credentials"
-# admin is the super user the stack's own tooling runs as (topics, ACLs); the others are the roles.
-KAFKA_PRINCIPALS="admin worker review-sink dataset-sink console retrain retention lag-exporter"
-# Redis ACL users (modstream/redis_acls.py); admin is Redis's `default` user, the operator.
-REDIS_USERS="admin worker review-sink console"
+# The secured variant's certificates, credentials folders and Redis ACL file (shared with compose).
+# This stack's principals, names and paths are its own, whatever the caller's environment says.
+unset KAFKA_PRINCIPALS REDIS_USERS ROLE_CA_FILE
+SERVER_SANS="IP:127.0.0.1,DNS:localhost"
+REDIS_HOST=$HOST
+# shellcheck source=deploy/credentials.sh
+source "$SCRIPT_DIR/credentials.sh"
 KAFKA_PID="$STATE_DIR/kafka.pid"
 REDIS_PID="$STATE_DIR/redis.pid"
 KAFKA_LOG="$STATE_DIR/kafka.log"
@@ -105,15 +109,24 @@ port_open() {
   timeout 3 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1"' _ "$1" 2>/dev/null
 }
 
-# True when a Redis server answers PING on 127.0.0.1:$1 (no redis-cli needed).
+# True when a Redis server answers PING on 127.0.0.1:$1 (plaintext: no redis-cli needed; the
+# secured variant speaks only TLS, which needs redis-cli from redis-tools).
 redis_ping() {
   local reply
-  # shellcheck disable=SC2016  # $1 and $line are expanded by the inner bash
-  reply=$(timeout 3 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1" && printf "PING\r\n" >&3 && IFS= read -r line <&3 &&
-    printf "%s" "$line"' _ "$1" 2>/dev/null) || return 1
+  if [[ $SECURE == 1 ]]; then
+    command -v redis-cli >/dev/null 2>&1 || die "redis-cli not found (Debian: apt-get install -y redis-tools)"
+    [[ -s $TLS_DIR/ca.pem ]] || return 1
+    reply=$(timeout 3 redis-cli --tls --cacert "$TLS_DIR/ca.pem" -h "$HOST" -p "$1" PING 2>/dev/null) || return 1
+  else
+    # shellcheck disable=SC2016  # $1 and $line are expanded by the inner bash
+    reply=$(timeout 3 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1" && printf "PING\r\n" >&3 && IFS= read -r line <&3 &&
+      printf "%s" "$line"' _ "$1" 2>/dev/null) || return 1
+  fi
   # A secured Redis answers an unauthenticated PING with NOAUTH: it is up.
-  [[ $reply == "+PONG"* || $reply == "-NOAUTH"* ]]
+  [[ $reply == "+PONG"* || $reply == "PONG"* || $reply == "-NOAUTH"* || $reply == "NOAUTH"* ]]
 }
+
+redis_scheme() { if [[ $SECURE == 1 ]]; then printf rediss; else printf redis; fi; }
 
 # True when pid $1 is a live (not zombie) process whose command line contains every further argument.
 proc_matches() {
@@ -299,9 +312,7 @@ inter.broker.listener.name=PLAINTEXT
 EOF
     return 0
   fi
-  # Clients (and the broker to itself) speak SCRAM over TLS; the KRaft controller listener takes only
-  # the broker's own certificate (mutual TLS: SCRAM cannot authenticate controllers). No ACL, no access.
-  cat <<EOF
+  secure_listener_properties "$HOST" "$HOST" "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT"
 listeners=SASL_SSL://$HOST:$KAFKA_PORT,CONTROLLER://$HOST:$KAFKA_CONTROLLER_PORT
 advertised.listeners=SASL_SSL://$HOST:$KAFKA_PORT
 listener.security.protocol.map=SASL_SSL:SASL_SSL,CONTROLLER:SSL
@@ -320,78 +331,6 @@ allow.everyone.if.no.acl.found=false
 EOF
 }
 
-# The CA and the broker's certificate (for 127.0.0.1 and localhost), made once with openssl.
-make_tls() {
-  [[ -s $TLS_DIR/ca.pem && -s $TLS_DIR/broker-keystore.pem ]] && return 0
-  command -v openssl >/dev/null 2>&1 || die "openssl not found (Debian: apt-get install -y openssl)"
-  log "making a local CA and the broker's TLS certificate in $TLS_DIR"
-  (
-    umask 077
-    mkdir -p "$TLS_DIR"
-    cd "$TLS_DIR"
-    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 825 \
-      -subj "/CN=modstream local CA" >/dev/null 2>&1
-    openssl req -newkey rsa:2048 -nodes -keyout broker.key -out broker.csr -subj "/CN=modstream-broker" >/dev/null 2>&1
-    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >broker.ext
-    openssl x509 -req -in broker.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out broker.crt -days 825 \
-      -extfile broker.ext >/dev/null 2>&1
-    cat broker.key broker.crt >broker-keystore.pem # Kafka's PEM keystore: the key, then its certificate
-    chmod 644 ca.pem                                # clients read the CA; the keys stay private
-    rm -f broker.csr broker.ext
-  ) || die "openssl could not make the certificates in $TLS_DIR"
-}
-
-# One folder per principal, readable as a MODSTREAM_SECRETS_DIR: its name, a random password, the
-# protocol and the CA. Made once; the broker learns the passwords when its storage is formatted.
-make_credentials() {
-  local who dir
-  for who in $KAFKA_PRINCIPALS; do
-    dir="$CREDENTIALS_DIR/$who"
-    [[ -s $dir/MODSTREAM_KAFKA_PASSWORD ]] && continue
-    (
-      umask 077
-      mkdir -p "$dir"
-      printf '%s' "$who" >"$dir/MODSTREAM_KAFKA_USERNAME"
-      printf '%s' "$(head -c 24 /dev/urandom | base64 | tr -d '/+=\n')" >"$dir/MODSTREAM_KAFKA_PASSWORD"
-      printf 'SASL_SSL' >"$dir/MODSTREAM_KAFKA_SECURITY_PROTOCOL"
-      printf '%s' "$TLS_DIR/ca.pem" >"$dir/MODSTREAM_KAFKA_CA_FILE"
-    )
-  done
-}
-
-# Each Redis user's URL (its password in the URL, the URL a secret file), written on every start
-# (the port may change), and the server's ACL file (password hashes only) from them.
-make_redis_users() {
-  local who dir user password
-  for who in $REDIS_USERS; do
-    dir="$CREDENTIALS_DIR/$who"
-    (
-      umask 077
-      mkdir -p "$dir"
-      [[ -s $dir/redis.password ]] || printf '%s' "$(head -c 24 /dev/urandom | base64 | tr -d '/+=\n')" >"$dir/redis.password"
-      user=$who
-      [[ $who == admin ]] && user=default
-      password=$(<"$dir/redis.password")
-      printf 'redis://%s:%s@%s:%s/0' "$user" "$password" "$HOST" "$REDIS_PORT" >"$dir/MODSTREAM_REDIS_URL"
-    )
-  done
-  local python
-  python=$(pick_python) || die "the secured stack needs a Python with the project installed (set MODSTREAM_PYTHON)"
-  (cd "$REPO_ROOT" && PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}" \
-    "$python" -m modstream.cli redis-acls --credentials "$CREDENTIALS_DIR" --aclfile "$REDIS_DIR/users.acl") ||
-    die "could not write the Redis ACL file"
-}
-
-# StorageTool takes SCRAM users only as arguments: they are visible in the process table for the
-# second the format runs, once, when the stack is first made (the running roles never pass one).
-scram_arguments() {
-  local who
-  [[ $SECURE == 1 ]] || return 0
-  for who in $KAFKA_PRINCIPALS; do
-    printf -- '--add-scram\nSCRAM-SHA-512=[name=%s,password=%s]\n' "$who" "$(<"$CREDENTIALS_DIR/$who/MODSTREAM_KAFKA_PASSWORD")"
-  done
-}
-
 format_storage() {
   [[ -f $KAFKA_DIR/data/meta.properties ]] && return 0
   local cluster_id
@@ -408,10 +347,17 @@ format_storage() {
   fi
   log "formatting KRaft storage in $KAFKA_DIR/data (cluster id $cluster_id)"
   # (No Log4j configuration here: Log4j's default prints errors only, not the whole config dump.)
-  local -a scram=()
-  mapfile -t scram < <(scram_arguments)
-  if ! java -cp "$KAFKA_LIBS/*" kafka.tools.StorageTool format -t "$cluster_id" -c "$SERVER_PROPERTIES" "${scram[@]}" \
-    >>"$KAFKA_LOG" 2>&1; then
+  # StorageTool takes the SCRAM users only as arguments: they go in a java @argfile (mode 600,
+  # removed at once), which the launcher expands, so no password is ever in the process table.
+  local argfile="$KAFKA_DIR/format.args" rc=0
+  (
+    umask 077
+    printf '%s\n' kafka.tools.StorageTool format -t "$cluster_id" -c "$SERVER_PROPERTIES" >"$argfile"
+    [[ $SECURE == 0 ]] || scram_arguments >>"$argfile"
+  )
+  java -cp "$KAFKA_LIBS/*" @"$argfile" >>"$KAFKA_LOG" 2>&1 || rc=$?
+  rm -f "$argfile"
+  if ((rc != 0)); then
     tail_log "$KAFKA_LOG"
     die "kafka.tools.StorageTool format failed"
   fi
@@ -648,18 +594,19 @@ launch_redis() {
   fi
   ensure_redis_server
   mkdir -p "$REDIS_DIR"
-  local -a acl=()
+  local -a listen=(--port "$REDIS_PORT")
   if [[ $SECURE == 1 ]]; then
+    make_tls
     make_credentials
     make_redis_users
-    acl=(--aclfile "$REDIS_DIR/users.acl")
+    mapfile -t listen < <(redis_secure_flags "$REDIS_PORT")
   fi
   printf '\n===== %s starting redis-server on %s:%s =====\n' "$(date -u +%FT%TZ)" "$HOST" "$REDIS_PORT" >>"$REDIS_LOG"
   # Append-only file: the review stream must survive a Redis restart (outage drills restart it).
   # fsync always: the review sink commits offsets once Redis answered, which must mean on disk
   # (Debian's Redis 7.0 has no WAITAOF; `everysec` could lose the last second on a host crash).
-  redis-server --port "$REDIS_PORT" --bind "$HOST" --protected-mode yes --dir "$REDIS_DIR" \
-    --save '' --appendonly yes --appendfsync "$REDIS_APPENDFSYNC" --daemonize no --logfile '' "${acl[@]}" \
+  redis-server "${listen[@]}" --bind "$HOST" --protected-mode yes --dir "$REDIS_DIR" \
+    --save '' --appendonly yes --appendfsync "$REDIS_APPENDFSYNC" --daemonize no --logfile '' \
     </dev/null >>"$REDIS_LOG" 2>&1 &
   printf '%s\n' "$!" >"$REDIS_PID"
   log "Redis starting (pid $!), log: $REDIS_LOG"
@@ -676,7 +623,7 @@ wait_redis() {
     ((EPOCHSECONDS < deadline)) || die "Redis did not answer PING on $HOST:$REDIS_PORT within ${START_TIMEOUT}s"
     sleep 0.2
   done
-  log "Redis ready: redis://$HOST:$REDIS_PORT/0"
+  log "Redis ready: $(redis_scheme)://$HOST:$REDIS_PORT/0"
 }
 
 # ------------------------------------------------------------------------------------------------- stop
@@ -735,17 +682,17 @@ cmd_status() {
   fi
   if pid=$(redis_pid); then
     if redis_ping "$REDIS_PORT"; then
-      log "Redis: running, pid $pid, redis://$HOST:$REDIS_PORT/0"
+      log "Redis: running, pid $pid, $(redis_scheme)://$HOST:$REDIS_PORT/0"
     else
       log "Redis: pid $pid, not answering PING on $HOST:$REDIS_PORT"
     fi
   elif redis_ping "$REDIS_PORT"; then
-    log "Redis: not started by this script, but one answers on redis://$HOST:$REDIS_PORT/0"
+    log "Redis: not started by this script, but one answers on $(redis_scheme)://$HOST:$REDIS_PORT/0"
   else
     log "Redis: stopped ($HOST:$REDIS_PORT)"
   fi
   if [[ -d $CREDENTIALS_DIR ]]; then
-    log "Kafka is SASL_SSL (MODSTREAM_STACK_SECURE=1): a role runs with MODSTREAM_SECRETS_DIR=$CREDENTIALS_DIR/<role>"
+    log "Kafka is SASL_SSL and Redis TLS with ACL users (MODSTREAM_STACK_SECURE=1): a role runs with MODSTREAM_SECRETS_DIR=$CREDENTIALS_DIR/<role>"
   fi
   log "state: $STATE_DIR; jars: $KAFKA_LIBS ($(libs_complete && echo cached || echo 'not fetched'))"
 }

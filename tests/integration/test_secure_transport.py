@@ -1,13 +1,14 @@
 """Authenticated transport on a real secured stack (deploy/local-stack.sh with
 MODSTREAM_STACK_SECURE=1: Kafka SASL_SSL only, SCRAM-SHA-512, StandardAuthorizer, an ACL per
-role; redis-server with an ACL user per role, modstream/redis_acls.py).
+role; redis-server on TLS only with an ACL user per role, modstream/redis_acls.py).
 
 - a client without credentials, with a wrong password, or that does not trust the stack's CA
   cannot connect: the broker (or TLS) refuses, and the test shows the error;
 - each role's principal can write exactly the topics modstream/kafka_acls.py grants it (the
   worker cannot forge a decision on `reviewed`), and read only its own;
 - the whole review loop of test_review_loop.py passes with every process as its own principal;
-- Redis refuses a client without credentials; the review sink's user cannot acknowledge,
+- Redis refuses a plaintext client, one that does not trust the CA and one without
+  credentials; the review sink's user cannot acknowledge,
   delete or trim, the worker's cannot touch the queue, the console's cannot delete from the
   review stream;
 - no password appears in the process table or in any log while the roles run.
@@ -39,7 +40,13 @@ def secure_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStac
 
 
 def _passwords(stack: LocalStack) -> dict[str, str]:
-    return {role: (stack.credentials(role) / "MODSTREAM_KAFKA_PASSWORD").read_text() for role in ("admin", *ROLE_NAMES)}
+    """Every Kafka and Redis password of the stack, by principal."""
+    kafka = {
+        role: (stack.credentials(role) / "MODSTREAM_KAFKA_PASSWORD").read_text() for role in ("admin", *ROLE_NAMES)
+    }
+    redis_users = {p.parent.name: p.read_text() for p in stack.state_dir.glob("credentials/*/redis.password")}
+    assert len(redis_users) == 4, redis_users
+    return {**{f"kafka:{r}": pw for r, pw in kafka.items()}, **{f"redis:{r}": pw for r, pw in redis_users.items()}}
 
 
 async def _send(stack: LocalStack, topic: str, options: dict) -> None:
@@ -154,10 +161,21 @@ def test_redis_users_can_do_only_what_their_role_needs(secure_stack: LocalStack)
     import redis
     from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 
+    ca = str(secure_stack.state_dir / "tls" / "ca.pem")
+    tls = {"port": secure_stack.redis_port, "ssl": True, "ssl_ca_certs": ca}
+    # The review Redis speaks only TLS: a plaintext client (even with the right password) gets no answer.
+    plain_url = secure_stack.redis_url_for("admin").replace("rediss://", "redis://", 1).partition("?")[0]
+    plain = redis.Redis.from_url(plain_url)
+    with pytest.raises(redis.ConnectionError):
+        plain.ping()
+    # A client that does not trust the stack's CA refuses the server (the system's CAs don't sign it).
+    with pytest.raises(redis.ConnectionError, match=r"(?i)certificate"):
+        redis.Redis(port=secure_stack.redis_port, ssl=True, ssl_cert_reqs="required").ping()
     with pytest.raises((AuthenticationError, ResponseError), match=r"(?i)auth"):
-        redis.Redis(port=secure_stack.redis_port).ping()
+        redis.Redis(**tls).ping()
     with pytest.raises(AuthenticationError):
-        redis.Redis(port=secure_stack.redis_port, username="review-sink", password="not the password").ping()
+        redis.Redis(**tls, username="review-sink", password="not the password").ping()
+    assert all(secure_stack.redis_url_for(role).startswith("rediss://") for role in ("admin", "worker", "console"))
 
     operator = redis.Redis.from_url(secure_stack.redis_url_for("admin"))
     operator.flushdb()  # the loop test's queue and group, if it ran first

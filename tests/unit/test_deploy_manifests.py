@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shlex
 from pathlib import Path
 from typing import Any
@@ -186,7 +187,7 @@ def modstream_commands() -> list[tuple[str, list[str]]]:
                 if "modstream" in c["image"]:
                     out.append((f"{name}:{doc['metadata']['name']}", c["args"]))
     for service, body in compose()["services"].items():
-        if str(body.get("image", "")).startswith("modstream:"):
+        if str(body.get("image", "")).startswith("modstream:") and "entrypoint" not in body:
             out.append((f"compose:{service}", body["command"]))
     return out
 
@@ -263,7 +264,7 @@ def test_compose_spec_check_catches_a_misspelt_field():
 def test_compose_runs_every_service_the_issue_names():
     services = compose()["services"]
     assert services["kafka"]["image"].startswith("apache/kafka:4")
-    assert services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft
+    assert services["kafka"]["entrypoint"][-1].endswith("kafka-secure.sh")  # KRaft: deploy/compose/kafka-secure.sh
     assert "--appendonly" in services["redis"]["command"]
     for name in ("topic-init", "worker", "review-sink", "dataset-sink", "review-console", "retrain"):
         assert name in services
@@ -331,7 +332,49 @@ def test_no_address_or_secret_rides_on_a_command_line():
     redis = by_kind("Secret", "modstream-redis")["stringData"]
     assert redis["MODSTREAM_REDIS_URL"].startswith("redis")
     env = compose()["x-modstream"]["environment"]
-    assert {"MODSTREAM_KAFKA_BOOTSTRAP", "MODSTREAM_REDIS_URL"} <= set(env)
+    assert "MODSTREAM_KAFKA_BOOTSTRAP" in env
+    # The environment wins over files: a shared Redis URL would replace each role's own user.
+    assert "MODSTREAM_REDIS_URL" not in env and env["MODSTREAM_SECRETS_DIR"] == "/run/secrets/modstream"
+
+
+# The Kafka principal each compose role runs as (modstream/kafka_acls.py; admin: the tooling).
+COMPOSE_PRINCIPALS = {
+    "worker": "worker",
+    "lag-exporter": "lag-exporter",
+    "review-sink": "review-sink",
+    "dataset-sink": "dataset-sink",
+    "review": "console",
+    "retrain": "retrain",
+    "kafka-acls": "admin",
+}
+
+
+def test_compose_runs_every_role_as_its_own_principal_from_its_own_folder():
+    """Each modstream service that talks to Kafka or Redis mounts only its own credentials
+    folder, read-only, where its settings look (MODSTREAM_SECRETS_DIR); the broker and Redis
+    mount only theirs; nothing in the file holds a secret."""
+    services = compose()["services"]
+    seen = set()
+    for service, body in services.items():
+        mounts = [v for v in body.get("volumes", []) if isinstance(v, dict) and v.get("source") == "credentials"]
+        if service == "credentials-init":
+            continue
+        if body["image"].startswith("modstream:") and body["command"][0] in COMPOSE_PRINCIPALS:
+            (mount,) = mounts
+            principal = COMPOSE_PRINCIPALS[body["command"][0]]
+            assert mount["volume"]["subpath"] == f"roles/{principal}", service
+            assert mount["target"] == "/run/secrets/modstream" and mount["read_only"], service
+            seen.add(principal)
+        elif service in ("kafka", "topic-init", "redis"):
+            (mount,) = mounts
+            assert mount["volume"]["subpath"] == ("redis" if service == "redis" else "kafka") and mount["read_only"]
+        else:
+            assert not mounts, f"{service} needs no credentials"
+    assert seen == set(COMPOSE_PRINCIPALS.values())
+    text = COMPOSE.read_text()
+    assert "replace-me" not in text and not re.search(r"(?i)password[ \t]*[:=][ \t]*\S", text)
+    redis = services["redis"]["command"]
+    assert redis[redis.index("--port") + 1] == "0" and "--tls-port" in redis and "--aclfile" in redis
 
 
 def test_every_role_runs_as_its_own_principal_from_files():
