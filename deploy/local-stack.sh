@@ -17,7 +17,7 @@
 #   REDIS_APPENDFSYNC      always        Redis AOF fsync policy: `always` means a write Redis has
 #                                        answered is on disk, so the review sink's offset commit
 #                                        never runs ahead of what a host crash would keep
-#   TOPICS                 "posts labels review posts.dlq model-updates reviewed audit"
+#   TOPICS                 "posts labels review posts.dlq model-updates reviewed audit bank-updates"
 #   TOPIC_PARTITIONS       4             partitions of the topics above (and of auto-created ones)
 #   KAFKA_HEAP             "-Xmx512m -Xms256m"
 #   KAFKA_JVM_OPTS         extra JVM options
@@ -48,7 +48,7 @@ KAFKA_PORT=${KAFKA_PORT:-19092}
 KAFKA_CONTROLLER_PORT=${KAFKA_CONTROLLER_PORT:-19093}
 REDIS_PORT=${REDIS_PORT:-16379}
 REDIS_APPENDFSYNC=${REDIS_APPENDFSYNC:-always}
-TOPICS=${TOPICS:-posts labels review posts.dlq model-updates reviewed audit}
+TOPICS=${TOPICS:-posts labels review posts.dlq model-updates reviewed audit bank-updates}
 TOPIC_PARTITIONS=${TOPIC_PARTITIONS:-4}
 KAFKA_HEAP=${KAFKA_HEAP:--Xmx512m -Xms256m}
 KAFKA_JVM_OPTS=${KAFKA_JVM_OPTS:-}

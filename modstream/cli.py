@@ -39,6 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "review": ("review.console_cli", "the human review console and its tools"),
     "purge": ("review.retention_cli", "erase one post's text and media from Redis, the evidence store and the dataset"),
     "retention": ("review.retention_cli", "trim the review streams and expire evidence by age"),
+    "banks": ("review.banks_cli", "import, export, list and remove verdict-bank entries"),
     "train": ("trainer.commands", "train, calibrate and register a model"),
     "ablate": ("trainer.commands", "task vs +ITC vs +ITM vs +ITC+ITM over k folds x seeds"),
     "import": ("trainer.commands", "convert a dataset to a JSONL manifest"),

@@ -2,10 +2,11 @@
 its work needs (issue: authenticated transport). The table is the contract; `apply` writes it
 to a cluster through the admin API (as a super user), and `modstream kafka-acls` runs it.
 
-    worker        reads posts, model-updates; writes labels, review, posts.dlq
+    worker        reads posts, model-updates, bank-updates; writes labels, review, posts.dlq
     review-sink   reads review; writes posts.dlq (malformed items)
     dataset-sink  reads reviewed; writes posts.dlq
-    console       writes reviewed and the audit topic (decisions, user and queue changes)
+    console       writes reviewed and the audit topic (decisions, user and queue changes); reads
+                  and writes bank-updates (verdicts banked, bank curation and imports)
     retrain       reads reviewed; writes model-updates
     retention     writes the audit topic and tombstones on reviewed (`retention`, `purge`)
     lag-exporter  describes every topic and consumer group (offsets and lag), reads nothing
@@ -59,14 +60,14 @@ class Binding:
 
 ROLES: dict[str, Grants] = {
     "worker": Grants(
-        reads=("posts", "model-updates"),
+        reads=("posts", "model-updates", "bank-updates"),
         writes=("labels", "review", "posts.dlq"),
         groups=("modstream-worker",),
         own_topics=("modstream-worker",),
     ),
     "review-sink": Grants(reads=("review",), writes=("posts.dlq",), groups=("modstream-review-sink",)),
     "dataset-sink": Grants(reads=("reviewed",), writes=("posts.dlq",), groups=("modstream-dataset-sink",)),
-    "console": Grants(writes=("reviewed", "audit")),
+    "console": Grants(reads=("bank-updates",), writes=("reviewed", "audit", "bank-updates")),
     "retrain": Grants(reads=("reviewed",), writes=("model-updates",)),
     "retention": Grants(writes=("audit", "reviewed")),
     "lag-exporter": Grants(describe_all=True),

@@ -185,12 +185,16 @@ class Post:
 
 @dataclass
 class MediaInfo:
-    """status: ok, none (no image), or the fetch/decode error code."""
+    """status: ok, none (no image), or the fetch/decode error code. `pdq`: the image's PDQ
+    perceptual hash (64 hex digits, ThreatExchange's form) and `pdq_quality` (0-100; below 50
+    it never matches a bank), when the worker hashes images for the verdict banks."""
 
     status: str
     url: str | None = None
     content_hash: str | None = None
     reason: str | None = None
+    pdq: str | None = None
+    pdq_quality: int | None = None
 
 
 @dataclass
@@ -202,7 +206,7 @@ class Label:
     post_id: str
     labels: dict[str, dict[str, Any]]
     itm_match: float | None
-    route: str  # auto | review
+    route: str  # auto | review | bank_match (a person's banked verdict, not the model's: stream/banks)
     reasons: list[str]
     media: MediaInfo
     model_version: str
@@ -213,6 +217,10 @@ class Label:
     # What routed it: {"policy": name, "source": "card" | "worker", "overrides": {option: value}}
     # (models.routing.route.RoutingPolicy.provenance); None in records written before.
     routing: dict[str, Any] | None = None
+    # The verdict bank entry the image matched (stream/banks: bank, entry_id, match kind,
+    # distance, decision_id, decided_by, source, bank version), or None. With route bank_match
+    # the labels are that entry's verdicts; with a benign match the model's labels stand.
+    bank: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"v": SCHEMA_VERSION, **asdict(self)}
@@ -306,6 +314,8 @@ AUDIT_ACTIONS = (
     "token_revoked",
     "post_purged",
     "retention_applied",
+    "bank_entry_removed",
+    "bank_list_imported",
 )
 MAX_AUDIT_DETAIL = 4096  # characters of the detail's JSON: ids and counts, never post text
 

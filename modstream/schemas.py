@@ -69,7 +69,7 @@ _RULES: dict[tuple[type, str], dict[str, Any]] = {
     (Post, "author"): {"maxLength": MAX_ID, **_NON_EMPTY},
     # Post.from_json checks datetime.fromisoformat; "date-time" documents it (format is an annotation).
     (Post, "created_at"): {"maxLength": 64, "format": "date-time"},
-    (Label, "route"): {"enum": ["auto", "review"]},
+    (Label, "route"): {"enum": ["auto", "review", "bank_match"]},
     (DeadLetter, "stage"): {"enum": list(DEAD_LETTER_STAGES)},
     (TaskDecision, "action"): {"enum": list(ACTIONS)},
     (AuditEvent, "action"): {"enum": list(AUDIT_ACTIONS)},

@@ -95,6 +95,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         secure_cookies=not args.insecure_cookies,
         topic=args.topic,
         audit_topic=args.audit_topic,
+        bank_topic=args.bank_topic,
         media_link_key=link_key,
         media_link_origin=args.media_link_origin,
     )
@@ -203,10 +204,14 @@ def cmd_import_label_studio(args: argparse.Namespace) -> int:
     import asyncio
 
     from review.label_studio import import_export_file
+    from stream.evidence import open_store
 
     try:
+        evidence = open_store(args.evidence)
         report = asyncio.run(
-            import_export_file(Path(args.source), args.reviewer, bootstrap=args.bootstrap, redis_url=args.redis)
+            import_export_file(
+                Path(args.source), args.reviewer, bootstrap=args.bootstrap, redis_url=args.redis, evidence=evidence
+            )
         )
     except (OSError, ValueError, RuntimeError) as exc:  # bad file, bad name, Kafka/Redis down
         return _fail(exc)
@@ -242,6 +247,11 @@ def add_parsers(sub: Any) -> None:
     add_redis(p, "Redis URL of the review queue")
     p.add_argument("--topic", default="reviewed", help="Kafka topic for decisions")
     audit_topic_opt(p)
+    p.add_argument(
+        "--bank-topic",
+        default="bank-updates",
+        help="the verdict banks' topic: decided images are banked there and read back ('' : no banks)",
+    )
     users_opt(p, audited=False)
     p.add_argument("--claim-timeout", type=float, default=300.0, help="seconds before an abandoned claim is reclaimed")
     p.add_argument("--max-deliveries", type=int, default=5, help="deliveries before an item is dead-lettered")
@@ -298,4 +308,5 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--reviewer", required=True, help="who annotated (recorded on the decisions)")
     add_kafka(p)
     add_redis(p, "Redis URL of the review queue")
+    add_evidence(p, "where the scored media are kept (the verdict banks hash the images annotators saw)")
     p.set_defaults(func=cmd_import_label_studio)

@@ -13,8 +13,10 @@ import asyncio
 import dataclasses
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+import orjson
 
 from modstream.kafka_auth import client_options, kafka_auth
 from modstream.records import (
@@ -28,6 +30,8 @@ from modstream.records import (
     encode,
     reviewer_decision,
 )
+from stream.bank_topic import BANK_TOPIC, send_updates
+from stream.banks.bank import BankUpdate
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +220,23 @@ class DecisionProducer:
     async def send_audit(self, event: AuditEvent, topic: str = AUDIT_TOPIC) -> None:
         """Record a person's act on the audit topic; KafkaUnavailable (the act must not happen) if not."""
         await self._send(topic, event.subject, encode(event), f"audit event {event.action} on {event.subject}")
+
+    async def send_bank(self, update: BankUpdate, topic: str = BANK_TOPIC) -> None:
+        """A verdict-bank change, keyed by its entry id (the topic is compacted on that key);
+        KafkaUnavailable if the broker did not take it."""
+        value = orjson.dumps(update.to_json())
+        await self._send(topic, str(update.entry_id), value, f"bank update {update.op} {update.entry_id}")
+
+    async def send_banks(self, updates: Sequence[BankUpdate], topic: str = BANK_TOPIC) -> None:
+        """Many bank changes (an imported list) in flight together, all acknowledged or
+        KafkaUnavailable (a retry resends them: each is keyed by its entry, so it converges)."""
+        try:
+            async with asyncio.timeout(self.timeout_s + len(updates) / 500):
+                await send_updates(await self._get(), updates, topic)
+        except Exception as exc:
+            log.warning("%d bank updates not produced: %r", len(updates), exc)
+            await self._reset()
+            raise KafkaUnavailable(f"could not write the bank updates to Kafka ({type(exc).__name__}: {exc})") from exc
 
     async def send_tombstone(self, topic: str, key: str) -> None:
         """A null value keyed `key`: on `reviewed`, the dataset sink erases that post."""

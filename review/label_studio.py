@@ -40,8 +40,10 @@ from pathlib import Path
 from typing import Any
 
 from modstream.records import RecordError, ReviewDecision, ReviewItem
+from review.bank_verdicts import entry_for, with_variants
 from review.decisions import build_decision, item_tasks, model_label
-from stream.evidence import DIGEST
+from stream.banks.bank import BankUpdate
+from stream.evidence import DIGEST, EvidenceStore
 
 FLAG = "review_flag"
 NOTE = "note"
@@ -324,7 +326,9 @@ def decision_for(annotated: Annotated, item: ReviewItem, reviewer: str) -> Revie
     )
 
 
-async def import_export_file(source: Path, reviewer: str, *, bootstrap: str, redis_url: str) -> ImportReport:
+async def import_export_file(
+    source: Path, reviewer: str, *, bootstrap: str, redis_url: str, evidence: EvidenceStore | None = None
+) -> ImportReport:
     """Produce one ReviewDecision per annotated task to `reviewed`, then mark the post decided
     and ack its entry. A failure to produce stops the import (what was done stays done)."""
     import redis.asyncio as aioredis
@@ -387,6 +391,11 @@ async def import_export_file(source: Path, reviewer: str, *, bootstrap: str, red
                 )
                 continue
             await producer.send(decision)  # KafkaUnavailable ends the import here
+            banked = entry_for(decision, item)  # only when the annotator saw the scored image
+            if banked is not None and evidence is not None:
+                banked = await with_variants(banked, evidence)
+            if banked is not None:
+                await producer.send_bank(BankUpdate.add(banked))
             await client.sadd(ours, decision.decision_id)
             await client.expire(ours, queue.decided_ttl_s)
             if decision.escalated:

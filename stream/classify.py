@@ -45,11 +45,14 @@ class LocalOrWebFetcher:
             data = _read_capped(path)
             digest = content_hash(data)
             # Decoded as the web fetcher decodes (its bounds), on this thread.
-            image, text = decode_and_read(data, digest, self.web.config, self.web.ocr)
+            image, text, pdq, trimmed = decode_and_read(data, digest, self.web.config, self.web.ocr)
         except ImageError as exc:
             exc = ImageError(exc.reason, f"{path}: {exc}") if not str(exc).startswith(str(path)) else exc
             return MediaResult(ref, exc.reason, reason=str(exc), elapsed_s=time.perf_counter() - started)
-        return MediaResult(ref, "ok", image=image, content_hash=digest, final_url=str(path), attempts=1, ocr_text=text)
+        return MediaResult(
+            ref, "ok", image=image, content_hash=digest, final_url=str(path), attempts=1, ocr_text=text,
+            pdq=pdq, pdq_trimmed=trimmed,
+        )  # fmt: skip
 
     async def fetch_many(self, urls: Sequence[str]) -> list[MediaResult]:
         remote = [u for u in urls if urlsplit(u).scheme]

@@ -23,6 +23,15 @@ from modstream.options import (
 )
 
 
+def _bank_distance(value: str) -> int:
+    """A PDQ distance a bank may match at: beyond 64 of 256 bits unrelated images match
+    (bench/bank_lookup.py measures the false-match rate by distance)."""
+    distance = int(value)
+    if not 0 <= distance <= 64:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 64 bits, not {distance}")
+    return distance
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from models.registry import ModelRegistry
 
@@ -102,6 +111,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
         audit_rate=args.audit_rate,
         decode_threads=args.decode_threads,
         decode_model_input=args.decode_model_input,
+        banks=args.banks,
+        bank_distance=args.bank_distance,
+        bank_load_timeout_s=args.bank_load_timeout,
         ocr=args.ocr,
         policy=RoutingPolicy(
             itm_threshold=args.itm_threshold,
@@ -115,6 +127,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         batcher=BatcherConfig(max_batch=args.device_batch, max_delay_s=args.device_delay),
         stop_grace_s=args.stop_grace,
     )
+    settings.topics["banks"] = args.bank_topic
     # faust's Worker reads sys.argv; give it only the program name.
     sys.argv = sys.argv[:1]
     run_worker(settings, loglevel="info" if args.verbose else "warning")
@@ -279,6 +292,25 @@ def add_parsers(sub: Any) -> None:
         "copies pixels (0.2x its CPU; reposts pay the resize)",
     )
     _add_ocr(p)
+    p.add_argument(
+        "--no-banks",
+        dest="banks",
+        action="store_false",
+        help="do not hash images or match them against the verdict banks (bank-updates topic) before the model",
+    )
+    p.add_argument("--bank-topic", default="bank-updates", help="the verdict banks' topic (default bank-updates)")
+    p.add_argument(
+        "--bank-distance",
+        type=_bank_distance,
+        default=31,
+        help="PDQ match distance in bits, 0-64 (default 31, Meta's threshold; exact bytes always match)",
+    )
+    p.add_argument(
+        "--bank-load-timeout",
+        type=float,
+        default=120.0,
+        help="seconds to wait at start for the banks to load before labelling without their unread part",
+    )
     p.add_argument("--itm-threshold", type=float, help="override the card's ITM review threshold")
     p.add_argument("--min-itm-auroc", type=float, default=0.6)
     p.add_argument("--min-routing-lift", type=float, default=1.0)
@@ -346,7 +378,7 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser("labels", help="print labels from the labels topic (filter by route, version, post id)")
     add_kafka(p)
     p.add_argument("--topic", default="labels")
-    p.add_argument("--route", choices=["auto", "review"], help="only labels with this route")
+    p.add_argument("--route", choices=["auto", "review", "bank_match"], help="only labels with this route")
     p.add_argument("--version", help="only labels of this model version")
     p.add_argument("--post-prefix", help="only posts whose id starts with this")
     p.add_argument("--new", action="store_true", help="only labels written from now on (default: from the start)")

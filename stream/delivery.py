@@ -148,6 +148,8 @@ def observe_labels_sent(outcomes: Sequence[Outcome]) -> None:
         if o.label is None or o.dead_letter is not None:
             continue
         metrics.LABELS.labels(o.label.model_version, o.label.route).inc()
+        if o.label.route == "bank_match":  # a person's banked verdict, not the model's decisions
+            continue
         for task, value in o.label.labels.items():
             decision = "positive" if value.get("decision") else "negative"
             metrics.TASK_DECISIONS.labels(o.label.model_version, task, decision).inc()

@@ -157,7 +157,7 @@ def _wait_for_metrics(port: int, worker: subprocess.Popen[bytes], timeout: float
 
 
 def _done(now: dict[str, float], before: dict[str, float]) -> int:
-    keys = ("auto", "review", "dead_letter")
+    keys = ("auto", "review", "bank_match", "dead_letter")
     return int(sum(now.get(k, 0) - before.get(k, 0) for k in keys))
 
 

@@ -60,7 +60,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import aiohttp
 from aiohttp.abc import AbstractResolver
@@ -69,6 +69,8 @@ from yarl import URL
 
 from models.images import MAX_PIXELS, MAX_SIDE, ImageError, bounded_rgb, content_hash, decode_image, model_input
 from models.ocr import OCR_MAX_SIDE
+from stream.banks.hashing import PdqHash
+from stream.banks.variants import query_hashes
 
 if TYPE_CHECKING:  # imported by the roles that read image text only: it registers the OCR metrics
     from stream.ocr import ImageTextReader
@@ -128,6 +130,9 @@ class FetchConfig:
     # copies pixels; a repost, which skips the model, pays the resize anyway. None leaves the
     # resize to the predictor (same pixels).
     model_side: int | None = None
+    # The decode threads also take each image's PDQ hash (stream/banks/hashing.py), from the
+    # bounded image before any model-input resize: the verdict banks match reposts by it.
+    pdq: bool = False
     concurrency: int = 64  # downloads in flight, all hosts
     per_host: int = 8  # downloads in flight to one host
     retries: int = 2  # extra attempts after the first, transient failures only
@@ -155,6 +160,8 @@ class MediaResult:
     elapsed_s: float = 0.0
     ocr_text: str | None = None  # text read from the image; None: OCR off or failed
     body: bytes | None = None  # the bytes `content_hash` names, only when status == "ok" (the evidence)
+    pdq: PdqHash | None = None  # the image's perceptual hash, when FetchConfig.pdq
+    pdq_trimmed: PdqHash | None = None  # ... of the image without its caption bars, when it has any
 
     @property
     def ok(self) -> bool:
@@ -401,7 +408,8 @@ class MediaFetcher:
             body = await self._download(target, result)
             result.size = len(body.data)
             result.content_hash = content_hash(body.data)
-            result.image, result.ocr_text = await self._decode(body, result.content_hash)
+            decoded = await self._decode(body, result.content_hash)
+            result.image, result.ocr_text, result.pdq, result.pdq_trimmed = decoded
             result.body = body.data
         except _Failure as failure:
             result.status, result.reason = failure.status, failure.reason
@@ -502,7 +510,7 @@ class MediaFetcher:
                 raise _Failure("too_large", f"body is over {cfg.max_bytes:,} bytes")
         return _Body(bytes(buf), ctype, url)
 
-    async def _decode(self, body: _Body, digest: str) -> tuple[Image.Image, str | None]:
+    async def _decode(self, body: _Body, digest: str) -> Decoded:
         cfg = self.config
         data = body.data
         if data and not _type_matches(body.content_type, cfg.allowed_content_types) and sniff_format(data) is None:
@@ -513,16 +521,21 @@ class MediaFetcher:
         except ImageError as exc:
             raise _Failure(exc.reason, str(exc)) from None
 
-    def _decode_sync(self, data: bytes, digest: str) -> tuple[Image.Image, str | None]:
+    def _decode_sync(self, data: bytes, digest: str) -> Decoded:
         return decode_and_read(data, digest, self.config, self.ocr)
 
 
-def decode_and_read(
-    data: bytes, digest: str | None, cfg: FetchConfig, ocr: ImageTextReader | None
-) -> tuple[Image.Image, str | None]:
+class Decoded(NamedTuple):
+    image: Image.Image
+    text: str | None  # the text OCR read inside the image; None: OCR off or failed
+    pdq: PdqHash | None  # with FetchConfig.pdq
+    pdq_trimmed: PdqHash | None = None  # with FetchConfig.pdq, when the image has caption bars
+
+
+def decode_and_read(data: bytes, digest: str | None, cfg: FetchConfig, ocr: ImageTextReader | None) -> Decoded:
     """The decode pool's work for one image: decode it bounded to `cfg.max_side` and, with
-    `ocr`, read the text inside from a larger copy first; then, with `cfg.model_side`, make it
-    the model's input. Raises ImageError."""
+    `ocr`, read the text inside from a larger copy first; with `cfg.pdq`, hash it; then, with
+    `cfg.model_side`, make it the model's input. Raises ImageError."""
     text = None
     if ocr is None:
         image = decode_image(data, max_pixels=cfg.max_pixels, max_side=cfg.max_side)
@@ -530,9 +543,13 @@ def decode_and_read(
         image = decode_image(data, max_pixels=cfg.max_pixels, max_side=max(cfg.max_side, OCR_MAX_SIDE))
         text = ocr.read(image, digest)
         image = bounded_rgb(image, cfg.max_side)  # the size and filter decode_image's own bound gives
+    pdq = trimmed = None
+    if cfg.pdq:
+        pdq, *rest = query_hashes(image)
+        trimmed = rest[0] if rest else None
     if cfg.model_side:
         image = model_input(image, cfg.model_side)
-    return image, text
+    return Decoded(image, text, pdq, trimmed)
 
 
 def _parse_url(raw: str) -> URL:

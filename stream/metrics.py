@@ -21,10 +21,12 @@ from prometheus_client.registry import Collector
 # fetch 10 s), so a p99 near a timeout is read from a bucket edge, not interpolated to 30 s.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120)
 
-POSTS = Counter("modstream_posts_total", "Posts finished, by outcome (auto, review, dead_letter, lost)", ["outcome"])
+POSTS = Counter(
+    "modstream_posts_total", "Posts finished, by outcome (auto, review, bank_match, dead_letter, lost)", ["outcome"]
+)
 LABELS = Counter(
     "modstream_labels_total",
-    "Labels acknowledged by the broker, by the model version that produced them and route (auto, review)",
+    "Labels acknowledged by the broker, by the model version serving and route (auto, review, bank_match)",
     ["model_version", "route"],
 )
 TASK_DECISIONS = Counter(
@@ -65,6 +67,36 @@ EVIDENCE = Counter(
     "Scored media bytes of review items written to the evidence store, by outcome (stored, present, failed)",
     ["outcome"],
 )
+# -- verdict banks (stream/banks, stream/bank_stage.py) ------------------------------------
+BANK_MATCHES = Counter(
+    "modstream_bank_matches_total",
+    "Posts whose image matched a verdict bank, by bank (violating, benign) and how (exact, pdq)",
+    ["bank", "kind"],
+)
+BANK_HITS = Counter(
+    "modstream_bank_hits_total",
+    "Bank matches per bank and task (each task the matched entry's verdict covers)",
+    ["bank", "task"],
+)
+BANK_DISTANCE = Histogram(
+    "modstream_bank_match_distance_bits",
+    "PDQ Hamming distance of bank matches, by bank (0: exact bytes or an identical hash)",
+    ["bank"],
+    buckets=(0, 2, 4, 8, 12, 16, 20, 24, 28, 31, 36, 40, 48),
+)
+BANK_ENTRIES = Gauge("modstream_bank_entries", "Entries in this process's verdict banks", ["bank"])
+BANK_VERSION = Gauge("modstream_bank_version", "Bank updates this process has applied (its bank version)")
+BANK_UPDATES = Counter(
+    "modstream_bank_updates_total",
+    "Records read from the bank-updates topic, by outcome (applied, refused)",
+    ["outcome"],
+)
+BANK_KEPT_FROM_REVIEW = Counter(
+    "modstream_bank_benign_kept_from_review_total",
+    "Posts the model would have routed for review that a benign-bank match kept out of the queue",
+)
+BANK_LOADED = Gauge("modstream_bank_loaded", "1 once this process has read the bank-updates topic to its end")
+
 SEND_BLOCKED = Gauge(
     "modstream_worker_send_blocked",
     "1 while the worker resends records the broker has not acknowledged (it consumes nothing meanwhile)",
@@ -74,16 +106,23 @@ SEND_BLOCKED = Gauge(
 # Every series whose labels are known up front exists from the start at 0: a series born at 1
 # is invisible to increase() and rate(), so the first dead letter after a start fired nothing.
 # lost: not even a 1 KiB dead letter could be written (a broker whose record limit is tiny).
-POST_OUTCOMES = ("auto", "review", "dead_letter", "lost")
+POST_OUTCOMES = ("auto", "review", "bank_match", "dead_letter", "lost")
 # Dead-letter reasons as a closed set per stage (the free text is on the dead letter itself).
 DEAD_LETTER_REASONS: dict[str, tuple[str, ...]] = {
     "parse": ("record", "v", "id", "text", "image_urls", "author", "created_at", "internal", "other"),
     "classify": ("InferenceTimeout", "ReplicaFailed", "internal", "other"),
     "sink": ("too_large", "other"),
 }
-DEPENDENCY_OPS = (("kafka", "send"), ("kafka", "consumer_lag"), ("redis", "dedupe_get"), ("redis", "dedupe_put"))
+DEPENDENCY_OPS = (
+    ("kafka", "send"),
+    ("kafka", "consumer_lag"),
+    ("kafka", "bank_updates"),
+    ("redis", "dedupe_get"),
+    ("redis", "dedupe_put"),
+)
 OUTPUT_TOPICS = ("labels", "review", "dlq")
 EVIDENCE_OUTCOMES = ("stored", "present", "failed")
+BANKS = ("violating", "benign")  # stream.banks.bank.BANKS (not imported: this module loads first)
 
 
 def dead_letter_reason(stage: str, reason: str) -> str:
@@ -108,16 +147,25 @@ def _create_known_series() -> None:
         SEND_BLOCKED.labels(topic).set(0)
     for outcome in EVIDENCE_OUTCOMES:
         EVIDENCE.labels(outcome)
+    for bank in BANKS:
+        BANK_ENTRIES.labels(bank).set(0)
+        BANK_DISTANCE.labels(bank)
+        for kind in ("exact", "pdq"):
+            BANK_MATCHES.labels(bank, kind)
+    for outcome in ("applied", "refused"):
+        BANK_UPDATES.labels(outcome)
 
 
 def create_version_series(version: str, tasks: Sequence[str], media_statuses: Sequence[str] = ()) -> None:
     """The series of a model version at 0, once it serves: the review-share and label-drift
     alerts compare shares, and a share whose first review label started its series sees no jump."""
-    for route in ("auto", "review"):
+    for route in ("auto", "review", "bank_match"):
         LABELS.labels(version, route)
     for task in tasks:
         for decision in ("positive", "negative"):
             TASK_DECISIONS.labels(version, task, decision)
+        for bank in BANKS:
+            BANK_HITS.labels(bank, task)
     INFERENCE_SUCCESS.labels(version)
     INFERENCE_FAILURE.labels(version)
     for status in media_statuses:

@@ -1,6 +1,9 @@
 """The worker's stages as plain async functions over a micro-batch (no Kafka here).
 
-    raw bytes ─► parse ─► fetch media ─► dedupe ─► classify (device pool) ─► route ─► Outcome
+    raw bytes ─► parse ─► fetch media ─► verdict banks ─► dedupe ─► classify (device pool) ─► route ─► Outcome
+
+A violating-bank match ends a post's way at the banks (the banked human verdict, route
+bank_match); a benign-bank match lets the model label it but never routes it for uncertainty.
 
 Every input yields exactly one Outcome: a Label (plus a ReviewItem when routed to review)
 or a DeadLetter naming the stage and the reason. Nothing raises out of `process`, so the
@@ -26,6 +29,9 @@ from models.routing.route import RoutingPolicy, route_scores
 from modstream.records import DeadLetter, Label, MediaInfo, Post, RecordError, ReviewItem, decode_json
 from stream import metrics
 from stream.audit_sampling import AuditSampler
+from stream.bank_stage import Banks, banked_labels, look_up, match_record
+from stream.banks.bank import BankMatch
+from stream.banks.hashing import PdqHash
 from stream.evidence import EvidenceError, EvidenceStore
 
 log = logging.getLogger(__name__)
@@ -79,6 +85,8 @@ class Pipeline:
     evidence: EvidenceStore | None = None
     # Blind audit sampling of `auto` labels (stream/audit_sampling.py); None: no audit items.
     audit: AuditSampler | None = None
+    # The verdict banks (stream/banks) matched before the model; None: no banks.
+    banks: Banks | None = None
     _trusted: dict[str, bool] = field(default_factory=dict, init=False, repr=False)
     _namespaces: dict[str, str] = field(default_factory=dict, init=False, repr=False)
     _provenance: dict[str, dict[str, Any]] = field(default_factory=dict, init=False, repr=False)
@@ -155,6 +163,14 @@ class Pipeline:
             started = time.perf_counter()
             media = await self._fetch_one(post)
             fetched = time.perf_counter()
+            # Only a decoded image is looked up: a failed fetch's hash names no picture anyone judged.
+            match = None
+            if media.image is not None:
+                match = look_up(self.banks, media.content_hash, media.pdq, media.pdq_trimmed)
+            if match is not None and match.entry.bank == "violating":
+                outcome.label = self._banked(post, media, match, serving, fetched - started)
+                metrics.STAGE_SECONDS.labels("fetch").observe(fetched - started)
+                return
             key = dedupe_key(post.text, media.content_hash)
             computed = False  # True only for the post that ran the model for this content
             if key not in inflight:
@@ -183,18 +199,23 @@ class Pipeline:
             scores = {t: (v["score"], v["threshold"]) for t, v in result["labels"].items()}
             disagree = {t: v.get("neighbour_disagreement") for t, v in result["labels"].items()}
             decision = route_scores(result["itm_match"], scores, card, self.policy, self.itm_trusted(version), disagree)
+            route, reasons = decision.route, decision.reasons
+            if match is not None and route == "review":  # benign bank: already looked at, found fine
+                metrics.BANK_KEPT_FROM_REVIEW.inc()
+                route, reasons = "auto", []
             label = Label(
                 post_id=post.id,
                 labels=result["labels"],
                 itm_match=result["itm_match"],
-                route=decision.route,
-                reasons=decision.reasons,
+                route=route,
+                reasons=reasons,
                 media=media.info,
                 model_version=version,
                 timings=timings,
                 dedupe_hit=hit,
                 ocr_text=media.ocr_text,
                 routing=self.provenance(version),
+                bank=match_record(match) if match is not None else None,
             )
             if hit:
                 metrics.DEDUPE_HITS.inc()
@@ -224,6 +245,21 @@ class Pipeline:
                 o.dead_letter = DeadLetter.from_raw(o.raw, "classify", f"internal error: {result!r}", p.id)
         await self._remember(fresh)
 
+    def _banked(self, post: Post, media: FetchedMedia, match: BankMatch, serving: str, fetch_s: float) -> Label:
+        """The Label of a violating-bank match: the banked verdict, no model output."""
+        card = self.card_of(serving)
+        return Label(
+            post_id=post.id,
+            labels=banked_labels(match.entry, dict(card.tasks)),
+            itm_match=None,
+            route="bank_match",
+            reasons=["bank_match"],
+            media=media.info,
+            model_version=serving,
+            timings={"fetch_s": round(fetch_s, 4)},
+            bank=match_record(match),
+        )
+
     async def _classify(self, post: Post, media: FetchedMedia) -> dict[str, Any] | BaseException:
         """The model's outputs (what the dedupe cache shares between posts), or the error."""
         # The OCR text rides on the text; the predictor feeds it only to a model trained with it.
@@ -247,12 +283,21 @@ class Pipeline:
             return FetchedMedia(MediaInfo("fetch_disabled", url=url))
         (result,) = await self.fetcher.fetch_many([url])
         metrics.MEDIA.labels(result.status).inc()
-        info = MediaInfo(result.status, url=url, content_hash=result.content_hash, reason=result.reason or None)
+        pdq: PdqHash | None = getattr(result, "pdq", None)
+        info = MediaInfo(
+            result.status,
+            url=url,
+            content_hash=result.content_hash,
+            reason=result.reason or None,
+            pdq=pdq.hex if pdq is not None else None,
+            pdq_quality=pdq.quality if pdq is not None else None,
+        )
         ok = result.status == "ok"
         if not ok:
             return FetchedMedia(info)
         body = getattr(result, "body", None) if self.evidence is not None else None
-        return FetchedMedia(info, result.image, getattr(result, "ocr_text", None), body)
+        trimmed = getattr(result, "pdq_trimmed", None)
+        return FetchedMedia(info, result.image, getattr(result, "ocr_text", None), body, pdq, trimmed)
 
     async def _keep_evidence(self, post: Post, media: FetchedMedia) -> None:
         """Store the scored bytes before the review item can be sent. A store that fails costs
@@ -296,6 +341,8 @@ class FetchedMedia:
     image: Image.Image | None = None
     ocr_text: str | None = None
     body: bytes | None = None  # the fetched bytes, kept only while an evidence store wants them
+    pdq: PdqHash | None = None  # the image's perceptual hash, when the fetcher takes it
+    pdq_trimmed: PdqHash | None = None  # ... without its caption bars, when it has any
 
     @property
     def content_hash(self) -> str | None:

@@ -11,6 +11,7 @@ redelivered batch (crash, rebalance) rewrites the same keys with the same conten
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -30,6 +31,8 @@ from modstream.kafka_auth import client_options, kafka_auth
 from modstream.records import MAX_RECORD_BYTES, ModelUpdate
 from stream import first_fetch_grace, metrics
 from stream.audit_sampling import AuditSampler
+from stream.bank_topic import BankFollower
+from stream.banks.bank import VerdictBanks
 from stream.delivery import dead_letter_batch, write_outcomes
 from stream.device_pool import BatcherConfig, DevicePool, visible_devices
 from stream.evidence import EvidenceStore, open_store
@@ -66,6 +69,11 @@ class WorkerSettings:
     # Batch preparation then costs 0.2x the CPU per post, but a repost pays the resize too: on
     # the CPU worker it cost 15% of the repost throughput (BENCHMARKS). Meant for GPU workers.
     decode_model_input: bool = False
+    # Verdict banks (stream/banks): images hashed and matched before the model; the banks are
+    # read from the bank-updates topic (at start, up to `bank_load_timeout_s`, then followed).
+    banks: bool = True
+    bank_distance: int = 31
+    bank_load_timeout_s: float = 120.0
     # Text inside images (stream.ocr): auto = when the model was trained with it, on, off.
     ocr: str = "auto"
     topic_partitions: int = 4
@@ -82,6 +90,7 @@ class WorkerSettings:
             "review": "review",
             "dlq": "posts.dlq",
             "updates": "model-updates",
+            "banks": "bank-updates",
         }
     )
 
@@ -121,6 +130,9 @@ class Resources:
         self.fetcher: Any = None
         self.pipeline: Pipeline | None = None
         self.evidence: EvidenceStore | None = None
+        self.banks: VerdictBanks | None = None
+        self._bank_task: asyncio.Task[None] | None = None
+        self.bank_follower: BankFollower | None = None
         self.card: ModelCard | None = None  # the card of the version being served now
         self.cards: dict[str, ModelCard] = {}  # every version served, for routing its labels
 
@@ -140,7 +152,9 @@ class Resources:
             on_batch=self._observe_device_batch,
         )
         await self.pool.start()
-        fetch = _decode_for(self.card, FetchConfig(allow_loopback=s.allow_loopback_media), s.decode_model_input)
+        fetch = _decode_for(
+            self.card, FetchConfig(allow_loopback=s.allow_loopback_media, pdq=s.banks), s.decode_model_input
+        )
         if s.decode_threads > 0:
             fetch = replace(fetch, decode_workers=s.decode_threads)
         self.fetcher = MediaFetcher(fetch, ocr=ocr)
@@ -158,10 +172,34 @@ class Resources:
 
             key = current().audit_key
             audit = AuditSampler(s.audit_rate, key.get_secret_value() if key is not None else None)
-        self.pipeline = Pipeline(classifier, self.fetcher, self.card_of, s.policy, self.redis, self.evidence, audit)
+        if s.banks:
+            await self._load_banks()
+        else:
+            metrics.BANK_LOADED.set(float("nan"))  # not "not loaded": no ModstreamBankNotLoaded
+        self.pipeline = Pipeline(
+            classifier, self.fetcher, self.card_of, s.policy, self.redis, self.evidence, audit, banks=self.banks
+        )
         self._announce()
         self.ready.set()
         metrics.READY.set(1)
+
+    async def _load_banks(self) -> None:
+        """Reads the bank-updates topic to its end before the first post is labelled (a repost of
+        a banked image must not reach the model because this worker started a moment ago), then
+        keeps following it. A topic that cannot be read in time does not stop the worker: it
+        labels with what it has, says so, and /metrics shows modstream_bank_loaded 0."""
+        s = self.settings
+        self.banks = VerdictBanks(max_distance=s.bank_distance)
+        follower = self.bank_follower = BankFollower(s.bootstrap, self.banks, s.topics["banks"])
+        self._bank_task = asyncio.create_task(follower.run(), name="bank-updates")
+        try:
+            await asyncio.wait_for(follower.loaded.wait(), s.bank_load_timeout_s)
+        except TimeoutError:
+            log.error(
+                "the verdict banks did not load within %.0f s (%d entries so far); labelling without the rest",
+                s.bank_load_timeout_s,
+                len(self.banks),
+            )
 
     @property
     def healthy(self) -> bool:
@@ -211,6 +249,10 @@ class Resources:
         self._announce()
 
     async def close(self) -> None:
+        if self._bank_task is not None:
+            self._bank_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._bank_task
         if self.pool:
             await self.pool.close()
         if self.fetcher:
@@ -306,6 +348,12 @@ def create_app(settings: WorkerSettings) -> tuple[faust.App, Resources]:
     async def ready_page(web: Any, request: Any) -> Any:
         ok = resources.healthy
         body: dict[str, Any] = {"ready": ok, "model": resources.card.version if resources.card else None}
+        if resources.banks is not None:
+            body["banks"] = {
+                "loaded": resources.bank_follower is not None and resources.bank_follower.loaded.is_set(),
+                "entries": resources.banks.sizes(),
+                "version": resources.banks.version,
+            }
         if resources.pool is not None and not ok:
             body["problem"] = resources.pool.failure
         return web.json(body, status=200 if ok else 503)

@@ -11,6 +11,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 
 from modstream.records import RecordError
+from review.bank_verdicts import precedent
 from review.console.base import (
     ClaimLostAfterProduce,
     HandlerBase,
@@ -60,7 +61,10 @@ class ApiHandlers(HandlerBase):
             claim = await self.c.queue.get_claimed(request.match_info["entry_id"], user.name, admin=user.is_admin)
         except NotClaimed as exc:
             return _json_error(404, str(exc))
-        return web.json_response(claim.to_json())
+        body = claim.to_json()
+        if claim.item.kind != "audit":  # an audit item stays blind to earlier verdicts too
+            body["precedent"] = precedent(self.c.banks, claim.item)
+        return web.json_response(body)
 
     async def api_decision(self, request: web.Request) -> web.StreamResponse:
         user = _ident(request).user

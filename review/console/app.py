@@ -8,6 +8,7 @@ from aiohttp import web
 
 from review.console.admin import AdminPages
 from review.console.api import ApiHandlers
+from review.console.banks import BankPages
 from review.console.core import STATIC, Console, ConsoleConfig
 from review.console.login import LoginPages
 from review.console.middlewares import build_middlewares
@@ -17,7 +18,7 @@ from review.decisions import (
 )
 
 
-class Handlers(LoginPages, ReviewerPages, AdminPages, ApiHandlers):
+class Handlers(LoginPages, ReviewerPages, AdminPages, BankPages, ApiHandlers):
     """Every route's handler, one group per concern (login, pages, admin, api)."""
 
 
@@ -44,6 +45,9 @@ def create_app(config: ConsoleConfig, *, producer: DecisionProducer | None = Non
     r.add_post("/admin/dead/{dead_id}/{action}", h.dead_action_page)
     r.add_get("/admin/escalated", h.escalated_page)
     r.add_post("/admin/escalated/{esc_id}/{action}", h.escalated_action_page)
+    r.add_get("/admin/banks", h.banks_page)
+    r.add_post("/admin/banks/import", h.bank_import_page)  # before the dynamic route
+    r.add_post("/admin/banks/{entry_id:.+}/remove", h.bank_remove_page)  # an id may hold "/"
     r.add_post("/api/v1/claim", h.api_claim)
     r.add_get("/api/v1/items/{entry_id}", h.api_item)
     r.add_post("/api/v1/items/{entry_id}/decision", h.api_decision)
@@ -55,6 +59,10 @@ def create_app(config: ConsoleConfig, *, producer: DecisionProducer | None = Non
     r.add_get("/api/v1/admin/dead", h.api_dead)
     r.add_post("/api/v1/admin/dead/{dead_id}/requeue", h.api_dead_requeue)
     r.add_delete("/api/v1/admin/dead/{dead_id}", h.api_dead_delete)
+    r.add_get("/api/v1/admin/banks", h.api_banks)
+    r.add_get("/api/v1/admin/banks/export", h.api_bank_export)
+    r.add_post("/api/v1/admin/banks/import", h.api_bank_import)
+    r.add_delete("/api/v1/admin/banks/{entry_id:.+}", h.api_bank_remove)
     r.add_get("/healthz", h.healthz)
     r.add_get("/metrics", h.metrics)
     r.add_static("/static", STATIC, show_index=False, follow_symlinks=False)

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from modstream.records import AuditEvent, RecordError, ReviewDecision, ReviewItem, decode_json
 from review.auth import User
+from review.bank_verdicts import entry_for, with_variants
 from review.console.core import IDENTITY, Console, Identity
 from review.console.middlewares import _json_error, _wants_json
 from review.decisions import (
@@ -26,6 +27,7 @@ from review.decisions import (
     model_label,
 )
 from review.queue import Claim, NotClaimed, QueueError
+from stream.banks.bank import BankUpdate
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +272,13 @@ class HandlerBase:
             raise
         try:
             await self.c.producer.send(decision)
+            # The verdict goes to the banks before the item closes: if the bank update fails, the
+            # submit fails and the item stays claimed (a retry resends both, same ids).
+            entry = entry_for(decision, claim.item)
+            if entry is not None and self.c.config.bank_topic:
+                entry = await with_variants(entry, self.c.media.store)
+                await self.c.producer.send_bank(BankUpdate.add(entry), self.c.config.bank_topic)
+                self.c.metrics.banked.labels(entry.bank).inc()
         except KafkaUnavailable:
             self.c.metrics.kafka_errors.inc()
             raise

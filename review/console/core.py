@@ -24,6 +24,8 @@ from review.decisions import (
 from review.evidence_images import EvidenceImages
 from review.queue import QueueStats, ReviewQueue
 from review.sessions import LoginLimiter, Session, SessionStore
+from stream.bank_topic import BankFollower
+from stream.banks.bank import VerdictBanks
 from stream.evidence import open_store
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,9 @@ class ConsoleConfig:
     # Signed links to scored media for Label Studio (review/media_links.py); None: not served.
     media_link_key: str | None = None
     media_link_origin: str = "*"  # Access-Control-Allow-Origin of those images (Label Studio's origin)
+    # The verdict banks' topic: decisions are banked there, and read back for precedent and
+    # curation ("" : no banks).
+    bank_topic: str = "bank-updates"
     session_idle_s: int = 8 * 3600
 
     @property
@@ -139,6 +144,10 @@ class Console:
             undefined=jinja2.StrictUndefined,
         )
         self._stats_task: asyncio.Task[None] | None = None
+        # The banks as the workers hold them (read from the topic): precedent and curation.
+        self.banks = VerdictBanks()
+        self._bank_task: asyncio.Task[None] | None = None
+        self.bank_follower: BankFollower | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -148,12 +157,16 @@ class Console:
         except (RedisError, OSError) as exc:  # Redis may come later; pages answer 503 meanwhile
             log.warning("redis unavailable at start-up: %r", exc)
         self._stats_task = asyncio.create_task(self._refresh_stats(), name="review-stats")
+        if self.config.bank_topic:
+            self.bank_follower = BankFollower(self.config.bootstrap, self.banks, self.config.bank_topic)
+            self._bank_task = asyncio.create_task(self.bank_follower.run(), name="bank-updates")
 
     async def on_cleanup(self, app: web.Application) -> None:
-        if self._stats_task is not None:
-            self._stats_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._stats_task
+        for task in (self._stats_task, self._bank_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.producer.close()
         self.media.close()
         await self.redis.aclose()

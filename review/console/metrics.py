@@ -53,6 +53,22 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=r,
         )
+        self.banked = Counter(
+            "modstream_review_banked_total",
+            "Decided images added to a verdict bank (stream/banks), by bank (violating, benign)",
+            ["bank"],
+            registry=r,
+        )
+        self.bank_curation = Counter(
+            "modstream_review_bank_curation_total",
+            "Verdict-bank entries an admin removed or imported, by action",
+            ["action"],
+            registry=r,
+        )
+        for bank in ("violating", "benign"):
+            self.banked.labels(bank)
+        for action in ("remove", "import"):
+            self.bank_curation.labels(action)
         self._seen = (0, 0, 0)
 
     def sync_queue(self, queue: ReviewQueue) -> None:

@@ -7,6 +7,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from modstream.records import RecordError
+from review.bank_verdicts import precedent
 from review.console.base import (
     LOST_AFTER_PRODUCE_MESSAGE,
     LOST_MESSAGE,
@@ -62,6 +63,8 @@ class ReviewerPages(HandlerBase):
         audit = item.kind == "audit"  # blind: nothing of the model's output reaches the page
         media = item.label.get("media") or {}
         shown = await self.shown_media(item)
+        # Precedent is a verdict: an audit item stays blind to it as it does to the model's.
+        rows = [] if audit or not shown else precedent(self.c.banks, item)
         return self.c.render(
             request,
             "item.html",
@@ -76,6 +79,7 @@ class ReviewerPages(HandlerBase):
             itm_match=None if audit else item.label.get("itm_match"),
             model_version="" if audit else item.label.get("model_version", ""),
             audit=audit,
+            precedent=rows,
             stats=stats,
             fmt_age=_fmt_age,
             error=error,

@@ -316,6 +316,7 @@ def start_console(
         max_deliveries: int = 5,
         bootstrap: str | None = None,
         env: dict[str, str] | None = None,
+        extra_args: tuple[str, ...] = (),
     ) -> Console:
         (port,) = free_loopback_ports(1)
         redis_url = f"redis://127.0.0.1:{stack.redis_port}/{REDIS_DB}"
@@ -325,7 +326,7 @@ def start_console(
             [sys.executable, "-m", "modstream.cli", "review", "serve", "--host", "127.0.0.1", "--port", str(port),
              "--bootstrap", bootstrap or stack.bootstrap, "--redis", redis_url, "--users", str(users_file[0]),
              "--claim-timeout", str(claim_timeout), "--max-deliveries", str(max_deliveries),
-             "--evidence", str(media.evidence)],
+             "--evidence", str(media.evidence), *extra_args],
             cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
         )  # fmt: skip
         procs.append(proc)

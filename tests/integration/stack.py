@@ -21,7 +21,7 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "deploy" / "local-stack.sh"
-TOPICS = ("posts", "labels", "review", "posts.dlq", "model-updates", "reviewed", "audit")
+TOPICS = ("posts", "labels", "review", "posts.dlq", "model-updates", "reviewed", "audit", "bank-updates")
 
 FETCH_TIMEOUT_S = 900  # first download of the jars from Maven Central
 START_TIMEOUT_S = 180  # the script itself waits at most MODSTREAM_STACK_START_TIMEOUT per component

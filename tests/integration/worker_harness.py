@@ -53,6 +53,9 @@ class Worker:
     max_batch: int = 32
     extra_args: list[str] = field(default_factory=list)
     evidence: Path | None = None  # where it keeps routed posts' media (default: <log_dir>/evidence)
+    # The verdict banks of bank-updates: off unless a test opts in, so images another test's
+    # console banked never decide this test's posts (tests/integration/test_verdict_banks.py).
+    banks: bool = False
     process: subprocess.Popen[bytes] | None = None
     web_port: int = 0
     starts: int = 0
@@ -69,6 +72,7 @@ class Worker:
             "--max-batch", str(self.max_batch), "--max-wait", "0.05", "--device", "cpu",
             "--allow-loopback-media", "--evidence", str(self.evidence or self.log_dir / "evidence"),
             "--audit-rate", "0",  # tests count routed items exactly; audit tests pass their own rate
+            *([] if self.banks else ["--no-banks"]),
             *self.extra_args,
         ]  # fmt: skip
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}

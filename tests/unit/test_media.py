@@ -508,8 +508,24 @@ def test_decode_pool_makes_the_models_input_with_the_pixels_prepare_would_make(m
     image.save(buf, "PNG")
     data = buf.getvalue()
     prepare = ImagePreprocessor(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    bounded, text = decode_and_read(data, None, FetchConfig(max_side=448), ocr)
-    model_ready, text_too = decode_and_read(data, None, FetchConfig(max_side=448, model_side=224), ocr)
+    bounded, text, _, _ = decode_and_read(data, None, FetchConfig(max_side=448), ocr)
+    model_ready, text_too, _, _ = decode_and_read(data, None, FetchConfig(max_side=448, model_side=224), ocr)
     assert bounded.size == (448, 314) and (model_ready.mode, model_ready.size) == ("RGB", (224, 224))
     assert text == text_too  # OCR read the same larger copy either way
     np.testing.assert_array_equal(prepare.uint8_one(model_ready), prepare.uint8_one(bounded))
+
+
+def test_the_pdq_hash_is_taken_from_the_bounded_image_before_the_model_input_resize() -> None:
+    """A post's PDQ must not depend on the worker's --decode-model-input (a square crop or pad
+    of the model's input is another picture to PDQ), nor exist when hashing is off."""
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 256, (70, 100, 3), dtype=np.uint8).repeat(10, axis=0).repeat(10, axis=1)
+    buf = io.BytesIO()
+    Image.fromarray(base).save(buf, "JPEG", quality=90)
+    data = buf.getvalue()
+    plain = decode_and_read(data, None, FetchConfig(max_side=448, pdq=True), None)
+    model_ready = decode_and_read(data, None, FetchConfig(max_side=448, model_side=224, pdq=True), None)
+    assert plain.pdq is not None and plain.pdq.usable
+    assert model_ready.image.size == (224, 224) and model_ready.pdq == plain.pdq
+    square = decode_and_read(data, None, FetchConfig(max_side=224, model_side=224, pdq=False), None)
+    assert square.pdq is None

@@ -1,0 +1,137 @@
+"""Crops and caption bars: what one whole-image PDQ does not survive, and how the banks still
+match them.
+
+Measured (bench/bank_lookup.py): a 5% corner crop moves the PDQ of a picture by about 90 of 256
+bits, a 15% caption bar by about 100; PDQ holds only to about 1% crops. Two remedies, one per
+side of the match:
+
+- **Bank side, crop variants.** A decided image is banked with the PDQ hashes of the crops a
+  repost most often makes: 5% and 10% off each corner, off each single side, and all round
+  (`bank_variants`). A repost cropped near one of them lands within the match distance of that
+  variant. This is a grid, not crop invariance: crops between its steps (say 7%, or 3% off
+  two adjacent sides) match only as far as PDQ's own ~1-2% tolerance reaches; the benchmark
+  reports the true-match rate by crop size and corner.
+- **Both sides, bars trimmed.** A caption bar or letterbox is a band at an edge whose rows are
+  nearly all one colour (text on a bar still leaves most of each row the bar's colour);
+  `trim_bars` cuts such bands off, and both the repost (query) and the decided image (bank)
+  are hashed with them cut too. A picture that happens to start with flat rows (an empty sky)
+  is trimmed as well: that only adds a hash to look up, never removes one.
+
+The variants are computed where the image is at hand and the cost is rare: the console, from
+the evidence store's bytes, when a reviewer decides. The worker computes at most one extra hash
+per post (the trimmed one, only when a band is found).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from stream.banks.hashing import HASH_MAX_SIDE, PdqHash, pdq_hash
+
+# Crop fractions of the bank-side grid, and the bars trim_bars cuts.
+CROP_STEPS = (0.05, 0.10)
+MIN_BAR = 0.03  # of the height (or width): thinner bands are borders PDQ ignores anyway
+MAX_BAR = 0.40  # thicker ones are more picture than bar
+MAX_GAP = 0.06  # rows of caption text inside a bar (of the height), which are mostly ink
+FLAT_SHARE = 0.50  # of a row's pixels within FLAT_TOLERANCE of the bar's colour (text leaves more)
+FLAT_TOLERANCE = 8  # grey levels: bars are flat; a picture's rows have texture and noise
+BAR_DARK, BAR_LIGHT = 40, 215  # a bar's grey level is at most the first or at least the second
+
+
+def _crop(image: Image.Image, left: float, top: float, right: float, bottom: float) -> Image.Image:
+    width, height = image.size
+    box = (round(width * left), round(height * top), round(width * (1 - right)), round(height * (1 - bottom)))
+    return image.crop(box)
+
+
+def crop_boxes() -> list[tuple[float, float, float, float]]:
+    """(left, top, right, bottom) fractions cut off, for every variant of the grid."""
+    boxes: list[tuple[float, float, float, float]] = []
+    for f in CROP_STEPS:
+        boxes += [(f, f, 0, 0), (0, f, f, 0), (f, 0, 0, f), (0, 0, f, f)]  # the four corners
+        boxes += [(f, 0, 0, 0), (0, f, 0, 0), (0, 0, f, 0), (0, 0, 0, f)]  # each single side
+        boxes.append((f / 2, f / 2, f / 2, f / 2))  # all round, the same area as a corner crop
+    return boxes
+
+
+def _band(grey: np.ndarray, limit: int) -> int:
+    """How many rows from the top of `grey` form one bar: each row mostly (FLAT_SHARE) within
+    FLAT_TOLERANCE of the first row's colour. 0: none."""
+    colour = int(np.median(grey[0]))
+    if BAR_DARK < colour < BAR_LIGHT:  # caption bars and letterboxes are white or black
+        return 0
+    near = (np.abs(grey[:limit] - colour) <= FLAT_TOLERANCE).mean(axis=1) >= FLAT_SHARE
+    if not near.size or not near[0]:
+        return 0
+    # A line of caption text makes a few rows mostly ink: the bar goes on across such a gap as
+    # long as the bar's colour comes back within MAX_GAP of the height.
+    max_gap = max(4, round(grey.shape[0] * MAX_GAP))
+    last = gap = 0
+    for row, is_near in enumerate(near):
+        if is_near:
+            last, gap = row, 0
+        else:
+            gap += 1
+            if gap > max_gap:
+                break
+    return last + 1
+
+
+def trim_bars(image: Image.Image) -> Image.Image | None:
+    """`image` without the bars at its top and bottom (a caption bar, a letterbox), or None
+    when it has none between MIN_BAR and MAX_BAR of its height. Only rows: memes put their
+    captions above and below the picture, and a side band is far more often picture."""
+    grey = np.asarray(image.convert("L"), dtype=np.int16)
+    height, width = grey.shape
+    if height < 16 or width < 16:
+        return None
+    limit = int(height * MAX_BAR)
+    top = _band(grey, limit)
+    bottom = _band(grey[::-1], limit)
+    top = top if top >= height * MIN_BAR else 0
+    bottom = bottom if bottom >= height * MIN_BAR else 0
+    if not (top or bottom) or height - top - bottom < 16:
+        return None
+    return image.crop((0, top, width, height - bottom))
+
+
+def _bounded(image: Image.Image) -> Image.Image:
+    if max(image.size) > HASH_MAX_SIDE:
+        from models.images import bounded_rgb
+
+        return bounded_rgb(image, HASH_MAX_SIDE)
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def query_hashes(image: Image.Image, full: PdqHash | None = None) -> list[PdqHash]:
+    """What the worker looks up for one image: its PDQ, and the PDQ with its bars trimmed when
+    it has any. `full`: the image's PDQ when the caller has it already."""
+    image = _bounded(image)
+    hashes = [full if full is not None else pdq_hash(image)]
+    trimmed = trim_bars(image)
+    if trimmed is not None:
+        hashes.append(pdq_hash(trimmed))
+    return hashes
+
+
+def bank_variants(image: Image.Image) -> list[PdqHash]:
+    """The extra PDQ hashes a decided image is banked with (its own hash not included): the
+    crop grid, and the trimmed image with its own crop grid when it has bars. Only usable ones
+    (quality >= 50); duplicates dropped."""
+    image = _bounded(image)
+    sources = [image]
+    trimmed = trim_bars(image)
+    if trimmed is not None:
+        sources.append(trimmed)
+    seen: set[bytes] = set()
+    out: list[PdqHash] = []
+    for i, source in enumerate(sources):
+        candidates = [source] if i else []
+        candidates += [_crop(source, *box) for box in crop_boxes()]
+        for candidate in candidates:
+            h = pdq_hash(candidate)
+            if h.usable and h.bits not in seen:
+                seen.add(h.bits)
+                out.append(h)
+    return out
