@@ -313,22 +313,6 @@ EOF
     return 0
   fi
   secure_listener_properties "$HOST" "$HOST" "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT"
-listeners=SASL_SSL://$HOST:$KAFKA_PORT,CONTROLLER://$HOST:$KAFKA_CONTROLLER_PORT
-advertised.listeners=SASL_SSL://$HOST:$KAFKA_PORT
-listener.security.protocol.map=SASL_SSL:SASL_SSL,CONTROLLER:SSL
-inter.broker.listener.name=SASL_SSL
-sasl.enabled.mechanisms=SCRAM-SHA-512
-sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512
-listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="admin" password="$(<"$CREDENTIALS_DIR/admin/MODSTREAM_KAFKA_PASSWORD")";
-ssl.keystore.type=PEM
-ssl.keystore.location=$TLS_DIR/broker-keystore.pem
-ssl.truststore.type=PEM
-ssl.truststore.location=$TLS_DIR/ca.pem
-listener.name.controller.ssl.client.auth=required
-authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
-super.users=User:admin;User:CN=modstream-broker
-allow.everyone.if.no.acl.found=false
-EOF
 }
 
 format_storage() {

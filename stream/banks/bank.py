@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from modstream.records import SCHEMA_VERSION, RecordError, decode_json, has_control, parse_iso
+from modstream.records import SCHEMA_VERSION, RecordError, _string, decode_json, has_control, parse_iso
 from stream.banks.hashing import MATCH_DISTANCE, MIN_QUALITY, PDQ_BITS, PdqHash, is_pdq_hex, is_sha256_hex
 from stream.banks.index import PdqIndex
 
@@ -59,20 +59,12 @@ MAX_QUERY = 256
 
 
 def _text(value: Any, name: str, max_len: int, *, required: bool = True) -> str | None:
-    """A one-line identifier-like string: no control characters, bounded, non-empty."""
-    if value is None:
-        if required:
-            raise RecordError(name, "is required")
-        return None
-    if not isinstance(value, str):
-        raise RecordError(name, f"must be a string, not {type(value).__name__}")
-    if not value.strip():
-        raise RecordError(name, "must not be empty")
-    if len(value) > max_len:
-        raise RecordError(name, f"is longer than {max_len} characters")
-    if has_control(value):
+    """A one-line identifier-like string: no control characters, bounded, non-empty (the
+    records' own string check, plus the control characters an id or a name must not hold)."""
+    text = _string({name: value}, name, max_len=max_len, required=required)
+    if text is not None and has_control(text):
         raise RecordError(name, "must not contain control characters")
-    return value
+    return text
 
 
 def _task_name(value: Any, name: str) -> str:
