@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from modstream.records import RecordError, now_iso
-from review.console.base import HandlerBase, _require_admin
+from review.console.base import HandlerBase, _fmt_age, _require_admin
 from review.console.middlewares import _json_error
 from review.decisions import KafkaUnavailable
 from stream.banks.bank import BANKS, MAX_LIST_LIMIT, BankEntry, BankUpdate
@@ -87,6 +87,7 @@ class BankPages(HandlerBase):
             error=error,
             done=request.query.get("done"),
             stats=await self.c.stats(),
+            fmt_age=_fmt_age,
         )
 
     async def bank_remove_page(self, request: web.Request) -> web.StreamResponse:
