@@ -53,7 +53,7 @@ MAX_TIME = 64
 # One entry as JSON is well under 4 KiB at the limits above; refuse anything much bigger unread.
 MAX_ENTRY_BYTES = 16 * 1024
 MAX_LIST_LIMIT = 1000
-MAX_VARIANTS = 48  # extra PDQ hashes of one decided image (stream/banks/variants.py makes up to 36)
+MAX_VARIANTS = 48  # extra PDQ hashes of one decided image (stream/banks/variants.py makes 18: its crop grid)
 _VARIANT = "\x1f"  # joins an entry id and a variant number in the index (ids have no control characters)
 MAX_QUERY = 256
 
