@@ -28,7 +28,7 @@ from models.images import content_hash
 from modstream.records import Post, encode
 from stream.media_server import BackgroundMediaServer
 from tests.integration.console_harness import PASSWORD, Console, cli, json_api
-from tests.integration.sink_harness import SinkProcess
+from tests.integration.sink_harness import SinkProcess, commit_to_end
 from tests.integration.stack import LocalStack
 from tests.integration.worker_harness import Worker, collect, produce, stop_all
 from tests.reposts import REPOSTS, captioned, photo_like, worker_pdq
@@ -154,6 +154,9 @@ def test_a_decided_image_decides_its_reposts_everywhere_until_removed(
         "review-sink", ["--bootstrap", stack.bootstrap, "--redis", redis_url, "--group", group], logs, "review-sink"
     )
     console: Console | None = None
+    # Earlier tests' posts and review items are not this test's: both groups start at the end.
+    asyncio.run(commit_to_end(stack.bootstrap, first.app_id, "posts"))
+    asyncio.run(commit_to_end(stack.bootstrap, group, "review"))
     try:
         first.start()
         sink.start()
@@ -293,6 +296,7 @@ def test_hostile_bank_records_are_refused_by_a_running_worker(
     asyncio.run(produce(stack.bootstrap, bank_topic, [bad, json.dumps(good).encode()], keys=[b"good", b"good"]))
     worker = Worker(stack, registry, tmp_path, f"modstream-worker-hostile-{run}", banks=True,
                     extra_args=["--bank-topic", bank_topic])  # fmt: skip
+    asyncio.run(commit_to_end(stack.bootstrap, worker.app_id, "posts"))  # earlier tests' posts are not ours
     try:
         worker.start()
         assert _metric(worker, "modstream_bank_updates_total", outcome="refused") == 1
