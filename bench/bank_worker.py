@@ -138,6 +138,12 @@ def commit_to_end(bootstrap: str, group: str, topic: str = "posts") -> None:
     asyncio.run(run())
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (/proc/PID/stat fields 14, 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def read_metrics(port: int) -> dict[str, float]:
     """Sample name + labels -> value, from the worker's /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -193,7 +199,11 @@ class Worker:
 def measure(worker: Worker, stack: Stack, warm: list[Post], posts: list[Post], tag: str) -> dict[str, Any]:
     load_before = os.getloadavg()
     e2e(stack, warm, f"{tag}w-")
+    cpu_before = process_cpu_s(worker.proc.pid)
     result = e2e(stack, posts, f"{tag}m-")
+    # CPU-seconds per post: steadier than posts/s on a shared machine (another process's burst
+    # delays a worker's wall clock, not its CPU time). Read before the metrics polling below.
+    result["cpu_ms_per_post"] = 1000 * (process_cpu_s(worker.proc.pid) - cpu_before) / len(posts)
     expected = len(warm) + len(posts)
     deadline = time.monotonic() + 10  # the counter may trail the last label by a moment
     while True:
@@ -281,6 +291,7 @@ def main() -> None:
                 row[side] = result
                 print(f"pair {pair} {side:>3}: {result['posts_per_s']:.1f} posts/s, ready in {result['ready_s']:.1f} s")
             row["ratio_on_off"] = row["on"]["posts_per_s"] / row["off"]["posts_per_s"]
+            row["cpu_ratio_on_off"] = row["on"]["cpu_ms_per_post"] / row["off"]["cpu_ms_per_post"]
             runs.append(row)
 
         off_mean = statistics.fmean(r["off"]["posts_per_s"] for r in runs)
@@ -289,21 +300,31 @@ def main() -> None:
             "off_posts_per_s_mean": off_mean,
             "on_posts_per_s_mean": on_mean,
             "ratio_of_means": on_mean / off_mean,
+            "ratio_median": statistics.median(r["ratio_on_off"] for r in runs),
+            "off_cpu_ms_per_post_mean": statistics.fmean(r["off"]["cpu_ms_per_post"] for r in runs),
+            "on_cpu_ms_per_post_mean": statistics.fmean(r["on"]["cpu_ms_per_post"] for r in runs),
+            "cpu_ratio_median": statistics.median(r["cpu_ratio_on_off"] for r in runs),
             "ratio_goal": 0.95,
             "off_ready_s_mean": statistics.fmean(r["off"]["ready_s"] for r in runs),
             "on_ready_s_mean": statistics.fmean(r["on"]["ready_s"] for r in runs),
         }
         print()
-        print(f"{'pair':<6} {'OFF posts/s':>11} {'ON posts/s':>11} {'ON/OFF':>7} {'OFF ready':>10} {'ON ready':>9}")
+        print(
+            f"{'pair':<6} {'OFF posts/s':>11} {'ON posts/s':>11} {'ON/OFF':>7} {'OFF cpu ms':>10} {'ON cpu ms':>9} "
+            f"{'ON/OFF cpu':>10} {'OFF ready':>10} {'ON ready':>9}"
+        )
         for r in runs:
             print(
                 f"{r['pair']:<6} {r['off']['posts_per_s']:>11.1f} {r['on']['posts_per_s']:>11.1f} "
-                f"{r['ratio_on_off']:>6.3f}x {r['off']['ready_s']:>9.1f}s {r['on']['ready_s']:>8.1f}s"
+                f"{r['ratio_on_off']:>6.3f}x {r['off']['cpu_ms_per_post']:>10.1f} {r['on']['cpu_ms_per_post']:>9.1f} "
+                f"{r['cpu_ratio_on_off']:>9.3f}x {r['off']['ready_s']:>9.1f}s {r['on']['ready_s']:>8.1f}s"
             )
         print(
             f"{'mean':<6} {off_mean:>11.1f} {on_mean:>11.1f} {summary['ratio_of_means']:>6.3f}x "
-            f"{summary['off_ready_s_mean']:>9.1f}s {summary['on_ready_s_mean']:>8.1f}s"
+            f"{summary['off_cpu_ms_per_post_mean']:>10.1f} {summary['on_cpu_ms_per_post_mean']:>9.1f} "
+            f"{'':>10} {summary['off_ready_s_mean']:>9.1f}s {summary['on_ready_s_mean']:>8.1f}s"
         )
+        print(f"median ON/OFF: posts/s {summary['ratio_median']:.3f}x, CPU per post {summary['cpu_ratio_median']:.3f}x")
         print(
             f"ON workers: {args.bank_entries} violating entries loaded before /ready; "
             f"goal ON/OFF >= {summary['ratio_goal']}: {'met' if summary['ratio_of_means'] >= 0.95 else 'NOT met'}"

@@ -35,6 +35,7 @@ import pdqhash
 from PIL import Image
 
 from models.images import bounded_rgb
+from stream.banks import pdq_native
 
 PDQ_BITS = 256
 PDQ_BYTES = PDQ_BITS // 8
@@ -113,6 +114,9 @@ def pdq_hash_rgb(rgb: np.ndarray) -> PdqHash:
         raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got {rgb.shape} {rgb.dtype}")
     if rgb.shape[0] < 1 or rgb.shape[1] < 1:
         raise ValueError("cannot hash an empty image")
+    if pdq_native.available():  # the same C++ and luma, with the GIL released (pdq_native.py)
+        bits, native_quality = pdq_native.hash_rgb(rgb)
+        return PdqHash(bits, int(native_quality))
     # pdqhash reads the buffer directly (a typed Cython argument): it must be C-contiguous.
     vector, quality = pdqhash.compute(np.ascontiguousarray(rgb))
     # pdqhash returns bit 255 first (the ThreatExchange order): packbits keeps that order.

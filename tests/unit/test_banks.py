@@ -14,6 +14,7 @@ from PIL import Image
 
 from models.images import MAX_SIDE, bounded_rgb, decode_image
 from modstream.records import RecordError
+from stream.banks import pdq_native
 from stream.banks.bank import BankEntry, BankUpdate, VerdictBanks
 from stream.banks.hashing import HASH_MAX_SIDE, PdqHash, pdq_hash, pdq_hash_rgb
 from stream.banks.index import PdqIndex
@@ -98,6 +99,25 @@ def test_pdq_hex_is_threatexchange_reference_order() -> None:
     pdq = pdq_hash_rgb(reference_image())
     assert pdq.hex == REFERENCE_HEX
     assert pdq.quality == 100
+
+
+def test_the_worker_hashes_with_the_gil_released_and_the_bindings_result() -> None:
+    # pdq_native calls the binding's own C++ through ctypes (GIL released); with the pinned
+    # pdqhash it must be the path taken, and give pdqhash.compute's hash bit for bit.
+    import pdqhash
+
+    assert pdq_native.available(), "pdqhash no longer exports pdqHash256FromFloatLuma"
+    rng = np.random.default_rng(7)
+    images = [reference_image(), np.asarray(photo_like(3, size=(448, 314)))]
+    images += [
+        rng.integers(0, 256, (int(rng.integers(1, 200)), int(rng.integers(1, 200)), 3), dtype=np.uint8)
+        for _ in range(20)
+    ]
+    for rgb in images:
+        vector, quality = pdqhash.compute(np.ascontiguousarray(rgb))
+        expected = PdqHash(np.packbits(vector.astype(np.uint8)).tobytes(), int(quality))
+        assert pdq_native.hash_rgb(rgb) == (expected.bits, expected.quality)
+        assert pdq_hash_rgb(rgb) == expected
 
 
 def test_known_threatexchange_hash_roundtrips_through_hex() -> None:
