@@ -46,7 +46,7 @@ test-tools:
 	bash deploy/test-tools.sh
 
 unit: venv test-tools
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=30 tests
 
 test: lint typecheck unit
 
