@@ -18,6 +18,7 @@ reading and validation; secrets are `SecretStr`, so printing the settings shows 
     MODSTREAM_S3_ACCESS_KEY_ID, MODSTREAM_S3_SECRET_ACCESS_KEY   (unset: boto3's chain, e.g. a pod role)
     MODSTREAM_MEDIA_LINK_KEY    signs Label Studio's media links (a secret; unset: none are made or served)
     MODSTREAM_AUDIT_KEY         keys the blind audit sample (a secret; unset: a development key)
+    MODSTREAM_PROMETHEUS_URL    the Prometheus the console's live-quality page reads (unset: none)
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ class Settings(BaseSettings):
     media_link_key: SecretStr | None = None
     # Keys the blind audit sample (stream/audit_sampling.py): posters cannot tell audited posts.
     audit_key: SecretStr | None = None
+    # The Prometheus whose recorded live-quality series the console plots (review/live_quality_source.py).
+    prometheus_url: str | None = None
 
     @classmethod
     def settings_customise_sources(

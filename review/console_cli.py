@@ -56,6 +56,12 @@ def _media_link_key() -> str | None:
     return key.get_secret_value() if key is not None else None
 
 
+def _prometheus_url() -> str:
+    from modstream.settings import current
+
+    return current().prometheus_url or ""
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     import contextlib
@@ -98,6 +104,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         bank_topic=args.bank_topic,
         media_link_key=link_key,
         media_link_origin=args.media_link_origin,
+        prometheus_url=args.prometheus_url or None,
     )
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(config, args.host, args.port, args.ops_port or None))
@@ -261,6 +268,12 @@ def add_parsers(sub: Any) -> None:
         default="*",
         help="Access-Control-Allow-Origin of /ls-media/ images (Label Studio's origin); links need "
         "MODSTREAM_MEDIA_LINK_KEY",
+    )
+    p.add_argument(
+        "--prometheus-url",
+        default=_prometheus_url(),
+        help="the Prometheus the live-quality admin page reads, e.g. http://prometheus:9090 "
+        "(env MODSTREAM_PROMETHEUS_URL; unset: the page says none is configured)",
     )
     p.add_argument("--insecure-cookies", action="store_true", help="drop the Secure cookie flag (plain-http use)")
     p.set_defaults(func=cmd_serve)

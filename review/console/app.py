@@ -10,6 +10,7 @@ from review.console.admin import AdminPages
 from review.console.api import ApiHandlers
 from review.console.banks import BankPages
 from review.console.core import STATIC, Console, ConsoleConfig
+from review.console.live_quality import LiveQualityPages
 from review.console.login import LoginPages
 from review.console.middlewares import build_middlewares
 from review.console.pages import ReviewerPages
@@ -18,7 +19,7 @@ from review.decisions import (
 )
 
 
-class Handlers(LoginPages, ReviewerPages, AdminPages, BankPages, ApiHandlers):
+class Handlers(LoginPages, ReviewerPages, AdminPages, BankPages, LiveQualityPages, ApiHandlers):
     """Every route's handler, one group per concern (login, pages, admin, api)."""
 
 
@@ -48,6 +49,7 @@ def create_app(config: ConsoleConfig, *, producer: DecisionProducer | None = Non
     r.add_get("/admin/banks", h.banks_page)
     r.add_post("/admin/banks/import", h.bank_import_page)  # before the dynamic route
     r.add_post("/admin/banks/{entry_id:.+}/remove", h.bank_remove_page)  # an id may hold "/"
+    r.add_get("/admin/live-quality", h.live_quality_page)
     r.add_post("/api/v1/claim", h.api_claim)
     r.add_get("/api/v1/items/{entry_id}", h.api_item)
     r.add_post("/api/v1/items/{entry_id}/decision", h.api_decision)
@@ -63,6 +65,7 @@ def create_app(config: ConsoleConfig, *, producer: DecisionProducer | None = Non
     r.add_get("/api/v1/admin/banks/export", h.api_bank_export)
     r.add_post("/api/v1/admin/banks/import", h.api_bank_import)
     r.add_delete("/api/v1/admin/banks/{entry_id:.+}", h.api_bank_remove)
+    r.add_get("/api/v1/admin/live-quality", h.api_live_quality)
     r.add_get("/healthz", h.healthz)
     r.add_get("/metrics", h.metrics)
     r.add_static("/static", STATIC, show_index=False, follow_symlinks=False)

@@ -98,6 +98,8 @@ class ConsoleConfig:
     # curation ("" : no banks).
     bank_topic: str = "bank-updates"
     session_idle_s: int = 8 * 3600
+    # The Prometheus that scrapes the dataset sinks: the live-quality page reads it (None: not shown).
+    prometheus_url: str | None = None
 
     @property
     def session_cookie(self) -> str:
