@@ -316,6 +316,8 @@ AUDIT_ACTIONS = (
     "retention_applied",
     "bank_entry_removed",
     "bank_list_imported",
+    "gold_item_added",
+    "gold_item_removed",
 )
 MAX_AUDIT_DETAIL = 4096  # characters of the detail's JSON: ids and counts, never post text
 
@@ -366,6 +368,14 @@ class AuditEvent:
 # produce a training label; skip and escalate never do.
 ACTIONS = ("confirm", "correct", "not_violating", "skip", "escalate")
 LABELLING_ACTIONS = ("confirm", "correct", "not_violating")
+# Where a decision stands in double review (ReviewDecision.review_stage, review/agreement.py):
+# "single" an item one reviewer decides; "first" the first of two blind reviews (never trains:
+# the pair may disagree); "second" a second review that labels nothing (skip, escalate);
+# "agreed" / "disagreed" a second review that labels and agrees / disagrees with the first
+# (a disagreement goes to the admins' escalations); "settled" an admin's final decision on an
+# escalation; "gold" an answer to an admin's gold item (measures the reviewer, never trains).
+REVIEW_STAGES = ("single", "first", "second", "agreed", "disagreed", "settled", "gold")
+TRAINING_STAGES = ("single", "agreed", "settled")  # the only stages the dataset trains on
 
 
 @dataclass
@@ -440,10 +450,18 @@ class ReviewDecision:
     # only consoles write `reviewed`); None on a plaintext one. Consumers cannot see who produced
     # a record, so the console states it and the broker's ACL is what makes it true.
     recorded_by: str | None = None
+    # Double review and gold items (REVIEW_STAGES): only "single", "agreed" and "settled"
+    # decisions may become training examples (review/dataset.py refuses the others).
+    review_stage: str = "single"
 
     def training_labels(self) -> dict[str, str | None]:
         """task -> label for the dataset; None where the reviewer asserted nothing."""
         return {t: d.label if d.action in LABELLING_ACTIONS else None for t, d in self.decisions.items()}
+
+    @property
+    def trains(self) -> bool:
+        """May this decision become a training example (its stage; it must label something too)?"""
+        return self.review_stage in TRAINING_STAGES
 
     @property
     def escalated(self) -> bool:
@@ -461,6 +479,9 @@ class ReviewDecision:
             if not isinstance(decisions, dict):
                 raise RecordError("decisions", "must be an object of task -> {action, label}")
             parsed = {str(t): TaskDecision(**_known_fields(TaskDecision, d)) for t, d in decisions.items()}
+            stage = obj.get("review_stage", "single")
+            if not isinstance(stage, str) or stage not in REVIEW_STAGES:
+                raise RecordError("review_stage", f"must be one of {', '.join(REVIEW_STAGES)}")
             return cls(decisions=parsed, **_known_fields(cls, obj))
         except (KeyError, TypeError) as exc:
             raise RecordError("review_decision", str(exc)) from exc

@@ -6,8 +6,9 @@ Redis checks those against the caller's ACL too).
     review-sink  adds items to the review stream once per post (its script: SET NX + XADD); it
                  cannot acknowledge, delete or trim anything
     console      claims, renews, acknowledges, skips (re-adds), escalates; deletes only from the
-                 escalation and dead-letter streams and its own session, login-limit and
-                 submit-lock keys (also the Label Studio import and export)
+                 escalation and dead-letter streams and its own session, login-limit,
+                 submit-lock and double-review pair keys and gold definitions (also the Label
+                 Studio import and export)
     default      the operator (retention, purge, the stack's own tooling): everything
 
 So a compromised worker cannot touch the queue, and the sink cannot acknowledge or delete
@@ -43,11 +44,15 @@ RULES: dict[str, str] = {
     ),
     "console": (
         "+multi +exec +discard +script|load "
-        f"(~{REVIEW} ~{REVIEW}:escalated ~{REVIEW}:decided:* ~{REVIEW}:decisions +evalsha) "
+        f"(~{REVIEW} ~{REVIEW}:escalated ~{REVIEW}:decided:* ~{REVIEW}:decisions ~{REVIEW}:pair:* ~{REVIEW}:pairs "
+        f"~{REVIEW}:gold:results +evalsha) "
         f"(~{REVIEW} +xgroup|create +xinfo|groups +xreadgroup +xpending +xautoclaim +xclaim +xack +xrange +xlen +xadd) "
         f"(~{REVIEW}:dead ~{REVIEW}:escalated +xadd +xrange +xrevrange +xlen +xdel) "
         f"(~{REVIEW}:decided:* +set +get +mget +exists) "
         f"(~{REVIEW}:decisions +zadd +zremrangebyscore +zrangebyscore) "
+        f"(~{REVIEW}:pair:* +hset +hget +hmget +hgetall +del +expire +exists) "
+        f"(~{REVIEW}:pairs ~{REVIEW}:gold:results +xadd +xrevrange) "
+        f"(~{REVIEW}:gold +hset +hget +hgetall +hdel) "
         f"(~{REVIEW}:submitting:* +set +get +del) "
         f"(~{REVIEW}:session:* +hset +hgetall +expire +del) "
         f"(~{REVIEW}:login-fail:* +incrby +decrby +expire +del) "

@@ -73,6 +73,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _fail(ValueError(f"--claim-timeout must be positive, not {args.claim_timeout:g}"))
     if args.max_deliveries < 1:
         return _fail(ValueError(f"--max-deliveries must be at least 1, not {args.max_deliveries}"))
+    if not 0.0 <= args.second_review_rate <= 1.0:
+        return _fail(ValueError(f"--second-review-rate is a share between 0 and 1, not {args.second_review_rate:g}"))
     users_path = Path(args.users)
     try:
         names = UserStore(users_path).names()
@@ -97,6 +99,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         users_path=users_path,
         claim_timeout_s=args.claim_timeout,
         max_deliveries=args.max_deliveries,
+        second_review_rate=args.second_review_rate,
         evidence=args.evidence,
         secure_cookies=not args.insecure_cookies,
         topic=args.topic,
@@ -262,6 +265,12 @@ def add_parsers(sub: Any) -> None:
     users_opt(p, audited=False)
     p.add_argument("--claim-timeout", type=float, default=300.0, help="seconds before an abandoned claim is reclaimed")
     p.add_argument("--max-deliveries", type=int, default=5, help="deliveries before an item is dead-lettered")
+    p.add_argument(
+        "--second-review-rate",
+        type=float,
+        default=0.05,
+        help="share of review items a second reviewer also decides, blind (keyed by MODSTREAM_AUDIT_KEY; 0: none)",
+    )
     add_evidence(p, "where the worker keeps the media it scored (the console shows only those bytes)")
     p.add_argument(
         "--media-link-origin",

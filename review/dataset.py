@@ -10,6 +10,10 @@ with modstream.manifest.read_manifest(..., latest=True) (load_reviewed does). Im
 Rules (`plan_batch`), all idempotent so a redelivered batch changes nothing:
 - a decision that labels no task (every task skipped or escalated) never becomes a line and
   leaves an existing line alone; a skipped or escalated task's label is null;
+- a decision whose `review_stage` does not train (the first of a double review, a second
+  that disagreed, an answer to a gold item: modstream.records.TRAINING_STAGES) never becomes
+  a line either and leaves an existing line alone (outcome `held`): a double-reviewed item
+  trains only from the second reviewer's agreeing decision or an admin's settlement;
 - a post's line reflects its latest labelling decision, ordered by (decided_at, decision_id):
   a replayed decision (same id as the line's) or an older one is a no-op;
 - `meta.revision` counts the labelling decisions that took effect on the line, so
@@ -114,7 +118,7 @@ def plan_batch(decisions: Sequence[ReviewDecision], current: Mapping[str, Any]) 
     """Apply the rules to `decisions` in order against `current` (post id -> the writer's
     IndexEntry, or a manifest line). Looks up only the batch's posts, so a batch costs the
     same however large the dataset grew. Outcomes: added, replaced, replayed, superseded
-    (older than the post's line), no_labels."""
+    (older than the post's line), no_labels, held (a review stage that never trains)."""
     plan = Plan()
     best: dict[str, tuple[str, tuple[datetime, str]] | None] = {}  # post id -> (decision id, order key)
 
@@ -128,6 +132,9 @@ def plan_batch(decisions: Sequence[ReviewDecision], current: Mapping[str, Any]) 
     for d in decisions:
         if not labels_something(d):
             plan.outcomes.append("no_labels")
+            continue
+        if not d.trains:  # pending a second review, disagreed, or gold: never a training example
+            plan.outcomes.append("held")
             continue
         key = order_key(d.decision_id, d.decided_at)
         now = best_of(d.post_id)

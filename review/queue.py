@@ -33,6 +33,7 @@ admins (`escalate`), so neither loses it.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -49,6 +50,13 @@ DEAD = "modstream:review:dead"
 ESCALATED = "modstream:review:escalated"  # items a reviewer escalated, for admins (or a T&S lead)
 DECISIONS_WINDOW_S = 3600
 DECISIONS_KEEP_S = 24 * 3600
+# Double review (review/agreement.py): after the first of two blind reviews the entry stays
+# pending, parked under this consumer (not a possible user name: those start with a letter or
+# digit) until a different reviewer claims it; its first verdict waits in `pair:<post id>`.
+PARKED = "~second-review"
+SECOND_SCAN = 200  # parked entries a claim looks through for one its caller did not review first
+PAIRS_KEEP = 100_000  # finished pairs kept for agreement statistics (their own stream, trimmed)
+GOLD_RESULTS_KEEP = 100_000
 
 
 class QueueError(RuntimeError):
@@ -146,6 +154,109 @@ redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
 redis.call('ZREMRANGEBYSCORE', KEYS[3], 0, ARGV[6])
 return 1
 """
+
+
+# KEYS: stream, pair key, decisions zset. ARGV: group, entry id, reviewer, decision id, the first
+# reviewer's labels (JSON), item kind, now, zset member, cutoff, pair ttl, parked consumer.
+# The first of two reviews: its verdict is kept for the second, the entry is parked (pending,
+# not acked, no decided marker), and the decision counts like any other.
+_FIRST_DONE = (
+    _OWNER_CHECK
+    + """
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[2], 'state', 'first', 'first_reviewer', ARGV[3], 'first_decision_id', ARGV[4],
+  'first_labels', ARGV[5], 'kind', ARGV[6], 'first_at', ARGV[7])
+redis.call('EXPIRE', KEYS[2], ARGV[10])
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[11], 0, ARGV[2], 'JUSTID')
+redis.call('ZADD', KEYS[3], ARGV[7], ARGV[8])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], 0, ARGV[9])
+return {1, owner}
+"""
+)
+
+# KEYS: stream. ARGV: group, reviewer, parked consumer, pair key prefix, scan count. The first
+# parked entry whose first review is not the caller's, claimed for the caller (a delivery).
+_TAKE_SECOND = """
+local rows = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', tonumber(ARGV[5]), ARGV[3])
+for _, row in ipairs(rows) do
+  local id = row[1]
+  local entries = redis.call('XRANGE', KEYS[1], id, id)
+  if #entries == 0 then
+    redis.call('XACK', KEYS[1], ARGV[1], id)
+  else
+    local flat = entries[1][2]
+    local post = ''
+    for i = 1, #flat, 2 do if flat[i] == 'post_id' then post = flat[i + 1] end end
+    if redis.call('HGET', ARGV[4] .. post, 'first_reviewer') ~= ARGV[2] then
+      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id)
+      return id
+    end
+  end
+end
+return false
+"""
+
+# KEYS: stream, decided marker, decisions zset, pair key, pairs stream, escalated stream.
+# ARGV: group, entry id, reviewer, decision id, marker ttl, now, zset member, cutoff, outcome
+# (agreed | disagreed | second), second labels (JSON), pairs kept, escalation note, now in ms.
+# The second review ends the item as `complete` does; the pair's outcome is recorded for the
+# agreement statistics, and a disagreement is copied to the escalated stream for an admin, all
+# in one step after the owner check.
+_SECOND_DONE = (
+    _OWNER_CHECK
+    + """
+local pair = redis.call('HMGET', KEYS[4], 'first_reviewer', 'first_labels', 'kind', 'first_decision_id')
+local entries = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
+local fields = {post_id = '', item = ''}
+if #entries > 0 then
+  local flat = entries[1][2]
+  for i = 1, #flat, 2 do fields[flat[i]] = flat[i + 1] end
+end
+if ARGV[9] == 'disagreed' then
+  redis.call('XADD', KEYS[6], '*', 'post_id', fields['post_id'], 'item', fields['item'], 'entry_id', ARGV[2],
+    'reviewer', ARGV[3], 'decision_id', ARGV[4], 'note', ARGV[12], 'escalated_at', ARGV[13],
+    'double_review', '1', 'first_reviewer', pair[1] or '', 'first_decision_id', pair[4] or '')
+end
+if ARGV[9] ~= 'second' then
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[11], '*', 'post_id', fields['post_id'], 'kind', pair[3] or '',
+    'first_reviewer', pair[1] or '', 'second_reviewer', ARGV[3], 'first_labels', pair[2] or '{}',
+    'second_labels', ARGV[10], 'outcome', ARGV[9], 'at', ARGV[6])
+end
+redis.call('HSET', KEYS[4], 'state', ARGV[9], 'second_reviewer', ARGV[3], 'second_decision_id', ARGV[4])
+redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[5])
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[6], ARGV[7])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], 0, ARGV[8])
+return {1, owner}
+"""
+)
+
+# KEYS: stream, decisions zset, gold results stream. ARGV: group, entry id, reviewer, now, zset
+# member, cutoff, results kept, post id, result (JSON). An answer to a gold item: acked and
+# counted, its score recorded; no decided marker (an admin may put the item in the queue again).
+_GOLD_DONE = (
+    _OWNER_CHECK
+    + """
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'post_id', ARGV[8], 'reviewer', ARGV[3],
+  'result', ARGV[9], 'at', ARGV[4])
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], 0, ARGV[6])
+return {1, owner}
+"""
+)
+
+
+@dataclass
+class Pair:
+    """A post's double review as Redis holds it (`state`: first, then agreed, disagreed or
+    second, then settled once an admin decides a disagreement)."""
+
+    state: str
+    first_reviewer: str
+    first_decision_id: str
+    first_labels: dict[str, str | None]
+    kind: str = "routed"
 
 
 @dataclass
@@ -253,12 +364,20 @@ class ReviewQueue:
         self.max_deliveries = max_deliveries
         self.decided_ttl_s = decided_ttl_s
         self.decisions_key = f"{prefix}:review:decisions"
+        self.pair_prefix = f"{prefix}:review:pair:"
+        self.pairs_stream = f"{prefix}:review:pairs"
+        self.gold_key = f"{prefix}:review:gold"
+        self.gold_results = f"{prefix}:review:gold:results"
         self.events = QueueEvents()
         self._renew_script = client.register_script(_RENEW)
         self._complete_script = client.register_script(_COMPLETE)
         self._release_script = client.register_script(_RELEASE)
         self._escalate_script = client.register_script(_ESCALATE)
         self._settle_script = client.register_script(_SETTLE)
+        self._first_done_script = client.register_script(_FIRST_DONE)
+        self._take_second_script = client.register_script(_TAKE_SECOND)
+        self._second_done_script = client.register_script(_SECOND_DONE)
+        self._gold_done_script = client.register_script(_GOLD_DONE)
 
     # redis-py's stream replies are loosely typed (bytes or str, optional lists): normalise once.
     async def _range(self, key: str, start: str, end: str = "+", count: int = 1000) -> list[tuple[str, dict[str, str]]]:
@@ -297,6 +416,9 @@ class ReviewQueue:
         own = await self.own_pending(reviewer)
         if own is not None:
             return own
+        second = await self._take_second(reviewer)
+        if second is not None:
+            return second
         taken = await self._reclaim(reviewer)
         if taken is not None:
             return taken
@@ -379,6 +501,10 @@ class ReviewQueue:
             await self.client.xack(self.stream, self.group, entry_id)
             self.events.skipped_decided += 1
             return None
+        pair = await self.pair(item.post_id)
+        if pair is not None and pair.state == "first" and pair.first_reviewer == reviewer:
+            await self._park(entry_id)  # never one's own second reviewer: left for someone else
+            return None
         return Claim(entry_id, item, reviewer, deliveries)
 
     async def _load(self, entry_id: str, reviewer: str, deliveries: int) -> Claim | None:
@@ -406,6 +532,195 @@ class ReviewQueue:
         pipe.xack(self.stream, self.group, entry_id)
         await pipe.execute()
         self.events.dead_lettered += 1
+
+    # -- double review and gold items (review/agreement.py) -----------------------------------
+
+    def pair_key(self, post_id: str) -> str:
+        return self.pair_prefix + post_id
+
+    async def pair(self, post_id: str) -> Pair | None:
+        """The post's double review, None when it has none."""
+        raw: Any = await self.client.hgetall(self.pair_key(post_id))
+        fields = _fields(raw)
+        if not fields.get("state"):
+            return None
+        try:
+            labels = json.loads(fields.get("first_labels") or "{}")
+        except ValueError:
+            labels = {}
+        return Pair(
+            state=fields["state"],
+            first_reviewer=fields.get("first_reviewer", ""),
+            first_decision_id=fields.get("first_decision_id", ""),
+            first_labels=labels if isinstance(labels, dict) else {},
+            kind=fields.get("kind", "routed"),
+        )
+
+    async def _park(self, entry_id: str) -> None:
+        """Hand a second-review entry back to the parked consumer, undoing the delivery the
+        caller's read counted (so its first reviewer meeting it again never dead-letters it)."""
+        count = max(0, await self._deliveries(entry_id) - 1)
+        await self.client.execute_command(
+            "XCLAIM", self.stream, self.group, PARKED, 0, entry_id, "RETRYCOUNT", count, "JUSTID"
+        )
+
+    async def _take_second(self, reviewer: str) -> Claim | None:
+        """A parked entry whose first review was not `reviewer`'s, claimed for them."""
+        for _ in range(10):  # an entry decided meanwhile is acked by _accept: look again
+            found: Any = await self._take_second_script(
+                keys=[self.stream], args=[self.group, reviewer, PARKED, self.pair_prefix, SECOND_SCAN]
+            )
+            if not found:
+                return None
+            entry_id = _str(found)
+            claim = await self._load(entry_id, reviewer, await self._deliveries(entry_id))
+            if claim is not None:
+                self.events.claims += 1
+                return claim
+        return None
+
+    async def first_review_done(
+        self, entry_id: str, post_id: str, reviewer: str, decision_id: str, labels: dict[str, str | None], kind: str
+    ) -> None:
+        """After the first of two reviews is on Kafka: keep its verdict for the pair and park the
+        entry for a different reviewer (owner-checked like `complete`: NotClaimed changes nothing)."""
+        now = time.time()
+        keys = [self.pair_key(post_id), self.decisions_key]
+        args = [
+            decision_id,
+            json.dumps(labels, sort_keys=True),
+            kind,
+            now,
+            f"{decision_id}:{reviewer}",
+            now - DECISIONS_KEEP_S,
+            self.decided_ttl_s,
+            PARKED,
+        ]
+        status, owner = await self._owned(self._first_done_script, entry_id, reviewer, keys, args)
+        if status != 1:
+            raise NotClaimed(self._lost(entry_id, reviewer, owner) + "; nothing was recorded in the queue")
+
+    async def second_review_done(
+        self,
+        entry_id: str,
+        post_id: str,
+        reviewer: str,
+        decision_id: str,
+        outcome: str,
+        labels: dict[str, str | None],
+        note: str,
+    ) -> None:
+        """After the second review is on Kafka: the item ends (decided marker, XACK), the pair's
+        outcome is recorded, and a disagreement goes to the escalated stream, in one step that
+        first checks `reviewer` holds the entry (NotClaimed: nothing changed)."""
+        if outcome not in ("agreed", "disagreed", "second"):
+            raise ValueError(f"unknown double-review outcome {outcome!r}")
+        now = time.time()
+        keys = [
+            self.decided_key(post_id),
+            self.decisions_key,
+            self.pair_key(post_id),
+            self.pairs_stream,
+            self.escalated_stream,
+        ]
+        args = [
+            decision_id,
+            self.decided_ttl_s,
+            now,
+            f"{decision_id}:{reviewer}",
+            now - DECISIONS_KEEP_S,
+            outcome,
+            json.dumps(labels, sort_keys=True),
+            PAIRS_KEEP,
+            note,
+            str(int(now * 1000)),
+        ]
+        status, owner = await self._owned(self._second_done_script, entry_id, reviewer, keys, args)
+        if status != 1:
+            raise NotClaimed(self._lost(entry_id, reviewer, owner) + "; nothing was acknowledged")
+
+    async def pair_settled(self, post_id: str, admin: str, decision_id: str) -> None:
+        """An admin decided the pair's escalation (the settlement is the decision that trains)."""
+        key = self.pair_key(post_id)
+        if await self.client.exists(key):
+            await self.client.hset(
+                key, mapping={"state": "settled", "settled_by": admin, "settled_decision_id": decision_id}
+            )
+
+    async def pairs(self, count: int = 5000) -> list[dict[str, Any]]:
+        """The newest finished pairs (first and second reviewer, their labels, the outcome)."""
+        rows: Any = await self.client.xrevrange(self.pairs_stream, "+", "-", count=count)
+        out = []
+        for entry_id, raw in rows or []:
+            fields = _fields(raw)
+            try:
+                first, second = (
+                    json.loads(fields.get("first_labels", "{}")),
+                    json.loads(fields.get("second_labels", "{}")),
+                )
+            except ValueError:
+                continue
+            if isinstance(first, dict) and isinstance(second, dict):
+                out.append({**fields, "id": _str(entry_id), "first_labels": first, "second_labels": second})
+        return out
+
+    async def gold(self, post_id: str) -> dict[str, Any] | None:
+        """The gold item's definition ({"expected": {task: label}, "added_by", ...}), or None."""
+        raw = await self.client.hget(self.gold_key, post_id)
+        if raw is None:
+            return None
+        try:
+            found = json.loads(_str(raw))
+        except ValueError:
+            return None
+        return found if isinstance(found, dict) else None
+
+    async def gold_items(self) -> dict[str, dict[str, Any]]:
+        raw: Any = await self.client.hgetall(self.gold_key)
+        out: dict[str, dict[str, Any]] = {}
+        for key, value in _fields(raw).items():
+            with contextlib.suppress(ValueError):
+                found = json.loads(value)
+                if isinstance(found, dict):
+                    out[key] = found
+        return out
+
+    async def add_gold(self, item: ReviewItem, definition: dict[str, Any]) -> str:
+        """Define a gold item and put it in the queue (one entry); returns the entry id."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(self.gold_key, item.post_id, json.dumps(definition, sort_keys=True))
+        pipe.xadd(self.stream, {"post_id": item.post_id, "item": encode(item).decode()})
+        _, entry_id = await pipe.execute()
+        return _str(entry_id)
+
+    async def remove_gold(self, post_id: str) -> bool:
+        return bool(await self.client.hdel(self.gold_key, post_id))
+
+    async def gold_done(
+        self, entry_id: str, post_id: str, reviewer: str, decision_id: str, result: dict[str, Any]
+    ) -> None:
+        """After an answer to a gold item is on Kafka: record its score and ack the entry
+        (owner-checked: NotClaimed changes nothing)."""
+        now = time.time()
+        args = [now, f"{decision_id}:{reviewer}", now - DECISIONS_KEEP_S, GOLD_RESULTS_KEEP, post_id,
+                json.dumps(result, sort_keys=True)]  # fmt: skip
+        status, owner = await self._owned(
+            self._gold_done_script, entry_id, reviewer, [self.decisions_key, self.gold_results], args
+        )
+        if status != 1:
+            raise NotClaimed(self._lost(entry_id, reviewer, owner) + "; nothing was acknowledged")
+
+    async def gold_answers(self, count: int = 5000) -> list[dict[str, Any]]:
+        """The newest answers to gold items: reviewer, post id, result {task: {expected, given}}."""
+        rows: Any = await self.client.xrevrange(self.gold_results, "+", "-", count=count)
+        out = []
+        for _, raw in rows or []:
+            fields = _fields(raw)
+            with contextlib.suppress(ValueError):
+                result = json.loads(fields.get("result", "{}"))
+                if isinstance(result, dict):
+                    out.append({**fields, "result": result})
+        return out
 
     # -- ownership and acknowledgement -------------------------------------------------------
 
@@ -470,9 +785,11 @@ class ReviewQueue:
         if holder is not None and _str(holder) == decision_id:
             await self.client.delete(key)
 
-    async def decided_decision(self, entry_id: str) -> tuple[str, str] | None:
+    async def decided_decision(self, entry_id: str, reviewer: str | None = None) -> tuple[str, str] | None:
         """(post id, decision id) when the post of `entry_id` is decided already, else None: a
-        submit that finds its claim gone can tell "already recorded" from "lost"."""
+        submit that finds its claim gone can tell "already recorded" from "lost". A first review
+        waiting for its second counts as recorded for its own reviewer only (anyone else must
+        not learn its id: ids derive from the choices, so a guess could be checked against it)."""
         if not _ENTRY_ID.match(entry_id):
             return None
         rows = await self._range(self.stream, entry_id, entry_id, count=1)
@@ -480,7 +797,12 @@ class ReviewQueue:
         if not post_id:
             return None
         decided = await self.client.get(self.decided_key(post_id))
-        return (post_id, _str(decided)) if decided is not None else None
+        if decided is not None:
+            return post_id, _str(decided)
+        pair = await self.pair(post_id) if reviewer is not None else None
+        if pair is not None and pair.state == "first" and pair.first_reviewer == reviewer:
+            return post_id, pair.first_decision_id
+        return None
 
     async def hold(self, entry_id: str, reviewer: str) -> None:
         """`renew`, raising NotClaimed when the claim is lost: the submit path calls it right

@@ -80,7 +80,7 @@ class ApiHandlers(HandlerBase):
             claim = await self.c.queue.get_claimed(request.match_info["entry_id"], user.name)
         except NotClaimed as exc:
             self.c.metrics.claims_lost.labels("submit").inc()
-            decided = await self.c.queue.decided_decision(request.match_info["entry_id"])
+            decided = await self.c.queue.decided_decision(request.match_info["entry_id"], user.name)
             if decided is not None:  # a retry after the first submit went through: say so
                 return _json_error(409, f"already decided: {exc}", recorded=True, decision_id=decided[1])
             return _json_error(409, str(exc), recorded=False)
@@ -98,7 +98,10 @@ class ApiHandlers(HandlerBase):
             return _json_error(409, str(exc), recorded=False)
         except KafkaUnavailable as exc:
             return _json_error(503, str(exc), retry=True)
-        return web.json_response({"decision": decision.to_json()}, status=201)
+        body = decision.to_json()
+        if decision.review_stage in ("agreed", "disagreed"):  # the second reviewer learns nothing of the first
+            body["review_stage"] = "second"
+        return web.json_response({"decision": body}, status=201)
 
     async def api_renew(self, request: web.Request) -> web.StreamResponse:
         return await self._renew(request)

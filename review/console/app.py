@@ -7,6 +7,7 @@ import asyncio
 from aiohttp import web
 
 from review.console.admin import AdminPages
+from review.console.agreement import AgreementPages
 from review.console.api import ApiHandlers
 from review.console.banks import BankPages
 from review.console.core import STATIC, Console, ConsoleConfig
@@ -19,7 +20,7 @@ from review.decisions import (
 )
 
 
-class Handlers(LoginPages, ReviewerPages, AdminPages, BankPages, LiveQualityPages, ApiHandlers):
+class Handlers(LoginPages, ReviewerPages, AdminPages, BankPages, LiveQualityPages, AgreementPages, ApiHandlers):
     """Every route's handler, one group per concern (login, pages, admin, api)."""
 
 
@@ -50,6 +51,9 @@ def create_app(config: ConsoleConfig, *, producer: DecisionProducer | None = Non
     r.add_post("/admin/banks/import", h.bank_import_page)  # before the dynamic route
     r.add_post("/admin/banks/{entry_id:.+}/remove", h.bank_remove_page)  # an id may hold "/"
     r.add_get("/admin/live-quality", h.live_quality_page)
+    r.add_get("/admin/agreement", h.agreement_page)
+    r.add_post("/admin/gold", h.gold_add_page)
+    r.add_post("/admin/gold/{post_id}/remove", h.gold_remove_page)
     r.add_post("/api/v1/claim", h.api_claim)
     r.add_get("/api/v1/items/{entry_id}", h.api_item)
     r.add_post("/api/v1/items/{entry_id}/decision", h.api_decision)
@@ -66,11 +70,16 @@ def create_app(config: ConsoleConfig, *, producer: DecisionProducer | None = Non
     r.add_post("/api/v1/admin/banks/import", h.api_bank_import)
     r.add_delete("/api/v1/admin/banks/{entry_id:.+}", h.api_bank_remove)
     r.add_get("/api/v1/admin/live-quality", h.api_live_quality)
+    r.add_get("/api/v1/admin/agreement", h.api_agreement)
+    r.add_get("/api/v1/admin/gold", h.api_gold)
+    r.add_post("/api/v1/admin/gold", h.api_gold_add)
+    r.add_delete("/api/v1/admin/gold/{post_id}", h.api_gold_remove)
     r.add_get("/healthz", h.healthz)
     r.add_get("/metrics", h.metrics)
     r.add_static("/static", STATIC, show_index=False, follow_symlinks=False)
     app.on_startup.append(console.on_startup)
     app.on_cleanup.append(console.on_cleanup)
+    app.cleanup_ctx.append(h.agreement_refresher)
     return app
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from modstream.records import AuditEvent, RecordError, ReviewDecision, ReviewItem, decode_json
+from review.agreement import agreement_outcome, gold_result
 from review.auth import User
 from review.bank_verdicts import entry_for, with_variants
 from review.console.core import IDENTITY, Console, Identity
@@ -273,8 +274,10 @@ class HandlerBase:
         try:
             await self.c.producer.send(decision)
             # The verdict goes to the banks before the item closes: if the bank update fails, the
-            # submit fails and the item stays claimed (a retry resends both, same ids).
-            entry = entry_for(decision, claim.item)
+            # submit fails and the item stays claimed (a retry resends both, same ids). Only a
+            # verdict that trains is banked: a first review, a disagreement or a gold answer is
+            # not settled (and a bank's precedent would show the second reviewer the first verdict).
+            entry = entry_for(decision, claim.item) if decision.trains else None
             if entry is not None and self.c.config.bank_topic:
                 entry = await with_variants(entry, self.c.media.store)
                 await self.c.producer.send_bank(BankUpdate.add(entry), self.c.config.bank_topic)
@@ -284,12 +287,17 @@ class HandlerBase:
             raise
         labels = any(label is not None for label in decision.training_labels().values())
         try:
-            if decision.escalated:
-                await self.c.queue.escalate(claim.entry_id, decision.reviewer, decision.decision_id, decision.note)
-            if labels or decision.escalated:
-                await self.c.queue.complete(claim.entry_id, claim.item.post_id, decision.reviewer, decision.decision_id)
+            if labels and not decision.escalated and await self._close_reviewed(claim, decision):
+                pass  # a first review parked, a second one recorded (escalated if it disagreed), gold scored
             else:
-                await self.c.queue.release(claim.entry_id, decision.reviewer)
+                if decision.escalated:
+                    await self.c.queue.escalate(claim.entry_id, decision.reviewer, decision.decision_id, decision.note)
+                if labels or decision.escalated:
+                    await self.c.queue.complete(
+                        claim.entry_id, claim.item.post_id, decision.reviewer, decision.decision_id
+                    )
+                else:
+                    await self.c.queue.release(claim.entry_id, decision.reviewer)
         except NotClaimed as exc:
             self.c.metrics.claims_lost.labels("close").inc()
             log.warning("decision %s produced, but %s", decision.decision_id, exc)
@@ -297,6 +305,76 @@ class HandlerBase:
         for task_decision in decision.decisions.values():
             self.c.metrics.decisions.labels(task_decision.action).inc()
         self.c.metrics.items_decided.inc()
+        self.c.metrics.stages.labels(decision.review_stage).inc()
+
+    async def _close_reviewed(self, claim: Claim, decision: ReviewDecision) -> bool:
+        """The Redis side of a double-review or gold decision that labels something (True), or
+        False for an ordinary one (the caller completes it). First review: the entry is parked
+        for a second reviewer; second: the pair is recorded and the item ends, a disagreement
+        escalated; gold: the answer is scored."""
+        q, post_id, stage = self.c.queue, claim.item.post_id, decision.review_stage
+        if stage == "first":
+            await q.first_review_done(
+                claim.entry_id,
+                post_id,
+                decision.reviewer,
+                decision.decision_id,
+                decision.training_labels(),
+                claim.item.kind,
+            )
+            return True
+        if stage in ("agreed", "disagreed"):
+            pair = await q.pair(post_id)
+            first = pair.first_reviewer if pair else "?"
+            note = ""
+            if stage == "disagreed":
+                said = "; ".join(
+                    f"{task}: {first} {(pair.first_labels.get(task) if pair else None) or '-'}, "
+                    f"{decision.reviewer} {label or '-'}"
+                    for task, label in decision.training_labels().items()
+                )
+                note = f"double review disagreement ({said})"
+                if decision.note:
+                    note += f"; {decision.reviewer}'s note: {decision.note}"
+            await q.second_review_done(
+                claim.entry_id,
+                post_id,
+                decision.reviewer,
+                decision.decision_id,
+                stage,
+                decision.training_labels(),
+                note,
+            )
+            return True
+        if stage == "gold":
+            gold = await q.gold(post_id) or {}
+            expected = gold.get("expected") if isinstance(gold.get("expected"), dict) else {}
+            result = gold_result(expected or {}, decision.training_labels())
+            await q.gold_done(claim.entry_id, post_id, decision.reviewer, decision.decision_id, result)
+            return True
+        return False
+
+    async def review_stage(self, claim: Claim, decision: ReviewDecision) -> str:
+        """Where this decision stands in double review (modstream.records.REVIEW_STAGES): a gold
+        item's answer; the second review of a pair (agreed, disagreed, or second when it labels
+        nothing); the first of a pair when the sampler picks the post and it labels something;
+        else single. RecordError when the caller made the pair's first review (they cannot be
+        its second: the queue never hands it to them, so this is a forged or replayed submit)."""
+        post_id = claim.item.post_id
+        labels = decision.training_labels()
+        labelled = any(label is not None for label in labels.values())
+        if await self.c.queue.gold(post_id) is not None:
+            return "gold"
+        pair = await self.c.queue.pair(post_id)
+        if pair is not None and pair.state == "first":
+            if pair.first_reviewer == decision.reviewer:
+                raise RecordError("reviewer", "you gave this item its first review; a different reviewer decides it")
+            if not labelled or decision.escalated:
+                return "second"  # skipped (back to the queue) or escalated (to an admin): no outcome yet
+            return agreement_outcome(pair.first_labels, labels)
+        if labelled and not decision.escalated and self.c.second_reviews.picks(post_id):
+            return "first"
+        return "single"
 
     async def _renew(self, request: web.Request) -> web.Response:
         """The heartbeat: 200 while the caller holds the item (its idle clock reset), 409 once
@@ -329,7 +407,7 @@ class HandlerBase:
         RecordError for choices the item does not allow."""
         if claim.item.kind == "audit":
             choices = audit_choices(claim.item, choices)
-        return build_decision(
+        decision = build_decision(
             claim.item,
             reviewer,
             choices,
@@ -338,6 +416,7 @@ class HandlerBase:
             seen_media_hash=await self.shown_media(claim.item) if shown is None else self.page_shown(claim.item, shown),
             image_text_match=pair,
         )
+        return dataclasses.replace(decision, review_stage=await self.review_stage(claim, decision))
 
     @staticmethod
     def page_shown(item: ReviewItem, shown: str) -> str | None:
@@ -369,6 +448,9 @@ class HandlerBase:
         decision = build_decision(item, admin, choices, note=note, decision_id=decision_id, seen_media_hash=None)
         if decision.kind == "audit":
             decision = dataclasses.replace(decision, kind="routed")
+        pair = await self.c.queue.pair(item.post_id)
+        if pair is not None and pair.state in ("first", "disagreed", "second"):
+            decision = dataclasses.replace(decision, review_stage="settled")  # the pair's settlement trains
         try:
             await self.c.producer.send(decision)
         except KafkaUnavailable:
@@ -382,6 +464,9 @@ class HandlerBase:
                 f"{exc}: another admin settled it while your decision was being saved; your decision "
                 f"{decision.decision_id} is on the decision log all the same"
             ) from exc
+        if decision.review_stage == "settled":
+            await self.c.queue.pair_settled(item.post_id, admin, decision.decision_id)
+            self.c.metrics.stages.labels("settled").inc()
         for task_decision in decision.decisions.values():
             self.c.metrics.decisions.labels(task_decision.action).inc()
         self.c.metrics.escalations_settled.labels("decided").inc()

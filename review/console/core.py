@@ -16,6 +16,8 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from review.agreement import DEFAULT_RATE as DEFAULT_SECOND_REVIEW_RATE
+from review.agreement import second_review_sampler
 from review.auth import User, UserStore
 from review.console.metrics import Metrics
 from review.decisions import (
@@ -98,6 +100,8 @@ class ConsoleConfig:
     # curation ("" : no banks).
     bank_topic: str = "bank-updates"
     session_idle_s: int = 8 * 3600
+    # The share of review items a second reviewer decides too, blind (review/agreement.py; 0: none).
+    second_review_rate: float = DEFAULT_SECOND_REVIEW_RATE
     # The Prometheus that scrapes the dataset sinks: the live-quality page reads it (None: not shown).
     prometheus_url: str | None = None
 
@@ -140,6 +144,7 @@ class Console:
             )
         self.media = EvidenceImages(open_store(config.evidence))
         self.metrics = Metrics()
+        self.second_reviews = second_review_sampler(config.second_review_rate)
         self.templates = jinja2.Environment(
             loader=jinja2.FileSystemLoader(TEMPLATES),
             autoescape=True,  # every template, whatever its name: post text is hostile

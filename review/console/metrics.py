@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from modstream.records import REVIEW_STAGES
+from review.agreement import MIN_PAIRS, AgreementReport
 from review.queue import QueueStats, ReviewQueue
 
 
@@ -65,6 +67,41 @@ class Metrics:
             ["action"],
             registry=r,
         )
+        self.stages = Counter(
+            "modstream_review_stage_decisions_total",
+            "Decisions by double-review stage: single, first (of two blind reviews), agreed / disagreed "
+            "(the second review; a disagreement is escalated), second (a second review that labelled nothing), "
+            "settled (an admin's decision on a pair), gold (an answer to a gold item)",
+            ["stage"],
+            registry=r,
+        )
+        for stage in REVIEW_STAGES:
+            self.stages.labels(stage)
+        self.kappa = Gauge(
+            "modstream_review_agreement_kappa",
+            'Cohen\'s kappa of double-reviewed items per task, over every pair (reviewer="all") or the pairs '
+            "a reviewer was part of; only with at least review/agreement.py MIN_PAIRS pairs",
+            ["task", "reviewer"],
+            registry=r,
+        )
+        self.kappa_pairs = Gauge(
+            "modstream_review_agreement_pairs",
+            "Double-reviewed pairs behind modstream_review_agreement_kappa (both reviewers labelled the task)",
+            ["task", "reviewer"],
+            registry=r,
+        )
+        self.gold_accuracy = Gauge(
+            "modstream_review_gold_accuracy",
+            "Share of answers to gold items that match the admin's known answer, per task and reviewer",
+            ["task", "reviewer"],
+            registry=r,
+        )
+        self.gold_answers = Gauge(
+            "modstream_review_gold_answers",
+            "Answers to gold items behind modstream_review_gold_accuracy",
+            ["task", "reviewer"],
+            registry=r,
+        )
         for bank in ("violating", "benign"):
             self.banked.labels(bank)
         for action in ("remove", "import"):
@@ -83,6 +120,19 @@ class Metrics:
         self.depth.set(stats.depth)
         self.oldest.set(stats.oldest_age_s or 0)
         self.dead_depth.set(stats.dead_letters)
+
+    def set_agreement(self, report: AgreementReport) -> None:
+        """The agreement gauges from a fresh report: series of reviewers no longer in the window go."""
+        for gauge in (self.kappa, self.kappa_pairs, self.gold_accuracy, self.gold_answers):
+            gauge.clear()
+        for row in report.kappa:
+            self.kappa_pairs.labels(row.task, row.reviewer).set(row.pairs)
+            if row.kappa is not None and row.pairs >= MIN_PAIRS:
+                self.kappa.labels(row.task, row.reviewer).set(row.kappa)
+        for gold in report.gold:
+            self.gold_answers.labels(gold.task, gold.reviewer).set(gold.answers)
+            if gold.accuracy is not None:
+                self.gold_accuracy.labels(gold.task, gold.reviewer).set(gold.accuracy)
 
     def stats_unknown(self) -> None:
         """Redis did not answer: NaN, not the last value nor 0 (a queue depth of 0 while Redis

@@ -99,7 +99,7 @@ class ReviewerPages(HandlerBase):
             claim = await self.c.queue.get_claimed(entry_id, user.name)
         except NotClaimed:
             self.c.metrics.claims_lost.labels("submit").inc()
-            decided = await self.c.queue.decided_decision(entry_id)
+            decided = await self.c.queue.decided_decision(entry_id, user.name)
             if decided is not None:  # a double submit whose first went through: not "nothing recorded"
                 raise web.HTTPSeeOther("/review?done=" + quote(decided[0], safe="")) from None
             return self._lost_page(request, LOST_MESSAGE)

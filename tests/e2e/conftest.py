@@ -326,7 +326,7 @@ def start_console(
             [sys.executable, "-m", "modstream.cli", "review", "serve", "--host", "127.0.0.1", "--port", str(port),
              "--bootstrap", bootstrap or stack.bootstrap, "--redis", redis_url, "--users", str(users_file[0]),
              "--claim-timeout", str(claim_timeout), "--max-deliveries", str(max_deliveries),
-             "--evidence", str(media.evidence), *extra_args],
+             "--evidence", str(media.evidence), "--second-review-rate", "0", *extra_args],
             cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
         )  # fmt: skip
         procs.append(proc)

@@ -54,7 +54,7 @@ class Console:
         (self.port,) = free_loopback_ports(1)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "modstream.cli", "review", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-             "--users", str(users), "--insecure-cookies", *args],
+             "--users", str(users), "--insecure-cookies", "--second-review-rate", "0", *args],
             cwd=REPO_ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
         )  # fmt: skip
         deadline = time.monotonic() + 60
