@@ -560,9 +560,9 @@ class ReviewQueue:
         """Hand a second-review entry back to the parked consumer, undoing the delivery the
         caller's read counted (so its first reviewer meeting it again never dead-letters it)."""
         count = max(0, await self._deliveries(entry_id) - 1)
-        await self.client.execute_command(
-            "XCLAIM", self.stream, self.group, PARKED, 0, entry_id, "RETRYCOUNT", count, "JUSTID"
-        )
+        # redis-py's xclaim, not a raw XCLAIM: its reply parser for the raw command expects whole
+        # entries and raised TypeError on JUSTID's bare ids (the claim failed with a 500).
+        await self.client.xclaim(self.stream, self.group, PARKED, 0, [entry_id], retrycount=count, justid=True)
 
     async def _take_second(self, reviewer: str) -> Claim | None:
         """A parked entry whose first review was not `reviewer`'s, claimed for them."""

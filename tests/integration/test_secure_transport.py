@@ -10,7 +10,7 @@ role; redis-server on TLS only with an ACL user per role, modstream/redis_acls.p
 - Redis refuses a plaintext client, one that does not trust the CA and one without
   credentials; the review sink's user cannot acknowledge,
   delete or trim, the worker's cannot touch the queue, the console's cannot delete from the
-  review stream;
+  review stream, yet every Redis step of double review and gold items works under it;
 - no password appears in the process table or in any log while the roles run.
 """
 
@@ -220,3 +220,77 @@ def test_redis_users_can_do_only_what_their_role_needs(secure_stack: LocalStack)
             forbidden()
     assert operator.xlen("modstream:review") == 2, "nothing the roles tried deleted an item"
     operator.delete("modstream:review", "modstream:review:dead", "modstream:dedupe:probe")
+
+
+def test_double_review_and_gold_items_run_under_the_console_redis_user(secure_stack: LocalStack) -> None:
+    """Every Redis step of double review and gold items (review/queue.py: the first review parked
+    under ~second-review, met again by its own reviewer and parked back, taken by another
+    reviewer, the disagreement escalated and settled; a gold item added, answered, scored and
+    removed) as the console's ACL user: a key or command its rule lacks is a NoPermissionError."""
+    import redis
+    import redis.asyncio as aioredis
+
+    from modstream.records import encode
+    from review.queue import PARKED, ReviewQueue
+    from tests.integration.test_review_queue import _item
+
+    operator = redis.Redis.from_url(secure_stack.redis_url_for("admin"))
+    operator.flushdb()
+
+    async def run() -> None:
+        queue = ReviewQueue(aioredis.Redis.from_url(secure_stack.redis_url_for("console")))
+        try:
+            await queue.ensure_group()
+            for post_id in ("pair-1", "pair-2"):
+                operator.xadd("modstream:review", {"post_id": post_id, "item": encode(_item(post_id)).decode()})
+            first = await queue.claim("alice")
+            assert first is not None and first.item.post_id == "pair-1"
+            await queue.first_review_done(first.entry_id, "pair-1", "alice", "d-first", {"hate": "hateful"}, "routed")
+            assert await queue.owner(first.entry_id) == PARKED
+            assert await queue.decided_decision(first.entry_id, "alice") == ("pair-1", "d-first")
+            assert await queue.decided_decision(first.entry_id, "bob") is None
+            # alice never gets her own first review back: her next claim is the next item.
+            other = await queue.claim("alice")
+            assert other is not None and other.item.post_id == "pair-2"
+            await queue.release(other.entry_id, "alice")
+            second = await queue.claim("bob")  # the parked entry, through the take-second script
+            assert second is not None and second.entry_id == first.entry_id
+            pair = await queue.pair("pair-1")
+            assert pair is not None and pair.first_reviewer == "alice" and pair.first_labels == {"hate": "hateful"}
+            await queue.second_review_done(
+                second.entry_id, "pair-1", "bob", "d-second", "disagreed", {"hate": "not_hateful"}, "disagreement"
+            )
+            assert await queue.owner(first.entry_id) is None
+            assert [(p["first_reviewer"], p["second_reviewer"], p["outcome"]) for p in await queue.pairs()] == [
+                ("alice", "bob", "disagreed")
+            ]
+            (escalation,) = await queue.escalated()
+            assert escalation["post_id"] == "pair-1" and escalation["first_reviewer"] == "alice"
+            await queue.settle_escalation(escalation["id"], "pair-1", "d-settled", "root")
+            await queue.pair_settled("pair-1", "root", "d-settled")
+            settled = await queue.pair("pair-1")
+            assert settled is not None and settled.state == "settled"
+            # A first reviewer who meets her parked entry again on a takeover parks it back (_park).
+            bounced = await queue.claim("bob")
+            assert bounced is not None and bounced.item.post_id == "pair-2"
+            await queue.first_review_done(bounced.entry_id, "pair-2", "bob", "d-b", {"hate": "hateful"}, "routed")
+            operator.xclaim("modstream:review", "reviewers", "bob", 0, [bounced.entry_id], justid=True)
+            assert await queue.claim("bob") is None and await queue.owner(bounced.entry_id) == PARKED
+
+            gold = _item("gold-1")
+            await queue.add_gold(gold, {"expected": {"hate": "hateful"}, "added_by": "root"})
+            assert set(await queue.gold_items()) == {"gold-1"}
+            parked = await queue.claim("carol")  # a parked second review comes before new items
+            assert parked is not None and parked.item.post_id == "pair-2"
+            await queue.release(parked.entry_id, "carol")  # a skip: back in the queue, still a second review
+            answered = await queue.claim("dave")
+            assert answered is not None and answered.item.post_id == "gold-1"
+            assert await queue.gold("gold-1") is not None
+            await queue.gold_done(answered.entry_id, "gold-1", answered.reviewer, "d-gold", {"hate": {"ok": True}})
+            assert [a["post_id"] for a in await queue.gold_answers()] == ["gold-1"]
+            assert await queue.remove_gold("gold-1")
+        finally:
+            await queue.client.aclose()
+
+    asyncio.run(run())
+    operator.flushdb()
