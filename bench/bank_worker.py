@@ -12,9 +12,9 @@ model; `--no-banks` does neither. This measures that cost in the worst case, a m
 - every measurement uses posts (and images) of its own, none repeated, so neither the dedupe cache
   nor the banks short-cut anything (checked: no dedupe hits).
 
-Alternating pairs, each worker a fresh `modstream worker` process with its own consumer group
-(committed to the end of `posts` before it starts, so it reads only its own posts): OFF
-(`--no-banks`) then ON (`--bank-topic <the filled topic>`), each warmed with WARM_POSTS posts,
+Pairs in ABBA order (OFF, ON, then ON, OFF, ...), each worker a fresh `modstream worker` process
+with its own consumer group (committed to the end of `posts` before it starts, so it reads only its
+own posts): OFF (`--no-banks`) and ON (`--bank-topic <the filled topic>`), each warmed with WARM_POSTS posts,
 then `--posts` measured end to end (bench/stream_throughput.py's e2e). Also reported: the time
 from process start to /ready of each worker (the ON worker's includes reading the N entries), and
 the ON worker's /metrics modstream_bank_entries{bank="violating"} and modstream_bank_loaded, which
@@ -266,7 +266,9 @@ def main() -> None:
         runs: list[dict[str, Any]] = []
         for pair in range(args.pairs):
             row: dict[str, Any] = {"pair": pair}
-            for side, topic in (("off", None), ("on", BANK_TOPIC)):
+            # ABBA: odd pairs run ON first, so neither side always gets the later, warmer (or busier) slot.
+            sides = (("off", None), ("on", BANK_TOPIC))
+            for side, topic in sides if pair % 2 == 0 else sides[::-1]:
                 offset = (2 * pair + (side == "on")) * per_worker
                 tag = f"bw{pair}{side}"
                 worker = Worker(stack, tmp, f"bank-bench-{pair}-{side}", topic)

@@ -32,6 +32,13 @@ def _bank_distance(value: str) -> int:
     return distance
 
 
+def _processes(value: str) -> int:
+    n = int(value)
+    if not 1 <= n <= 64:
+        raise argparse.ArgumentTypeError("must be from 1 to 64")
+    return n
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from models.registry import ModelRegistry
 
@@ -91,6 +98,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    if args.processes > 1:  # a supervisor of N workers, each started with these same arguments
+        from stream.worker_processes import run_supervisor
+
+        return run_supervisor(sys.argv[1:], args.processes, args.web_host, args.web_port)
     from models.routing.route import RoutingPolicy
     from stream.device_pool import BatcherConfig
     from stream.worker import WorkerSettings, run_worker
@@ -111,6 +122,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         audit_rate=args.audit_rate,
         decode_threads=args.decode_threads,
         decode_model_input=args.decode_model_input,
+        stand_in_model=args.stand_in_model,
         banks=args.banks,
         bank_distance=args.bank_distance,
         bank_load_timeout_s=args.bank_load_timeout,
@@ -291,6 +303,15 @@ def add_parsers(sub: Any) -> None:
         help="GPU workers: the decode threads make each image the model's input, so batch preparation only "
         "copies pixels (0.2x its CPU; reposts pay the resize)",
     )
+    p.add_argument(
+        "--processes",
+        type=_processes,
+        default=1,
+        help="worker processes on this host, one consumer group (default 1); the host's /metrics (every "
+        "process's, labelled worker_process) and /ready stay on --web-port",
+    )
+    # Bench only (bench/feed_throughput.py): no forward, a fixed answer; hidden from --help.
+    p.add_argument("--stand-in-model", action="store_true", help=argparse.SUPPRESS)
     _add_ocr(p)
     p.add_argument(
         "--no-banks",

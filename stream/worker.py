@@ -69,6 +69,9 @@ class WorkerSettings:
     # Batch preparation then costs 0.2x the CPU per post, but a repost pays the resize too: on
     # the CPU worker it cost 15% of the repost throughput (BENCHMARKS). Meant for GPU workers.
     decode_model_input: bool = False
+    # Bench only (bench/feed_throughput.py): serve models/stand_in.py's StandInPredictor, which
+    # answers without a forward, to measure the feed's CPU per post with the model taken out.
+    stand_in_model: bool = False
     # Verdict banks (stream/banks): images hashed and matched before the model; the banks are
     # read from the bank-updates topic (at start, up to `bank_load_timeout_s`, then followed).
     banks: bool = True
@@ -95,8 +98,13 @@ class WorkerSettings:
     )
 
 
-def predictor_factory(registry: ModelRegistry, version: str) -> Any:
+def predictor_factory(registry: ModelRegistry, version: str, *, stand_in: bool = False) -> Any:
     loaded_version = registry.resolve(version)
+    kind = Predictor
+    if stand_in:
+        from models.stand_in import StandInPredictor
+
+        kind = StandInPredictor
 
     def build(device: Any) -> Predictor:
         loaded = registry.load(loaded_version)
@@ -105,7 +113,7 @@ def predictor_factory(registry: ModelRegistry, version: str) -> Any:
             import torch
 
             autocast = torch.bfloat16
-        return Predictor(loaded.model, loaded.tokenizer, loaded.card, device, autocast)
+        return kind(loaded.model, loaded.tokenizer, loaded.card, device, autocast)
 
     return build
 
@@ -146,7 +154,7 @@ class Resources:
         # Before any model loads: a model trained with OCR text and no Tesseract fails here, saying what to install.
         ocr = reader_for(s.ocr, self.card.config)
         self.pool = DevicePool(
-            predictor_factory(self.registry, s.model_version),
+            predictor_factory(self.registry, s.model_version, stand_in=s.stand_in_model),
             visible_devices(s.devices),
             s.batcher,
             on_batch=self._observe_device_batch,
@@ -240,7 +248,7 @@ class Resources:
             self.fetcher.ocr = reader_for(self.settings.ocr, card.config)
         # Known before the first label of the new version can come back from a replica.
         self.cards[card.version] = card
-        await self.pool.swap(predictor_factory(self.registry, card.version))
+        await self.pool.swap(predictor_factory(self.registry, card.version, stand_in=self.settings.stand_in_model))
         if self.fetcher is not None:
             # Images decoded from now on fit the new model; the few in flight are resized again
             # by its preprocessor (right shape, a little softer).
