@@ -78,6 +78,12 @@ def _string(
     return value
 
 
+def _optional_bool(obj: dict[str, Any], name: str) -> None:
+    value = obj.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise RecordError(name, f"must be true, false or null, not {type(value).__name__}")
+
+
 def has_control(value: str) -> bool:
     """Control characters (NUL, newlines, escapes) or lone surrogates: fine inside a post's
     text, never in an id that becomes a Kafka key, a Redis key and a log line."""
@@ -250,19 +256,27 @@ class ReviewItem:
     label: dict[str, Any]
     tasks: dict[str, list[str]] = field(default_factory=dict)
     queued_at: str = field(default_factory=now_iso)
-    # "routed": the model was unsure; "audit": a blind random sample of confident (auto) labels,
-    # shown without the model's output, that measures the live model (stream/audit_sampling.py).
+    # "routed": the model was unsure; "audit": a blind random sample of every post the model
+    # labelled, routed or not, shown without the model's output, that measures the live model
+    # (stream/audit_sampling.py). A post has one item: an audited post that routing also picked
+    # is reviewed once, as `audit`.
     kind: str = "routed"
+    # Whether the card's routing policy sent the post to review: true on every routed item; on
+    # an audit item, whether routing picked it too (so the routed stratum can be measured on
+    # the audit sample). None in records written before (an audit item then was never routed).
+    routed_by_policy: bool | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"v": SCHEMA_VERSION, **asdict(self)}
 
     def blinded(self) -> dict[str, Any]:
-        """The item as an audit reviewer may see it: no label, score, decision or ITM match."""
+        """The item as an audit reviewer may see it: no label, score, decision or ITM match,
+        and not whether routing picked it (that says the model was unsure)."""
         out = self.to_json()
         if self.kind == "audit":
             out["label"] = {"media": self.label.get("media"), "post_id": self.post_id}
             out["reasons"] = ["audit"]
+            out["routed_by_policy"] = None
         return out
 
     @classmethod
@@ -271,6 +285,7 @@ class ReviewItem:
         _check_version(obj)
         if obj.get("kind", "routed") not in REVIEW_KINDS:
             raise RecordError("kind", f"must be one of {', '.join(REVIEW_KINDS)}")
+        _optional_bool(obj, "routed_by_policy")
         try:
             return cls(**_known_fields(cls, obj))
         except TypeError as exc:
@@ -446,6 +461,8 @@ class ReviewDecision:
     # post's pair is not assumed to match (trainer/reviewed.py).
     image_text_match: bool | None = None
     kind: str = "routed"  # the item's: "audit" decisions measure the live model (review/live_quality.py)
+    # The item's routed_by_policy: on an audit decision, whether routing picked the post too.
+    routed_by_policy: bool | None = None
     # The Kafka principal of the console that wrote it (on a secured cluster, where the ACLs let
     # only consoles write `reviewed`); None on a plaintext one. Consumers cannot see who produced
     # a record, so the console states it and the broker's ACL is what makes it true.
@@ -479,6 +496,7 @@ class ReviewDecision:
             if not isinstance(decisions, dict):
                 raise RecordError("decisions", "must be an object of task -> {action, label}")
             parsed = {str(t): TaskDecision(**_known_fields(TaskDecision, d)) for t, d in decisions.items()}
+            _optional_bool(obj, "routed_by_policy")
             stage = obj.get("review_stage", "single")
             if not isinstance(stage, str) or stage not in REVIEW_STAGES:
                 raise RecordError("review_stage", f"must be one of {', '.join(REVIEW_STAGES)}")

@@ -179,6 +179,8 @@ def manifest_line(
         "kind": decision.kind,  # audit verdicts are the retrain gate's unbiased holdout
         "revision": revision,
     }
+    if decision.routed_by_policy is not None:  # an audit verdict on a post routing picked too: True
+        meta["routed_by_policy"] = decision.routed_by_policy
     if decision.note:
         meta["note"] = decision.note
     if decision.recorded_by:

@@ -40,7 +40,7 @@ from review.kafka_sink import (
     run_sink,
     split_batch,
 )
-from review.live_quality import task_outcomes
+from review.live_quality import live_kind, task_outcomes
 from stream.evidence import UNAVAILABLE, EvidenceError, EvidenceStore, open_store
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ class DatasetSink:
         for outcome, count in Counter(plan.outcomes).items():
             metrics.RECORDS.labels(NAME, outcome).inc(count)
         for decision, outcome in zip(parsed.good, plan.outcomes, strict=True):
-            if outcome == "added":  # a post's first verdict, counted once it is on disk
+            if outcome == "added" and live_kind(decision) is not None:  # a post's first verdict, once on disk
                 for task, result in task_outcomes(decision):
                     metrics.LIVE.labels(decision.kind, task, decision.model_version, result).inc()
         metrics.RECORDS.labels(NAME, "dead_letter").inc(len(parsed.dead))

@@ -105,6 +105,7 @@ def build_decision(
         seen_media_hash=seen_media_hash,
         image_text_match=image_text_match if item.image_url else None,
         kind=item.kind if item.kind in REVIEW_KINDS else "routed",
+        routed_by_policy=item.routed_by_policy,
     )
 
 

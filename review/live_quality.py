@@ -3,11 +3,31 @@
 Every labelling decision on `reviewed` is one outcome per task it labels: the model said
 positive or not (`model_labels[task].decision`), the reviewer said positive or not (confirm:
 as the model; not_violating: negative; correct: the other label, tasks being binary). Counted
-by the item's kind: `audit` decisions (a blind random sample of the model's confident labels,
-stream/audit_sampling.py) estimate live precision, recall and F1 without routing's bias;
-`routed` ones say how often routing's picks are wrong. The dataset sink counts each post's
-first labelling decision once it is committed (`modstream_live_outcomes_total`); Prometheus
-turns the counters into rates, Wilson intervals and alerts (deploy/prometheus/rules).
+by the item's kind. The dataset sink counts each post's first labelling decision once it is
+committed (`modstream_live_outcomes_total`); Prometheus turns the counters into rates, Wilson
+intervals and alerts (deploy/prometheus/rules).
+
+- `audit` decisions: the worker draws the audit sample by a keyed hash of the post id from
+  every post the model labels, before routing (stream/audit_sampling.py, stream/pipeline.py),
+  and a picked post is reviewed once, blind, as `audit`, routed or not. So the audited posts are
+  a uniform random sample of the model-labelled stream and their verdicts estimate the stream's
+  precision, recall, F1 and error rate without bias. (The first design audited only `auto`
+  labels: routing removes the model's hardest ~9%, so the audit read the F1 of the easier rest,
+  0.720 / 0.639 on CM-Off where the stream's is 0.698 / 0.626, and the lift's denominator was
+  the unrouted posts' error rate: BENCHMARKS.md, "Live quality from a blind audit".)
+- `routed` decisions: items routing sent to review and the audit did not pick. Whether the hash
+  picks a post does not depend on the post (a keyed hash of its id), so removing the audit's
+  share from the routed stratum removes a random share of it: what remains is still a uniform
+  sample of the routed stratum (99% of it at the default rate), and its error rate is the
+  routed posts' error rate without bias. The audit items of routed posts say so in
+  `routed_by_policy` (true), for anyone who wants the routed stratum's audit verdicts too.
+- The live routing lift = the routed decisions' error rate / the audit decisions' error rate:
+  the error rate among what routing picks over the error rate among all posts, which is the
+  offline lift's definition (a random choice of the same size would score 1). Both sides are
+  unbiased samples of their populations, so the lift's ratio estimate is consistent.
+- A `routed` decision whose item was not routed by the policy (`routed_by_policy` false: an
+  audit item escalated and settled by an admin, who sees the model's view, is recorded as
+  `routed`) belongs to neither population and is not counted (`live_kind`).
 """
 
 from __future__ import annotations
@@ -40,6 +60,15 @@ def task_outcomes(decision: ReviewDecision) -> Iterator[tuple[str, str]]:
             yield task, "tp" if human_positive else "fp"
         else:
             yield task, "fn" if human_positive else "tn"
+
+
+def live_kind(decision: ReviewDecision) -> str | None:
+    """The population a decision's verdicts measure for live quality: "audit" (a uniform sample
+    of the stream), "routed" (the routed stratum), or None (neither: a `routed` decision on a
+    post routing did not pick, i.e. an escalated audit item settled in view of the model)."""
+    if decision.kind == "routed" and decision.routed_by_policy is False:
+        return None
+    return decision.kind
 
 
 # -- the shipped rules' statistics, in Python ------------------------------------------------

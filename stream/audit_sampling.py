@@ -1,11 +1,17 @@
-"""Blind audit sampling: a fixed share of the posts the model labelled `auto` also go to
-review, so that reviewers' verdicts on them measure the live model (review/live_quality.py).
+"""Blind audit sampling: a fixed share of every post the model labels goes to review blind,
+so that reviewers' verdicts on them measure the live model (review/live_quality.py).
 
 Routed items are the model's hardest posts and cannot estimate live precision or recall; a
-random sample of the confident ones can. A post is picked when a keyed hash of its id (HMAC-
-SHA256 under MODSTREAM_AUDIT_KEY) falls below the rate: a replay of the same post picks it
-again, every worker agrees, and a poster who does not hold the key cannot tell which posts
-are audited. Without a key a built-in development key is used, and the worker says so.
+random sample of all the posts the model labels can. The sample is drawn before routing
+(stream/pipeline.py): a routed post it picks is reviewed once, as an audit item that records
+`routed_by_policy`. (Sampling only the `auto` labels left routing's hardest posts out, so it
+estimated the F1 of the easier rest: BENCHMARKS.md, "Live quality from a blind audit".)
+Violating-bank matches are not sampled: their labels are banked human verdicts.
+
+A post is picked when a keyed hash of its id (HMAC-SHA256 under MODSTREAM_AUDIT_KEY) falls
+below the rate: a replay of the same post picks it again, every worker agrees, and a poster
+who does not hold the key cannot tell which posts are audited. Without a key a built-in
+development key is used, and the worker says so.
 """
 
 from __future__ import annotations

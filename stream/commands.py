@@ -273,8 +273,8 @@ def add_parsers(sub: Any) -> None:
         "--audit-rate",
         type=float,
         default=0.01,
-        help="share of auto-labelled posts that also go to review, blind, to measure the live model "
-        "(keyed by MODSTREAM_AUDIT_KEY; 0: none)",
+        help="share of model-labelled posts (routed or not, drawn before routing) that go to review "
+        "as blind audit items, to measure the live model (keyed by MODSTREAM_AUDIT_KEY; 0: none)",
     )
     p.add_argument("--model", default="current")
     p.add_argument("--app-id", default="modstream-worker", help="consumer group / Faust app id")

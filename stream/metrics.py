@@ -60,7 +60,9 @@ CARD_F1 = Gauge(
 )
 AUDIT_SAMPLED = Counter(
     "modstream_audit_sampled_total",
-    "Posts labelled auto that also went to review as blind audit items (stream/audit_sampling.py)",
+    "Model-labelled posts sent to review as blind audit items, by whether routing picked them too "
+    "(stream/audit_sampling.py)",
+    ["routed"],
 )
 EVIDENCE = Counter(
     "modstream_evidence_writes_total",
@@ -154,6 +156,8 @@ def _create_known_series() -> None:
             BANK_MATCHES.labels(bank, kind)
     for outcome in ("applied", "refused"):
         BANK_UPDATES.labels(outcome)
+    for routed in ("true", "false"):
+        AUDIT_SAMPLED.labels(routed)
 
 
 def create_version_series(version: str, tasks: Sequence[str], media_statuses: Sequence[str] = ()) -> None:

@@ -5,9 +5,10 @@
 A violating-bank match ends a post's way at the banks (the banked human verdict, route
 bank_match); a benign-bank match lets the model label it but never routes it for uncertainty.
 
-Every input yields exactly one Outcome: a Label (plus a ReviewItem when routed to review)
-or a DeadLetter naming the stage and the reason. Nothing raises out of `process`, so the
-agent always reaches its sends before the offsets are committed.
+Every input yields exactly one Outcome: a Label (plus one ReviewItem when routed to review or
+picked for the blind audit, kind `audit` when both) or a DeadLetter naming the stage and the
+reason. Nothing raises out of `process`, so the agent always reaches its sends before the
+offsets are committed.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ class Pipeline:
     # Where the bytes of routed posts' media are kept for reviewers and training (None: not kept,
     # as in `classify` and benchmarks without review).
     evidence: EvidenceStore | None = None
-    # Blind audit sampling of `auto` labels (stream/audit_sampling.py); None: no audit items.
+    # Blind audit sampling of every model-labelled post, routed or not (stream/audit_sampling.py);
+    # None: no audit items.
     audit: AuditSampler | None = None
     # The verdict banks (stream/banks) matched before the model; None: no banks.
     banks: Banks | None = None
@@ -220,19 +222,40 @@ class Pipeline:
             if hit:
                 metrics.DEDUPE_HITS.inc()
             outcome.label = label
-            if label.route == "review":
+            routed = label.route == "review"
+            if routed:
                 for reason in label.reasons:
                     metrics.REVIEW.labels(reason).inc()
+            # The audit sample is drawn from every post the model labelled, before routing, so its
+            # verdicts estimate the whole stream (routing takes the hardest posts: an audit of the
+            # `auto` ones alone read the F1 of the easier rest). A picked post is reviewed once, as
+            # `audit`, whether or not routing picked it too; its Label keeps the route it got.
+            audited = self.audit is not None and self.audit.picks(post.id)
+            if routed or audited:
                 await self._keep_evidence(post, media)
+            if audited:
+                # The label stands as the model gave it (a routed one waits in review like any
+                # routed post); a reviewer checks it blind.
+                metrics.AUDIT_SAMPLED.labels(str(routed).lower()).inc()
                 outcome.review = ReviewItem(
-                    post.id, post.text, post.image_url, label.reasons, label.to_json(), tasks=dict(card.tasks)
+                    post.id,
+                    post.text,
+                    post.image_url,
+                    ["audit"],
+                    label.to_json(),
+                    tasks=dict(card.tasks),
+                    kind="audit",
+                    routed_by_policy=routed,
                 )
-            elif self.audit is not None and self.audit.picks(post.id):
-                # The label stands as the model gave it; a reviewer checks it blind.
-                metrics.AUDIT_SAMPLED.inc()
-                await self._keep_evidence(post, media)
+            elif routed:
                 outcome.review = ReviewItem(
-                    post.id, post.text, post.image_url, ["audit"], label.to_json(), tasks=dict(card.tasks), kind="audit"
+                    post.id,
+                    post.text,
+                    post.image_url,
+                    label.reasons,
+                    label.to_json(),
+                    tasks=dict(card.tasks),
+                    routed_by_policy=True,
                 )
 
         pairs = [(o, o.post) for o in outcomes if o.post is not None]

@@ -62,7 +62,7 @@ class WorkerSettings:
     # The evidence store (stream/evidence.py: a folder or s3://bucket/prefix) that keeps the
     # bytes of every routed post's image; None keeps nothing (reviewers then see "media unavailable").
     evidence: str | None = None
-    # Share of `auto` labels that also go to review, blind, to measure the live model (0: none).
+    # Share of model-labelled posts (routed or not) that go to review, blind, to measure the live model (0: none).
     audit_rate: float = 0.0
     decode_threads: int = 0  # the media fetcher's decode threads; 0 keeps FetchConfig's default
     # Opt-in: the decode threads make each image the model's input (FetchConfig.model_side).

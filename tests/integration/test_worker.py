@@ -25,7 +25,7 @@ from tests.integration.worker_harness import REPO_ROOT, Worker, collect, produce
 
 @pytest.fixture(scope="module")
 def worker(stack: LocalStack, registry: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
-    # A fifth of the auto labels also go to review as blind audit items (the development key).
+    # A fifth of the model-labelled posts go to review as blind audit items (the development key).
     w = Worker(stack, registry, tmp_path_factory.mktemp("logs"), app_id="it-worker", extra_args=["--audit-rate", "0.2"])
     w.start()
     try:
@@ -61,9 +61,12 @@ def test_every_post_gets_exactly_one_label(stack: LocalStack, worker: Worker, me
     assert "modstream_posts_total" in text and 'modstream_model_info{version="v0001"}' in text
 
 
-def test_blind_audit_items_are_exactly_the_keyed_share_of_auto_labels(
+def test_blind_audit_items_are_exactly_the_keyed_share_of_all_model_labelled_posts(
     stack: LocalStack, worker: Worker, media: tuple[str, list]
 ) -> None:
+    """The audit is drawn from every post the model labels, before routing: a routed post the
+    keyed hash picks is reviewed once, as `audit` (routed_by_policy true), and its label keeps
+    route review; the other routed posts are `routed` items; no post has two items."""
     from stream.audit_sampling import AuditSampler
 
     n = 400
@@ -71,7 +74,8 @@ def test_blind_audit_items_are_exactly_the_keyed_share_of_auto_labels(
     labels = {r["post_id"]: r for r in _labels(stack, "audit-", n, timeout=240)}
     auto = {p for p, r in labels.items() if r["route"] == "auto"}
     routed = {p for p, r in labels.items() if r["route"] == "review"}
-    expected = {p for p in auto if AuditSampler(0.2, None).picks(p)}
+    assert auto | routed == set(labels), "no bank matches here: every post is model-labelled"
+    expected = {p for p in labels if AuditSampler(0.2, None).picks(p)}
 
     def done(records: list[dict]) -> bool:
         return {r["post_id"] for r in records} >= expected | routed
@@ -80,11 +84,21 @@ def test_blind_audit_items_are_exactly_the_keyed_share_of_auto_labels(
         return isinstance(record, dict) and str(record.get("post_id", "")).startswith("audit-")
 
     items = asyncio.run(collect(stack.bootstrap, "review", done, 120, mine))
+    per_post = Counter(r["post_id"] for r in items)
+    assert max(per_post.values()) == 1, "one review item per post, never a routed and an audit one"
     audited = {r["post_id"] for r in items if r.get("kind") == "audit"}
-    assert audited == expected, "audit items are the keyed choice among auto labels, no more, no less"
-    assert 0.1 * len(auto) < len(audited) < 0.3 * len(auto), (len(audited), len(auto))
-    assert not audited & routed and {r["post_id"] for r in items if r.get("kind", "routed") == "routed"} == routed
-    assert all(r["reasons"] == ["audit"] for r in items if r.get("kind") == "audit")
+    assert audited == expected, "audit items are the keyed choice among all model-labelled posts, no more, no less"
+    assert 0.1 * n < len(audited) < 0.3 * n, (len(audited), n)
+    assert audited & routed, (
+        f"no routed post among {len(audited)} audited ({len(routed)} routed): the test proves nothing"
+    )
+    assert {r["post_id"] for r in items if r.get("kind", "routed") == "routed"} == routed - audited
+    for r in items:
+        if r.get("kind") == "audit":
+            assert r["reasons"] == ["audit"] and r["routed_by_policy"] is (r["post_id"] in routed)
+        else:
+            assert r["routed_by_policy"] is True
+    assert all(labels[p]["route"] == "review" for p in audited & routed), "the label stays honest: in review"
 
 
 def test_malformed_and_invalid_posts_go_to_the_dead_letter_topic(stack: LocalStack, worker: Worker) -> None:

@@ -225,3 +225,21 @@ def encode_image(image):
     from tests.reposts import encode
 
     return encode(image)
+
+
+def test_the_audit_never_samples_a_violating_match_but_does_a_benign_one():
+    """A violating match's label is a person's banked verdict, not the model's: nothing for the
+    audit to measure. A benign match keeps the model's label, so it is in the audit's population."""
+    from stream.audit_sampling import AuditSampler
+
+    banks = VerdictBanks()
+    banks.apply(BankUpdate.add(_entry("e1", "violating", content_hash=_sha("http://m/meme.jpg"))))
+    banks.apply(BankUpdate.add(_entry("b1", "benign", content_hash=_sha("http://m/cat.jpg"))))
+    pipeline = Pipeline(
+        FakeClassifier(), HashingFetcher(), lambda v: CARD, RoutingPolicy(), banks=banks, audit=AuditSampler(1.0, "k")
+    )
+    violating, benign = asyncio.run(
+        pipeline.process([_raw("a", "anything", "http://m/meme.jpg"), _raw("b", "weak pair", "http://m/cat.jpg")])
+    )
+    assert violating.label.route == "bank_match" and violating.review is None
+    assert benign.label.route == "auto" and benign.review.kind == "audit" and benign.review.routed_by_policy is False

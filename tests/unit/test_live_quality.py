@@ -3,13 +3,14 @@ audit reviewer's labels mean, and how each verdict counts against the model."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from modstream.records import RecordError, ReviewDecision, ReviewItem, TaskDecision, encode
 from review.decisions import audit_choices, build_decision
-from review.live_quality import task_outcomes
+from review.live_quality import live_kind, task_outcomes
 from stream.audit_sampling import AuditSampler
 
 TASKS = {"hate": ["not_hateful", "hateful"], "sarcasm": ["not_sarcastic", "sarcastic"]}
@@ -69,6 +70,24 @@ def test_an_audit_item_is_blind_and_takes_labels_not_confirmations() -> None:
         ReviewItem.from_json({**item.to_json(), "kind": "anything"})
 
 
+def test_an_audit_item_of_a_routed_post_keeps_routing_hidden_and_carries_it_to_the_decision() -> None:
+    item = dataclasses.replace(_item(), routed_by_policy=True)
+    assert item.blinded()["routed_by_policy"] is None, "being routed says the model was unsure"
+    assert ReviewItem.from_json(item.to_json()).routed_by_policy is True
+    decision = build_decision(
+        item, "alice", audit_choices(item, {"hate": ("label:hateful", None), "sarcasm": ("skip", None)})
+    )
+    assert decision.kind == "audit" and decision.routed_by_policy is True
+    assert ReviewDecision.from_json(decision.to_json()).routed_by_policy is True
+    old = {k: v for k, v in item.to_json().items() if k != "routed_by_policy"}  # written before the field
+    assert ReviewItem.from_json(old).routed_by_policy is None
+    assert live_kind(decision) == "audit"
+    assert live_kind(dataclasses.replace(decision, kind="routed", routed_by_policy=True)) == "routed"
+    assert live_kind(dataclasses.replace(decision, kind="routed", routed_by_policy=None)) == "routed"
+    # An escalated audit item of an unrouted post, settled by an admin as `routed`: neither population.
+    assert live_kind(dataclasses.replace(decision, kind="routed", routed_by_policy=False)) is None
+
+
 def _decision(actions: dict[str, tuple[str, str | None]], kind: str = "audit") -> ReviewDecision:
     model = {
         "hate": {"label": "hateful", "decision": True},
@@ -115,6 +134,13 @@ async def test_the_dataset_sink_counts_a_posts_first_verdict_once(tmp_path: Path
     await sink.apply([record])
     await sink.apply([record])  # a replay
     assert counter._value.get() == before + 1
+    # A `routed` decision on a post routing did not pick (an escalated audit item an admin settled
+    # in view of the model) is in neither population: on disk, not counted.
+    routed_fp = sink_metrics.LIVE.labels("routed", "hate", "v3", "fp")
+    routed_before = routed_fp._value.get()
+    settled = dataclasses.replace(verdict, decision_id="d3", post_id="p3", kind="routed", routed_by_policy=False)
+    await sink.apply([SinkRecord("reviewed", 0, 3, b"p3", encode(settled))])
+    assert routed_fp._value.get() == routed_before and "p3" in ds.index
     hostile = ReviewDecision.from_json({**verdict.to_json(), "decision_id": "d2", "kind": "x" * 300})
     dead: list = []
 

@@ -360,7 +360,11 @@ def test_the_scored_bytes_of_a_routed_post_are_kept_as_evidence_before_its_revie
     assert metrics.EVIDENCE.labels("failed")._value.get() == failed + 1
 
 
-def test_a_sampled_auto_post_also_goes_to_review_as_a_blind_audit_item(tmp_path):
+def test_the_audit_samples_every_model_labelled_post_one_review_item_each(tmp_path):
+    """The audit is drawn from every post the model labels, before routing: a routed post the
+    keyed hash picks is reviewed once, blind, as `audit` (never also as `routed`), and the item
+    records that routing picked it. (The old worker audited `auto` labels only, which left
+    routing's hardest posts out of the live estimate.)"""
     import hashlib
 
     from stream import metrics
@@ -369,7 +373,8 @@ def test_a_sampled_auto_post_also_goes_to_review_as_a_blind_audit_item(tmp_path)
 
     bodies = {"http://m/fine.png": b"fine bytes", "http://m/weak.png": b"weak bytes"}
     store = EvidenceStore(LocalBackend(tmp_path / "evidence"))
-    sampled = metrics.AUDIT_SAMPLED._value.get()
+    sampled = {r: metrics.AUDIT_SAMPLED.labels(r)._value.get() for r in ("true", "false")}
+    routed_reasons = metrics.REVIEW.labels("weak_image_text_match")._value.get()
     every = AuditSampler(1.0, "test key")
     pipeline = Pipeline(
         FakeClassifier(), BodyFetcher(bodies), lambda v: CARD, RoutingPolicy(), evidence=store, audit=every
@@ -380,12 +385,51 @@ def test_a_sampled_auto_post_also_goes_to_review_as_a_blind_audit_item(tmp_path)
         )
     )
     assert fine.label.route == "auto" and fine.review.kind == "audit" and fine.review.reasons == ["audit"]
+    assert fine.review.routed_by_policy is False
     assert text.label.route == "auto" and text.review.kind == "audit"
-    assert weak.label.route == "review" and weak.review.kind == "routed", "a routed post is not also an audit item"
-    assert metrics.AUDIT_SAMPLED._value.get() == sampled + 2
+    # The routed post picked by the hash: one item, an audit one; its Label stays honest (in review).
+    assert weak.label.route == "review" and weak.label.reasons == ["weak_image_text_match"]
+    assert weak.review.kind == "audit" and weak.review.reasons == ["audit"], "a picked routed post is audited"
+    assert weak.review.routed_by_policy is True and weak.review.label["route"] == "review"
+    blind = weak.review.blinded()
+    assert blind["routed_by_policy"] is None and "labels" not in blind["label"], "the reviewer cannot tell"
+    assert metrics.REVIEW.labels("weak_image_text_match")._value.get() == routed_reasons + 1, "still counted routed"
+    assert metrics.AUDIT_SAMPLED.labels("false")._value.get() == sampled["false"] + 2
+    assert metrics.AUDIT_SAMPLED.labels("true")._value.get() == sampled["true"] + 1
     assert asyncio.run(store.get(hashlib.sha256(b"fine bytes").hexdigest())).ok, "the audited image is kept too"
+    assert asyncio.run(store.get(hashlib.sha256(b"weak bytes").hexdigest())).ok
+
+    # Rate 0: routed posts are routed items (routed_by_policy true), auto posts get none.
     none = Pipeline(
         FakeClassifier(), BodyFetcher(bodies), lambda v: CARD, RoutingPolicy(), audit=AuditSampler(0.0, "k")
     )
-    (plain,) = asyncio.run(none.process([_raw("f2", "fine", "http://m/fine.png")]))
+    plain, routed = asyncio.run(
+        none.process([_raw("f2", "fine", "http://m/fine.png"), _raw("w2", "weak pair", "http://m/weak.png")])
+    )
     assert plain.review is None
+    assert routed.review.kind == "routed" and routed.review.routed_by_policy is True
+    assert routed.review.reasons == ["weak_image_text_match"]
+
+
+def test_the_keyed_share_of_routed_posts_is_audited_the_rest_routed_once():
+    """Over many posts: the audit items are exactly the hash's picks among all labelled posts,
+    routed ones included, and every post has at most one review item."""
+    from stream.audit_sampling import AuditSampler
+
+    sampler = AuditSampler(0.3, "share key")
+    pipeline = Pipeline(FakeClassifier(), FakeFetcher(), lambda v: CARD, RoutingPolicy(), audit=sampler)
+    raws = [_raw(f"p{i}", "weak pair" if i % 2 else "fine", f"http://m/{i}.png") for i in range(200)]
+    outcomes = asyncio.run(pipeline.process(raws))
+    ids = [o.label.post_id for o in outcomes]
+    routed = {o.label.post_id for o in outcomes if o.label.route == "review"}
+    audited = {o.review.post_id for o in outcomes if o.review is not None and o.review.kind == "audit"}
+    assert len(routed) == 100
+    assert audited == {p for p in ids if sampler.picks(p)}, "the keyed share of every labelled post"
+    assert audited & routed, "routed posts are audited at the same rate"
+    assert 0.15 < len(audited & routed) / len(routed) < 0.45
+    for o in outcomes:
+        pid = o.label.post_id
+        expected_kind = "audit" if pid in audited else ("routed" if pid in routed else None)
+        assert (o.review.kind if o.review is not None else None) == expected_kind
+        if o.review is not None:
+            assert o.review.routed_by_policy is (pid in routed)

@@ -169,6 +169,8 @@ DECISION_CASES: list[tuple[str, Any]] = [
     ("decisions missing", {k: v for k, v in DECISION.items() if k != "decisions"}),
     ("post_id missing", {k: v for k, v in DECISION.items() if k != "post_id"}),
     ("version 2", {**DECISION, "v": 2}),
+    ("audit of a routed post", {**DECISION, "kind": "audit", "routed_by_policy": True}),
+    ("routed_by_policy a string", {**DECISION, "routed_by_policy": "yes"}),
 ]
 
 
@@ -198,6 +200,9 @@ ITEM_CASES: list[tuple[str, Any]] = [
     ("label missing", {k: v for k, v in ITEM.items() if k != "label"}),
     ("text missing", {k: v for k, v in ITEM.items() if k != "text"}),
     ("version 2", {**ITEM, "v": 2}),
+    ("audit of a routed post", {**ITEM, "kind": "audit", "routed_by_policy": True}),
+    ("written before routed_by_policy", {k: v for k, v in ITEM.items() if k != "routed_by_policy"}),
+    ("routed_by_policy a number", {**ITEM, "routed_by_policy": 1}),
 ]
 
 
