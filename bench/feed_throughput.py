@@ -19,7 +19,7 @@ metrics; "other" is the event loop and faust's own bookkeeping). A stage's
 ms/post is its share of samples times the CPU per post. Samples inside C code count under the
 Python frame that called it.
 
-    .venv/bin/python bench/feed_throughput.py [--posts 800] [--processes 1] [--no-profile]
+    .venv/bin/python bench/feed_throughput.py [--posts 800] [--processes 1 2] [--no-profile]
         [--worker-repo DIR] [--tag new] [--out var/bench/feed_throughput.json]
 
 `--worker-repo DIR` runs the worker from another checkout (e.g. a `git worktree` of an older
@@ -82,12 +82,19 @@ STAGES: list[tuple[str, str]] = [
     ("consume", r"aiokafka/consumer|aiokafka/conn|faust/transport|faust/streams"),
     ("metrics", r"prometheus_client"),
 ]
+# A thread py-spy still sampled while it waited: the event loop in epoll, a pool thread on its
+# queue, a lock. Not CPU: left out of the shares.
+IDLE = re.compile(
+    r"^(select|poll) \(.*selectors\.py|^_worker \(.*concurrent/futures/thread\.py|^wait \(.*threading\.py"
+)
 _WHOLE = [(stage, re.compile(rx)) for stage, rx in WHOLE_STACK]
 _INNERMOST = [(stage, re.compile(rx)) for stage, rx in STAGES]
 
 
 def stage_of(frames: list[str]) -> str:
-    """`frames` innermost last (py-spy's collapsed order)."""
+    """`frames` innermost last (py-spy's collapsed order); "idle" for a thread that was waiting."""
+    if frames and IDLE.search(frames[-1]):
+        return "idle"
     for stage, rx in _WHOLE:
         if any(rx.search(frame) for frame in frames):
             return stage
@@ -217,32 +224,37 @@ def stop_profilers(profilers: list[tuple[subprocess.Popen[bytes], Path]]) -> Cou
     return counts
 
 
-def measure(args: argparse.Namespace, stack: Stack, tmp: Path, names: list[str], media_url: str) -> dict[str, Any]:
+def measure(
+    args: argparse.Namespace, processes: int, stack: Stack, tmp: Path, names: list[str], media_url: str
+) -> dict[str, Any]:
     repo = Path(args.worker_repo).resolve() if args.worker_repo else REPO
-    extra = [*(["--processes", str(args.processes)] if args.processes != 1 else []), *args.worker_arg]
-    worker = FeedWorker(stack, tmp, repo, f"feed-bench-{args.tag}-{time.time_ns()}", extra)
+    extra = [*(["--processes", str(processes)] if processes != 1 else []), *args.worker_arg]
+    tag = f"{args.tag}p{processes}"
+    worker = FeedWorker(stack, tmp, repo, f"feed-bench-{tag}-{time.time_ns()}", extra)
     try:
-        warm = feed_posts(names, media_url, WARM_POSTS, args.repost_share, f"fw{args.tag}", seed=1)
-        e2e(stack, warm, f"fw{args.tag}-")
-        posts = feed_posts(names, media_url, args.posts, args.repost_share, f"fm{args.tag}", seed=2)
+        warm = feed_posts(names, media_url, WARM_POSTS, args.repost_share, f"fw{tag}", seed=1)
+        e2e(stack, warm, f"fw{tag}-")
+        posts = feed_posts(names, media_url, args.posts, args.repost_share, f"fm{tag}", seed=2)
         pids = worker.pids()
         profilers = start_profilers(pids, args.rate, tmp) if args.profile else []
         cpu_before = sum(process_cpu_s(p) for p in pids)
-        result = e2e(stack, posts, f"fm{args.tag}-")
+        result = e2e(stack, posts, f"fm{tag}-")
         cpu = sum(process_cpu_s(p) for p in pids) - cpu_before
         stages = stop_profilers(profilers) if profilers else Counter()
         metrics = read_metrics(worker.port)
         result.update(
             tag=args.tag,
             repo=str(repo),
-            processes=args.processes,
+            processes=processes,
             worker_args=extra,
             cpu_s=cpu,
             cpu_ms_per_post=1000 * cpu / len(posts),
             peak_rss_mib=sum(peak_rss_mib(p) for p in pids),
             routes={k: v for k, v in metrics.items() if k.startswith("modstream_posts_total{")},
         )
+        idle = stages.pop("idle", 0)
         total = sum(stages.values())
+        result["idle_samples"] = idle
         result["stages"] = {
             stage: {"samples": n, "share": n / total, "ms_per_post": n / total * result["cpu_ms_per_post"]}
             for stage, n in stages.most_common()
@@ -257,7 +269,9 @@ def main() -> None:
     parser.add_argument("--posts", type=int, default=800, help="posts measured (after the warm-up)")
     parser.add_argument("--png-share", type=float, default=0.1)
     parser.add_argument("--repost-share", type=float, default=0.2)
-    parser.add_argument("--processes", type=int, default=1, help="the worker's --processes (when it has it)")
+    parser.add_argument(
+        "--processes", type=int, nargs="+", default=[1], help="the worker's --processes; several: measured in turn"
+    )
     parser.add_argument("--worker-arg", action="append", default=[], help="one more worker argument (repeatable)")
     parser.add_argument("--worker-repo", help="run the worker from this checkout (default: this one)")
     parser.add_argument("--tag", default="new", help="names this measurement in the output")
@@ -279,28 +293,35 @@ def main() -> None:
         )
         ModelRegistry(tmp / "registry").save(model, tokenizer, card)
         del model
-        names = write_media(tmp / "media", WARM_POSTS + args.posts, args.png_share)
+        names = write_media(tmp / "media", len(args.processes) * (WARM_POSTS + args.posts), args.png_share)
         media = BackgroundMediaServer(tmp / "media")
-        result = measure(args, stack, tmp, names, media.server.url)
+        results = [measure(args, n, stack, tmp, names, media.server.url) for n in args.processes]
     finally:
         if media is not None:
             media.stop()
         stack("stop")
 
-    print(
-        f"\n{args.tag}: {result['posts']} posts, {result['posts_per_s']:.1f} posts/s, "
-        f"{result['cpu_ms_per_post']:.1f} ms of worker CPU per post, peak RSS {result['peak_rss_mib']:.0f} MiB, "
-        f"{result['dedupe_hits']} dedupe hits"
-    )
-    if result["stages"]:
-        print(f"{'stage':<22} {'share':>7} {'ms/post':>8}")
-        for stage, row in result["stages"].items():
-            print(f"{stage:<22} {row['share']:>6.1%} {row['ms_per_post']:>8.2f}")
+    for result in results:
+        print(
+            f"\n{args.tag}, {result['processes']} process(es): {result['posts']} posts, "
+            f"{result['posts_per_s']:.1f} posts/s, {result['cpu_ms_per_post']:.1f} ms of worker CPU per post, "
+            f"peak RSS {result['peak_rss_mib']:.0f} MiB, {result['dedupe_hits']} dedupe hits"
+        )
+        if result["stages"]:
+            print(f"{'stage':<22} {'share':>7} {'ms/post':>8}")
+            for stage, row in result["stages"].items():
+                print(f"{stage:<22} {row['share']:>6.1%} {row['ms_per_post']:>8.2f}")
+    for result in results[1:]:
+        print(
+            f"{result['processes']} processes vs {results[0]['processes']}: posts/s "
+            f"{result['posts_per_s'] / results[0]['posts_per_s']:.2f}x, CPU per post "
+            f"{result['cpu_ms_per_post'] / results[0]['cpu_ms_per_post']:.2f}x"
+        )
     out = {
         "benchmark": "feed_throughput",
         "machine": {"cores": os.cpu_count(), "platform": platform.platform()},
         "params": {k: v for k, v in vars(args).items() if k != "out"} | {"warm_posts": WARM_POSTS},
-        "result": result,
+        "results": results,
     }
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -44,6 +44,8 @@ def test_a_sample_goes_to_the_innermost_frame_that_names_a_stage() -> None:
     assert stage_of([loop, "look_up (/w/stream/bank_stage.py:40)"]) == "banks (PDQ, lookup)"
     assert stage_of([loop, "send (/v/site-packages/aiokafka/producer/producer.py:1)"]) == "produce"
     assert stage_of([loop, "_run_once (/usr/lib/python3.11/asyncio/base_events.py:1900)"]) == "other"
+    assert stage_of([loop, "select (/usr/lib/python3.11/selectors.py:468)"]) == "idle"
+    assert stage_of(["_worker (/usr/lib/python3.11/concurrent/futures/thread.py:81)"]) == "idle"
 
 
 def test_breakdown_counts_py_spy_raw_lines_by_stage() -> None:
