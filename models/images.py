@@ -15,6 +15,7 @@ import hashlib
 import io
 import warnings
 
+import simplejpeg
 from PIL import Image
 
 ALLOWED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "GIF", "WEBP", "BMP")
@@ -106,6 +107,10 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS, max_side: int | N
             try:
                 # Animated GIF/WEBP/PNG: open() leaves frame 0 current and load() decodes only
                 # that frame; asking for n_frames/is_animated would scan the whole file.
+                if max_side is not None and img.format == "JPEG" and img.mode in ("RGB", "L"):
+                    fast = _decode_jpeg_scaled(data, img.size, max_side)
+                    if fast is not None:
+                        return fast
                 if max_side is not None and img.format == "JPEG":
                     # DCT scaling (1/2, 1/4, 1/8) picks the smallest scale still >= the size
                     # asked for in both sides, so no detail the bound keeps is lost. Ask for the
@@ -123,6 +128,21 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS, max_side: int | N
                 raise ImageError("decompression_bomb", f"image rejected as a decompression bomb: {exc}") from exc
             except Exception as exc:
                 raise _classify(exc, fmt) from exc
+
+
+def _decode_jpeg_scaled(data: bytes, size: tuple[int, int], max_side: int) -> Image.Image | None:
+    """A JPEG whose header Pillow has already vetted (allowed format, pixel limit), decoded by
+    libjpeg-turbo through simplejpeg at the smallest DCT scale still covering the bounded size (as
+    `draft` does), then bounded. Why not Pillow: the same library without Pillow's per-image work,
+    and with the GIL released, so decode threads run in parallel (bench/feed_throughput.py).
+    None for whatever simplejpeg will not decode strictly (damaged or truncated data, odd
+    markers): Pillow then decodes it or names the error, as before."""
+    width, height = _fit(size, max_side)
+    try:
+        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=width, min_height=height)
+    except ValueError:
+        return None
+    return bounded_rgb(Image.fromarray(pixels, "RGB"), max_side)
 
 
 def _classify(exc: BaseException, fmt: str = "image") -> ImageError:

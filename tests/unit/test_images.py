@@ -271,6 +271,24 @@ def test_decode_shrinks_to_max_side_keeping_the_aspect_ratio(fmt: str, mode: str
 def test_bounded_jpeg_decodes_at_a_reduced_dct_scale_whatever_its_shape(monkeypatch, size, scaled) -> None:
     """A landscape or portrait JPEG decodes at the smallest DCT scale that still covers the
     bound (a square box would keep it at full scale: its short side is below the box)."""
+    import models.images as images
+
+    decoded_at = []
+    decode_jpeg = images.simplejpeg.decode_jpeg
+
+    def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
+        pixels = decode_jpeg(*args, **kwargs)
+        decoded_at.append((pixels.shape[1], pixels.shape[0]))
+        return pixels
+
+    monkeypatch.setattr(images.simplejpeg, "decode_jpeg", recording)
+    img = decode_image(_encode(_flat("RGB", size), "JPEG"), max_side=448)
+    assert decoded_at == [scaled]
+    assert max(img.size) == 448 and img.getpixel((10, 10)) == pytest.approx((10, 200, 30), abs=3)
+
+
+def test_pillow_decodes_what_simplejpeg_will_not_at_the_same_reduced_scale(monkeypatch) -> None:
+    """The fallback (a CMYK JPEG, or data simplejpeg refuses) keeps Pillow's DCT-scaled draft."""
     from PIL import JpegImagePlugin
 
     decoded_at = []
@@ -282,9 +300,23 @@ def test_bounded_jpeg_decodes_at_a_reduced_dct_scale_whatever_its_shape(monkeypa
         return result
 
     monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", recording)
-    img = decode_image(_encode(_flat("RGB", size), "JPEG"), max_side=448)
-    assert decoded_at == [scaled]
-    assert max(img.size) == 448 and img.getpixel((10, 10)) == pytest.approx((10, 200, 30), abs=3)
+    cmyk = _flat("RGB", (1000, 700)).convert("CMYK")
+    img = decode_image(_encode(cmyk, "JPEG"), max_side=448)
+    assert decoded_at == [(500, 350)] and img.mode == "RGB" and img.size == (448, 314)
+
+
+def test_simplejpeg_and_pillow_decode_a_photo_to_the_same_pixels(monkeypatch) -> None:
+    import models.images as images
+
+    rng = np.random.default_rng(5)
+    coarse = Image.fromarray(rng.integers(0, 256, (35, 50, 3), dtype=np.uint8)).resize((1000, 700), Image.BICUBIC)
+    data = _encode(coarse, "JPEG")
+    fast = decode_image(data, max_side=448)
+    monkeypatch.setattr(images, "_decode_jpeg_scaled", lambda *args: None)
+    slow = decode_image(data, max_side=448)
+    assert fast.size == slow.size
+    diff = np.abs(np.asarray(fast, dtype=np.int16) - np.asarray(slow, dtype=np.int16))
+    assert diff.max() <= 2, diff.max()  # the same libjpeg-turbo IDCT; Pillow's bundled build may differ by a level
 
 
 def test_bounded_decode_keeps_colours() -> None:
