@@ -16,35 +16,36 @@ of the fold that held it out. Each post gets the served decision per task (calib
 the card's threshold) and routed = the card's policy reviews it.
 
 Each simulated stream (200, a different audit key each): the worker's own AuditSampler
-(stream/audit_sampling.py, HMAC of the post id) picks 5% of the posts that were not routed
-(the worker audits only `auto` labels); an oracle reviewer labels every audited and every
-routed post with its true label, recorded through the console's own path (audit_choices,
-build_decision) and counted by review/live_quality.task_outcomes as the dataset sink counts
-it; the live figures are review/live_quality's functions, i.e. the shipped rules' formulas
-(Wilson per class F1 via 2TP / (2TP + FP + FN), the two classes' values and bounds averaged into
+(stream/audit_sampling.py, HMAC of the post id) picks 5% of all the posts, before routing, as
+the worker does (stream/pipeline.py: a picked routed post is one audit item, so the routed items
+are the routed posts it did not pick); an oracle reviewer labels every audit and every routed
+item with its true label, recorded through the console's own path (audit_choices,
+build_decision) and counted by review/live_quality.task_outcomes as the dataset sink counts it;
+the live figures are review/live_quality's functions, i.e. the shipped rules' formulas (Wilson
+per class F1 via 2TP / (2TP + FP + FN), the two classes' values and bounds averaged into
 macro-F1; the lift with a Katz interval). Two stream shapes:
 - "test stream": the 1,308 test posts themselves, once each; only the audit key varies. That is
-  the issue's wording, but its 5% audit is ~60 verdicts, far below the 100 the F1 alert waits
-  for.
-- "resampled": --stream-size posts (default 20,000, about a week of a small deployment: ~900
+  the issue's wording, but its 5% audit is ~65 verdicts, below the 100 the F1 alert waits for.
+- "resampled": --stream-size posts (default 20,000, about a week of a small deployment: ~1,000
   audit verdicts at 5%) drawn with replacement from the 1,308, new ids and a new draw per
   stream. The pool is then the population, so its F1 is exactly the quantity to cover.
+Both shapes are run again under the first design (`audit="auto"`: only posts routing left alone
+are audited, every routed post is a routed item) for comparison.
 
-Truths per task: the offline test macro-F1 over every test post (what the issue asks to cover);
-the macro-F1 over the posts routing left alone (what an audit of `auto` labels samples); the
-offline lift as BENCHMARKS reports it (error rate among routed / among all posts); and the lift
-the live metric measures (routed / not routed). A diagnostic row audits every post (routed
-included), which the worker does not do, to separate the interval's calibration from what it
-estimates.
+Truths per task: the offline test macro-F1 over every test post (what the issue asks to cover,
+and what the audit samples); the macro-F1 over the posts routing left alone (what the first
+design sampled); the offline lift as BENCHMARKS reports it (error rate among routed / among all
+posts: what the live lift measures now); and the lift routed / not routed (what the first
+design's live lift measured).
 
-Answer (BENCHMARKS.md, "Live quality from a blind audit: coverage on CM-Off (issue 21)"): on
-the 1,308-post test stream (~59 audit verdicts) the criterion is met (live F1 interval covers the
-offline test F1 in 95.0% / 94.7% of 1,000 streams, 93.0% / 95.0% of 200; the lift's interval
-holds the offline lift in 97.6% / 97.3%). At a realistic volume (20,000-post streams, ~915
-verdicts) it is not: 69.3% / 88.0% for F1, 73.9% / 75.7% for the lift. The rules' interval is
-near nominal for what the audit samples (94.3% / 94.7% for the F1 of the posts not routed); the
-shortfall is the estimand: the worker audits only posts routing left alone, which are easier.
-Auditing every post regardless of route covers both offline figures (94.5-95.9%).
+Answer (BENCHMARKS.md, "Live quality from a blind audit: coverage on CM-Off (issue 21)"), over
+1,000 streams (200 in brackets): on the 1,308-post test stream the live F1 interval covers the
+offline test F1 in 95.0% / 94.9% (96.0% / 96.0%), on 20,000-post streams in 94.5% / 94.7%
+(95.0% / 96.0%); the live lift's interval holds the offline lift in 97.1% / 96.3% and 94.0% /
+95.5% (97.0% / 96.0%, 94.5% / 98.0%), its mean 1.79 / 1.73 against 1.77 / 1.72. The first design
+met the criterion only on the small test stream (95.0% / 94.7%): on 20,000-post streams it
+covered 69.3% / 88.0% (lift 73.9% / 75.7%), since it estimated the easier unrouted posts' F1
+(0.720 / 0.639, not 0.698 / 0.626) and a lift over their error rate (1.91 / 1.85).
 Nothing derived from CM-Off is written into the repository: the runs and the JSON go to var/.
 """
 
@@ -139,10 +140,10 @@ def counts(outcome_index: np.ndarray, members: np.ndarray) -> Counts:
 
 @dataclass
 class Truth:
-    f1_all: float  # offline macro-F1 on every labelled post
-    f1_auto: float  # on the posts routing left alone (the audit's population)
-    lift_offline: float  # error rate among routed / among all posts (BENCHMARKS' lift)
-    lift_live: float  # among routed / among not routed (what the live metric measures)
+    f1_all: float  # offline macro-F1 on every labelled post (the audit's population)
+    f1_auto: float  # on the posts routing left alone (what the first design's audit sampled)
+    lift_offline: float  # error rate among routed / among all posts (BENCHMARKS' lift; the live one's)
+    lift_auto: float  # among routed / among not routed (what the first design's live lift measured)
     error_all: float
     routed_share: float
 
@@ -181,11 +182,14 @@ def simulate_stream(
     size: int | None,
     rng: np.random.Generator,
     *,
-    audit_everything: bool = False,
+    audit: str = "all",
 ) -> StreamResult:
     """One stream: the posts (the pool itself, or `size` draws with replacement under new ids),
-    the worker's keyed audit of the non-routed ones, the oracle's verdicts on audit and routed
-    items, and the live figures as the rules compute them."""
+    the worker's keyed audit, the oracle's verdicts on audit and routed items, and the live
+    figures as the rules compute them. `audit`: "all" (the worker's rule: the hash picks among
+    every post before routing; a picked routed post is one audit item, so the routed items are
+    the routed posts it did not pick) or "auto" (the first design: only posts routing left
+    alone are audited, every routed post is a routed item)."""
     if size is None:
         members = np.arange(len(stream))
         ids = [f"cm-off-test-{i}" for i in members]
@@ -195,8 +199,12 @@ def simulate_stream(
     sampler = AuditSampler(rate, key)
     picked = np.fromiter((sampler.picks(i) for i in ids), dtype=bool, count=len(ids))
     routed = stream.routed[members]
-    audited = members[picked if audit_everything else picked & ~routed]
-    reviewed = members[routed]
+    if audit == "all":
+        audited, reviewed = members[picked], members[routed & ~picked]
+    elif audit == "auto":
+        audited, reviewed = members[picked & ~routed], members[routed]
+    else:
+        raise ValueError(f"audit must be 'all' or 'auto', not {audit!r}")
     result = StreamResult({}, {}, {}, {})
     for task in stream.tasks:
         a = counts(stream.outcomes("audit")[task], audited)
@@ -217,16 +225,13 @@ def coverage(
     size: int | None = None,
     seed: int = 0,
     *,
-    audit_everything: bool = False,
+    audit: str = "all",
 ) -> dict[str, dict[str, Any]]:
     """Per task: how often the live intervals hold each truth over `n_streams` streams, each
     with its own audit key (and, with `size`, its own draw of posts)."""
     rng = np.random.default_rng(seed)
     truth = truths(stream)
-    runs = [
-        simulate_stream(stream, f"coverage-{seed}-{s}", rate, size, rng, audit_everything=audit_everything)
-        for s in range(n_streams)
-    ]
+    runs = [simulate_stream(stream, f"coverage-{seed}-{s}", rate, size, rng, audit=audit) for s in range(n_streams)]
     out: dict[str, dict[str, Any]] = {}
     for task, t in truth.items():
         f1 = [r.f1[task] for r in runs]
@@ -247,7 +252,7 @@ def coverage(
             ],
             "lift_undefined": sum(not math.isfinite(i.lower) for i in lift),
             "covers_lift_offline": float(np.mean([covers(i, t.lift_offline) for i in lift])),
-            "covers_lift_live": float(np.mean([covers(i, t.lift_live) for i in lift])),
+            "covers_lift_auto": float(np.mean([covers(i, t.lift_auto) for i in lift])),
         }
     return out
 
@@ -288,6 +293,7 @@ def markdown(results: dict[str, dict[str, dict[str, Any]]]) -> str:
         "stream",
         "task",
         "audit verdicts (mean)",
+        "routed verdicts (mean)",
         "offline test macro-F1 (all posts)",
         "macro-F1 of posts not routed",
         "live macro-F1 (mean)",
@@ -295,10 +301,10 @@ def markdown(results: dict[str, dict[str, dict[str, Any]]]) -> str:
         "covers offline F1",
         "covers not-routed F1",
         "offline lift (routed / all)",
-        "live-definition lift (routed / not routed)",
+        "lift routed / not routed",
         "live lift (mean) [mean bounds]",
         "covers offline lift",
-        "covers live-definition lift",
+        "covers routed / not-routed lift",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for shape, by_task in results.items():
@@ -312,6 +318,7 @@ def markdown(results: dict[str, dict[str, dict[str, Any]]]) -> str:
                         shape,
                         task,
                         f"{r['audit_verdicts_mean']:.0f}",
+                        f"{r['routed_verdicts_mean']:.0f}",
                         _fmt(t["f1_all"]),
                         _fmt(t["f1_auto"]),
                         _fmt(r["f1_mean"]),
@@ -319,10 +326,10 @@ def markdown(results: dict[str, dict[str, dict[str, Any]]]) -> str:
                         f"**{r['covers_f1_all']:.1%}**",
                         f"{r['covers_f1_auto']:.1%}",
                         _fmt(t["lift_offline"], 2),
-                        _fmt(t["lift_live"], 2),
+                        _fmt(t["lift_auto"], 2),
                         f"{_fmt(r['lift_mean'], 2)} [{_fmt(lo, 2)}, {_fmt(hi, 2)}]",
                         f"**{r['covers_lift_offline']:.1%}**",
-                        f"{r['covers_lift_live']:.1%}",
+                        f"{r['covers_lift_auto']:.1%}",
                     ]
                 )
                 + " |"
@@ -333,7 +340,7 @@ def markdown(results: dict[str, dict[str, dict[str, Any]]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", type=int, default=200)
-    parser.add_argument("--rate", type=float, default=0.05, help="audit share of the posts labelled auto")
+    parser.add_argument("--rate", type=float, default=0.05, help="audit share of the posts the model labelled")
     parser.add_argument("--stream-size", type=int, default=20_000, help="posts per resampled stream")
     parser.add_argument("--runs-dir", default="var/bench/routing/runs-fit")
     parser.add_argument("--cache", default="var/cache")
@@ -365,15 +372,17 @@ def main() -> None:
     shapes = {
         f"test stream ({len(stream)} posts)": {"size": None},
         f"resampled ({args.stream_size:,} posts)": {"size": args.stream_size},
-        f"diagnostic: audit of every post, resampled ({args.stream_size:,})": {
+        f"first design (audit of auto labels only), test stream ({len(stream)})": {"size": None, "audit": "auto"},
+        f"first design (audit of auto labels only), resampled ({args.stream_size:,})": {
             "size": args.stream_size,
-            "audit_everything": True,
+            "audit": "auto",
         },
     }
     results = {name: coverage(stream, args.streams, args.rate, seed=1, **opts) for name, opts in shapes.items()}
     doc = {
         "results": results,
         "setup": {
+            "audit_rule": "all model-labelled posts, before routing (first-design rows: posts not routed)",
             "posts": len(stream),
             "runs": [f"{r.fold}/{r.seed}" for r in runs],
             "streams": args.streams,
@@ -390,7 +399,8 @@ def main() -> None:
     print(markdown(results))
     print(
         f"{len(stream)} test posts, {stream.routed.mean():.1%} routed by the card's policy; {args.streams} streams per "
-        f"row, audit {args.rate:.0%} of the posts not routed (keyed hash, a new key per stream); "
+        f"row, audit {args.rate:.0%} of every post (first design: of the posts not routed; keyed hash, a new key "
+        "per stream); "
         f"{doc['setup']['seconds_total']:.0f} s. Written: {out}"
     )
 
