@@ -28,9 +28,14 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from modstream.records import RecordError
 from stream.audit_sampling import AuditSampler
+
+if TYPE_CHECKING:
+    from modstream.records import ReviewDecision
+    from review.queue import Pair, ReviewQueue
 
 DEFAULT_RATE = 0.05
 MIN_PAIRS = 20  # fewer pairs than this: kappa is shown as "too few" and not exported
@@ -62,6 +67,42 @@ def agreement_outcome(first: Mapping[str, str | None], second: Mapping[str, str 
         if label is not None and other is not None and label != other:
             return "disagreed"
     return "agreed"
+
+
+async def review_stage(queue: ReviewQueue, sampler: SecondReviewSampler, post_id: str, decision: ReviewDecision) -> str:
+    """Where `decision` on `post_id` stands in double review (modstream.records.REVIEW_STAGES),
+    for the console and the Label Studio import alike: a gold item's answer; the second review of
+    a pair (agreed, disagreed, or second when it labels nothing or escalates); the first of a pair
+    when the sampler picks the post and it labels something; else single. RecordError when the
+    decision's reviewer made the pair's first review: a different reviewer decides the second."""
+    labels = decision.training_labels()
+    labelled = any(label is not None for label in labels.values())
+    if await queue.gold(post_id) is not None:
+        return "gold"
+    pair = await queue.pair(post_id)
+    if pair is not None and pair.state == "first":
+        if pair.first_reviewer == decision.reviewer:
+            raise RecordError("reviewer", "you gave this item its first review; a different reviewer decides it")
+        if not labelled or decision.escalated:
+            return "second"  # skipped (back to the queue) or escalated (to an admin): no outcome yet
+        return agreement_outcome(pair.first_labels, labels)
+    if labelled and not decision.escalated and sampler.picks(post_id):
+        return "first"
+    return "single"
+
+
+def disagreement_note(pair: Pair | None, decision: ReviewDecision) -> str:
+    """The escalation's note for a disagreeing second review: each task's two labels, by whom
+    (the admins settle it; reviewers never see it), and the second reviewer's own note."""
+    first = pair.first_reviewer if pair else "?"
+    said = "; ".join(
+        f"{task}: {first} {(pair.first_labels.get(task) if pair else None) or '-'}, {decision.reviewer} {label or '-'}"
+        for task, label in decision.training_labels().items()
+    )
+    note = f"double review disagreement ({said})"
+    if decision.note:
+        note += f"; {decision.reviewer}'s note: {decision.note}"
+    return note
 
 
 def cohen_kappa(pairs: Sequence[tuple[str, str]]) -> float | None:

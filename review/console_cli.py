@@ -213,14 +213,22 @@ def cmd_export_label_studio(args: argparse.Namespace) -> int:
 def cmd_import_label_studio(args: argparse.Namespace) -> int:
     import asyncio
 
+    from review.agreement import second_review_sampler
     from review.label_studio import import_export_file
     from stream.evidence import open_store
 
+    if not 0.0 <= args.second_review_rate <= 1.0:
+        return _fail(ValueError(f"--second-review-rate is a share between 0 and 1, not {args.second_review_rate:g}"))
     try:
         evidence = open_store(args.evidence)
         report = asyncio.run(
             import_export_file(
-                Path(args.source), args.reviewer, bootstrap=args.bootstrap, redis_url=args.redis, evidence=evidence
+                Path(args.source),
+                args.reviewer,
+                bootstrap=args.bootstrap,
+                redis_url=args.redis,
+                evidence=evidence,
+                second_reviews=second_review_sampler(args.second_review_rate),
             )
         )
     except (OSError, ValueError, RuntimeError) as exc:  # bad file, bad name, Kafka/Redis down
@@ -328,6 +336,13 @@ def add_parsers(sub: Any) -> None:
     p = actions.add_parser("import-label-studio", help="read a Label Studio JSON export back as decisions")
     p.add_argument("source", help="Label Studio JSON export")
     p.add_argument("--reviewer", required=True, help="who annotated (recorded on the decisions)")
+    p.add_argument(
+        "--second-review-rate",
+        type=float,
+        default=0.05,
+        help="the console's --second-review-rate (with the same MODSTREAM_AUDIT_KEY it picks the same posts): "
+        "a picked post's annotation is a first review, waiting for a second reviewer (0: none)",
+    )
     add_kafka(p)
     add_redis(p, "Redis URL of the review queue")
     add_evidence(p, "where the scored media are kept (the verdict banks hash the images annotators saw)")

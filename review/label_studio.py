@@ -20,7 +20,9 @@ whom, and so is a post decided in the console. The decision id is derived from t
 Studio task, the annotation, its update time and what it says: importing a file twice gives
 the same ids (the second time: "already imported"), and an annotation edited after an import
 is a new decision, whose labels win downstream (the ids Label Studio decisions got per post
-are kept in Redis, so an edit is told from a console decision).
+are kept in Redis, so an edit is told from a console decision). Double review applies as in the
+console (`import_export_file`): a sampled post's annotation is a first review that waits for a
+different reviewer; gold items are neither exported nor imported.
 
 Media: Label Studio's browser loads `data.image` itself. With `--media-base-url` (and
 MODSTREAM_MEDIA_LINK_KEY), the export points it at signed, expiring links to the console's
@@ -31,6 +33,7 @@ without, at the post's own URL (which may serve other bytes by now, and rarely s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import uuid
 import xml.etree.ElementTree as ET
@@ -40,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from modstream.records import RecordError, ReviewDecision, ReviewItem
+from review.agreement import SecondReviewSampler, disagreement_note, review_stage
 from review.bank_verdicts import entry_for, with_variants
 from review.decisions import build_decision, item_tasks, model_label
 from stream.banks.bank import BankUpdate
@@ -186,6 +190,8 @@ async def export_open_items(
         queue = ReviewQueue(client)
         await queue.ensure_group()
         items = await queue.open_items(limit)
+        gold = await queue.gold_items()  # answered in the console only (the import refuses them)
+        items = [(entry_id, item) for entry_id, item in items if item.post_id not in gold]
     finally:
         await client.aclose()
     tasks = tasks_from_items(items, links)
@@ -327,17 +333,33 @@ def decision_for(annotated: Annotated, item: ReviewItem, reviewer: str) -> Revie
 
 
 async def import_export_file(
-    source: Path, reviewer: str, *, bootstrap: str, redis_url: str, evidence: EvidenceStore | None = None
+    source: Path,
+    reviewer: str,
+    *,
+    bootstrap: str,
+    redis_url: str,
+    evidence: EvidenceStore | None = None,
+    second_reviews: SecondReviewSampler | None = None,
 ) -> ImportReport:
     """Produce one ReviewDecision per annotated task to `reviewed`, then mark the post decided
-    and ack its entry. A failure to produce stops the import (what was done stays done)."""
+    and ack its entry. A failure to produce stops the import (what was done stays done).
+
+    Double review as in the console (review/agreement.py `review_stage`, with the console's
+    sampler: `second_reviews`, None for none): a sampled post's labelling annotation is its first
+    review (stage `first`: never trains, nothing banked), kept in the pair and the entry left open
+    (parked if pending) for a different reviewer, in the console or a later import under another
+    `reviewer`; an annotation of a post waiting for its second review is that second review
+    (agreed, or disagreed and escalated) unless `reviewer` gave the first. A finished pair is not
+    reopened by an edit. Gold items are answered in the console only (their answers score the
+    reviewer and never train): refused here."""
     import redis.asyncio as aioredis
 
     from review.auth import check_name
     from review.decisions import DecisionProducer
-    from review.queue import ReviewQueue
+    from review.queue import PARKED, QueueError, ReviewQueue
 
     check_name(reviewer)
+    sampler = second_reviews or SecondReviewSampler(0.0, b"unused: no double review")
     try:
         export = json.loads(source.read_text())
     except json.JSONDecodeError as exc:
@@ -378,26 +400,63 @@ async def import_export_file(
             marker = await client.get(queue.decided_key(one.post_id))
             decided = marker.decode() if isinstance(marker, bytes) else marker
             ours = queue.prefix + ":review:label-studio:" + one.post_id  # the ids this import gave the post
-            if decided == decision.decision_id:
+            pair = await queue.pair(one.post_id)
+            if decided == decision.decision_id or (pair is not None and pair.first_decision_id == decision.decision_id):
                 report.skipped.append(f"post {one.post_id}: already imported (this annotation, unchanged)")
+                continue
+            if pair is not None and pair.state != "first":
+                report.skipped.append(f"post {one.post_id}: its double review is over ({pair.state}): not reopened")
                 continue
             if decided is not None and not await client.sismember(ours, decided):
                 report.skipped.append(f"post {one.post_id}: already decided in the console (decision {decided})")
                 continue
             holder = await queue.holder(entry_id) if decided is None else None
-            if holder is not None:
+            if holder is not None and holder != PARKED:
                 report.skipped.append(
                     f"post {one.post_id}: held by {holder} in the console right now: import again once they are done"
                 )
                 continue
+            try:
+                stage = await review_stage(queue, sampler, one.post_id, decision)
+            except RecordError:
+                report.skipped.append(
+                    f"post {one.post_id}: {reviewer} gave it its first review; a different reviewer decides it"
+                )
+                continue
+            if stage == "gold":
+                report.errors.append(f"post {one.post_id}: a gold item is answered in the console only: refused")
+                continue
+            if stage == "first" and decided is not None:
+                stage = "single"  # an edit of a post this import decided before double review picked it
+            decision = dataclasses.replace(decision, review_stage=stage)
             await producer.send(decision)  # KafkaUnavailable ends the import here
-            banked = entry_for(decision, item)  # only when the annotator saw the scored image
+            # Only when the annotator saw the scored image, and only a verdict that trains (as the
+            # console: a first review or a disagreement is not settled).
+            banked = entry_for(decision, item) if decision.trains else None
             if banked is not None and evidence is not None:
                 banked = await with_variants(banked, evidence)
             if banked is not None:
                 await producer.send_bank(BankUpdate.add(banked))
             await client.sadd(ours, decision.decision_id)
             await client.expire(ours, queue.decided_ttl_s)
+            labels = decision.training_labels()
+            try:
+                if stage == "first":
+                    await queue.first_review_done(
+                        entry_id, one.post_id, reviewer, decision.decision_id, labels, item.kind, claimed=False
+                    )
+                    report.imported.append(f"{one.post_id} (first of two reviews: waits for a second reviewer)")
+                    continue
+                if stage in ("agreed", "disagreed"):
+                    note = disagreement_note(pair, decision) if stage == "disagreed" else ""
+                    await queue.second_review_done(
+                        entry_id, one.post_id, reviewer, decision.decision_id, stage, labels, note, claimed=False
+                    )
+                    report.imported.append(f"{one.post_id} (second review: {stage})")
+                    continue
+            except QueueError as exc:  # a console reviewer got there between the checks and now
+                report.errors.append(f"post {one.post_id}: decision {decision.decision_id} is on record, but {exc}")
+                continue
             if decision.escalated:
                 await queue.add_escalation(entry_id, item, reviewer, decision.decision_id, one.note)
             await queue.mark_decided(one.post_id, decision.decision_id, reviewer, entry_id=entry_id)

@@ -159,10 +159,9 @@ return 1
 # KEYS: stream, pair key, decisions zset. ARGV: group, entry id, reviewer, decision id, the first
 # reviewer's labels (JSON), item kind, now, zset member, cutoff, pair ttl, parked consumer.
 # The first of two reviews: its verdict is kept for the second, the entry is parked (pending,
-# not acked, no decided marker), and the decision counts like any other.
-_FIRST_DONE = (
-    _OWNER_CHECK
-    + """
+# not acked, no decided marker), and the decision counts like any other. XCLAIM passes over an
+# entry that is not pending (undelivered: `_accept` parks it when its first reviewer meets it).
+_FIRST_BODY = """
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[2], 'state', 'first', 'first_reviewer', ARGV[3], 'first_decision_id', ARGV[4],
   'first_labels', ARGV[5], 'kind', ARGV[6], 'first_at', ARGV[7])
@@ -172,6 +171,17 @@ redis.call('ZADD', KEYS[3], ARGV[7], ARGV[8])
 redis.call('ZREMRANGEBYSCORE', KEYS[3], 0, ARGV[9])
 return {1, owner}
 """
+_FIRST_DONE = _OWNER_CHECK + _FIRST_BODY
+# The same for a first review made without a claim (a Label Studio import: the caller checked
+# that no console reviewer holds the entry): refused ({0, state}) when the post already has a
+# double review, so it cannot overwrite someone's first review or a finished pair.
+_FIRST_IMPORTED = (
+    """
+local owner = ''
+local state = redis.call('HGET', KEYS[2], 'state')
+if state then return {0, state} end
+"""
+    + _FIRST_BODY
 )
 
 # KEYS: stream. ARGV: group, reviewer, parked consumer, pair key prefix, scan count. The first
@@ -202,9 +212,7 @@ return false
 # The second review ends the item as `complete` does; the pair's outcome is recorded for the
 # agreement statistics, and a disagreement is copied to the escalated stream for an admin, all
 # in one step after the owner check.
-_SECOND_DONE = (
-    _OWNER_CHECK
-    + """
+_SECOND_BODY = """
 local pair = redis.call('HMGET', KEYS[4], 'first_reviewer', 'first_labels', 'kind', 'first_decision_id')
 local entries = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
 local fields = {post_id = '', item = ''}
@@ -229,6 +237,18 @@ redis.call('ZADD', KEYS[3], ARGV[6], ARGV[7])
 redis.call('ZREMRANGEBYSCORE', KEYS[3], 0, ARGV[8])
 return {1, owner}
 """
+_SECOND_DONE = _OWNER_CHECK + _SECOND_BODY
+# The same for a second review made without a claim (a Label Studio import): only while the
+# pair waits for its second review and only by someone other than its first reviewer, else
+# {0, state} and nothing changes. XACK is a no-op on an entry not pending (an undelivered one is
+# acked by the claim that meets it: the decided marker).
+_SECOND_IMPORTED = (
+    """
+local owner = ''
+local state = redis.call('HGET', KEYS[4], 'state')
+if state ~= 'first' or redis.call('HGET', KEYS[4], 'first_reviewer') == ARGV[3] then return {0, state or ''} end
+"""
+    + _SECOND_BODY
 )
 
 # KEYS: stream, decisions zset, gold results stream. ARGV: group, entry id, reviewer, now, zset
@@ -377,6 +397,8 @@ class ReviewQueue:
         self._first_done_script = client.register_script(_FIRST_DONE)
         self._take_second_script = client.register_script(_TAKE_SECOND)
         self._second_done_script = client.register_script(_SECOND_DONE)
+        self._first_imported_script = client.register_script(_FIRST_IMPORTED)
+        self._second_imported_script = client.register_script(_SECOND_IMPORTED)
         self._gold_done_script = client.register_script(_GOLD_DONE)
 
     # redis-py's stream replies are loosely typed (bytes or str, optional lists): normalise once.
@@ -580,10 +602,20 @@ class ReviewQueue:
         return None
 
     async def first_review_done(
-        self, entry_id: str, post_id: str, reviewer: str, decision_id: str, labels: dict[str, str | None], kind: str
+        self,
+        entry_id: str,
+        post_id: str,
+        reviewer: str,
+        decision_id: str,
+        labels: dict[str, str | None],
+        kind: str,
+        *,
+        claimed: bool = True,
     ) -> None:
         """After the first of two reviews is on Kafka: keep its verdict for the pair and park the
-        entry for a different reviewer (owner-checked like `complete`: NotClaimed changes nothing)."""
+        entry for a different reviewer (owner-checked like `complete`: NotClaimed changes nothing).
+        `claimed=False` for a decision made without a claim (Label Studio): no owner check, but
+        QueueError, changing nothing, when the post has a double review already."""
         now = time.time()
         keys = [self.pair_key(post_id), self.decisions_key]
         args = [
@@ -596,7 +628,10 @@ class ReviewQueue:
             self.decided_ttl_s,
             PARKED,
         ]
-        status, owner = await self._owned(self._first_done_script, entry_id, reviewer, keys, args)
+        script = self._first_done_script if claimed else self._first_imported_script
+        status, owner = await self._owned(script, entry_id, reviewer, keys, args)
+        if status != 1 and not claimed:
+            raise QueueError(f"post {post_id} has a double review already ({owner}): nothing was recorded")
         if status != 1:
             raise NotClaimed(self._lost(entry_id, reviewer, owner) + "; nothing was recorded in the queue")
 
@@ -609,10 +644,15 @@ class ReviewQueue:
         outcome: str,
         labels: dict[str, str | None],
         note: str,
+        *,
+        claimed: bool = True,
     ) -> None:
         """After the second review is on Kafka: the item ends (decided marker, XACK), the pair's
         outcome is recorded, and a disagreement goes to the escalated stream, in one step that
-        first checks `reviewer` holds the entry (NotClaimed: nothing changed)."""
+        first checks `reviewer` holds the entry (NotClaimed: nothing changed). `claimed=False`
+        for a decision made without a claim (Label Studio): instead of the owner check, QueueError,
+        changing nothing, unless the pair waits for its second review and `reviewer` is not its
+        first reviewer."""
         if outcome not in ("agreed", "disagreed", "second"):
             raise ValueError(f"unknown double-review outcome {outcome!r}")
         now = time.time()
@@ -635,7 +675,10 @@ class ReviewQueue:
             note,
             str(int(now * 1000)),
         ]
-        status, owner = await self._owned(self._second_done_script, entry_id, reviewer, keys, args)
+        script = self._second_done_script if claimed else self._second_imported_script
+        status, owner = await self._owned(script, entry_id, reviewer, keys, args)
+        if status != 1 and not claimed:
+            raise QueueError(f"post {post_id} is not waiting for a second review by {reviewer} ({owner or 'no pair'})")
         if status != 1:
             raise NotClaimed(self._lost(entry_id, reviewer, owner) + "; nothing was acknowledged")
 

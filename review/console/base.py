@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from modstream.records import AuditEvent, RecordError, ReviewDecision, ReviewItem, decode_json
-from review.agreement import agreement_outcome, gold_result
+from review.agreement import disagreement_note, gold_result, review_stage
 from review.auth import User
 from review.bank_verdicts import entry_for, with_variants
 from review.console.core import IDENTITY, Console, Identity
@@ -324,18 +324,7 @@ class HandlerBase:
             )
             return True
         if stage in ("agreed", "disagreed"):
-            pair = await q.pair(post_id)
-            first = pair.first_reviewer if pair else "?"
-            note = ""
-            if stage == "disagreed":
-                said = "; ".join(
-                    f"{task}: {first} {(pair.first_labels.get(task) if pair else None) or '-'}, "
-                    f"{decision.reviewer} {label or '-'}"
-                    for task, label in decision.training_labels().items()
-                )
-                note = f"double review disagreement ({said})"
-                if decision.note:
-                    note += f"; {decision.reviewer}'s note: {decision.note}"
+            note = disagreement_note(await q.pair(post_id), decision) if stage == "disagreed" else ""
             await q.second_review_done(
                 claim.entry_id,
                 post_id,
@@ -355,26 +344,10 @@ class HandlerBase:
         return False
 
     async def review_stage(self, claim: Claim, decision: ReviewDecision) -> str:
-        """Where this decision stands in double review (modstream.records.REVIEW_STAGES): a gold
-        item's answer; the second review of a pair (agreed, disagreed, or second when it labels
-        nothing); the first of a pair when the sampler picks the post and it labels something;
-        else single. RecordError when the caller made the pair's first review (they cannot be
-        its second: the queue never hands it to them, so this is a forged or replayed submit)."""
-        post_id = claim.item.post_id
-        labels = decision.training_labels()
-        labelled = any(label is not None for label in labels.values())
-        if await self.c.queue.gold(post_id) is not None:
-            return "gold"
-        pair = await self.c.queue.pair(post_id)
-        if pair is not None and pair.state == "first":
-            if pair.first_reviewer == decision.reviewer:
-                raise RecordError("reviewer", "you gave this item its first review; a different reviewer decides it")
-            if not labelled or decision.escalated:
-                return "second"  # skipped (back to the queue) or escalated (to an admin): no outcome yet
-            return agreement_outcome(pair.first_labels, labels)
-        if labelled and not decision.escalated and self.c.second_reviews.picks(post_id):
-            return "first"
-        return "single"
+        """Where this decision stands in double review (review/agreement.py `review_stage`, shared
+        with the Label Studio import). RecordError when the caller made the pair's first review
+        (the queue never hands it to them, so this is a forged or replayed submit)."""
+        return await review_stage(self.c.queue, self.c.second_reviews, claim.item.post_id, decision)
 
     async def _renew(self, request: web.Request) -> web.Response:
         """The heartbeat: 200 while the caller holds the item (its idle clock reset), 409 once

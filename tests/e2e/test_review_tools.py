@@ -149,7 +149,7 @@ def test_label_studio_round_trip_through_the_cli(stack: LocalStack, tmp_path: Pa
     export_path = tmp_path / "export.json"
     export_path.write_text(json.dumps(export))
 
-    args = ("import-label-studio", str(export_path), "--reviewer", "ls-team")
+    args = ("import-label-studio", str(export_path), "--reviewer", "ls-team", "--second-review-rate", "0")
     result = _cli(*args, "--bootstrap", stack.bootstrap, "--redis", redis_url)
     assert result.returncode == 1, result.stdout + result.stderr  # errors were reported: exit 1
     # posts[0] is held by alice in the console right now: not taken from her, and said so.
@@ -293,3 +293,124 @@ def test_a_password_change_ends_the_sessions_made_before_it(start_console: Any, 
     assert done.returncode == 0, done.stderr
     assert "/login" in queue_page()  # the old session was ended: redirected to log in again
     assert _post_login(opener, console.port, name, second) == 200
+
+
+def _annotated_task(ls_id: int, post_id: str, hate: str, sarcasm: str, updated: str) -> dict[str, Any]:
+    """One task of a Label Studio JSON export, annotated with a label for each task."""
+    answers = [
+        {"id": "h", "type": "choices", "from_name": "hate", "to_name": "text", "value": {"choices": [hate]}},
+        {"id": "s", "type": "choices", "from_name": "sarcasm", "to_name": "text", "value": {"choices": [sarcasm]}},
+    ]
+    annotation = {"id": ls_id * 10, "completed_by": 1, "was_cancelled": False, "created_at": updated,
+                  "updated_at": updated, "task": ls_id, "result": answers}  # fmt: skip
+    return {"id": ls_id, "data": {"text": "t", "image": "", "post_id": post_id}, "annotations": [annotation]}
+
+
+def test_label_studio_import_respects_double_review(stack: LocalStack, tmp_path: Path) -> None:
+    """At second-review rate 1 (review/agreement.py): an imported annotation is a first review
+    (stage first: no decided marker, the item stays open, nothing trains) that another annotator's
+    import or a console reviewer completes, never the same annotator; an import completes a
+    console reviewer's first review; gold items are neither exported nor imported."""
+    from review.agreement import SecondReviewSampler
+    from review.label_studio import export_open_items, import_export_file
+    from review.queue import PARKED
+
+    redis_url = f"redis://127.0.0.1:{stack.redis_port}/{LS_DB}"
+    redis.Redis.from_url(redis_url).flushdb()
+    run = tmp_path.name[-8:]
+    ls_first, console_first, console_second, gold = (f"dr-{name}-{run}" for name in ("ls", "console", "second", "gold"))
+    every_post = SecondReviewSampler(1.0, b"a test key")
+
+    async def queue_call(what: Any) -> Any:
+        queue = ReviewQueue(aioredis.Redis.from_url(redis_url))
+        try:
+            await queue.ensure_group()
+            return await what(queue)
+        finally:
+            await queue.client.aclose()
+
+    async def setup(queue: ReviewQueue) -> str:
+        store = RedisStore(redis_url)
+        try:
+            for post_id in (console_first, ls_first, console_second):
+                assert (await store.enqueue_review_many([review_item(post_id, f"text {post_id}", None)]))[0]
+        finally:
+            await store.close()
+        await queue.add_gold(review_item(gold, "a gold post", None), {"expected": {"hate": "hateful"}})
+        claim = await queue.claim("alice")  # the console reviewer's first review of console_first
+        assert claim is not None and claim.item.post_id == console_first
+        labels: dict[str, str | None] = {"hate": "hateful", "sarcasm": "not_sarcastic"}
+        await queue.first_review_done(claim.entry_id, console_first, "alice", "d-alice", labels, "routed")
+        return claim.entry_id
+
+    def import_as(reviewer: str, tasks: list[dict[str, Any]]) -> Any:
+        path = tmp_path / f"export-{reviewer}-{len(tasks)}.json"
+        path.write_text(json.dumps(tasks))
+        return run_async(
+            import_export_file(
+                path, reviewer, bootstrap=stack.bootstrap, redis_url=redis_url, second_reviews=every_post
+            )
+        )
+
+    parked_entry = run_async(queue_call(setup))
+    exported = tmp_path / "tasks.json"
+    run_async(export_open_items(redis_url, exported, None))
+    assert {t["data"]["post_id"] for t in json.loads(exported.read_text())} == {
+        ls_first,
+        console_first,
+        console_second,
+    }, "the parked item is open for a second reviewer; the gold item is not exported"
+
+    # ls-ann's annotation of ls_first is its first review: on record as such, the item still open.
+    ann = [
+        _annotated_task(1, ls_first, "hateful", "sarcastic", "2026-12-01T10:00:00Z"),
+        _annotated_task(2, console_first, "hateful", "not_sarcastic", "2026-12-01T10:00:00Z"),
+        _annotated_task(3, console_second, "not_hateful", "not_sarcastic", "2026-12-01T10:00:00Z"),
+        _annotated_task(4, gold, "hateful", "not_sarcastic", "2026-12-01T10:00:00Z"),
+    ]
+    report = import_as("ls-ann", ann)
+    assert f"post {gold}: a gold item is answered in the console only" in report.summary()
+    (first,) = decisions_for(stack.bootstrap, ls_first)
+    assert first.review_stage == "first" and first.reviewer == "ls-ann" and not first.trains
+    agreed = decisions_for(stack.bootstrap, console_first)
+    assert [d.review_stage for d in agreed] == ["agreed"] and agreed[0].trains, "ls-ann completes alice's pair"
+
+    def open_posts() -> set[str]:
+        return {item.post_id for _, item in run_async(queue_call(lambda q: q.open_items()))}
+
+    assert open_posts() == {ls_first, console_second, gold}  # the refused gold item still waits too
+    assert run_async(queue_call(lambda q: q.owner(parked_entry))) is None, "the second review acked alice's entry"
+    assert run_async(queue_call(lambda q: q.pair(ls_first))).first_reviewer == "ls-ann"
+
+    # The same annotator again (the same file, or an edit): never their own second reviewer.
+    again = import_as("ls-ann", ann[:1])
+    assert again.imported == [] and "already imported" in again.summary()
+    edited = import_as("ls-ann", [_annotated_task(1, ls_first, "not_hateful", "sarcastic", "2026-12-02T10:00:00Z")])
+    assert edited.imported == [] and "ls-ann gave it its first review" in edited.summary()
+    # alice gave console_first its first review: her own Label Studio annotation cannot finish it either.
+    assert len(decisions_for(stack.bootstrap, ls_first)) == 1
+
+    # A different annotator's import is the second review: it disagrees, so an admin settles it.
+    ben = import_as("ls-ben", [_annotated_task(1, ls_first, "not_hateful", "sarcastic", "2026-12-03T10:00:00Z")])
+    assert ben.imported == [f"{ls_first} (second review: disagreed)"], ben.summary()
+    stages = [d.review_stage for d in decisions_for(stack.bootstrap, ls_first)]
+    assert stages == ["first", "disagreed"], "neither decision trains before an admin settles it"
+    escalated = run_async(queue_call(lambda q: q.escalated()))
+    assert [(e["post_id"], e.get("double_review"), e.get("first_reviewer")) for e in escalated] == [
+        (ls_first, "1", "ls-ann")
+    ]
+    pairs = run_async(queue_call(lambda q: q.pairs()))
+    assert {(p["post_id"], p["outcome"]) for p in pairs} == {(ls_first, "disagreed"), (console_first, "agreed")}
+    assert open_posts() == {console_second, gold}
+
+    # console_second, first reviewed by ls-ann in Label Studio, goes to a different console reviewer.
+    async def console_claims(queue: ReviewQueue) -> tuple[Any, Any, str | None]:
+        own = await queue.claim("ls-ann")  # the annotator, as a console reviewer: parks it, gets the next item
+        parked = await queue.find_entry(console_second)
+        owner = await queue.owner(parked) if parked else None
+        return own, await queue.claim("bob"), owner
+
+    own, bobs, owner = run_async(queue_call(console_claims))
+    assert own is not None and own.item.post_id == gold and owner == PARKED
+    assert bobs is not None and bobs.item.post_id == console_second
+    assert [d.review_stage for d in decisions_for(stack.bootstrap, console_second)] == ["first"]

@@ -226,12 +226,13 @@ def test_double_review_and_gold_items_run_under_the_console_redis_user(secure_st
     """Every Redis step of double review and gold items (review/queue.py: the first review parked
     under ~second-review, met again by its own reviewer and parked back, taken by another
     reviewer, the disagreement escalated and settled; a gold item added, answered, scored and
-    removed) as the console's ACL user: a key or command its rule lacks is a NoPermissionError."""
+    removed; the Label Studio import's first and second review) as the console's ACL user: a key
+    or command its rule lacks is a NoPermissionError."""
     import redis
     import redis.asyncio as aioredis
 
     from modstream.records import encode
-    from review.queue import PARKED, ReviewQueue
+    from review.queue import PARKED, QueueError, ReviewQueue
     from tests.integration.test_review_queue import _item
 
     operator = redis.Redis.from_url(secure_stack.redis_url_for("admin"))
@@ -289,6 +290,16 @@ def test_double_review_and_gold_items_run_under_the_console_redis_user(secure_st
             await queue.gold_done(answered.entry_id, "gold-1", answered.reviewer, "d-gold", {"hate": {"ok": True}})
             assert [a["post_id"] for a in await queue.gold_answers()] == ["gold-1"]
             assert await queue.remove_gold("gold-1")
+
+            # The Label Studio import's first and second review (no claim: no owner check).
+            imported = operator.xadd("modstream:review", {"post_id": "ls-1", "item": encode(_item("ls-1")).decode()})
+            entry = imported.decode()
+            labels: dict[str, str | None] = {"hate": "hateful"}
+            await queue.first_review_done(entry, "ls-1", "ls-ann", "d-ls1", labels, "routed", claimed=False)
+            with pytest.raises(QueueError):  # never one's own second reviewer
+                await queue.second_review_done(entry, "ls-1", "ls-ann", "d-ls2", "agreed", labels, "", claimed=False)
+            await queue.second_review_done(entry, "ls-1", "ls-ben", "d-ls2", "agreed", labels, "", claimed=False)
+            assert await queue.decided_decision(entry) == ("ls-1", "d-ls2")
         finally:
             await queue.client.aclose()
 
