@@ -25,7 +25,7 @@ GCCollector(registry=REGISTRY)
 RECORDS = Counter(
     "modstream_sink_records_total",
     "Records a sink finished, by outcome (review: queued, already_queued, dead_letter; "
-    "dataset: added, replaced, replayed, superseded, no_labels, dead_letter, erased, erase_absent)",
+    "dataset: added, replaced, replayed, superseded, no_labels, held, dead_letter, erased, erase_absent)",
     ["sink", "outcome"],
     registry=REGISTRY,
 )
