@@ -20,11 +20,11 @@ ms/post is its share of samples times the CPU per post. Samples inside C code co
 Python frame that called it.
 
     .venv/bin/python bench/feed_throughput.py [--posts 800] [--processes 1 2] [--no-profile]
-        [--worker-repo DIR] [--tag new] [--out var/bench/feed_throughput.json]
+        [--old-repo DIR] [--out var/bench/feed_throughput.json]
 
-`--worker-repo DIR` runs the worker from another checkout (e.g. a `git worktree` of an older
-commit, which must know `--stand-in-model`) with this venv, so old and new code are measured one
-after the other on the same machine, posts and media. Starts its own Kafka + Redis
+`--old-repo DIR` also runs the worker from another checkout (a `git worktree` of an older commit,
+which must know `--stand-in-model`) with this venv, old then new for each `--processes` value, on
+the same stack and machine, each with posts and media of its own. Starts its own Kafka + Redis
 (deploy/local-stack.sh) on free loopback ports and stops them.
 """
 
@@ -225,11 +225,17 @@ def stop_profilers(profilers: list[tuple[subprocess.Popen[bytes], Path]]) -> Cou
 
 
 def measure(
-    args: argparse.Namespace, processes: int, stack: Stack, tmp: Path, names: list[str], media_url: str
+    args: argparse.Namespace,
+    code: str,
+    repo: Path,
+    processes: int,
+    stack: Stack,
+    tmp: Path,
+    names: list[str],
+    media_url: str,
 ) -> dict[str, Any]:
-    repo = Path(args.worker_repo).resolve() if args.worker_repo else REPO
     extra = [*(["--processes", str(processes)] if processes != 1 else []), *args.worker_arg]
-    tag = f"{args.tag}p{processes}"
+    tag = f"{code}p{processes}"
     worker = FeedWorker(stack, tmp, repo, f"feed-bench-{tag}-{time.time_ns()}", extra)
     try:
         warm = feed_posts(names, media_url, WARM_POSTS, args.repost_share, f"fw{tag}", seed=1)
@@ -243,7 +249,7 @@ def measure(
         stages = stop_profilers(profilers) if profilers else Counter()
         metrics = read_metrics(worker.port)
         result.update(
-            tag=args.tag,
+            code=code,
             repo=str(repo),
             processes=processes,
             worker_args=extra,
@@ -273,8 +279,10 @@ def main() -> None:
         "--processes", type=int, nargs="+", default=[1], help="the worker's --processes; several: measured in turn"
     )
     parser.add_argument("--worker-arg", action="append", default=[], help="one more worker argument (repeatable)")
-    parser.add_argument("--worker-repo", help="run the worker from this checkout (default: this one)")
-    parser.add_argument("--tag", default="new", help="names this measurement in the output")
+    parser.add_argument(
+        "--old-repo",
+        help="also measure the worker from this checkout (a git worktree of older code), ABAB with this one",
+    )
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True, help="py-spy breakdown")
     parser.add_argument("--rate", type=int, default=97, help="py-spy samples per second")
     parser.add_argument("--out", default="var/bench/feed_throughput.json")
@@ -293,9 +301,13 @@ def main() -> None:
         )
         ModelRegistry(tmp / "registry").save(model, tokenizer, card)
         del model
-        names = write_media(tmp / "media", len(args.processes) * (WARM_POSTS + args.posts), args.png_share)
+        codes = [("new", REPO)]
+        if args.old_repo:
+            codes.insert(0, ("old", Path(args.old_repo).resolve()))
+        runs = [(code, repo, n) for n in args.processes for code, repo in codes]
+        names = write_media(tmp / "media", len(runs) * (WARM_POSTS + args.posts), args.png_share)
         media = BackgroundMediaServer(tmp / "media")
-        results = [measure(args, n, stack, tmp, names, media.server.url) for n in args.processes]
+        results = [measure(args, code, repo, n, stack, tmp, names, media.server.url) for code, repo, n in runs]
     finally:
         if media is not None:
             media.stop()
@@ -303,7 +315,7 @@ def main() -> None:
 
     for result in results:
         print(
-            f"\n{args.tag}, {result['processes']} process(es): {result['posts']} posts, "
+            f"\n{result['code']} code, {result['processes']} process(es): {result['posts']} posts, "
             f"{result['posts_per_s']:.1f} posts/s, {result['cpu_ms_per_post']:.1f} ms of worker CPU per post, "
             f"peak RSS {result['peak_rss_mib']:.0f} MiB, {result['dedupe_hits']} dedupe hits"
         )
@@ -311,12 +323,23 @@ def main() -> None:
             print(f"{'stage':<22} {'share':>7} {'ms/post':>8}")
             for stage, row in result["stages"].items():
                 print(f"{stage:<22} {row['share']:>6.1%} {row['ms_per_post']:>8.2f}")
-    for result in results[1:]:
-        print(
-            f"{result['processes']} processes vs {results[0]['processes']}: posts/s "
-            f"{result['posts_per_s'] / results[0]['posts_per_s']:.2f}x, CPU per post "
-            f"{result['cpu_ms_per_post'] / results[0]['cpu_ms_per_post']:.2f}x"
-        )
+    base = {r["code"]: r for r in results if r["processes"] == results[0]["processes"]}
+    print()
+    for result in results:
+        ref = base[result["code"]]
+        if result is not ref:
+            print(
+                f"{result['code']}: {result['processes']} processes vs {ref['processes']}: posts/s "
+                f"{result['posts_per_s'] / ref['posts_per_s']:.2f}x, CPU per post "
+                f"{result['cpu_ms_per_post'] / ref['cpu_ms_per_post']:.2f}x"
+            )
+        if result["code"] == "new" and "old" in base:
+            old = next(r for r in results if r["code"] == "old" and r["processes"] == result["processes"])
+            print(
+                f"new vs old, {result['processes']} process(es): "
+                f"posts/s {result['posts_per_s'] / old['posts_per_s']:.2f}x, "
+                f"CPU per post {result['cpu_ms_per_post'] / old['cpu_ms_per_post']:.2f}x"
+            )
     out = {
         "benchmark": "feed_throughput",
         "machine": {"cores": os.cpu_count(), "platform": platform.platform()},
