@@ -159,21 +159,23 @@ def read_metrics(port: int) -> dict[str, float]:
 
 
 class Worker:
-    """One `modstream worker` process: banks off (`bank_topic` None) or on, its own consumer group."""
+    """One `modstream worker` process (CPU, loopback media, max batch 64) with its own consumer
+    group, committed to the end of `posts` first; `args`: its further arguments. From `repo`'s code
+    (another checkout runs with this venv); ready once /ready answers. bench/feed_throughput.py
+    starts its workers with this too."""
 
-    def __init__(self, stack: Stack, tmp: Path, app_id: str, bank_topic: str | None) -> None:
+    def __init__(self, stack: Stack, tmp: Path, app_id: str, args: list[str], repo: Path = REPO) -> None:
         self.app_id = app_id
         self.port = free_ports(1)[0]
         commit_to_end(stack.bootstrap, app_id)
-        banks = ["--bank-topic", bank_topic] if bank_topic else ["--no-banks"]
         self.log = tmp / f"{app_id}.log"
         started = time.monotonic()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "modstream.cli", "worker", "--bootstrap", stack.bootstrap,
              "--redis", f"redis://127.0.0.1:{stack.redis}/0", "--registry", str(tmp / "registry"),
              "--web-port", str(self.port), "--allow-loopback-media", "--app-id", app_id, "--device", "cpu",
-             "--max-batch", "64", *banks],
-            cwd=REPO, stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
+             "--max-batch", "64", *args],
+            cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)}, stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
         )  # fmt: skip
         deadline = started + 600
         while True:
@@ -271,7 +273,8 @@ def main() -> None:
             for side, topic in sides if pair % 2 == 0 else sides[::-1]:
                 offset = (2 * pair + (side == "on")) * per_worker
                 tag = f"bw{pair}{side}"
-                worker = Worker(stack, tmp, f"bank-bench-{pair}-{side}", topic)
+                banks = ["--bank-topic", topic] if topic else ["--no-banks"]
+                worker = Worker(stack, tmp, f"bank-bench-{pair}-{side}", banks)
                 result = measure(
                     worker,
                     stack,

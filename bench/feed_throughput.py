@@ -42,7 +42,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -54,8 +53,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.bank_worker import commit_to_end, process_cpu_s, read_metrics  # noqa: E402
-from bench.stream_throughput import WARM_POSTS, Stack, e2e, free_ports, peak_rss_mib  # noqa: E402
+from bench.bank_worker import Worker, process_cpu_s, read_metrics  # noqa: E402
+from bench.stream_throughput import WARM_POSTS, Stack, e2e, peak_rss_mib  # noqa: E402
 from models.card import ModelCard  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
 from models.registry import ModelRegistry, build_model  # noqa: E402
@@ -157,44 +156,16 @@ def feed_posts(names: list[str], media_url: str, n: int, repost_share: float, pr
     return posts
 
 
-class FeedWorker:
+class FeedWorker(Worker):
     """`modstream worker --stand-in-model`, from `repo`, with its own consumer group."""
 
     def __init__(self, stack: Stack, tmp: Path, repo: Path, app_id: str, extra: list[str]) -> None:
-        self.port = free_ports(1)[0]
-        commit_to_end(stack.bootstrap, app_id)
-        self.log = tmp / f"{app_id}.log"
-        env = {**os.environ, "PYTHONPATH": str(repo)}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "modstream.cli", "worker", "--bootstrap", stack.bootstrap,
-             "--redis", f"redis://127.0.0.1:{stack.redis}/0", "--registry", str(tmp / "registry"),
-             "--web-port", str(self.port), "--allow-loopback-media", "--app-id", app_id, "--device", "cpu",
-             "--stand-in-model", *extra],
-            cwd=repo, env=env, stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        deadline = time.monotonic() + 600
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/ready", timeout=2):
-                    return
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError(f"worker {app_id} did not start; see {self.log}") from None
-                time.sleep(0.25)
+        super().__init__(stack, tmp, app_id, ["--stand-in-model", *extra], repo)
 
     def pids(self) -> list[int]:
         """The worker and its child processes (a `--processes N` worker's children)."""
         out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
         return [self.proc.pid, *(int(p) for p in out.split())]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 def start_profilers(pids: list[int], rate: int, tmp: Path) -> list[tuple[subprocess.Popen[bytes], Path]]:
