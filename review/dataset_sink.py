@@ -40,7 +40,7 @@ from review.kafka_sink import (
     run_sink,
     split_batch,
 )
-from review.live_quality import live_kind, task_outcomes
+from review.live_quality import OUTCOMES, live_kind, task_outcomes
 from stream.evidence import UNAVAILABLE, EvidenceError, EvidenceStore, open_store
 
 log = logging.getLogger(__name__)
@@ -152,6 +152,10 @@ class DatasetSink:
         for decision, outcome in zip(parsed.good, plan.outcomes, strict=True):
             if outcome == "added" and live_kind(decision) is not None:  # a post's first verdict, once on disk
                 for task, result in task_outcomes(decision):
+                    # All four outcomes from 0: a model that never says negative (no tn, fn)
+                    # must still get a live F1, or the alert could never fire on it.
+                    for other in OUTCOMES:
+                        metrics.LIVE.labels(decision.kind, task, decision.model_version, other)
                     metrics.LIVE.labels(decision.kind, task, decision.model_version, result).inc()
         metrics.RECORDS.labels(NAME, "dead_letter").inc(len(parsed.dead))
 
