@@ -47,3 +47,30 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, list]
         yield server.url, examples
     finally:
         server.stop()
+
+
+DEMO_DIRS = ("registry", "cache", "base")
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The `make run` demo model (stream/demo.py: ~90-150 s of single-threaded training on two
+    cores), trained once per session into a folder holding its registry, feature cache and base
+    data; a test takes its own copy with `copy_demo_model`, so what it promotes or retrains
+    stays its own."""
+    from models.registry import ModelRegistry
+    from stream.demo import ensure_default_model
+
+    root = tmp_path_factory.mktemp("demo-model")
+    for name in DEMO_DIRS:
+        (root / name).mkdir()
+    ensure_default_model(ModelRegistry(root / "registry"), root / "cache", root / "base")
+    return root
+
+
+def copy_demo_model(demo_model: Path, dirs: dict[str, Path]) -> None:
+    """The session's trained demo model into a test's own registry, cache and base folders."""
+    import shutil
+
+    for name in DEMO_DIRS:
+        shutil.copytree(demo_model / name, dirs[name], dirs_exist_ok=True)

@@ -58,6 +58,7 @@ from modstream.records import encode
 from stream.demo import ensure_default_model
 from stream.media_server import BackgroundMediaServer
 from stream.producer import synthetic_posts
+from tests.integration.conftest import copy_demo_model
 from tests.integration.console_harness import Console, cli
 from tests.integration.sink_harness import SinkProcess, commit_to_end
 from tests.integration.stack import LocalStack, free_loopback_ports
@@ -265,7 +266,9 @@ def run_phase(
     assert dataset_sink.metric("modstream_live_outcomes_total", kind="audit", model_version=version) == want
 
 
-def test_a_worse_served_model_fires_the_live_quality_alert_and_nothing_else(stack: LocalStack, tmp_path: Path) -> None:
+def test_a_worse_served_model_fires_the_live_quality_alert_and_nothing_else(
+    stack: LocalStack, demo_model: Path, tmp_path: Path
+) -> None:
     import redis
 
     run = uuid.uuid4().hex[:6]
@@ -275,6 +278,7 @@ def test_a_worse_served_model_fires_the_live_quality_alert_and_nothing_else(stac
     redis_url = f"redis://127.0.0.1:{stack.redis_port}/{REDIS_DB}"
     redis.Redis(port=stack.redis_port, db=REDIS_DB).flushdb()
     registry = ModelRegistry(dirs["registry"])
+    copy_demo_model(demo_model, dirs)  # trained once per session (conftest.demo_model)
     good = ensure_default_model(registry, dirs["cache"], dirs["base"])
     card_f1 = registry.card(good).metrics["macro_f1"]
     stream = read_manifest(write_synthetic(dirs["media"], n=2 * PHASE_POSTS, seed=21))

@@ -30,6 +30,7 @@ from review.dataset import load_reviewed
 from stream.demo import ensure_default_model
 from stream.media_server import BackgroundMediaServer
 from stream.producer import synthetic_posts
+from tests.integration.conftest import copy_demo_model
 from tests.integration.console_harness import Console, cli
 from tests.integration.sink_harness import SinkProcess
 from tests.integration.stack import LocalStack
@@ -121,7 +122,7 @@ def _decide_truthfully(console: Console, rnd: Round, timeout: float = 180) -> in
 
 
 def test_two_rounds_of_review_and_retraining_do_not_erode_routing_of_mismatched_pairs(
-    stack: LocalStack, tmp_path: Path
+    stack: LocalStack, demo_model: Path, tmp_path: Path
 ) -> None:
     import redis
 
@@ -134,6 +135,7 @@ def test_two_rounds_of_review_and_retraining_do_not_erode_routing_of_mismatched_
     decisions_topic = f"reviewed-rounds-{run}"
     registry = ModelRegistry(dirs["registry"])
 
+    copy_demo_model(demo_model, dirs)  # trained once per session (conftest.demo_model)
     first = ensure_default_model(registry, dirs["cache"], dirs["base"])
     assert first is not None and registry.card(first).itm["routing"]["enabled"], registry.card(first).itm
     assert registry.card(first).training["holdouts"]["base"]["reserved_from"] == "the first training"
