@@ -50,7 +50,11 @@ def test_the_decode_bounds_follow_the_served_model_and_a_swap_and_model_input_is
     v2 = registry.save(large, tok, ModelCard(config=large.config), make_current=False)
 
     async def sides(**options: Any) -> list[tuple[int | None, int, int]]:
-        settings = WorkerSettings(registry=tmp_path, redis_url=None, model_version=v1, devices="cpu", **options)
+        # No verdict banks: with them the worker first reads bank-updates from a broker this unit
+        # test does not have, waiting bank_load_timeout_s (120 s) for each start.
+        settings = WorkerSettings(
+            registry=tmp_path, redis_url=None, model_version=v1, devices="cpu", banks=False, **options
+        )
         resources = Resources(settings)
         await resources.start()
         try:
