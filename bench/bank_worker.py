@@ -48,10 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.stream_throughput import WARM_POSTS, Stack, e2e, free_ports, peak_rss_mib  # noqa: E402
-from models.card import ModelCard  # noqa: E402
-from models.config import ModelConfig  # noqa: E402
-from models.registry import ModelRegistry, build_model  # noqa: E402
+from bench.stream_throughput import WARM_POSTS, Stack, e2e, free_ports, peak_rss_mib, save_default_model  # noqa: E402
 from modstream.manifest import read_manifest  # noqa: E402
 from modstream.records import Post  # noqa: E402
 from stream.bank_topic import publish  # noqa: E402
@@ -248,13 +245,7 @@ def main() -> None:
     worker: Worker | None = None
     media = None
     try:
-        config = ModelConfig()
-        model, tokenizer = build_model(config)
-        card = ModelCard(
-            config=config, itm={"trained": True, "auroc": 0.9, "routing_lift": {"hate": 1.5}, "threshold": 0.2}
-        )
-        ModelRegistry(tmp / "registry").save(model, tokenizer, card)
-        del model
+        save_default_model(tmp / "registry")
         per_worker = WARM_POSTS + args.posts
         media_dir = tmp / "media"
         examples = read_manifest(write_synthetic(media_dir, n=2 * args.pairs * per_worker, seed=23, image_size=256))

@@ -54,10 +54,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.bank_worker import Worker, process_cpu_s, read_metrics  # noqa: E402
-from bench.stream_throughput import WARM_POSTS, Stack, e2e, peak_rss_mib  # noqa: E402
-from models.card import ModelCard  # noqa: E402
-from models.config import ModelConfig  # noqa: E402
-from models.registry import ModelRegistry, build_model  # noqa: E402
+from bench.stream_throughput import WARM_POSTS, Stack, e2e, peak_rss_mib, save_default_model  # noqa: E402
 from modstream.records import Post  # noqa: E402
 from stream.media_server import BackgroundMediaServer  # noqa: E402
 
@@ -265,13 +262,7 @@ def main() -> None:
     stack("start")
     media = None
     try:
-        config = ModelConfig()
-        model, tokenizer = build_model(config)
-        card = ModelCard(  # as bench/bank_worker.py: a trained ITM, so the card's routing applies
-            config=config, itm={"trained": True, "auroc": 0.9, "routing_lift": {"hate": 1.5}, "threshold": 0.2}
-        )
-        ModelRegistry(tmp / "registry").save(model, tokenizer, card)
-        del model
+        save_default_model(tmp / "registry")
         codes = [("new", REPO)]
         if args.old_repo:
             codes.insert(0, ("old", Path(args.old_repo).resolve()))

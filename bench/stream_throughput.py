@@ -125,6 +125,20 @@ async def wait_labels(bootstrap: str, prefix: str, n: int, timeout: float) -> li
     return list(seen.values())
 
 
+def save_default_model(root: Path) -> tuple[Any, Any, ModelRegistry]:
+    """The default backbones (untrained heads) saved as `root`'s first version, with a card whose
+    ITM block reads as validated, so the card's routing applies as in production. The worker
+    benchmarks (this one, bank_worker, feed_throughput) serve it."""
+    config = ModelConfig()
+    model, tokenizer = build_model(config)
+    card = ModelCard(
+        config=config, itm={"trained": True, "auroc": 0.9, "routing_lift": {"hate": 1.5}, "threshold": 0.2}
+    )
+    registry = ModelRegistry(root)
+    registry.save(model, tokenizer, card)
+    return model, tokenizer, registry
+
+
 def stamp(value: str) -> float:
     return datetime.fromisoformat(value).timestamp()
 
@@ -227,13 +241,7 @@ def main() -> None:
     stack("start")
     worker = None
     try:
-        config = ModelConfig()
-        model, tokenizer = build_model(config)
-        card = ModelCard(
-            config=config, itm={"trained": True, "auroc": 0.9, "routing_lift": {"hate": 1.5}, "threshold": 0.2}
-        )
-        registry = ModelRegistry(tmp / "registry")
-        registry.save(model, tokenizer, card)
+        model, tokenizer, registry = save_default_model(tmp / "registry")
         predictor = Predictor(model.eval(), tokenizer, registry.card())
         media_dir = tmp / "media"
         examples = read_manifest(
