@@ -39,6 +39,13 @@ def _processes(value: str) -> int:
     return n
 
 
+def _decode_memo_mib(value: str) -> int:
+    n = int(value)
+    if not 0 <= n <= 65536:
+        raise argparse.ArgumentTypeError("must be from 0 to 65536 MiB")
+    return n
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from models.registry import ModelRegistry
 
@@ -122,6 +129,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         audit_rate=args.audit_rate,
         decode_threads=args.decode_threads,
         decode_model_input=args.decode_model_input,
+        decode_memo_mib=args.decode_memo_mib,
         stand_in_model=args.stand_in_model,
         banks=args.banks,
         bank_distance=args.bank_distance,
@@ -301,7 +309,14 @@ def add_parsers(sub: Any) -> None:
         "--decode-model-input",
         action="store_true",
         help="GPU workers: the decode threads make each image the model's input, so batch preparation only "
-        "copies pixels (0.2x its CPU; reposts pay the resize)",
+        "copies pixels (0.2x its CPU)",
+    )
+    p.add_argument(
+        "--decode-memo-mib",
+        type=_decode_memo_mib,
+        default=128,
+        help="MiB of decoded images kept by content hash, so a repost of the same file skips decode, resize, "
+        "OCR and PDQ (per process; 0: off)",
     )
     p.add_argument(
         "--processes",

@@ -71,6 +71,7 @@ from models.images import MAX_PIXELS, MAX_SIDE, ImageError, bounded_rgb, content
 from models.ocr import OCR_MAX_SIDE
 from stream.banks.hashing import PdqHash
 from stream.banks.variants import query_hashes
+from stream.decode_memo import DecodeMemo
 
 if TYPE_CHECKING:  # imported by the roles that read image text only: it registers the OCR metrics
     from stream.ocr import ImageTextReader
@@ -144,6 +145,10 @@ class FetchConfig:
     # Generic types accepted only when the magic bytes sniff as an allowed image format.
     sniffed_content_types: tuple[str, ...] = ("application/octet-stream", "binary/octet-stream")
     decode_workers: int = max(1, min(4, os.cpu_count() or 1))
+    # What this process already decoded, by the bytes' sha256 (stream/decode_memo.py): a repost
+    # of the same file skips decode, resize, OCR and PDQ. The budget counts decoded pixels
+    # (~0.6 MB per photo bounded to 448 px, ~0.15 MB at the model's 224); 0 turns it off.
+    decode_memo_bytes: int = 128 * 1024 * 1024
     user_agent: str = "modstream-media/0.1"
 
 
@@ -162,6 +167,7 @@ class MediaResult:
     body: bytes | None = None  # the bytes `content_hash` names, only when status == "ok" (the evidence)
     pdq: PdqHash | None = None  # the image's perceptual hash, when FetchConfig.pdq
     pdq_trimmed: PdqHash | None = None  # ... of the image without its caption bars, when it has any
+    decoded_before: bool = False  # the decode came from DecodeMemo: an earlier post of the same bytes
 
     @property
     def ok(self) -> bool:
@@ -323,12 +329,26 @@ class MediaFetcher:
     ) -> None:
         self.config = config or FetchConfig()
         self._resolver = resolver
-        self.ocr = ocr  # may be set before start or between batches (a model swap that needs OCR)
+        self._memo: DecodeMemo[Decoded] = DecodeMemo(
+            self.config.decode_memo_bytes, _decoded_bytes, keep_errors=(ImageError,)
+        )
+        self._ocr = ocr
         self._session: aiohttp.ClientSession | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._global = asyncio.Semaphore(self.config.concurrency)
         # host -> (semaphore, users); entries are dropped when unused so the map stays small.
         self._hosts: dict[str, tuple[asyncio.Semaphore, int]] = {}
+
+    @property
+    def ocr(self) -> ImageTextReader | None:
+        return self._ocr
+
+    @ocr.setter
+    def ocr(self, reader: ImageTextReader | None) -> None:
+        """May be set before start or between batches (a model swap that needs OCR); what was
+        decoded without that reader lacks the text, so the memo starts over."""
+        self._ocr = reader
+        self._memo.clear()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -408,7 +428,7 @@ class MediaFetcher:
             body = await self._download(target, result)
             result.size = len(body.data)
             result.content_hash = content_hash(body.data)
-            decoded = await self._decode(body, result.content_hash)
+            decoded, result.decoded_before = await self._decode(body, result.content_hash)
             result.image, result.ocr_text, result.pdq, result.pdq_trimmed = decoded
             result.body = body.data
         except _Failure as failure:
@@ -510,14 +530,22 @@ class MediaFetcher:
                 raise _Failure("too_large", f"body is over {cfg.max_bytes:,} bytes")
         return _Body(bytes(buf), ctype, url)
 
-    async def _decode(self, body: _Body, digest: str) -> Decoded:
+    async def _decode(self, body: _Body, digest: str) -> tuple[Decoded, bool]:
+        """(the decoded image and what was read from it, whether an earlier post's decode of the
+        same bytes answered)."""
         cfg = self.config
         data = body.data
+        # Before the memo: this depends on the response's header, not on the bytes alone.
         if data and not _type_matches(body.content_type, cfg.allowed_content_types) and sniff_format(data) is None:
             raise _Failure("wrong_content_type", f"Content-Type {body.content_type} and not an allowed image format")
         loop = asyncio.get_running_loop()
+        executor = self._executor
+
+        async def decode() -> Decoded:
+            return await loop.run_in_executor(executor, functools.partial(self._decode_sync, data, digest))
+
         try:
-            return await loop.run_in_executor(self._executor, functools.partial(self._decode_sync, data, digest))
+            return await self._memo.get_or_decode(digest, decode)
         except ImageError as exc:
             raise _Failure(exc.reason, str(exc)) from None
 
@@ -530,6 +558,12 @@ class Decoded(NamedTuple):
     text: str | None  # the text OCR read inside the image; None: OCR off or failed
     pdq: PdqHash | None  # with FetchConfig.pdq
     pdq_trimmed: PdqHash | None = None  # with FetchConfig.pdq, when the image has caption bars
+
+
+def _decoded_bytes(decoded: Decoded) -> int:
+    """What a memo entry holds: the pixels, the text and a little for the rest."""
+    image = decoded.image
+    return image.width * image.height * len(image.getbands()) + 4 * len(decoded.text or "") + 512
 
 
 def decode_and_read(data: bytes, digest: str | None, cfg: FetchConfig, ocr: ImageTextReader | None) -> Decoded:

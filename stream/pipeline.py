@@ -306,6 +306,8 @@ class Pipeline:
             return FetchedMedia(MediaInfo("fetch_disabled", url=url))
         (result,) = await self.fetcher.fetch_many([url])
         metrics.MEDIA.labels(result.status).inc()
+        if getattr(result, "decoded_before", False):
+            metrics.DECODE_MEMO_HITS.inc()
         pdq: PdqHash | None = getattr(result, "pdq", None)
         info = MediaInfo(
             result.status,

@@ -66,9 +66,10 @@ class WorkerSettings:
     audit_rate: float = 0.0
     decode_threads: int = 0  # the media fetcher's decode threads; 0 keeps FetchConfig's default
     # Opt-in: the decode threads make each image the model's input (FetchConfig.model_side).
-    # Batch preparation then costs 0.2x the CPU per post, but a repost pays the resize too: on
-    # the CPU worker it cost 15% of the repost throughput (BENCHMARKS). Meant for GPU workers.
+    # Batch preparation then costs 0.2x the CPU per post; a repost of bytes still in the decode
+    # memo pays nothing, one that is not pays the resize too (BENCHMARKS). Meant for GPU workers.
     decode_model_input: bool = False
+    decode_memo_mib: int = 128  # FetchConfig.decode_memo_bytes, in MiB (0: off)
     # Bench only (bench/feed_throughput.py): serve models/stand_in.py's StandInPredictor, which
     # answers without a forward, to measure the feed's CPU per post with the model taken out.
     stand_in_model: bool = False
@@ -165,6 +166,7 @@ class Resources:
         )
         if s.decode_threads > 0:
             fetch = replace(fetch, decode_workers=s.decode_threads)
+        fetch = replace(fetch, decode_memo_bytes=s.decode_memo_mib * 1024 * 1024)
         self.fetcher = MediaFetcher(fetch, ocr=ocr)
         await self.fetcher.__aenter__()
         if s.redis_url:

@@ -529,3 +529,99 @@ def test_the_pdq_hash_is_taken_from_the_bounded_image_before_the_model_input_res
     assert model_ready.image.size == (224, 224) and model_ready.pdq == plain.pdq
     square = decode_and_read(data, None, FetchConfig(max_side=224, model_side=224, pdq=False), None)
     assert square.pdq is None
+
+
+# --- the decode memo: a repost of the same bytes is not decoded again ----------------------
+
+
+@pytest.fixture
+def decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Counts the decode pool's work (stream.media.decode_and_read), by digest."""
+    import stream.media as media
+
+    seen: list[str] = []
+    real = media.decode_and_read
+
+    def counting(data: bytes, digest: str | None, *args: Any) -> Any:
+        seen.append(digest or "")
+        return real(data, digest, *args)
+
+    monkeypatch.setattr(media, "decode_and_read", counting)
+    return seen
+
+
+@pytest.mark.asyncio
+async def test_a_repost_of_the_same_bytes_skips_decode_resize_and_hash(meme_url, resolver, connects, decodes) -> None:
+    config = replace(CONFIG, max_side=64, pdq=True)
+    async with MediaFetcher(config, resolver=resolver) as fetcher:
+        first = await fetcher.fetch(meme_url)
+        together = await fetcher.fetch_many([meme_url, meme_url])
+    assert first.status == "ok" and not first.decoded_before
+    assert all(r.status == "ok" and r.decoded_before for r in together)
+    assert len(decodes) == 1
+    assert all(r.image is first.image and r.pdq == first.pdq and r.content_hash == first.content_hash for r in together)
+    _only_loopback(connects)
+
+
+@pytest.mark.asyncio
+async def test_posts_of_new_bytes_arriving_together_decode_once(resolver, connects, decodes) -> None:
+    fetcher = MediaFetcher(replace(CONFIG, max_side=64), resolver=resolver)
+    async with serve_png(Image.new("RGB", (300, 200), (10, 200, 30))) as url, fetcher:
+        results = await fetcher.fetch_many([url] * 6)
+    assert [r.status for r in results] == ["ok"] * 6
+    assert len(decodes) == 1 and sum(not r.decoded_before for r in results) == 1
+
+
+@pytest.mark.asyncio
+async def test_a_refused_file_posted_again_is_refused_again_without_decoding(server, resolver, decodes) -> None:
+    url = server.url("/truncated.png")
+    async with MediaFetcher(CONFIG, resolver=resolver) as fetcher:
+        results = await fetcher.fetch_many([url, url, url])
+        again = await fetcher.fetch(url)
+    assert {r.status for r in [*results, again]} == {"truncated"}
+    assert all(r.reason for r in [*results, again]) and len(decodes) == 1
+
+
+@pytest.mark.asyncio
+async def test_the_same_bytes_under_a_non_image_content_type_are_still_refused(resolver, connects, decodes) -> None:
+    """The memo answers for bytes, never for a response: the content-type check runs on each."""
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40)).save(buf, "PNG")
+    body = buf.getvalue()
+
+    async def as_image(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="image/png")
+
+    async def as_html(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/a.png", as_image)
+    app.router.add_get("/b.html", as_html)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with MediaFetcher(CONFIG, resolver=resolver) as fetcher:
+            ok = await fetcher.fetch(f"http://127.0.0.1:{port}/a.png")
+            html = await fetcher.fetch(f"http://127.0.0.1:{port}/b.html")
+    finally:
+        await runner.cleanup()
+    assert ok.status == "ok" and html.status == "wrong_content_type" and html.image is None
+    _only_loopback(connects)
+
+
+@pytest.mark.asyncio
+async def test_without_the_memo_or_after_an_ocr_change_the_bytes_are_decoded_again(meme_url, resolver, decodes) -> None:
+    async with MediaFetcher(replace(CONFIG, max_side=64, decode_memo_bytes=0), resolver=resolver) as fetcher:
+        await fetcher.fetch_many([meme_url, meme_url])
+    assert len(decodes) == 2
+    engine = _RecordingEngine()
+    async with MediaFetcher(replace(CONFIG, max_side=64), resolver=resolver) as fetcher:
+        before = await fetcher.fetch(meme_url)
+        fetcher.ocr = ImageTextReader(engine)  # a swap to a model that reads image text
+        after = await fetcher.fetch(meme_url)
+    assert before.ocr_text is None and after.ocr_text == "words on the meme" and not after.decoded_before
+    assert len(decodes) == 4

@@ -433,3 +433,29 @@ def test_the_keyed_share_of_routed_posts_is_audited_the_rest_routed_once():
         assert (o.review.kind if o.review is not None else None) == expected_kind
         if o.review is not None:
             assert o.review.routed_by_policy is (pid in routed)
+
+
+def test_images_the_fetcher_did_not_decode_again_are_counted():
+    from prometheus_client import REGISTRY
+
+    @dataclass
+    class Reposted(FakeResult):
+        decoded_before: bool = False
+
+    class MemoFetcher:
+        async def fetch_many(self, urls):
+            return [Reposted("ok", Image.new("RGB", (4, 4)), "h-" + u[-5:], decoded_before="again" in u) for u in urls]
+
+    def hits() -> float:
+        return REGISTRY.get_sample_value("modstream_media_decode_memo_hits_total") or 0.0
+
+    before = hits()
+    pipeline = Pipeline(FakeClassifier(), MemoFetcher(), lambda version: CARD, RoutingPolicy(), None)
+    raws = [
+        _raw("a", "one", "http://m/first"),
+        _raw("b", "two", "http://m/again"),
+        _raw("c", "three", "http://m/again"),
+    ]
+    outcomes = asyncio.run(pipeline.process(raws))
+    assert all(o.label is not None for o in outcomes)
+    assert hits() - before == 2
