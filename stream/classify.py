@@ -54,12 +54,16 @@ class LocalOrWebFetcher:
             pdq=pdq, pdq_trimmed=trimmed,
         )  # fmt: skip
 
-    async def fetch_many(self, urls: Sequence[str]) -> list[MediaResult]:
+    async def fetch_many(self, urls: Sequence[str], *, decode: bool = True) -> list[MediaResult]:
+        """Always decoded: the CLI keeps no dedupe cache whose facts could stand in for a decode."""
         remote = [u for u in urls if urlsplit(u).scheme]
         fetched = iter(await self.web.fetch_many(remote))
         local = [asyncio.to_thread(self._local, u) for u in urls if not urlsplit(u).scheme]
         loaded = iter(await asyncio.gather(*local))
         return [next(fetched) if urlsplit(u).scheme else next(loaded) for u in urls]
+
+    async def decode(self, result: MediaResult) -> None:
+        await self.web.decode(result)
 
 
 def _read_capped(path: Path, max_bytes: int = MAX_BYTES) -> bytes:

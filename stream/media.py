@@ -168,6 +168,7 @@ class MediaResult:
     pdq: PdqHash | None = None  # the image's perceptual hash, when FetchConfig.pdq
     pdq_trimmed: PdqHash | None = None  # ... of the image without its caption bars, when it has any
     decoded_before: bool = False  # the decode came from DecodeMemo: an earlier post of the same bytes
+    undecoded: bool = False  # fetch(decode=False): downloaded and checked, `decode` still to run
 
     @property
     def ok(self) -> bool:
@@ -413,12 +414,16 @@ class MediaFetcher:
 
     # -- public API -------------------------------------------------------------------------
 
-    async def fetch_many(self, urls: Sequence[str]) -> list[MediaResult]:
+    async def fetch_many(self, urls: Sequence[str], *, decode: bool = True) -> list[MediaResult]:
         """Fetch all URLs concurrently (bounded globally and per host); results in input order."""
-        return list(await asyncio.gather(*(self.fetch(url) for url in urls)))
+        return list(await asyncio.gather(*(self.fetch(url, decode=decode) for url in urls)))
 
-    async def fetch(self, url: str) -> MediaResult:
-        """Download and decode one image. Never raises for bad input or bad servers."""
+    async def fetch(self, url: str, *, decode: bool = True) -> MediaResult:
+        """Download and decode one image. Never raises for bad input or bad servers.
+
+        `decode=False` stops after the download and the checks that need the response (its
+        content hash taken): the result is `undecoded` and `decode(result)` finishes it, so a
+        caller that finds the bytes' facts elsewhere (the dedupe cache) never decodes them."""
         if self._session is None or self._executor is None:
             raise RuntimeError("MediaFetcher is not started (use `async with` or start())")
         started = time.monotonic()
@@ -428,13 +433,36 @@ class MediaFetcher:
             body = await self._download(target, result)
             result.size = len(body.data)
             result.content_hash = content_hash(body.data)
-            decoded, result.decoded_before = await self._decode(body, result.content_hash)
-            result.image, result.ocr_text, result.pdq, result.pdq_trimmed = decoded
+            self._check_type(body)
             result.body = body.data
+            result.undecoded = True
         except _Failure as failure:
             result.status, result.reason = failure.status, failure.reason
+        if decode:
+            await self.decode(result)
         result.elapsed_s = time.monotonic() - started
         return result
+
+    async def decode(self, result: MediaResult) -> None:
+        """Finish a `fetch(decode=False)`: decode the bytes (or take an earlier post's decode of
+        them from the memo) into `result`; a refused image sets its status. No-op otherwise."""
+        if not result.undecoded or result.body is None or result.content_hash is None:
+            return
+        result.undecoded = False
+        try:
+            decoded, result.decoded_before = await self._decode(result.body, result.content_hash)
+            result.image, result.ocr_text, result.pdq, result.pdq_trimmed = decoded
+        except _Failure as failure:
+            result.status, result.reason, result.body = failure.status, failure.reason, None
+
+    @property
+    def decode_signature(self) -> str:
+        """What the facts a decode yields (PDQ, image text) depend on besides the bytes: facts
+        kept under another signature (another bound, PDQ off, another OCR engine) do not hold."""
+        cfg = self.config
+        engine = getattr(self._ocr, "engine", self._ocr)
+        ocr = "-" if self._ocr is None else str(getattr(engine, "identity", type(engine).__name__))
+        return f"side={cfg.max_side};pdq={int(cfg.pdq)};ocr={ocr}"
 
     # -- internals --------------------------------------------------------------------------
 
@@ -530,14 +558,20 @@ class MediaFetcher:
                 raise _Failure("too_large", f"body is over {cfg.max_bytes:,} bytes")
         return _Body(bytes(buf), ctype, url)
 
-    async def _decode(self, body: _Body, digest: str) -> tuple[Decoded, bool]:
+    def _check_type(self, body: _Body) -> None:
+        """A body under a generic content type must sniff as an allowed image format. Checked on
+        every response, never taken from the memo: it depends on the header, not the bytes alone."""
+        data = body.data
+        if (
+            data
+            and not _type_matches(body.content_type, self.config.allowed_content_types)
+            and sniff_format(data) is None
+        ):
+            raise _Failure("wrong_content_type", f"Content-Type {body.content_type} and not an allowed image format")
+
+    async def _decode(self, data: bytes, digest: str) -> tuple[Decoded, bool]:
         """(the decoded image and what was read from it, whether an earlier post's decode of the
         same bytes answered)."""
-        cfg = self.config
-        data = body.data
-        # Before the memo: this depends on the response's header, not on the bytes alone.
-        if data and not _type_matches(body.content_type, cfg.allowed_content_types) and sniff_format(data) is None:
-            raise _Failure("wrong_content_type", f"Content-Type {body.content_type} and not an allowed image format")
         loop = asyncio.get_running_loop()
         executor = self._executor
 

@@ -38,6 +38,10 @@ DLQ = Counter("modstream_dead_letters_total", "Posts sent to the dead-letter top
 REVIEW = Counter("modstream_review_routed_total", "Posts routed to human review, by reason", ["reason"])
 MEDIA = Counter("modstream_media_fetch_total", "Media fetches by status", ["status"])
 DEDUPE_HITS = Counter("modstream_dedupe_hits_total", "Posts labelled from the dedupe cache without the model")
+DECODE_SKIPPED = Counter(
+    "modstream_media_decode_skipped_total",
+    "Images not decoded: the dedupe cache's entry carried the decode's facts (stream/media_facts.py)",
+)
 DECODE_MEMO_HITS = Counter(
     "modstream_media_decode_memo_hits_total",
     "Images not decoded again: an earlier post of the same bytes in this process answered (stream/decode_memo.py)",

@@ -34,6 +34,7 @@ from stream.bank_stage import Banks, banked_labels, look_up, match_record
 from stream.banks.bank import BankMatch
 from stream.banks.hashing import PdqHash
 from stream.evidence import EvidenceError, EvidenceStore
+from stream.media_facts import FACTS_KEY, MediaFacts
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,13 @@ class Classifier(Protocol):
 
 
 class Fetcher(Protocol):
-    async def fetch_many(self, urls: Sequence[str]) -> list[Any]: ...
+    """stream.media.MediaFetcher. With `decode=False` a result may come back `undecoded`; the
+    pipeline then finishes it with `decode(result)` unless the dedupe cache answers for it. A
+    fetcher without `decode_signature` is always asked to decode."""
+
+    async def fetch_many(self, urls: Sequence[str], *, decode: bool = True) -> list[Any]: ...
+
+    async def decode(self, result: Any) -> None: ...
 
 
 class LabelCache(Protocol):
@@ -163,11 +170,11 @@ class Pipeline:
             outcome: Outcome, post: Post, owned: list[asyncio.Future[dict[str, Any] | BaseException]]
         ) -> None:
             started = time.perf_counter()
-            media = await self._fetch_one(post)
+            media, peeked = await self._fetch_one(post, serving, inflight)
             fetched = time.perf_counter()
             # Only a decoded image is looked up: a failed fetch's hash names no picture anyone judged.
             match = None
-            if media.image is not None:
+            if media.decoded:
                 match = look_up(self.banks, media.content_hash, media.pdq, media.pdq_trimmed)
             if match is not None and match.entry.bank == "violating":
                 outcome.label = self._banked(post, media, match, serving, fetched - started)
@@ -178,7 +185,8 @@ class Pipeline:
             if key not in inflight:
                 inflight[key] = asyncio.get_running_loop().create_future()
                 owned.append(inflight[key])
-                cached = (await self._cached(serving, [key]))[0]
+                # A post that asked the cache before decoding (_fetch_one) uses that answer.
+                cached = peeked[0] if peeked is not None else (await self._cached(serving, [key]))[0]
                 if cached is None:
                     computed = True
                     result = await self._classify(post, media)
@@ -292,22 +300,56 @@ class Pipeline:
             return prediction
         if prediction.itm_match is not None:
             metrics.ITM_SCORE.observe(prediction.itm_match)
-        return {
+        result: dict[str, Any] = {
             "labels": {t: {k: v for k, v in p.to_dict().items() if k != "probs"} for t, p in prediction.tasks.items()},
             "itm_match": prediction.itm_match,
             "model_version": prediction.model_version,
         }
+        signature = self._decode_signature()
+        if media.image is not None and signature is not None:
+            # for the reposts that will be labelled from the cache without decoding (stream/media_facts.py)
+            result[FACTS_KEY] = MediaFacts(signature, media.pdq, media.pdq_trimmed, media.ocr_text).to_json()
+        return result
 
-    async def _fetch_one(self, post: Post) -> FetchedMedia:
+    def _decode_signature(self) -> str | None:
+        signature = getattr(self.fetcher, "decode_signature", None)
+        return signature if isinstance(signature, str) else None
+
+    async def _fetch_one(
+        self, post: Post, serving: str, inflight: dict[str, Any]
+    ) -> tuple[FetchedMedia, tuple[dict[str, Any] | None] | None]:
+        """The post's media, and the dedupe cache's answer for it when it was asked on the way
+        (None when not: the caller asks if it needs to).
+
+        With a dedupe cache, the image is downloaded and hashed first, and the post that would run
+        the model for that text and those bytes asks the cache before decoding: an entry that
+        carries the decode's facts (PDQ, image text) answers everything a decode would, so the
+        bytes are never decoded. Any other post decodes (through the memo, which shares the
+        decode of posts of the same bytes)."""
         url = post.image_url
         if not url:
-            return FetchedMedia(MediaInfo("none"))
+            return FetchedMedia(MediaInfo("none")), None
         if self.fetcher is None:
-            return FetchedMedia(MediaInfo("fetch_disabled", url=url))
-        (result,) = await self.fetcher.fetch_many([url])
+            return FetchedMedia(MediaInfo("fetch_disabled", url=url)), None
+        lazy = self.cache is not None and self._decode_signature() is not None
+        (result,) = await (self.fetcher.fetch_many([url], decode=False) if lazy else self.fetcher.fetch_many([url]))
+        peeked: tuple[dict[str, Any] | None] | None = None
+        facts = None
+        if getattr(result, "undecoded", False):
+            key = dedupe_key(post.text, result.content_hash)
+            signature = self._decode_signature()
+            if key not in inflight and signature is not None:
+                peeked = ((await self._cached(serving, [key]))[0],)
+                facts = MediaFacts.from_cached(peeked[0], signature)
+            if facts is None:
+                await self.fetcher.decode(result)
+            else:
+                metrics.DECODE_SKIPPED.inc()
         metrics.MEDIA.labels(result.status).inc()
         if getattr(result, "decoded_before", False):
             metrics.DECODE_MEMO_HITS.inc()
+        if facts is not None:
+            result.pdq, result.pdq_trimmed, result.ocr_text = facts.pdq, facts.pdq_trimmed, facts.ocr_text
         pdq: PdqHash | None = getattr(result, "pdq", None)
         info = MediaInfo(
             result.status,
@@ -319,10 +361,12 @@ class Pipeline:
         )
         ok = result.status == "ok"
         if not ok:
-            return FetchedMedia(info)
+            return FetchedMedia(info), peeked
         body = getattr(result, "body", None) if self.evidence is not None else None
         trimmed = getattr(result, "pdq_trimmed", None)
-        return FetchedMedia(info, result.image, getattr(result, "ocr_text", None), body, pdq, trimmed)
+        media = FetchedMedia(info, result.image, getattr(result, "ocr_text", None), body, pdq, trimmed)
+        media.decoded = result.image is not None or facts is not None
+        return media, peeked
 
     async def _keep_evidence(self, post: Post, media: FetchedMedia) -> None:
         """Store the scored bytes before the review item can be sent. A store that fails costs
@@ -368,6 +412,9 @@ class FetchedMedia:
     body: bytes | None = None  # the fetched bytes, kept only while an evidence store wants them
     pdq: PdqHash | None = None  # the image's perceptual hash, when the fetcher takes it
     pdq_trimmed: PdqHash | None = None  # ... without its caption bars, when it has any
+    # The image decoded fine, now or before: `image` is None when the dedupe cache's facts
+    # answered instead (stream/media_facts.py), and then the post never runs the model.
+    decoded: bool = False
 
     @property
     def content_hash(self) -> str | None:
