@@ -203,7 +203,8 @@ def test_a_decided_image_decides_its_reposts_everywhere_until_removed(
         # 3. 500 unrelated images: none matches.
         others = _posts(f"bank-{run}-u-", {n: url(n) for n in unrelated})
         asyncio.run(produce(stack.bootstrap, "posts", [encode(p) for p in others]))
-        matched = [r["post_id"] for r in _labels(stack, {p.id for p in others}, timeout=400).values() if r["bank"]]
+        unrelated_labels = _labels(stack, {p.id for p in others}, timeout=400)
+        matched = [r["post_id"] for r in unrelated_labels.values() if r["bank"]]
         assert matched == [], f"{len(matched)} unrelated images matched the bank"
 
         # 4. A worker started later (the first one stopped) loads the bank and matches too.
@@ -218,6 +219,16 @@ def test_a_decided_image_decides_its_reposts_everywhere_until_removed(
             sum(_metric(second, "modstream_bank_matches_total", bank="violating", kind=k) for k in ("pdq", "exact"))
             == 12
         )
+        # Posts the first worker labelled, posted again (same text, same bytes): the second worker
+        # labels them from Redis without decoding them, the cache entry carrying the decode's PDQ.
+        again = [Post(f"{p.id}-again", p.text, p.image_urls) for p in others[:10]]
+        asyncio.run(produce(stack.bootstrap, "posts", [encode(p) for p in again]))
+        relabelled = _labels(stack, {p.id for p in again})
+        for p in others[:10]:
+            record, before = relabelled[f"{p.id}-again"], unrelated_labels[p.id]
+            assert record["dedupe_hit"] and record["labels"] == before["labels"]
+            assert record["media"]["pdq"] == before["media"]["pdq"] and record["media"]["pdq"]
+        assert _metric(second, "modstream_media_decode_skipped_total") == 10
 
         # 5. The admin API: reviewers are refused; an imported list matches; an export re-imports.
         assert console.api("GET", "/api/v1/admin/banks")[0] == 403
