@@ -37,6 +37,11 @@ Defences, and why:
   decoding so a huge image never outlives its decode) on a small dedicated thread pool:
   it is CPU work and must not block the event loop, and a separate pool keeps it from
   starving the default executor that aiohttp's threaded DNS resolver uses.
+- Each bytes decoded once per process: the decode memo (stream/decode_memo.py) answers a repost
+  of the same bytes, refusals included, within a byte budget, and posts of the same bytes in
+  flight together share one decode, so a raid of one image costs one decode. `fetch(decode=False)`
+  stops after the download and its checks, for a caller that may not need the pixels at all
+  (the pipeline, when the dedupe cache holds the decode's facts: stream/media_facts.py).
 - Concurrency is bounded globally and per host, so one slow or hostile host cannot take
   every download slot of a batch.
 - Text inside the image (optional, `ocr=`): read on the same decode pool right after
