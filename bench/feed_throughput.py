@@ -225,6 +225,10 @@ def measure(
             cpu_ms_per_post=1000 * cpu / len(posts),
             peak_rss_mib=sum(peak_rss_mib(p) for p in pids),
             routes={k: v for k, v in metrics.items() if k.startswith("modstream_posts_total{")},
+            # warm-up included (the same repost share); absent from code older than these counters
+            images_ok=metrics.get('modstream_media_fetch_total{status="ok"}'),
+            decode_memo_hits=metrics.get("modstream_media_decode_memo_hits_total"),
+            decode_skipped=metrics.get("modstream_media_decode_skipped_total"),
         )
         idle = stages.pop("idle", 0)
         total = sum(stages.values())
@@ -281,6 +285,11 @@ def main() -> None:
             f"{result['posts_per_s']:.1f} posts/s, {result['cpu_ms_per_post']:.1f} ms of worker CPU per post, "
             f"peak RSS {result['peak_rss_mib']:.0f} MiB, {result['dedupe_hits']} dedupe hits"
         )
+        if result.get("images_ok") and result.get("decode_memo_hits") is not None:
+            print(
+                f"images not decoded again (warm-up included): {result['decode_memo_hits']:.0f} from the decode memo, "
+                f"{result['decode_skipped'] or 0:.0f} from the dedupe cache's facts, of {result['images_ok']:.0f}"
+            )
         if result["stages"]:
             print(f"{'stage':<22} {'share':>7} {'ms/post':>8}")
             for stage, row in result["stages"].items():
