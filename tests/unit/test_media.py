@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import pytest
 import pytest_asyncio
-from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from PIL import Image
 
@@ -23,6 +22,7 @@ from models.ocr import OcrError
 from stream.media import FetchConfig, MediaFetcher, address_block_reason, decode_and_read, sniff_format
 from stream.ocr import ImageTextReader
 from tests.unit.hostile_server import PNG, HostileServer
+from tests.unit.loopback_media import count_decodes, serve_bytes
 
 CAP = 64 * 1024
 CONFIG = FetchConfig(
@@ -415,22 +415,8 @@ async def serve_png(image: Image.Image) -> AsyncIterator[str]:
     """Serves `image` as a PNG from a loopback server on a free port; yields its URL."""
     buf = io.BytesIO()
     image.save(buf, "PNG")
-    body = buf.getvalue()
-
-    async def handler(request: web.Request) -> web.Response:
-        return web.Response(body=body, content_type="image/png")
-
-    app = web.Application()
-    app.router.add_get("/image.png", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}/image.png"
-    finally:
-        await runner.cleanup()
+    async with serve_bytes({"/image.png": (buf.getvalue(), "image/png")}) as base:
+        yield f"{base}/image.png"
 
 
 @pytest_asyncio.fixture
@@ -536,18 +522,7 @@ def test_the_pdq_hash_is_taken_from_the_bounded_image_before_the_model_input_res
 
 @pytest.fixture
 def decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Counts the decode pool's work (stream.media.decode_and_read), by digest."""
-    import stream.media as media
-
-    seen: list[str] = []
-    real = media.decode_and_read
-
-    def counting(data: bytes, digest: str | None, *args: Any) -> Any:
-        seen.append(digest or "")
-        return real(data, digest, *args)
-
-    monkeypatch.setattr(media, "decode_and_read", counting)
-    return seen
+    return count_decodes(monkeypatch)
 
 
 @pytest.mark.asyncio
@@ -589,26 +564,10 @@ async def test_the_same_bytes_under_a_non_image_content_type_are_still_refused(r
     Image.new("RGB", (40, 40)).save(buf, "PNG")
     body = buf.getvalue()
 
-    async def as_image(request: web.Request) -> web.Response:
-        return web.Response(body=body, content_type="image/png")
-
-    async def as_html(request: web.Request) -> web.Response:
-        return web.Response(body=body, content_type="text/html")
-
-    app = web.Application()
-    app.router.add_get("/a.png", as_image)
-    app.router.add_get("/b.html", as_html)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        async with MediaFetcher(CONFIG, resolver=resolver) as fetcher:
-            ok = await fetcher.fetch(f"http://127.0.0.1:{port}/a.png")
-            html = await fetcher.fetch(f"http://127.0.0.1:{port}/b.html")
-    finally:
-        await runner.cleanup()
+    routes = {"/a.png": (body, "image/png"), "/b.html": (body, "text/html")}
+    async with serve_bytes(routes) as base, MediaFetcher(CONFIG, resolver=resolver) as fetcher:
+        ok = await fetcher.fetch(f"{base}/a.png")
+        html = await fetcher.fetch(f"{base}/b.html")
     assert ok.status == "ok" and html.status == "wrong_content_type" and html.image is None
     _only_loopback(connects)
 

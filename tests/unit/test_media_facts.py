@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import pytest
 import pytest_asyncio
-from aiohttp import web
 from PIL import Image
 
 from models.routing.route import RoutingPolicy
@@ -23,6 +22,7 @@ from stream.banks.hashing import PdqHash
 from stream.media import FetchConfig, MediaFetcher
 from stream.media_facts import FACTS_KEY, MAX_OCR_CHARS, MediaFacts
 from stream.pipeline import Pipeline
+from tests.unit.loopback_media import count_decodes, serve_bytes
 from tests.unit.test_bank_stage import _entry
 from tests.unit.test_pipeline import CARD, DictCache, FakeClassifier
 
@@ -39,37 +39,13 @@ def _photo() -> bytes:
 
 @pytest_asyncio.fixture
 async def photo_url() -> AsyncIterator[str]:
-    body = _photo()
-
-    async def handler(request: web.Request) -> web.Response:
-        return web.Response(body=body, content_type="image/jpeg")
-
-    app = web.Application()
-    app.router.add_get("/photo.jpg", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}/photo.jpg"
-    finally:
-        await runner.cleanup()
+    async with serve_bytes({"/photo.jpg": (_photo(), "image/jpeg")}) as base:
+        yield f"{base}/photo.jpg"
 
 
 @pytest.fixture
 def decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    import stream.media as media
-
-    seen: list[str] = []
-    real = media.decode_and_read
-
-    def counting(data: bytes, digest: str | None, *args: Any) -> Any:
-        seen.append(digest or "")
-        return real(data, digest, *args)
-
-    monkeypatch.setattr(media, "decode_and_read", counting)
-    return seen
+    return count_decodes(monkeypatch)
 
 
 async def _label(cache: DictCache, banks: VerdictBanks, post: Post, config: FetchConfig = CONFIG):
