@@ -53,14 +53,18 @@ class DecodeMemo(Generic[T]):
         self._entries: OrderedDict[str, tuple[T | BaseException, int]] = OrderedDict()
         self._inflight: dict[str, asyncio.Future[Any]] = {}
         self.bytes = 0
+        self._generation = 0  # bumped by clear(): a decode begun before it is not kept
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def clear(self) -> None:
-        """Forget every result (the decode's settings changed: its results no longer hold)."""
+        """Forget every result (the decode's settings changed: its results no longer hold).
+        Posts already waiting on a decode begun before still get its result; it is not kept."""
+        self._inflight.clear()
         self._entries.clear()
         self.bytes = 0
+        self._generation += 1
 
     async def get_or_decode(self, key: str, decode: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
         """(result, True) when an earlier decode of `key` answers, else (decode's result, False)."""
@@ -87,25 +91,30 @@ class DecodeMemo(Generic[T]):
             return outcome, True
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
+        generation = self._generation
         try:
             result = await decode()
         except BaseException as exc:
             if isinstance(exc, self._keep_errors):
-                self._keep(key, exc, _FAILURE_BYTES)
+                self._keep(key, exc, _FAILURE_BYTES, generation)
                 future.set_result(exc)
             else:  # a bug or a cancelled decode says nothing about the bytes: waiters decode again
                 future.set_result(_RETRY)
             raise
         else:
-            self._keep(key, result, self._size_of(result))
+            self._keep(key, result, self._size_of(result), generation)
             future.set_result(result)
             return result, False
         finally:
-            del self._inflight[key]
+            if self._inflight.get(key) is future:
+                del self._inflight[key]
 
-    def _keep(self, key: str, value: T | BaseException, size: int) -> None:
-        if size > self.max_bytes:
-            return  # larger than the whole budget (or the memo is off): never kept
+    def _keep(self, key: str, value: T | BaseException, size: int, generation: int) -> None:
+        if size > self.max_bytes or generation != self._generation:
+            return  # larger than the whole budget, or decoded under settings clear() retired
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.bytes -= old[1]
         self._entries[key] = (value, size)
         self.bytes += size
         while self.bytes > self.max_bytes:

@@ -173,3 +173,19 @@ async def test_clear_forgets_everything() -> None:
     m.clear()
     assert len(m) == 0 and m.bytes == 0
     assert not (await m.get_or_decode("h", decode))[1]
+
+
+@pytest.mark.asyncio
+async def test_a_decode_begun_before_clear_is_not_kept_nor_shared_with_posts_after_it() -> None:
+    """A model swap that needs OCR clears the memo mid-decode: that decode lacks the image text."""
+    m, gate = memo(), asyncio.Event()
+    old = Decoder(gate=gate)
+    before = asyncio.create_task(m.get_or_decode("h", old))
+    await asyncio.sleep(0.01)
+    m.clear()
+    fresh = Decoder(size=20)
+    after = await m.get_or_decode("h", fresh)  # does not wait on the decode of the old settings
+    gate.set()
+    assert await before == (b"x" * 10, False) and after == (b"x" * 20, False)
+    assert await m.get_or_decode("h", Decoder()) == (b"x" * 20, True)  # the new settings' result stays
+    assert m.bytes == 20 and len(m) == 1
