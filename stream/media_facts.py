@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from stream.banks.hashing import PdqHash, is_pdq_hex
+from stream.banks.hashing import PdqHash
 
 FACTS_KEY = "media"
 # Text read from a meme is a few lines; a longer value in the cache is not ours.
@@ -64,11 +64,10 @@ def _hash_json(value: PdqHash | None) -> dict[str, Any] | None:
 
 
 def _hash_of(obj: Any) -> PdqHash | None:
+    """PdqHash.from_hex checks the hex's form and the quality's type and range (ValueError)."""
     if obj is None:
         return None
-    if not isinstance(obj, dict) or not is_pdq_hex(obj.get("hex")):
+    if not isinstance(obj, dict):
         raise ValueError("not a PDQ hash")
-    quality = obj.get("quality")
-    if not isinstance(quality, int):
-        raise ValueError("a PDQ quality is an integer")
-    return PdqHash.from_hex(obj["hex"], quality)  # which checks its range
+    # an absent field gets a value from_hex refuses, like any other bad one
+    return PdqHash.from_hex(obj.get("hex", ""), obj.get("quality", -1))

@@ -331,13 +331,13 @@ class Pipeline:
             return FetchedMedia(MediaInfo("none")), None
         if self.fetcher is None:
             return FetchedMedia(MediaInfo("fetch_disabled", url=url)), None
-        lazy = self.cache is not None and self._decode_signature() is not None
+        signature = self._decode_signature() if self.cache is not None else None
+        lazy = signature is not None
         (result,) = await (self.fetcher.fetch_many([url], decode=False) if lazy else self.fetcher.fetch_many([url]))
         peeked: tuple[dict[str, Any] | None] | None = None
         facts = None
         if getattr(result, "undecoded", False):
             key = dedupe_key(post.text, result.content_hash)
-            signature = self._decode_signature()
             if key not in inflight and signature is not None:
                 peeked = ((await self._cached(serving, [key]))[0],)
                 facts = MediaFacts.from_cached(peeked[0], signature)
@@ -364,9 +364,8 @@ class Pipeline:
             return FetchedMedia(info), peeked
         body = getattr(result, "body", None) if self.evidence is not None else None
         trimmed = getattr(result, "pdq_trimmed", None)
-        media = FetchedMedia(info, result.image, getattr(result, "ocr_text", None), body, pdq, trimmed)
-        media.decoded = result.image is not None or facts is not None
-        return media, peeked
+        decoded = result.image is not None or facts is not None
+        return FetchedMedia(info, result.image, getattr(result, "ocr_text", None), body, pdq, trimmed, decoded), peeked
 
     async def _keep_evidence(self, post: Post, media: FetchedMedia) -> None:
         """Store the scored bytes before the review item can be sent. A store that fails costs
