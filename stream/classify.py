@@ -116,7 +116,8 @@ async def classify_stream(
     print(f"model {loaded.card.version}: {policy.describe(loaded.card)}", file=sys.stderr)
     counts = {"labelled": 0, "review": 0, "dead_letter": 0}
     # Keep decoded images no larger than twice what the model looks at (see models.images).
-    fetch = FetchConfig(allow_loopback=allow_loopback, max_side=2 * loaded.model.image_encoder.image_size)
+    side = loaded.model.image_encoder.image_size
+    fetch = FetchConfig(allow_loopback=allow_loopback, max_side=2 * side, min_side=side)
     await pool.start()
     try:
         async with MediaFetcher(fetch, ocr=reader) as web:

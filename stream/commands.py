@@ -129,6 +129,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         audit_rate=args.audit_rate,
         decode_threads=args.decode_threads,
         decode_model_input=args.decode_model_input,
+        device_decode=args.device_decode,
         decode_memo_mib=args.decode_memo_mib,
         stand_in_model=args.stand_in_model,
         banks=args.banks,
@@ -310,6 +311,13 @@ def add_parsers(sub: Any) -> None:
         action="store_true",
         help="GPU workers: the decode threads make each image the model's input, so batch preparation only "
         "copies pixels (0.2x its CPU)",
+    )
+    p.add_argument(
+        "--device-decode",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="JPEGs decoded and resized on the GPU with their batch instead of by the decode threads; auto: when "
+        "every device is a GPU and neither the banks (--no-banks) nor OCR need the pixels on the host",
     )
     p.add_argument(
         "--decode-memo-mib",

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import torch
 from PIL import Image
 
+from models.device_decode import EncodedJpeg
 from models.devices import visible_devices
 from models.inference import Prediction, Predictor, PreparedBatch
 
@@ -73,7 +74,7 @@ class ReplicaFailed(RuntimeError):
 @dataclass
 class _Item:
     text: str
-    image: Image.Image | None
+    image: Image.Image | EncodedJpeg | None  # EncodedJpeg: decoded on the device (models/device_decode.py)
     future: asyncio.Future[Prediction]
 
 
@@ -378,7 +379,7 @@ class DevicePool:
         self.factory = factory
         return predictors[0].version
 
-    async def predict_one(self, text: str, image: Image.Image | None) -> Prediction:
+    async def predict_one(self, text: str, image: Image.Image | EncodedJpeg | None) -> Prediction:
         if not self.replicas:
             raise ReplicaFailed("the device pool is not started")
         # Prefer serving replicas; a failed one's queue is handed to its rebuilt successor.
@@ -397,7 +398,7 @@ class DevicePool:
             raise InferenceTimeout(f"inference took longer than {self.config.timeout_s} s") from exc
 
     async def predict(
-        self, texts: Sequence[str], images: Sequence[Image.Image | None]
+        self, texts: Sequence[str], images: Sequence[Image.Image | EncodedJpeg | None]
     ) -> list[Prediction | BaseException]:
         """Per-post results; a failed post yields its exception instead of failing the rest."""
         return await asyncio.gather(

@@ -72,7 +72,16 @@ from aiohttp.abc import AbstractResolver
 from PIL import Image
 from yarl import URL
 
-from models.images import MAX_PIXELS, MAX_SIDE, ImageError, bounded_rgb, content_hash, decode_image, model_input
+from models.images import (
+    MAX_PIXELS,
+    MAX_SIDE,
+    MODEL_SIDE,
+    ImageError,
+    bounded_rgb,
+    content_hash,
+    decode_image,
+    model_input,
+)
 from models.ocr import OCR_MAX_SIDE
 from stream.banks.hashing import PdqHash
 from stream.banks.variants import query_hashes
@@ -130,6 +139,11 @@ class FetchConfig:
     # Decoded images are shrunk in the decode pool to at most this side (about 2x the model's
     # input): a 40 MP upload must not sit in memory at full size until it is batched.
     max_side: int = MAX_SIDE
+    # The model's input side: a JPEG decodes at the smallest DCT scale still covering it and is
+    # not resized again until the model's own resize (models.images.decode_image's min_side):
+    # one resize per photo instead of two. None decodes JPEGs to the `max_side` bound as other
+    # formats. The banks hash what this decode gives, so it is part of `decode_signature`.
+    min_side: int | None = MODEL_SIDE
     # The model's input side, opt-in (the worker's --decode-model-input): the decode threads
     # also make each image the model's square input (models.images.model_input) as its post
     # arrives, so the device pool's batch preparation, on the device's critical path, only
@@ -467,7 +481,7 @@ class MediaFetcher:
         cfg = self.config
         engine = getattr(self._ocr, "engine", self._ocr)
         ocr = "-" if self._ocr is None else str(getattr(engine, "identity", type(engine).__name__))
-        return f"side={cfg.max_side};pdq={int(cfg.pdq)};ocr={ocr}"
+        return f"side={cfg.max_side};min={cfg.min_side or '-'};pdq={int(cfg.pdq)};ocr={ocr}"
 
     # -- internals --------------------------------------------------------------------------
 
@@ -606,12 +620,13 @@ def _decoded_bytes(decoded: Decoded) -> int:
 
 
 def decode_and_read(data: bytes, digest: str | None, cfg: FetchConfig, ocr: ImageTextReader | None) -> Decoded:
-    """The decode pool's work for one image: decode it bounded to `cfg.max_side` and, with
+    """The decode pool's work for one image: decode it bounded to `cfg.max_side` (a JPEG at the
+    DCT scale covering `cfg.min_side`) and, with
     `ocr`, read the text inside from a larger copy first; with `cfg.pdq`, hash it; then, with
     `cfg.model_side`, make it the model's input. Raises ImageError."""
     text = None
     if ocr is None:
-        image = decode_image(data, max_pixels=cfg.max_pixels, max_side=cfg.max_side)
+        image = decode_image(data, max_pixels=cfg.max_pixels, max_side=cfg.max_side, min_side=cfg.min_side)
     else:
         image = decode_image(data, max_pixels=cfg.max_pixels, max_side=max(cfg.max_side, OCR_MAX_SIDE))
         text = ocr.read(image, digest)

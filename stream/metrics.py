@@ -42,6 +42,12 @@ DECODE_SKIPPED = Counter(
     "modstream_media_decode_skipped_total",
     "Images not decoded: the dedupe cache's entry carried the decode's facts (stream/media_facts.py)",
 )
+DEVICE_DECODED = Counter(
+    "modstream_media_device_decoded_total",
+    "JPEGs handed to the classifier undecoded (--device-decode), by result: ok (decoded on the GPU, or on "
+    "the host where the GPU refused it), failed (neither could: scored on the text alone)",
+    ["result"],
+)
 DECODE_MEMO_HITS = Counter(
     "modstream_media_decode_memo_hits_total",
     "Images not decoded again: an earlier post of the same bytes in this process answered (stream/decode_memo.py)",

@@ -18,12 +18,13 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from PIL import Image
 
 from models.card import ModelCard
+from models.device_decode import EncodedJpeg, jpeg_header_ok
 from models.inference import Prediction
 from models.preprocess import PostText
 from models.routing.route import RoutingPolicy, route_scores
@@ -34,6 +35,7 @@ from stream.bank_stage import Banks, banked_labels, look_up, match_record
 from stream.banks.bank import BankMatch
 from stream.banks.hashing import PdqHash
 from stream.evidence import EvidenceError, EvidenceStore
+from stream.media import ERROR_CODES
 from stream.media_facts import FACTS_KEY, MediaFacts
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,7 @@ class Classifier(Protocol):
     def version(self) -> str: ...
 
     async def predict(
-        self, texts: Sequence[str], images: Sequence[Image.Image | None]
+        self, texts: Sequence[str], images: Sequence[Image.Image | EncodedJpeg | None]
     ) -> list[Prediction | BaseException]: ...
 
 
@@ -96,6 +98,10 @@ class Pipeline:
     audit: AuditSampler | None = None
     # The verdict banks (stream/banks) matched before the model; None: no banks.
     banks: Banks | None = None
+    # JPEGs the device may decode (models/device_decode.py: header checked, within its pixel
+    # budget) go to the classifier undecoded, which decodes them on its GPU. Only where no host
+    # stage needs the pixels (no banks, no OCR): the worker's --device-decode decides.
+    device_jpegs: bool = False
     _trusted: dict[str, bool] = field(default_factory=dict, init=False, repr=False)
     _namespaces: dict[str, str] = field(default_factory=dict, init=False, repr=False)
     _provenance: dict[str, dict[str, Any]] = field(default_factory=dict, init=False, repr=False)
@@ -203,6 +209,7 @@ class Pipeline:
                 outcome.dead_letter = DeadLetter.from_raw(outcome.raw, "classify", repr(result), post.id)
                 return
             hit = not computed
+            media_info = _with_media_error(media.info, result.get(MEDIA_ERROR_KEY))
             timings = {"fetch_s": round(fetched - started, 4), "classify_s": round(time.perf_counter() - fetched, 4)}
             version = result["model_version"]
             card = self.card_of(version)
@@ -219,7 +226,7 @@ class Pipeline:
                 itm_match=result["itm_match"],
                 route=route,
                 reasons=reasons,
-                media=media.info,
+                media=media_info,
                 model_version=version,
                 timings=timings,
                 dedupe_hit=hit,
@@ -305,6 +312,12 @@ class Pipeline:
             "itm_match": prediction.itm_match,
             "model_version": prediction.model_version,
         }
+        if isinstance(media.image, EncodedJpeg):
+            failed = prediction.image_error
+            metrics.DEVICE_DECODED.labels("ok" if failed is None else "failed").inc()
+            if failed is not None:  # scored on its text alone; a repost from the cache says so too
+                result[MEDIA_ERROR_KEY] = {"status": failed.reason, "reason": str(failed)}
+                return result
         signature = self._decode_signature()
         if media.image is not None and signature is not None:
             # for the reposts that will be labelled from the cache without decoding (stream/media_facts.py)
@@ -332,19 +345,22 @@ class Pipeline:
         if self.fetcher is None:
             return FetchedMedia(MediaInfo("fetch_disabled", url=url)), None
         signature = self._decode_signature() if self.cache is not None else None
-        lazy = signature is not None
+        lazy = signature is not None or self.device_jpegs
         (result,) = await (self.fetcher.fetch_many([url], decode=False) if lazy else self.fetcher.fetch_many([url]))
         peeked: tuple[dict[str, Any] | None] | None = None
         facts = None
+        encoded: EncodedJpeg | None = None
         if getattr(result, "undecoded", False):
             key = dedupe_key(post.text, result.content_hash)
             if key not in inflight and signature is not None:
                 peeked = ((await self._cached(serving, [key]))[0],)
                 facts = MediaFacts.from_cached(peeked[0], signature)
-            if facts is None:
-                await self.fetcher.decode(result)
-            else:
+            if facts is not None:
                 metrics.DECODE_SKIPPED.inc()
+            elif self.device_jpegs and result.body is not None and jpeg_header_ok(result.body):
+                encoded = EncodedJpeg(result.body)  # decoded on the GPU with its batch
+            else:
+                await self.fetcher.decode(result)
         metrics.MEDIA.labels(result.status).inc()
         if getattr(result, "decoded_before", False):
             metrics.DECODE_MEMO_HITS.inc()
@@ -364,8 +380,9 @@ class Pipeline:
             return FetchedMedia(info), peeked
         body = getattr(result, "body", None) if self.evidence is not None else None
         trimmed = getattr(result, "pdq_trimmed", None)
-        decoded = result.image is not None or facts is not None
-        return FetchedMedia(info, result.image, getattr(result, "ocr_text", None), body, pdq, trimmed, decoded), peeked
+        image = encoded if encoded is not None else result.image
+        decoded = image is not None or facts is not None
+        return FetchedMedia(info, image, getattr(result, "ocr_text", None), body, pdq, trimmed, decoded), peeked
 
     async def _keep_evidence(self, post: Post, media: FetchedMedia) -> None:
         """Store the scored bytes before the review item can be sent. A store that fails costs
@@ -406,7 +423,7 @@ class Pipeline:
 @dataclass
 class FetchedMedia:
     info: MediaInfo
-    image: Image.Image | None = None
+    image: Image.Image | EncodedJpeg | None = None  # EncodedJpeg: decoded by the classifier, on its GPU
     ocr_text: str | None = None
     body: bytes | None = None  # the fetched bytes, kept only while an evidence store wants them
     pdq: PdqHash | None = None  # the image's perceptual hash, when the fetcher takes it
@@ -418,6 +435,22 @@ class FetchedMedia:
     @property
     def content_hash(self) -> str | None:
         return self.info.content_hash
+
+
+# A device-decoded JPEG that neither the GPU nor the host could decode: its status and reason,
+# kept with the model's result (a repost labelled from the dedupe cache says the same).
+MEDIA_ERROR_KEY = "media_error"
+
+
+def _with_media_error(info: MediaInfo, error: object) -> MediaInfo:
+    """`info` with the decode failure the classifier reported, if any. Read from the dedupe
+    cache too, so only a well-formed one of the known codes is taken."""
+    if not isinstance(error, dict):
+        return info
+    status, reason = error.get("status"), error.get("reason")
+    if status not in ERROR_CODES or not isinstance(reason, str):
+        return info
+    return replace(info, status=status, reason=reason[:500])
 
 
 def parse(raw: bytes) -> Outcome:

@@ -69,6 +69,10 @@ class WorkerSettings:
     # Batch preparation then costs 0.2x the CPU per post; a repost of bytes still in the decode
     # memo pays nothing, one that is not pays the resize too (BENCHMARKS). Meant for GPU workers.
     decode_model_input: bool = False
+    # JPEGs decoded on the GPU with their batch (models/device_decode.py): "auto" when every
+    # device is a GPU and no host stage needs the pixels (banks' PDQ, OCR); "on" anywhere (on a
+    # CPU it only moves the decode into the batch: tests); "off" never. `_device_jpegs` decides.
+    device_decode: str = "auto"
     decode_memo_mib: int = 128  # FetchConfig.decode_memo_bytes, in MiB (0: off)
     # Bench only (bench/feed_throughput.py): serve models/stand_in.py's StandInPredictor, which
     # answers without a forward, to measure the feed's CPU per post with the model taken out.
@@ -121,10 +125,11 @@ def predictor_factory(registry: ModelRegistry, version: str, *, stand_in: bool =
 
 def _decode_for(card: ModelCard, base: FetchConfig, model_input: bool) -> FetchConfig:
     """`base` with the decode pool's image sizes for this model: bounded to twice its input
-    side (memory per post) and, with `model_input`, made its square input by the decode
-    threads, so the device pool's batch preparation only copies pixels."""
+    side (memory per post), a JPEG decoded at the DCT scale covering its input and, with
+    `model_input`, made its square input by the decode threads, so the device pool's batch
+    preparation only copies pixels."""
     side = card.config.image_size
-    return replace(base, max_side=2 * side, model_side=side if model_input else None)
+    return replace(base, max_side=2 * side, min_side=side, model_side=side if model_input else None)
 
 
 class Resources:
@@ -187,7 +192,15 @@ class Resources:
         else:
             metrics.BANK_LOADED.set(float("nan"))  # not "not loaded": no ModstreamBankNotLoaded
         self.pipeline = Pipeline(
-            classifier, self.fetcher, self.card_of, s.policy, self.redis, self.evidence, audit, banks=self.banks
+            classifier,
+            self.fetcher,
+            self.card_of,
+            s.policy,
+            self.redis,
+            self.evidence,
+            audit,
+            banks=self.banks,
+            device_jpegs=self._device_jpegs(),
         )
         self._announce()
         self.ready.set()
@@ -251,12 +264,24 @@ class Resources:
         # Known before the first label of the new version can come back from a replica.
         self.cards[card.version] = card
         await self.pool.swap(predictor_factory(self.registry, card.version, stand_in=self.settings.stand_in_model))
+        if self.pipeline is not None:  # a model that reads image text needs the pixels on the host
+            self.pipeline.device_jpegs = self._device_jpegs()
         if self.fetcher is not None:
             # Images decoded from now on fit the new model; the few in flight are resized again
             # by its preprocessor (right shape, a little softer).
             self.fetcher.config = _decode_for(card, self.fetcher.config, self.settings.decode_model_input)
         self.card = card
         self._announce()
+
+    def _device_jpegs(self) -> bool:
+        """Whether JPEGs go to the device pool undecoded (Pipeline.device_jpegs)."""
+        s = self.settings
+        host_needs_pixels = s.banks or (self.fetcher is not None and self.fetcher.ocr is not None)
+        if s.device_decode == "off" or host_needs_pixels:
+            if s.device_decode == "on":
+                log.warning("--device-decode on ignored: the banks' PDQ or OCR read the pixels on the host")
+            return False
+        return s.device_decode == "on" or all(d.type == "cuda" for d in visible_devices(s.devices))
 
     async def close(self) -> None:
         if self._bank_task is not None:

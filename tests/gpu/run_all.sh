@@ -22,7 +22,7 @@ source tests/gpu/env.sh
 
 # pytest-asyncio may be missing on the GPU image; these tests use asyncio.run only.
 timeout "${GPU_TESTS_TIMEOUT:-300}" "$PY" -m pytest -q -rs -p no:cacheprovider --junitxml="$OUT_DIR/gpu_tests.xml" \
-  tests/gpu tests/unit/test_device_pool.py tests/unit/test_preprocess.py 2>&1 | tee "$OUT_DIR/gpu_tests.log"
+  tests/gpu tests/unit/test_device_pool.py tests/unit/test_preprocess.py tests/unit/test_device_decode.py 2>&1 | tee "$OUT_DIR/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
 
 timeout "${GPU_BENCH_TIMEOUT:-240}" "$PY" bench/gpu_throughput.py --batches 64,256,1024 --seconds 2 --out "$OUT_DIR/gpu_throughput.json" \

@@ -341,3 +341,69 @@ def test_bounded_decode_keeps_the_guards() -> None:
     with pytest.raises(ImageError) as other:
         decode_image(_encode(_noisy(64), "TIFF"), max_side=64)
     assert other.value.reason == "unsupported_format"
+
+
+# --- decoding for the model's input (min_side): one resize per JPEG photo ---------------------
+
+
+@pytest.mark.parametrize(
+    ("size", "decoded"),
+    [
+        ((1000, 700), (375, 263)),  # 3/8: the smallest eighth whose short side still reaches 224
+        ((700, 1000), (263, 375)),
+        ((1600, 1200), (400, 300)),  # 2/8
+    ],
+)
+def test_a_jpeg_decodes_at_the_smallest_dct_scale_covering_the_model_input_and_is_not_resized(
+    monkeypatch, size, decoded
+) -> None:
+    import models.images as images
+
+    resized = []
+    monkeypatch.setattr(images, "bounded_rgb", lambda img, side: resized.append(img.size) or img)
+    img = decode_image(_encode(_flat("RGB", size), "JPEG"), max_side=448, min_side=224)
+    assert img.size == decoded and min(img.size) >= 224 and max(img.size) <= 448
+    assert resized == []  # the model's resize is the only one left
+    assert img.mode == "RGB" and img.getpixel((10, 10)) == pytest.approx((10, 200, 30), abs=3)
+
+
+@pytest.mark.parametrize("size", [(4000, 3000), (3600, 900), (40000, 300), (120, 90)])
+def test_min_side_never_decodes_larger_than_the_bound_alone_and_still_bounds(monkeypatch, size) -> None:
+    """A strip or a big photo whose smallest covering scale is still over the bound is bounded
+    as before, and its DCT scale is never above the one the bound alone picks (a hostile
+    40000 x 300 strip must not decode at full width); a small image stays as it is."""
+    import models.images as images
+
+    decoded_at = []
+    decode_jpeg = images.simplejpeg.decode_jpeg
+
+    def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
+        pixels = decode_jpeg(*args, **kwargs)
+        decoded_at.append(pixels.shape[0] * pixels.shape[1])
+        return pixels
+
+    monkeypatch.setattr(images.simplejpeg, "decode_jpeg", recording)
+    data = _encode(_flat("RGB", size), "JPEG")
+    plain, covering = decode_image(data, max_side=448), decode_image(data, max_side=448, min_side=224)
+    assert decoded_at[1] <= decoded_at[0]
+    assert max(covering.size) <= 448
+    assert covering.size == plain.size or min(covering.size) >= min(224, *plain.size)
+
+
+def test_min_side_leaves_other_formats_bounded_as_before() -> None:
+    data = _encode(_flat("RGB", (1000, 700)), "PNG")
+    assert decode_image(data, max_side=448, min_side=224).size == decode_image(data, max_side=448).size == (448, 314)
+
+
+def test_the_banks_hash_a_decided_jpeg_from_the_pixels_the_default_worker_hashes() -> None:
+    """review.bank_verdicts.hashes_of and the worker's decode (FetchConfig defaults) must hash
+    the same pixels: a banked decision matches its own repost at distance 0."""
+    from review.bank_verdicts import hashes_of
+    from stream.media import FetchConfig, decode_and_read
+
+    rng = np.random.default_rng(9)
+    photo = Image.fromarray(rng.integers(0, 256, (35, 50, 3), dtype=np.uint8)).resize((1000, 700), Image.BICUBIC)
+    data = _encode(photo, "JPEG")
+    worker = decode_and_read(data, None, FetchConfig(pdq=True), None)
+    assert worker.image.size == (375, 263)
+    assert worker.pdq is not None and hashes_of(data)[0].bits == worker.pdq.bits

@@ -1,0 +1,173 @@
+"""models/device_decode.py on the CPU (torchvision's libjpeg-turbo decoder stands in for nvJPEG:
+the same calls, batching and fallback); tests/gpu/test_device_decode_cuda.py runs it on nvJPEG."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.device_decode import decode_jpegs_to, jpeg_header_ok, squash
+from models.images import decode_image, model_input
+
+# pytest restores the warning filters for each test, dropping the module's own (it is planned for).
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
+
+
+def _jpeg(image: Image.Image, **kwargs: object) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", **kwargs)
+    return buf.getvalue()
+
+
+def _photo(size: tuple[int, int], seed: int = 0) -> Image.Image:
+    """Smooth shapes plus grain, like a photo (pure noise is no photo to compare resizes on)."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (size[1] // 20, size[0] // 20, 3), dtype=np.uint8))
+    smooth = np.asarray(coarse.resize(size, Image.Resampling.BICUBIC), dtype=np.int16)
+    grain = rng.integers(-6, 7, smooth.shape, dtype=np.int16)
+    return Image.fromarray(np.clip(smooth + grain, 0, 255).astype(np.uint8))
+
+
+def _host(data: bytes, side: int = 224) -> np.ndarray:
+    """What the worker's host path gives the model for the same bytes."""
+    image = model_input(decode_image(data, max_side=2 * side, min_side=side), side)
+    return np.asarray(image, dtype=np.int16).transpose(2, 0, 1)
+
+
+def test_the_header_check_lets_only_plain_jpegs_within_the_budget_through() -> None:
+    photo = _photo((1000, 700))
+    assert jpeg_header_ok(_jpeg(photo))
+    assert jpeg_header_ok(_jpeg(photo.convert("L")))
+    assert not jpeg_header_ok(_jpeg(photo.convert("CMYK")))  # Pillow decodes CMYK on the host
+    png = io.BytesIO()
+    photo.save(png, format="PNG")
+    assert not jpeg_header_ok(png.getvalue())
+    assert not jpeg_header_ok(_jpeg(photo), max_pixels=999 * 700)  # nvJPEG decodes at full size
+    assert not jpeg_header_ok(b"\xff\xd8\xff\xe0" + b"\x00" * 64)  # a JPEG magic with no header after it
+    assert not jpeg_header_ok(b"")
+
+
+def test_without_simplejpeg_pillow_checks_the_header_the_same_way(monkeypatch) -> None:
+    """A GPU image built without simplejpeg still hands JPEGs over, and still refuses the rest."""
+    import models.device_decode as device_decode
+
+    monkeypatch.setattr(device_decode, "simplejpeg", None)
+    photo = _photo((1000, 700))
+    assert jpeg_header_ok(_jpeg(photo)) and jpeg_header_ok(_jpeg(photo.convert("L")))
+    assert not jpeg_header_ok(_jpeg(photo.convert("CMYK")))
+    assert not jpeg_header_ok(_jpeg(photo), max_pixels=999 * 700)
+    assert not jpeg_header_ok(b"\xff\xd8\xff\xe0" + b"\x00" * 64)
+
+
+def test_a_crafted_header_declaring_a_huge_image_stays_on_the_host() -> None:
+    """The SOF0 marker carries the size; a 60000 x 60000 declaration must not reach nvJPEG."""
+    data = bytearray(_jpeg(_photo((64, 48))))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = (60000).to_bytes(2, "big") + (60000).to_bytes(2, "big")
+    assert not jpeg_header_ok(bytes(data))
+
+
+def test_a_corrupt_jpeg_fails_alone_and_the_rest_of_the_batch_is_decoded_as_without_it() -> None:
+    good = [_jpeg(_photo((1000, 700), seed=s)) for s in range(3)]
+    truncated = good[0][: len(good[0]) // 3]
+    garbage = b"\xff\xd8\xff" + bytes(range(256)) * 8
+    alone = decode_jpegs_to(good, 224, "cpu")
+    mixed = decode_jpegs_to([good[0], truncated, good[1], garbage, good[2]], 224, "cpu")
+    assert alone.failed == [] and mixed.failed == [1, 3]
+    assert torch.equal(mixed.pixels[[0, 2, 4]], alone.pixels)
+    assert not mixed.pixels[[1, 3]].any()  # a failed row is zeros until the host decodes it
+
+
+@pytest.mark.parametrize("size", [(1000, 700), (700, 1000), (1600, 1200), (300, 200)])
+def test_device_pixels_match_the_host_path_within_a_few_grey_levels(size: tuple[int, int]) -> None:
+    """The tolerance the device path is held to: it resizes the full decode where the host
+    resizes a DCT-scaled one, so pixels may differ, but by a few levels on average."""
+    data = _jpeg(_photo(size, seed=size[0]), quality=90)
+    device = decode_jpegs_to([data], 224, "cpu").pixels[0].numpy().astype(np.int16)
+    diff = np.abs(device - _host(data))
+    assert diff.mean() <= 3.0, diff.mean()
+    assert np.percentile(diff, 99) <= 16, np.percentile(diff, 99)
+
+
+def test_squash_keeps_the_whole_image_and_leaves_a_model_sized_one_alone() -> None:
+    image = torch.zeros(3, 100, 400, dtype=torch.uint8)
+    image[:, :, :200] = 255  # left half white: squashing keeps it the left half
+    out = squash(image, 50)
+    assert out.shape == (3, 50, 50) and out.dtype == torch.uint8
+    assert out[:, :, :24].min() == 255 and out[:, :, 26:].max() == 0
+    square = torch.ones(3, 50, 50, dtype=torch.uint8)
+    assert squash(square, 50) is square
+
+
+def test_an_empty_batch_decodes_to_nothing() -> None:
+    out = decode_jpegs_to([], 224, "cpu")
+    assert out.pixels.shape == (0, 3, 224, 224) and out.failed == []
+
+
+# --- the predictor: JPEGs handed over undecoded (the worker's --device-decode) -------------------
+
+
+@pytest.fixture(scope="module")
+def predictor():  # type: ignore[no-untyped-def]
+    from models.card import ModelCard
+    from models.inference import Predictor
+    from tests.tiny import tiny_model
+
+    model, tok = tiny_model()
+    return Predictor(model, tok, ModelCard(config=model.config, version="v1"), "cpu")
+
+
+def _scores(prediction) -> list[float]:  # type: ignore[no-untyped-def]
+    return [p.score for p in prediction.tasks.values()]
+
+
+def _host_image(data: bytes, side: int) -> Image.Image:
+    return decode_image(data, max_side=2 * side, min_side=side)
+
+
+def test_the_predictor_decodes_a_handed_over_jpeg_and_scores_it_as_the_host_path(predictor) -> None:
+    from models.device_decode import EncodedJpeg
+
+    side = predictor.images.size
+    data = _jpeg(_photo((400, 300), seed=3), quality=90)
+    texts = ["a caption", "a caption", "text only"]
+    device = predictor.predict(texts, [EncodedJpeg(data), _host_image(data, side), None])
+    assert device[0].itm_match is not None and device[0].image_error is None  # the image was seen
+    assert device[2].itm_match is None
+    # The tolerance: the device squashes the full decode, the host a DCT-scaled one.
+    assert device[0].itm_match == pytest.approx(device[1].itm_match, abs=0.02)
+    assert _scores(device[0]) == pytest.approx(_scores(device[1]), abs=0.02)
+    blank = predictor.predict(["a caption"], [Image.new("RGB", (400, 300))])[0]
+    assert abs(blank.itm_match - device[0].itm_match) > 1e-4  # the decoded pixels, not zeros, were scored
+
+
+def test_a_jpeg_the_device_refuses_is_decoded_on_the_host_with_the_same_pixels(predictor, monkeypatch) -> None:
+    import models.device_decode as device_decode
+    from models.device_decode import EncodedJpeg
+
+    def refuse(encoded, device):  # type: ignore[no-untyped-def]
+        raise RuntimeError("nvjpeg: unsupported")
+
+    monkeypatch.setattr(device_decode, "_decode", refuse)
+    side = predictor.images.size
+    data = _jpeg(_photo((400, 300), seed=4))
+    fallback, host = predictor.predict(["x", "x"], [EncodedJpeg(data), _host_image(data, side)])
+    assert fallback.image_error is None
+    assert fallback.itm_match == pytest.approx(host.itm_match, abs=1e-6)  # float noise of two rows, no more
+    assert _scores(fallback) == pytest.approx(_scores(host), abs=1e-6)
+
+
+def test_a_jpeg_neither_can_decode_is_scored_on_its_text_alone_and_says_why(predictor) -> None:
+    from models.device_decode import EncodedJpeg
+
+    good = _jpeg(_photo((400, 300), seed=5))
+    broken = good[:1000]  # the header and a sliver of the scan: jpeg_header_ok passes it
+    assert jpeg_header_ok(broken)
+    out = predictor.predict(["x", "x", "x"], [EncodedJpeg(broken), None, EncodedJpeg(good)])
+    assert out[0].image_error is not None and out[0].image_error.reason in {"truncated", "corrupt"}
+    assert out[0].itm_match is None and _scores(out[0]) == _scores(out[1])  # exactly the text-only post
+    assert out[2].image_error is None and out[2].itm_match is not None  # the batch went on
