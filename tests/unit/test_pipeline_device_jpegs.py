@@ -164,3 +164,19 @@ def test_the_worker_hands_jpegs_to_the_device_only_where_no_host_stage_needs_the
     if ocr:
         resources.fetcher = MediaFetcher(CONFIG, ocr=object())  # type: ignore[arg-type]
     assert resources._device_jpegs() is expected
+
+
+def test_the_worker_command_takes_device_decode_into_its_settings(monkeypatch) -> None:
+    import stream.worker
+    from modstream.cli import build_parser
+    from stream.commands import cmd_worker
+
+    seen = []
+    monkeypatch.setattr(stream.worker, "run_worker", lambda settings, **_: seen.append(settings))
+    monkeypatch.setattr("sys.argv", ["modstream"])  # cmd_worker trims it for faust
+    parser = build_parser()
+    assert parser.parse_args(["worker"]).device_decode == "auto"
+    assert cmd_worker(parser.parse_args(["worker", "--device-decode", "off"])) == 0
+    assert seen[0].device_decode == "off"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["worker", "--device-decode", "gpu"])
