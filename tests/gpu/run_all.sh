@@ -2,7 +2,8 @@
 # Every GPU check in one go (on a lent GPU machine, well under 8 minutes):
 #   1. tests/gpu (train, ablate frozen + unfrozen, serve through the device pool, swap, classify)
 #      plus the device-pool and pipeline unit tests, on CUDA;
-#   2. bench/gpu_throughput.py at batch 64, 256 and 1024 in bf16 (and at 256 on 224 px images).
+#   2. bench/gpu_throughput.py at batch 64, 256 and 1024 in bf16, with its JPEG rows (1000 x 700
+#      photos decoded by host threads vs on the device: --device-decode), and at 256 on 224 px images.
 # Writes logs and results to $OUT when it is set (else var/bench/gpu/).
 #
 # Before sending the tree: `python -m tests.gpu.assets` here (copies the MiniLM tokenizer into
@@ -25,12 +26,12 @@ timeout "${GPU_TESTS_TIMEOUT:-300}" "$PY" -m pytest -q -rs -p no:cacheprovider -
   tests/gpu tests/unit/test_device_pool.py tests/unit/test_preprocess.py tests/unit/test_device_decode.py 2>&1 | tee "$OUT_DIR/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
 
-timeout "${GPU_BENCH_TIMEOUT:-240}" "$PY" bench/gpu_throughput.py --batches 64,256,1024 --seconds 2 --out "$OUT_DIR/gpu_throughput.json" \
+timeout "${GPU_BENCH_TIMEOUT:-300}" "$PY" bench/gpu_throughput.py --batches 64,256,1024 --seconds 2 --out "$OUT_DIR/gpu_throughput.json" \
   2>&1 | tee "$OUT_DIR/gpu_throughput.log"
 bench_rc=${PIPESTATUS[0]}
 # The same at batch 256 on 224 px images, as the worker's opt-in --decode-model-input hands
 # them on (batch preparation only copies pixels): does that lift the pool on a GPU?
-timeout "${GPU_BENCH_TIMEOUT:-240}" "$PY" bench/gpu_throughput.py --batches 256 --image-side 224 --seconds 2 \
+timeout "${GPU_BENCH_TIMEOUT:-240}" "$PY" bench/gpu_throughput.py --batches 256 --image-side 224 --no-jpeg --seconds 2 \
   --out "$OUT_DIR/gpu_throughput_224.json" 2>&1 | tee -a "$OUT_DIR/gpu_throughput.log"
 
 echo "tests rc=$tests_rc bench rc=$bench_rc" | tee -a "$OUT_DIR/gpu_env.txt"
