@@ -26,14 +26,12 @@ is kept to `decode_jpegs_to` so a move to TorchCodec's batched decoder touches o
 
 from __future__ import annotations
 
-import io
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
 
 from models.images import simplejpeg
@@ -44,33 +42,74 @@ warnings.filterwarnings("ignore", "The image decoding and encoding capabilities 
 # nvJPEG decodes at full size: a 12 MP photo takes 36 MB of device memory while it is resized.
 # Bigger JPEGs (rare: phone photos are 12 MP, memes far less) take the host's DCT-scaled path.
 DEVICE_MAX_PIXELS = 12_000_000
+# Pixels decoded by one torchvision call (its outputs are all allocated at once): 256 MP is
+# ~770 MB of device memory, so a batch of 1,024 photos is decoded in a few calls, not 37 GB.
+CALL_MAX_PIXELS = 256_000_000
 # Colour forms nvJPEG and the host decode alike; CMYK/YCCK JPEGs are left to Pillow on the host.
 _DEVICE_COLORSPACES = frozenset({"YCbCr", "Gray"})
-_DEVICE_MODES = frozenset({"RGB", "L"})  # the same, as Pillow names them
+# Baseline and extended sequential Huffman JPEGs (SOF0, SOF1). Progressive and arithmetic-coded
+# ones take torchvision's software path, full size, one at a time on the device's thread: the
+# host decodes them (DCT-scaled) instead, so a raid of big progressive JPEGs cannot stall a batch.
+_SEQUENTIAL_SOF = frozenset({0xC0, 0xC1})
+_MAX_SEGMENTS = 64  # markers read before the frame header: real files have a handful
+
+
+@dataclass(frozen=True)
+class FrameHeader:
+    sof: int  # the SOFn marker's second byte
+    precision: int
+    height: int
+    width: int
+    components: int
+
+
+def frame_header(data: bytes) -> FrameHeader | None:
+    """The JPEG's frame header (SOFn), read by walking its marker segments from the start;
+    None when there is none before the scan, the data is cut, or more than _MAX_SEGMENTS
+    segments come first (a crafted file of tiny segments costs a bounded walk)."""
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    i, n = 2, len(data)
+    for _ in range(_MAX_SEGMENTS):
+        while i < n and data[i] == 0xFF and i + 1 < n and data[i + 1] == 0xFF:
+            i += 1  # fill bytes
+        if i + 4 > n or data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker in (0xD9, 0xDA):  # end of image, start of scan: no frame header before them
+            return None
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn (not DHT, JPG, DAC)
+            if length < 8 or i + 10 > n:
+                return None
+            height = int.from_bytes(data[i + 5 : i + 7], "big")
+            width = int.from_bytes(data[i + 7 : i + 9], "big")
+            return FrameHeader(marker, data[i + 4], height, width, data[i + 9])
+        if length < 2:
+            return None
+        i += 2 + length
+    return None
 
 
 def jpeg_header_ok(data: bytes, max_pixels: int = DEVICE_MAX_PIXELS) -> bool:
-    """Whether `data` is a JPEG the device may decode: its header parses, its colour space is
-    one nvJPEG and the host decode the same way, and it is within `max_pixels`. Anything else
-    (another format, CMYK, a damaged header, a huge photo) goes the host path."""
+    """Whether `data` is a JPEG the device may decode: a sequential 8-bit frame (baseline or
+    extended Huffman), grey or three-component, within `max_pixels`, and a colour space nvJPEG
+    and the host decode the same way. Anything else (another format, CMYK, progressive, a
+    damaged header, a huge photo) goes the host path, which decodes it or names the error."""
     if not data.startswith(b"\xff\xd8\xff"):
         return False
-    if simplejpeg is None:  # a few µs more: Pillow parses the same header
-        return _pillow_header_ok(data, max_pixels)
+    frame = frame_header(data)
+    if frame is None or frame.sof not in _SEQUENTIAL_SOF or frame.precision != 8 or frame.components not in (1, 3):
+        return False
+    if not 0 < frame.width * frame.height <= max_pixels:
+        return False
+    if simplejpeg is None:  # a GPU image without it: the frame header has said enough
+        return True
     try:
-        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        _, _, colorspace, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError:
         return False
-    return colorspace in _DEVICE_COLORSPACES and 0 < width * height <= max_pixels
-
-
-def _pillow_header_ok(data: bytes, max_pixels: int) -> bool:
-    try:
-        with Image.open(io.BytesIO(data), formats=["JPEG"]) as image:
-            width, height = image.size
-            return image.mode in _DEVICE_MODES and 0 < width * height <= max_pixels
-    except Exception:  # any header Pillow cannot parse stays on the host, which names the error
-        return False
+    return colorspace in _DEVICE_COLORSPACES
 
 
 @dataclass(frozen=True)
@@ -91,31 +130,54 @@ class DeviceDecoded:
 
 
 def decode_jpegs_to(bodies: Sequence[bytes], side: int, device: torch.device | str) -> DeviceDecoded:
-    """Decode JPEG `bodies` on `device` (batched) and squash each to `side` x `side`.
+    """Decode JPEG `bodies` on `device` and squash each to `side` x `side`.
 
-    One corrupt JPEG fails torchvision's batched call for all: the batch is then retried one
-    image at a time, so only the bad ones land in `failed`."""
+    Batched in calls of at most CALL_MAX_PIXELS, each squashed and freed before the next. One
+    bad JPEG fails torchvision's batched call for all (so does running out of device memory):
+    a failed call is split in halves until the bad images stand alone in `failed`."""
     device = torch.device(device)
     pixels = torch.zeros(len(bodies), 3, side, side, dtype=torch.uint8, device=device)
-    if not bodies:
-        return DeviceDecoded(pixels, [])
-    # decode_jpeg reads its input from host tensors; bytearray: torch.frombuffer wants a writable buffer.
-    encoded = [torch.frombuffer(bytearray(body), dtype=torch.uint8) for body in bodies]
     failed: list[int] = []
+    for call in _calls(bodies):
+        _decode_into(pixels, call, bodies, side, device, failed)
+    return DeviceDecoded(pixels, sorted(failed))
+
+
+def _calls(bodies: Sequence[bytes]) -> list[list[int]]:
+    """Indices of `bodies` grouped into calls of at most CALL_MAX_PIXELS decoded pixels."""
+    calls: list[list[int]] = []
+    current: list[int] = []
+    budget = 0
+    for i, body in enumerate(bodies):
+        frame = frame_header(body)
+        cost = frame.width * frame.height if frame is not None else DEVICE_MAX_PIXELS
+        if current and budget + cost > CALL_MAX_PIXELS:
+            calls.append(current)
+            current, budget = [], 0
+        current.append(i)
+        budget += cost
+    if current:
+        calls.append(current)
+    return calls
+
+
+def _decode_into(
+    pixels: Tensor, rows: list[int], bodies: Sequence[bytes], side: int, device: torch.device, failed: list[int]
+) -> None:
+    # decode_jpeg reads its input from host tensors; bytearray: torch.frombuffer wants a writable buffer.
+    encoded = [torch.frombuffer(bytearray(bodies[i]), dtype=torch.uint8) for i in rows]
     try:
-        images: list[Tensor | None] = list(_decode(encoded, device))
-    except RuntimeError:
-        images = []
-        for i, one in enumerate(encoded):
-            try:
-                images.append(_decode([one], device)[0])
-            except RuntimeError:
-                images.append(None)
-                failed.append(i)
-    for i, image in enumerate(images):
-        if image is not None:
-            pixels[i] = squash(image, side)
-    return DeviceDecoded(pixels, failed)
+        images = _decode(encoded, device)
+        for row, image in zip(rows, images, strict=True):
+            pixels[row] = squash(image, side)
+    except RuntimeError:  # a bad JPEG, or torch.cuda.OutOfMemoryError (a RuntimeError)
+        if len(rows) == 1:
+            failed.append(rows[0])
+            return
+        del encoded
+        half = len(rows) // 2
+        _decode_into(pixels, rows[:half], bodies, side, device, failed)
+        _decode_into(pixels, rows[half:], bodies, side, device, failed)
 
 
 def _decode(encoded: list[Tensor], device: torch.device) -> list[Tensor]:
@@ -134,3 +196,32 @@ def squash(image: Tensor, side: int) -> Tensor:
         image.unsqueeze(0).float(), size=(side, side), mode="bilinear", antialias=True, align_corners=False
     )
     return resized.squeeze(0).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def self_test(device: torch.device | str, side: int = 32) -> str | None:
+    """Decode a small photo-like JPEG on `device` and compare it with the host path: None when
+    they agree within a few grey levels, else why not (a torchvision built without nvJPEG, a
+    driver that refuses it...). The worker runs it before choosing device decode."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from models.images import decode_image, model_input
+
+    rng = np.random.default_rng(0)
+    coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(
+        (160, 120), Image.Resampling.BICUBIC
+    )
+    buf = io.BytesIO()
+    coarse.save(buf, "JPEG", quality=90)
+    data = buf.getvalue()
+    try:
+        decoded = decode_jpegs_to([data], side, device)
+    except Exception as exc:  # anything: the host path stays
+        return f"{type(exc).__name__}: {exc}"
+    if decoded.failed:
+        return "the test JPEG failed to decode on the device"
+    host = np.asarray(model_input(decode_image(data, max_side=2 * side, min_side=side), side), dtype=np.int16)
+    diff = np.abs(decoded.pixels[0].cpu().numpy().astype(np.int16) - host.transpose(2, 0, 1)).mean()
+    return None if diff <= 4.0 else f"device pixels differ from the host's by {diff:.1f} grey levels on average"

@@ -185,8 +185,11 @@ class Predictor:
         alone (models/device_decode.py); one the host cannot decode either leaves its row
         without an image, and its error is returned by row."""
         dev, nb = self.device, self._pin
-        pixels = batch.pixels.to(dev, non_blocking=nb)
-        present = batch.present.to(dev, non_blocking=nb)
+        # A copy even on the CPU (where .to() is a no-op) when rows are filled in: a PreparedBatch
+        # is never changed by running it.
+        copy = bool(batch.jpegs)
+        pixels = batch.pixels.to(dev, non_blocking=nb, copy=copy)
+        present = batch.present.to(dev, non_blocking=nb, copy=copy)
         errors: dict[int, ImageError] = {}
         if not batch.jpegs:
             return pixels, present, errors

@@ -166,7 +166,8 @@ class FetchConfig:
     decode_workers: int = max(1, min(4, os.cpu_count() or 1))
     # What this process already decoded, by the bytes' sha256 (stream/decode_memo.py): a repost
     # of the same file skips decode, resize, OCR and PDQ. The budget counts decoded pixels
-    # (~0.6 MB per photo bounded to 448 px, ~0.15 MB at the model's 224); 0 turns it off.
+    # (~0.3 MB per JPEG photo at the DCT scale covering 224 px, up to 0.6 MB for other formats
+    # bounded to 448 px, ~0.15 MB at the model's 224); 0 turns it off.
     decode_memo_bytes: int = 128 * 1024 * 1024
     user_agent: str = "modstream-media/0.1"
 
@@ -473,6 +474,14 @@ class MediaFetcher:
             result.image, result.ocr_text, result.pdq, result.pdq_trimmed = decoded
         except _Failure as failure:
             result.status, result.reason, result.body = failure.status, failure.reason, None
+
+    def reconfigure(self, config: FetchConfig) -> None:
+        """Another config between batches (a model swap: other sides). The memo's decodes were made
+        for the old one: kept only while the decode signature (sides, PDQ, OCR) stays the same."""
+        before = self.decode_signature
+        self.config = config
+        if self.decode_signature != before:
+            self._memo.clear()
 
     @property
     def decode_signature(self) -> str:

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from PIL import Image
 
 from models.card import ModelCard
-from models.device_decode import EncodedJpeg, jpeg_header_ok
+from models.device_decode import DEVICE_MAX_PIXELS, EncodedJpeg, jpeg_header_ok
 from models.inference import Prediction
 from models.preprocess import PostText
 from models.routing.route import RoutingPolicy, route_scores
@@ -35,7 +35,6 @@ from stream.bank_stage import Banks, banked_labels, look_up, match_record
 from stream.banks.bank import BankMatch
 from stream.banks.hashing import PdqHash
 from stream.evidence import EvidenceError, EvidenceStore
-from stream.media import ERROR_CODES
 from stream.media_facts import FACTS_KEY, MediaFacts
 
 log = logging.getLogger(__name__)
@@ -317,12 +316,22 @@ class Pipeline:
             metrics.DEVICE_DECODED.labels("ok" if failed is None else "failed").inc()
             if failed is not None:  # scored on its text alone; a repost from the cache says so too
                 result[MEDIA_ERROR_KEY] = {"status": failed.reason, "reason": str(failed)}
-                return result
+            # No facts: this worker read no PDQ or image text (a swap may be bringing OCR in).
+            return result
+        if media.info.status in IMAGE_ERROR_CODES:
+            # Kept for a worker that decodes on its GPU: a cache hit there never decoded the bytes,
+            # and must not call "ok" an image this one could not decode.
+            result[MEDIA_ERROR_KEY] = {"status": media.info.status, "reason": media.info.reason or ""}
         signature = self._decode_signature()
         if media.image is not None and signature is not None:
             # for the reposts that will be labelled from the cache without decoding (stream/media_facts.py)
             result[FACTS_KEY] = MediaFacts(signature, media.pdq, media.pdq_trimmed, media.ocr_text).to_json()
         return result
+
+    def _device_pixels(self) -> int:
+        """The largest JPEG the device decodes: its own budget, or the fetcher's if lower."""
+        config = getattr(self.fetcher, "config", None)
+        return min(DEVICE_MAX_PIXELS, getattr(config, "max_pixels", DEVICE_MAX_PIXELS))
 
     def _decode_signature(self) -> str | None:
         signature = getattr(self.fetcher, "decode_signature", None)
@@ -357,7 +366,7 @@ class Pipeline:
                 facts = MediaFacts.from_cached(peeked[0], signature)
             if facts is not None:
                 metrics.DECODE_SKIPPED.inc()
-            elif self.device_jpegs and result.body is not None and jpeg_header_ok(result.body):
+            elif self.device_jpegs and result.body is not None and jpeg_header_ok(result.body, self._device_pixels()):
                 encoded = EncodedJpeg(result.body)  # decoded on the GPU with its batch
             else:
                 await self.fetcher.decode(result)
@@ -437,9 +446,12 @@ class FetchedMedia:
         return self.info.content_hash
 
 
-# A device-decoded JPEG that neither the GPU nor the host could decode: its status and reason,
-# kept with the model's result (a repost labelled from the dedupe cache says the same).
+# An image that could not be decoded (on the host, or a device-decoded JPEG neither the GPU nor
+# the host could): its status and reason, kept with the model's result, so a repost labelled
+# from the dedupe cache says the same whichever worker labels it.
 MEDIA_ERROR_KEY = "media_error"
+# The image decoder's refusals (models.images.ImageError reasons): the bytes were read whole.
+IMAGE_ERROR_CODES = frozenset({"unsupported_format", "decompression_bomb", "truncated", "corrupt", "empty"})
 
 
 def _with_media_error(info: MediaInfo, error: object) -> MediaInfo:
@@ -448,7 +460,7 @@ def _with_media_error(info: MediaInfo, error: object) -> MediaInfo:
     if not isinstance(error, dict):
         return info
     status, reason = error.get("status"), error.get("reason")
-    if status not in ERROR_CODES or not isinstance(reason, str):
+    if status not in IMAGE_ERROR_CODES or not isinstance(reason, str):
         return info
     return replace(info, status=status, reason=reason[:500])
 

@@ -24,6 +24,7 @@ import faust
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from models.card import ModelCard
+from models.device_decode import self_test
 from models.inference import Predictor
 from models.registry import ModelRegistry
 from models.routing.route import RoutingPolicy
@@ -263,25 +264,43 @@ class Resources:
             self.fetcher.ocr = reader_for(self.settings.ocr, card.config)
         # Known before the first label of the new version can come back from a replica.
         self.cards[card.version] = card
+        if self.pipeline is not None and card.config.ocr_segment:
+            # Before the swap: no JPEG may reach a model that reads image text without its text.
+            self.pipeline.device_jpegs = False
         await self.pool.swap(predictor_factory(self.registry, card.version, stand_in=self.settings.stand_in_model))
-        if self.pipeline is not None:  # a model that reads image text needs the pixels on the host
-            self.pipeline.device_jpegs = self._device_jpegs()
         if self.fetcher is not None:
             # Images decoded from now on fit the new model; the few in flight are resized again
             # by its preprocessor (right shape, a little softer).
-            self.fetcher.config = _decode_for(card, self.fetcher.config, self.settings.decode_model_input)
+            self.fetcher.reconfigure(_decode_for(card, self.fetcher.config, self.settings.decode_model_input))
         self.card = card
         self._announce()
 
-    def _device_jpegs(self) -> bool:
-        """Whether JPEGs go to the device pool undecoded (Pipeline.device_jpegs)."""
+    def _device_jpegs(self, needs_ocr: bool = False) -> bool:
+        """Whether JPEGs go to the device pool undecoded (Pipeline.device_jpegs): not where a host
+        stage reads the pixels (the banks' PDQ, OCR, or `needs_ocr`: a model swapping in), and
+        with one device per process only (torchvision keeps one nvJPEG decoder per process and
+        rebuilds it, leaking the old one, whenever the device changes). Auto also wants that
+        device to be a GPU and its decode to pass `self_test`."""
         s = self.settings
-        host_needs_pixels = s.banks or (self.fetcher is not None and self.fetcher.ocr is not None)
-        if s.device_decode == "off" or host_needs_pixels:
-            if s.device_decode == "on":
-                log.warning("--device-decode on ignored: the banks' PDQ or OCR read the pixels on the host")
+        if s.device_decode == "off":
             return False
-        return s.device_decode == "on" or all(d.type == "cuda" for d in visible_devices(s.devices))
+        ocr = needs_ocr or (self.fetcher is not None and self.fetcher.ocr is not None)
+        devices = visible_devices(s.devices)
+        why = None
+        if s.banks or ocr:
+            why = "the banks' PDQ or OCR read the pixels on the host"
+        elif len(devices) != 1:
+            why = f"{len(devices)} devices in one process (run one process per GPU: --processes, --device)"
+        elif s.device_decode == "auto" and devices[0].type != "cuda":
+            return False
+        else:
+            why = self_test(devices[0])
+        if why is not None:
+            if s.device_decode == "on" or devices[0].type == "cuda":
+                log.warning("JPEGs decode on the host, not the device: %s", why)
+            return False
+        log.warning("JPEGs decode on %s with their batch (--device-decode %s)", devices[0], s.device_decode)
+        return True
 
     async def close(self) -> None:
         if self._bank_task is not None:

@@ -7,7 +7,8 @@ under it, so a bank entry names an image by that same string and nothing here re
 Perceptual: PDQ (ThreatExchange), through the `pdqhash` binding of Meta's C++ reference code,
 rather than a port of our own: a 256-bit hash whose Hamming distance survives re-encoding,
 resizing, small crops and captions. It is computed from the image the worker already decoded
-(RGB, bounded by `FetchConfig.max_side`, 448 px by default), never the full upload: PDQ
+(RGB, bounded by `FetchConfig.max_side`, 448 px by default; a JPEG photo at the DCT scale
+covering the model's input, 375 x 263 for a 1000 x 700 one), never the full upload: PDQ
 downsamples to 64x64 itself, so more pixels buy nothing but time, and DESIGN.md caps it at about
 512 px. An image larger than that (a caller with a larger decode bound) is shrunk with the
 worker's own filter (`models.images.bounded_rgb`) first.

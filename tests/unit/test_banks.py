@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.images import MAX_SIDE, bounded_rgb, decode_image
+from models.images import MAX_SIDE, MODEL_SIDE, bounded_rgb, decode_image
 from modstream.records import RecordError
 from stream.banks import pdq_native
 from stream.banks.bank import BankEntry, BankUpdate, VerdictBanks
@@ -197,12 +197,12 @@ def test_cropped_and_captioned_reposts_match_an_entry_with_its_variants(repost) 
     banks = VerdictBanks()
     for i, image in enumerate(images):
         data = encode(image)
-        decoded = decode_image(data, max_side=MAX_SIDE)
+        decoded = decode_image(data, max_side=MAX_SIDE, min_side=MODEL_SIDE)
         variants = tuple(v.hex for v in bank_variants(decoded))
         banks.apply(BankUpdate.add(entry(f"e{i}", content_hash=sha(data), pdq=worker_pdq(data), pdq_variants=variants)))
     for i, image in enumerate(images):
         data = repost(image)
-        found = [banks.match(None, h) for h in query_hashes(decode_image(data, max_side=MAX_SIDE))]
+        found = [banks.match(None, h) for h in query_hashes(decode_image(data, max_side=MAX_SIDE, min_side=MODEL_SIDE))]
         best = min((m for m in found if m is not None), key=lambda m: m.distance)
         assert best.entry.entry_id == f"e{i}" and best.distance <= 31
 

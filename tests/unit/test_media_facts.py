@@ -157,3 +157,19 @@ def test_facts_round_trip() -> None:
 def test_malformed_or_foreign_facts_are_refused(facts: Any) -> None:
     assert MediaFacts.from_cached({FACTS_KEY: facts}, SIG) is None
     assert MediaFacts.from_cached(None, SIG) is None and MediaFacts.from_cached({"labels": {}}, SIG) is None
+
+
+@pytest.mark.asyncio
+async def test_a_swap_to_other_sides_decodes_again_instead_of_serving_decodes_of_the_old_size(
+    photo_url, decodes
+) -> None:
+    from dataclasses import replace
+
+    async with MediaFetcher(CONFIG) as fetcher:
+        await fetcher.fetch(photo_url)
+        fetcher.reconfigure(replace(CONFIG, decode_workers=1))  # the same decode signature: the memo stays
+        again = await fetcher.fetch(photo_url)
+        assert len(decodes) == 1 and again.decoded_before
+        fetcher.reconfigure(replace(CONFIG, max_side=128, min_side=64))  # a model with a 64 px input
+        resized = await fetcher.fetch(photo_url)
+        assert len(decodes) == 2 and not resized.decoded_before and max(resized.image.size) <= 128
