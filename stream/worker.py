@@ -70,9 +70,10 @@ class WorkerSettings:
     # Batch preparation then costs 0.2x the CPU per post; a repost of bytes still in the decode
     # memo pays nothing, one that is not pays the resize too (BENCHMARKS). Meant for GPU workers.
     decode_model_input: bool = False
-    # JPEGs decoded on the GPU with their batch (models/device_decode.py): "auto" when every
-    # device is a GPU and no host stage needs the pixels (banks' PDQ, OCR); "on" anywhere (on a
-    # CPU it only moves the decode into the batch: tests); "off" never. `_device_jpegs` decides.
+    # JPEGs decoded on the GPU with their batch (models/device_decode.py): "auto" with one GPU
+    # per process whose self-test passes, when no host stage needs the pixels (banks' PDQ, OCR);
+    # "on" on any one device (on a CPU it only moves the decode into the batch: tests); "off"
+    # never. `Resources._device_jpegs` decides.
     device_decode: str = "auto"
     decode_memo_mib: int = 128  # FetchConfig.decode_memo_bytes, in MiB (0: off)
     # Bench only (bench/feed_throughput.py): serve models/stand_in.py's StandInPredictor, which
