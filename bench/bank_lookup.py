@@ -1,7 +1,7 @@
 """Verdict banks (issue 20): what PDQ costs, how fast a bank lookup is, and what it matches.
 
-(a) PDQ hashing, ms per image, at the worker's decoded size (`decode_image(max_side=MAX_SIDE,
-    min_side=MODEL_SIDE)`: a JPEG photo 375 px, at most 448 px): synthetic posts and CM-Off-Meme images.
+(a) PDQ hashing, ms per image, at the worker's decoded size (`decode_for_model`: a JPEG photo
+    375 px, at most 448 px): synthetic posts and CM-Off-Meme images.
 (b) Lookup, µs per query, with 10k / 100k / 1M random banked hashes, max distance 31, k = 5:
     the chosen index (stream.banks.index.PdqIndex, multi-index hashing), the same index as a
     plain numpy bit-packed scan, and FAISS IndexBinaryFlat (k-NN and range search, one thread),
@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from models.images import MAX_SIDE, MODEL_SIDE, decode_image  # noqa: E402
+from models.images import MAX_SIDE, decode_for_model  # noqa: E402
 from stream.banks.hashing import MATCH_DISTANCE, PdqHash, pdq_hash  # noqa: E402
 from stream.banks.index import PdqIndex  # noqa: E402
 from stream.banks.variants import bank_variants, query_hashes  # noqa: E402
@@ -63,7 +63,7 @@ DISTANCES = (16, 24, 31, 40, 48)
 def hashing_cost(sources: dict[str, list[bytes]]) -> list[dict[str, Any]]:
     rows = []
     for name, blobs in sources.items():
-        decoded = [decode_image(data, max_side=MAX_SIDE, min_side=MODEL_SIDE) for data in blobs]
+        decoded = [decode_for_model(data) for data in blobs]
         pdq_hash(decoded[0])  # warm-up
         times = []
         for image in decoded:
@@ -194,7 +194,7 @@ def _variant_rows(blobs: list[bytes], usable: list[int]) -> tuple[np.ndarray, np
     rows: list[PdqHash] = []
     owners: list[int] = []
     for position, i in enumerate(usable):
-        image = decode_image(blobs[i], max_side=MAX_SIDE, min_side=MODEL_SIDE)
+        image = decode_for_model(blobs[i])
         hashes = [pdq_hash(image), *bank_variants(image)]
         rows += hashes
         owners += [position] * len(hashes)
@@ -261,7 +261,7 @@ def match_rates(name: str, blobs: list[bytes], n_reposts: int, *, has_reposts: b
             mine = int(d[own])
             # As the worker and the banks do it: the repost's hashes (whole, and without caption
             # bars) against every banked hash of the originals (their own and their variants).
-            decoded = decode_image(data, max_side=MAX_SIDE, min_side=MODEL_SIDE)
+            decoded = decode_for_model(data)
             looked_up = [h for h in query_hashes(decoded) if h.usable]
             dv = np.min([_distances_to(variant_words, h) for h in looked_up], axis=0) if looked_up else None
             if dv is not None:

@@ -52,7 +52,7 @@ from models.card import ModelCard  # noqa: E402
 from models.classifier import MultimodalModel  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
 from models.device_decode import EncodedJpeg  # noqa: E402
-from models.images import decode_image  # noqa: E402
+from models.images import decode_for_model  # noqa: E402
 from models.inference import Predictor  # noqa: E402
 from stream.device_pool import BatcherConfig, DevicePool  # noqa: E402
 from tests.gpu.assets import ensure_minilm  # noqa: E402
@@ -103,23 +103,14 @@ def posts(n: int, side: int, seed: int = 0) -> tuple[list[str], list[Image.Image
     return texts, images
 
 
-def jpeg_posts(n: int, seed: int = 0, distinct: int = 32) -> tuple[list[str], list[EncodedJpeg | None]]:
-    """Captions as `posts` and 1000 x 700 photo-like JPEGs (smooth shapes plus grain, quality 90,
-    like bench/feed_throughput.py's), `distinct` of them cycled, one post in eight text-only."""
-    import io
+def jpeg_posts(n: int, seed: int = 0) -> tuple[list[str], list[EncodedJpeg | None]]:
+    """Captions as `posts` and bench/prepare_cost.py's distinct 1000 x 700 photo-like JPEGs (one
+    post in eight text-only), handed over as the worker's pipeline would (`EncodedJpeg.of`)."""
+    from bench.prepare_cost import encoded_posts
 
     texts, _ = posts(n, 8, seed)
-    nprng = np.random.default_rng(seed)
-    photos = []
-    for _ in range(distinct):
-        coarse = Image.fromarray(nprng.integers(0, 256, (35, 50, 3), dtype=np.uint8)).resize((1000, 700), Image.BICUBIC)
-        grain = nprng.integers(-6, 7, (700, 1000, 3), dtype=np.int16)
-        buf = io.BytesIO()
-        Image.fromarray(np.clip(np.asarray(coarse, dtype=np.int16) + grain, 0, 255).astype(np.uint8)).save(
-            buf, "JPEG", quality=90
-        )
-        photos.append(EncodedJpeg(buf.getvalue()))
-    return texts, [None if i % 8 == 7 else photos[i % distinct] for i in range(n)]
+    _, blobs = encoded_posts(n, seed)
+    return texts, [None if blob is None else EncodedJpeg.of(blob) for blob in blobs]
 
 
 def sync(device: torch.device) -> None:
@@ -173,7 +164,7 @@ def pool_rate(
 
     async def one(pool: DevicePool, text: str, image: Any) -> Any:
         if decoder is not None and isinstance(image, EncodedJpeg):
-            decode = functools.partial(decode_image, image.data, max_side=2 * side, min_side=side)
+            decode = functools.partial(decode_for_model, image.data, side)
             image = await asyncio.get_running_loop().run_in_executor(decoder, decode)
         return (await pool.predict([text], [image]))[0]
 

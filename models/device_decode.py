@@ -92,32 +92,42 @@ def frame_header(data: bytes) -> FrameHeader | None:
 
 
 def jpeg_header_ok(data: bytes, max_pixels: int = DEVICE_MAX_PIXELS) -> bool:
-    """Whether `data` is a JPEG the device may decode: a sequential 8-bit frame (baseline or
-    extended Huffman), grey or three-component, within `max_pixels`, and a colour space nvJPEG
-    and the host decode the same way. Anything else (another format, CMYK, progressive, a
-    damaged header, a huge photo) goes the host path, which decodes it or names the error."""
-    if not data.startswith(b"\xff\xd8\xff"):
-        return False
-    frame = frame_header(data)
-    if frame is None or frame.sof not in _SEQUENTIAL_SOF or frame.precision != 8 or frame.components not in (1, 3):
-        return False
-    if not 0 < frame.width * frame.height <= max_pixels:
-        return False
-    if simplejpeg is None:  # a GPU image without it: the frame header has said enough
-        return True
-    try:
-        _, _, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-    except ValueError:
-        return False
-    return colorspace in _DEVICE_COLORSPACES
+    """Whether `data` is a JPEG the device may decode (`EncodedJpeg.of`)."""
+    return EncodedJpeg.of(data, max_pixels) is not None
 
 
 @dataclass(frozen=True)
 class EncodedJpeg:
-    """A post's JPEG handed to the predictor undecoded (its header checked: `jpeg_header_ok`):
-    models.inference.Predictor decodes it on its device."""
+    """A post's JPEG handed to the predictor undecoded (its header checked: `of`):
+    models.inference.Predictor decodes it on its device. `pixels`: width x height from the
+    header, so batching by decoded size does not parse it again (None: parse when needed)."""
 
     data: bytes
+    pixels: int | None = None
+
+    @classmethod
+    def of(cls, data: bytes, max_pixels: int = DEVICE_MAX_PIXELS) -> EncodedJpeg | None:
+        """`data` to hand over when it is a JPEG the device may decode: a sequential 8-bit frame
+        (baseline or extended Huffman), grey or three-component, within `max_pixels`, and a colour
+        space nvJPEG and the host decode the same way. None for anything else (another format,
+        CMYK, progressive, a damaged header, a huge photo): the host path decodes it or names the
+        error."""
+        if not data.startswith(b"\xff\xd8\xff"):
+            return None
+        frame = frame_header(data)
+        if frame is None or frame.sof not in _SEQUENTIAL_SOF or frame.precision != 8 or frame.components not in (1, 3):
+            return None
+        pixels = frame.width * frame.height
+        if not 0 < pixels <= max_pixels:
+            return None
+        if simplejpeg is not None:  # without it (a GPU image), the frame header has said enough
+            try:
+                _, _, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+            except ValueError:
+                return None
+            if colorspace not in _DEVICE_COLORSPACES:
+                return None
+        return cls(data, pixels)
 
 
 @dataclass
@@ -129,28 +139,35 @@ class DeviceDecoded:
     failed: list[int]
 
 
-def decode_jpegs_to(bodies: Sequence[bytes], side: int, device: torch.device | str) -> DeviceDecoded:
+def decode_jpegs_to(bodies: Sequence[bytes | EncodedJpeg], side: int, device: torch.device | str) -> DeviceDecoded:
     """Decode JPEG `bodies` on `device` and squash each to `side` x `side`.
 
     Batched in calls of at most CALL_MAX_PIXELS, each squashed and freed before the next. One
     bad JPEG fails torchvision's batched call for all (so does running out of device memory):
     a failed call is split in halves until the bad images stand alone in `failed`."""
     device = torch.device(device)
-    pixels = torch.zeros(len(bodies), 3, side, side, dtype=torch.uint8, device=device)
+    jpegs = [body if isinstance(body, EncodedJpeg) else EncodedJpeg(body) for body in bodies]
+    pixels = torch.zeros(len(jpegs), 3, side, side, dtype=torch.uint8, device=device)
     failed: list[int] = []
-    for call in _calls(bodies):
-        _decode_into(pixels, call, bodies, side, device, failed)
+    for call in _calls(jpegs):
+        _decode_into(pixels, call, [jpeg.data for jpeg in jpegs], side, device, failed)
     return DeviceDecoded(pixels, sorted(failed))
 
 
-def _calls(bodies: Sequence[bytes]) -> list[list[int]]:
-    """Indices of `bodies` grouped into calls of at most CALL_MAX_PIXELS decoded pixels."""
+def _decoded_pixels(jpeg: EncodedJpeg) -> int:
+    if jpeg.pixels is not None:
+        return jpeg.pixels
+    frame = frame_header(jpeg.data)
+    return frame.width * frame.height if frame is not None else DEVICE_MAX_PIXELS
+
+
+def _calls(jpegs: Sequence[EncodedJpeg]) -> list[list[int]]:
+    """Indices of `jpegs` grouped into calls of at most CALL_MAX_PIXELS decoded pixels."""
     calls: list[list[int]] = []
     current: list[int] = []
     budget = 0
-    for i, body in enumerate(bodies):
-        frame = frame_header(body)
-        cost = frame.width * frame.height if frame is not None else DEVICE_MAX_PIXELS
+    for i, jpeg in enumerate(jpegs):
+        cost = _decoded_pixels(jpeg)
         if current and budget + cost > CALL_MAX_PIXELS:
             calls.append(current)
             current, budget = [], 0
@@ -207,7 +224,7 @@ def self_test(device: torch.device | str, side: int = 32) -> str | None:
     import numpy as np
     from PIL import Image
 
-    from models.images import decode_image, model_input
+    from models.images import decode_for_model, model_input
 
     rng = np.random.default_rng(0)
     coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(
@@ -222,6 +239,6 @@ def self_test(device: torch.device | str, side: int = 32) -> str | None:
         return f"{type(exc).__name__}: {exc}"
     if decoded.failed:
         return "the test JPEG failed to decode on the device"
-    host = np.asarray(model_input(decode_image(data, max_side=2 * side, min_side=side), side), dtype=np.int16)
+    host = np.asarray(model_input(decode_for_model(data, side), side), dtype=np.int16)
     diff = np.abs(decoded.pixels[0].cpu().numpy().astype(np.int16) - host.transpose(2, 0, 1)).mean()
     return None if diff <= 4.0 else f"device pixels differ from the host's by {diff:.1f} grey levels on average"

@@ -45,6 +45,11 @@ _SIGNATURES: tuple[bytes, ...] = (
 )
 
 
+# ImageError reasons that mean the bytes were read whole and are not a usable image (the others,
+# missing / unreadable / too_large, are about reading them): the worker's media status codes.
+DECODE_ERROR_REASONS: tuple[str, ...] = ("unsupported_format", "decompression_bomb", "truncated", "corrupt", "empty")
+
+
 class ImageError(ValueError):
     """An image that cannot be used; `reason` is a short code for metrics and counters.
 
@@ -142,6 +147,12 @@ def decode_image(
                 raise ImageError("decompression_bomb", f"image rejected as a decompression bomb: {exc}") from exc
             except Exception as exc:
                 raise _classify(exc, fmt) from exc
+
+
+def decode_for_model(data: bytes, side: int = MODEL_SIDE, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """`data` decoded as the worker's decode threads do for a model whose input is `side` px
+    (stream.media.FetchConfig: bounded to twice that, a JPEG at the DCT scale covering it)."""
+    return decode_image(data, max_pixels=max_pixels, max_side=2 * side, min_side=side)
 
 
 def _jpeg_target(size: tuple[int, int], max_side: int, min_side: int | None) -> tuple[int, int]:

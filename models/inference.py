@@ -15,7 +15,7 @@ from PIL import Image
 from models.card import ModelCard
 from models.classifier import ClassifierOutput, MultimodalModel
 from models.device_decode import EncodedJpeg, decode_jpegs_to
-from models.images import ImageError, decode_image
+from models.images import ImageError, decode_for_model
 from models.neighbours import NeighbourIndex, disagreement, shares_as_numpy
 from models.preprocess import ImagePreprocessor, TextPreprocessor
 
@@ -121,7 +121,7 @@ class PreparedBatch:
     present: torch.Tensor  # [B] bool
     # (row, JPEG bytes) of the posts handed over undecoded: `run` decodes them on the device
     # (models/device_decode.py); their rows of `pixels` are zeros and `present` False until then.
-    jpegs: list[tuple[int, bytes]] = field(default_factory=list)
+    jpegs: list[tuple[int, EncodedJpeg]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.present)
@@ -166,7 +166,7 @@ class Predictor:
         `run`, which decodes them on the device."""
         if len(texts) != len(images):
             raise ValueError("texts and images must have the same length")
-        jpegs = [(i, image.data) for i, image in enumerate(images) if isinstance(image, EncodedJpeg)]
+        jpegs = [(i, image) for i, image in enumerate(images) if isinstance(image, EncodedJpeg)]
         decoded = [image if isinstance(image, Image.Image) else None for image in images]
         if pool is None:
             input_ids, attention_mask = self.text(texts)
@@ -195,13 +195,13 @@ class Predictor:
             return pixels, present, errors
         rows = [row for row, _ in batch.jpegs]
         side = self.images.size
-        decoded = decode_jpegs_to([data for _, data in batch.jpegs], side, dev)
+        decoded = decode_jpegs_to([jpeg for _, jpeg in batch.jpegs], side, dev)
         pixels[rows] = decoded.pixels
         present[rows] = True
         for k in decoded.failed:
-            row, data = batch.jpegs[k]
+            row, jpeg = batch.jpegs[k]
             try:
-                with decode_image(data, max_side=2 * side, min_side=side) as image:
+                with decode_for_model(jpeg.data, side) as image:
                     pixels[row] = torch.from_numpy(self.images.uint8_one(image)).to(dev)
             except ImageError as exc:
                 present[row] = False

@@ -21,7 +21,7 @@ import dataclasses
 import logging
 from typing import Any
 
-from models.images import MAX_SIDE, MODEL_SIDE, ImageError, decode_image
+from models.images import ImageError, decode_for_model
 from modstream.records import LABELLING_ACTIONS, ReviewDecision, ReviewItem
 from stream.banks.bank import BankEntry, BankMatch, VerdictBanks
 from stream.banks.hashing import PdqHash, is_pdq_hex, pdq_hash
@@ -73,7 +73,7 @@ def entry_for(decision: ReviewDecision, item: ReviewItem) -> BankEntry | None:
 def hashes_of(data: bytes) -> tuple[PdqHash, list[PdqHash]]:
     """The decided image's PDQ as the worker takes it (decoded as the default worker decodes:
     stream.media.FetchConfig's sides) and its crop and bar variants (stream/banks/variants.py)."""
-    with decode_image(data, max_side=MAX_SIDE, min_side=MODEL_SIDE) as image:
+    with decode_for_model(data) as image:
         return pdq_hash(image), bank_variants(image)
 
 

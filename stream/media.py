@@ -73,6 +73,7 @@ from PIL import Image
 from yarl import URL
 
 from models.images import (
+    DECODE_ERROR_REASONS,
     MAX_PIXELS,
     MAX_SIDE,
     MODEL_SIDE,
@@ -114,12 +115,7 @@ ERROR_CODES: tuple[str, ...] = (
     "too_many_redirects",
     "too_large",
     "wrong_content_type",
-    # from models.images.decode_image
-    "unsupported_format",
-    "decompression_bomb",
-    "truncated",
-    "corrupt",
-    "empty",
+    *DECODE_ERROR_REASONS,  # from models.images.decode_image
 )
 
 _ALLOWED_SCHEMES = frozenset({"http", "https"})

@@ -24,7 +24,8 @@ from typing import Any, Protocol
 from PIL import Image
 
 from models.card import ModelCard
-from models.device_decode import DEVICE_MAX_PIXELS, EncodedJpeg, jpeg_header_ok
+from models.device_decode import DEVICE_MAX_PIXELS, EncodedJpeg
+from models.images import DECODE_ERROR_REASONS
 from models.inference import Prediction
 from models.preprocess import PostText
 from models.routing.route import RoutingPolicy, route_scores
@@ -328,7 +329,7 @@ class Pipeline:
             result[FACTS_KEY] = MediaFacts(signature, media.pdq, media.pdq_trimmed, media.ocr_text).to_json()
         return result
 
-    def _device_pixels(self) -> int:
+    def _device_max_pixels(self) -> int:
         """The largest JPEG the device decodes: its own budget, or the fetcher's if lower."""
         config = getattr(self.fetcher, "config", None)
         return min(DEVICE_MAX_PIXELS, getattr(config, "max_pixels", DEVICE_MAX_PIXELS))
@@ -366,9 +367,9 @@ class Pipeline:
                 facts = MediaFacts.from_cached(peeked[0], signature)
             if facts is not None:
                 metrics.DECODE_SKIPPED.inc()
-            elif self.device_jpegs and result.body is not None and jpeg_header_ok(result.body, self._device_pixels()):
-                encoded = EncodedJpeg(result.body)  # decoded on the GPU with its batch
-            else:
+            elif self.device_jpegs and result.body is not None:
+                encoded = EncodedJpeg.of(result.body, self._device_max_pixels())  # decoded on the GPU with its batch
+            if facts is None and encoded is None:
                 await self.fetcher.decode(result)
         metrics.MEDIA.labels(result.status).inc()
         if getattr(result, "decoded_before", False):
@@ -450,8 +451,7 @@ class FetchedMedia:
 # the host could): its status and reason, kept with the model's result, so a repost labelled
 # from the dedupe cache says the same whichever worker labels it.
 MEDIA_ERROR_KEY = "media_error"
-# The image decoder's refusals (models.images.ImageError reasons): the bytes were read whole.
-IMAGE_ERROR_CODES = frozenset({"unsupported_format", "decompression_bomb", "truncated", "corrupt", "empty"})
+IMAGE_ERROR_CODES = frozenset(DECODE_ERROR_REASONS)
 
 
 def _with_media_error(info: MediaInfo, error: object) -> MediaInfo:

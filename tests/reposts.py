@@ -17,7 +17,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from models.images import MAX_SIDE, MODEL_SIDE, decode_image
+from models.images import decode_for_model
 from stream.banks.hashing import PdqHash, pdq_hash
 
 
@@ -61,8 +61,8 @@ REPOSTS: dict[str, Callable[[Image.Image], bytes]] = {
 
 def worker_pdq(data: bytes) -> PdqHash:
     """PDQ of `data` as the default worker gets it (stream.media.FetchConfig's sides: bounded to
-    MAX_SIDE, a JPEG decoded at the DCT scale covering MODEL_SIDE), then hashed."""
-    return pdq_hash(decode_image(data, max_side=MAX_SIDE, min_side=MODEL_SIDE))
+    MAX_SIDE, a JPEG decoded at the DCT scale covering MODEL_SIDE: decode_for_model), then hashed."""
+    return pdq_hash(decode_for_model(data))
 
 
 def photo_like(seed: int, size: tuple[int, int] = (640, 480)) -> Image.Image:

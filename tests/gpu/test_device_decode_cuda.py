@@ -4,30 +4,22 @@ back alone. tests/unit/test_device_decode.py runs the same logic on the CPU deco
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from models.card import ModelCard
 from models.device_decode import EncodedJpeg, decode_jpegs_to, jpeg_header_ok
-from models.images import decode_image, model_input
+from models.images import decode_for_model, model_input
 from models.inference import Predictor
+from tests.unit.test_device_decode import _jpeg, _photo
 
 CUDA0 = torch.device("cuda:0")
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
 
 def _photo_jpeg(size: tuple[int, int], seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    coarse = Image.fromarray(rng.integers(0, 256, (size[1] // 20, size[0] // 20, 3), dtype=np.uint8))
-    smooth = np.asarray(coarse.resize(size, Image.Resampling.BICUBIC), dtype=np.int16)
-    photo = np.clip(smooth + rng.integers(-6, 7, smooth.shape, dtype=np.int16), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(photo).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
+    return _jpeg(_photo(size, seed), quality=90)
 
 
 def test_nvjpeg_pixels_match_the_host_path_within_a_few_grey_levels() -> None:
@@ -35,7 +27,7 @@ def test_nvjpeg_pixels_match_the_host_path_within_a_few_grey_levels() -> None:
     decoded = decode_jpegs_to(bodies, 224, CUDA0)
     assert decoded.failed == [] and decoded.pixels.device.type == "cuda"
     for row, body in zip(decoded.pixels.cpu().numpy().astype(np.int16), bodies, strict=True):
-        host = np.asarray(model_input(decode_image(body, max_side=448, min_side=224), 224), dtype=np.int16)
+        host = np.asarray(model_input(decode_for_model(body), 224), dtype=np.int16)
         diff = np.abs(row - host.transpose(2, 0, 1))
         assert diff.mean() <= 4.0, diff.mean()  # nvJPEG's IDCT and upsampling are not libjpeg-turbo's
         assert np.percentile(diff, 99) <= 20, np.percentile(diff, 99)
@@ -60,7 +52,7 @@ def test_labels_from_the_gpu_decode_match_the_host_path_within_tolerance() -> No
     assert all(jpeg_header_ok(b) for b in bodies)
     texts = [f"caption {i}" for i in range(4)]
     on_gpu = predictor.predict(texts, [EncodedJpeg(b) for b in bodies])
-    on_host = predictor.predict(texts, [decode_image(b, max_side=2 * side, min_side=side) for b in bodies])
+    on_host = predictor.predict(texts, [decode_for_model(b, side) for b in bodies])
     for gpu, host in zip(on_gpu, on_host, strict=True):
         assert gpu.image_error is None and gpu.itm_match is not None
         assert gpu.itm_match == pytest.approx(host.itm_match, abs=0.02)

@@ -32,6 +32,13 @@ class Decoder:
         return b"x" * self.size
 
 
+async def started(m: DecodeMemo[bytes], decode: Decoder) -> asyncio.Task[tuple[bytes, bool]]:
+    """m.get_or_decode("h", decode) running in a task, up to its first wait."""
+    task = asyncio.create_task(m.get_or_decode("h", decode))
+    await asyncio.sleep(0.01)
+    return task
+
+
 def memo(max_bytes: int = 100) -> DecodeMemo[bytes]:
     return DecodeMemo(max_bytes, len, keep_errors=(Bad,))
 
@@ -140,11 +147,9 @@ async def test_waiters_get_the_shared_refusal() -> None:
 async def test_a_cancelled_first_decode_leaves_its_waiters_to_decode_themselves() -> None:
     m, gate = memo(), asyncio.Event()
     blocked = Decoder(gate=gate)
-    owner = asyncio.create_task(m.get_or_decode("h", blocked))
-    await asyncio.sleep(0.01)
+    owner = await started(m, blocked)
     fresh = Decoder()
-    waiter = asyncio.create_task(m.get_or_decode("h", fresh))
-    await asyncio.sleep(0.01)
+    waiter = await started(m, fresh)
     owner.cancel()
     assert await waiter == (b"x" * 10, False)  # not cancelled with the owner: decoded on its own
     assert fresh.calls == 1
@@ -156,10 +161,8 @@ async def test_a_cancelled_first_decode_leaves_its_waiters_to_decode_themselves(
 async def test_a_cancelled_waiter_does_not_cancel_the_shared_decode() -> None:
     m, gate = memo(), asyncio.Event()
     decode = Decoder(gate=gate)
-    owner = asyncio.create_task(m.get_or_decode("h", decode))
-    await asyncio.sleep(0.01)
-    waiter = asyncio.create_task(m.get_or_decode("h", decode))
-    await asyncio.sleep(0.01)
+    owner = await started(m, decode)
+    waiter = await started(m, decode)
     waiter.cancel()
     gate.set()
     assert await owner == (b"x" * 10, False)
@@ -180,8 +183,7 @@ async def test_a_decode_begun_before_clear_is_not_kept_nor_shared_with_posts_aft
     """A model swap that needs OCR clears the memo mid-decode: that decode lacks the image text."""
     m, gate = memo(), asyncio.Event()
     old = Decoder(gate=gate)
-    before = asyncio.create_task(m.get_or_decode("h", old))
-    await asyncio.sleep(0.01)
+    before = await started(m, old)
     m.clear()
     fresh = Decoder(size=20)
     after = await m.get_or_decode("h", fresh)  # does not wait on the decode of the old settings

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from models.device_decode import decode_jpegs_to, frame_header, jpeg_header_ok, squash
-from models.images import decode_image, model_input
+from models.images import decode_for_model, model_input
 
 # pytest restores the warning filters for each test, dropping the module's own (it is planned for).
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
@@ -34,7 +34,7 @@ def _photo(size: tuple[int, int], seed: int = 0) -> Image.Image:
 
 def _host(data: bytes, side: int = 224) -> np.ndarray:
     """What the worker's host path gives the model for the same bytes."""
-    image = model_input(decode_image(data, max_side=2 * side, min_side=side), side)
+    image = model_input(decode_for_model(data, side), side)
     return np.asarray(image, dtype=np.int16).transpose(2, 0, 1)
 
 
@@ -175,7 +175,7 @@ def _scores(prediction) -> list[float]:  # type: ignore[no-untyped-def]
 
 
 def _host_image(data: bytes, side: int) -> Image.Image:
-    return decode_image(data, max_side=2 * side, min_side=side)
+    return decode_for_model(data, side)
 
 
 def test_the_predictor_decodes_a_handed_over_jpeg_and_scores_it_as_the_host_path(predictor) -> None:
