@@ -27,14 +27,14 @@ is kept to `decode_jpegs_to` so a move to TorchCodec's batched decoder touches o
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.images import simplejpeg
+from models.images import jpeg_decode_size, simplejpeg
 
 # Known and planned for (the module docstring): not news to every process that decodes.
 warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision", DeprecationWarning)
@@ -130,28 +130,40 @@ class EncodedJpeg:
         return cls(data, pixels)
 
 
+# What a caller computes from each decoded image before its pixels are freed: [3, H, W] uint8
+# images on the device, each at the size the host's decode would give it (`host_sized`), in; one
+# result per image out (the worker's bank hashes: stream/banks/device_pdq.py). It must not raise:
+# an exception here would count as a failed decode.
+ImageHook = Callable[[Sequence[Tensor]], Sequence[object]]
+
+
 @dataclass
 class DeviceDecoded:
     """`pixels`: [B, 3, side, side] uint8 on the device, rows in input order; the rows named in
-    `failed` are zeros and those images must be decoded on the host."""
+    `failed` are zeros and those images must be decoded on the host. `found`: the image hook's
+    result by row (decoded rows only)."""
 
     pixels: Tensor
     failed: list[int]
+    found: dict[int, object] = field(default_factory=dict)
 
 
-def decode_jpegs_to(bodies: Sequence[bytes | EncodedJpeg], side: int, device: torch.device | str) -> DeviceDecoded:
-    """Decode JPEG `bodies` on `device` and squash each to `side` x `side`.
+def decode_jpegs_to(
+    bodies: Sequence[bytes | EncodedJpeg], side: int, device: torch.device | str, hook: ImageHook | None = None
+) -> DeviceDecoded:
+    """Decode JPEG `bodies` on `device` and squash each to `side` x `side`; with `hook`, also
+    hand each image, at the size the host would decode it for this side, to `hook`.
 
     Batched in calls of at most CALL_MAX_PIXELS, each squashed and freed before the next. One
     bad JPEG fails torchvision's batched call for all (so does running out of device memory):
     a failed call is split in halves until the bad images stand alone in `failed`."""
     device = torch.device(device)
     jpegs = [body if isinstance(body, EncodedJpeg) else EncodedJpeg(body) for body in bodies]
-    pixels = torch.zeros(len(jpegs), 3, side, side, dtype=torch.uint8, device=device)
-    failed: list[int] = []
+    out = DeviceDecoded(torch.zeros(len(jpegs), 3, side, side, dtype=torch.uint8, device=device), [])
     for call in _calls(jpegs):
-        _decode_into(pixels, call, [jpeg.data for jpeg in jpegs], side, device, failed)
-    return DeviceDecoded(pixels, sorted(failed))
+        _decode_into(out, call, [jpeg.data for jpeg in jpegs], side, device, hook)
+    out.failed.sort()
+    return out
 
 
 def _decoded_pixels(jpeg: EncodedJpeg) -> int:
@@ -179,22 +191,30 @@ def _calls(jpegs: Sequence[EncodedJpeg]) -> list[list[int]]:
 
 
 def _decode_into(
-    pixels: Tensor, rows: list[int], bodies: Sequence[bytes], side: int, device: torch.device, failed: list[int]
+    out: DeviceDecoded,
+    rows: list[int],
+    bodies: Sequence[bytes],
+    side: int,
+    device: torch.device,
+    hook: ImageHook | None,
 ) -> None:
     # decode_jpeg reads its input from host tensors; bytearray: torch.frombuffer wants a writable buffer.
     encoded = [torch.frombuffer(bytearray(bodies[i]), dtype=torch.uint8) for i in rows]
     try:
         images = _decode(encoded, device)
         for row, image in zip(rows, images, strict=True):
-            pixels[row] = squash(image, side)
+            out.pixels[row] = squash(image, side)
+        if hook is not None:
+            found = hook([host_sized(image, side) for image in images])
+            out.found.update(zip(rows, found, strict=True))
     except RuntimeError:  # a bad JPEG, or torch.cuda.OutOfMemoryError (a RuntimeError)
         if len(rows) == 1:
-            failed.append(rows[0])
+            out.failed.append(rows[0])
             return
         del encoded
         half = len(rows) // 2
-        _decode_into(pixels, rows[:half], bodies, side, device, failed)
-        _decode_into(pixels, rows[half:], bodies, side, device, failed)
+        _decode_into(out, rows[:half], bodies, side, device, hook)
+        _decode_into(out, rows[half:], bodies, side, device, hook)
 
 
 def _decode(encoded: list[Tensor], device: torch.device) -> list[Tensor]:
@@ -202,6 +222,21 @@ def _decode(encoded: list[Tensor], device: torch.device) -> list[Tensor]:
 
     out = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
     return list(out) if isinstance(out, list) else [out]
+
+
+def host_sized(image: Tensor, side: int) -> Tensor:
+    """[3, H, W] uint8 -> the size the host's decode for a model of `side` gives this JPEG
+    (models.images.jpeg_decode_size: the DCT scale covering the model's input), bilinear with
+    antialiasing. What the banks hash must not depend on which decoder ran: hashed at full size,
+    CM-Off memes drift a mean 2.1 (at most 16) PDQ bits from the host's hash, at this size 0.8 (8)."""
+    height, width = image.shape[-2:]
+    new_width, new_height = jpeg_decode_size((int(width), int(height)), side)
+    if (new_height, new_width) == (height, width):
+        return image
+    resized = F.interpolate(
+        image.unsqueeze(0).float(), size=(new_height, new_width), mode="bilinear", antialias=True, align_corners=False
+    )
+    return resized.squeeze(0).round_().clamp_(0, 255).to(torch.uint8)
 
 
 def squash(image: Tensor, side: int) -> Tensor:

@@ -155,6 +155,21 @@ def decode_for_model(data: bytes, side: int = MODEL_SIDE, *, max_pixels: int = M
     return decode_image(data, max_pixels=max_pixels, max_side=2 * side, min_side=side)
 
 
+def jpeg_decode_size(size: tuple[int, int], side: int = MODEL_SIDE) -> tuple[int, int]:
+    """(width, height) of a JPEG of `size` as `decode_for_model(data, side)` decodes it: the
+    smallest DCT scale (in eighths, libjpeg's rounding up) covering `_jpeg_target`, then bounded
+    to twice `side`. The device decodes at full size and shrinks to this size where it must hash
+    what the host would (stream/banks/device_pdq.py)."""
+    max_side = 2 * side
+    target = _jpeg_target(size, max_side, side)
+    width, height = size
+    for eighths in range(1, 9):
+        scaled = (-(-width * eighths // 8), -(-height * eighths // 8))
+        if scaled[0] >= target[0] and scaled[1] >= target[1]:
+            break
+    return scaled if max(scaled) <= max_side else _fit(scaled, max_side)
+
+
 def _jpeg_target(size: tuple[int, int], max_side: int, min_side: int | None) -> tuple[int, int]:
     """The size a JPEG's DCT scale must still cover: the bounded size, or with `min_side` a
     `min_side` square (the model's input, which squashes the whole image), each side no larger

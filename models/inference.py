@@ -14,7 +14,7 @@ from PIL import Image
 
 from models.card import ModelCard
 from models.classifier import ClassifierOutput, MultimodalModel
-from models.device_decode import EncodedJpeg, decode_jpegs_to
+from models.device_decode import EncodedJpeg, ImageHook, decode_jpegs_to
 from models.images import ImageError, decode_for_model
 from models.neighbours import NeighbourIndex, disagreement, shares_as_numpy
 from models.preprocess import ImagePreprocessor, TextPreprocessor
@@ -50,12 +50,14 @@ class TaskPrediction:
 class Prediction:
     """itm_match is None for text-only posts: ITM is undefined without an image. `image_error`:
     the post's JPEG was handed over undecoded (EncodedJpeg) and neither the device nor the host
-    could decode it; the post was scored on its text alone."""
+    could decode it; the post was scored on its text alone. `image_found`: what the predictor's
+    image hook computed from such a JPEG's pixels (the worker's bank hashes), None without one."""
 
     tasks: dict[str, TaskPrediction]
     itm_match: float | None
     model_version: str
     image_error: ImageError | None = None
+    image_found: object | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -127,6 +129,17 @@ class PreparedBatch:
         return len(self.present)
 
 
+@dataclass
+class DevicePixels:
+    """A batch's images on the device ([B, 3, S, S] uint8 and [B] bool), with what decoding its
+    JPEGs there found: the rows that failed (`errors`) and the image hook's results (`found`)."""
+
+    pixels: torch.Tensor
+    present: torch.Tensor
+    errors: dict[int, ImageError] = field(default_factory=dict)
+    found: dict[int, object] = field(default_factory=dict)
+
+
 class Predictor:
     """Wraps a model and its card; `predict` takes raw texts and decoded images.
 
@@ -141,6 +154,7 @@ class Predictor:
         card: ModelCard,
         device: str | torch.device = "cpu",
         autocast_dtype: torch.dtype | None = None,
+        image_hook: ImageHook | None = None,
     ) -> None:
         self.model = model.to(device).eval()
         self.card = card
@@ -150,6 +164,9 @@ class Predictor:
         enc = model.image_encoder
         self.images = ImagePreprocessor(enc.image_size, enc.mean, enc.std)
         self._pin = self.device.type == "cuda"
+        # Given each JPEG this predictor decodes (on its device, or on the host when the device
+        # refuses it) at the host decode's size; its results come back as Prediction.image_found.
+        self.image_hook = image_hook
 
     @property
     def version(self) -> str:
@@ -179,34 +196,39 @@ class Predictor:
             input_ids, attention_mask = input_ids.pin_memory(), attention_mask.pin_memory()
         return PreparedBatch(input_ids, attention_mask, pixels, present, jpegs)
 
-    def _device_pixels(self, batch: PreparedBatch) -> tuple[torch.Tensor, torch.Tensor, dict[int, ImageError]]:
-        """([B, 3, S, S] uint8, [B] bool) on the device: the prepared pixels, with the batch's
-        undecoded JPEGs decoded there. A JPEG the device cannot decode is decoded on the host
-        alone (models/device_decode.py); one the host cannot decode either leaves its row
-        without an image, and its error is returned by row."""
+    def _device_pixels(self, batch: PreparedBatch) -> DevicePixels:
+        """The prepared pixels on the device, with the batch's undecoded JPEGs decoded there. A
+        JPEG the device cannot decode is decoded on the host alone (models/device_decode.py); one
+        the host cannot decode either leaves its row without an image, and its error is returned
+        by row. Every JPEG decoded either way goes through the image hook, if any."""
         dev, nb = self.device, self._pin
         # A copy even on the CPU (where .to() is a no-op) when rows are filled in: a PreparedBatch
         # is never changed by running it.
         copy = bool(batch.jpegs)
         pixels = batch.pixels.to(dev, non_blocking=nb, copy=copy)
         present = batch.present.to(dev, non_blocking=nb, copy=copy)
-        errors: dict[int, ImageError] = {}
+        out = DevicePixels(pixels, present)
         if not batch.jpegs:
-            return pixels, present, errors
+            return out
         rows = [row for row, _ in batch.jpegs]
         side = self.images.size
-        decoded = decode_jpegs_to([jpeg for _, jpeg in batch.jpegs], side, dev)
+        decoded = decode_jpegs_to([jpeg for _, jpeg in batch.jpegs], side, dev, self.image_hook)
         pixels[rows] = decoded.pixels
         present[rows] = True
+        out.found = {rows[k]: found for k, found in decoded.found.items()}
         for k in decoded.failed:
             row, jpeg = batch.jpegs[k]
             try:
                 with decode_for_model(jpeg.data, side) as image:
+                    rgb = np.array(image)  # a copy the hook may keep after the image closes
                     pixels[row] = torch.from_numpy(self.images.uint8_one(image)).to(dev)
             except ImageError as exc:
                 present[row] = False
-                errors[row] = exc
-        return pixels, present, errors
+                out.errors[row] = exc
+                continue
+            if self.image_hook is not None:  # a JPEG the device refuses is hashed all the same
+                (out.found[row],) = self.image_hook([torch.from_numpy(rgb).permute(2, 0, 1).to(dev)])
+        return out
 
     @torch.inference_mode()
     def run(self, batch: PreparedBatch) -> list[Prediction]:
@@ -214,8 +236,9 @@ class Predictor:
             return []
         # From pinned memory the copies are asynchronous; the forward queues behind them.
         dev, nb = self.device, self._pin
-        uint8, present, image_errors = self._device_pixels(batch)
-        pixels = self.images.normalize(uint8, present)
+        decoded = self._device_pixels(batch)
+        present = decoded.present
+        pixels = self.images.normalize(decoded.pixels, present)
         with torch.autocast(
             self.device.type,
             dtype=self.autocast_dtype or torch.bfloat16,
@@ -234,7 +257,8 @@ class Predictor:
                 tasks=tasks,
                 itm_match=match[i] if has_image[i] else None,
                 model_version=self.card.version,
-                image_error=image_errors.get(i),
+                image_error=decoded.errors.get(i),
+                image_found=decoded.found.get(i),
             )
             for i, tasks in enumerate(rows)
         ]

@@ -20,9 +20,9 @@ STAND_IN_ITM = 0.99  # a confident match: the ITM gate routes nothing either
 class StandInPredictor(Predictor):
     def run(self, batch: PreparedBatch) -> list[Prediction]:
         # JPEGs handed over undecoded are still decoded (on the device): that is feed work.
-        _, present, image_errors = self._device_pixels(batch)
+        decoded = self._device_pixels(batch)
         out = []
-        for i, has_image in enumerate(present.tolist()):
+        for i, has_image in enumerate(decoded.present.tolist()):
             tasks = {}
             for task, labels in self.card.tasks.items():
                 rest = STAND_IN_SCORE / (len(labels) - 1)
@@ -34,5 +34,6 @@ class StandInPredictor(Predictor):
                     threshold=self.card.threshold(task),
                     probs=probs,
                 )
-            out.append(Prediction(tasks, STAND_IN_ITM if has_image else None, self.card.version, image_errors.get(i)))
+            itm = STAND_IN_ITM if has_image else None
+            out.append(Prediction(tasks, itm, self.card.version, decoded.errors.get(i), decoded.found.get(i)))
         return out

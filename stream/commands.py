@@ -316,8 +316,8 @@ def add_parsers(sub: Any) -> None:
         "--device-decode",
         choices=("auto", "on", "off"),
         default="auto",
-        help="JPEGs decoded and resized on the GPU with their batch instead of by the decode threads; auto: when "
-        "every device is a GPU and neither the banks (--no-banks) nor OCR need the pixels on the host",
+        help="JPEGs decoded, resized and hashed for the banks on the GPU with their batch instead of by the decode "
+        "threads; auto: with one GPU per process whose self-test passes, unless OCR needs the pixels on the host",
     )
     p.add_argument(
         "--decode-memo-mib",

@@ -4,6 +4,8 @@
 
 A violating-bank match ends a post's way at the banks (the banked human verdict, route
 bank_match); a benign-bank match lets the model label it but never routes it for uncertainty.
+A JPEG decoded on the device (`device_jpegs`) is matched by its exact hash before the model and
+by the PDQ its decode took after it: a violating match then drops the model's output.
 
 Every input yields exactly one Outcome: a Label (plus one ReviewItem when routed to review or
 picked for the blind audit, kind `audit` when both) or a DeadLetter naming the stage and the
@@ -34,6 +36,7 @@ from stream import metrics
 from stream.audit_sampling import AuditSampler
 from stream.bank_stage import Banks, banked_labels, look_up, match_record
 from stream.banks.bank import BankMatch
+from stream.banks.device_pdq import DeviceHashes
 from stream.banks.hashing import PdqHash
 from stream.evidence import EvidenceError, EvidenceStore
 from stream.media_facts import FACTS_KEY, MediaFacts
@@ -99,8 +102,9 @@ class Pipeline:
     # The verdict banks (stream/banks) matched before the model; None: no banks.
     banks: Banks | None = None
     # JPEGs the device may decode (models/device_decode.py: header checked, within its pixel
-    # budget) go to the classifier undecoded, which decodes them on its GPU. Only where no host
-    # stage needs the pixels (no banks, no OCR): the worker's --device-decode decides.
+    # budget) go to the classifier undecoded, which decodes them on its GPU and, with the banks
+    # on, takes their PDQ there (stream/banks/device_pdq.py); they are matched by it after the
+    # model. Not where OCR reads the pixels: the worker's --device-decode decides.
     device_jpegs: bool = False
     _trusted: dict[str, bool] = field(default_factory=dict, init=False, repr=False)
     _namespaces: dict[str, str] = field(default_factory=dict, init=False, repr=False)
@@ -208,6 +212,12 @@ class Pipeline:
             if isinstance(result, BaseException):
                 outcome.dead_letter = DeadLetter.from_raw(outcome.raw, "classify", repr(result), post.id)
                 return
+            if match is None and media.pdq is None and isinstance(media.image, EncodedJpeg):
+                # Decoded on the device: its PDQ came back with the model's result (or the cache's).
+                media, match = self._device_match(media, result)
+                if match is not None and match.entry.bank == "violating":
+                    outcome.label = self._banked(post, media, match, serving, fetched - started)
+                    return
             hit = not computed
             media_info = _with_media_error(media.info, result.get(MEDIA_ERROR_KEY))
             timings = {"fetch_s": round(fetched - started, 4), "classify_s": round(time.perf_counter() - fetched, 4)}
@@ -298,6 +308,18 @@ class Pipeline:
             bank=match_record(match),
         )
 
+    def _device_match(self, media: FetchedMedia, result: dict[str, Any]) -> tuple[FetchedMedia, BankMatch | None]:
+        """A device-decoded image's bank match by the PDQ hashes its decode took (stream/banks/
+        device_pdq.py, kept in the result's media facts), and `media` with them. The model has
+        run by then: a violating match still wins, its output is dropped. The exact content hash
+        was looked up before the model, like any image's."""
+        facts = MediaFacts.from_cached(result, self._facts_signature())
+        if facts is None or facts.pdq is None:
+            return media, None
+        info = replace(media.info, pdq=facts.pdq.hex, pdq_quality=facts.pdq.quality)
+        media = replace(media, info=info, pdq=facts.pdq, pdq_trimmed=facts.pdq_trimmed)
+        return media, look_up(self.banks, None, facts.pdq, facts.pdq_trimmed)
+
     async def _classify(self, post: Post, media: FetchedMedia) -> dict[str, Any] | BaseException:
         """The model's outputs (what the dedupe cache shares between posts), or the error."""
         # The OCR text rides on the text; the predictor feeds it only to a model trained with it.
@@ -317,7 +339,11 @@ class Pipeline:
             metrics.DEVICE_DECODED.labels("ok" if failed is None else "failed").inc()
             if failed is not None:  # scored on its text alone; a repost from the cache says so too
                 result[MEDIA_ERROR_KEY] = {"status": failed.reason, "reason": str(failed)}
-            # No facts: this worker read no PDQ or image text (a swap may be bringing OCR in).
+            found = prediction.image_found
+            if isinstance(found, DeviceHashes):
+                # The PDQ its decode took on the device, at the host decode's size: a repost from
+                # the cache, in any worker, is matched by it. No image text: OCR reads host pixels.
+                result[FACTS_KEY] = MediaFacts(self._facts_signature(), found.pdq, found.pdq_trimmed).to_json()
             return result
         if media.info.status in IMAGE_ERROR_CODES:
             # Kept for a worker that decodes on its GPU: a cache hit there never decoded the bytes,
@@ -337,6 +363,11 @@ class Pipeline:
     def _decode_signature(self) -> str | None:
         signature = getattr(self.fetcher, "decode_signature", None)
         return signature if isinstance(signature, str) else None
+
+    def _facts_signature(self) -> str:
+        """The signature a device decode's facts are kept under: the host decode's, whose size it
+        hashes at (a fetcher without one: a fixed stand-in, read back only by this pipeline)."""
+        return self._decode_signature() or "device"
 
     async def _fetch_one(
         self, post: Post, serving: str, inflight: dict[str, Any]

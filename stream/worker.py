@@ -34,6 +34,7 @@ from stream import first_fetch_grace, metrics
 from stream.audit_sampling import AuditSampler
 from stream.bank_topic import BankFollower
 from stream.banks.bank import VerdictBanks
+from stream.banks.device_pdq import DevicePdq
 from stream.delivery import dead_letter_batch, write_outcomes
 from stream.device_pool import BatcherConfig, DevicePool, visible_devices
 from stream.evidence import EvidenceStore, open_store
@@ -71,7 +72,8 @@ class WorkerSettings:
     # memo pays nothing, one that is not pays the resize too (BENCHMARKS). Meant for GPU workers.
     decode_model_input: bool = False
     # JPEGs decoded on the GPU with their batch (models/device_decode.py): "auto" with one GPU
-    # per process whose self-test passes, when no host stage needs the pixels (banks' PDQ, OCR);
+    # per process whose self-test passes, unless OCR needs the pixels on the host (the banks'
+    # PDQ is taken on the device too: stream/banks/device_pdq.py);
     # "on" on any one device (on a CPU it only moves the decode into the batch: tests); "off"
     # never. `Resources._device_jpegs` decides.
     device_decode: str = "auto"
@@ -105,7 +107,11 @@ class WorkerSettings:
     )
 
 
-def predictor_factory(registry: ModelRegistry, version: str, *, stand_in: bool = False) -> Any:
+def predictor_factory(
+    registry: ModelRegistry, version: str, *, stand_in: bool = False, device_hashes: bool = False
+) -> Any:
+    """`device_hashes`: each predictor takes the banks' PDQ of the JPEGs it decodes on its device
+    (stream/banks/device_pdq.py); only used when the pipeline hands JPEGs over undecoded."""
     loaded_version = registry.resolve(version)
     kind = Predictor
     if stand_in:
@@ -120,7 +126,8 @@ def predictor_factory(registry: ModelRegistry, version: str, *, stand_in: bool =
             import torch
 
             autocast = torch.bfloat16
-        return kind(loaded.model, loaded.tokenizer, loaded.card, device, autocast)
+        hook = DevicePdq() if device_hashes else None
+        return kind(loaded.model, loaded.tokenizer, loaded.card, device, autocast, image_hook=hook)
 
     return build
 
@@ -162,7 +169,7 @@ class Resources:
         # Before any model loads: a model trained with OCR text and no Tesseract fails here, saying what to install.
         ocr = reader_for(s.ocr, self.card.config)
         self.pool = DevicePool(
-            predictor_factory(self.registry, s.model_version, stand_in=s.stand_in_model),
+            predictor_factory(self.registry, s.model_version, stand_in=s.stand_in_model, device_hashes=s.banks),
             visible_devices(s.devices),
             s.batcher,
             on_batch=self._observe_device_batch,
@@ -268,7 +275,10 @@ class Resources:
         if self.pipeline is not None and card.config.ocr_segment:
             # Before the swap: no JPEG may reach a model that reads image text without its text.
             self.pipeline.device_jpegs = False
-        await self.pool.swap(predictor_factory(self.registry, card.version, stand_in=self.settings.stand_in_model))
+        s = self.settings
+        await self.pool.swap(
+            predictor_factory(self.registry, card.version, stand_in=s.stand_in_model, device_hashes=s.banks)
+        )
         if self.fetcher is not None:
             # Images decoded from now on fit the new model; the few in flight are resized again
             # by its preprocessor (right shape, a little softer).
@@ -277,8 +287,9 @@ class Resources:
         self._announce()
 
     def _device_jpegs(self, needs_ocr: bool = False) -> bool:
-        """Whether JPEGs go to the device pool undecoded (Pipeline.device_jpegs): not where a host
-        stage reads the pixels (the banks' PDQ, OCR, or `needs_ocr`: a model swapping in), and
+        """Whether JPEGs go to the device pool undecoded (Pipeline.device_jpegs): not where OCR
+        reads the pixels on the host (or `needs_ocr`: a model swapping in; the banks' PDQ is taken
+        on the device, stream/banks/device_pdq.py), and
         with one device per process only (torchvision keeps one nvJPEG decoder per process and
         rebuilds it, leaking the old one, whenever the device changes). Auto also wants that
         device to be a GPU and its decode to pass `self_test`."""
@@ -288,8 +299,8 @@ class Resources:
         ocr = needs_ocr or (self.fetcher is not None and self.fetcher.ocr is not None)
         devices = visible_devices(s.devices)
         why = None
-        if s.banks or ocr:
-            why = "the banks' PDQ or OCR read the pixels on the host"
+        if ocr:
+            why = "OCR reads the pixels on the host"
         elif len(devices) != 1:
             why = f"{len(devices)} devices in one process (run one process per GPU: --processes, --device)"
         elif s.device_decode == "auto" and devices[0].type != "cuda":

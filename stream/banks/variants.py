@@ -38,6 +38,7 @@ MAX_GAP = 0.06  # rows of caption text inside a bar (of the height), which are m
 FLAT_SHARE = 0.50  # of a row's pixels within FLAT_TOLERANCE of the bar's colour (text leaves more)
 FLAT_TOLERANCE = 8  # grey levels: bars are flat; a picture's rows have texture and noise
 BAR_DARK, BAR_LIGHT = 40, 215  # a bar's grey level is at most the first or at least the second
+MIN_TRIM_SIDE = 16  # images smaller than this a side are not trimmed
 
 
 def _crop(image: Image.Image, left: float, top: float, right: float, bottom: float) -> Image.Image:
@@ -56,18 +57,24 @@ def crop_boxes() -> list[tuple[float, float, float, float]]:
     return boxes
 
 
-def _band(grey: np.ndarray, limit: int) -> int:
-    """How many rows from the top of `grey` form one bar: each row mostly (FLAT_SHARE) within
-    FLAT_TOLERANCE of the first row's colour. 0: none."""
+def near_rows(grey: np.ndarray, limit: int) -> np.ndarray:
+    """Whether each of the first `limit` rows of `grey` (int) is mostly (FLAT_SHARE) within
+    FLAT_TOLERANCE of the first row's colour; all False when that colour is no bar's (caption bars
+    and letterboxes are white or black). stream/banks/device_pdq.py computes the same on the device."""
     colour = int(np.median(grey[0]))
-    if BAR_DARK < colour < BAR_LIGHT:  # caption bars and letterboxes are white or black
-        return 0
-    near = (np.abs(grey[:limit] - colour) <= FLAT_TOLERANCE).mean(axis=1) >= FLAT_SHARE
+    if BAR_DARK < colour < BAR_LIGHT:
+        return np.zeros(min(limit, grey.shape[0]), dtype=bool)
+    near: np.ndarray = (np.abs(grey[:limit] - colour) <= FLAT_TOLERANCE).mean(axis=1) >= FLAT_SHARE
+    return near
+
+
+def band_length(near: np.ndarray, height: int) -> int:
+    """How many rows from the top form one bar, given `near_rows` of an image `height` rows tall. 0: none."""
     if not near.size or not near[0]:
         return 0
     # A line of caption text makes a few rows mostly ink: the bar goes on across such a gap as
     # long as the bar's colour comes back within MAX_GAP of the height.
-    max_gap = max(4, round(grey.shape[0] * MAX_GAP))
+    max_gap = max(4, round(height * MAX_GAP))
     last = gap = 0
     for row, is_near in enumerate(near):
         if is_near:
@@ -79,22 +86,31 @@ def _band(grey: np.ndarray, limit: int) -> int:
     return last + 1
 
 
+def bars(near_top: np.ndarray, near_bottom: np.ndarray, height: int) -> tuple[int, int] | None:
+    """(rows to cut at the top, at the bottom) from `near_rows` of the image and of it upside
+    down, or None when it has no bar between MIN_BAR and MAX_BAR of its height."""
+    top = band_length(near_top, height)
+    bottom = band_length(near_bottom, height)
+    top = top if top >= height * MIN_BAR else 0
+    bottom = bottom if bottom >= height * MIN_BAR else 0
+    if not (top or bottom) or height - top - bottom < 16:
+        return None
+    return top, bottom
+
+
 def trim_bars(image: Image.Image) -> Image.Image | None:
     """`image` without the bars at its top and bottom (a caption bar, a letterbox), or None
     when it has none between MIN_BAR and MAX_BAR of its height. Only rows: memes put their
     captions above and below the picture, and a side band is far more often picture."""
     grey = np.asarray(image.convert("L"), dtype=np.int16)
     height, width = grey.shape
-    if height < 16 or width < 16:
+    if height < MIN_TRIM_SIDE or width < MIN_TRIM_SIDE:
         return None
     limit = int(height * MAX_BAR)
-    top = _band(grey, limit)
-    bottom = _band(grey[::-1], limit)
-    top = top if top >= height * MIN_BAR else 0
-    bottom = bottom if bottom >= height * MIN_BAR else 0
-    if not (top or bottom) or height - top - bottom < 16:
+    cut = bars(near_rows(grey, limit), near_rows(grey[::-1], limit), height)
+    if cut is None:
         return None
-    return image.crop((0, top, width, height - bottom))
+    return image.crop((0, cut[0], width, height - cut[1]))
 
 
 def _bounded(image: Image.Image) -> Image.Image:

@@ -187,8 +187,9 @@ def test_the_predictor_decodes_a_handed_over_jpeg_and_scores_it_as_the_host_path
     images = [EncodedJpeg(data), _host_image(data, side), None]
     # What the model is fed: the device's pixels for the JPEG, within a few levels of the host's.
     batch = predictor.prepare(texts, images)
-    pixels, present, errors = predictor._device_pixels(batch)
-    assert present.tolist() == [True, True, False] and errors == {}
+    decoded = predictor._device_pixels(batch)
+    pixels, present = decoded.pixels, decoded.present
+    assert present.tolist() == [True, True, False] and decoded.errors == {} and decoded.found == {}
     diff = (pixels[0].int() - pixels[1].int()).abs().float()
     # At the tiny model's 32 px the host decodes at 1/8 scale (50 x 38): softer than at 224 px,
     # where test_device_pixels_match_the_host_path_within_a_few_grey_levels holds it to 3.

@@ -147,10 +147,12 @@ async def test_a_forged_media_error_in_the_cache_does_not_change_a_label(base) -
         ("auto", "cuda:0", False, False, True),  # one GPU, no host stage needs the pixels
         ("auto", "cuda:0,cuda:1", False, False, False),  # one nvJPEG decoder per process: one device
         ("auto", "cpu", False, False, False),  # a CPU worker decodes on its decode threads
-        ("auto", "cuda:0", True, False, False),  # the banks' PDQ reads host pixels (the default)
-        ("auto", "cuda:0", False, True, False),  # so does OCR
+        ("auto", "cuda:0", True, False, True),  # the banks' PDQ is taken on the device (the default)
+        ("auto", "cuda:0", True, True, False),  # OCR reads host pixels
+        ("auto", "cuda:0", False, True, False),
         ("on", "cpu", False, False, True),
-        ("on", "cuda:0", True, False, False),  # refused, with a warning
+        ("on", "cpu", True, False, True),
+        ("on", "cuda:0", True, True, False),  # refused, with a warning
         ("on", "cuda:0,cuda:1", False, False, False),
         ("off", "cuda:0", False, False, False),
     ],

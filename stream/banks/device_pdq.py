@@ -1,0 +1,230 @@
+"""The banks' PDQ hashes of JPEGs decoded on the device, taken there before the pixels are freed.
+
+Why: with the verdict banks on, a worker decoded every JPEG on the host only to hash it (PDQ
+reads pixels), so a GPU worker with banks could not use device decode (models/device_decode.py)
+and spent ~2 ms of CPU per photo on the decode and ~1.3 ms on the hash. Here the predictor's
+decode hands each full-size image on the device to `DevicePdq`, which returns what the host's
+decode stage would have looked up: the image's PDQ and, when it has caption bars, the PDQ without
+them (stream/banks/variants.py). The host only copies 2 x 32 bytes and a quality per image back.
+
+How: Meta's PDQ (ThreatExchange pdq/cpp), step for step, as tensor algebra:
+- luma with its weights (0.299, 0.587, 0.114);
+- its downsample to 64 x 64 - two passes of the Jarosz box filter along rows and columns with a
+  window of ceil(side / 128), then picking the pixel at each output's centre - is linear and
+  separable, so it is one matrix per side, `Wv @ luma @ Wh.T`, with the (64, side) weights built
+  once per side length on the host (`downsample_weights`, float64) from the reference's own box
+  windows (its edge windows are clipped and divide by the pixels they hold);
+- its quality (the sum of truncated gradients of the 64 x 64 image, / 90, at most 100), the
+  16 x 16 corner of the 2-D DCT-II and one bit per coefficient above the median (Torben's,
+  the 128th smallest of 256), in float32 where the reference works in float32.
+The reference sums in another order (running sums in float32), so a coefficient within rounding
+of the median can land on the other side: tests/unit/test_device_pdq.py holds the hashes of the
+same pixels within a few bits of `pdqhash` on photos, and the device decodes at full size where
+the host hashes its DCT-scaled decode (BENCHMARKS.md gives the distances, far inside the match
+distance of 31).
+
+Cost: the full-size luma and two small matrix products per image, and per batch one copy of
+the bar test's rows to the host (the caption-bar rule runs there, `variants.bars`). An image
+with bars gets a second downsample of its rows without them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from stream.banks import variants
+from stream.banks.hashing import PdqHash
+
+log = logging.getLogger(__name__)
+
+PDQ_SIDE = 64  # the downsample's side
+DCT_SIDE = 16  # the DCT coefficients kept (1..16 of 64, each way)
+MIN_HASHABLE_SIDE = 5  # the reference hashes smaller images as all zeros, quality 0
+_JAROSZ_PASSES = 2
+_LUMA = (0.299, 0.587, 0.114)
+# Pillow's "L" conversion (ITU-R 601-2 in 16-bit fixed point), which the host's bar test reads.
+_GREY_WEIGHTS = (19595, 38470, 7471)
+
+
+@dataclass(frozen=True)
+class DeviceHashes:
+    """What the worker's bank stage looks up for one image: its PDQ and, when it has caption
+    bars, its PDQ without them."""
+
+    pdq: PdqHash
+    pdq_trimmed: PdqHash | None = None
+
+
+def jarosz_window(side: int) -> int:
+    """The reference's box window along a side of `side` pixels (computeJaroszFilterWindowSize)."""
+    return (side + 2 * PDQ_SIDE - 1) // (2 * PDQ_SIDE)
+
+
+@lru_cache(maxsize=256)
+def downsample_weights(side: int) -> np.ndarray:
+    """(64, side) float64: row i weighs the input pixels into output i of PDQ's downsample along
+    one axis: two box-filter passes, then the pixel at ((i + 0.5) * side / 64)."""
+    window = jarosz_window(side)
+    half = (window + 2) // 2  # the reference's half window (7 -> 4, 8 -> 5)
+    # Box output k averages inputs [k - left, k + right], clipped to the image.
+    left, right = window - half, half - 1
+    k = np.arange(side)
+    counts = (np.minimum(k + right, side - 1) - np.maximum(k - left, 0) + 1).astype(np.float64)
+    picks = ((np.arange(PDQ_SIDE) + 0.5) * side / PDQ_SIDE).astype(np.int64)
+    rows = np.zeros((PDQ_SIDE, side))
+    rows[np.arange(PDQ_SIDE), picks] = 1.0
+    for _ in range(_JAROSZ_PASSES):
+        # rows @ B, B[k, j] = 1 / counts[k] for j in k's window: column j sums rows[:, k] / counts[k]
+        # over the k whose window holds j, i.e. k in [j - right, j + left].
+        sums = np.concatenate([np.zeros((PDQ_SIDE, 1)), np.cumsum(rows / counts, axis=1)], axis=1)
+        hi = np.minimum(k + left, side - 1) + 1
+        lo = np.maximum(k - right, 0)
+        rows = sums[:, hi] - sums[:, lo]
+    return rows
+
+
+def _dct_matrix() -> np.ndarray:
+    """(16, 64): the reference's dct_matrix_64, computed in double and kept in float32."""
+    i = np.arange(1, DCT_SIDE + 1)[:, None]
+    j = np.arange(PDQ_SIDE)[None, :]
+    matrix = math.sqrt(2.0 / PDQ_SIDE) * np.cos((math.pi / 2.0 / PDQ_SIDE) * i * (2 * j + 1))
+    return matrix.astype(np.float32)
+
+
+_DCT = _dct_matrix()
+
+
+class DevicePdq:
+    """Callable as the predictor's image hook (models.device_decode.ImageHook): full-size
+    [3, H, W] uint8 images on one device in, one DeviceHashes (or None, see `__call__`) each out."""
+
+    def __init__(self, trim: bool = True) -> None:
+        self.trim = trim  # also hash each image without its caption bars, as the host does
+        self._weights: dict[tuple[int, str], Tensor] = {}
+        self._failed_once = False
+
+    def __call__(self, images: Sequence[Tensor]) -> list[DeviceHashes | None]:
+        """The hashes of `images`; all None when hashing fails (the posts then look up by their
+        exact content hash only, as a failed host hash does), said once in the log."""
+        if not images:
+            return []
+        try:
+            with torch.inference_mode():
+                return self._hashes(images)
+        except Exception as exc:  # a device out of memory, a driver error: the labels go on
+            if not self._failed_once:
+                log.warning("PDQ on the device failed (%r); those posts match the banks by exact hash only", exc)
+                self._failed_once = True
+            return [None] * len(images)
+
+    def _hashes(self, images: Sequence[Tensor]) -> list[DeviceHashes | None]:
+        sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        hashable = [h >= MIN_HASHABLE_SIDE and w >= MIN_HASHABLE_SIDE for h, w in sizes]
+        lumas = [luma(im) if ok else None for im, ok in zip(images, hashable, strict=True)]
+        blocks = [self._downsample(y) for y in lumas if y is not None]
+        full = iter(finish(torch.stack(blocks)) if blocks else [])
+        hashes = [next(full) if ok else PdqHash(bytes(32), 0) for ok in hashable]
+        trimmed: list[PdqHash | None] = [None] * len(images)
+        if self.trim:
+            cuts = self._bars(images)
+            rows = [i for i, cut in enumerate(cuts) if cut is not None]
+            if rows:
+                blocks = []
+                for i in rows:
+                    top, bottom = cuts[i]  # type: ignore[misc]
+                    y = lumas[i]
+                    assert y is not None  # images with bars are at least 16 px a side
+                    blocks.append(self._downsample(y[top : y.shape[0] - bottom]))
+                for i, h in zip(rows, finish(torch.stack(blocks)), strict=True):
+                    trimmed[i] = h
+        return [DeviceHashes(h, t) for h, t in zip(hashes, trimmed, strict=True)]
+
+    def _downsample(self, y: Tensor) -> Tensor:
+        """[H, W] float64 luma -> [64, 64] float64, PDQ's blur and decimation."""
+        return self._weight(y.shape[0], y.device) @ y @ self._weight(y.shape[1], y.device).T
+
+    def _weight(self, side: int, device: torch.device) -> Tensor:
+        key = (side, str(device))
+        if key not in self._weights:
+            if len(self._weights) > 512:  # photos come in a few hundred sizes; a raid of odd ones is not kept
+                self._weights.clear()
+            self._weights[key] = torch.from_numpy(downsample_weights(side)).to(device)
+        return self._weights[key]
+
+    def _bars(self, images: Sequence[Tensor]) -> list[tuple[int, int] | None]:
+        """The rows to cut off each image (top, bottom), by the host's rule (variants.bars),
+        from the bar test's rows computed on the device and copied back in one transfer."""
+        tests: list[Tensor] = []
+        heights: list[int] = []
+        for im in images:
+            height, width = int(im.shape[-2]), int(im.shape[-1])
+            if height < variants.MIN_TRIM_SIDE or width < variants.MIN_TRIM_SIDE:
+                heights.append(0)
+                continue
+            grey = pillow_grey(im)
+            limit = int(height * variants.MAX_BAR)
+            tests += [near_rows(grey, limit), near_rows(grey.flip(0), limit)]
+            heights.append(height)
+        host = torch.cat(tests).cpu().numpy() if tests else np.zeros(0, dtype=bool)
+        out: list[tuple[int, int] | None] = []
+        offset = 0
+        for height in heights:
+            if not height:
+                out.append(None)
+                continue
+            limit = int(height * variants.MAX_BAR)
+            top, bottom = host[offset : offset + limit], host[offset + limit : offset + 2 * limit]
+            offset += 2 * limit
+            out.append(variants.bars(top, bottom, height))
+        return out
+
+
+def luma(image: Tensor) -> Tensor:
+    """[3, H, W] uint8 -> [H, W] float64, PDQ's luma."""
+    weights = torch.tensor(_LUMA, dtype=torch.float64, device=image.device)
+    return torch.tensordot(weights, image.to(torch.float64), dims=1)
+
+
+def pillow_grey(image: Tensor) -> Tensor:
+    """[3, H, W] uint8 -> [H, W] int32, as Pillow's convert("L") rounds it."""
+    r, g, b = image.to(torch.int32).unbind(0)
+    w_r, w_g, w_b = _GREY_WEIGHTS
+    return (r * w_r + g * w_g + b * w_b + 0x8000) >> 16
+
+
+def near_rows(grey: Tensor, limit: int) -> Tensor:
+    """variants.near_rows on the device: [limit] bool."""
+    first = grey[0].sort().values
+    n = first.shape[0]
+    # numpy's median (the mean of the two middle values), then int(): truncated.
+    colour = torch.div(first[(n - 1) // 2] + first[n // 2], 2, rounding_mode="trunc")
+    flat = ((grey[:limit] - colour).abs() <= variants.FLAT_TOLERANCE).sum(dim=1)
+    near = flat * 2 >= grey.shape[1]  # == mean >= FLAT_SHARE (0.5), in integers
+    assert variants.FLAT_SHARE == 0.5
+    is_bar = (colour <= variants.BAR_DARK) | (colour >= variants.BAR_LIGHT)
+    return near & is_bar
+
+
+def finish(blocks: Tensor) -> list[PdqHash]:
+    """[N, 64, 64] downsampled lumas -> their PDQ hashes (quality, DCT, median bits)."""
+    a = blocks.to(torch.float32)  # the reference's buffer64x64 is float32
+    # int d = ((u - v) * 100) / 255, truncated; the gradients down the columns and along the rows.
+    down = torch.trunc((a[:, :-1, :] - a[:, 1:, :]) * 100 / 255).abs().sum(dim=(1, 2))
+    across = torch.trunc((a[:, :, :-1] - a[:, :, 1:]) * 100 / 255).abs().sum(dim=(1, 2))
+    quality = torch.clamp(torch.div(down + across, 90, rounding_mode="floor"), max=100)
+    dct = torch.from_numpy(_DCT).to(a.device, torch.float64)
+    coeffs = (dct @ a.to(torch.float64) @ dct.T).flatten(1)  # [N, 256], bit k = i * 16 + j
+    median = coeffs.kthvalue(DCT_SIDE * DCT_SIDE // 2, dim=1).values  # Torben: the 128th smallest
+    bits = (coeffs > median[:, None]).cpu().numpy()
+    qualities = quality.to(torch.int64).cpu().tolist()
+    # Most significant first is bit 255 first (ThreatExchange's hex order, stream/banks/hashing.py).
+    packed = np.packbits(bits[:, ::-1], axis=1)
+    return [PdqHash(row.tobytes(), int(q)) for row, q in zip(packed, qualities, strict=True)]
