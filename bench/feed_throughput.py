@@ -20,7 +20,7 @@ ms/post is its share of samples times the CPU per post. Samples inside C code co
 Python frame that called it.
 
     .venv/bin/python bench/feed_throughput.py [--posts 800] [--processes 1 2] [--no-profile]
-        [--old-repo DIR] [--out var/bench/feed_throughput.json]
+        [--old-repo DIR] [--new-worker-arg=ARG ...] [--out var/bench/feed_throughput.json]
 
 `--old-repo DIR` also runs the worker from another checkout (a `git worktree` of an older commit,
 which must know `--stand-in-model`) with this venv, old then new for each `--processes` value, on
@@ -203,6 +203,8 @@ def measure(
     media_url: str,
 ) -> dict[str, Any]:
     extra = [*(["--processes", str(processes)] if processes != 1 else []), *args.worker_arg]
+    if code == "new":
+        extra += args.new_worker_arg
     tag = f"{code}p{processes}"
     worker = FeedWorker(stack, tmp, repo, f"feed-bench-{tag}-{time.time_ns()}", extra)
     try:
@@ -251,6 +253,12 @@ def main() -> None:
         "--processes", type=int, nargs="+", default=[1], help="the worker's --processes; several: measured in turn"
     )
     parser.add_argument("--worker-arg", action="append", default=[], help="one more worker argument (repeatable)")
+    parser.add_argument(
+        "--new-worker-arg",
+        action="append",
+        default=[],
+        help="one more argument for this checkout's worker only, e.g. an option the old code lacks (repeatable)",
+    )
     parser.add_argument(
         "--old-repo",
         help="also measure the worker from this checkout (a git worktree of older code), ABAB with this one",

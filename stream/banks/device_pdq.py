@@ -126,30 +126,58 @@ class DevicePdq:
             return [None] * len(images)
 
     def _hashes(self, images: Sequence[Tensor]) -> list[DeviceHashes | None]:
-        sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
-        hashable = [h >= MIN_HASHABLE_SIDE and w >= MIN_HASHABLE_SIDE for h, w in sizes]
-        lumas = [luma(im) if ok else None for im, ok in zip(images, hashable, strict=True)]
-        blocks = [self._downsample(y) for y in lumas if y is not None]
-        full = iter(finish(torch.stack(blocks)) if blocks else [])
-        hashes = [next(full) if ok else PdqHash(bytes(32), 0) for ok in hashable]
-        trimmed: list[PdqHash | None] = [None] * len(images)
-        if self.trim:
-            cuts = self._bars(images)
-            rows = [i for i, cut in enumerate(cuts) if cut is not None]
-            if rows:
-                blocks = []
-                for i in rows:
-                    top, bottom = cuts[i]  # type: ignore[misc]
-                    y = lumas[i]
-                    assert y is not None  # images with bars are at least 16 px a side
-                    blocks.append(self._downsample(y[top : y.shape[0] - bottom]))
-                for i, h in zip(rows, finish(torch.stack(blocks)), strict=True):
-                    trimmed[i] = h
-        return [DeviceHashes(h, t) for h, t in zip(hashes, trimmed, strict=True)]
+        # Images of one size are hashed as one stack (photos come in a few sizes): a handful of
+        # kernels per size, not per image.
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, image in enumerate(images):
+            groups.setdefault((int(image.shape[-2]), int(image.shape[-1])), []).append(i)
+        hashes = [PdqHash(bytes(32), 0)] * len(images)  # under 5 px a side: the reference's zeros
+        blocks: list[Tensor] = []
+        order: list[int] = []
+        bar_tests: list[tuple[list[int], int, Tensor]] = []
+        for (height, width), rows in groups.items():
+            if height < MIN_HASHABLE_SIDE or width < MIN_HASHABLE_SIDE:
+                continue
+            stack = torch.stack([images[i] for i in rows])
+            blocks.append(self._downsample(luma(stack)))
+            order += rows
+            if self.trim and height >= variants.MIN_TRIM_SIDE and width >= variants.MIN_TRIM_SIDE:
+                grey = pillow_grey(stack)
+                limit = int(height * variants.MAX_BAR)
+                bar_tests.append(
+                    (rows, height, torch.cat([near_rows(grey, limit), near_rows(grey.flip(-2), limit)], 1))
+                )
+        if blocks:
+            for i, found in zip(order, finish(torch.cat(blocks)), strict=True):
+                hashes[i] = found
+        trimmed = self._trimmed(images, bar_tests) if bar_tests else {}
+        return [DeviceHashes(h, trimmed.get(i)) for i, h in enumerate(hashes)]
+
+    def _trimmed(self, images: Sequence[Tensor], bar_tests: list[tuple[list[int], int, Tensor]]) -> dict[int, PdqHash]:
+        """The hashes without their caption bars of the images that have any: the bar test's rows
+        come back to the host in one copy, where the host's rule (variants.bars) cuts them."""
+        host = torch.cat([tests.flatten() for _, _, tests in bar_tests]).cpu().numpy()
+        cuts: dict[int, tuple[int, int]] = {}
+        offset = 0
+        for rows, height, tests in bar_tests:
+            limit = tests.shape[1] // 2
+            for i in rows:
+                near = host[offset : offset + 2 * limit]
+                offset += 2 * limit
+                cut = variants.bars(near[:limit], near[limit:], height)
+                if cut is not None:
+                    cuts[i] = cut
+        if not cuts:
+            return {}
+        blocks = []
+        for i, (top, bottom) in cuts.items():
+            y = luma(images[i])
+            blocks.append(self._downsample(y[top : y.shape[0] - bottom]))
+        return dict(zip(cuts, finish(torch.stack(blocks)), strict=True))
 
     def _downsample(self, y: Tensor) -> Tensor:
-        """[H, W] float64 luma -> [64, 64] float64, PDQ's blur and decimation."""
-        return self._weight(y.shape[0], y.device) @ y @ self._weight(y.shape[1], y.device).T
+        """[..., H, W] float64 luma -> [..., 64, 64] float64, PDQ's blur and decimation."""
+        return self._weight(y.shape[-2], y.device) @ y @ self._weight(y.shape[-1], y.device).T
 
     def _weight(self, side: int, device: torch.device) -> Tensor:
         key = (side, str(device))
@@ -159,58 +187,31 @@ class DevicePdq:
             self._weights[key] = torch.from_numpy(downsample_weights(side)).to(device)
         return self._weights[key]
 
-    def _bars(self, images: Sequence[Tensor]) -> list[tuple[int, int] | None]:
-        """The rows to cut off each image (top, bottom), by the host's rule (variants.bars),
-        from the bar test's rows computed on the device and copied back in one transfer."""
-        tests: list[Tensor] = []
-        heights: list[int] = []
-        for im in images:
-            height, width = int(im.shape[-2]), int(im.shape[-1])
-            if height < variants.MIN_TRIM_SIDE or width < variants.MIN_TRIM_SIDE:
-                heights.append(0)
-                continue
-            grey = pillow_grey(im)
-            limit = int(height * variants.MAX_BAR)
-            tests += [near_rows(grey, limit), near_rows(grey.flip(0), limit)]
-            heights.append(height)
-        host = torch.cat(tests).cpu().numpy() if tests else np.zeros(0, dtype=bool)
-        out: list[tuple[int, int] | None] = []
-        offset = 0
-        for height in heights:
-            if not height:
-                out.append(None)
-                continue
-            limit = int(height * variants.MAX_BAR)
-            top, bottom = host[offset : offset + limit], host[offset + limit : offset + 2 * limit]
-            offset += 2 * limit
-            out.append(variants.bars(top, bottom, height))
-        return out
-
 
 def luma(image: Tensor) -> Tensor:
-    """[3, H, W] uint8 -> [H, W] float64, PDQ's luma."""
+    """[..., 3, H, W] uint8 -> [..., H, W] float64, PDQ's luma."""
     weights = torch.tensor(_LUMA, dtype=torch.float64, device=image.device)
-    return torch.tensordot(weights, image.to(torch.float64), dims=1)
+    return torch.einsum("c,...chw->...hw", weights, image.to(torch.float64))
 
 
 def pillow_grey(image: Tensor) -> Tensor:
-    """[3, H, W] uint8 -> [H, W] int32, as Pillow's convert("L") rounds it."""
-    r, g, b = image.to(torch.int32).unbind(0)
+    """[..., 3, H, W] uint8 -> [..., H, W] int32, as Pillow's convert("L") rounds it."""
+    r, g, b = image.to(torch.int32).unbind(-3)
     w_r, w_g, w_b = _GREY_WEIGHTS
     return (r * w_r + g * w_g + b * w_b + 0x8000) >> 16
 
 
 def near_rows(grey: Tensor, limit: int) -> Tensor:
-    """variants.near_rows on the device: [limit] bool."""
-    first = grey[0].sort().values
-    n = first.shape[0]
-    # numpy's median (the mean of the two middle values), then int(): truncated.
-    colour = torch.div(first[(n - 1) // 2] + first[n // 2], 2, rounding_mode="trunc")
-    flat = ((grey[:limit] - colour).abs() <= variants.FLAT_TOLERANCE).sum(dim=1)
-    near = flat * 2 >= grey.shape[1]  # == mean >= FLAT_SHARE (0.5), in integers
+    """variants.near_rows on the device: [..., H, W] int -> [..., limit] bool."""
+    first = grey[..., 0, :].sort(dim=-1).values
+    n = first.shape[-1]
+    # numpy's median (the mean of the two middle values), then int(): truncated (they are >= 0).
+    colour = torch.div(first[..., (n - 1) // 2] + first[..., n // 2], 2, rounding_mode="floor")
+    flat = ((grey[..., :limit, :] - colour[..., None, None]).abs() <= variants.FLAT_TOLERANCE).sum(dim=-1)
     assert variants.FLAT_SHARE == 0.5
+    near = flat * 2 >= grey.shape[-1]  # == mean >= FLAT_SHARE, in integers
     is_bar = (colour <= variants.BAR_DARK) | (colour >= variants.BAR_LIGHT)
-    return near & is_bar
+    return near & is_bar[..., None]
 
 
 def finish(blocks: Tensor) -> list[PdqHash]:
