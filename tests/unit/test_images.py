@@ -407,3 +407,22 @@ def test_the_banks_hash_a_decided_jpeg_from_the_pixels_the_default_worker_hashes
     worker = decode_and_read(data, None, FetchConfig(pdq=True), None)
     assert worker.image.size == (375, 263)
     assert worker.pdq is not None and hashes_of(data)[0].bits == worker.pdq.bits
+
+
+def test_a_worker_reading_image_text_hashes_a_jpeg_as_the_bank_side_does_too() -> None:
+    """With OCR the image is first decoded larger for the OCR engine; the model and the banks
+    must still get the DCT-scaled decode the bank side hashes, not that copy shrunk."""
+    from review.bank_verdicts import hashes_of
+    from stream.media import FetchConfig, decode_and_read
+
+    class SeesSize:
+        def read(self, image: Image.Image, digest: str | None) -> str:
+            return f"{image.width}x{image.height}"
+
+    rng = np.random.default_rng(9)
+    photo = Image.fromarray(rng.integers(0, 256, (35, 50, 3), dtype=np.uint8)).resize((1000, 700), Image.BICUBIC)
+    data = _encode(photo, "JPEG")
+    worker = decode_and_read(data, None, FetchConfig(pdq=True), SeesSize())  # type: ignore[arg-type]
+    assert worker.text == "1000x700"  # OCR read the larger copy
+    assert worker.image.size == (375, 263)
+    assert worker.pdq is not None and hashes_of(data)[0].bits == worker.pdq.bits
