@@ -42,6 +42,11 @@ DECODE_SKIPPED = Counter(
     "modstream_media_decode_skipped_total",
     "Images not decoded: the dedupe cache's entry carried the decode's facts (stream/media_facts.py)",
 )
+DEVICE_PDQ_ON_HOST = Counter(
+    "modstream_media_device_pdq_on_host_total",
+    "JPEGs decoded on the device whose banks' PDQ was taken on the host: no device hash came with "
+    "their result (a dedupe entry written without one, a device hash that failed)",
+)
 DEVICE_DECODED = Counter(
     "modstream_media_device_decoded_total",
     "JPEGs handed to the classifier undecoded (--device-decode), by result: ok (decoded on the GPU, or on "

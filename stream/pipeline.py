@@ -212,9 +212,10 @@ class Pipeline:
             if isinstance(result, BaseException):
                 outcome.dead_letter = DeadLetter.from_raw(outcome.raw, "classify", repr(result), post.id)
                 return
-            if match is None and media.pdq is None and isinstance(media.image, EncodedJpeg):
+            device_decoded = isinstance(media.image, EncodedJpeg) and media.pdq is None
+            if device_decoded and self.banks is not None and (match is None or match.entry.bank != "violating"):
                 # Decoded on the device: its PDQ came back with the model's result (or the cache's).
-                media, match = self._device_match(media, result)
+                media, match = await self._device_match(media, result, match)
                 if match is not None and match.entry.bank == "violating":
                     outcome.label = self._banked(post, media, match, serving, fetched - started)
                     return
@@ -308,17 +309,51 @@ class Pipeline:
             bank=match_record(match),
         )
 
-    def _device_match(self, media: FetchedMedia, result: dict[str, Any]) -> tuple[FetchedMedia, BankMatch | None]:
+    async def _device_match(
+        self, media: FetchedMedia, result: dict[str, Any], exact: BankMatch | None
+    ) -> tuple[FetchedMedia, BankMatch | None]:
         """A device-decoded image's bank match by the PDQ hashes its decode took (stream/banks/
         device_pdq.py, kept in the result's media facts), and `media` with them. The model has
-        run by then: a violating match still wins, its output is dropped. The exact content hash
-        was looked up before the model, like any image's."""
+        run by then: a violating match still wins, its output is dropped. `exact`: the (benign)
+        match its content hash found before the model; the nearer wins, violating at equal
+        distance, as stream.bank_stage.look_up decides.
+
+        A result without them (a dedupe entry written by a worker without banks or under another
+        signature, a device hash that failed, a forged entry) is not trusted to have no match: the
+        JPEG is hashed on the host, as a host decode would have, and the facts kept with the result."""
+        assert isinstance(media.image, EncodedJpeg)
         facts = MediaFacts.from_cached(result, self._facts_signature())
         if facts is None or facts.pdq is None:
-            return media, None
-        info = replace(media.info, pdq=facts.pdq.hex, pdq_quality=facts.pdq.quality)
-        media = replace(media, info=info, pdq=facts.pdq, pdq_trimmed=facts.pdq_trimmed)
-        return media, look_up(self.banks, None, facts.pdq, facts.pdq_trimmed)
+            metrics.DEVICE_PDQ_ON_HOST.inc()
+            facts = await self._host_facts(media.image.data)
+            if facts is None:  # the host cannot decode what the device did: nothing to hash
+                return media, exact
+            result[FACTS_KEY] = facts.to_json()  # a fresh result is cached with them
+        pdq = facts.pdq
+        assert pdq is not None  # both ways above give one
+        info = replace(media.info, pdq=pdq.hex, pdq_quality=pdq.quality)
+        media = replace(media, info=info, pdq=pdq, pdq_trimmed=facts.pdq_trimmed)
+        found = look_up(self.banks, None, pdq, facts.pdq_trimmed)
+        candidates = [m for m in (exact, found) if m is not None]
+        match = min(candidates, key=lambda m: (m.distance, m.entry.bank != "violating"), default=None)
+        return media, match
+
+    async def _host_facts(self, data: bytes) -> MediaFacts | None:
+        """The PDQ facts of a JPEG as the host's decode takes them (stream.media.decode_and_read
+        with the fetcher's sides), off the event loop; None when the host cannot decode it."""
+        from models.images import ImageError
+        from stream.media import FetchConfig, decode_and_read
+
+        config = getattr(self.fetcher, "config", None)
+        config = replace(config if isinstance(config, FetchConfig) else FetchConfig(), pdq=True, model_side=None)
+        try:
+            decoded = await asyncio.get_running_loop().run_in_executor(None, decode_and_read, data, None, config, None)
+        except ImageError:
+            return None
+        decoded.image.close()
+        if decoded.pdq is None:
+            return None
+        return MediaFacts(self._facts_signature(), decoded.pdq, decoded.pdq_trimmed)
 
     async def _classify(self, post: Post, media: FetchedMedia) -> dict[str, Any] | BaseException:
         """The model's outputs (what the dedupe cache shares between posts), or the error."""

@@ -18,14 +18,23 @@ How: Meta's PDQ (ThreatExchange pdq/cpp), step for step, as tensor algebra:
   16 x 16 corner of the 2-D DCT-II and one bit per coefficient above the median (Torben's,
   the 128th smallest of 256), in float32 where the reference works in float32.
 The reference sums in another order (running sums in float32), so a coefficient within rounding
-of the median can land on the other side: tests/unit/test_device_pdq.py holds the hashes of the
-same pixels within a few bits of `pdqhash` on photos, and the device decodes at full size where
-the host hashes its DCT-scaled decode (BENCHMARKS.md gives the distances, far inside the match
-distance of 31).
+of the median could land on the other side: tests/unit/test_device_pdq.py holds the hashes of the
+same pixels within 2 bits of `pdqhash` (in practice equal). Where that does not hold, the host
+hashes: an image with a side under HOST_BELOW_SIDE (its decimation repeats rows, and exact-zero
+coefficients make bits of rounding noise) is copied to the host, and one over the host's 512 px
+hashing bound is first shrunk on the device as the host would (a few bits apart: another
+resampler). The device decodes at full size and shrinks to the host decode's size first
+(models.device_decode.host_sized): from the host path's hash a mean 0.3 bits on CM-Off memes
+(studies/device_pdq_drift.py), far inside the match distance of 31.
 
-Cost: the full-size luma and two small matrix products per image, and per batch one copy of
-the bar test's rows to the host (the caption-bar rule runs there, `variants.bars`). An image
-with bars gets a second downsample of its rows without them.
+What it must never do is let a post skip the banks: a hash that fails here returns None, and the
+pipeline then hashes that JPEG on the host (Pipeline._device_match), as it does for a dedupe
+entry that carries no device hash.
+
+Cost: per size and chunk of images, the luma, two matrix products (float64: no TF32 can blur
+them), the DCT, and one copy of bits and quality to the host; per call, one copy of the bar
+test's rows (the caption-bar rule runs on the host, `variants.bars`). An image with bars gets a
+second downsample of its rows without them.
 """
 
 from __future__ import annotations
@@ -38,16 +47,23 @@ from functools import lru_cache
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from stream.banks import variants
-from stream.banks.hashing import PdqHash
+from stream.banks.hashing import HASH_MAX_SIDE, PdqHash, pdq_hash
+from stream.banks.variants import query_hashes
 
 log = logging.getLogger(__name__)
 
 PDQ_SIDE = 64  # the downsample's side
 DCT_SIDE = 16  # the DCT coefficients kept (1..16 of 64, each way)
-MIN_HASHABLE_SIDE = 5  # the reference hashes smaller images as all zeros, quality 0
+# Under this many pixels a side the image is hashed on the host: the reference's decimation then
+# repeats rows or columns, several DCT coefficients are exactly zero in exact arithmetic, and
+# their bits come down to each implementation's float rounding (a 448 x 16 strip: up to 15 bits
+# apart). Such an image is tiny; the host hashes it in microseconds.
+HOST_BELOW_SIDE = 64
+CHUNK = 64  # images of one size hashed per stack
 _JAROSZ_PASSES = 2
 _LUMA = (0.299, 0.587, 0.114)
 # Pillow's "L" conversion (ITU-R 601-2 in 16-bit fixed point), which the host's bar test reads.
@@ -103,8 +119,9 @@ _DCT = _dct_matrix()
 
 
 class DevicePdq:
-    """Callable as the predictor's image hook (models.device_decode.ImageHook): full-size
-    [3, H, W] uint8 images on one device in, one DeviceHashes (or None, see `__call__`) each out."""
+    """Callable as the predictor's image hook (models.device_decode.ImageHook): [3, H, W] uint8
+    images on one device, each at the host decode's size, in; one DeviceHashes (or None, see
+    `__call__`) each out."""
 
     def __init__(self, trim: bool = True) -> None:
         self.trim = trim  # also hash each image without its caption bars, as the host does
@@ -112,48 +129,53 @@ class DevicePdq:
         self._failed_once = False
 
     def __call__(self, images: Sequence[Tensor]) -> list[DeviceHashes | None]:
-        """The hashes of `images`; all None when hashing fails (the posts then look up by their
-        exact content hash only, as a failed host hash does), said once in the log."""
+        """The hashes of `images`; all None when hashing fails (out of device memory, a driver
+        error), said once in the log: the pipeline then hashes those JPEGs on the host
+        (Pipeline._device_match, counted), so a failure here costs CPU, never a bank match."""
         if not images:
             return []
         try:
             with torch.inference_mode():
                 return self._hashes(images)
-        except Exception as exc:  # a device out of memory, a driver error: the labels go on
+        except Exception as exc:
             if not self._failed_once:
-                log.warning("PDQ on the device failed (%r); those posts match the banks by exact hash only", exc)
+                log.warning("PDQ on the device failed (%r); those JPEGs are hashed on the host", exc)
                 self._failed_once = True
             return [None] * len(images)
 
     def _hashes(self, images: Sequence[Tensor]) -> list[DeviceHashes | None]:
+        out: list[DeviceHashes | None] = [None] * len(images)
         # Images of one size are hashed as one stack (photos come in a few sizes): a handful of
-        # kernels per size, not per image.
+        # kernels per size and chunk, not per image; a chunk bounds the float copies' memory.
         groups: dict[tuple[int, int], list[int]] = {}
+        bounded: dict[int, Tensor] = {}
         for i, image in enumerate(images):
-            groups.setdefault((int(image.shape[-2]), int(image.shape[-1])), []).append(i)
-        hashes = [PdqHash(bytes(32), 0)] * len(images)  # under 5 px a side: the reference's zeros
-        blocks: list[Tensor] = []
-        order: list[int] = []
-        bar_tests: list[tuple[list[int], int, Tensor]] = []
-        for (height, width), rows in groups.items():
-            if height < MIN_HASHABLE_SIDE or width < MIN_HASHABLE_SIDE:
+            height, width = _bounded_size(int(image.shape[-2]), int(image.shape[-1]), HASH_MAX_SIDE)
+            if min(height, width) < HOST_BELOW_SIDE:
+                out[i] = self._on_host(image)  # bounded there, by the host's own resampler
                 continue
-            stack = torch.stack([images[i] for i in rows])
-            blocks.append(self._downsample(luma(stack)))
-            order += rows
-            if self.trim and height >= variants.MIN_TRIM_SIDE and width >= variants.MIN_TRIM_SIDE:
-                grey = pillow_grey(stack)
-                limit = int(height * variants.MAX_BAR)
-                bar_tests.append(
-                    (rows, height, torch.cat([near_rows(grey, limit), near_rows(grey.flip(-2), limit)], 1))
-                )
-        if blocks:
-            for i, found in zip(order, finish(torch.cat(blocks)), strict=True):
-                hashes[i] = found
-        trimmed = self._trimmed(images, bar_tests) if bar_tests else {}
-        return [DeviceHashes(h, trimmed.get(i)) for i, h in enumerate(hashes)]
+            if (height, width) != tuple(image.shape[-2:]):  # the host hashes at most HASH_MAX_SIDE
+                image = bound(image, HASH_MAX_SIDE)
+            bounded[i] = image
+            groups.setdefault((height, width), []).append(i)
+        hashes: dict[int, PdqHash] = {}
+        bar_tests: list[tuple[list[int], int, Tensor]] = []
+        for (height, width), group in groups.items():
+            for start in range(0, len(group), CHUNK):
+                rows = group[start : start + CHUNK]
+                stack = torch.stack([bounded[i] for i in rows])
+                hashes.update(zip(rows, finish(self._downsample(luma(stack))), strict=True))
+                if self.trim and height >= variants.MIN_TRIM_SIDE and width >= variants.MIN_TRIM_SIDE:
+                    grey = pillow_grey(stack)
+                    limit = int(height * variants.MAX_BAR)
+                    tests = torch.cat([near_rows(grey, limit), near_rows(grey.flip(-2), limit)], dim=1)
+                    bar_tests.append((rows, height, tests))
+        trimmed = self._trimmed(bounded, bar_tests) if bar_tests else {}
+        for i, h in hashes.items():
+            out[i] = DeviceHashes(h, trimmed.get(i))
+        return out
 
-    def _trimmed(self, images: Sequence[Tensor], bar_tests: list[tuple[list[int], int, Tensor]]) -> dict[int, PdqHash]:
+    def _trimmed(self, images: dict[int, Tensor], bar_tests: list[tuple[list[int], int, Tensor]]) -> dict[int, PdqHash]:
         """The hashes without their caption bars of the images that have any: the bar test's rows
         come back to the host in one copy, where the host's rule (variants.bars) cuts them."""
         host = torch.cat([tests.flatten() for _, _, tests in bar_tests]).cpu().numpy()
@@ -175,8 +197,20 @@ class DevicePdq:
             blocks.append(self._downsample(y[top : y.shape[0] - bottom]))
         return dict(zip(cuts, finish(torch.stack(blocks)), strict=True))
 
+    def _on_host(self, image: Tensor) -> DeviceHashes:
+        """The host's hashes of a small image (stream/banks/variants.query_hashes)."""
+        from PIL import Image
+
+        picture = Image.fromarray(np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy()), "RGB")
+        if not self.trim:
+            return DeviceHashes(pdq_hash(picture))
+        found = query_hashes(picture)
+        return DeviceHashes(found[0], found[1] if len(found) > 1 else None)
+
     def _downsample(self, y: Tensor) -> Tensor:
-        """[..., H, W] float64 luma -> [..., 64, 64] float64, PDQ's blur and decimation."""
+        """[..., H, W] luma -> [..., 64, 64] float64, PDQ's blur and decimation. In float64: no
+        TF32 (which a GPU process may have turned on for float32 products) can blur a hash."""
+        y = y.to(torch.float64)
         return self._weight(y.shape[-2], y.device) @ y @ self._weight(y.shape[-1], y.device).T
 
     def _weight(self, side: int, device: torch.device) -> Tensor:
@@ -188,10 +222,38 @@ class DevicePdq:
         return self._weights[key]
 
 
+def _bounded_size(height: int, width: int, max_side: int) -> tuple[int, int]:
+    """(height, width) within `max_side`, aspect kept, rounded as models.images._fit rounds."""
+    if max(height, width) <= max_side:
+        return height, width
+    scale = max_side / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def bound(image: Tensor, max_side: int) -> Tensor:
+    """[..., 3, H, W] uint8 shrunk (aspect kept, bilinear with antialiasing) to at most
+    `max_side` a side, as hashing.pdq_hash bounds a larger image (Pillow's bilinear there: the
+    pixels differ a little, and so may a few bits)."""
+    size = _bounded_size(int(image.shape[-2]), int(image.shape[-1]), max_side)
+    batch = image if image.dim() == 4 else image.unsqueeze(0)
+    resized = F.interpolate(batch.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+    out = resized.round_().clamp_(0, 255).to(torch.uint8)
+    return out if image.dim() == 4 else out.squeeze(0)
+
+
+@lru_cache(maxsize=16)
+def _constants(device: str) -> tuple[Tensor, Tensor]:
+    """(luma weights float32, DCT matrix float64) on `device`, copied there once."""
+    return (
+        torch.tensor(_LUMA, dtype=torch.float32, device=device),
+        torch.from_numpy(_DCT).to(device=device, dtype=torch.float64),
+    )
+
+
 def luma(image: Tensor) -> Tensor:
-    """[..., 3, H, W] uint8 -> [..., H, W] float64, PDQ's luma."""
-    weights = torch.tensor(_LUMA, dtype=torch.float64, device=image.device)
-    return torch.einsum("c,...chw->...hw", weights, image.to(torch.float64))
+    """[..., 3, H, W] uint8 -> [..., H, W] float32, PDQ's luma (the reference's is float32)."""
+    weights, _ = _constants(str(image.device))
+    return torch.einsum("c,...chw->...hw", weights, image.to(torch.float32))
 
 
 def pillow_grey(image: Tensor) -> Tensor:
@@ -221,11 +283,12 @@ def finish(blocks: Tensor) -> list[PdqHash]:
     down = torch.trunc((a[:, :-1, :] - a[:, 1:, :]) * 100 / 255).abs().sum(dim=(1, 2))
     across = torch.trunc((a[:, :, :-1] - a[:, :, 1:]) * 100 / 255).abs().sum(dim=(1, 2))
     quality = torch.clamp(torch.div(down + across, 90, rounding_mode="floor"), max=100)
-    dct = torch.from_numpy(_DCT).to(a.device, torch.float64)
+    _, dct = _constants(str(a.device))
     coeffs = (dct @ a.to(torch.float64) @ dct.T).flatten(1)  # [N, 256], bit k = i * 16 + j
     median = coeffs.kthvalue(DCT_SIDE * DCT_SIDE // 2, dim=1).values  # Torben: the 128th smallest
-    bits = (coeffs > median[:, None]).cpu().numpy()
-    qualities = quality.to(torch.int64).cpu().tolist()
+    bits = coeffs > median[:, None]
+    # One copy to the host: the 256 bits, then the quality.
+    both = torch.cat([bits.to(torch.int64), quality.to(torch.int64)[:, None]], dim=1).cpu().numpy()
     # Most significant first is bit 255 first (ThreatExchange's hex order, stream/banks/hashing.py).
-    packed = np.packbits(bits[:, ::-1], axis=1)
-    return [PdqHash(row.tobytes(), int(q)) for row, q in zip(packed, qualities, strict=True)]
+    packed = np.packbits(both[:, DCT_SIDE * DCT_SIDE - 1 :: -1].astype(np.uint8), axis=1)
+    return [PdqHash(row.tobytes(), int(q)) for row, q in zip(packed, both[:, -1], strict=True)]

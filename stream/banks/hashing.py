@@ -32,7 +32,6 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
-import pdqhash
 from PIL import Image
 
 from models.images import bounded_rgb
@@ -118,6 +117,8 @@ def pdq_hash_rgb(rgb: np.ndarray) -> PdqHash:
     if pdq_native.available():  # the same C++ and luma, with the GIL released (pdq_native.py)
         bits, native_quality = pdq_native.hash_rgb(rgb)
         return PdqHash(bits, int(native_quality))
+    import pdqhash  # here, not at import: a process that never hashes on the host needs no wheel
+
     # pdqhash reads the buffer directly (a typed Cython argument): it must be C-contiguous.
     vector, quality = pdqhash.compute(np.ascontiguousarray(rgb))
     # pdqhash returns bit 255 first (the ThreatExchange order): packbits keeps that order.

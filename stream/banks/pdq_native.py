@@ -21,7 +21,6 @@ import logging
 from typing import Any
 
 import numpy as np
-import pdqhash.bindings as _bindings
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +36,12 @@ class _Hash256(ctypes.Structure):
 
 def _load() -> Any:
     try:
-        fn = getattr(ctypes.CDLL(_bindings.__file__), _SYMBOL)
+        import pdqhash.bindings as bindings
+
+        fn = getattr(ctypes.CDLL(bindings.__file__), _SYMBOL)
+    except ImportError as exc:  # no pdqhash at all: only a process that never hashes on the host runs so
+        log.warning("PDQ on the host is unavailable: %s", exc)
+        return None
     except (OSError, AttributeError) as exc:  # another build of pdqhash: fall back
         log.warning("PDQ without the GIL released: %s (using pdqhash.compute)", exc)
         return None
@@ -47,11 +51,20 @@ def _load() -> Any:
     return fn
 
 
-_HASH256 = _load()
+_HASH256: Any = None
+_LOADED = False
+
+
+def _function() -> Any:
+    """The C++ function, looked up on first use (importing this module needs no pdqhash)."""
+    global _HASH256, _LOADED
+    if not _LOADED:
+        _HASH256, _LOADED = _load(), True
+    return _HASH256
 
 
 def available() -> bool:
-    return _HASH256 is not None
+    return _function() is not None
 
 
 def luma(rgb: np.ndarray) -> np.ndarray:
@@ -62,7 +75,8 @@ def luma(rgb: np.ndarray) -> np.ndarray:
 def hash_rgb(rgb: np.ndarray) -> tuple[bytes, int]:
     """(32 bytes most significant bit first, quality) of an (H, W, 3) uint8 array; GIL released
     during the C++ call. The caller checks shape and dtype."""
-    if _HASH256 is None:
+    function = _function()
+    if function is None:
         raise RuntimeError("pdqHash256FromFloatLuma is not exported by this pdqhash build")
     gray = luma(rgb)
     scratch = np.zeros_like(gray)  # the Jarosz filter's second full-size buffer
@@ -71,7 +85,7 @@ def hash_rgb(rgb: np.ndarray) -> tuple[bytes, int]:
     b16x16 = np.zeros((16, 16), np.float32)
     out = _Hash256()
     quality = ctypes.c_int(0)
-    _HASH256(
+    function(
         gray.ctypes.data,
         scratch.ctypes.data,
         gray.shape[0],

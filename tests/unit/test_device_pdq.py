@@ -49,9 +49,28 @@ def _smooth(seed: int, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(coarse.resize(size, Image.Resampling.BICUBIC))
 
 
-# Sizes that walk the reference's box windows (1 to 8 px) and its edge cases: under 64, odd,
-# strips, and the first sizes whose window grows (129, 257).
-SIZES = [(5, 5), (17, 9), (63, 64), (64, 64), (100, 37), (129, 257), (320, 240), (375, 263), (448, 131), (1000, 700)]
+# Sizes that walk the reference's box windows (1 to 8 px) and its edge cases: tiny, strips whose
+# short side makes the decimation repeat rows (8, 16: hashed on the host), odd sizes, the first
+# sizes whose window grows (129, 257), and images over the host's 512 px hashing bound.
+SIZES = [
+    (5, 5),
+    (17, 9),
+    (300, 16),
+    (8, 300),
+    (448, 16),
+    (2000, 71),  # bounded to 512 x 18: hashed on the host, bounded there
+    (63, 64),
+    (64, 64),
+    (100, 37),
+    (129, 257),
+    (320, 240),
+    (375, 263),
+    (448, 131),
+    (512, 300),
+]
+# Over 512 px a side the device bounds the image with its own resampler (the host: Pillow's), so
+# the pixels hashed differ a little.
+BEYOND_BOUND = [(1000, 700), (700, 1000), (900, 600), (2000, 520)]
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -60,10 +79,25 @@ def test_device_pdq_is_the_references_hash_of_the_same_pixels(size: tuple[int, i
     hashes = DevicePdq(trim=False)([_chw(p) for p in pictures])
     for picture, found in zip(pictures, hashes, strict=True):
         assert found is not None and found.pdq_trimmed is None
-        reference = pdq_hash_rgb(picture)
+        # The host's hash: pdqhash's, of the image bounded to 512 px (pdq_hash_rgb if within it).
+        reference = pdq_hash(Image.fromarray(picture))
         # Sums in another order: a coefficient within rounding of the median may flip.
         assert found.pdq.distance(reference) <= 2, size
         assert abs(found.pdq.quality - reference.quality) <= 1, size
+
+
+def test_an_image_over_the_hashing_bound_is_bounded_first_as_the_host_does() -> None:
+    distances, unbounded = [], []
+    for size in BEYOND_BOUND:
+        pictures = [np.asarray(photo_like(seed, size)) for seed in range(6)]
+        for picture, found in zip(pictures, DevicePdq(trim=False)([_chw(p) for p in pictures]), strict=True):
+            assert found is not None
+            reference = pdq_hash(Image.fromarray(picture))
+            if reference.usable:
+                distances.append(found.pdq.distance(reference))
+                unbounded.append(pdq_hash_rgb(picture).distance(reference))
+    assert np.mean(distances) <= 3 and max(distances) <= 10, distances
+    assert np.mean(unbounded) > np.mean(distances)  # hashing the full size would be further off
 
 
 def test_device_pdq_agrees_with_the_reference_on_real_memes() -> None:
@@ -75,7 +109,9 @@ def test_device_pdq_agrees_with_the_reference_on_real_memes() -> None:
     paths = sorted(images.glob("*.png"))[:60]
     pictures = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
     found = DevicePdq()([_chw(p) for p in pictures])
-    distances = [f.pdq.distance(pdq_hash_rgb(p)) for f, p in zip(found, pictures, strict=True) if f is not None]
+    distances = [
+        f.pdq.distance(pdq_hash(Image.fromarray(p))) for f, p in zip(found, pictures, strict=True) if f is not None
+    ]
     assert len(distances) == len(pictures) and max(distances) <= 2 and np.mean(distances) < 0.2
 
 
@@ -257,11 +293,14 @@ def _banks() -> VerdictBanks:
     return banks
 
 
-async def _run(posts: list[Post], cache: DictCache | None = None) -> tuple[list[Any], _Recording]:
-    model = _Recording()
+async def _run(
+    posts: list[Post], cache: DictCache | None = None, banks: VerdictBanks | None = None, model: Any = None
+) -> tuple[list[Any], _Recording]:
+    model = model or _Recording()
+    banks = banks or _banks()
     async with MediaFetcher(CONFIG) as fetcher:
         card_of = lambda v: model.card  # noqa: E731
-        pipeline = Pipeline(model, fetcher, card_of, RoutingPolicy(), cache, banks=_banks(), device_jpegs=True)
+        pipeline = Pipeline(model, fetcher, card_of, RoutingPolicy(), cache, banks=banks, device_jpegs=True)
         outcomes = await pipeline.process([encode(p) for p in posts])
     return outcomes, model
 
@@ -295,3 +334,57 @@ async def test_a_cached_repost_is_matched_by_the_hash_its_first_decode_took(base
     (again,), model = await _run([Post("b", "caption", (f"{base}/repost.jpg",))], cache)
     assert model.images == []  # nothing decoded, nothing scored
     assert again.label.route == "bank_match" and again.label.bank["entry_id"] == "v1"
+
+
+@pytest.mark.asyncio
+async def test_a_cache_entry_without_the_device_hash_does_not_let_a_repost_skip_the_banks(base) -> None:
+    """A dedupe entry written by a worker without banks (or under another signature, or with its
+    facts deleted by whoever can write to Redis) carries no PDQ: the repost is hashed on the host."""
+    from stream import metrics
+    from stream.media_facts import FACTS_KEY
+
+    cache = DictCache()
+    await _run([Post("a", "caption", (f"{base}/repost.jpg",))], cache)
+    (key,) = cache.data
+    del cache.data[key][FACTS_KEY]  # as a worker with --no-banks would have written it
+    on_host = metrics.DEVICE_PDQ_ON_HOST._value.get()
+    (again,), model = await _run([Post("b", "caption", (f"{base}/repost.jpg",))], cache)
+    assert model.images == []  # the model's part came from the cache: nothing decoded on the device
+    assert again.label.route == "bank_match" and again.label.bank["entry_id"] == "v1"
+    assert metrics.DEVICE_PDQ_ON_HOST._value.get() == on_host + 1 and again.label.media.pdq is not None
+
+
+@pytest.mark.asyncio
+async def test_a_device_hash_that_fails_is_taken_on_the_host_and_cached_with_the_label(base, monkeypatch) -> None:
+    from stream import metrics
+    from stream.media_facts import FACTS_KEY
+
+    model = _Recording()
+    monkeypatch.setattr(model.predictor, "image_hook", lambda images: [None] * len(images))  # out of memory, say
+    cache = DictCache()
+    on_host = metrics.DEVICE_PDQ_ON_HOST._value.get()
+    (first,), _ = await _run([Post("a", "caption", (f"{base}/repost.jpg",))], cache, model=model)
+    assert isinstance(model.images[0], EncodedJpeg)  # decoded on the device, hashed on the host
+    assert first.label.route == "bank_match" and metrics.DEVICE_PDQ_ON_HOST._value.get() == on_host + 1
+    (entry,) = cache.data.values()
+    assert entry[FACTS_KEY]["pdq"]["hex"] == first.label.media.pdq  # a repost needs no second try
+
+
+@pytest.mark.asyncio
+async def test_a_violating_hash_beats_a_benign_exact_match_at_equal_distance(base) -> None:
+    """As stream.bank_stage.look_up decides for a host-decoded image: the nearest entry, and
+    violating over benign at equal distance, even when the benign one matched by exact bytes."""
+    import hashlib
+
+    (probe,), _ = await _run([Post("p", "caption", (f"{base}/other.jpg",))], banks=VerdictBanks())
+    device_pdq = probe.label.media.pdq  # the hash the device path takes of these bytes
+    banks = VerdictBanks()
+    sha = hashlib.sha256(OTHER).hexdigest()
+    verdicts = {"hate": 0, "sarcasm": 0}
+    banks.apply(BankUpdate.add(BankEntry("b2", "benign", "review", sha, None, None, verdicts, "d-b2", "bob")))
+    (benign_only,), _ = await _run([Post("q", "caption", (f"{base}/other.jpg",))], banks=banks)
+    assert benign_only.label.bank["entry_id"] == "b2" and benign_only.label.route != "bank_match"
+    hateful = {"hate": 1, "sarcasm": 0}
+    banks.apply(BankUpdate.add(BankEntry("v2", "violating", "review", None, device_pdq, 90, hateful, "d-v2", "al")))
+    (both,), _ = await _run([Post("r", "caption", (f"{base}/other.jpg",))], banks=banks)
+    assert both.label.route == "bank_match" and both.label.bank["entry_id"] == "v2"
