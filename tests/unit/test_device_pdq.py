@@ -14,10 +14,8 @@ import pytest_asyncio
 import torch
 from PIL import Image
 
-from models.card import ModelCard
 from models.device_decode import EncodedJpeg, decode_jpegs_to
 from models.images import decode_for_model, jpeg_decode_size
-from models.inference import Prediction, Predictor
 from models.routing.route import RoutingPolicy
 from modstream.records import Post, encode
 from stream.banks.bank import BankEntry, BankUpdate, VerdictBanks
@@ -29,6 +27,7 @@ from stream.pipeline import Pipeline
 from tests.reposts import captioned, photo_like
 from tests.unit.loopback_media import serve_bytes
 from tests.unit.test_pipeline import DictCache
+from tests.unit.test_pipeline_device_jpegs import Recording
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
@@ -216,24 +215,9 @@ def test_the_hook_sees_each_image_at_the_host_decode_size_and_failed_rows_not_at
     assert sorted(seen) == sorted([jpeg_decode_size((1000, 700)), jpeg_decode_size((300, 120))])
 
 
-class _Recording:
+def _Recording() -> Recording:
     """A tiny real predictor (32 px input) with the device PDQ as its image hook."""
-
-    def __init__(self) -> None:
-        from tests.tiny import tiny_model
-
-        model, tok = tiny_model()
-        self.card = ModelCard(config=model.config, version="v1")
-        self.predictor = Predictor(model, tok, self.card, "cpu", image_hook=DevicePdq())
-        self.images: list[Any] = []
-
-    @property
-    def version(self) -> str:
-        return "v1"
-
-    async def predict(self, texts: Sequence[str], images: Sequence[Any]) -> list[Prediction | BaseException]:
-        self.images += list(images)
-        return list(self.predictor.predict(texts, images))
+    return Recording(image_hook=DevicePdq())
 
 
 def test_a_jpeg_the_device_refuses_is_hashed_on_its_host_fallback(monkeypatch) -> None:
@@ -295,7 +279,7 @@ def _banks() -> VerdictBanks:
 
 async def _run(
     posts: list[Post], cache: DictCache | None = None, banks: VerdictBanks | None = None, model: Any = None
-) -> tuple[list[Any], _Recording]:
+) -> tuple[list[Any], Recording]:
     model = model or _Recording()
     banks = banks or _banks()
     async with MediaFetcher(CONFIG) as fetcher:

@@ -49,14 +49,15 @@ BROKEN = JPEG[:700]  # header intact, scan cut short
 
 
 class Recording:
-    """A tiny real model behind the pipeline's Classifier protocol, recording what it was given."""
+    """A tiny real model behind the pipeline's Classifier protocol, recording what it was given;
+    `image_hook`: the predictor's (the worker's device PDQ, tests/unit/test_device_pdq.py)."""
 
-    def __init__(self) -> None:
+    def __init__(self, image_hook: Any = None) -> None:
         from tests.tiny import tiny_model
 
         model, tok = tiny_model()
         self.card = ModelCard(config=model.config, version="v1")
-        self.predictor = Predictor(model, tok, self.card, "cpu")
+        self.predictor = Predictor(model, tok, self.card, "cpu", image_hook=image_hook)
         self.images: list[Any] = []
 
     @property
