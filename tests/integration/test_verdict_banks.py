@@ -146,8 +146,16 @@ def test_a_decided_image_decides_its_reposts_everywhere_until_removed(
     first = Worker(
         stack, registry, logs, f"modstream-worker-banks-{run}", banks=True, extra_args=args, evidence=evidence
     )
+    # The second decodes its JPEGs "on the device" (the CPU here: the same tensor code as on a
+    # GPU) and takes their banks' PDQ there (stream/banks/device_pdq.py).
     second = Worker(
-        stack, registry, logs, f"modstream-worker-banks-{run}", banks=True, extra_args=args, evidence=evidence
+        stack,
+        registry,
+        logs,
+        f"modstream-worker-banks-{run}",
+        banks=True,
+        extra_args=[*args, "--device-decode", "on"],
+        evidence=evidence,
     )
     group = f"modstream-review-sink-banks-{run}"
     sink = SinkProcess(
@@ -219,6 +227,8 @@ def test_a_decided_image_decides_its_reposts_everywhere_until_removed(
             sum(_metric(second, "modstream_bank_matches_total", bank="violating", kind=k) for k in ("pdq", "exact"))
             == 12
         )
+        # The JPEG reposts among them (every fourth) were decoded and hashed on the "device".
+        assert _metric(second, "modstream_media_device_decoded_total", result="ok") == 3
         # Posts the first worker labelled, posted again (same text, same bytes): the second worker
         # labels them from Redis without decoding them, the cache entry carrying the decode's PDQ.
         again = [Post(f"{p.id}-again", p.text, p.image_urls) for p in others[:10]]
