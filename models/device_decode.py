@@ -52,6 +52,7 @@ _DEVICE_COLORSPACES = frozenset({"YCbCr", "Gray"})
 # host decodes them (DCT-scaled) instead, so a raid of big progressive JPEGs cannot stall a batch.
 _SEQUENTIAL_SOF = frozenset({0xC0, 0xC1})
 _MAX_SEGMENTS = 64  # markers read before the frame header: real files have a handful
+SIZE_CHUNK = 64  # decoded images of one size resized per stack
 
 
 @dataclass(frozen=True)
@@ -202,11 +203,15 @@ def _decode_into(
     encoded = [torch.frombuffer(bytearray(bodies[i]), dtype=torch.uint8) for i in rows]
     try:
         images = _decode(encoded, device)
-        for row, image in zip(rows, images, strict=True):
-            out.pixels[row] = squash(image, side)
-        if hook is not None:
-            found = hook([host_sized(image, side) for image in images])
-            out.found.update(zip(rows, found, strict=True))
+        for members in _same_size(images):
+            # Photos come in a few sizes: each size resized as one stack, not one image at a time
+            # (a few kernel launches per stack on the device's thread instead of per image).
+            stack = torch.stack([images[k] for k in members])
+            out.pixels[[rows[k] for k in members]] = squash(stack, side)
+            if hook is not None:
+                found = hook(list(host_sized(stack, side).unbind(0)))
+                out.found.update(zip((rows[k] for k in members), found, strict=True))
+            del stack
     except RuntimeError:  # a bad JPEG, or torch.cuda.OutOfMemoryError (a RuntimeError)
         if len(rows) == 1:
             out.failed.append(rows[0])
@@ -217,6 +222,15 @@ def _decode_into(
         _decode_into(out, rows[half:], bodies, side, device, hook)
 
 
+def _same_size(images: Sequence[Tensor]) -> list[list[int]]:
+    """Indices of `images` grouped by size, in stacks of at most SIZE_CHUNK (a stack is a copy)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for k, image in enumerate(images):
+        groups.setdefault(tuple(image.shape), []).append(k)
+    step = SIZE_CHUNK
+    return [members[i : i + step] for members in groups.values() for i in range(0, len(members), step)]
+
+
 def _decode(encoded: list[Tensor], device: torch.device) -> list[Tensor]:
     from torchvision.io import ImageReadMode, decode_jpeg  # torchvision comes with timm
 
@@ -225,7 +239,7 @@ def _decode(encoded: list[Tensor], device: torch.device) -> list[Tensor]:
 
 
 def host_sized(image: Tensor, side: int) -> Tensor:
-    """[3, H, W] uint8 -> the size the host's decode for a model of `side` gives this JPEG
+    """[..., 3, H, W] uint8 -> the size the host's decode for a model of `side` gives this JPEG
     (models.images.jpeg_decode_size: the DCT scale covering the model's input), bilinear with
     antialiasing. What the banks hash must not depend on which decoder ran: hashed at full size,
     CM-Off memes drift a mean 0.9 (at most 20) PDQ bits from the host's hash, at this size 0.3 (10)
@@ -234,21 +248,24 @@ def host_sized(image: Tensor, side: int) -> Tensor:
     new_width, new_height = jpeg_decode_size((int(width), int(height)), side)
     if (new_height, new_width) == (height, width):
         return image
-    resized = F.interpolate(
-        image.unsqueeze(0).float(), size=(new_height, new_width), mode="bilinear", antialias=True, align_corners=False
-    )
-    return resized.squeeze(0).round_().clamp_(0, 255).to(torch.uint8)
+    return resize_uint8(image, (new_height, new_width))
+
+
+def resize_uint8(image: Tensor, size: tuple[int, int]) -> Tensor:
+    """[3, H, W] or [N, 3, H, W] uint8 resized to `size` (height, width): bilinear, antialiased
+    when shrinking, rounded back to uint8."""
+    batch = image if image.dim() == 4 else image.unsqueeze(0)
+    resized = F.interpolate(batch.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+    out = resized.round_().clamp_(0, 255).to(torch.uint8)
+    return out if image.dim() == 4 else out.squeeze(0)
 
 
 def squash(image: Tensor, side: int) -> Tensor:
-    """[3, H, W] uint8 -> [3, side, side] uint8: the whole image, aspect ratio not kept (text
-    printed on memes sits at the edges), bilinear with antialiasing when shrinking."""
+    """[..., 3, H, W] uint8 -> [..., 3, side, side] uint8: the whole image, aspect ratio not kept
+    (text printed on memes sits at the edges), bilinear with antialiasing when shrinking."""
     if image.shape[-2:] == (side, side):
         return image
-    resized = F.interpolate(
-        image.unsqueeze(0).float(), size=(side, side), mode="bilinear", antialias=True, align_corners=False
-    )
-    return resized.squeeze(0).round_().clamp_(0, 255).to(torch.uint8)
+    return resize_uint8(image, (side, side))
 
 
 def self_test(device: torch.device | str, side: int = 32) -> str | None:

@@ -47,9 +47,9 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from models.device_decode import resize_uint8
 from stream.banks import variants
 from stream.banks.hashing import HASH_MAX_SIDE, PdqHash, pdq_hash
 from stream.banks.variants import query_hashes
@@ -234,11 +234,7 @@ def bound(image: Tensor, max_side: int) -> Tensor:
     """[..., 3, H, W] uint8 shrunk (aspect kept, bilinear with antialiasing) to at most
     `max_side` a side, as hashing.pdq_hash bounds a larger image (Pillow's bilinear there: the
     pixels differ a little, and so may a few bits)."""
-    size = _bounded_size(int(image.shape[-2]), int(image.shape[-1]), max_side)
-    batch = image if image.dim() == 4 else image.unsqueeze(0)
-    resized = F.interpolate(batch.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
-    out = resized.round_().clamp_(0, 255).to(torch.uint8)
-    return out if image.dim() == 4 else out.squeeze(0)
+    return resize_uint8(image, _bounded_size(int(image.shape[-2]), int(image.shape[-1]), max_side))
 
 
 @lru_cache(maxsize=16)

@@ -142,6 +142,34 @@ def test_device_pixels_match_the_host_path_within_a_few_grey_levels(size: tuple[
     assert np.percentile(diff, 99) <= 16, np.percentile(diff, 99)
 
 
+def test_images_of_one_size_are_resized_as_a_stack_with_the_pixels_one_at_a_time_gives(monkeypatch) -> None:
+    import models.device_decode as device_decode
+    from models.device_decode import host_sized
+
+    sizes = [(640, 480), (300, 200), (640, 480), (640, 480), (300, 200), (480, 640)]
+    bodies = [_jpeg(_photo(size, seed=s)) for s, size in enumerate(sizes)]
+    seen: list[torch.Tensor] = []
+    stacks: list[int] = []
+    real_squash = device_decode.squash
+    monkeypatch.setattr(
+        device_decode, "squash", lambda image, side: stacks.append(image.shape[0]) or real_squash(image, side)
+    )
+    monkeypatch.setattr(device_decode, "SIZE_CHUNK", 2)
+    out = decode_jpegs_to(bodies, 64, "cpu", lambda images: seen.extend(images) or list(range(len(images))))
+    assert sorted(stacks) == [1, 1, 2, 2]  # 640x480 three (a stack of two, one), 300x200 two, 480x640 one
+    assert sorted(out.found) == list(range(len(bodies)))
+    for row, body in enumerate(bodies):
+        (single,) = device_decode._decode([torch.frombuffer(bytearray(body), dtype=torch.uint8)], torch.device("cpu"))
+        assert torch.equal(out.pixels[row], real_squash(single, 64))
+    assert sorted(tuple(im.shape) for im in seen) == sorted(tuple(host_sized(_decoded(b), 64).shape) for b in bodies)
+
+
+def _decoded(body: bytes) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    return decode_jpeg(torch.frombuffer(bytearray(body), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
 def test_squash_keeps_the_whole_image_and_leaves_a_model_sized_one_alone() -> None:
     image = torch.zeros(3, 100, 400, dtype=torch.uint8)
     image[:, :, :200] = 255  # left half white: squashing keeps it the left half
