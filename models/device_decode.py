@@ -26,6 +26,7 @@ is kept to `decode_jpegs_to` so a move to TorchCodec's batched decoder touches o
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,7 +44,8 @@ warnings.filterwarnings("ignore", "The image decoding and encoding capabilities 
 # Bigger JPEGs (rare: phone photos are 12 MP, memes far less) take the host's DCT-scaled path.
 DEVICE_MAX_PIXELS = 12_000_000
 # Pixels decoded by one torchvision call (its outputs are all allocated at once): 256 MP is
-# ~770 MB of device memory, so a batch of 1,024 photos is decoded in a few calls, not 37 GB.
+# ~770 MB of device memory, so a batch of 1,024 photos is decoded in a few calls, not 37 GB; while
+# they are resized, one stack's float copy (STACK_MAX_PIXELS, 384 MB) and its outputs come on top.
 CALL_MAX_PIXELS = 256_000_000
 # Colour forms nvJPEG and the host decode alike; CMYK/YCCK JPEGs are left to Pillow on the host.
 _DEVICE_COLORSPACES = frozenset({"YCbCr", "Gray"})
@@ -52,7 +54,9 @@ _DEVICE_COLORSPACES = frozenset({"YCbCr", "Gray"})
 # host decodes them (DCT-scaled) instead, so a raid of big progressive JPEGs cannot stall a batch.
 _SEQUENTIAL_SOF = frozenset({0xC0, 0xC1})
 _MAX_SEGMENTS = 64  # markers read before the frame header: real files have a handful
-SIZE_CHUNK = 64  # decoded images of one size resized per stack
+# Decoded images of one size are resized as one stack, a float copy of at most this many pixels
+# (384 MB): on top of a call's decoded images, the most a call holds at once.
+STACK_MAX_PIXELS = 32_000_000
 
 
 @dataclass(frozen=True)
@@ -201,34 +205,67 @@ def _decode_into(
 ) -> None:
     # decode_jpeg reads its input from host tensors; bytearray: torch.frombuffer wants a writable buffer.
     encoded = [torch.frombuffer(bytearray(bodies[i]), dtype=torch.uint8) for i in rows]
+    pixels: Tensor | None = None
+    found: dict[int, object] | None = None
+    with contextlib.suppress(RuntimeError):  # a bad JPEG, or torch.cuda.OutOfMemoryError (a RuntimeError)
+        pixels, found = _decoded_call(encoded, side, device, hook)
+    del encoded
+    if pixels is not None and found is not None:  # a call's results count only when all of it worked
+        out.pixels[rows] = pixels
+        out.found.update((rows[k], value) for k, value in found.items())
+        return
+    # Retried outside the handler: the failed call's tensors are freed by now, not held by a traceback.
+    if len(rows) == 1:
+        out.failed.append(rows[0])
+        return
+    half = len(rows) // 2
+    _decode_into(out, rows[:half], bodies, side, device, hook)
+    _decode_into(out, rows[half:], bodies, side, device, hook)
+
+
+def _decoded_call(
+    encoded: list[Tensor], side: int, device: torch.device, hook: ImageHook | None
+) -> tuple[Tensor, dict[int, object]]:
+    """One torchvision call: [n, 3, side, side] uint8 and the hook's results by index."""
+    images = _decode(encoded, device)
+    pixels = torch.empty(len(images), 3, side, side, dtype=torch.uint8, device=device)
+    found: dict[int, object] = {}
+    for members in _same_size(images):
+        # Photos come in a few sizes: each size resized as one stack, not one image at a time
+        # (a few kernel launches per stack on the device's thread instead of per image), from
+        # one float copy of at most STACK_MAX_PIXELS.
+        stack = torch.stack([images[k] for k in members]).float()
+        pixels[members] = _float_to(stack, (side, side))
+        if hook is not None:
+            height, width = stack.shape[-2:]
+            new_width, new_height = jpeg_decode_size((int(width), int(height)), side)
+            small = _float_to(stack, (new_height, new_width))
+            found.update(zip(members, call_hook(hook, list(small.unbind(0))), strict=True))
+        del stack
+    return pixels, found
+
+
+def call_hook(hook: ImageHook, images: Sequence[Tensor]) -> list[object]:
+    """The hook's results for `images`, or None each when it raises or answers for other than
+    `images` (the pipeline then does the hook's work on the host: a hook cannot fail a batch)."""
     try:
-        images = _decode(encoded, device)
-        for members in _same_size(images):
-            # Photos come in a few sizes: each size resized as one stack, not one image at a time
-            # (a few kernel launches per stack on the device's thread instead of per image).
-            stack = torch.stack([images[k] for k in members])
-            out.pixels[[rows[k] for k in members]] = squash(stack, side)
-            if hook is not None:
-                found = hook(list(host_sized(stack, side).unbind(0)))
-                out.found.update(zip((rows[k] for k in members), found, strict=True))
-            del stack
-    except RuntimeError:  # a bad JPEG, or torch.cuda.OutOfMemoryError (a RuntimeError)
-        if len(rows) == 1:
-            out.failed.append(rows[0])
-            return
-        del encoded
-        half = len(rows) // 2
-        _decode_into(out, rows[:half], bodies, side, device, hook)
-        _decode_into(out, rows[half:], bodies, side, device, hook)
+        found = list(hook(images))
+    except Exception:
+        return [None] * len(images)
+    return found if len(found) == len(images) else [None] * len(images)
 
 
 def _same_size(images: Sequence[Tensor]) -> list[list[int]]:
-    """Indices of `images` grouped by size, in stacks of at most SIZE_CHUNK (a stack is a copy)."""
+    """Indices of `images` grouped by size, in stacks of at most STACK_MAX_PIXELS (a stack is a
+    float copy: 12 bytes a pixel)."""
     groups: dict[tuple[int, ...], list[int]] = {}
     for k, image in enumerate(images):
         groups.setdefault(tuple(image.shape), []).append(k)
-    step = SIZE_CHUNK
-    return [members[i : i + step] for members in groups.values() for i in range(0, len(members), step)]
+    out = []
+    for shape, members in groups.items():
+        step = max(1, STACK_MAX_PIXELS // max(1, shape[-1] * shape[-2]))
+        out += [members[i : i + step] for i in range(0, len(members), step)]
+    return out
 
 
 def _decode(encoded: list[Tensor], device: torch.device) -> list[Tensor]:
@@ -255,9 +292,16 @@ def resize_uint8(image: Tensor, size: tuple[int, int]) -> Tensor:
     """[3, H, W] or [N, 3, H, W] uint8 resized to `size` (height, width): bilinear, antialiased
     when shrinking, rounded back to uint8."""
     batch = image if image.dim() == 4 else image.unsqueeze(0)
-    resized = F.interpolate(batch.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
-    out = resized.round_().clamp_(0, 255).to(torch.uint8)
+    out = _float_to(batch.float(), size)
     return out if image.dim() == 4 else out.squeeze(0)
+
+
+def _float_to(batch: Tensor, size: tuple[int, int]) -> Tensor:
+    """[N, 3, H, W] float pixels -> [N, 3, *size] uint8 (the same resize as resize_uint8)."""
+    if tuple(batch.shape[-2:]) == size:
+        return batch.round().clamp_(0, 255).to(torch.uint8)
+    resized = F.interpolate(batch, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return resized.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def squash(image: Tensor, side: int) -> Tensor:

@@ -472,6 +472,15 @@ class MediaFetcher:
         except _Failure as failure:
             result.status, result.reason, result.body = failure.status, failure.reason, None
 
+    async def decode_bytes(self, data: bytes, digest: str) -> Decoded:
+        """The decode (on the decode pool, through the memo) of bytes fetched and checked
+        already; `digest` is their content hash. Raises ImageError when they are refused."""
+        try:
+            decoded, _ = await self._decode(data, digest)
+        except _Failure as failure:
+            raise ImageError(failure.status, failure.reason) from None
+        return decoded
+
     def reconfigure(self, config: FetchConfig) -> None:
         """Another config between batches (a model swap: other sides). The memo's decodes were made
         for the old one: kept only while the decode signature (sides, PDQ, OCR) stays the same."""

@@ -4,8 +4,9 @@
 
 A violating-bank match ends a post's way at the banks (the banked human verdict, route
 bank_match); a benign-bank match lets the model label it but never routes it for uncertainty.
-A JPEG decoded on the device (`device_jpegs`) is matched by its exact hash before the model and
-by the PDQ its decode took after it: a violating match then drops the model's output.
+A JPEG decoded on the device (`device_jpegs`) is matched once the PDQ its decode took comes back
+with the model's result, by the same rule (only a violating exact match is taken before the
+model); a violating match then drops the model's output.
 
 Every input yields exactly one Outcome: a Label (plus one ReviewItem when routed to review or
 picked for the blind audit, kind `audit` when both) or a DeadLetter naming the stage and the
@@ -184,7 +185,14 @@ class Pipeline:
             fetched = time.perf_counter()
             # Only a decoded image is looked up: a failed fetch's hash names no picture anyone judged.
             match = None
-            if media.decoded:
+            device_decoded = isinstance(media.image, EncodedJpeg) and media.pdq is None
+            if device_decoded and self.banks is not None:
+                # Its PDQ comes with the model's result: looked up then (_device_match), as a host
+                # decode's would be now; only a violating exact match is taken before the model.
+                exact = self.banks.match(media.content_hash, None)
+                if exact is not None and exact.entry.bank == "violating":
+                    match = look_up(self.banks, media.content_hash, None)
+            elif media.decoded:
                 match = look_up(self.banks, media.content_hash, media.pdq, media.pdq_trimmed)
             if match is not None and match.entry.bank == "violating":
                 outcome.label = self._banked(post, media, match, serving, fetched - started)
@@ -212,10 +220,11 @@ class Pipeline:
             if isinstance(result, BaseException):
                 outcome.dead_letter = DeadLetter.from_raw(outcome.raw, "classify", repr(result), post.id)
                 return
-            device_decoded = isinstance(media.image, EncodedJpeg) and media.pdq is None
-            if device_decoded and self.banks is not None and (match is None or match.entry.bank != "violating"):
+            if device_decoded and self.banks is not None:
                 # Decoded on the device: its PDQ came back with the model's result (or the cache's).
-                media, match = await self._device_match(media, result, match)
+                media, match, completed = await self._device_match(media, result)
+                if completed and not computed:  # a cache entry without them: kept with them now
+                    fresh.append((f"{self.cache_namespace(result['model_version'])}:{key}", result))
                 if match is not None and match.entry.bank == "violating":
                     outcome.label = self._banked(post, media, match, serving, fetched - started)
                     return
@@ -310,48 +319,46 @@ class Pipeline:
         )
 
     async def _device_match(
-        self, media: FetchedMedia, result: dict[str, Any], exact: BankMatch | None
-    ) -> tuple[FetchedMedia, BankMatch | None]:
-        """A device-decoded image's bank match by the PDQ hashes its decode took (stream/banks/
-        device_pdq.py, kept in the result's media facts), and `media` with them. The model has
-        run by then: a violating match still wins, its output is dropped. `exact`: the (benign)
-        match its content hash found before the model; the nearer wins, violating at equal
-        distance, as stream.bank_stage.look_up decides.
+        self, media: FetchedMedia, result: dict[str, Any]
+    ) -> tuple[FetchedMedia, BankMatch | None, bool]:
+        """A device-decoded image's bank match, by the same rule and call as a host-decoded
+        image's (stream.bank_stage.look_up: its content hash, its PDQ, its PDQ without caption
+        bars), with the PDQ its decode took on the device (stream/banks/device_pdq.py, kept in the
+        result's media facts); `media` with them; and whether they had to be added to `result`.
+        The model has run by then: a violating match still wins, its output is dropped.
 
         A result without them (a dedupe entry written by a worker without banks or under another
         signature, a device hash that failed, a forged entry) is not trusted to have no match: the
-        JPEG is hashed on the host, as a host decode would have, and the facts kept with the result."""
+        JPEG is hashed on the host, as a host decode would have, and the facts put in the result."""
         assert isinstance(media.image, EncodedJpeg)
         facts = MediaFacts.from_cached(result, self._facts_signature())
+        completed = False
         if facts is None or facts.pdq is None:
             metrics.DEVICE_PDQ_ON_HOST.inc()
-            facts = await self._host_facts(media.image.data)
+            facts = await self._host_facts(media.image.data, media.content_hash)
             if facts is None:  # the host cannot decode what the device did: nothing to hash
-                return media, exact
-            result[FACTS_KEY] = facts.to_json()  # a fresh result is cached with them
+                return media, look_up(self.banks, media.content_hash, None), False
+            result[FACTS_KEY] = facts.to_json()
+            completed = True
         pdq = facts.pdq
         assert pdq is not None  # both ways above give one
         info = replace(media.info, pdq=pdq.hex, pdq_quality=pdq.quality)
         media = replace(media, info=info, pdq=pdq, pdq_trimmed=facts.pdq_trimmed)
-        found = look_up(self.banks, None, pdq, facts.pdq_trimmed)
-        candidates = [m for m in (exact, found) if m is not None]
-        match = min(candidates, key=lambda m: (m.distance, m.entry.bank != "violating"), default=None)
-        return media, match
+        return media, look_up(self.banks, media.content_hash, pdq, facts.pdq_trimmed), completed
 
-    async def _host_facts(self, data: bytes) -> MediaFacts | None:
-        """The PDQ facts of a JPEG as the host's decode takes them (stream.media.decode_and_read
-        with the fetcher's sides), off the event loop; None when the host cannot decode it."""
+    async def _host_facts(self, data: bytes, content_hash: str | None) -> MediaFacts | None:
+        """The PDQ facts of a JPEG as the host's decode takes them, on the fetcher's decode pool
+        and through its memo; None when the host cannot decode it."""
         from models.images import ImageError
-        from stream.media import FetchConfig, decode_and_read
 
-        config = getattr(self.fetcher, "config", None)
-        config = replace(config if isinstance(config, FetchConfig) else FetchConfig(), pdq=True, model_side=None)
+        decode_bytes = getattr(self.fetcher, "decode_bytes", None)
+        if decode_bytes is None or content_hash is None:
+            return None
         try:
-            decoded = await asyncio.get_running_loop().run_in_executor(None, decode_and_read, data, None, config, None)
+            decoded = await decode_bytes(data, content_hash)
         except ImageError:
             return None
-        decoded.image.close()
-        if decoded.pdq is None:
+        if decoded.pdq is None:  # a fetcher that does not hash (banks off): nothing to match
             return None
         return MediaFacts(self._facts_signature(), decoded.pdq, decoded.pdq_trimmed)
 

@@ -197,6 +197,9 @@ class Resources:
             key = current().audit_key
             audit = AuditSampler(s.audit_rate, key.get_secret_value() if key is not None else None)
         if s.banks:
+            from stream.banks.hashing import check_host_pdq
+
+            check_host_pdq()
             await self._load_banks()
         else:
             metrics.BANK_LOADED.set(float("nan"))  # not "not loaded": no ModstreamBankNotLoaded

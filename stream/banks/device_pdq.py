@@ -189,20 +189,25 @@ class DevicePdq:
                 cut = variants.bars(near[:limit], near[limit:], height)
                 if cut is not None:
                     cuts[i] = cut
-        if not cuts:
-            return {}
-        blocks = []
+        out: dict[int, PdqHash] = {}
+        blocks, rows = [], []
         for i, (top, bottom) in cuts.items():
-            y = luma(images[i])
-            blocks.append(self._downsample(y[top : y.shape[0] - bottom]))
-        return dict(zip(cuts, finish(torch.stack(blocks)), strict=True))
+            picture = images[i][:, top : images[i].shape[1] - bottom]
+            if min(picture.shape[-2:]) < HOST_BELOW_SIDE:  # as small images: the host hashes it
+                out[i] = self._on_host(picture, trim=False).pdq
+                continue
+            blocks.append(self._downsample(luma(picture)))
+            rows.append(i)
+        if blocks:
+            out.update(zip(rows, finish(torch.stack(blocks)), strict=True))
+        return out
 
-    def _on_host(self, image: Tensor) -> DeviceHashes:
+    def _on_host(self, image: Tensor, trim: bool | None = None) -> DeviceHashes:
         """The host's hashes of a small image (stream/banks/variants.query_hashes)."""
         from PIL import Image
 
         picture = Image.fromarray(np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy()), "RGB")
-        if not self.trim:
+        if not (self.trim if trim is None else trim):
             return DeviceHashes(pdq_hash(picture))
         found = query_hashes(picture)
         return DeviceHashes(found[0], found[1] if len(found) > 1 else None)

@@ -123,3 +123,14 @@ def pdq_hash_rgb(rgb: np.ndarray) -> PdqHash:
     vector, quality = pdqhash.compute(np.ascontiguousarray(rgb))
     # pdqhash returns bit 255 first (the ThreatExchange order): packbits keeps that order.
     return PdqHash(np.packbits(vector.astype(np.uint8)).tobytes(), int(quality))
+
+
+def check_host_pdq() -> None:
+    """Raise RuntimeError, saying what to install, when this process cannot take a PDQ hash on
+    the host. A worker with the banks on calls it at start: it needs the host's hash even when its
+    GPU hashes (small images, failed device hashes), and a missing wheel must stop it there, not
+    dead-letter posts later."""
+    try:
+        pdq_hash_rgb(np.zeros((8, 8, 3), np.uint8))
+    except ImportError as exc:
+        raise RuntimeError(f"the verdict banks need the pdqhash package ({exc}); install it or run --no-banks") from exc

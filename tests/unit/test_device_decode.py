@@ -150,17 +150,17 @@ def test_images_of_one_size_are_resized_as_a_stack_with_the_pixels_one_at_a_time
     bodies = [_jpeg(_photo(size, seed=s)) for s, size in enumerate(sizes)]
     seen: list[torch.Tensor] = []
     stacks: list[int] = []
-    real_squash = device_decode.squash
-    monkeypatch.setattr(
-        device_decode, "squash", lambda image, side: stacks.append(image.shape[0]) or real_squash(image, side)
-    )
-    monkeypatch.setattr(device_decode, "SIZE_CHUNK", 2)
+    real_same_size = device_decode._same_size
+    grouped = lambda images: [stacks.append(len(g)) or g for g in real_same_size(images)]  # noqa: E731
+    monkeypatch.setattr(device_decode, "_same_size", grouped)
+    monkeypatch.setattr(device_decode, "STACK_MAX_PIXELS", 2 * 640 * 480)
     out = decode_jpegs_to(bodies, 64, "cpu", lambda images: seen.extend(images) or list(range(len(images))))
     assert sorted(stacks) == [1, 1, 2, 2]  # 640x480 three (a stack of two, one), 300x200 two, 480x640 one
+    assert out.pixels.dtype == torch.uint8 and out.failed == []
     assert sorted(out.found) == list(range(len(bodies)))
     for row, body in enumerate(bodies):
         (single,) = device_decode._decode([torch.frombuffer(bytearray(body), dtype=torch.uint8)], torch.device("cpu"))
-        assert torch.equal(out.pixels[row], real_squash(single, 64))
+        assert torch.equal(out.pixels[row], device_decode.squash(single, 64))
     assert sorted(tuple(im.shape) for im in seen) == sorted(tuple(host_sized(_decoded(b), 64).shape) for b in bodies)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -355,20 +356,66 @@ async def test_a_device_hash_that_fails_is_taken_on_the_host_and_cached_with_the
 
 
 @pytest.mark.asyncio
-async def test_a_violating_hash_beats_a_benign_exact_match_at_equal_distance(base) -> None:
-    """As stream.bank_stage.look_up decides for a host-decoded image: the nearest entry, and
-    violating over benign at equal distance, even when the benign one matched by exact bytes."""
+async def test_the_device_path_picks_the_entry_the_host_path_picks(base) -> None:
+    """stream.bank_stage.look_up's rule on both paths: an exact match of the bytes is taken over
+    a PDQ match of the whole image (here a violating entry at the device's own hash)."""
     import hashlib
+
+    from tests.unit.test_pipeline_device_jpegs import CONFIG as HOST_ONLY
 
     (probe,), _ = await _run([Post("p", "caption", (f"{base}/other.jpg",))], banks=VerdictBanks())
     device_pdq = probe.label.media.pdq  # the hash the device path takes of these bytes
-    banks = VerdictBanks()
-    sha = hashlib.sha256(OTHER).hexdigest()
-    verdicts = {"hate": 0, "sarcasm": 0}
-    banks.apply(BankUpdate.add(BankEntry("b2", "benign", "review", sha, None, None, verdicts, "d-b2", "bob")))
-    (benign_only,), _ = await _run([Post("q", "caption", (f"{base}/other.jpg",))], banks=banks)
-    assert benign_only.label.bank["entry_id"] == "b2" and benign_only.label.route != "bank_match"
     hateful = {"hate": 1, "sarcasm": 0}
-    banks.apply(BankUpdate.add(BankEntry("v2", "violating", "review", None, device_pdq, 90, hateful, "d-v2", "al")))
-    (both,), _ = await _run([Post("r", "caption", (f"{base}/other.jpg",))], banks=banks)
-    assert both.label.route == "bank_match" and both.label.bank["entry_id"] == "v2"
+    violating = BankEntry("v2", "violating", "review", None, device_pdq, 90, hateful, "d-v2", "al")
+    sha = hashlib.sha256(OTHER).hexdigest()
+    benign = BankEntry("b2", "benign", "review", sha, None, None, {"hate": 0, "sarcasm": 0}, "d-b2", "bob")
+    for entries, expected in (([violating], "v2"), ([violating, benign], "b2")):
+        banks = VerdictBanks()
+        for entry in entries:
+            banks.apply(BankUpdate.add(entry))
+        (device,), _ = await _run([Post("d", "caption", (f"{base}/other.jpg",))], banks=banks)
+        model = Recording()
+        async with MediaFetcher(replace(HOST_ONLY, pdq=True)) as fetcher:
+            pipeline = Pipeline(model, fetcher, lambda v, m=model: m.card, RoutingPolicy(), None, banks=banks)
+            (host,) = await pipeline.process([encode(Post("h", "caption", (f"{base}/other.jpg",)))])
+        assert device.label.bank["entry_id"] == host.label.bank["entry_id"] == expected
+
+
+def test_a_trimmed_picture_under_64_rows_is_hashed_on_the_host() -> None:
+    """A caption bar can leave a strip whose PDQ the device would take in its noisy regime (its
+    decimation repeats rows): that strip is hashed on the host, as the host path hashes it."""
+    picture = np.asarray(photo_like(5, (448, 16)))
+    framed = np.full((64, 448, 3), 255, np.uint8)  # 64 rows: the whole image is hashed on the device
+    framed[24:40] = picture  # white bars of 24 rows above and below, 16 rows of picture
+    host = query_hashes(Image.fromarray(framed))
+    assert len(host) == 2  # the host trims them
+    (found,) = DevicePdq()([_chw(framed)])
+    # Taken on the device, this strip's hash was 6 bits off the host's.
+    assert found is not None and found.pdq_trimmed == host[1]
+
+
+def test_a_hook_that_raises_or_miscounts_costs_its_results_not_the_batch() -> None:
+    from models.device_decode import call_hook
+
+    bodies = [_jpeg(photo_like(seed, (320, 240))) for seed in range(3)]
+
+    def raising(images: Sequence[torch.Tensor]) -> list[object]:
+        raise ValueError("a bug in a hook")
+
+    for hook in (raising, lambda images: ["one answer"]):
+        decoded = decode_jpegs_to(bodies, 224, "cpu", hook)
+        assert decoded.failed == [] and decoded.found == {0: None, 1: None, 2: None}
+    assert call_hook(lambda images: list(range(len(images))), [torch.zeros(1)] * 2) == [0, 1]
+
+
+def test_a_worker_without_the_pdq_wheel_is_told_at_start(monkeypatch) -> None:
+    import sys
+
+    from stream.banks import pdq_native
+    from stream.banks.hashing import check_host_pdq
+
+    check_host_pdq()  # here it is installed
+    monkeypatch.setattr(pdq_native, "available", lambda: False)
+    monkeypatch.setitem(sys.modules, "pdqhash", None)  # import pdqhash -> ImportError
+    with pytest.raises(RuntimeError, match="pdqhash"):
+        check_host_pdq()
