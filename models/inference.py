@@ -14,7 +14,7 @@ from PIL import Image
 
 from models.card import ModelCard
 from models.classifier import ClassifierOutput, MultimodalModel
-from models.device_decode import EncodedJpeg, ImageHook, decode_jpegs_to
+from models.device_decode import EncodedJpeg, ImageHook, call_hook, decode_jpegs_to
 from models.images import ImageError, decode_for_model
 from models.neighbours import NeighbourIndex, disagreement, shares_as_numpy
 from models.preprocess import ImagePreprocessor, TextPreprocessor
@@ -227,7 +227,7 @@ class Predictor:
                 out.errors[row] = exc
                 continue
             if self.image_hook is not None:  # a JPEG the device refuses is hashed all the same
-                (out.found[row],) = self.image_hook([torch.from_numpy(rgb).permute(2, 0, 1).to(dev)])
+                (out.found[row],) = call_hook(self.image_hook, [torch.from_numpy(rgb).permute(2, 0, 1).to(dev)])
         return out
 
     @torch.inference_mode()
