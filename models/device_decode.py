@@ -237,9 +237,7 @@ def _decoded_call(
         stack = torch.stack([images[k] for k in members]).float()
         pixels[members] = _float_to(stack, (side, side))
         if hook is not None:
-            height, width = stack.shape[-2:]
-            new_width, new_height = jpeg_decode_size((int(width), int(height)), side)
-            small = _float_to(stack, (new_height, new_width))
+            small = _float_to(stack, _host_size(stack, side))
             found.update(zip(members, call_hook(hook, list(small.unbind(0))), strict=True))
         del stack
     return pixels, found
@@ -281,11 +279,14 @@ def host_sized(image: Tensor, side: int) -> Tensor:
     antialiasing. What the banks hash must not depend on which decoder ran: hashed at full size,
     CM-Off memes drift a mean 0.9 (at most 20) PDQ bits from the host's hash, at this size 0.3 (10)
     (studies/device_pdq_drift.py)."""
-    height, width = image.shape[-2:]
-    new_width, new_height = jpeg_decode_size((int(width), int(height)), side)
-    if (new_height, new_width) == (height, width):
-        return image
-    return resize_uint8(image, (new_height, new_width))
+    size = _host_size(image, side)
+    return image if size == tuple(image.shape[-2:]) else resize_uint8(image, size)
+
+
+def _host_size(image: Tensor, side: int) -> tuple[int, int]:
+    """(height, width) the host's decode for a model of `side` gives a JPEG decoded as `image`."""
+    width, height = jpeg_decode_size((int(image.shape[-1]), int(image.shape[-2])), side)
+    return height, width
 
 
 def resize_uint8(image: Tensor, size: tuple[int, int]) -> Tensor:

@@ -167,7 +167,7 @@ def jpeg_decode_size(size: tuple[int, int], side: int = MODEL_SIDE) -> tuple[int
         scaled = (-(-width * eighths // 8), -(-height * eighths // 8))
         if scaled[0] >= target[0] and scaled[1] >= target[1]:
             break
-    return scaled if max(scaled) <= max_side else _fit(scaled, max_side)
+    return scaled if max(scaled) <= max_side else fit_within(scaled, max_side)
 
 
 def _jpeg_target(size: tuple[int, int], max_side: int, min_side: int | None) -> tuple[int, int]:
@@ -175,7 +175,7 @@ def _jpeg_target(size: tuple[int, int], max_side: int, min_side: int | None) -> 
     `min_side` square (the model's input, which squashes the whole image), each side no larger
     than the bounded size's: a 40000 x 300 strip still decodes at 1/8 scale, as the bound would
     leave it 448 x 3 anyway."""
-    width, height = _fit(size, max_side)
+    width, height = fit_within(size, max_side)
     if min_side is None:
         return width, height
     return min(width, min_side), min(height, min_side)
@@ -221,12 +221,13 @@ def bounded_rgb(img: Image.Image, max_side: int) -> Image.Image:
         img = _to_rgb(img)
     # reducing_gap: box-reduce by an integer factor first (fast, little memory), then a short
     # bilinear resize. The full-size decode is dropped when the caller closes `img`.
-    small = img.resize(_fit(img.size, max_side), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    small = img.resize(fit_within(img.size, max_side), Image.Resampling.BILINEAR, reducing_gap=2.0)
     return _to_rgb(small)
 
 
-def _fit(size: tuple[int, int], max_side: int) -> tuple[int, int]:
-    """`size` scaled so its longer side is `max_side`, aspect ratio kept (never below 1 px)."""
+def fit_within(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """`size` scaled so its longer side is `max_side`, aspect ratio kept (never below 1 px): the
+    size `bounded_rgb` gives a larger image."""
     width, height = size
     scale = max_side / max(width, height)
     return max(1, round(width * scale)), max(1, round(height * scale))

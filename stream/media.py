@@ -645,7 +645,7 @@ def decode_and_read(data: bytes, digest: str | None, cfg: FetchConfig, ocr: Imag
     else:
         image = decode_image(data, max_pixels=cfg.max_pixels, max_side=max(cfg.max_side, OCR_MAX_SIDE))
         text = ocr.read(image, digest)
-        if data.startswith(b"\xff\xd8\xff") and cfg.min_side is not None:
+        if sniff_format(data) == "JPEG" and cfg.min_side is not None:
             # A JPEG is decoded again at the DCT scale covering the model's input, so the model and
             # the banks see what a worker without OCR sees (the bank side hashes that decode: shrunk
             # from the OCR copy, PDQ moved up to ~10 bits). ~2 ms, next to OCR's tens.

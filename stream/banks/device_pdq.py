@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from models.device_decode import resize_uint8
+from models.images import fit_within
 from stream.banks import variants
 from stream.banks.hashing import HASH_MAX_SIDE, PdqHash, pdq_hash
 from stream.banks.variants import query_hashes
@@ -228,11 +229,11 @@ class DevicePdq:
 
 
 def _bounded_size(height: int, width: int, max_side: int) -> tuple[int, int]:
-    """(height, width) within `max_side`, aspect kept, rounded as models.images._fit rounds."""
+    """(height, width) within `max_side`, as the host bounds an image (models.images.fit_within)."""
     if max(height, width) <= max_side:
         return height, width
-    scale = max_side / max(height, width)
-    return max(1, round(height * scale)), max(1, round(width * scale))
+    new_width, new_height = fit_within((width, height), max_side)
+    return new_height, new_width
 
 
 def bound(image: Tensor, max_side: int) -> Tensor:
